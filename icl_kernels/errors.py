@@ -1,0 +1,82 @@
+"""Errors raised on bad input.
+
+Every error says what was wrong and what to do about it. They subclass the built-in exception a
+caller would expect (``KeyError`` for unknown names, ``ValueError`` for bad values), so existing
+``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class IclKernelsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UnknownNameError(IclKernelsError, KeyError):
+    """A name that no registry knows. The message lists the known names and close matches."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = ""):
+        known = sorted(known)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        message = f"Unknown {kind} {name!r}."
+        if close:
+            message += f" Did you mean {', '.join(repr(c) for c in close)}?"
+        message += f" Known {kind}s: {', '.join(known)}."
+        if hint:
+            message += f" {hint}"
+        super().__init__(message)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return str(self.args[0])
+
+
+class UnknownModelError(UnknownNameError):
+    """`load_model` was given a name that is neither registered nor a local folder."""
+
+    def __init__(self, name: str, known: Iterable[str]):
+        super().__init__(
+            "model",
+            name,
+            known,
+            hint="A path to a local Hugging Face folder (with config.json) also works.",
+        )
+
+
+class UnknownTaskError(UnknownNameError):
+    """`get_task` was given a name that is not registered."""
+
+    def __init__(self, name: str, known: Iterable[str]):
+        super().__init__("task", name, known, hint="`icl-kernels tasks` lists them.")
+
+
+class LabelTokenizationError(IclKernelsError, ValueError):
+    """Label words that collide or tokenise in a way that would make scoring ambiguous."""
+
+
+class PromptTooLongError(IclKernelsError, ValueError):
+    """A prompt does not fit in the model's context."""
+
+
+class MissingClassError(IclKernelsError, ValueError):
+    """A class needed for the demonstrations is absent from the demonstration pool."""
+
+
+class MissingAssetError(IclKernelsError, FileNotFoundError):
+    """An offline asset (a PyPI data or weight package) is not installed."""
+
+
+class DuplicateTaskError(IclKernelsError, ValueError):
+    """`register_task` was given a name that is already registered."""
+
+
+class TaskDefinitionError(IclKernelsError, ValueError):
+    """A `Task` whose template, text fields or label words are inconsistent."""
+
+
+class TaskDataError(IclKernelsError, ValueError):
+    """A task's data could not be loaded or does not have the expected columns or labels."""

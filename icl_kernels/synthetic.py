@@ -1,0 +1,498 @@
+"""A synthetic in-context-learning world: a mixture of hidden Markov models, and its exact Bayes predictor.
+
+The world follows the pretraining model of Xie et al. (2022) that Han et al. use for their Theorem 1:
+
+* ``n_concepts`` latent concepts (tasks). Concept ``c`` is an HMM over ``n_states`` hidden states that
+  share one emission matrix ``emit[s, v]`` over a vocabulary of ``vocab_size`` tokens; the concept owns
+  its transition matrix ``trans[c, s, s']`` and its start distribution ``start[c, s]``.
+* A document is drawn from one concept (uniform prior): it begins with the delimiter token (id
+  ``vocab_size``), then sequences separated by delimiters. Every sequence is a fresh run of the
+  concept's HMM from its start distribution; its length is uniform on ``[seg_len_min, seg_len_max]``
+  and independent of the tokens, so the length never carries information about the concept.
+* An ICL prompt with k shots is ``<d> x_1 y_1 <d> x_2 y_2 <d> ... <d> x_k y_k <d> x`` where every
+  demonstration is a fresh sequence of the same concept, ``x_i`` its first ``x_len`` emissions and
+  ``y_i`` the next emission; the label of the test ``x`` is its next emission. The labels are ordinary
+  HMM tokens, so every vocabulary token (never the delimiter) can be a label.
+
+Construction of the default world (``make_world``), chosen so that the concept matters: the hidden
+states alias heavily onto few tokens (``n_states / vocab_size`` states per token), every state has
+``branching`` likely successors per concept plus a little uniform mass, and start distributions are
+concept specific. A short ``x`` then says little about the concept (low zero-shot accuracy), while the
+next token given the concept and ``x`` is fairly predictable; each demonstration adds evidence about
+the concept and the Bayes accuracy climbs with k.
+
+Exact Bayes predictor (``bayes_predictive``): for every concept a forward pass over the token
+sequence (scaled forward algorithm: a normalised state vector plus the log of the normalisers, i.e.
+the log-likelihood kept in log space), with every delimiter closing the running sequence and
+resetting the state distribution to the concept's start distribution, exactly as the generator
+does. The posterior over concepts is prior x product of the sequence likelihoods; the predictive of
+the next (non-delimiter) token mixes the per-concept predictives with that posterior. Conditioning on
+"the next token is not a delimiter" is exact because sequence lengths are independent of tokens.
+
+Everything is numpy float64 and seeded; the same config and seed rebuild the same world bit for bit
+(``world.json`` stores the config plus a SHA-256 of the arrays and ``load_world`` checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import plotly.graph_objects as go
+
+__all__ = [
+    "WorldConfig",
+    "SyntheticWorld",
+    "PromptBatch",
+    "make_world",
+    "load_world",
+    "bayes_predictive",
+    "bayes_label_probs",
+    "accuracy",
+    "bayes_accuracy_table",
+    "plot_accuracy_vs_shots",
+    "SYNTHETIC_MODEL_DIR",
+]
+
+#: Folder of the shipped GPT-Neo trained on the default world (config.json, model.safetensors, world.json).
+SYNTHETIC_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "synthetic-gpt-neo"
+
+
+# ----------------------------------------------------------------------------------------------------
+# World definition
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Parameters of the mixture-of-HMMs world (see the module docstring).
+
+    n_concepts: number of latent concepts (tasks), uniform prior.
+    n_states: hidden states shared by all concepts.
+    vocab_size: emitted tokens; the delimiter gets id ``vocab_size``.
+    x_len: emissions in a prompt's x (the label is the next one).
+    branching: likely successors of every state under each concept.
+    trans_smoothing: probability mass of every transition row spread uniformly over all states.
+    emit_smoothing: probability mass of every emission row spread uniformly over the vocabulary.
+    start_support: number of likely start states of each concept (``None``: all states).
+    start_smoothing: probability mass of the start distribution spread uniformly over all states.
+    seg_len_min, seg_len_max: length range (inclusive, uniform) of the sequences in documents.
+    doc_len: tokens per training document (the delimiter that opens it included).
+    seed: seed of the world's parameters (not of the data drawn from it).
+    """
+
+    n_concepts: int = 8
+    n_states: int = 32
+    vocab_size: int = 8
+    x_len: int = 3
+    branching: int = 2
+    trans_smoothing: float = 0.02
+    emit_smoothing: float = 0.05
+    start_support: int | None = 4
+    start_smoothing: float = 0.02
+    seg_len_min: int = 2
+    seg_len_max: int = 8
+    doc_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_concepts", "n_states", "vocab_size", "x_len", "branching", "seg_len_min", "doc_len"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.vocab_size < 2:
+            problems.append(f"vocab_size={self.vocab_size} must be >= 2")
+        if self.branching > self.n_states:
+            problems.append(f"branching={self.branching} exceeds n_states={self.n_states}")
+        if self.start_support is not None and not 1 <= self.start_support <= self.n_states:
+            problems.append(f"start_support={self.start_support} must be in [1, n_states={self.n_states}] or None")
+        if self.seg_len_max < self.seg_len_min:
+            problems.append(f"seg_len_max={self.seg_len_max} < seg_len_min={self.seg_len_min}")
+        for name in ("trans_smoothing", "emit_smoothing", "start_smoothing"):
+            v = float(getattr(self, name))
+            if not 0.0 <= v <= 1.0:
+                problems.append(f"{name}={v} must be in [0, 1]")
+        if problems:
+            raise ValueError("Invalid WorldConfig: " + "; ".join(problems) + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WorldConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown WorldConfig keys {sorted(unknown)}; known keys are {sorted(known)}.")
+        return cls(**d)
+
+
+@dataclass
+class PromptBatch:
+    """k-shot prompts of one length. ``tokens[:, -1]`` is the last token of the test x.
+
+    tokens: int64 [batch, pos] = ``<d> x_1 y_1 <d> ... <d> x_k y_k <d> x``.
+    labels: int64 [batch], the next emission after x (the gold label).
+    concepts: int64 [batch], the concept that generated the prompt.
+    label_positions: positions of y_1..y_k in ``tokens`` (same for every row).
+    x_positions: [k+1, x_len] positions of x_1..x_k and of the test x.
+    """
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    concepts: np.ndarray
+    k: int
+    label_positions: np.ndarray
+    x_positions: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    """One draw per row of ``probs`` [n, m] (rows sum to 1) by inverse CDF; one uniform per row."""
+    cum = np.cumsum(probs, axis=-1)
+    u = rng.random(probs.shape[0]) * cum[:, -1]
+    idx = (cum < u[:, None]).sum(axis=-1)
+    return np.minimum(idx, probs.shape[-1] - 1)
+
+
+@dataclass
+class SyntheticWorld:
+    """The mixture of HMMs: ``start`` [C, S], ``trans`` [C, S, S], ``emit`` [S, V] (rows sum to 1)."""
+
+    config: WorldConfig
+    start: np.ndarray
+    trans: np.ndarray
+    emit: np.ndarray
+    concept_prior: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        C, S, V = cfg.n_concepts, cfg.n_states, cfg.vocab_size
+        self.start = np.asarray(self.start, dtype=np.float64)
+        self.trans = np.asarray(self.trans, dtype=np.float64)
+        self.emit = np.asarray(self.emit, dtype=np.float64)
+        if self.concept_prior is None:
+            self.concept_prior = np.full(C, 1.0 / C)
+        self.concept_prior = np.asarray(self.concept_prior, dtype=np.float64)
+        shapes = {"start": (C, S), "trans": (C, S, S), "emit": (S, V), "concept_prior": (C,)}
+        for name, shape in shapes.items():
+            arr = getattr(self, name)
+            if arr.shape != shape:
+                raise ValueError(f"SyntheticWorld.{name} has shape {arr.shape}, expected {shape} from the config.")
+            if (arr < 0).any() or not np.allclose(arr.sum(-1), 1.0, atol=1e-9):
+                raise ValueError(f"SyntheticWorld.{name} must be non-negative with rows summing to 1.")
+
+    # -- basic properties ------------------------------------------------------------------------
+    @property
+    def n_concepts(self) -> int:
+        return self.config.n_concepts
+
+    @property
+    def n_states(self) -> int:
+        return self.config.n_states
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of HMM tokens (possible labels); the delimiter is extra."""
+        return self.config.vocab_size
+
+    @property
+    def delim_id(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def n_tokens(self) -> int:
+        """Model vocabulary: HMM tokens plus the delimiter."""
+        return self.config.vocab_size + 1
+
+    @property
+    def label_ids(self) -> np.ndarray:
+        """Token ids that can be labels (every HMM token, never the delimiter)."""
+        return np.arange(self.config.vocab_size)
+
+    def prompt_len(self, k: int) -> int:
+        return 1 + k * (self.config.x_len + 2) + self.config.x_len
+
+    def checksum(self) -> str:
+        h = hashlib.sha256()
+        for arr in (self.start, self.trans, self.emit, self.concept_prior):
+            h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
+        return h.hexdigest()
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "icl_kernels.synthetic mixture of HMMs",
+            "config": self.config.to_dict(),
+            "delim_id": self.delim_id,
+            "n_tokens": self.n_tokens,
+            "label_ids": self.label_ids.tolist(),
+            "sha256_float64_arrays": self.checksum(),
+            "rebuild": "icl_kernels.synthetic.load_world(path) == make_world(WorldConfig(**config))",
+        }
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SyntheticWorld":
+        return load_world(path)
+
+    # -- sampling --------------------------------------------------------------------------------
+    def sample_sequences(self, concepts: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+        """Fresh HMM runs from the start distributions: int64 [len(concepts), length] (no delimiters)."""
+        concepts = np.asarray(concepts, dtype=np.int64)
+        n = concepts.shape[0]
+        out = np.empty((n, length), dtype=np.int64)
+        state = _categorical(rng, self.start[concepts]) if n else np.zeros(0, np.int64)
+        for t in range(length):
+            if t > 0:
+                state = _categorical(rng, self.trans[concepts, state])
+            out[:, t] = _categorical(rng, self.emit[state])
+        return out
+
+    def sample_documents(
+        self, n_docs: int, rng: np.random.Generator, doc_len: int | None = None, concepts: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Training documents: (tokens int64 [n_docs, doc_len], concepts int64 [n_docs]).
+
+        Every document starts with the delimiter; sequences of length uniform in
+        [seg_len_min, seg_len_max] follow, each closed by a delimiter; the last one is cut at doc_len.
+        """
+        cfg = self.config
+        T = cfg.doc_len if doc_len is None else int(doc_len)
+        if concepts is None:
+            concepts = rng.choice(cfg.n_concepts, size=n_docs, p=self.concept_prior)
+        concepts = np.asarray(concepts, dtype=np.int64)
+        out = np.empty((n_docs, T), dtype=np.int64)
+        out[:, 0] = self.delim_id
+        remaining = rng.integers(cfg.seg_len_min, cfg.seg_len_max + 1, size=n_docs)
+        fresh = np.ones(n_docs, dtype=bool)
+        state = np.zeros(n_docs, dtype=np.int64)
+        for t in range(1, T):
+            # every draw is made for every row (then selected), so the stream does not depend on branches
+            new_len = rng.integers(cfg.seg_len_min, cfg.seg_len_max + 1, size=n_docs)
+            s_start = _categorical(rng, self.start[concepts])
+            s_next = _categorical(rng, self.trans[concepts, state])
+            closing = remaining == 0
+            state = np.where(closing, state, np.where(fresh, s_start, s_next))
+            tok = _categorical(rng, self.emit[state])
+            out[:, t] = np.where(closing, self.delim_id, tok)
+            # bookkeeping
+            emitted = ~closing
+            remaining = np.where(closing, new_len, remaining - 1)
+            fresh = np.where(closing, True, np.where(emitted, False, fresh))
+        return out, concepts
+
+    def sample_prompts(
+        self, n: int, k: int, rng: np.random.Generator, concepts: np.ndarray | None = None
+    ) -> PromptBatch:
+        """``n`` k-shot prompts (see the module docstring for the layout)."""
+        if k < 0 or n < 1:
+            raise ValueError(f"sample_prompts needs n >= 1 and k >= 0, got n={n}, k={k}.")
+        cfg = self.config
+        L = cfg.x_len
+        if concepts is None:
+            concepts = rng.choice(cfg.n_concepts, size=n, p=self.concept_prior)
+        concepts = np.asarray(concepts, dtype=np.int64)
+        seqs = self.sample_sequences(np.repeat(concepts, k + 1), L + 1, rng).reshape(n, k + 1, L + 1)
+        demos = np.concatenate([seqs[:, :k], np.full((n, k, 1), self.delim_id, np.int64)], axis=-1)
+        tokens = np.concatenate(
+            [np.full((n, 1), self.delim_id, np.int64), demos.reshape(n, k * (L + 2)), seqs[:, k, :L]], axis=1
+        )
+        starts = 1 + np.arange(k + 1) * (L + 2)
+        x_positions = starts[:, None] + np.arange(L)[None, :]
+        label_positions = starts[:k] + L
+        assert tokens.shape[1] == self.prompt_len(k)
+        return PromptBatch(
+            tokens=tokens,
+            labels=seqs[:, k, L].copy(),
+            concepts=concepts,
+            k=k,
+            label_positions=label_positions,
+            x_positions=x_positions,
+        )
+
+
+def make_world(config: WorldConfig | None = None, **overrides: Any) -> SyntheticWorld:
+    """Build the world's parameters from ``config`` (plus overrides), deterministically from its seed."""
+    cfg = dataclasses.replace(config or WorldConfig(), **overrides) if overrides else (config or WorldConfig())
+    rng = np.random.default_rng(cfg.seed)
+    C, S, V, b = cfg.n_concepts, cfg.n_states, cfg.vocab_size, cfg.branching
+    # shared emissions: every state has a main token; tokens get S/V states each (balanced aliasing)
+    main_token = rng.permutation(np.arange(S) % V)
+    emit = np.full((S, V), cfg.emit_smoothing / V)
+    emit[np.arange(S), main_token] += 1.0 - cfg.emit_smoothing
+    trans = np.full((C, S, S), cfg.trans_smoothing / S)
+    start = np.full((C, S), cfg.start_smoothing / S)
+    for c in range(C):
+        for s in range(S):
+            succ = rng.permutation(S)[:b]
+            w = 0.5 + rng.random(b)
+            trans[c, s, succ] += (1.0 - cfg.trans_smoothing) * w / w.sum()
+        support = rng.permutation(S)[: (cfg.start_support or S)]
+        w = 0.5 + rng.random(support.shape[0])
+        start[c, support] += (1.0 - cfg.start_smoothing) * w / w.sum()
+    # exact renormalisation against rounding
+    trans /= trans.sum(-1, keepdims=True)
+    start /= start.sum(-1, keepdims=True)
+    emit /= emit.sum(-1, keepdims=True)
+    return SyntheticWorld(config=cfg, start=start, trans=trans, emit=emit)
+
+
+def load_world(path: str | Path) -> SyntheticWorld:
+    """Rebuild the world from a ``world.json`` (or a folder holding one) and check its SHA-256."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No world.json at {path}; pass a world.json file or the folder holding it.")
+    d = json.loads(path.read_text())
+    if "config" not in d:
+        raise ValueError(f"{path} has no 'config' entry; it was not written by SyntheticWorld.to_json.")
+    world = make_world(WorldConfig.from_dict(d["config"]))
+    want = d.get("sha256_float64_arrays")
+    if want is not None and world.checksum() != want:
+        raise ValueError(
+            f"Rebuilding the world from {path} gave different parameters (sha256 {world.checksum()[:12]} != "
+            f"{want[:12]}); the numpy random streams changed. Use the numpy version recorded with the model."
+        )
+    return world
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact Bayes predictor
+# ----------------------------------------------------------------------------------------------------
+
+
+def bayes_predictive(
+    world: SyntheticWorld,
+    tokens: np.ndarray,
+    all_positions: bool = False,
+    concept_prior: np.ndarray | None = None,
+    return_posterior: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Exact P(next token = v | tokens[:, :t+1], next token is not a delimiter) under the world.
+
+    tokens: int [batch, pos] of HMM tokens and delimiters (the delimiter resets to the start
+    distribution; the first token may be a delimiter or not: a sequence is running from the first
+    non-delimiter token on).
+    Returns float64 [batch, vocab_size] for the last position, or [batch, pos, vocab_size] with
+    ``all_positions``. ``concept_prior`` ([C] or [batch, C]) replaces the uniform prior: a one-hot
+    prior gives the oracle that knows the concept. ``return_posterior`` also returns the posterior
+    over concepts after the last token, [batch, C].
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be [batch, pos] with pos >= 1, got shape {tokens.shape}.")
+    if tokens.min() < 0 or tokens.max() > world.delim_id:
+        raise ValueError(f"tokens must be in [0, {world.delim_id}] (delimiter = {world.delim_id}).")
+    Bn, T = tokens.shape
+    C, S = world.n_concepts, world.n_states
+    prior = world.concept_prior if concept_prior is None else np.asarray(concept_prior, np.float64)
+    with np.errstate(divide="ignore"):
+        log_prior = np.broadcast_to(np.log(prior), (Bn, C)).copy()
+    trans_T = world.trans  # [C, S, S]
+    log_done = np.zeros((Bn, C))  # log P(closed sequences | c)
+    log_cur = np.zeros((Bn, C))  # log P(running sequence | c)
+    # predicted state distribution for the next emission, per concept: start rows while fresh
+    nxt = np.broadcast_to(world.start[None], (Bn, C, S)).copy()
+    out = np.empty((Bn, T, world.vocab_size)) if all_positions else None
+    for t in range(T):
+        w = tokens[:, t]
+        dl = w == world.delim_id
+        if dl.any():
+            log_done[dl] += log_cur[dl]
+            log_cur[dl] = 0.0
+            nxt[dl] = world.start[None]
+        nd = ~dl
+        if nd.any():
+            e = world.emit[:, np.minimum(w[nd], world.vocab_size - 1)].T  # [b, S]
+            un = nxt[nd] * e[:, None, :]
+            z = un.sum(-1)  # [b, C]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                alpha = np.where(z[..., None] > 0, un / z[..., None], 1.0 / S)
+                log_cur[nd] += np.log(z)
+            # alpha [b, C, S] @ trans [C, S, S] per concept
+            nxt[nd] = np.matmul(alpha.transpose(1, 0, 2), trans_T).transpose(1, 0, 2)
+        if all_positions or t == T - 1:
+            logw = log_prior + log_done + log_cur
+            m = logw.max(-1, keepdims=True)
+            if not np.isfinite(m).all():
+                bad = np.where(~np.isfinite(m[:, 0]))[0][:5]
+                raise ValueError(f"Rows {bad.tolist()} are impossible under every concept with this prior.")
+            post = np.exp(logw - m)
+            post /= post.sum(-1, keepdims=True)
+            pred = np.einsum("bc,bcs,sv->bv", post, nxt, world.emit)
+            if all_positions:
+                out[:, t] = pred
+    if not all_positions:
+        out = pred
+    if return_posterior:
+        return out, post
+    return out
+
+
+def bayes_label_probs(world: SyntheticWorld, batch: PromptBatch, oracle: bool = False) -> np.ndarray:
+    """P(label | prompt) [batch, vocab_size]; ``oracle`` conditions on the true concept."""
+    prior = None
+    if oracle:
+        prior = np.zeros((len(batch), world.n_concepts))
+        prior[np.arange(len(batch)), batch.concepts] = 1.0
+    return bayes_predictive(world, batch.tokens, concept_prior=prior)
+
+
+def accuracy(probs_or_logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose argmax equals the label."""
+    return float((np.asarray(probs_or_logits).argmax(-1) == np.asarray(labels)).mean())
+
+
+def bayes_accuracy_table(
+    world: SyntheticWorld, shots: Sequence[int] = (0, 1, 2, 4, 8, 16, 32), n: int = 2000, seed: int = 1
+) -> "pd.DataFrame":
+    """Tidy accuracy of the Bayes predictor and the concept-knowing oracle vs shots."""
+    import pandas as pd
+
+    rows = []
+    for k in shots:
+        batch = world.sample_prompts(n, k, np.random.default_rng([seed, k]))
+        for name, oracle in (("bayes", False), ("oracle", True)):
+            acc = accuracy(bayes_label_probs(world, batch, oracle=oracle), batch.labels)
+            rows.append(dict(shots=k, predictor=name, accuracy=acc, n=n, se=float(np.sqrt(acc * (1 - acc) / n))))
+    return pd.DataFrame(rows)
+
+
+def plot_accuracy_vs_shots(df: "pd.DataFrame", title: str | None = None) -> "go.Figure":
+    """Accuracy vs number of demonstrations, one line per predictor (error bars: +-1 s.e. when given).
+
+    ``df`` is tidy with columns ``shots``, ``predictor``, ``accuracy`` (optional ``se``).
+    """
+    import plotly.graph_objects as go
+
+    missing = {"shots", "predictor", "accuracy"} - set(df.columns)
+    if missing:
+        raise ValueError(f"plot_accuracy_vs_shots needs columns {sorted(missing)} in the table.")
+    fig = go.Figure()
+    for name, g in df.groupby("predictor", sort=False):
+        g = g.sort_values("shots")
+        err = dict(type="data", array=g["se"].to_numpy()) if "se" in g else None
+        fig.add_trace(go.Scatter(x=g["shots"], y=g["accuracy"], mode="lines+markers", name=str(name), error_y=err))
+    fig.update_layout(
+        title=title or "Synthetic mixture-of-HMMs: label accuracy vs shots",
+        xaxis=dict(title="demonstrations k", type="log" if (df["shots"] > 0).all() else "linear"),
+        yaxis=dict(title="accuracy", range=[0, 1.02]),
+        template="plotly_white",
+    )
+    return fig

@@ -40,13 +40,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import plotly.graph_objects as go
+    import torch
 
 __all__ = [
     "WorldConfig",
@@ -58,6 +59,8 @@ __all__ = [
     "bayes_label_probs",
     "accuracy",
     "bayes_accuracy_table",
+    "model_label_logits",
+    "evaluate_icl",
     "plot_accuracy_vs_shots",
     "SYNTHETIC_MODEL_DIR",
 ]
@@ -79,6 +82,7 @@ class WorldConfig:
     n_states: hidden states shared by all concepts.
     vocab_size: emitted tokens; the delimiter gets id ``vocab_size``.
     x_len: emissions in a prompt's x (the label is the next one).
+    structure: "layered" (default; see ``make_world``) or "random" (generic sparse HMMs).
     branching: likely successors of every state under each concept.
     trans_smoothing: probability mass of every transition row spread uniformly over all states.
     emit_smoothing: probability mass of every emission row spread uniformly over the vocabulary.
@@ -93,10 +97,11 @@ class WorldConfig:
     n_states: int = 32
     vocab_size: int = 8
     x_len: int = 3
+    structure: str = "layered"
     branching: int = 2
     trans_smoothing: float = 0.02
     emit_smoothing: float = 0.05
-    start_support: int | None = 4
+    start_support: int | None = None
     start_smoothing: float = 0.02
     seg_len_min: int = 2
     seg_len_max: int = 8
@@ -108,6 +113,15 @@ class WorldConfig:
         for name in ("n_concepts", "n_states", "vocab_size", "x_len", "branching", "seg_len_min", "doc_len"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.structure not in ("layered", "random"):
+            problems.append(f"structure={self.structure!r} must be 'layered' or 'random'")
+        elif self.structure == "layered":
+            if self.n_states % (self.x_len + 1):
+                problems.append(f"layered worlds need n_states={self.n_states} divisible by x_len+1={self.x_len + 1}")
+            elif self.n_states // (self.x_len + 1) < max(self.branching, self.start_support or 1):
+                problems.append("layered worlds need n_states/(x_len+1) >= branching and >= start_support")
+            if self.x_len < 1:
+                problems.append("layered worlds need x_len >= 1")
         if self.vocab_size < 2:
             problems.append(f"vocab_size={self.vocab_size} must be >= 2")
         if self.branching > self.n_states:
@@ -327,24 +341,63 @@ class SyntheticWorld:
 
 
 def make_world(config: WorldConfig | None = None, **overrides: Any) -> SyntheticWorld:
-    """Build the world's parameters from ``config`` (plus overrides), deterministically from its seed."""
-    cfg = dataclasses.replace(config or WorldConfig(), **overrides) if overrides else (config or WorldConfig())
+    """Build the world's parameters from ``config`` (plus overrides), deterministically from its seed.
+
+    ``structure="layered"`` (default): the states form ``x_len + 1`` layers of ``n_states / (x_len+1)``
+    states; a sequence walks layer 0 -> 1 -> ... -> x_len -> 0 -> ... (a longer document sequence wraps
+    around). Layer-0 start weights are concept specific; the x-layer transitions (layer l -> l+1 for
+    l < x_len - 1) and the wrap-around (x_len -> 0) are shared by all concepts; the transition from the
+    last x layer into the label layer is the concept's own (one likely successor per state). So an x
+    of length ``x_len`` says little about the concept, while its next token depends on it.
+
+    ``structure="random"``: every concept has random sparse transitions over all states (``branching``
+    likely successors per state) and its own start weights on ``start_support`` states.
+
+    All rows get the smoothing masses, so every token sequence has positive probability. Only
+    ``permutation``/``random`` draws of numpy's PCG64 generator are used (stable across versions).
+    """
+    cfg = config or WorldConfig()
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
     rng = np.random.default_rng(cfg.seed)
-    C, S, V, b = cfg.n_concepts, cfg.n_states, cfg.vocab_size, cfg.branching
-    # shared emissions: every state has a main token; tokens get S/V states each (balanced aliasing)
-    main_token = rng.permutation(np.arange(S) % V)
-    emit = np.full((S, V), cfg.emit_smoothing / V)
-    emit[np.arange(S), main_token] += 1.0 - cfg.emit_smoothing
+    C, S, V, b, L = cfg.n_concepts, cfg.n_states, cfg.vocab_size, cfg.branching, cfg.x_len
+
+    def sparse_row(candidates: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        succ = candidates[rng.permutation(candidates.shape[0])[:n]]
+        w = 0.5 + rng.random(succ.shape[0])
+        return succ, w / w.sum()
+
     trans = np.full((C, S, S), cfg.trans_smoothing / S)
     start = np.full((C, S), cfg.start_smoothing / S)
-    for c in range(C):
-        for s in range(S):
-            succ = rng.permutation(S)[:b]
-            w = 0.5 + rng.random(b)
-            trans[c, s, succ] += (1.0 - cfg.trans_smoothing) * w / w.sum()
-        support = rng.permutation(S)[: (cfg.start_support or S)]
-        w = 0.5 + rng.random(support.shape[0])
-        start[c, support] += (1.0 - cfg.start_smoothing) * w / w.sum()
+    if cfg.structure == "layered":
+        m = S // (L + 1)
+        layers = [np.arange(i * m, (i + 1) * m) for i in range(L + 1)]
+        main_token = np.concatenate([rng.permutation(np.arange(m) % V) for _ in range(L + 1)])
+        shared = np.zeros((S, S))
+        for i in range(L + 1):
+            if i == L - 1:
+                continue  # the concept-specific step, below
+            for s in layers[i]:
+                succ, w = sparse_row(layers[(i + 1) % (L + 1)], b)
+                shared[s, succ] = w
+        for c in range(C):
+            block = shared.copy()
+            for s in layers[L - 1]:
+                succ, w = sparse_row(layers[L], 1)
+                block[s, succ] = w
+            trans[c] += (1.0 - cfg.trans_smoothing) * block
+            succ, w = sparse_row(layers[0], cfg.start_support or m)
+            start[c, succ] += (1.0 - cfg.start_smoothing) * w
+    else:  # "random"
+        main_token = rng.permutation(np.arange(S) % V)
+        for c in range(C):
+            for s in range(S):
+                succ, w = sparse_row(np.arange(S), b)
+                trans[c, s, succ] += (1.0 - cfg.trans_smoothing) * w
+            succ, w = sparse_row(np.arange(S), cfg.start_support or S)
+            start[c, succ] += (1.0 - cfg.start_smoothing) * w
+    emit = np.full((S, V), cfg.emit_smoothing / V)
+    emit[np.arange(S), main_token] += 1.0 - cfg.emit_smoothing
     # exact renormalisation against rounding
     trans /= trans.sum(-1, keepdims=True)
     start /= start.sum(-1, keepdims=True)
@@ -472,6 +525,92 @@ def bayes_accuracy_table(
             acc = accuracy(bayes_label_probs(world, batch, oracle=oracle), batch.labels)
             rows.append(dict(shots=k, predictor=name, accuracy=acc, n=n, se=float(np.sqrt(acc * (1 - acc) / n))))
     return pd.DataFrame(rows)
+
+
+def model_label_logits(
+    logits_fn: Callable[["torch.Tensor"], "torch.Tensor"],
+    world: SyntheticWorld,
+    tokens: np.ndarray,
+    batch_size: int = 256,
+    device: str | None = None,
+) -> np.ndarray:
+    """Last-position logits of a model restricted to the label tokens: float64 [batch, vocab_size].
+
+    ``logits_fn`` maps a LongTensor [batch, pos] of token ids to logits [batch, pos, d_vocab] (an HF
+    model: ``lambda t: model(t).logits``; a HookedTransformer: ``model``). Only the ``vocab_size`` HMM
+    tokens can be labels, so the delimiter's logit is dropped before any argmax.
+    """
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, tokens.shape[0], batch_size):
+            t = torch.as_tensor(tokens[i : i + batch_size], dtype=torch.long)
+            if device is not None:
+                t = t.to(device)
+            logits = logits_fn(t)
+            if logits.ndim != 3 or logits.shape[-1] < world.n_tokens:
+                raise ValueError(
+                    f"logits_fn returned shape {tuple(logits.shape)}; expected [batch, pos, >= {world.n_tokens}]."
+                )
+            outs.append(logits[:, -1, : world.vocab_size].double().cpu().numpy())
+    return np.concatenate(outs)
+
+
+def evaluate_icl(
+    world: SyntheticWorld,
+    logits_fn: Callable[["torch.Tensor"], "torch.Tensor"] | None = None,
+    shots: Sequence[int] = (0, 1, 2, 4, 8, 16, 32),
+    n: int = 2000,
+    seed: int = 20240,
+    batch_size: int = 256,
+    oracle: bool = True,
+    device: str | None = None,
+    progress: bool = False,
+) -> "pd.DataFrame":
+    """Accuracy vs shots of a model (if ``logits_fn``), the exact Bayes predictor and the oracle.
+
+    The same ``n`` fresh prompts per k (drawn with ``np.random.default_rng([seed, k])``) go to every
+    predictor. Model accuracy = argmax of the last-position logits over the label tokens (every HMM
+    token; the delimiter is excluded). Tidy columns: shots, predictor, accuracy, se, n, and for the
+    model ``agree_bayes`` (argmax agreement with Bayes) and ``nll`` / ``bayes_nll`` (mean -log p of
+    the gold label, the model's softmax taken over the label tokens).
+    """
+    import pandas as pd
+
+    rows = []
+    it: Any = shots
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(list(shots), desc="shots")
+    for k in it:
+        batch = world.sample_prompts(n, int(k), np.random.default_rng([seed, int(k)]))
+        pb = bayes_label_probs(world, batch)
+        acc_b = accuracy(pb, batch.labels)
+        idx = np.arange(n)
+        bayes_nll = float(-np.log(pb[idx, batch.labels]).mean())
+        base = dict(shots=int(k), n=n)
+        rows.append(dict(base, predictor="bayes", accuracy=acc_b, nll=bayes_nll))
+        if oracle:
+            acc_o = accuracy(bayes_label_probs(world, batch, oracle=True), batch.labels)
+            rows.append(dict(base, predictor="oracle", accuracy=acc_o))
+        if logits_fn is not None:
+            lg = model_label_logits(logits_fn, world, batch.tokens, batch_size=batch_size, device=device)
+            lp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+            rows.append(
+                dict(
+                    base,
+                    predictor="model",
+                    accuracy=accuracy(lg, batch.labels),
+                    agree_bayes=float((lg.argmax(-1) == pb.argmax(-1)).mean()),
+                    nll=float(-lp[idx, batch.labels].mean()),
+                    bayes_nll=bayes_nll,
+                )
+            )
+    df = pd.DataFrame(rows)
+    df["se"] = np.sqrt(df["accuracy"] * (1 - df["accuracy"]) / df["n"])
+    return df
 
 
 def plot_accuracy_vs_shots(df: "pd.DataFrame", title: str | None = None) -> "go.Figure":

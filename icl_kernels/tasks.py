@@ -4,7 +4,8 @@ A :class:`Task` is everything needed to turn a labelled example into ICL text. O
 ``task.template.format(**x)``, which stops exactly where the label would follow; the label of class
 ``c`` is ``task.label_words[c]``, written *with* its leading space so that
 ``template.format(**x) + label_words[c]`` is the demonstration text and every label starts a new
-word (one token for every label word registered here on the Gemma-3, SmolLM2 and GPT-2 tokenizers).
+word. Every label word registered here is a single token for SmolLM2 and is in Gemma-3's vocabulary
+as one piece; on the GPT-2 BPE all are single tokens except `` abbreviation`` (two).
 Demonstrations are joined with ``task.demo_separator``.
 
 ``task.load(seed=...)`` returns a :class:`datasets.DatasetDict` with splits ``"train"`` (the
@@ -54,7 +55,6 @@ Variants are one ``dataclasses.replace`` away::
 from __future__ import annotations
 
 import csv
-import dataclasses
 import html
 import importlib.util
 import os
@@ -238,8 +238,12 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
+def _column(ds: datasets.Dataset, name: str) -> list:
+    return ds.select_columns([name])[:][name]
+
+
 def _labels(ds: datasets.Dataset) -> np.ndarray:
-    return np.asarray(ds["label"], dtype=np.int64)
+    return np.asarray(_column(ds, "label"), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,6 +363,15 @@ def _squash(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
+def _unescape(text: str) -> str:
+    """HTML entities, also when escaped twice (``&amp;amp;`` occurs in the tweets)."""
+    for _ in range(3):
+        text, before = html.unescape(text), text
+        if text == before:
+            break
+    return text
+
+
 def _read_movie_reviews(path: Path) -> tuple[list[str], list[int]]:
     # Tab-separated id / mean rating / text, one snippet per line, no quoting. The file is valid
     # UTF-8 (latin-1 would turn "clichés" into "clichÃ©s").
@@ -401,7 +414,7 @@ def _read_sms(path: Path) -> tuple[list[str], list[int]]:
     # Columns: unnamed row id, spam (0/1), text. HTML entities (&lt;#&gt;) are unescaped.
     df = pd.read_csv(path, encoding="utf-8", dtype={"text": str})
     _expect_columns(path, df, ["spam", "text"])
-    texts = [_squash(_fix_c1(html.unescape(t))) for t in df["text"].fillna("")]
+    texts = [_squash(_fix_c1(_unescape(t))) for t in df["text"].fillna("")]
     return texts, df["spam"].astype(int).tolist()
 
 
@@ -435,7 +448,7 @@ def _read_tweets(path: Path) -> tuple[list[str], list[int]]:
     for text in df["text"].fillna(""):
         for bad, good in _MOJIBAKE_QUOTES.items():
             text = text.replace(bad, good)
-        texts.append(_squash(html.unescape(_MOJIBAKE_RUN.sub(" ", text))))
+        texts.append(_squash(_unescape(_MOJIBAKE_RUN.sub(" ", text))))
     return texts, [_SENTIMENT3.index(s) for s in df["sentiment"]]
 
 
@@ -573,7 +586,7 @@ class HubTask(Task):
         )
         if len(ds) == 0:
             raise TaskDataError(f"{where}: no labelled rows with non-empty text.")
-        labels = np.asarray(ds["label"], dtype=np.int64)
+        labels = _labels(ds)
         if labels.min() < 0 or labels.max() >= self.n_classes:
             raise TaskDataError(
                 f"{where}: labels span {labels.min()}..{labels.max()}, expected 0..{self.n_classes - 1} "
@@ -581,7 +594,7 @@ class HubTask(Task):
             )
         if self.label_text_column and self.hub_label_names and self.label_text_column in ds.column_names:
             names = np.asarray(self.hub_label_names, dtype=object)[labels]
-            given = np.asarray([str(t).strip() for t in ds[self.label_text_column]], dtype=object)
+            given = np.asarray([str(t).strip() for t in _column(ds, self.label_text_column)], dtype=object)
             bad = np.flatnonzero(names != given)
             if len(bad):
                 i = int(bad[0])

@@ -58,11 +58,18 @@ def act_name(kind: str, layer: int) -> str:
 
 
 def active_hook_count(model: tl_backend.Model) -> int:
-    """Number of PyTorch hooks currently registered anywhere in the model (0 when clean)."""
+    """Number of hooks on the model's hook points (0 when no intervention is active).
+
+    A TransformerBridge registers its own permanent hooks on wrapped normalisation modules during
+    its first forward; those are not hook points and are not counted.
+    """
+    from transformer_lens.hook_points import HookPoint
+
     count = 0
     for module in model.modules():
-        count += len(module._forward_hooks) + len(module._forward_pre_hooks)
-        count += len(module._backward_hooks)
+        if isinstance(module, HookPoint):
+            count += len(module._forward_hooks) + len(module._forward_pre_hooks)
+            count += len(module._backward_hooks)
     return count
 
 

@@ -452,6 +452,22 @@ def load_hf_model(name_or_path: str, dtype: str | torch.dtype = torch.float32):
     return spec.build(dtype)
 
 
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a registered model or local folder (converts an offline model once)."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").exists():
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    spec = get_model_spec(name_or_path)
+    if spec.source == "tiny":
+        return gpt2_tokenizer()
+    folder = cache_root() / spec.name
+    if spec.source == "offline" and (folder / "COMPLETE").exists():
+        return AutoTokenizer.from_pretrained(str(folder))
+    return spec.build(torch.float32)[1]
+
+
 def load_model(
     name_or_path: str,
     *,

@@ -57,6 +57,7 @@ __all__ = [
     "load_world",
     "bayes_predictive",
     "bayes_label_probs",
+    "bayes_document_nll",
     "accuracy",
     "bayes_accuracy_table",
     "model_label_logits",
@@ -496,6 +497,37 @@ def bayes_predictive(
     if return_posterior:
         return out, post
     return out
+
+
+def bayes_document_nll(world: SyntheticWorld, tokens: np.ndarray) -> float:
+    """Mean per-token cross-entropy (nats) of the exact Bayes predictor on documents, over tokens[:, 1:].
+
+    The loss floor for a language model trained on ``sample_documents``: delimiters are predicted with
+    the hazard of the uniform length distribution (P(length = l | length >= l) after l tokens), every
+    other token with (1 - hazard) x ``bayes_predictive``.
+    """
+    tokens = np.asarray(tokens)
+    cfg = world.config
+    pred = bayes_predictive(world, tokens[:, :-1], all_positions=True)  # [B, T-1, V]
+    lengths = np.arange(cfg.seg_len_min, cfg.seg_len_max + 1)
+    hazard = np.zeros(cfg.seg_len_max + 2)
+    for ell in range(1, cfg.seg_len_max + 1):
+        at_least = (lengths >= ell).sum()
+        hazard[ell] = ((lengths == ell).sum() / at_least) if at_least else 1.0
+    hazard[cfg.seg_len_max + 1 :] = 1.0
+    B, T = tokens.shape
+    ell = np.zeros((B, T - 1), dtype=np.int64)  # tokens of the running sequence after position t
+    run = np.zeros(B, dtype=np.int64)
+    for t in range(T - 1):
+        run = np.where(tokens[:, t] == world.delim_id, 0, run + 1)
+        ell[:, t] = run
+    h = hazard[np.minimum(ell, cfg.seg_len_max + 1)]
+    tgt = tokens[:, 1:]
+    is_d = tgt == world.delim_id
+    p_tok = np.take_along_axis(pred, np.minimum(tgt, world.vocab_size - 1)[..., None], -1)[..., 0]
+    with np.errstate(divide="ignore"):
+        nll = np.where(is_d, -np.log(h), -np.log1p(-h) - np.log(p_tok))
+    return float(nll.mean())
 
 
 def bayes_label_probs(world: SyntheticWorld, batch: PromptBatch, oracle: bool = False) -> np.ndarray:

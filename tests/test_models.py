@@ -114,3 +114,18 @@ def test_offline_real_models_match_hugging_face(name):
             # Gemma-3 on HookedTransformer: 1.4e-5 measured (different op order), bridge: exact.
             assert (got - expected).abs().max().item() < 1e-3
             del model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_tracks_float32(arch, dtype):
+    hf, tokenizer = build_tiny_hf_model(arch)
+    tokens = tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = hf(tokens).logits[0, -1].log_softmax(-1)
+        model = hf_to_transformer_lens(hf, tokenizer, device="cuda", dtype=dtype)
+        got = model(tokens.cuda())[0, -1].float().log_softmax(-1).cpu()
+    assert next(model.parameters()).device.type == "cuda"
+    # Half precision: same top token and log-probs within 0.1 nats on a d_model 64 model.
+    assert got.argmax() == expected.argmax()
+    assert (got - expected).abs().max().item() < 0.1

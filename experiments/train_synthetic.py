@@ -1,0 +1,309 @@
+"""Train a small GPT-Neo on documents from the synthetic mixture-of-HMMs world (icl_kernels.synthetic).
+
+Data: every step draws a fresh batch of documents with ``np.random.default_rng([data_seed, step])``,
+so the data stream depends only on (data_seed, step): a resumed run sees exactly the batches an
+uninterrupted run sees. Dropout is 0, the learning-rate schedule is a function of the step, and the
+checkpoint holds model, optimiser and torch RNG state, so resuming from the last checkpoint gives the
+same final weights as an uninterrupted run (bit for bit on the same machine and thread count).
+
+Outputs in ``out_dir``: config.json (this config + world + model config), loss_log.csv (step, loss,
+lr, tokens, wall_s), eval_log.csv (ICL accuracy of the model and the exact Bayes predictor on a fixed
+prompt set during training), checkpoint.pt (every ``save_every`` steps), final/ (HF folder:
+config.json + model.safetensors + world.json). ``--export-dir`` copies final/ there as well (e.g.
+icl_kernels/assets/synthetic-gpt-neo).
+
+    nice -n 10 .venv/bin/python experiments/train_synthetic.py --out-dir runs/synthetic-gpt-neo --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from icl_kernels.synthetic import SyntheticWorld, WorldConfig, evaluate_icl, make_world  # noqa: E402
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/synthetic-gpt-neo"
+    export_dir: str = ""  # if set, the final HF folder is copied there
+    # world (icl_kernels.synthetic.WorldConfig)
+    n_concepts: int = 8
+    n_states: int = 32
+    vocab_size: int = 8
+    x_len: int = 3
+    structure: str = "layered"
+    branching: int = 2
+    trans_smoothing: float = 0.02
+    emit_smoothing: float = 0.05
+    start_smoothing: float = 0.02
+    seg_len_min: int = 2
+    seg_len_max: int = 8
+    doc_len: int = 256
+    world_seed: int = 0
+    # model (transformers.GPTNeoConfig); attention layers alternate global, local
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    window_size: int = 32
+    # optimisation
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0  # model initialisation
+    data_seed: int = 1  # training documents: default_rng([data_seed, step])
+    # logging / checkpoints
+    log_every: int = 10
+    save_every: int = 200
+    eval_every: int = 500
+    eval_n: int = 256
+    eval_shots: str = "0,1,4,16"
+    eval_seed: int = 777  # fixed prompt set for the training-time evaluation
+    threads: int = 1
+    device: str = "cpu"
+    stop_after: int = 0  # if > 0, stop this invocation (after a checkpoint) at this step; rerun to resume
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(
+            n_concepts=self.n_concepts,
+            n_states=self.n_states,
+            vocab_size=self.vocab_size,
+            x_len=self.x_len,
+            structure=self.structure,
+            branching=self.branching,
+            trans_smoothing=self.trans_smoothing,
+            emit_smoothing=self.emit_smoothing,
+            start_smoothing=self.start_smoothing,
+            seg_len_min=self.seg_len_min,
+            seg_len_max=self.seg_len_max,
+            doc_len=self.doc_len,
+            seed=self.world_seed,
+        )
+
+
+# Fields that may differ between the run that wrote a checkpoint and the run that resumes it.
+_RESUME_FREE = {"out_dir", "export_dir", "log_every", "save_every", "threads", "device", "eval_every", "eval_n", "stop_after"}
+
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        typ = hints[f.name]
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=f.default)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def gpt_neo_config(cfg: TrainConfig, world: SyntheticWorld):
+    from transformers import GPTNeoConfig
+
+    if cfg.n_layers % 2:
+        raise ValueError(f"n_layers={cfg.n_layers} must be even (layers alternate global, local).")
+    return GPTNeoConfig(
+        vocab_size=world.n_tokens,
+        max_position_embeddings=cfg.doc_len,
+        hidden_size=cfg.d_model,
+        num_layers=cfg.n_layers,
+        attention_types=[[["global", "local"], cfg.n_layers // 2]],
+        num_heads=cfg.n_heads,
+        intermediate_size=None,  # 4 * hidden_size (what TransformerLens assumes for GPT-Neo)
+        window_size=cfg.window_size,
+        activation_function="gelu_new",
+        resid_dropout=0.0,
+        embed_dropout=0.0,
+        attention_dropout=0.0,
+        classifier_dropout=0.0,
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.02,
+        use_cache=False,
+        bos_token_id=world.delim_id,
+        eos_token_id=world.delim_id,
+        tie_word_embeddings=True,
+    )
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def batch_for_step(world: SyntheticWorld, cfg: TrainConfig, step: int) -> np.ndarray:
+    tokens, _ = world.sample_documents(cfg.batch_size, np.random.default_rng([cfg.data_seed, step]))
+    return tokens
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GPTNeoForCausalLM
+
+    cfg = parse_args(argv)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = make_world(cfg.world_config())
+    model_cfg = gpt_neo_config(cfg, world)
+    torch.manual_seed(cfg.seed)
+    model = GPTNeoForCausalLM(model_cfg).to(cfg.device)
+    model.config._attn_implementation = "eager"
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+    ckpt_path = out / "checkpoint.pt"
+    step, wall, loss_rows, eval_rows = 0, 0.0, [], []
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+        saved = ck["config"]
+        diff = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE and saved.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{ckpt_path} was written with a different config {diff} (saved, now); use another --out-dir "
+                "or delete the checkpoint to start over."
+            )
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["torch_rng"])
+        step, wall, loss_rows, eval_rows = ck["step"], ck["wall_s"], ck["loss_rows"], ck["eval_rows"]
+        print(f"resumed from {ckpt_path} at step {step} ({wall:.0f} s of training so far)")
+
+    (out / "config.json").write_text(
+        json.dumps(
+            {"train": dataclasses.asdict(cfg), "world": world.to_json_dict(), "model": model_cfg.to_dict(), "n_params": n_params},
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"GPT-Neo with {n_params:,} parameters; vocab {world.n_tokens} (delimiter {world.delim_id})")
+
+    shots = [int(s) for s in cfg.eval_shots.split(",") if s.strip()]
+
+    def run_eval(at_step: int) -> None:
+        model.eval()
+        df = evaluate_icl(
+            world, lambda t: model(t).logits, shots=shots, n=cfg.eval_n, seed=cfg.eval_seed, oracle=False, device=cfg.device
+        )
+        model.train()
+        for r in df.itertuples():
+            eval_rows.append(dict(step=at_step, shots=r.shots, predictor=r.predictor, accuracy=r.accuracy, n=r.n))
+        msg = " ".join(
+            f"k={k}: {g.set_index('predictor').accuracy.get('model', float('nan')):.3f}/{g.set_index('predictor').accuracy['bayes']:.3f}"
+            for k, g in df.groupby("shots")
+        )
+        tqdm.write(f"step {at_step} ICL acc model/bayes {msg}")
+
+    def save(at_step: int) -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(
+            dict(
+                step=at_step,
+                wall_s=wall,
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                torch_rng=torch.get_rng_state(),
+                config=dataclasses.asdict(cfg),
+                loss_rows=loss_rows,
+                eval_rows=eval_rows,
+            ),
+            tmp,
+        )
+        os.replace(tmp, ckpt_path)
+        _write_csv(out / "loss_log.csv", loss_rows)
+        _write_csv(out / "eval_log.csv", eval_rows)
+
+    model.train()
+    window_losses: list[float] = []
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=5)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        x = torch.as_tensor(batch_for_step(world, cfg, step), device=cfg.device)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        wall += time.perf_counter() - t0
+        window_losses.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            loss_rows.append(
+                dict(step=step, loss=float(np.mean(window_losses)), lr=lr_at(cfg, step - 1), tokens=step * cfg.batch_size * cfg.doc_len, wall_s=round(wall, 2))
+            )
+            bar.set_postfix(loss=f"{loss_rows[-1]['loss']:.4f}")
+            window_losses = []
+        bar.update(1)
+        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            run_eval(step)
+        if step % cfg.save_every == 0 or step == cfg.steps or step == cfg.stop_after:
+            save(step)
+        if step == cfg.stop_after and step < cfg.steps:
+            bar.close()
+            print(f"stopped at step {step} (--stop-after); run the same command again to resume")
+            return out
+    bar.close()
+
+    final = out / "final"
+    final.mkdir(exist_ok=True)
+    model.save_pretrained(final, safe_serialization=True)
+    world.to_json(final / "world.json")
+    summary = dict(
+        steps=step,
+        train_wall_s=round(wall, 1),
+        final_loss=loss_rows[-1]["loss"] if loss_rows else None,
+        n_params=n_params,
+        threads=cfg.threads,
+        device=cfg.device,
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"done: {summary}")
+    if cfg.export_dir:
+        dst = Path(cfg.export_dir)
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in final.iterdir():
+            shutil.copy2(f, dst / f.name)
+        print(f"exported {sorted(p.name for p in final.iterdir())} to {dst}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -53,7 +53,7 @@ class TrainConfig:
     start_smoothing: float = 0.02
     seg_len_min: int = 2
     seg_len_max: int = 8
-    doc_len: int = 256
+    doc_len: int = 192
     world_seed: int = 0
     # model (transformers.GPTNeoConfig); attention layers alternate global, local
     n_layers: int = 4
@@ -61,9 +61,9 @@ class TrainConfig:
     n_heads: int = 4
     window_size: int = 32
     # optimisation
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 1e-3
+    steps: int = 1600
+    batch_size: int = 16
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -72,8 +72,8 @@ class TrainConfig:
     data_seed: int = 1  # training documents: default_rng([data_seed, step])
     # logging / checkpoints
     log_every: int = 10
-    save_every: int = 200
-    eval_every: int = 500
+    save_every: int = 100
+    eval_every: int = 200
     eval_n: int = 256
     eval_shots: str = "0,1,4,16"
     eval_seed: int = 777  # fixed prompt set for the training-time evaluation

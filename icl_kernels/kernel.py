@@ -73,6 +73,12 @@ __all__ = [
     "Segment",
     "HeadRun",
     "analyze_heads",
+    "head_kernel_regression",
+    "resid_kernel_regression",
+    "probe_accuracies",
+    "held_out_best_head",
+    "single_example_outputs",
+    "demo_output_similarity",
 ]
 
 Aggregation = Literal["max", "mean", "label"]
@@ -325,7 +331,7 @@ class Kernel:
         median distance to its demonstrations (the median heuristic).
     """
 
-    name: Literal["exp_dot", "cosine", "rbf"] = "cosine"
+    name: str = "cosine"
     temperature: float = 1.0
     bandwidth: float | None = None
 
@@ -689,7 +695,8 @@ def analyze_heads(
         for how in aggregations:
             parts.setdefault(f"w_{how}", []).append(demo_attention(attn, layout, how))
         parts.setdefault("labels", []).append(layout.demo_labels)
-        logits = unembed(model, cap.final_residual.to(device)).float()
+        with torch.no_grad():
+            logits = unembed(model, cap.final_residual.to(device)).float()
         parts.setdefault("scores", []).append(logits.log_softmax(-1)[:, first_ids].cpu())
         parts.setdefault("gold", []).append(torch.tensor([p.query_label for p in bp]))
 
@@ -866,7 +873,8 @@ def single_example_outputs(
     probs, preds = [], []
     for batch in batches(list(prompts), batch_size, pad_token_id, device):
         cap = capture(model, batch.tokens, batch.prediction_positions, attention=False, out_device=None)
-        logits = unembed(model, cap.final_residual).float()
+        with torch.no_grad():
+            logits = unembed(model, cap.final_residual).float()
         probs.append(logits.softmax(-1).cpu())
         preds.append(logits[:, first_ids].argmax(-1).cpu())
     return torch.cat(probs), torch.cat(preds)

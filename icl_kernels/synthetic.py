@@ -106,7 +106,7 @@ class WorldConfig:
     start_smoothing: float = 0.02
     seg_len_min: int = 2
     seg_len_max: int = 8
-    doc_len: int = 256
+    doc_len: int = 192
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -34,6 +34,15 @@ from icl_kernels.tasks import Task
 WORDS = (" negative", " positive")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run ~40x faster on one thread when the shared CPU is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_doctests():
     assert doctest.testmod(K, optionflags=doctest.ELLIPSIS).failed == 0
 
@@ -126,7 +135,7 @@ def test_held_out_selection_never_sees_the_report_split():
     third = held_out_best_head(tampered, labels_t, model_pred, gold, 2, select, report)
     assert (third["layer"], third["head"], third["report_agreement"]) == (0, 0, 1.0)
     with pytest.raises(ValueError, match="overlap"):
-        held_out_best_head(weights, labels, model_pred, gold, 2, select, list(report) + [int(select[0])])
+        held_out_best_head(weights, labels, model_pred, gold, 2, select, [*map(int, report), int(select[0])])
 
 
 def test_kernel_regression_identities():

@@ -356,6 +356,9 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
             hf_config.to_json_file(str(folder / "config.json"))
             config = get_pretrained_model_config(str(folder), fold_ln=False, device=device, dtype=dtype)
         config.model_name = getattr(hf_config, "_name_or_path", "") or config.model_name
+        # The temporary folder is gone after this block: never let TransformerLens load a tokenizer
+        # from it (it would try the hub). A tokenizer, if any, is passed to the model explicitly.
+        config.tokenizer_name = None
     limit = n_ctx or min(config.n_ctx, DEFAULT_MAX_N_CTX)
     config.n_ctx = limit
     return config

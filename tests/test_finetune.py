@@ -1,0 +1,137 @@
+"""The finetuning baseline: only key/value projections move, by plain SGD, the same on both backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import load_tiny
+from icl_kernels import backend as tl_backend
+from icl_kernels import hooks as H
+from icl_kernels.capture import capture
+from icl_kernels.finetune import finetune, has_kv_bias, kv_parameters, kv_weights, select_lr
+from test_relaxation import assert_tiny
+
+SEQUENCES = [[50256, 464, 3290, 318, 922, 13], [50256, 40, 588, 340, 2089], [50256, 1212, 318, 257, 1332, 11, 0]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.core
+def test_only_key_value_projections_change(arch, backend):
+    model = load_tiny(arch, backend)
+    assert_tiny(arch, model)
+    before = _state(model)
+    result = finetune(model, SEQUENCES, lr=0.05)
+    # the original is untouched
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], atol=0, rtol=0)
+    trained = set(kv_parameters(result.model))
+    assert len(trained) == 2 * model.cfg.n_layers  # weights only: no architecture here has k/v biases
+    assert not has_kv_bias(model)
+    changed = {name for name, p in result.model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed == trained
+    flags = [p.requires_grad for p in model.parameters()]
+    assert [p.requires_grad for p in result.model.parameters()] == flags  # as the original had them
+    assert all(p.grad is None for p in result.model.parameters())
+    assert len(result.losses) == len(SEQUENCES) and all(loss > 0 for loss in result.losses)
+
+
+@pytest.mark.core
+def test_one_step_is_plain_sgd(backend):
+    """After one sequence, each trained weight moved by exactly -lr * (its LM-loss gradient)."""
+    model = load_tiny("gpt-j", backend)
+    lr = 0.3
+    result = finetune(model, SEQUENCES[:1], lr=lr, record_queries=False)
+    reference = __import__("copy").deepcopy(model)
+    params = kv_parameters(reference)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    tokens = torch.tensor([SEQUENCES[0]])
+    logits = reference(tokens)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
+    loss.backward()
+    tuned = dict(result.model.named_parameters())
+    for name, p in params.items():
+        torch.testing.assert_close(tuned[name].detach(), p.detach() - lr * p.grad, atol=1e-6, rtol=1e-5)
+    assert abs(result.losses[0] - float(loss.detach())) < 1e-5
+
+
+def test_both_backends_train_the_same_model():
+    if "hooked" not in tl_backend.AVAILABLE_BACKENDS:
+        pytest.skip("needs TransformerLens 3.x (both backends)")
+    tokens = torch.tensor([[50256, 464, 3290, 318, 922, 13, 40, 588]])
+    outs, deltas = [], []
+    for backend in ("hooked", "bridge"):
+        model = load_tiny("gemma-3", backend)
+        result = finetune(model, SEQUENCES, lr=0.5, record_queries=False)
+        with torch.no_grad():
+            outs.append(result.model(tokens))
+        k0, v0 = kv_weights(model, 1)
+        k1, v1 = kv_weights(result.model, 1)
+        deltas.append((k1 - k0, v1 - v0))
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(deltas[0][0], deltas[1][0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(deltas[0][1], deltas[1][1], atol=1e-6, rtol=1e-4)
+    assert deltas[0][0].abs().max() > 1e-4
+
+
+@pytest.mark.core
+def test_recorded_queries_are_the_first_steps_queries(backend):
+    """The first sequence's queries come from the untouched model; rotary is removed (frame R(-t))."""
+    model = load_tiny("llama", backend)
+    result = finetune(model, SEQUENCES, lr=0.1)
+    assert [q.shape for q in result.queries] == [
+        (model.cfg.n_layers, len(s) - 1, model.cfg.n_heads, model.cfg.d_head) for s in SEQUENCES
+    ]
+    tokens = torch.tensor([SEQUENCES[0]])
+    n = tokens.shape[1]
+    got = capture(model, tokens, torch.tensor([n - 1]), attention=False, features=("q",),
+                  feature_positions=torch.arange(n)[None], rotate=False, final_residual=False)
+    pre_rotary = got.features["q"][0, 1:]  # [n_tok layer head d]: Llama's hook_q is pre-rotary
+    torch.testing.assert_close(result.queries[0].transpose(0, 1), pre_rotary, atol=1e-5, rtol=1e-5)
+    assert result.all_queries().shape[1] == sum(len(s) - 1 for s in SEQUENCES)
+
+
+@pytest.mark.core
+def test_no_hook_remains_after_errors(backend):
+    model = load_tiny("gpt-neo", backend)
+    finetune(model, SEQUENCES[:1], lr=0.1)
+    before = H.active_hook_count(model)
+    with pytest.raises((IndexError, RuntimeError)):
+        finetune(model, [[50256, 10**7, 5]], lr=0.1)
+    assert H.active_hook_count(model) == before
+    assert all(p.requires_grad is False or p.grad is None for p in model.parameters())
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = load_tiny("gpt-neo")
+    with pytest.raises(ValueError, match="lr"):
+        finetune(model, SEQUENCES, lr=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        finetune(model, SEQUENCES, lr=float("nan"))
+    with pytest.raises(ValueError, match="at least one"):
+        finetune(model, [], lr=0.1)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        finetune(model, [[50256]], lr=0.1)
+    with pytest.raises(ValueError, match="at least one"):
+        select_lr(lambda lr: [], lambda models: (0.0, 0.0), lrs=())
+
+
+def test_select_lr_takes_the_best_dev_accuracy_then_log_prob():
+    scores = {1e-3: (0.5, -1.0), 1e-2: (0.75, -2.0), 1e-1: (0.75, -0.5)}
+    picked = select_lr(lambda lr: [lr], lambda models: scores[models[0]], lrs=tuple(scores))
+    assert picked.lr == 1e-1
+    assert [row["lr"] for row in picked.table] == list(scores)

@@ -18,6 +18,7 @@ icl_kernels/assets/synthetic-gpt-neo).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -80,6 +81,9 @@ class TrainConfig:
     threads: int = 1
     device: str = "cpu"
     stop_after: int = 0  # if > 0, stop this invocation (after a checkpoint) at this step; rerun to resume
+    # momentum attention (icl_kernels.momentum, Dai et al. sec. 5); 0 = vanilla attention
+    momentum_eta: float = 0.0
+    momentum_layers: str = "all"
 
     def world_config(self) -> WorldConfig:
         return WorldConfig(
@@ -192,7 +196,12 @@ def main(argv: list[str] | None = None) -> Path:
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
         saved = ck["config"]
-        diff = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE and saved.get(k) != v}
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys older checkpoints lack
+        diff = {
+            k: (saved.get(k, defaults[k]), v)
+            for k, v in dataclasses.asdict(cfg).items()
+            if k not in _RESUME_FREE and saved.get(k, defaults[k]) != v
+        }
         if diff:
             raise ValueError(
                 f"{ckpt_path} was written with a different config {diff} (saved, now); use another --out-dir "
@@ -248,6 +257,16 @@ def main(argv: list[str] | None = None) -> Path:
         _write_csv(out / "loss_log.csv", loss_rows)
         _write_csv(out / "eval_log.csv", eval_rows)
 
+    patch = contextlib.nullcontext()
+    if cfg.momentum_eta:
+        from icl_kernels.momentum import hf_momentum_attention
+
+        # hooks for the rest of this run (removed before returning): training and evaluations use them
+        patch = hf_momentum_attention(model, cfg.momentum_eta, cfg.momentum_layers)
+    patch.__enter__()
+    if cfg.momentum_eta:
+        print(f"momentum attention: eta={cfg.momentum_eta} layers={cfg.momentum_layers}")
+
     model.train()
     window_losses: list[float] = []
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=5)
@@ -279,13 +298,19 @@ def main(argv: list[str] | None = None) -> Path:
         if step == cfg.stop_after and step < cfg.steps:
             bar.close()
             print(f"stopped at step {step} (--stop-after); run the same command again to resume")
+            patch.__exit__(None, None, None)
             return out
     bar.close()
+    patch.__exit__(None, None, None)
 
     final = out / "final"
     final.mkdir(exist_ok=True)
     model.save_pretrained(final, safe_serialization=True)
     world.to_json(final / "world.json")
+    if cfg.momentum_eta:
+        (final / "momentum.json").write_text(
+            json.dumps({"eta": cfg.momentum_eta, "layers": cfg.momentum_layers}, indent=2) + "\n"
+        )
     summary = dict(
         steps=step,
         train_wall_s=round(wall, 1),

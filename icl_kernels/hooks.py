@@ -85,13 +85,14 @@ def hooks_on(
     unknown = [name for name, _ in fwd_hooks if isinstance(name, str) and name not in known]
     if unknown:
         raise KeyError(f"No hook point named {unknown} on this model ({type(model).__name__}).")
+    before = active_hook_count(model)  # hooks of enclosing contexts stay (nesting works)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         try:
             yield model
         finally:
             pass
     # TransformerLens removes the hooks of this context level; make sure, whatever the version.
-    if active_hook_count(model):
+    if active_hook_count(model) > before:
         model.reset_hooks(including_permanent=False)
 
 

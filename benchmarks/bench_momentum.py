@@ -1,0 +1,86 @@
+"""Forward time with momentum attention over a plain forward, at 512 and 2,048 tokens.
+
+    nice .venv/bin/python benchmarks/bench_momentum.py                          # gemma-3-270m, CPU
+    nice .venv/bin/python benchmarks/bench_momentum.py --model tiny-gemma-3 --repeats 3
+    .venv/bin/python benchmarks/bench_momentum.py --device cuda                 # target ratio <= 1.10
+
+Each measurement is one forward of a batch of held-out text (`icl_kernels.cli_momentum.heldout_windows`)
+that stops at the final norm (``return_type=None``), plain and with `momentum_attention` on every
+layer, interleaved; printed are the medians over ``--repeats`` and their ratio, all from this run.
+The patch costs one chunked scan per layer over the value heads (``O(T x chunk)``), which is
+small next to attention's ``O(T^2)`` and the MLPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_forward(model, tokens, eta: float, layers: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of a plain and a patched forward (interleaved, after one warm-up of each)."""
+    from icl_kernels.momentum import momentum_attention
+
+    device = tokens.device
+    plain, patched = [], []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            for mode, sink in (("plain", plain), ("momentum", patched)):
+                _sync(device)
+                start = time.perf_counter()
+                if mode == "plain":
+                    model(tokens, return_type=None)
+                else:
+                    with momentum_attention(model, eta, layers):
+                        model(tokens, return_type=None)
+                _sync(device)
+                if i:  # the first round warms up
+                    sink.append(time.perf_counter() - start)
+    return statistics.median(plain), statistics.median(patched)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from icl_kernels.cli_momentum import heldout_windows
+    from icl_kernels.models import load_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--backend", default=None, choices=("hooked", "bridge"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", default="512,2048")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--eta", type=float, default=0.5)
+    p.add_argument("--layers", default="all")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.tokens.split(",") if x.strip()]
+    model = load_model(args.model, device=args.device, backend=args.backend, n_ctx=max(lengths))
+    windows = heldout_windows(model.tokenizer, max(lengths), args.batch)
+    rows = []
+    print(f"{args.model} ({args.backend or 'default backend'}) on {args.device}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch}, eta {args.eta}, layers {args.layers}, median of {args.repeats}")
+    for n in lengths:
+        tokens = windows[:, :n].to(args.device)
+        plain, patched = time_forward(model, tokens, args.eta, args.layers, args.repeats)
+        rows.append(dict(tokens=n, plain_s=plain, momentum_s=patched, ratio=patched / plain))
+        print(f"{n:>6} tokens: plain {plain:.3f} s, momentum {patched:.3f} s, ratio {patched / plain:.3f}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
 The dual form of relaxed attention says that demonstrations act on a query like an update of
 ``W_K`` and ``W_V``. The baseline makes that update for real, in the original setup:
 
-* a copy of the model in which only the key and value projections of every layer train (their
+* a model in which only the key and value projections of every layer train (their
   weights, and their biases where the architecture has them: none of GPT-Neo, GPT-J, Llama or
   Gemma-3 does, so there only the weights train); everything else is frozen;
 * plain SGD (no momentum, no weight decay), batch size 1, one epoch, no shuffling;
@@ -17,7 +17,9 @@ The model stays in eval mode (no dropout), so training is deterministic.
 
 Both backends train their underlying weights: a HookedTransformer its ``W_K``/``W_V`` (``_W_K``/
 ``_W_V`` for grouped heads), a TransformerBridge the wrapped Hugging Face ``k_proj``/``v_proj``.
-The finetuned copy is then read through the same hooks as the original.
+Training runs on the model itself and restores it afterwards; the finetuned weights are kept
+and swapped in on demand (`FinetuneResult.applied`), so the finetuned model is read through the
+same hooks as the original and nothing but the key/value weights is ever duplicated.
 
 While training, the query vector of every training token is recorded at every layer (in the
 position-free frame of `icl_kernels.relaxation`: ``R(-t) q_t``), for the Kendall comparison of
@@ -26,9 +28,9 @@ position-free frame of `icl_kernels.relaxation`: ``R(-t) q_t``), for the Kendall
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -105,23 +107,30 @@ def kv_weights(model: tl_backend.Model, layer: int) -> tuple[
             w = param.detach().view(spec.n_kv_heads, spec.d_head, -1).transpose(1, 2)
         else:
             w = param.detach()
-        found[kind] = w
+        found[kind] = w.clone()  # a snapshot, not a view of the live parameter
     return found["k"], found["v"]
 
 
 @dataclass
 class FinetuneResult:
-    """A finetuned copy and what training recorded.
+    """The finetuned key/value weights of a model and what training recorded.
+
+    The finetuned model is the base model with ``state`` swapped in: use ``with result.applied() as
+    tuned: ...``. Only the key/value projections differ, so this is the model a full copy would
+    be, without copying the rest of it (and without deep-copying a TransformerBridge, whose
+    internal capture hooks are closures that a copy would share with the original).
 
     Attributes:
-        model: the finetuned copy (the original is untouched).
+        base: the original model (left untouched outside ``applied()``).
+        state: finetuned key/value parameters by name (see `kv_parameters`).
         lr: learning rate used.
         losses: mean LM loss of each training sequence, before its step.
         queries: per training sequence, ``[layer, n_tokens, head_index, d_head]``: the query of every
             trained token (positions 1.. of the sequence), in the position-free frame.
     """
 
-    model: tl_backend.Model
+    base: tl_backend.Model
+    state: dict[str, Tensor]
     lr: float
     losses: list[float]
     queries: list[Tensor] = field(default_factory=list)
@@ -129,6 +138,30 @@ class FinetuneResult:
     def all_queries(self) -> Float[Tensor, "layer n_tokens head_index d_head"]:
         """Queries of all training tokens, in training order."""
         return torch.cat(self.queries, dim=1) if self.queries else torch.empty(0)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[tl_backend.Model]:
+        """The base model with the finetuned weights, restored on exit (also on error)."""
+        with _swapped(self.base, self.state):
+            yield self.base
+
+
+@contextlib.contextmanager
+def _swapped(model: tl_backend.Model, state: dict[str, Tensor]) -> Iterator[tl_backend.Model]:
+    params = kv_parameters(model)
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise KeyError(f"Finetuned weights {missing[:3]} do not belong to this model.")
+    saved = {name: params[name].detach().clone() for name in state}
+    try:
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
 
 
 def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -146,7 +179,9 @@ def finetune(
 ) -> FinetuneResult:
     """One epoch of batch-1 SGD on ``sequences`` (token ids, BOS first) over key/value projections only.
 
-    Every token after the first is a target (LM loss over the whole demonstration).
+    Every token after the first is a target (LM loss over the whole demonstration). Training runs
+    on ``model`` itself; its weights, ``requires_grad`` flags and gradients are restored on exit,
+    also on error, and the finetuned weights are returned in the result.
 
     Raises:
         ValueError: ``lr`` not positive and finite, no sequences, or a sequence shorter than 2.
@@ -158,18 +193,15 @@ def finetune(
     short = [i for i, s in enumerate(sequences) if len(s) < 2]
     if short:
         raise ValueError(f"Training sequences {short} have fewer than 2 tokens: nothing to predict.")
-    tuned = copy.deepcopy(model)
-    tuned.eval()
-    trainable = kv_parameters(tuned)
+    was_training = model.training
+    model.eval()
+    trainable = kv_parameters(model)
     keep = {id(p) for p in trainable.values()}
-    flags = {}
-    for param in tuned.parameters():
-        flags[id(param)] = param.requires_grad
-        param.requires_grad_(id(param) in keep)
-    optimiser = torch.optim.SGD(list(trainable.values()), lr=float(lr), momentum=0.0, weight_decay=0.0)
-    device = tl_backend.model_device(tuned)
-    n_layers = tuned.cfg.n_layers
-    q_kind, _ = rotary_hook_kinds(tuned)
+    flags = {id(param): (param.requires_grad, param.grad) for param in model.parameters()}
+    saved = {name: p.detach().clone() for name, p in trainable.items()}
+    device = tl_backend.model_device(model)
+    n_layers = model.cfg.n_layers
+    q_kind, _ = rotary_hook_kinds(model)
     losses: list[float] = []
     queries: list[Tensor] = []
     seen: dict[int, Tensor] = {}
@@ -182,11 +214,15 @@ def finetune(
 
     hooks = [(act_name(q_kind, layer), keep_q(layer)) for layer in range(n_layers)] if record_queries else []
     try:
-        with hooks_on(tuned, hooks):
+        for param in model.parameters():
+            param.requires_grad_(id(param) in keep)
+            param.grad = None
+        optimiser = torch.optim.SGD(list(trainable.values()), lr=float(lr), momentum=0.0, weight_decay=0.0)
+        with hooks_on(model, hooks):
             for seq in sequences:
                 tokens = torch.tensor([list(seq)], dtype=torch.long, device=device)
                 optimiser.zero_grad(set_to_none=True)
-                loss = _lm_loss(tuned(tokens), tokens)
+                loss = _lm_loss(model(tokens), tokens)
                 loss.backward()
                 optimiser.step()
                 losses.append(float(loss.detach()))
@@ -194,18 +230,40 @@ def finetune(
                     per_layer = []
                     positions = torch.arange(1, tokens.shape[1], device=device)
                     for layer in range(n_layers):
-                        spec = attention_spec(tuned, layer)
+                        spec = attention_spec(model, layer)
                         q = seen.pop(layer)
                         if q_kind == "q":  # backends that fire no rotary hook: rotate here
                             q = apply_rotary(q, spec)
                         per_layer.append(rotate_by(q[0, 1:], spec, -positions))  # [n_tokens head d]
                     queries.append(torch.stack(per_layer).cpu())
+        state = {name: p.detach().clone() for name, p in trainable.items()}
     finally:
         seen.clear()
-        for param in tuned.parameters():
-            param.requires_grad_(flags.get(id(param), False))
-            param.grad = None
-    return FinetuneResult(model=tuned, lr=float(lr), losses=losses, queries=queries)
+        with torch.no_grad():
+            for name, value in saved.items():
+                trainable[name].copy_(value)
+        for param in model.parameters():
+            requires_grad, grad = flags.get(id(param), (False, None))
+            param.requires_grad_(requires_grad)
+            param.grad = grad
+        model.train(was_training)
+        _forget_graph(model, device)
+    return FinetuneResult(base=model, state=state, lr=float(lr), losses=losses, queries=queries)
+
+
+def _forget_graph(model: tl_backend.Model, device) -> None:
+    """One tiny forward without gradients, so that no module keeps tensors of the training graph.
+
+    A TransformerBridge keeps the last inputs of some submodules (its capture hooks); after a
+    training step those would hold the autograd graph alive.
+    """
+    if not tl_backend.is_bridge(model):
+        return
+    with torch.no_grad():
+        try:
+            model(torch.zeros((1, 1), dtype=torch.long, device=device), return_type=None)
+        except Exception:  # best effort: never mask the real result or error
+            pass
 
 
 @dataclass
@@ -217,14 +275,14 @@ class LrSelection:
 
 
 def select_lr(
-    train: Callable[[float], Sequence[tl_backend.Model]],
-    score: Callable[[Sequence[tl_backend.Model]], tuple[float, float]],
+    train: Callable[[float], Sequence[FinetuneResult]],
+    score: Callable[[Sequence[FinetuneResult]], tuple[float, float]],
     lrs: Sequence[float] = DEFAULT_LRS,
     progress: Callable[[str], None] | None = None,
 ) -> LrSelection:
     """Pick the learning rate with the best development accuracy (ties: higher mean gold log-prob).
 
-    ``train(lr)`` returns finetuned models (one per episode); ``score(models)`` returns (accuracy,
+    ``train(lr)`` returns finetuning results (one per episode); ``score(results)`` returns (accuracy,
     mean gold log-probability) on the development split, which must be disjoint from the test split.
     """
     if not lrs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -23,6 +25,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _fresh(arch: str, backend: str):
+    from icl_kernels.models import load_model
+
+    return load_model(f"tiny-{arch}", device="cpu", backend=backend)
+
+
 def _state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -32,18 +40,27 @@ def test_only_key_value_projections_change(arch, backend):
     model = load_tiny(arch, backend)
     assert_tiny(arch, model)
     before = _state(model)
+    flags = [p.requires_grad for p in model.parameters()]
     result = finetune(model, SEQUENCES, lr=0.05)
-    # the original is untouched
+    # the original is untouched (weights, flags, gradients)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name], atol=0, rtol=0)
-    trained = set(kv_parameters(result.model))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    trained = set(kv_parameters(model))
     assert len(trained) == 2 * model.cfg.n_layers  # weights only: no architecture here has k/v biases
     assert not has_kv_bias(model)
-    changed = {name for name, p in result.model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert set(result.state) == trained
+    with result.applied() as tuned:
+        changed = {name for name, p in tuned.named_parameters() if not torch.equal(p.detach(), before[name])}
     assert changed == trained
-    flags = [p.requires_grad for p in model.parameters()]
-    assert [p.requires_grad for p in result.model.parameters()] == flags  # as the original had them
-    assert all(p.grad is None for p in result.model.parameters())
+    for name, p in model.named_parameters():  # restored after applied()
+        torch.testing.assert_close(p.detach(), before[name], atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="inside"):
+        with result.applied():
+            raise RuntimeError("raised inside applied()")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], atol=0, rtol=0)
     assert len(result.losses) == len(SEQUENCES) and all(loss > 0 for loss in result.losses)
 
 
@@ -53,7 +70,7 @@ def test_one_step_is_plain_sgd(backend):
     model = load_tiny("gpt-j", backend)
     lr = 0.3
     result = finetune(model, SEQUENCES[:1], lr=lr, record_queries=False)
-    reference = __import__("copy").deepcopy(model)
+    reference = copy.deepcopy(load_tiny("gpt-j", backend)) if backend == "hooked" else _fresh("gpt-j", backend)
     params = kv_parameters(reference)
     for p in reference.parameters():
         p.requires_grad_(False)
@@ -63,9 +80,8 @@ def test_one_step_is_plain_sgd(backend):
     logits = reference(tokens)
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
     loss.backward()
-    tuned = dict(result.model.named_parameters())
     for name, p in params.items():
-        torch.testing.assert_close(tuned[name].detach(), p.detach() - lr * p.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(result.state[name], p.detach() - lr * p.grad, atol=1e-6, rtol=1e-5)
     assert abs(result.losses[0] - float(loss.detach())) < 1e-5
 
 
@@ -77,10 +93,10 @@ def test_both_backends_train_the_same_model():
     for backend in ("hooked", "bridge"):
         model = load_tiny("gemma-3", backend)
         result = finetune(model, SEQUENCES, lr=0.5, record_queries=False)
-        with torch.no_grad():
-            outs.append(result.model(tokens))
         k0, v0 = kv_weights(model, 1)
-        k1, v1 = kv_weights(result.model, 1)
+        with torch.no_grad(), result.applied() as tuned:
+            outs.append(tuned(tokens))
+            k1, v1 = kv_weights(tuned, 1)
         deltas.append((k1 - k0, v1 - v0))
     torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(deltas[0][0], deltas[1][0], atol=1e-6, rtol=1e-4)

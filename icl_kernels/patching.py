@@ -23,8 +23,11 @@ edit can carry per-prompt tensors recorded in another run. The named variants bu
   in length, so values are taken and written at each run's own prediction position;
 * `zero_attn_out`: a whole layer's attention output is removed at ``hook_attn_out``.
 
-Relaxed linear attention (issue 5) and momentum attention (issue 6) plug in as further edits when
-their modules are present (`relaxed_attention_edits`, `momentum_edits`).
+Two more theories enter as edits of the same kind: `relaxed_attention_edits` replaces chosen
+layers by relaxed linear attention, (W_ZSL + dW_ICL) q (`icl_kernels.relaxation`), and
+`momentum_edits` adds momentum attention's decaying sum of earlier values (`icl_kernels.momentum`).
+Such edits declare the same-layer activations they need (`Edit.reads`: q, k, v from the same
+forward pass).
 
 `effects_frame` turns clean and edited scores into a tidy table (one row per prompt and
 condition): prediction, correctness, agreement with the clean prediction and the change in the
@@ -35,7 +38,7 @@ Labels are scored by their first token (as `icl_kernels.kernel.analyze_heads` do
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -70,6 +73,7 @@ __all__ = [
 ]
 
 SITES = ("z", "attn_out")
+_READABLE = ("q", "k", "v", "rot_q", "rot_k")
 POSITIONS = ("prediction", "all")
 Head = tuple[int, int]  # (layer, head)
 
@@ -87,12 +91,15 @@ class EditContext:
         rows: index of each batch row in the full list of prompts given to `run_with_edits`.
         prediction_positions: each row's prediction position in this batch.
         lengths: each row's real (unpadded) length.
+        activations: the activations of this layer that the edit asked for (`Edit.reads`), from the
+            same forward pass, keyed by kind (e.g. ``"v"``, ``"rot_q"``).
     """
 
     layer: int
     rows: Int[Tensor, " batch"]
     prediction_positions: Int[Tensor, " batch"]
     lengths: Int[Tensor, " batch"]
+    activations: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 EditFn = Callable[[Tensor, EditContext], Tensor]
@@ -104,16 +111,23 @@ class Edit:
 
     ``site`` is ``"z"`` (``[batch pos head_index d_head]``) or ``"attn_out"``
     (``[batch pos d_model]``). ``fn`` must return a tensor of the same shape; it may edit a clone.
+    ``reads`` names activations of the same layer (``"q"``, ``"k"``, ``"v"``, ``"rot_q"``,
+    ``"rot_k"``) that ``fn`` needs from the same forward pass; they arrive in
+    ``context.activations``.
     """
 
     layer: int
     fn: EditFn
     site: str = "z"
     label: str = ""
+    reads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
             raise ValueError(f"Edit site must be one of {SITES}, not {self.site!r}.")
+        bad = [kind for kind in self.reads if kind not in _READABLE]
+        if bad:
+            raise ValueError(f"Edit reads {bad}; an edit can read {_READABLE} of its layer.")
 
 
 def check_heads(model: tl_backend.Model, heads: Iterable[Head]) -> list[Head]:
@@ -195,8 +209,10 @@ def run_with_edits(
         positions = batch.prediction_positions
         kept: dict[str, Tensor] = {}
 
+        seen: dict[int, dict[str, Tensor]] = {}
+
         def make_hook(layer: int, fns: list[EditFn], rows=rows, positions=positions, lengths=batch.lengths):
-            context = EditContext(layer, rows, positions, lengths)
+            context = EditContext(layer, rows, positions, lengths, seen.setdefault(layer, {}))
 
             def hook(tensor: Tensor, hook) -> Tensor:
                 for fn in fns:
@@ -225,13 +241,23 @@ def run_with_edits(
         if record:
             for layer in range(n_layers):
                 grouped.setdefault(("z", layer), []).append(_RECORD)
-        hooks = [(act_name(site, layer), make_hook(layer, fns)) for (site, layer), fns in grouped.items()]
+        def keep(kind: str, layer: int):
+            def hook(tensor: Tensor, hook) -> None:
+                seen.setdefault(layer, {})[kind] = tensor
+
+            return hook
+
+        reads = sorted({(edit.layer, kind) for edit in edits for kind in edit.reads})
+        hooks = [(act_name(kind, layer), keep(kind, layer)) for layer, kind in reads]
+        hooks += [(act_name(site, layer), make_hook(layer, fns)) for (site, layer), fns in grouped.items()]
         hooks.append(("unembed.hook_in", keep_final))
         try:
             with torch.no_grad(), hooks_on(model, hooks):
                 model(batch.tokens)
         except _StopForward:
             pass
+        finally:
+            seen.clear()
         if "final" not in kept:
             raise RuntimeError("unembed.hook_in did not fire; cannot score the prediction positions.")
         logits = logits_at(model, kept["final"]).float()
@@ -381,32 +407,60 @@ def zero_attn_out(layers: Iterable[int], positions: str = "all") -> list[Edit]:
     return edits
 
 
-def relaxed_attention_edits(*args, **kwargs) -> list[Edit]:
-    """Relaxed linear attention (W_ZSL + dW_ICL) at chosen layers, from `icl_kernels.relaxation`."""
-    try:
-        from icl_kernels import relaxation
-    except ImportError as error:
-        raise NotImplementedError(
-            "Relaxed-attention patching needs icl_kernels.relaxation (issue 5), which this checkout lacks."
-        ) from error
-    builder = getattr(relaxation, "patching_edits", None)
-    if builder is None:
-        raise NotImplementedError("icl_kernels.relaxation has no patching_edits(); cannot build the edit.")
-    return builder(*args, **kwargs)
+def relaxed_attention_edits(model: tl_backend.Model, layers: Iterable[int], positions: str = "all") -> list[Edit]:
+    """Edits that replace the chosen layers' outputs by relaxed linear attention (Dai et al.):
+    ``z_p = sum_j (q_p . k_j) v_j = (W_ZSL + dW_ICL) q_p`` from the same pass's q, k, v, computed by
+    `icl_kernels.relaxation.relaxed_z` (post-rotary q/k, local windows, grouped key/value heads).
+    With ``positions="prediction"`` only the prediction position's output is replaced."""
+    from icl_kernels.hooks import attention_spec, rotary_hook_kinds, rotated_qk
+    from icl_kernels.relaxation import relaxed_z
+
+    _check_positions_arg(positions)
+    n_layers = model.cfg.n_layers
+    chosen = sorted({int(x) for x in layers})
+    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"Layers {bad} do not exist; the model has {n_layers} layers.")
+    q_kind, k_kind = rotary_hook_kinds(model)
+    edits = []
+    for layer in chosen:
+        spec = attention_spec(model, layer)
+
+        def fn(z: Tensor, context: EditContext, layer=layer, spec=spec) -> Tensor:
+            acts = context.activations
+            q, k = rotated_qk(model, layer, acts[q_kind], acts[k_kind])
+            new = relaxed_z(q, k, acts["v"], spec).to(z.dtype)
+            if positions == "all":
+                return new
+            rows = torch.arange(z.shape[0], device=z.device)
+            pred = context.prediction_positions.to(z.device)
+            z = z.clone()
+            z[rows, pred] = new[rows, pred]
+            return z
+
+        edits.append(Edit(layer, fn, "z", f"relaxed L{layer}", reads=(q_kind, k_kind, "v")))
+    return edits
 
 
-def momentum_edits(*args, **kwargs) -> list[Edit]:
-    """Momentum attention at chosen layers, from `icl_kernels.momentum` (issue 6)."""
-    try:
-        from icl_kernels import momentum
-    except ImportError as error:
-        raise NotImplementedError(
-            "Momentum patching needs icl_kernels.momentum (issue 6), which this checkout lacks."
-        ) from error
-    builder = getattr(momentum, "patching_edits", None)
-    if builder is None:
-        raise NotImplementedError("icl_kernels.momentum has no patching_edits(); cannot build the edit.")
-    return builder(*args, **kwargs)
+def momentum_edits(model: tl_backend.Model, eta: float, layers: Iterable[int] | None = None) -> list[Edit]:
+    """Edits that add momentum to the chosen layers' head outputs (Dai et al., section 5):
+    ``z_t + sum_{i<t} eta^(t-i) v_i``, with `icl_kernels.momentum.momentum_term` (each query head
+    gets the momentum of the value head it reads)."""
+    from icl_kernels.hooks import repeat_kv
+    from icl_kernels.momentum import check_eta, momentum_term, parse_layers
+
+    eta = check_eta(eta)
+    chosen = parse_layers(None if layers is None else list(layers), model.cfg.n_layers)
+    edits = []
+    for layer in chosen:
+
+        def fn(z: Tensor, context: EditContext) -> Tensor:
+            v = context.activations["v"]
+            term = momentum_term(v, eta)
+            return z + repeat_kv(term, z.shape[2] // v.shape[2]).to(z.dtype)
+
+        edits.append(Edit(layer, fn, "z", f"momentum eta={eta} L{layer}", reads=("v",)))
+    return edits
 
 
 # ------------------------------------------------------------------------------------------------

@@ -202,3 +202,36 @@ def test_rank_heads_orders_by_metric():
     frame = rank_heads(scores, "label", "agreement")
     assert frame[["layer", "head"]].values.tolist()[:2] == [[0, 1], [1, 0]]  # ties: earlier layer first
     assert frame["rank"].tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("arch", ["gpt-neo", "gemma-3"])
+def test_relaxed_and_momentum_edits_match_their_modules(arch, backend):
+    """The engine's relaxed-attention and momentum edits give the same scores as the context
+    managers of icl_kernels.relaxation and icl_kernels.momentum, and leave no hook behind."""
+    from icl_kernels.momentum import momentum_attention
+    from icl_kernels.patching import momentum_edits, relaxed_attention_edits
+    from icl_kernels.relaxation import relaxed_attention
+
+    model = _tiny(arch, backend)
+    builder, icl, _ = _prompts(model.tokenizer, n=6)
+    clean = run_with_edits(model, icl, builder.label_ids)
+    layers = [0, model.cfg.n_layers - 1]
+    ours = run_with_edits(model, icl, builder.label_ids, relaxed_attention_edits(model, layers))
+    with relaxed_attention(model, layers):
+        theirs = run_with_edits(model, icl, builder.label_ids)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (ours - clean).abs().max() > 1e-4
+    # only the prediction position relaxed: a smaller change, but a change
+    at_pred = run_with_edits(model, icl, builder.label_ids, relaxed_attention_edits(model, layers, "prediction"))
+    assert 0 < (at_pred - clean).abs().max()
+    ours = run_with_edits(model, icl, builder.label_ids, momentum_edits(model, 0.5, layers))
+    with momentum_attention(model, 0.5, layers):
+        theirs = run_with_edits(model, icl, builder.label_ids)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (ours - clean).abs().max() > 1e-4
+    zero = run_with_edits(model, icl, builder.label_ids, momentum_edits(model, 0.0, layers))
+    torch.testing.assert_close(zero, clean, atol=1e-6, rtol=0)
+    assert H.active_hook_count(model) == 0
+    with pytest.raises(ValueError, match="reads"):
+        Edit(0, lambda z, c: z, reads=("pattern",))

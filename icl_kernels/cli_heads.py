@@ -70,7 +70,9 @@ def _check_fields(cls, values: Mapping[str, Any]) -> dict:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"Unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}.")
+        from icl_kernels.errors import InvalidOptionError
+
+        raise InvalidOptionError(f"Unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}.")
     return dict(values)
 
 
@@ -116,7 +118,9 @@ class HeadsConfig:
         if self.probes and not self.similarity:
             problems.append("probes need the single-example runs of similarity=True (key targets)")
         if problems:
-            raise ValueError("Invalid heads options: " + "; ".join(problems) + ".")
+            from icl_kernels.errors import InvalidOptionError
+
+            raise InvalidOptionError("Invalid heads options: " + "; ".join(problems) + ".")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> HeadsConfig:

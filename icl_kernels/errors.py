@@ -80,3 +80,11 @@ class TaskDefinitionError(IclKernelsError, ValueError):
 
 class TaskDataError(IclKernelsError, ValueError):
     """A task's data could not be loaded or does not have the expected columns or labels."""
+
+
+class MissingTokenizerError(IclKernelsError, ValueError):
+    """A text task was asked of a model that has no text tokenizer (e.g. synthetic-gpt-neo)."""
+
+
+class InvalidOptionError(IclKernelsError, ValueError):
+    """An analysis option is out of range or inconsistent with another option."""

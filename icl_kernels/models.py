@@ -231,6 +231,9 @@ def build_smollm2_135m_instruct(dtype: torch.dtype):
     return _convert_gguf("smollm2-135m-instruct", ggufs[0], dtype)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def _load_hf_folder(folder: str | Path, dtype: torch.dtype):
     """A local Hugging Face folder or hub id -> (model, tokenizer or None). Never runs remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -239,9 +242,18 @@ def _load_hf_folder(folder: str | Path, dtype: torch.dtype):
         str(folder), dtype=dtype, trust_remote_code=False, attn_implementation="eager"
     )
     tokenizer = None
+    local = Path(folder).expanduser()
+    # A local folder without tokenizer files (e.g. synthetic-gpt-neo, whose tokens are HMM symbols)
+    # has no tokenizer: AutoTokenizer would otherwise build an empty one from the model config.
+    has_tokenizer_files = not local.is_dir() or any((local / f).exists() for f in TOKENIZER_FILES)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        if has_tokenizer_files:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            if len(tokenizer) < 2:
+                tokenizer = None
     except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if tokenizer is None:
         architecture = (hf.config.architectures or [""])[0]
         if architecture in ("GPTNeoForCausalLM", "GPTJForCausalLM") and hf.config.vocab_size == GPT2_VOCAB:
             tokenizer = gpt2_tokenizer()

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from icl_kernels.errors import LabelTokenizationError, MissingClassError, PromptTooLongError
+from icl_kernels.errors import LabelTokenizationError, MissingClassError, MissingTokenizerError, PromptTooLongError
 from icl_kernels.tasks import Task
 
 Span = tuple[int, int]  # [start, end) token positions
@@ -140,6 +140,12 @@ class PromptBuilder:
         n_ctx: int | None = None,
         drop_demos_to_fit: bool = False,
     ):
+        if tokenizer is None:
+            raise MissingTokenizerError(
+                f"Task {task.name!r} is text and needs a tokenizer, but this model has none (e.g. "
+                "synthetic-gpt-neo, whose tokens are HMM symbols). Use a text model, or for the "
+                "synthetic world `icl-kernels theorem --model synthetic-gpt-neo`."
+            )
         self.task = task
         self.tokenizer = tokenizer
         self.template = template if template is not None else task.template

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

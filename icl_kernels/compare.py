@@ -49,17 +49,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
 from icl_kernels.evaluate import unembed
 from icl_kernels.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weights, select_lr
-from icl_kernels.hooks import act_name, attention_scores, attention_spec, hooks_on, rotary_hook_kinds, rotated_qk
+from icl_kernels.hooks import (
+    act_name,
+    attention_scores,
+    attention_spec,
+    hooks_on,
+    repeat_kv,
+    rotary_hook_kinds,
+    rotated_qk,
+    visibility_mask,
+)
 from icl_kernels.prompts import IclPrompt
 from icl_kernels.relaxation import decompose, linear_attention, rotate_by, stable_rank
 
@@ -482,8 +491,6 @@ class _Side:
             # relaxed identity at the recording position
             p = icl.recording_position
             q, k, v = (t[layer][None].double() for t in (icl.q_full, icl.k, icl.v))
-            from icl_kernels.hooks import repeat_kv, visibility_mask
-
             visible = visibility_mask(1, k.shape[1], spec.window, query_offset=p)
             z = linear_attention(q[:, p : p + 1], repeat_kv(k, spec.group_size), repeat_kv(v, spec.group_size), visible)
             self.identity_error = max(self.identity_error, float((d_icl.output()[0] - z[0, 0]).abs().max()))
@@ -522,8 +529,7 @@ class _Side:
 
 
 def _mean(x: Tensor) -> float:
-    value = float(x.double().nanmean())
-    return value
+    return float(x.double().nanmean())
 
 
 #: Offset of the untrained model's initialisation seed (so it never equals a tiny model's own seed).

@@ -31,8 +31,10 @@ machine; rows carry the package version. ``--dry-run`` lists the cells and wheth
 Analyses (`ANALYSES`): ``heads`` (label-attention head scores, best head chosen on a selection
 split and reported held out; per layer: best head within the layer), ``patching`` (the causal
 study of `icl_kernels.causal`: top-k vs random head ablation and ICL-to-zero-shot patching; per
-layer: all heads of that layer), ``compare`` (issue 5, implicit finetuning) and ``momentum``
-(issue 6), which raise a clear error while their modules are absent.
+layer: all heads of that layer), ``compare`` (issue 5: ICL vs finetuning on the key/value
+projections, `icl_kernels.cli_compare.compare_report`; whole-model only) and ``momentum`` (issue 6:
+ICL and zero-shot accuracy with momentum attention on one layer or all, `patching.momentum_edits`).
+An analysis whose module is missing from the checkout raises a clear error before any cell runs.
 
     .venv/bin/python experiments/sweep.py experiments/configs/example.toml --out runs/example
     .venv/bin/python experiments/summarize.py runs/example
@@ -156,11 +158,58 @@ def _run_patching(model, cell: "Cell", options: dict) -> dict:
     return out
 
 
-def _run_missing(name: str, module: str):
-    def run(model, cell, options):  # pragma: no cover - replaced once the module exists
-        raise NotImplementedError(f"analysis {name!r} needs {module}; it is not implemented in this checkout.")
+def _flat(prefix: str, value, out: dict) -> None:
+    """Scalars of a nested dict as ``a.b`` columns (lists and strings kept as JSON text)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flat(f"{prefix}.{key}" if prefix else str(key), item, out)
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = json.dumps(value, default=str)
+    else:
+        out[prefix] = value
 
-    return run
+
+def _run_compare(model, cell: "Cell", options: dict) -> dict:
+    from icl_kernels.causal import SYNTHETIC_TASK
+    from icl_kernels.cli_compare import CompareRunConfig, compare_report
+
+    if cell.layer != "all":
+        raise ValueError("analysis 'compare' reports every layer itself; use layers = [\"all\"] for it.")
+    task = "synthetic" if cell.task == SYNTHETIC_TASK else cell.task
+    cfg = CompareRunConfig(model=cell.model, task=task, shots=cell.shots, n_test=cell.n_test, seed=cell.seed,
+                           **{k: (tuple(v) if k == "lrs" else v) for k, v in options.items()})
+    result, _ = compare_report(cfg, model=model, progress=False)
+    out: dict = {}
+    skip = ("model", "task", "shots", "seed", "n_test")  # the cell's own coordinates
+    _flat("", {k: v for k, v in result.metrics.items() if k not in skip}, out)
+    return out
+
+
+def _run_momentum(model, cell: "Cell", options: dict) -> dict:
+    """ICL and zero-shot accuracy with momentum attention (eta) on one layer or on all layers."""
+    import torch
+
+    from icl_kernels.causal import bootstrap_interval
+    from icl_kernels.evaluate import wilson_interval
+    from icl_kernels.patching import momentum_edits, run_with_edits
+
+    icl, zsl, label_ids = _prompts(model, cell)
+    layers = None if cell.layer == "all" else [int(cell.layer)]
+    gold = torch.tensor([p.query_label for p in icl])
+    out: dict = dict(eta=options["eta"], n=len(icl))
+    for name, prompts in (("icl", icl), ("zsl", zsl)):
+        clean = run_with_edits(model, prompts, label_ids, batch_size=options["batch_size"])
+        moved = run_with_edits(model, prompts, label_ids, momentum_edits(model, options["eta"], layers),
+                               batch_size=options["batch_size"])
+        a = (clean.argmax(-1) == gold).numpy().astype(float)
+        b = (moved.argmax(-1) == gold).numpy().astype(float)
+        lo, hi = wilson_interval(int(b.sum()), len(b))
+        dlo, dhi = bootstrap_interval(lambda x, y: y.mean() - x.mean(), [a, b], len(a), options["bootstrap"], cell.seed)
+        out.update({f"{name}_accuracy": a.mean(), f"{name}_momentum_accuracy": b.mean(),
+                    f"{name}_momentum_low": lo, f"{name}_momentum_high": hi,
+                    f"{name}_change": b.mean() - a.mean(), f"{name}_change_low": dlo, f"{name}_change_high": dhi,
+                    f"{name}_agreement": float((clean.argmax(-1) == moved.argmax(-1)).float().mean())})
+    return out
 
 
 _PATCHING_DEFAULTS = dict(k=3, random_draws=5, ablation="mean", aggregation="label", metric="agreement",
@@ -171,9 +220,11 @@ ANALYSES: dict[str, Analysis] = {
                       description="best label-attention head (held out)"),
     "patching": Analysis("patching", _run_patching, _PATCHING_DEFAULTS, True,
                          description="top-k vs random head ablation; ICL->zero-shot patching"),
-    "compare": Analysis("compare", _run_missing("compare", "icl_kernels.compare"), {}, True,
-                        requires="icl_kernels.compare", description="ICL vs finetuning (issue 5)"),
-    "momentum": Analysis("momentum", _run_missing("momentum", "icl_kernels.momentum"), {}, True,
+    "compare": Analysis("compare", _run_compare,
+                        dict(position="prediction", n_dev=16, episodes=None, lrs=[1e-4, 1e-3, 1e-2], lr=None,
+                             untrained=False, direct=True), False,
+                        requires="icl_kernels.cli_compare", description="ICL vs finetuning (issue 5)"),
+    "momentum": Analysis("momentum", _run_momentum, dict(eta=0.3, batch_size=4, bootstrap=1000), True,
                          requires="icl_kernels.momentum", description="momentum attention (issue 6)"),
 }
 

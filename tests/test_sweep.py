@@ -93,13 +93,31 @@ def test_bad_configs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"\.toml or \.json"):
         (tmp_path / "c.yaml").write_text("name: x")
         sweep.SweepConfig.from_file(tmp_path / "c.yaml")
-    for name, module in (("compare", "icl_kernels.compare"), ("momentum", "icl_kernels.momentum")):
-        if sweep.ANALYSES[name].unavailable() is None:
-            continue  # that issue has landed
-        path = _write_config(tmp_path, analyses=["heads", name])
-        with pytest.raises(NotImplementedError, match=module):
-            sweep.main([str(path), "--out", str(tmp_path / name), "--no-progress"])
-        assert not (tmp_path / name / sweep.RESULTS).exists()  # nothing ran
+
+
+
+def test_an_unavailable_analysis_fails_before_any_cell_runs(tmp_path, monkeypatch):
+    import dataclasses
+
+    missing = dataclasses.replace(sweep.ANALYSES["momentum"], requires="icl_kernels.not_written_yet")
+    monkeypatch.setitem(sweep.ANALYSES, "momentum", missing)
+    path = _write_config(tmp_path, analyses=["heads", "momentum"])
+    with pytest.raises(NotImplementedError, match="icl_kernels.not_written_yet"):
+        sweep.main([str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out" / sweep.RESULTS).exists()  # nothing ran
+
+
+def test_compare_and_momentum_cells(tmp_path):
+    path = _write_config(tmp_path, shots=[2], seeds=[0], analyses=["compare", "momentum"],
+                         options={"compare": {"lr": 1e-3, "direct": False}, "momentum": {"bootstrap": 100}})
+    assert sweep.main([str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    table = pd.read_csv(tmp_path / "out" / sweep.RESULTS).set_index("analysis")
+    # compare has no per-layer form: one cell; momentum one per layer entry
+    assert table.index.tolist().count("compare") == 1 and table.index.tolist().count("momentum") == 2
+    row = table.loc["compare"]
+    assert 0 <= row["ft_accuracy"] <= 1 and row["lr"] == 1e-3
+    mom = table.loc["momentum"]
+    assert ((mom["icl_momentum_low"] <= mom["icl_momentum_accuracy"]) & (mom["icl_momentum_accuracy"] <= mom["icl_momentum_high"])).all()
 
 
 def test_crash_and_restart_gives_the_uninterrupted_table(tmp_path):

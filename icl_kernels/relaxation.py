@@ -45,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
@@ -75,7 +75,7 @@ __all__ = [
 
 
 def rotate_by(
-    x: Float[Tensor, "... head_index d_head"], spec: AttentionSpec, offset: Float[Tensor, "..."] | float
+    x: Float[Tensor, "... head_index d_head"], spec: AttentionSpec, offset: Shaped[Tensor, "..."] | float | int
 ) -> Float[Tensor, "... head_index d_head"]:
     """Rotate vectors by ``offset`` positions with the model's rotary (``R(offset) x``).
 
@@ -106,9 +106,9 @@ def rotate_by(
 def linear_attention(
     q: Float[Tensor, "batch query_pos head_index d_head"],
     k: Float[Tensor, "batch key_pos head_index d_head"],
-    v: Float[Tensor, "batch key_pos head_index d_head"],
+    v: Float[Tensor, "batch key_pos head_index d_value"],
     visible: Bool[Tensor, "query_pos key_pos"] | None = None,
-) -> Float[Tensor, "batch query_pos head_index d_head"]:
+) -> Float[Tensor, "batch query_pos head_index d_value"]:
     """Attention without softmax or scale: ``z_p = sum_{j visible} (q_p . k_j) v_j``."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
     if visible is not None:

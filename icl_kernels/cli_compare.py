@@ -323,7 +323,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "compare", help="ICL vs finetuning of key/value projections (Dai et al.) with controls",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description="\n\n".join(__doc__.split("\n\n")[1:3]) if __doc__ else None,
     )
     add_model_arguments(p)
     add_task_arguments(p)

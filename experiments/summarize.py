@@ -119,7 +119,8 @@ def _png(fig: go.Figure, path: Path) -> str | None:
         fig.write_image(str(path))
         return None
     except Exception as error:  # noqa: BLE001 - kaleido missing, or it needs a browser it cannot get
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def parse_args(argv: Sequence[str] | None) -> SummarizeArgs:

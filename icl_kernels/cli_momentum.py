@@ -289,8 +289,20 @@ def run_grid(cfg: MomentumGridConfig, out: str | os.PathLike, model=None, progre
     write_csv(out / "grid.csv", grid.to_dict("records"))
     momentum_heatmap(grid, title=f"{cfg.model} on {cfg.task}: change with momentum attention").write_html(
         str(out / "grid.html"), include_plotlyjs="cdn")
+    metrics = _json_safe(metrics)
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _json_safe(value):
+    """NaN (an interval from fewer than two prompts or windows) becomes null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _bootstrap(values: np.ndarray, stat, n_boot: int, seed: int = 0) -> tuple[float, float]:

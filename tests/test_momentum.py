@@ -318,6 +318,21 @@ def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys):
     assert "without momentum" in capsys.readouterr().out
 
 
+def test_cli_metrics_are_strict_json(tmp_path):
+    """One window has no interval: null, not NaN."""
+    from icl_kernels.cli import main
+
+    out = tmp_path / "one"
+    assert main(["momentum", "--model", "tiny-gpt-neo", "--device", "cpu", "--eta", "0.5", "--shots", "0",
+                 "--n-test", "2", "--ppl-tokens", "16", "--ppl-windows", "1", "--n-boot", "20", "--out", str(out)]) == 0
+
+    def refuse(token):
+        raise AssertionError(f"{token} in metrics.json")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["without_momentum"]["perplexity_ci95"] == [None, None]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [(["--eta", "1.2"], "eta"), (["--eta", "abc"], "eta"), (["--eta", "0"], "baseline"),

@@ -98,13 +98,14 @@ def make_batch(model, n_tokens: int, batch: int, seed: int = 0):
 
 def capture_and_score(model, tokens, pred, layout, label_ids):
     from icl_kernels.capture import capture
-    from icl_kernels.kernel import AGGREGATIONS, class_votes, demo_attention, logits_at, reconstruct
+    from icl_kernels.evaluate import unembed
+    from icl_kernels.kernel import AGGREGATIONS, class_votes, demo_attention, reconstruct
 
     cap = capture(model, tokens, pred)
     recon = {}
     for how in AGGREGATIONS:
         recon[how] = reconstruct(class_votes(demo_attention(cap.attention, layout, how), layout.demo_labels, 2))
-    logits = logits_at(model, cap.final_residual, label_ids)
+    logits = unembed(model, cap.final_residual, label_ids)
     return cap, recon, logits
 
 

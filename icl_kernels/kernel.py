@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from icl_kernels import backend as tl_backend
 from icl_kernels.capture import capture
+from icl_kernels.evaluate import unembed
 
 __all__ = [
     "AGGREGATIONS",
@@ -79,7 +80,6 @@ __all__ = [
     "held_out_best_head",
     "single_example_outputs",
     "demo_output_similarity",
-    "logits_at",
 ]
 
 Aggregation = Literal["max", "mean", "label"]
@@ -542,25 +542,6 @@ def resample_rows(
     return torch.stack(out), segments
 
 
-def logits_at(model: tl_backend.Model, residual: Tensor, token_ids: Tensor | None = None) -> Tensor:
-    """Logits from unembedding inputs ``[..., d_model]`` (Gemma-style soft-capping applied), only
-    for ``token_ids`` when given. Multiplies by ``W_U`` directly: TransformerLens' ``Unembed`` copies
-    the transposed ``W_U`` on every call (0.7 s for Gemma's 262k x 640 on one CPU thread)."""
-    unembed = model.unembed
-    w_u, b_u = unembed.W_U, getattr(unembed, "b_U", None)
-    if token_ids is not None:
-        w_u = w_u[:, token_ids]
-        b_u = b_u[token_ids] if b_u is not None else None
-    with torch.no_grad():
-        logits = residual.to(w_u.dtype) @ w_u
-        if b_u is not None:
-            logits = logits + b_u
-        cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
 # ------------------------------------------------------------------------------------------------
 # The driver: run a model over prompts and keep per-prompt tensors
 # ------------------------------------------------------------------------------------------------
@@ -713,7 +694,8 @@ def analyze_heads(
         for how in aggregations:
             parts.setdefault(f"w_{how}", []).append(demo_attention(attn, layout, how))
         parts.setdefault("labels", []).append(layout.demo_labels)
-        logits = logits_at(model, cap.final_residual.to(device)).float()
+        with torch.no_grad():
+            logits = unembed(model, cap.final_residual.to(device)).float()
         parts.setdefault("scores", []).append(logits.log_softmax(-1)[:, first_ids].cpu())
         parts.setdefault("gold", []).append(torch.tensor([p.query_label for p in bp]))
 
@@ -889,7 +871,8 @@ def single_example_outputs(
     probs, preds = [], []
     for batch in batches(list(prompts), batch_size, pad_token_id, device):
         cap = capture(model, batch.tokens, batch.prediction_positions, attention=False, out_device=None)
-        logits = logits_at(model, cap.final_residual).float()
+        with torch.no_grad():
+            logits = unembed(model, cap.final_residual).float()
         probs.append(logits.softmax(-1).cpu())
         preds.append(logits[:, first_ids].argmax(-1).cpu())
     return torch.cat(probs), torch.cat(preds)

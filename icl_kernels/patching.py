@@ -50,7 +50,7 @@ from icl_kernels import backend as tl_backend
 from icl_kernels.capture import capture
 from icl_kernels.evaluate import wilson_interval
 from icl_kernels.hooks import act_name, hooks_on
-from icl_kernels.kernel import logits_at
+from icl_kernels.evaluate import unembed
 
 __all__ = [
     "SITES",
@@ -260,7 +260,8 @@ def run_with_edits(
             seen.clear()
         if "final" not in kept:
             raise RuntimeError("unembed.hook_in did not fire; cannot score the prediction positions.")
-        logits = logits_at(model, kept["final"]).float()
+        with torch.no_grad():
+            logits = unembed(model, kept["final"]).float()
         out.append(logits.log_softmax(-1)[:, first].cpu())
         if record:
             recorded.append(torch.stack([kept[f"z{layer}"] for layer in range(n_layers)], dim=1))

@@ -256,12 +256,12 @@ def model_behaviour(
     its head), over all prompts.
     """
     from icl_kernels.capture import capture
+    from icl_kernels.evaluate import unembed
     from icl_kernels.kernel import (
         class_votes,
         demo_attention,
         head_correlation,
         held_out_best_head,
-        logits_at,
         reconstruct,
         split_indices,
     )
@@ -284,7 +284,8 @@ def model_behaviour(
         attn, logits = [], []
         for start in range(0, n, batch_size):
             cap = capture(model, tokens[start : start + batch_size], pred_pos[start : start + batch_size])
-            logits.append(logits_at(model, cap.final_residual.to(device), label_ids).float().cpu())
+            with torch.no_grad():
+                logits.append(unembed(model, cap.final_residual.to(device), label_ids).float().cpu())
             attn.append(cap.attention.float())
         attention = torch.cat(attn)
         model_pred = torch.cat(logits).argmax(-1)

@@ -51,13 +51,17 @@ class ScratchConfig:
     n: int = 500
     eval_seed: int = 20240
     threads: int = 1
+    cross_eval: bool = False  # also: each trained model evaluated with the other attention (cross_eval.csv)
 
 
 def parse_args(argv: list[str] | None) -> ScratchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = get_type_hints(ScratchConfig)
     for f in dataclasses.fields(ScratchConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=hints[f.name], default=f.default)
+        if hints[f.name] is bool:
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true")
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=hints[f.name], default=f.default)
     cfg = ScratchConfig(**vars(p.parse_args(argv)))
     from icl_kernels.momentum import check_eta
 
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None):
                         key="row_id")
             acc = " ".join(f"k={int(r.shots)}:{r.accuracy:.3f}" for r in icl.itertuples() if r.predictor == "model")
             print(f"{run_id}: val loss {val:.4f}; ICL accuracy {acc}", flush=True)
+    if cfg.cross_eval:
+        cross_evaluate(cfg, out)
     frame = pd.read_csv(results)
     summary = summarise(frame)
     write_csv(out / "summary.csv", summary.to_dict("records"))
@@ -142,6 +148,43 @@ def main(argv: list[str] | None = None):
         str(out / "accuracy_vs_shots.html"), include_plotlyjs="cdn")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return summary
+
+
+def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
+    """Control: every trained model evaluated with and without the momentum term (no retraining).
+
+    Separates what the trained weights learned from what the term adds at inference.
+    """
+    import contextlib as _contextlib
+
+    import pandas as pd
+    from transformers import GPTNeoForCausalLM
+
+    from icl_kernels.momentum import hf_momentum_attention
+    from icl_kernels.synthetic import evaluate_icl, load_world
+
+    rows = []
+    for seed in _ints(cfg.seeds):
+        for variant in ("vanilla", "momentum"):
+            folder = out / f"{variant}-seed{seed}" / "final"
+            if not folder.exists():
+                continue
+            model = GPTNeoForCausalLM.from_pretrained(folder).eval()
+            world = load_world(folder)
+            for eval_eta in (0.0, cfg.eta):
+                patch = hf_momentum_attention(model, eval_eta, cfg.layers) if eval_eta else _contextlib.nullcontext()
+                with patch:
+                    val = validation_loss(model, world, cfg)
+                    icl = evaluate_icl(world, lambda t: model(t).logits, shots=_ints(cfg.shots), n=cfg.n,
+                                       seed=cfg.eval_seed, oracle=False)
+                acc = {f"acc_k{int(r.shots)}": float(r.accuracy) for r in icl.itertuples() if r.predictor == "model"}
+                rows.append(dict(trained=variant, seed=seed, eval_eta=eval_eta, val_loss=val, **acc))
+                print(f"trained {variant} seed {seed}, evaluated with eta={eval_eta}: val loss {val:.4f}, "
+                      + " ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
+    frame = pd.DataFrame(rows)
+    write_csv(out / "cross_eval.csv", rows)
+    mean = frame.groupby(["trained", "eval_eta"]).mean(numeric_only=True).drop(columns="seed")
+    print(mean.to_string(float_format=lambda v: f"{v:.4f}"))
 
 
 def summarise(frame) -> "pd.DataFrame":

@@ -384,3 +384,30 @@ def test_gemma_patch_equals_naive_loop():
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
     assert (got - plain).abs().max() > 1e-2
     assert H.active_hook_count(model) == 0
+
+
+def test_from_scratch_experiment_writes_paired_results(tmp_path):
+    """Two-step runs of both variants: tidy results, paired summary, cross evaluation, resume."""
+    import pandas as pd
+
+    from experiments import momentum_from_scratch
+
+    out = tmp_path / "scratch"
+    argv = ["--out-dir", str(out), "--steps", "2", "--warmup-steps", "1", "--seeds", "0", "--val-docs", "16",
+            "--shots", "0,2", "--n", "10", "--cross-eval"]
+    summary = momentum_from_scratch.main(argv)
+    assert set(summary["metric"]) == {"val_loss", "icl_accuracy"}
+    assert (summary["n_seeds"] == 1).all()
+    results = pd.read_csv(out / "results.csv")
+    assert set(results["variant"]) == {"vanilla", "momentum", "bayes"}
+    assert json.loads((out / "momentum-seed0" / "final" / "momentum.json").read_text())["eta"] == 0.5
+    assert not (out / "vanilla-seed0" / "final" / "momentum.json").exists()
+    cross = pd.read_csv(out / "cross_eval.csv")
+    assert len(cross) == 4
+    # the momentum model evaluated with its own eta reproduces its entry in results.csv
+    own = cross[(cross["trained"] == "momentum") & (cross["eval_eta"] == 0.5)]["val_loss"].item()
+    logged = results[(results["run_id"] == "momentum-seed0") & (results["metric"] == "val_loss")]["value"].item()
+    assert own == pytest.approx(logged, abs=1e-6)
+    before = (out / "results.csv").read_text()
+    momentum_from_scratch.main(argv[:-1])  # finished pairs are not retrained
+    assert (out / "results.csv").read_text() == before

@@ -62,6 +62,9 @@ RESULTS = "results.csv"
 CRASH_ENV = "ICL_SWEEP_CRASH_AFTER"
 #: Row columns that differ between two runs of the same cell (time, process); not part of results.
 VOLATILE_COLUMNS = ("elapsed_s", "finished_at", "worker_pid")
+#: Columns first in results.csv (then the metrics, sorted): the table's layout never depends on
+#: which cells finished first.
+LEADING_COLUMNS = ("model", "task", "shots", "seed", "layer", "analysis", "n_test", "status")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def finish(cell: Cell, row: dict | None, error: str | None) -> None:
         nonlocal written, failed
         if row is not None:
-            written += append_rows(out / RESULTS, [row], key="cell_id")
+            written += append_rows(out / RESULTS, [row], key="cell_id", leading=LEADING_COLUMNS)
             if crash_after and written >= crash_after:
                 os._exit(3)  # as if killed: no cleanup, no further rows
         else:

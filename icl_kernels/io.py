@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,18 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.load(handle)
 
 
-def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], key: str = "cell_id") -> int:
-    """Append rows whose ``key`` is not yet in the CSV (rewritten atomically). Returns rows added."""
+def append_rows(
+    path: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any]],
+    key: str = "cell_id",
+    leading: Sequence[str] | None = None,
+) -> int:
+    """Append rows whose ``key`` is not yet in the CSV (rewritten atomically). Returns rows added.
+
+    With ``leading``, columns are ordered ``key``, then ``leading``, then every other column sorted
+    by name, so the file's layout does not depend on which rows were written first (rows of different
+    kinds, finished by parallel workers in any order, give the same table).
+    """
     import pandas as pd
 
     path = Path(path)
@@ -73,6 +83,9 @@ def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], key:
     if not existing.empty and key in existing:
         new = new[~new[key].astype(str).isin(existing[key].astype(str))]
     combined = pd.concat([existing, new], ignore_index=True) if not existing.empty else new
+    if leading is not None:
+        first = [c for c in (key, *leading) if c in combined.columns]
+        combined = combined[first + sorted(c for c in combined.columns if c not in first)]
     atomic_write_text(path, combined.to_csv(index=False))
     return len(new)
 

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
     ckpt_path = out / "checkpoint.pt"
     step, wall, loss_rows, eval_rows = 0, 0.0, [], []
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
         saved = ck["config"]
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys older checkpoints lack
         diff = {

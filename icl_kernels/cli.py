@@ -117,13 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tasks", help="list tasks, one per line").set_defaults(func=_tasks)
 
     for module_name, function in ANALYSIS_COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:  # DEV-ONLY: subcommand modules still being written
-            if error.name != module_name:
-                raise
-            continue
-        getattr(module, function)(sub)
+        getattr(importlib.import_module(module_name), function)(sub)
     return parser
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from icl_kernels.cli import parse_numbers  # noqa: E402
 from icl_kernels.io import append_rows, finished_ids, write_csv, write_json  # noqa: E402
 
 
@@ -70,10 +71,6 @@ def parse_args(argv: list[str] | None) -> ScratchConfig:
     return cfg
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def validation_loss(model, world, cfg: ScratchConfig) -> float:
     """Mean next-token cross-entropy on held-out documents."""
     import torch
@@ -104,8 +101,8 @@ def main(argv: list[str] | None = None):
     write_json(out / "config.json", dataclasses.asdict(cfg))
     results = out / "results.csv"
     done = finished_ids(results, key="run_id")
-    shots = _ints(cfg.shots)
-    for seed in _ints(cfg.seeds):
+    shots = parse_numbers(cfg.shots, int, "--shots")
+    for seed in parse_numbers(cfg.seeds, int, "--seeds"):
         for variant in ("vanilla", "momentum"):
             run_id = f"{variant}-seed{seed}"
             if run_id in done:
@@ -164,7 +161,7 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
     from icl_kernels.synthetic import evaluate_icl, load_world
 
     rows = []
-    for seed in _ints(cfg.seeds):
+    for seed in parse_numbers(cfg.seeds, int, "--seeds"):
         for variant in ("vanilla", "momentum"):
             folder = out / f"{variant}-seed{seed}" / "final"
             if not folder.exists():
@@ -175,7 +172,7 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
                 patch = hf_momentum_attention(model, eval_eta, cfg.layers) if eval_eta else _contextlib.nullcontext()
                 with patch:
                     val = validation_loss(model, world, cfg)
-                    icl = evaluate_icl(world, lambda t: model(t).logits, shots=_ints(cfg.shots), n=cfg.n,
+                    icl = evaluate_icl(world, lambda t: model(t).logits, shots=parse_numbers(cfg.shots, int, "--shots"), n=cfg.n,
                                        seed=cfg.eval_seed, oracle=False)
                 acc = {f"acc_k{int(r.shots)}": float(r.accuracy) for r in icl.itertuples() if r.predictor == "model"}
                 rows.append(dict(trained=variant, seed=seed, eval_eta=eval_eta, val_loss=val, **acc))

@@ -48,6 +48,19 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
 
 
+def parse_numbers(text: str, kind: type = float, what: str = "value") -> tuple:
+    """``"0.1,0.3"`` -> ``(0.1, 0.3)``; a clear `InvalidOptionError` for a bad or empty list."""
+    from icl_kernels.errors import InvalidOptionError
+
+    try:
+        values = tuple(kind(x) for x in str(text).split(",") if x.strip())
+    except ValueError as error:
+        raise InvalidOptionError(f"{what}: expected comma-separated numbers, got {text!r}.") from error
+    if not values:
+        raise InvalidOptionError(f"{what}: no value in {text!r}.")
+    return values
+
+
 def load_model_from_args(args):
     from icl_kernels.models import load_model
 

@@ -307,16 +307,6 @@ def summary_line(metrics: dict) -> str:
     )
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in str(text).split(",") if x.strip())
-    except ValueError as error:
-        raise ValueError(f"Expected comma-separated numbers, got {text!r}.") from error
-    if not values:
-        raise ValueError(f"Expected at least one learning rate, got {text!r}.")
-    return values
-
-
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compare`` on an ``argparse`` subparsers object."""
     from icl_kernels.cli import add_model_arguments, add_task_arguments
@@ -343,10 +333,12 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_compare(args) -> int:
+    from icl_kernels.cli import parse_numbers
+
     cfg = CompareRunConfig(
         model=args.model, task=args.task, shots=args.shots, n_test=args.n_test, seed=args.seed,
         backend=args.backend, device=args.device, dtype=args.dtype, position=args.position, n_dev=args.n_dev,
-        episodes=args.episodes, lrs=_floats(args.lrs), lr=args.lr, untrained=not args.no_untrained,
+        episodes=args.episodes, lrs=parse_numbers(args.lrs, float, "--lrs"), lr=args.lr, untrained=not args.no_untrained,
         direct=not args.no_direct, threads=args.threads,
     )
     start = time.perf_counter()

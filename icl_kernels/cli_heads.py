@@ -604,20 +604,14 @@ def add_theorem_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError as error:
-        raise ValueError(f"Expected comma-separated integers, got {text!r}.") from error
-
-
 def run_theorem(args) -> int:
+    from icl_kernels.cli import parse_numbers
     from icl_kernels.theorem import theorem_figure
 
     cfg = TheoremConfig(
-        shots=_ints(args.shots), n=args.n, seed=args.seed,
+        shots=parse_numbers(args.shots, int, "--shots"), n=args.n, seed=args.seed,
         features=tuple(f.strip() for f in args.features.split(",") if f.strip()),
-        world=args.world, model=args.model, model_shots=_ints(args.model_shots), model_n=args.model_n,
+        world=args.world, model=args.model, model_shots=parse_numbers(args.model_shots, int, "--model-shots"), model_n=args.model_n,
         backend=args.backend, device=args.device, threads=args.threads,
     )
     sim, behaviour, summary = theorem_report(cfg)

@@ -410,16 +410,6 @@ def momentum_heatmap(grid: pd.DataFrame, title: str = "") -> go.Figure:
 # ------------------------------------------------------------------------------------------------
 
 
-def _numbers(kind, text: str, what: str) -> tuple:
-    try:
-        values = tuple(kind(x) for x in str(text).split(",") if x.strip())
-    except ValueError as error:
-        raise MomentumConfigError(f"{what}: expected comma-separated numbers, got {text!r}.") from error
-    if not values:
-        raise MomentumConfigError(f"{what}: no value in {text!r}.")
-    return values
-
-
 def add_momentum_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``momentum`` on an ``argparse`` subparsers object."""
     from icl_kernels.cli import add_model_arguments, add_task_arguments
@@ -448,10 +438,12 @@ def add_momentum_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> MomentumGridConfig:
+    from icl_kernels.cli import parse_numbers
+
     return MomentumGridConfig(
-        model=args.model, task=args.task, etas=_numbers(float, args.eta, "--eta"),
-        layer_sets=tuple(args.layers or ["all"]), shots=_numbers(int, args.shots, "--shots"),
-        seeds=_numbers(int, args.seed, "--seed"), n_test=args.n_test, ppl_tokens=args.ppl_tokens,
+        model=args.model, task=args.task, etas=parse_numbers(args.eta, float, "--eta"),
+        layer_sets=tuple(args.layers or ["all"]), shots=parse_numbers(args.shots, int, "--shots"),
+        seeds=parse_numbers(args.seed, int, "--seed"), n_test=args.n_test, ppl_tokens=args.ppl_tokens,
         ppl_windows=args.ppl_windows, batch_size=args.batch_size, n_boot=args.n_boot, backend=args.backend,
         device=args.device, dtype=args.dtype, threads=args.threads,
     )

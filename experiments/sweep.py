@@ -295,7 +295,10 @@ class SweepConfig:
         if not path.is_file():
             raise FileNotFoundError(f"No sweep config at {path}.")
         if path.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency there)
+                import tomli as tomllib
 
             with open(path, "rb") as handle:
                 values = tomllib.load(handle)

@@ -468,12 +468,14 @@ def ridge_probe_accuracy(
     xc = xtr - mu_x
     yc = (ytr - mu_y)[None].expand(x.shape[0], -1, -1)
     n, d = xc.shape[1], xc.shape[2]
+    # The Gram matrices are symmetric positive definite (lam > 0): solve by Cholesky. (Batched
+    # torch.linalg.solve, an LU, fails inside MKL on torch 2.13 CPU with more than one thread.)
     if d <= n:
         gram = xc.transpose(1, 2) @ xc + lam * torch.eye(d, dtype=x.dtype)
-        w = torch.linalg.solve(gram, xc.transpose(1, 2) @ yc)
+        w = torch.cholesky_solve(xc.transpose(1, 2) @ yc, torch.linalg.cholesky(gram))
     else:
         gram = xc @ xc.transpose(1, 2) + lam * torch.eye(n, dtype=x.dtype)
-        w = xc.transpose(1, 2) @ torch.linalg.solve(gram, yc)
+        w = xc.transpose(1, 2) @ torch.cholesky_solve(yc.contiguous(), torch.linalg.cholesky(gram))
     pred = ((xte - mu_x) @ w + mu_y).argmax(-1)
     return (pred == targets[~train][None]).double().mean(-1).float()
 

@@ -304,3 +304,22 @@ def test_resampled_rows_keep_label_mass():
     assert names == ["bos", "x_1", "y_1", "sep_1", "query"] and rows.shape == (2, 1, 1, 1 + 7 + 1 + 1 + 7)
     assert torch.allclose(rows[:, 0, 0, 8], torch.tensor(0.25))  # the y_1 point
     assert torch.allclose(rows[:, 0, 0, -1], torch.tensor(0.75))  # last query token kept by the ends
+
+
+def test_ridge_probe_is_the_same_on_several_threads():
+    """Regression: batched LU solves failed inside MKL with 2 threads for gemma-sized probes
+    (18 groups x 560 training samples x 256 dims); the Cholesky solve gives one answer on 1 or 2."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(18, 800, 256, generator=generator) * 50
+    targets = torch.randint(0, 2, (800,), generator=generator)
+    train = torch.zeros(800, dtype=torch.bool)
+    train[:560] = True
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ridge_probe_accuracy(x, targets, train, 2)
+        torch.set_num_threads(2)
+        two = ridge_probe_accuracy(x, targets, train, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and one.shape == (18,)

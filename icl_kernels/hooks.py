@@ -86,11 +86,8 @@ def hooks_on(
     if unknown:
         raise KeyError(f"No hook point named {unknown} on this model ({type(model).__name__}).")
     before = active_hook_count(model)  # hooks of enclosing contexts stay (nesting works)
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
-        try:
-            yield model
-        finally:
-            pass
+    with model.hooks(fwd_hooks=list(fwd_hooks)):  # removes this level's hooks on exit, also on error
+        yield model
     # TransformerLens removes the hooks of this context level; make sure, whatever the version.
     if active_hook_count(model) > before:
         model.reset_hooks(including_permanent=False)

@@ -13,13 +13,7 @@ from icl_kernels.capture import capture
 LENGTHS = (20, 13, 17)  # right-padded rows of different lengths; local windows (8) hide early keys
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~40x faster on one thread when the shared CPU is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(model):

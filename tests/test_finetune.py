@@ -17,12 +17,7 @@ from test_relaxation import assert_tiny
 SEQUENCES = [[50256, 464, 3290, 318, 922, 13], [50256, 40, 588, 340, 2089], [50256, 1212, 318, 257, 1332, 11, 0]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fresh(arch: str, backend: str):

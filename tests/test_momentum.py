@@ -21,12 +21,7 @@ LENGTHS = (21, 13, 17)  # right-padded rows; > window 8 of the local layers
 TOL = dict(atol=2e-5, rtol=1e-5)  # float32 model outputs: chunked scan vs double loop
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def naive_momentum(v: torch.Tensor, eta: float) -> torch.Tensor:

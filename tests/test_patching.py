@@ -24,12 +24,7 @@ from icl_kernels.prompts import PromptBuilder, make_prompts
 from test_kernel import _toy_task, label_head_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prompts(tok, shots=3, n=12):

@@ -23,12 +23,7 @@ LENGTHS = (20, 14)
 IDENTITY_ATOL = 1e-5  # float64; observed ~1e-13 on values of size ~50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,7 +24,7 @@ from typing import get_type_hints
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment  # noqa: E402  (experiments/common.py)
+from icl_kernels.environment import environment  # noqa: E402
 
 
 @dataclass

@@ -104,7 +104,8 @@ def _prompts(model, cell: "Cell"):
 def _run_heads(model, cell: "Cell", options: dict) -> dict:
     import torch
 
-    from icl_kernels.kernel import analyze_heads, held_out_best_head, split_indices
+    from icl_kernels.kernel import analyze_heads, held_out_best_head
+    from icl_kernels.stats import split_indices
 
     icl, _, label_ids = _prompts(model, cell)
     how = options["aggregation"]
@@ -192,8 +193,8 @@ def _run_momentum(model, cell: "Cell", options: dict) -> dict:
     """ICL and zero-shot accuracy with momentum attention (eta) on one layer or on all layers."""
     import torch
 
-    from icl_kernels.causal import bootstrap_interval
-    from icl_kernels.evaluate import wilson_interval
+    from icl_kernels.stats import bootstrap_interval
+    from icl_kernels.stats import wilson_interval
     from icl_kernels.patching import momentum_edits, run_with_edits
 
     icl, zsl, label_ids = _prompts(model, cell)
@@ -524,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _environment() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import environment  # experiments/common.py
+    from icl_kernels.environment import environment
 
     return environment()
 

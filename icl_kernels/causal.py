@@ -4,7 +4,7 @@
 reproduces the model's ICL prediction. That is correlational. This module intervenes
 (`icl_kernels.patching`) on the heads ranked highest, on prompts that took no part in the ranking:
 
-1. **Ranking** on a selection split of the ICL prompts (`icl_kernels.kernel.split_indices`): heads
+1. **Ranking** on a selection split of the ICL prompts (`icl_kernels.stats.split_indices`): heads
    sorted by agreement (or accuracy) of their reconstruction, for one aggregation of a_i.
 2. **Ablation** on the disjoint report split: the top-k heads' outputs at the prediction position
    are replaced by their mean over the report prompts (or by zero), and the ICL accuracy and the
@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_kernels import backend as tl_backend
-from icl_kernels.evaluate import wilson_interval
+from icl_kernels.stats import bootstrap_interval, recovery, wilson_interval
+from icl_kernels.stats import rng as seeded
 from icl_kernels.patching import (
     Head,
     effects_frame,
@@ -50,7 +51,6 @@ __all__ = [
     "rank_heads",
     "random_head_sets",
     "causal_study",
-    "bootstrap_interval",
     "SYNTHETIC_TASK",
     "task_prompts",
     "synthetic_prompts",
@@ -153,32 +153,9 @@ def random_head_sets(
         raise ValueError(f"Cannot draw {k} random heads from {len(pool)} heads outside the top-k; use a smaller k.")
     out = []
     for d in range(draws):
-        rng = np.random.default_rng([seed, d, 0x4A4D])
+        rng = seeded('random_heads', seed, d)
         out.append(sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False)))
     return out
-
-
-def bootstrap_interval(
-    statistic, arrays: Sequence[np.ndarray], n: int, resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile interval of ``statistic(*[a[idx] for a in arrays])`` over prompts resampled with
-    replacement (axis 0 of every array is the prompt). NaN samples are dropped."""
-    rng = np.random.default_rng([seed, 0xB007])
-    values = []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, size=n)
-        values.append(statistic(*[a[idx] for a in arrays]))
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return (float("nan"), float("nan"))
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
-
-
-def _recovery(patched: np.ndarray, zsl: np.ndarray, icl: np.ndarray) -> float:
-    gap = icl.mean() - zsl.mean()
-    return float((patched.mean() - zsl.mean()) / gap) if abs(gap) > 1e-9 else float("nan")
 
 
 def causal_study(
@@ -200,7 +177,8 @@ def causal_study(
         label_ids: token ids of each class's label word (first token scored).
         config: a `CausalConfig`.
     """
-    from icl_kernels.kernel import analyze_heads, split_indices
+    from icl_kernels.kernel import analyze_heads
+    from icl_kernels.stats import split_indices
 
     cfg = config or CausalConfig()
     if len(icl_prompts) != len(zsl_prompts):
@@ -304,8 +282,8 @@ def _summaries(effects: pd.DataFrame, cfg: CausalConfig, order: list[str]) -> tu
             rec["accuracy_drop"] = float(icl.mean() - correct.mean())
             rec["drop_low"], rec["drop_high"] = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [icl, correct], **boot)
         if run == "zsl" and condition != "clean":
-            rec["recovery"] = _recovery(correct, zsl, icl)
-            rec["recovery_low"], rec["recovery_high"] = bootstrap_interval(_recovery, [correct, zsl, icl], **boot)
+            rec["recovery"] = recovery(correct, zsl, icl)
+            rec["recovery_low"], rec["recovery_high"] = bootstrap_interval(recovery, [correct, zsl, icl], **boot)
         records.append(rec)
 
     for run in ("icl", "zsl"):
@@ -335,11 +313,11 @@ def _summaries(effects: pd.DataFrame, cfg: CausalConfig, order: list[str]) -> tu
             diff["accuracy_drop"] = float(stacked.mean() - top.mean())
             diff["drop_low"], diff["drop_high"] = bootstrap_interval(lambda s, t: s.mean() - t.mean(), [stacked, top], **boot)
         else:
-            rec["recovery"] = _recovery(stacked, zsl, icl)
-            rec["recovery_low"], rec["recovery_high"] = bootstrap_interval(_recovery, [stacked, zsl, icl], **boot)
-            diff["recovery"] = _recovery(top, zsl, icl) - rec["recovery"]
+            rec["recovery"] = recovery(stacked, zsl, icl)
+            rec["recovery_low"], rec["recovery_high"] = bootstrap_interval(recovery, [stacked, zsl, icl], **boot)
+            diff["recovery"] = recovery(top, zsl, icl) - rec["recovery"]
             diff["recovery_low"], diff["recovery_high"] = bootstrap_interval(
-                lambda t, s, z, i: _recovery(t, z, i) - _recovery(s, z, i), [top, stacked, zsl, icl], **boot
+                lambda t, s, z, i: recovery(t, z, i) - recovery(s, z, i), [top, stacked, zsl, icl], **boot
             )
         records += [rec, diff]
     summary = pd.DataFrame.from_records(records)
@@ -481,12 +459,12 @@ def layer_study(
     agree = int((ablated.argmax(-1) == icl_pred).sum())
     agree_lo, agree_hi = wilson_interval(agree, n)
     drop_lo, drop_hi = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [icl, abl], **boot)
-    rec_lo, rec_hi = bootstrap_interval(_recovery, [pat, zsl, icl], **boot)
+    rec_lo, rec_hi = bootstrap_interval(recovery, [pat, zsl, icl], **boot)
     return dict(
         n=n, icl_accuracy=float(icl.mean()), zsl_accuracy=float(zsl.mean()),
         ablated_accuracy=float(abl.mean()), accuracy_drop=float(icl.mean() - abl.mean()),
         drop_low=drop_lo, drop_high=drop_hi,
         ablated_agreement=agree / n, agreement_low=agree_lo, agreement_high=agree_hi,
-        patched_zsl_accuracy=float(pat.mean()), recovery=_recovery(pat, zsl, icl),
+        patched_zsl_accuracy=float(pat.mean()), recovery=recovery(pat, zsl, icl),
         recovery_low=rec_lo, recovery_high=rec_hi,
     )

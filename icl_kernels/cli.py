@@ -1,9 +1,10 @@
 """The ``icl-kernels`` command line.
 
 Subcommands: ``eval`` (zero-shot and k-shot accuracy), ``models`` and ``tasks`` (what is
-available, one per line, name first), and the analyses ``heads``, ``theorem``, ``compare`` and
-``momentum``, each defined next to the code it runs (``cli_heads.py``, ``cli_compare.py``,
-``cli_momentum.py``) and registered here.
+available, one per line, name first), and one subcommand per registered study
+(`icl_kernels.studies`): its options are the fields of the study's configuration dataclass, plus
+``--out`` (where `Report.write` puts tables, summary, configuration and figures) and ``--threads``.
+This module is the only place that parses arguments, sets torch threads or picks the output folder.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 
+from icl_kernels.config import add_arguments, from_arguments, parse_list
+from icl_kernels.errors import IclKernelsError
 from icl_kernels.io import write_csv, write_json
 
-# (module, function that adds the subparsers) for the analysis subcommands.
-ANALYSIS_COMMANDS = (
+# (module, function that adds the subparsers) for analysis subcommands not yet registered as studies.
+ANALYSIS_COMMANDS: tuple[tuple[str, str], ...] = (
     ("icl_kernels.cli_heads", "add_heads_parser"),
     ("icl_kernels.cli_heads", "add_theorem_parser"),
     ("icl_kernels.cli_compare", "add_compare_parser"),
@@ -48,17 +52,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
 
 
-def parse_numbers(text: str, kind: type = float, what: str = "value") -> tuple:
-    """``"0.1,0.3"`` -> ``(0.1, 0.3)``; a clear `InvalidOptionError` for a bad or empty list."""
-    from icl_kernels.errors import InvalidOptionError
-
-    try:
-        values = tuple(kind(x) for x in str(text).split(",") if x.strip())
-    except ValueError as error:
-        raise InvalidOptionError(f"{what}: expected comma-separated numbers, got {text!r}.") from error
-    if not values:
-        raise InvalidOptionError(f"{what}: no value in {text!r}.")
-    return values
+#: ``"0.1,0.3"`` -> ``(0.1, 0.3)`` (kept under its first name for the subcommands that use it).
+parse_numbers = parse_list
 
 
 def load_model_from_args(args):
@@ -129,9 +124,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list models, one per line").set_defaults(func=_models)
     sub.add_parser("tasks", help="list tasks, one per line").set_defaults(func=_tasks)
 
+    from icl_kernels.studies import list_studies
+
+    for study in list_studies():
+        add_study_parser(sub, study)
     for module_name, function in ANALYSIS_COMMANDS:
         getattr(importlib.import_module(module_name), function)(sub)
     return parser
+
+
+def add_study_parser(subparsers, study) -> argparse.ArgumentParser:
+    """One subcommand for a registered study: its configuration fields, ``--out`` and ``--threads``."""
+    parser = subparsers.add_parser(study.name, help=study.help, description=study.description or study.help)
+    add_arguments(parser, study.config)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.set_defaults(func=partial(run_study, study))
+    return parser
+
+
+def run_study(study, args: argparse.Namespace) -> int:
+    """Validate the options, run the study, write its report and print its line."""
+    config = from_arguments(study.config, args)  # bad options fail here, before a model loads
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = study(config, progress=True, out=args.out)
+    out = report.write(args.out)
+    print(f"{report.line()} ({out / report.summary_file})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,13 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        from icl_kernels.errors import IclKernelsError
-
-        if isinstance(error, IclKernelsError):
-            print(f"icl-kernels: error: {error}", file=sys.stderr)
-            return 2
-        raise
+    except IclKernelsError as error:
+        print(f"icl-kernels: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ def summarise_grid(
     cfg: MomentumGridConfig, prompts: pd.DataFrame, ppl: pd.DataFrame | None
 ) -> tuple[pd.DataFrame, dict]:
     """The tidy grid table and the metrics dictionary from per-prompt and per-window rows."""
-    from icl_kernels.evaluate import wilson_interval
+    from icl_kernels.stats import wilson_interval
 
     cells = _cells(cfg)
     wanted = {c.cell_id for c in cells}

@@ -71,14 +71,13 @@ from icl_kernels.hooks import (
 )
 from icl_kernels.prompts import IclPrompt
 from icl_kernels.relaxation import decompose, linear_attention, rotate_by, stable_rank
+from icl_kernels.stats import cosine, kendall_tau
 
 __all__ = [
     "POSITIONS",
     "Episode",
     "Record",
     "record",
-    "cosine",
-    "kendall_tau",
     "rec2ftp",
     "training_sequences",
     "first_label_tokens",
@@ -95,31 +94,6 @@ POSITIONS = ("prediction", "first-label")
 # ------------------------------------------------------------------------------------------------
 # Pure scores
 # ------------------------------------------------------------------------------------------------
-
-
-def cosine(a: Float[Tensor, "... d"], b: Float[Tensor, "... d"]) -> Float[Tensor, "..."]:
-    """Cosine similarity along the last dimension; NaN where either vector is zero."""
-    a, b = a.double(), b.double()
-    denominator = a.norm(dim=-1) * b.norm(dim=-1)
-    out = (a * b).sum(-1) / denominator
-    return torch.where(denominator > 0, out, torch.full_like(out, float("nan")))
-
-
-def kendall_tau(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
-    """Kendall's tau-b (ties handled); NaN with fewer than two items or a constant input."""
-    x, y = torch.as_tensor(x).double().flatten(), torch.as_tensor(y).double().flatten()
-    if x.shape != y.shape:
-        raise ValueError(f"kendall_tau needs equal lengths, got {tuple(x.shape)} and {tuple(y.shape)}.")
-    if x.numel() < 2:
-        return float("nan")
-    dx = torch.sign(x[:, None] - x[None, :])
-    dy = torch.sign(y[:, None] - y[None, :])
-    upper = torch.triu(torch.ones_like(dx, dtype=torch.bool), diagonal=1)
-    concordance = (dx * dy)[upper].sum()
-    nx, ny = (dx[upper] != 0).sum(), (dy[upper] != 0).sum()
-    if nx == 0 or ny == 0:
-        return float("nan")
-    return float(concordance / torch.sqrt(nx.double() * ny.double()))
 
 
 def rec2ftp(

@@ -93,6 +93,30 @@ def hooks_on(
         model.reset_hooks(including_permanent=False)
 
 
+class StopForward(Exception):
+    """Raised by the hook `run_until` adds to end a forward pass at a hook point."""
+
+
+def run_until(
+    model: tl_backend.Model, tokens: Tensor, fwd_hooks: Sequence[tuple[str, HookFn]], stop: str = "unembed.hook_in"
+) -> bool:
+    """Run ``model(tokens)`` with ``fwd_hooks`` and end it at hook point ``stop``, after the hooks
+    given there have run (by default: skip the unembedding, which a 262k vocabulary makes the
+    costliest step). Every hook is gone afterwards, also when one raises. Returns whether ``stop``
+    was reached.
+    """
+
+    def halt(tensor: Tensor, hook) -> None:
+        raise StopForward
+
+    try:
+        with hooks_on(model, [*fwd_hooks, (stop, halt)]):
+            model(tokens)
+    except StopForward:
+        return True
+    return False
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """Geometry of one attention layer, enough to recompute its scores from hooked q and k."""

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from icl_kernels import backend as tl_backend
 from icl_kernels.capture import capture
 from icl_kernels.evaluate import unembed
+from icl_kernels.stats import split_indices
 
 __all__ = [
     "AGGREGATIONS",
@@ -61,7 +62,6 @@ __all__ = [
     "agreement",
     "HeadScores",
     "score_heads",
-    "split_indices",
     "select_best_head",
     "heads_frame",
     "Kernel",
@@ -261,25 +261,6 @@ def score_heads(
         agree[how] = agreement(recon, model_predictions[index])
         acc[how] = agreement(recon, gold[index])
     return HeadScores(agree, acc, len(index))
-
-
-def split_indices(n: int, select_fraction: float = 0.7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint (selection, report) prompt indices: a seeded permutation cut at ``select_fraction``.
-
-    >>> s, r = split_indices(10, 0.7, seed=0)
-    >>> len(s), len(r), len(set(s) & set(r))
-    (7, 3, 0)
-    """
-    if not 0 < select_fraction < 1:
-        raise ValueError(f"select_fraction must be in (0, 1), not {select_fraction}.")
-    n_select = int(round(select_fraction * n))
-    if n_select < 1 or n_select >= n:
-        raise ValueError(
-            f"{n} prompts cannot be split {select_fraction:.2f}/{1 - select_fraction:.2f} into two non-empty "
-            "parts; use more prompts."
-        )
-    order = np.random.default_rng([seed, 0x5E1]).permutation(n)
-    return np.sort(order[:n_select]), np.sort(order[n_select:])
 
 
 def select_best_head(matrix: Float[Tensor, "layer head_index"]) -> tuple[int, int]:

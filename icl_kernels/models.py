@@ -515,6 +515,28 @@ def load_model(
     )
 
 
+def synthetic_world(name_or_path: str | None, *, required: bool = False):
+    """The `SyntheticWorld` a model was trained on (``world.json`` in its folder), or None.
+
+    ``name_or_path`` is a registered name (looked up in the shipped assets) or a model folder.
+
+    Raises:
+        MissingAssetError: ``required`` and the model has no world.
+    """
+    from icl_kernels.synthetic import load_world
+
+    name = str(name_or_path or "")
+    for folder in (Path(name).expanduser(), ASSETS / name):
+        if name and (folder / "world.json").is_file():
+            return load_world(folder)
+    if required:
+        raise MissingAssetError(
+            f"This analysis needs the synthetic world the model was trained on, but there is no world.json next to "
+            f"model {name!r}; use a model trained on the synthetic world (e.g. synthetic-gpt-neo) or a text task."
+        )
+    return None
+
+
 def model_card(name: str) -> dict[str, Any]:
     """A JSON-able description of a registered model."""
     spec = get_model_spec(name)

@@ -43,20 +43,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from icl_kernels.errors import IclKernelsError
+from icl_kernels.config import parse_layer_set as parse_layers
+from icl_kernels.errors import InvalidOptionError
 from icl_kernels.hooks import act_name, hooks_on, repeat_kv
 
 __all__ = [
     "MomentumConfigError",
     "check_eta",
-    "parse_layers",
     "momentum_term",
     "momentum_hooks",
     "momentum_attention",
@@ -67,8 +66,8 @@ __all__ = [
 DEFAULT_CHUNK = 64
 
 
-class MomentumConfigError(IclKernelsError, ValueError):
-    """A momentum coefficient or layer selection that cannot be used."""
+#: Bad momentum options (eta, layers) raise the package-wide option error.
+MomentumConfigError = InvalidOptionError
 
 
 def check_eta(eta: float) -> float:
@@ -87,58 +86,6 @@ def check_eta(eta: float) -> float:
             "Dai et al. use 0 < eta < 1; eta = 0 switches momentum off."
         )
     return value
-
-
-def parse_layers(spec: str | int | Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
-    """Layer indices from ``None``/``"all"``, an int, a list, or text like ``"0,2,5-8"``.
-
-    Ranges are inclusive. Every index must lie in ``[0, n_layers)``; duplicates are an error.
-
-    >>> parse_layers("0,2-4", 6)
-    (0, 2, 3, 4)
-    >>> parse_layers(None, 3)
-    (0, 1, 2)
-    """
-    if n_layers < 1:
-        raise MomentumConfigError(f"The model has {n_layers} layers.")
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        return tuple(range(n_layers))
-    if isinstance(spec, str):
-        layers: list[int] = []
-        text = spec.replace(" ", "")
-        if not text:
-            raise MomentumConfigError("Empty layer selection; use 'all', '3', '0,2' or '0-5'.")
-        for part in text.split(","):
-            match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not match:
-                raise MomentumConfigError(
-                    f"Cannot read layer selection {spec!r} (part {part!r}); use 'all', '3', '0,2' or "
-                    "'0-5' (inclusive ranges, non-negative indices)."
-                )
-            first = int(match.group(1))
-            last = int(match.group(2)) if match.group(2) is not None else first
-            if last < first:
-                raise MomentumConfigError(f"Layer range {part!r} in {spec!r} runs backwards.")
-            layers.extend(range(first, last + 1))
-    elif isinstance(spec, (int,)) and not isinstance(spec, bool):
-        layers = [spec]
-    else:
-        try:
-            layers = [int(x) for x in spec]
-        except (TypeError, ValueError) as error:
-            raise MomentumConfigError(f"Layers must be integers, got {spec!r}.") from error
-        if any(isinstance(x, bool) for x in spec):
-            raise MomentumConfigError(f"Layers must be integers, got {spec!r}.")
-    if not layers:
-        raise MomentumConfigError("Empty layer selection; use 'all' or at least one layer index.")
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise MomentumConfigError(
-            f"Layer(s) {bad} out of range: this model has {n_layers} layers (0..{n_layers - 1})."
-        )
-    if len(set(layers)) != len(layers):
-        raise MomentumConfigError(f"Layer selection {spec!r} names a layer twice.")
-    return tuple(sorted(layers))
 
 
 def momentum_term(

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from icl_kernels import backend as tl_backend
 from icl_kernels.capture import capture
-from icl_kernels.evaluate import wilson_interval
+from icl_kernels.stats import wilson_interval
 from icl_kernels.hooks import act_name, hooks_on
 from icl_kernels.evaluate import unembed
 

@@ -1,5 +1,7 @@
 """Figures. Every function takes plain data (tensors, arrays, tidy DataFrames) and returns a
-``plotly.graph_objects.Figure``; none calls ``.show()``. Save with ``fig.write_html(path)``.
+``plotly.graph_objects.Figure``; none calls ``.show()``. Save with `write_html`, which writes pages
+that open without internet: plotly.js is written once beside them (or found in a parent folder)
+and referenced by a relative path, never loaded from a CDN.
 
 Conventions: layer x head maps put layers on the y axis (layer 0 at the bottom) and heads on the x
 axis; maps of signed quantities (correlations) use a diverging scale centred at 0, maps of rates
@@ -8,19 +10,63 @@ axis; maps of signed quantities (correlations) use a diverging scale centred at 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from icl_kernels.io import atomic_write_text
+
 __all__ = [
     "layer_head_heatmaps",
     "attention_map_figure",
     "probe_figure",
     "accuracy_vs_shots_figure",
+    "write_html",
+    "plotly_js_name",
 ]
+
+#: How far up from an output folder `write_html` looks for a plotly.js it can share.
+_JS_SEARCH_DEPTH = 3
+
+
+def plotly_js_name() -> str:
+    """File name of the bundled plotly.js, versioned so that pages never load a mismatched copy."""
+    from plotly.offline import get_plotlyjs_version
+
+    return f"plotly-{get_plotlyjs_version()}.min.js"
+
+
+def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a page that opens offline.
+
+    The page loads plotly.js by a relative path: from the nearest of its folder and up to
+    `_JS_SEARCH_DEPTH` parent folders that already holds this plotly version's bundle, else from a
+    copy written beside it (once per folder). No script is fetched from the network.
+    """
+    from plotly.offline import get_plotlyjs
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = plotly_js_name()
+    js = None
+    folder = path.parent.resolve()
+    for candidate in [folder, *folder.parents][: _JS_SEARCH_DEPTH + 1]:
+        if (candidate / name).is_file():
+            js = candidate / name
+            break
+    if js is None:
+        js = folder / name
+        atomic_write_text(js, get_plotlyjs())
+    src = os.path.relpath(js, folder).replace(os.sep, "/")
+    html = fig.to_html(include_plotlyjs=False, full_html=True)
+    html = html.replace("<head>", f'<head><meta charset="utf-8" /><script src="{src}"></script>', 1)
+    atomic_write_text(path, html)
+    return path
 
 
 def _np(x) -> np.ndarray:

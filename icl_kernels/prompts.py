@@ -30,6 +30,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from icl_kernels.errors import LabelTokenizationError, MissingClassError, MissingTokenizerError, PromptTooLongError
+from icl_kernels.stats import rng
 from icl_kernels.tasks import Task
 
 Span = tuple[int, int]  # [start, end) token positions
@@ -350,7 +351,7 @@ class RetrievalSelector:
 
 def query_rng(seed: int, query_index: int) -> np.random.Generator:
     """The random stream for one query: the same demonstrations whatever else is evaluated."""
-    return np.random.default_rng([seed, query_index, 0x1C1])
+    return rng("query_demos", seed, query_index)
 
 
 def make_prompts(

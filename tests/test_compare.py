@@ -14,14 +14,13 @@ from icl_kernels.cli_compare import CompareRunConfig, compare_report, synthetic_
 from icl_kernels.compare import (
     CompareConfig,
     compare,
-    cosine,
     first_label_tokens,
-    kendall_tau,
     rec2ftp,
     record,
     training_sequences,
     untrained_copy,
 )
+from icl_kernels.stats import cosine, kendall_tau
 from test_relaxation import assert_tiny
 
 REQUIRED_KEYS = (

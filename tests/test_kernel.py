@@ -26,9 +26,9 @@ from icl_kernels.kernel import (
     resample_rows,
     ridge_probe_accuracy,
     score_heads,
-    split_indices,
 )
 from icl_kernels.prompts import PromptBuilder, make_prompts
+from icl_kernels.stats import split_indices
 from icl_kernels.tasks import Task
 
 WORDS = (" negative", " positive")

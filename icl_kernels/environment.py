@@ -1,4 +1,4 @@
-"""What every experiment records next to its results: package versions, commit and machine."""
+"""What every study records next to its results: package versions, git commit and machine."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def environment() -> dict:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""

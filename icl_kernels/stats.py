@@ -1,0 +1,180 @@
+"""The statistics every study shares: intervals, splits, similarities, and named random streams.
+
+Intervals. A proportion (accuracy, agreement) gets a Wilson score interval; any other statistic
+(a difference, a recovery ratio, a mean over windows) gets a percentile bootstrap over the
+independent unit (prompts, demonstration draws, text windows), *paired* when two conditions share
+the unit: one resampled index vector is applied to every array, so the interval is for the
+difference on the same prompts.
+
+Selection and report. Every "best" (head, layer, learning rate, offset) is chosen on a seeded
+selection split and reported on the disjoint rest (`split_indices`).
+
+Random streams. Each random choice in the package draws from ``numpy.random.default_rng`` seeded
+with the run's seed, the coordinates of the draw and a fixed salt that names its stream
+(`SEED_STREAMS`), so that two streams never share numbers and adding a stream changes none of the
+others. `rng` builds such a generator; the salts are the values the package has always used, so
+shipped results reproduce.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = [
+    "SEED_STREAMS",
+    "rng",
+    "wilson_interval",
+    "bootstrap_interval",
+    "split_indices",
+    "cosine",
+    "kendall_tau",
+    "recovery",
+]
+
+#: stream name -> salt appended to the seed material (None: no salt, the seed material alone).
+SEED_STREAMS: dict[str, int | None] = {
+    "query_demos": 0x1C1,  # demonstrations of one query (prompts.make_prompts), keys (seed, query)
+    "select_report_split": 0x5E1,  # selection / report split of prompts, keys (seed,)
+    "input_permutation": 0x9E7,  # word order of pool example i (control), keys (seed, i)
+    "episode_demos": 0xC0,  # compare: demonstration set of episode e, keys (seed, e)
+    "dev_queries": 0xDE5,  # compare: development queries from the pool, keys (seed,)
+    "synthetic_episode": 0x5E,  # compare on the synthetic world: episode e, keys (seed, e)
+    "theorem_simulation": 0x7E0,  # Theorem 1 simulation prompts, keys (seed, shots)
+    "theorem_model": 0x30DE1,  # synthetic model behaviour prompts, keys (seed, shots)
+    "synthetic_eval": None,  # synthetic accuracy-vs-shots prompts, keys (seed, shots)
+    "random_heads": 0x4A4D,  # causal: random head set d, keys (seed, d)
+    "bootstrap": 0xB007,  # bootstrap resampling, keys (seed,)
+    "synthetic_prompts": 0xCA05,  # causal / sweep prompts on the synthetic world, keys (seed, shots)
+    "momentum_bootstrap": None,  # momentum grid bootstrap, keys (seed,)
+}
+
+#: Offset added to the seed for the weights of an untrained copy of a model (compare controls).
+UNTRAINED_SEED_OFFSET = 7919
+
+
+def rng(stream: str, *keys: int) -> np.random.Generator:
+    """The generator of a named stream at the given coordinates (seed first).
+
+    >>> float(rng("select_report_split", 0).random()) == float(np.random.default_rng([0, 0x5E1]).random())
+    True
+    """
+    if stream not in SEED_STREAMS:
+        raise KeyError(f"Unknown random stream {stream!r}; known: {sorted(SEED_STREAMS)}.")
+    salt = SEED_STREAMS[stream]
+    material = [int(k) for k in keys] + ([] if salt is None else [salt])
+    if len(material) == 1:
+        return np.random.default_rng(material[0])
+    return np.random.default_rng(material)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default).
+
+    >>> [round(x, 3) for x in wilson_interval(8, 10)]
+    [0.49, 0.943]
+    """
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(
+    statistic: Callable[..., float],
+    arrays: Sequence[np.ndarray],
+    n: int,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    stream: str = "bootstrap",
+) -> tuple[float, float]:
+    """Percentile interval of ``statistic(*[a[idx] for a in arrays])`` over units resampled with
+    replacement (axis 0 of every array is the unit; one index vector for all arrays, so the interval
+    is paired). NaN samples are dropped.
+
+    >>> lo, hi = bootstrap_interval(np.mean, [np.arange(100.0)], 100, resamples=500)
+    >>> bool(lo < 49.5 < hi)
+    True
+    """
+    generator = rng(stream, seed)
+    values = []
+    for _ in range(resamples):
+        idx = generator.integers(0, n, size=n)
+        values.append(statistic(*[a[idx] for a in arrays]))
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return (float("nan"), float("nan"))
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def split_indices(n: int, select_fraction: float = 0.7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (selection, report) indices: a seeded permutation cut at ``select_fraction``.
+
+    >>> s, r = split_indices(10, 0.7, seed=0)
+    >>> len(s), len(r), len(set(s) & set(r))
+    (7, 3, 0)
+    """
+    if not 0 < select_fraction < 1:
+        raise ValueError(f"select_fraction must be in (0, 1), not {select_fraction}.")
+    n_select = int(round(select_fraction * n))
+    if n_select < 1 or n_select >= n:
+        raise ValueError(
+            f"{n} prompts cannot be split {select_fraction:.2f}/{1 - select_fraction:.2f} into two non-empty "
+            "parts; use more prompts."
+        )
+    order = rng("select_report_split", seed).permutation(n)
+    return np.sort(order[:n_select]), np.sort(order[n_select:])
+
+
+def cosine(a: Float[Tensor, "... d"], b: Float[Tensor, "... d"]) -> Float[Tensor, "..."]:
+    """Cosine similarity along the last dimension (float64); NaN where either vector is zero.
+
+    >>> float(cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])))  # doctest: +ELLIPSIS
+    0.7071...
+    """
+    a, b = a.double(), b.double()
+    denominator = a.norm(dim=-1) * b.norm(dim=-1)
+    out = (a * b).sum(-1) / denominator
+    return torch.where(denominator > 0, out, torch.full_like(out, float("nan")))
+
+
+def kendall_tau(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
+    """Kendall's tau-b (ties handled); NaN with fewer than two items or a constant input.
+
+    >>> kendall_tau(torch.tensor([1.0, 2, 3]), torch.tensor([1.0, 3, 2]))  # doctest: +ELLIPSIS
+    0.333...
+    """
+    x, y = torch.as_tensor(x).double().flatten(), torch.as_tensor(y).double().flatten()
+    if x.shape != y.shape:
+        raise ValueError(f"kendall_tau needs equal lengths, got {tuple(x.shape)} and {tuple(y.shape)}.")
+    if x.numel() < 2:
+        return float("nan")
+    dx = torch.sign(x[:, None] - x[None, :])
+    dy = torch.sign(y[:, None] - y[None, :])
+    upper = torch.triu(torch.ones_like(dx, dtype=torch.bool), diagonal=1)
+    concordance = (dx * dy)[upper].sum()
+    nx, ny = (dx[upper] != 0).sum(), (dy[upper] != 0).sum()
+    if nx == 0 or ny == 0:
+        return float("nan")
+    return float(concordance / torch.sqrt(nx.double() * ny.double()))
+
+
+def recovery(patched: np.ndarray, zsl: np.ndarray, icl: np.ndarray) -> float:
+    """Share of the ICL gain a patch restores: (patched - zsl) / (icl - zsl) on means; NaN for no gain.
+
+    >>> recovery(np.array([0.5]), np.array([0.0]), np.array([1.0]))
+    0.5
+    """
+    gap = icl.mean() - zsl.mean()
+    return float((patched.mean() - zsl.mean()) / gap) if abs(gap) > 1e-9 else float("nan")

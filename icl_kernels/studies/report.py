@@ -1,0 +1,109 @@
+"""What a study returns: its tables, a summary, figures on demand, and how it writes itself.
+
+A `Report` is data: ``tables`` (tidy ``pandas`` frames, one CSV each), ``summary`` (the headline
+numbers with their intervals, one JSON file) and the configuration that produced them. Figures are
+built from that data only when asked for (`Report.figures`), so a sweep that keeps one row per cell
+never pays for them. `Report.write` is the only place a study touches the file system: tables,
+summary, ``config.json``, ``environment.json`` and figures that open offline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from icl_kernels.config import Options
+from icl_kernels.io import write_csv, write_json
+
+__all__ = ["Report", "finite", "flatten"]
+
+
+def finite(value: Any) -> Any:
+    """NaN and infinities become None (JSON null), recursively, so that summaries are strict JSON."""
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists of scalars stay as they are.
+
+    >>> flatten({"a": {"b": 1, "c": [1, 2]}, "d": 2})
+    {'a.b': 1, 'a.c': [1, 2], 'd': 2}
+    """
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass
+class Report:
+    """The outcome of one study run.
+
+    Attributes:
+        study: the registered study name.
+        config: the configuration that produced it.
+        tables: name -> tidy frame, written as ``<name>.csv``.
+        summary: headline numbers (intervals and baselines beside them), written as `summary_file`.
+    """
+
+    study: str
+    config: Options
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    #: File name of the summary (``metrics.json`` where the command documented that name first).
+    summary_file: ClassVar[str] = "summary.json"
+    #: Summary keys that differ between two runs of the same configuration (timings).
+    volatile_keys: ClassVar[tuple[str, ...]] = ("seconds", "timing")
+
+    def figures(self) -> dict[str, Any]:
+        """name -> ``plotly`` figure, built from the tables and summary. None by default."""
+        return {}
+
+    def line(self) -> str:
+        """One line for the terminal: the headline numbers."""
+        return f"{self.study}: " + ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in self.summary.items() if isinstance(v, (int, float, str))
+        )
+
+    def row(self) -> dict[str, Any]:
+        """The summary as one flat row (a sweep cell), without volatile keys."""
+        return {k: v for k, v in flatten(finite(self.summary)).items()
+                if k.split(".")[0] not in self.volatile_keys and not isinstance(v, list)}
+
+    def write(self, out: str | os.PathLike, *, environment: bool = True, figures: bool = True) -> Path:
+        """Write tables, summary, ``config.json``, ``environment.json`` and figures into ``out``."""
+        from icl_kernels.plotting import write_html
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, frame in self.tables.items():
+            if frame is not None:
+                write_csv(out / f"{name}.csv", frame.to_dict("records"))
+        write_json(out / "config.json", {"study": self.study, **self.config.to_dict()})
+        if environment:
+            from icl_kernels.environment import environment as env
+
+            write_json(out / "environment.json", env())
+        if figures:
+            for name, fig in self.figures().items():
+                write_html(fig, out / f"{name}.html")
+        write_json(out / self.summary_file, finite(self.summary))
+        return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -266,6 +266,7 @@ class PromptBuilder:
 # --------------------------------------------------------------------------------------------
 
 
+@runtime_checkable
 class DemoSelector(Protocol):
     """Chooses demonstration indices from a pool for one query."""
 

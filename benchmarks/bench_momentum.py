@@ -4,7 +4,7 @@
     nice .venv/bin/python benchmarks/bench_momentum.py --model tiny-gemma-3 --repeats 3
     .venv/bin/python benchmarks/bench_momentum.py --device cuda                 # target ratio <= 1.10
 
-Each measurement is one forward of a batch of held-out text (`icl_kernels.cli_momentum.heldout_windows`)
+Each measurement is one forward of a batch of held-out text (`icl_kernels.perplexity.heldout_windows`)
 that stops at the final norm (``return_type=None``), plain and with `momentum_attention` on every
 layer, interleaved; printed are the medians over ``--repeats`` and their ratio, all from this run.
 On a shared CPU the forward times are noisy, so the patch's own work is also timed alone (one
@@ -74,7 +74,7 @@ def time_scans(model, n_tokens: int, batch: int, eta: float, n_layers: int, repe
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from icl_kernels.cli_momentum import heldout_windows
+    from icl_kernels.perplexity import heldout_windows
     from icl_kernels.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -9,9 +9,10 @@ gets an exponential moving average of the values before it,
 The sum is over strictly earlier positions (the token's own value is not included), so the patch is
 causal, and it does not look at queries or keys: with ``eta = 0`` nothing changes.
 
-Where it acts. The patch is applied at ``hook_z`` (per-head attention output before ``W_O``) on
+Where it acts. The patch is a list of `icl_kernels.patching.Edit`s (`momentum_edits`), applied at
+``hook_z`` (per-head attention output before ``W_O``) on
 the chosen layers, which changes the output on HookedTransformer and TransformerBridge alike; the
-values come from ``hook_v`` of the same layer in the same forward. Grouped-query models (Gemma,
+values come from ``hook_v`` of the same layer in the same forward (the edits read ``v``). Grouped-query models (Gemma,
 Llama) have fewer value heads than query heads: each query head gets the momentum of the value
 head it reads, as in the attention itself (`icl_kernels.hooks.repeat_kv`). On sliding-window layers
 (GPT-Neo local layers, Gemma-3) the sum still runs over every earlier position, as the formula is
@@ -29,10 +30,14 @@ are real, so right padding needs nothing. For other layouts (left padding) pass 
 values at masked positions are zeroed, and since the weight depends only on the distance ``t - i``
 the result then equals the unpadded one.
 
-Use it as a context manager; the hooks go away on exit, also when the body raises::
+Use it as a context manager (`icl_kernels.patching.edits_on` with `momentum_edits`); the hooks go
+away on exit, also when the body raises::
 
     with momentum_attention(model, eta=0.3, layers=[0, 1]):
         logits = model(tokens)
+
+or pass ``momentum_edits(model, eta, layers)`` to `icl_kernels.patching.run_with_edits`, alone or
+with other edits.
 
 For training a Hugging Face model from scratch with momentum (``experiments/train_synthetic.py``),
 `hf_momentum_attention` applies the same term with PyTorch hooks on the ``v_proj`` and
@@ -51,15 +56,17 @@ from torch import Tensor
 
 from icl_kernels.config import parse_layer_set as parse_layers
 from icl_kernels.errors import InvalidOptionError
-from icl_kernels.hooks import act_name, hooks_on, repeat_kv
+from icl_kernels.hooks import repeat_kv
+from icl_kernels.patching import Edit, EditContext, edits_on
 
 __all__ = [
     "MomentumConfigError",
     "check_eta",
     "momentum_term",
-    "momentum_hooks",
+    "momentum_edits",
     "momentum_attention",
     "hf_momentum_attention",
+    "compact_layers",
     "DEFAULT_CHUNK",
 ]
 
@@ -150,37 +157,28 @@ def momentum_term(
     return out.reshape(batch, n_pos, *rest).to(v.dtype)
 
 
-def _check_model_layers(model, layers) -> tuple[int, ...]:
-    return parse_layers(layers, model.cfg.n_layers)
-
-
-def momentum_hooks(
+def momentum_edits(
     model,
     eta: float,
     layers: str | int | Iterable[int] | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK,
     attention_mask: Bool[Tensor, "batch pos"] | None = None,
-) -> list[tuple[str, object]]:
-    """The ``(hook name, function)`` pairs of the patch, for `icl_kernels.hooks.hooks_on`.
-
-    Each chosen layer gets a ``hook_v`` function that keeps the values of the current forward and
-    a ``hook_z`` function that adds their momentum. Prefer `momentum_attention`.
+) -> list[Edit]:
+    """The patch as `icl_kernels.patching.Edit`s: on each chosen layer (default all), ``hook_z``
+    becomes ``z_t + sum_{i<t} eta^(t-i) v_i`` with ``v`` read from the same forward pass (each
+    query head gets the momentum of the value head it reads). ``eta = 0`` gives no edits.
     """
     eta = check_eta(eta)
-    chosen = _check_model_layers(model, layers)
+    chosen = parse_layers(layers, model.cfg.n_layers)
+    if eta == 0.0:
+        return []
     n_heads = model.cfg.n_heads
-    hooks: list[tuple[str, object]] = []
+    edits = []
     for layer in chosen:
-        store: dict[str, Tensor] = {}
 
-        def keep_v(tensor: Tensor, hook, store=store) -> None:
-            store["v"] = tensor
-
-        def add_momentum(z: Tensor, hook, store=store, layer=layer) -> Tensor:
-            v = store.pop("v", None)
-            if v is None:
-                raise RuntimeError(f"hook_v of layer {layer} did not fire before hook_z; cannot add momentum.")
+        def add_momentum(z: Tensor, context: EditContext, layer=layer) -> Tensor:
+            v = context.activations["v"]
             flat = z.ndim == 3
             z_heads = z.view(*z.shape[:2], n_heads, -1) if flat else z
             if v.ndim == 3:
@@ -189,19 +187,17 @@ def momentum_hooks(
                 raise RuntimeError(
                     f"Layer {layer}: {z_heads.shape[2]} query heads are not a multiple of {v.shape[2]} value heads."
                 )
-            mask = attention_mask
-            if mask is not None and mask.shape[1] != v.shape[1]:
+            if attention_mask is not None and attention_mask.shape[1] != v.shape[1]:
                 raise ValueError(
-                    f"attention_mask covers {mask.shape[1]} positions but the forward has {v.shape[1]}."
+                    f"attention_mask covers {attention_mask.shape[1]} positions but the forward has {v.shape[1]}."
                 )
-            term = momentum_term(v, eta, chunk_size=chunk_size, attention_mask=mask)
+            term = momentum_term(v, eta, chunk_size=chunk_size, attention_mask=attention_mask)
             term = repeat_kv(term, z_heads.shape[2] // v.shape[2])
             out = z_heads + term.to(z.dtype)
             return out.view(z.shape) if flat else out
 
-        hooks.append((act_name("v", layer), keep_v))
-        hooks.append((act_name("z", layer), add_momentum))
-    return hooks
+        edits.append(Edit(layer, add_momentum, "z", f"momentum eta={eta:g} L{layer}", reads=("v",)))
+    return edits
 
 
 @contextlib.contextmanager
@@ -213,18 +209,13 @@ def momentum_attention(
     chunk_size: int = DEFAULT_CHUNK,
     attention_mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Iterator[object]:
-    """Momentum attention on ``layers`` (default all) for the duration of a ``with`` block.
+    """Momentum attention on ``layers`` (default all) for the duration of a ``with`` block:
+    `icl_kernels.patching.edits_on` with `momentum_edits`.
 
     Works on HookedTransformer and TransformerBridge. ``eta = 0`` adds no hooks. The hooks are
     removed on exit, also when the block raises. Other hook contexts may be nested inside.
     """
-    eta = check_eta(eta)
-    chosen = _check_model_layers(model, layers)
-    if eta == 0.0:
-        yield model
-        return
-    hooks = momentum_hooks(model, eta, chosen, chunk_size=chunk_size, attention_mask=attention_mask)
-    with hooks_on(model, hooks):
+    with edits_on(model, momentum_edits(model, eta, layers, chunk_size=chunk_size, attention_mask=attention_mask)):
         yield model
 
 
@@ -291,17 +282,10 @@ def hf_momentum_attention(
             handle.remove()
 
 
-def describe(eta: float, layers: Sequence[int] | None) -> str:
-    """A short label such as ``eta=0.3 layers=0-5``."""
-    if layers is None:
-        return f"eta={eta:g} layers=all"
-    return f"eta={eta:g} layers={_compact(layers)}"
-
-
-def _compact(layers: Sequence[int]) -> str:
+def compact_layers(layers: Sequence[int]) -> str:
     """``[0,1,2,5]`` -> ``"0-2,5"``.
 
-    >>> _compact([0, 1, 2, 5])
+    >>> compact_layers([0, 1, 2, 5])
     '0-2,5'
     """
     parts, run = [], []

@@ -9,11 +9,14 @@ output on both backends (a TransformerBridge discards edits to ``hook_pattern``)
 contribution to the residual stream is ``z_h @ W_O[h]``, so zeroing ``z_h`` removes exactly that
 head's term (the output bias ``b_O`` is shared by the layer and stays).
 
-`run_with_edits` is the engine: it runs a model over `icl_kernels.prompts.IclPrompt`s with a list
-of `Edit`s (hooks live inside `icl_kernels.hooks.hooks_on`, so they are removed even when a hook or
-the model raises) and returns the log-probabilities of each class's label token at every prompt's
-prediction position. Edits see an `EditContext` with the global index of each batch row, so an
-edit can carry per-prompt tensors recorded in another run. The named variants build edits:
+`edits_on` is the engine: a context manager that applies a list of `Edit`s to every forward pass
+inside its block (hooks live inside `icl_kernels.hooks.hooks_on`, so they are removed even when a
+hook or the model raises). Edits declare the same-layer activations they need (`Edit.reads`: q, k,
+v of the same forward pass), which the engine keeps for them. `run_with_edits` runs a model over
+`icl_kernels.prompts.IclPrompt`s under `edits_on` and returns the log-probabilities of each
+class's label token at every prompt's prediction position; there edits see an `EditContext` with
+the global index of each batch row and its prediction position, so an edit can carry per-prompt
+tensors recorded in another run. The named variants build edits:
 
 * `zero_ablation`: chosen heads write nothing (``z_h = 0``);
 * `mean_ablation`: chosen heads write their mean output over reference prompts (`head_means`),
@@ -23,11 +26,11 @@ edit can carry per-prompt tensors recorded in another run. The named variants bu
   in length, so values are taken and written at each run's own prediction position;
 * `zero_attn_out`: a whole layer's attention output is removed at ``hook_attn_out``.
 
-Two more theories enter as edits of the same kind: `relaxed_attention_edits` replaces chosen
-layers by relaxed linear attention, (W_ZSL + dW_ICL) q (`icl_kernels.relaxation`), and
-`momentum_edits` adds momentum attention's decaying sum of earlier values (`icl_kernels.momentum`).
-Such edits declare the same-layer activations they need (`Edit.reads`: q, k, v from the same
-forward pass).
+Two more theories enter as edits of the same kind, built in their own modules:
+`icl_kernels.relaxation.relaxed_attention_edits` replaces chosen layers by relaxed linear
+attention, (W_ZSL + dW_ICL) q, and `icl_kernels.momentum.momentum_edits` adds momentum attention's
+decaying sum of earlier values. Their context managers (``relaxed_attention``,
+``momentum_attention``) are ``edits_on`` with those edits.
 
 `effects_frame` turns clean and edited scores into a tidy table (one row per prompt and
 condition): prediction, correctness, agreement with the clean prediction and the change in the
@@ -37,7 +40,8 @@ Labels are scored by their first token (as `icl_kernels.kernel.analyze_heads` do
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,8 +53,8 @@ from torch import Tensor
 from icl_kernels import backend as tl_backend
 from icl_kernels.capture import capture
 from icl_kernels.stats import wilson_interval
-from icl_kernels.hooks import act_name, hooks_on
-from icl_kernels.evaluate import unembed
+from icl_kernels.capture import unembed
+from icl_kernels.hooks import act_name, hooks_on, run_until
 
 __all__ = [
     "SITES",
@@ -58,6 +62,8 @@ __all__ = [
     "Head",
     "EditContext",
     "Edit",
+    "check_edits",
+    "edits_on",
     "run_with_edits",
     "record_heads",
     "head_means",
@@ -65,21 +71,16 @@ __all__ = [
     "mean_ablation",
     "patch_heads",
     "zero_attn_out",
-    "relaxed_attention_edits",
-    "momentum_edits",
     "effects_frame",
     "summarize_effects",
     "check_heads",
+    "check_positions",
 ]
 
 SITES = ("z", "attn_out")
 _READABLE = ("q", "k", "v", "rot_q", "rot_k")
 POSITIONS = ("prediction", "all")
 Head = tuple[int, int]  # (layer, head)
-
-
-class _StopForward(Exception):
-    """Ends the forward pass once the unembedding input of the prediction positions is kept."""
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,25 @@ class EditContext:
         lengths: each row's real (unpadded) length.
         activations: the activations of this layer that the edit asked for (`Edit.reads`), from the
             same forward pass, keyed by kind (e.g. ``"v"``, ``"rot_q"``).
+
+    ``rows``, ``prediction_positions`` and ``lengths`` are None under a bare `edits_on` (any
+    forward pass, no prompts); `predictions` fails clearly there.
     """
 
     layer: int
-    rows: Int[Tensor, " batch"]
-    prediction_positions: Int[Tensor, " batch"]
-    lengths: Int[Tensor, " batch"]
+    rows: Int[Tensor, " batch"] | None = None
+    prediction_positions: Int[Tensor, " batch"] | None = None
+    lengths: Int[Tensor, " batch"] | None = None
     activations: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def predictions(self, device: torch.device | str | None = None) -> Int[Tensor, " batch"]:
+        """The prediction positions (on ``device``); an error outside `run_with_edits`."""
+        if self.prediction_positions is None:
+            raise ValueError(
+                f"An edit at layer {self.layer} acts at the prediction positions, which only run_with_edits "
+                "knows; use positions='all' under edits_on, or run the prompts with run_with_edits."
+            )
+        return self.prediction_positions.to(device) if device is not None else self.prediction_positions
 
 
 EditFn = Callable[[Tensor, EditContext], Tensor]
@@ -154,7 +167,8 @@ def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
     return layers
 
 
-def _check_positions_arg(positions: str) -> None:
+def check_positions(positions: str) -> None:
+    """A clear error unless ``positions`` is one of `POSITIONS`."""
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}.")
 
@@ -162,6 +176,87 @@ def _check_positions_arg(positions: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # The engine
 # ------------------------------------------------------------------------------------------------
+
+
+def check_edits(model: tl_backend.Model, edits: Iterable[Edit]) -> list[Edit]:
+    """``edits`` as a list, after checking that each is an `Edit` on a layer of the model."""
+    edits = list(edits)
+    n_layers = model.cfg.n_layers
+    for edit in edits:
+        if not isinstance(edit, Edit):
+            raise TypeError(f"edits must be Edit objects, got {type(edit).__name__}.")
+        if not 0 <= edit.layer < n_layers:
+            raise ValueError(f"Edit {edit.label or edit.fn} targets layer {edit.layer}; the model has {n_layers}.")
+    return edits
+
+
+@contextlib.contextmanager
+def edits_on(
+    model: tl_backend.Model,
+    edits: Iterable[Edit],
+    *,
+    rows: Int[Tensor, " batch"] | None = None,
+    prediction_positions: Int[Tensor, " batch"] | None = None,
+    lengths: Int[Tensor, " batch"] | None = None,
+) -> Iterator[tl_backend.Model]:
+    """Apply ``edits`` to every forward pass inside the block; the hooks are gone afterwards, also
+    when the block, an edit or the model raises.
+
+    Several edits on the same hook are applied in the order given. The activations an edit reads
+    (`Edit.reads`) are kept from the same forward pass and released once the layer's last editing
+    hook has run. ``rows``, ``prediction_positions`` and ``lengths`` describe the batch for edits
+    that need them (`run_with_edits` passes them); other hook contexts may be nested inside.
+    """
+    edits = check_edits(model, edits)
+    seen: dict[int, dict[str, Tensor]] = {}
+    grouped: dict[tuple[str, int], list[Edit]] = {}
+    for edit in edits:
+        grouped.setdefault((edit.site, edit.layer), []).append(edit)
+    last_reader: dict[int, str] = {}  # the site whose hook releases the layer's kept activations
+    for edit in edits:
+        if edit.reads:
+            last_reader[edit.layer] = max(last_reader.get(edit.layer, edit.site), edit.site, key=SITES.index)
+
+    def keep(kind: str, layer: int):
+        def hook(tensor: Tensor, hook) -> None:
+            seen.setdefault(layer, {})[kind] = tensor
+
+        return hook
+
+    def apply(site: str, layer: int, group: list[Edit]):
+        context = EditContext(layer, rows, prediction_positions, lengths, seen.setdefault(layer, {}))
+        needed = sorted({kind for edit in group for kind in edit.reads})
+
+        def hook(tensor: Tensor, hook) -> Tensor:
+            missing = [kind for kind in needed if kind not in context.activations]
+            if missing:
+                raise RuntimeError(
+                    f"hook_{'/'.join(missing)} of layer {layer} did not fire before hook_{site}; cannot apply "
+                    f"{', '.join(edit.label or str(edit.fn) for edit in group)}."
+                )
+            for edit in group:
+                new = edit.fn(tensor, context)
+                if new.shape != tensor.shape:
+                    raise ValueError(
+                        f"An edit at layer {layer} returned shape {tuple(new.shape)} for an activation "
+                        f"of shape {tuple(tensor.shape)}."
+                    )
+                tensor = new.to(tensor.dtype)
+            if last_reader.get(layer) == site:
+                context.activations.clear()  # type: ignore[attr-defined]
+            return tensor
+
+        return hook
+
+    reads = sorted({(edit.layer, kind) for edit in edits for kind in edit.reads})
+    hooks = [(act_name(kind, layer), keep(kind, layer)) for layer, kind in reads]
+    hooks += [(act_name(site, layer), apply(site, layer, group)) for (site, layer), group in grouped.items()]
+    try:
+        with hooks_on(model, hooks):
+            yield model
+    finally:
+        for kept in seen.values():
+            kept.clear()
 
 
 def run_with_edits(
@@ -175,12 +270,14 @@ def run_with_edits(
     record: bool = False,
 ) -> Float[Tensor, "batch n_classes"] | tuple[Tensor, Tensor]:
     """Log-probabilities (over the whole vocabulary) of each class's first label token at each
-    prompt's prediction position, with ``edits`` applied. CPU tensor; rows follow ``prompts``.
+    prompt's prediction position, with ``edits`` applied (`edits_on`). CPU tensor; rows follow
+    ``prompts``.
 
     Several edits on the same hook are applied in the order given. The forward pass stops at the
-    unembedding input. With ``record=True`` the same pass also returns every head's output ``z`` at
-    the prediction positions (after any edits), ``[prompt layer head_index d_head]``, the values
-    `patch_heads` writes into another run: ``(scores, z)``.
+    unembedding input (`icl_kernels.hooks.run_until`). With ``record=True`` the same pass also
+    returns every head's output ``z`` at the prediction positions (after any edits),
+    ``[prompt layer head_index d_head]``, the values `patch_heads` writes into another run:
+    ``(scores, z)``.
     """
     from icl_kernels.prompts import batches
 
@@ -188,12 +285,8 @@ def run_with_edits(
         raise ValueError("run_with_edits needs at least one prompt.")
     if not label_ids or any(len(ids) == 0 for ids in label_ids):
         raise ValueError("label_ids must give at least one token id per class.")
+    edits = check_edits(model, edits)
     n_layers = model.cfg.n_layers
-    for edit in edits:
-        if not isinstance(edit, Edit):
-            raise TypeError(f"edits must be Edit objects, got {type(edit).__name__}.")
-        if not 0 <= edit.layer < n_layers:
-            raise ValueError(f"Edit {edit.label or edit.fn} targets layer {edit.layer}; the model has {n_layers}.")
     device = tl_backend.model_device(model)
     if pad_token_id is None:
         tok = getattr(model, "tokenizer", None)
@@ -209,71 +302,26 @@ def run_with_edits(
         positions = batch.prediction_positions
         kept: dict[str, Tensor] = {}
 
-        seen: dict[int, dict[str, Tensor]] = {}
-
-        def make_hook(layer: int, fns: list[EditFn], rows=rows, positions=positions, lengths=batch.lengths):
-            context = EditContext(layer, rows, positions, lengths, seen.setdefault(layer, {}))
-
-            def hook(tensor: Tensor, hook) -> Tensor:
-                for fn in fns:
-                    if fn is _RECORD:
-                        at = tensor.detach()[torch.arange(tensor.shape[0], device=tensor.device), positions]
-                        kept[f"z{layer}"] = at.cpu()
-                        continue
-                    new = fn(tensor, context)
-                    if new.shape != tensor.shape:
-                        raise ValueError(
-                            f"An edit at layer {layer} returned shape {tuple(new.shape)} for an activation "
-                            f"of shape {tuple(tensor.shape)}."
-                        )
-                    tensor = new.to(tensor.dtype)
-                return tensor
-
-            return hook
-
-        def keep_final(tensor: Tensor, hook, positions=positions) -> None:
-            kept["final"] = tensor.detach()[torch.arange(tensor.shape[0], device=tensor.device), positions]
-            raise _StopForward
-
-        grouped: dict[tuple[str, int], list[EditFn]] = {}
-        for edit in edits:
-            grouped.setdefault((edit.site, edit.layer), []).append(edit.fn)
-        if record:
-            for layer in range(n_layers):
-                grouped.setdefault(("z", layer), []).append(_RECORD)
-        def keep(kind: str, layer: int):
+        def keep_at_prediction(key: str, positions=positions):
             def hook(tensor: Tensor, hook) -> None:
-                seen.setdefault(layer, {})[kind] = tensor
+                kept[key] = tensor.detach()[torch.arange(tensor.shape[0], device=tensor.device), positions]
 
             return hook
 
-        reads = sorted({(edit.layer, kind) for edit in edits for kind in edit.reads})
-        hooks = [(act_name(kind, layer), keep(kind, layer)) for layer, kind in reads]
-        hooks += [(act_name(site, layer), make_hook(layer, fns)) for (site, layer), fns in grouped.items()]
-        hooks.append(("unembed.hook_in", keep_final))
-        try:
-            with torch.no_grad(), hooks_on(model, hooks):
-                model(batch.tokens)
-        except _StopForward:
-            pass
-        finally:
-            seen.clear()
+        # registered after the edits (an inner hook context), so they see the edited values
+        hooks = [(act_name("z", layer), keep_at_prediction(f"z{layer}")) for layer in range(n_layers)] if record else []
+        hooks.append(("unembed.hook_in", keep_at_prediction("final")))
+        with torch.no_grad(), edits_on(model, edits, rows=rows, prediction_positions=positions, lengths=batch.lengths):
+            run_until(model, batch.tokens, hooks)
         if "final" not in kept:
             raise RuntimeError("unembed.hook_in did not fire; cannot score the prediction positions.")
         with torch.no_grad():
             logits = unembed(model, kept["final"]).float()
         out.append(logits.log_softmax(-1)[:, first].cpu())
         if record:
-            recorded.append(torch.stack([kept[f"z{layer}"] for layer in range(n_layers)], dim=1))
+            recorded.append(torch.stack([kept[f"z{layer}"].cpu() for layer in range(n_layers)], dim=1))
     scores = torch.cat(out)
     return (scores, torch.cat(recorded)) if record else scores
-
-
-def _record_marker(tensor: Tensor, context: EditContext) -> Tensor:  # pragma: no cover - never called
-    return tensor
-
-
-_RECORD: EditFn = _record_marker
 
 
 def record_heads(
@@ -331,7 +379,7 @@ def _write(
             z[:, :, idx] = values.to(z.device, z.dtype)[:, None]
         return z
     rows = torch.arange(z.shape[0], device=z.device)
-    pred = context.prediction_positions.to(z.device)
+    pred = context.predictions(z.device)
     current = z[rows, pred]  # [batch head d_head]
     current[:, idx] = 0 if values is None else values.to(z.device, z.dtype)
     z[rows, pred] = current
@@ -340,7 +388,7 @@ def _write(
 
 def zero_ablation(heads: Iterable[Head], positions: str = "prediction") -> list[Edit]:
     """Edits that set the chosen heads' outputs to 0 at the prediction position (or at ``"all"``)."""
-    _check_positions_arg(positions)
+    check_positions(positions)
     edits = []
     for layer, hs in _by_layer(heads).items():
 
@@ -355,7 +403,7 @@ def mean_ablation(
     heads: Iterable[Head], means: Float[Tensor, "layer head_index d_head"], positions: str = "prediction"
 ) -> list[Edit]:
     """Edits that replace the chosen heads' outputs by their mean over reference prompts."""
-    _check_positions_arg(positions)
+    check_positions(positions)
     edits = []
     for layer, hs in _by_layer(heads).items():
         if layer >= means.shape[0] or max(hs) >= means.shape[1]:
@@ -392,7 +440,7 @@ def patch_heads(heads: Iterable[Head], source: Float[Tensor, "prompt layer head_
 
 def zero_attn_out(layers: Iterable[int], positions: str = "all") -> list[Edit]:
     """Edits that remove whole layers' attention outputs (``hook_attn_out`` set to 0)."""
-    _check_positions_arg(positions)
+    check_positions(positions)
     edits = []
     for layer in sorted({int(x) for x in layers}):
 
@@ -401,66 +449,10 @@ def zero_attn_out(layers: Iterable[int], positions: str = "all") -> list[Edit]:
             if positions == "all":
                 out.zero_()
             else:
-                out[torch.arange(out.shape[0], device=out.device), context.prediction_positions.to(out.device)] = 0
+                out[torch.arange(out.shape[0], device=out.device), context.predictions(out.device)] = 0
             return out
 
         edits.append(Edit(layer, fn, "attn_out", f"zero attn_out L{layer}"))
-    return edits
-
-
-def relaxed_attention_edits(model: tl_backend.Model, layers: Iterable[int], positions: str = "all") -> list[Edit]:
-    """Edits that replace the chosen layers' outputs by relaxed linear attention (Dai et al.):
-    ``z_p = sum_j (q_p . k_j) v_j = (W_ZSL + dW_ICL) q_p`` from the same pass's q, k, v, computed by
-    `icl_kernels.relaxation.relaxed_z` (post-rotary q/k, local windows, grouped key/value heads).
-    With ``positions="prediction"`` only the prediction position's output is replaced."""
-    from icl_kernels.hooks import attention_spec, rotary_hook_kinds, rotated_qk
-    from icl_kernels.relaxation import relaxed_z
-
-    _check_positions_arg(positions)
-    n_layers = model.cfg.n_layers
-    chosen = sorted({int(x) for x in layers})
-    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"Layers {bad} do not exist; the model has {n_layers} layers.")
-    q_kind, k_kind = rotary_hook_kinds(model)
-    edits = []
-    for layer in chosen:
-        spec = attention_spec(model, layer)
-
-        def fn(z: Tensor, context: EditContext, layer=layer, spec=spec) -> Tensor:
-            acts = context.activations
-            q, k = rotated_qk(model, layer, acts[q_kind], acts[k_kind])
-            new = relaxed_z(q, k, acts["v"], spec).to(z.dtype)
-            if positions == "all":
-                return new
-            rows = torch.arange(z.shape[0], device=z.device)
-            pred = context.prediction_positions.to(z.device)
-            z = z.clone()
-            z[rows, pred] = new[rows, pred]
-            return z
-
-        edits.append(Edit(layer, fn, "z", f"relaxed L{layer}", reads=(q_kind, k_kind, "v")))
-    return edits
-
-
-def momentum_edits(model: tl_backend.Model, eta: float, layers: Iterable[int] | None = None) -> list[Edit]:
-    """Edits that add momentum to the chosen layers' head outputs (Dai et al., section 5):
-    ``z_t + sum_{i<t} eta^(t-i) v_i``, with `icl_kernels.momentum.momentum_term` (each query head
-    gets the momentum of the value head it reads)."""
-    from icl_kernels.hooks import repeat_kv
-    from icl_kernels.momentum import check_eta, momentum_term, parse_layers
-
-    eta = check_eta(eta)
-    chosen = parse_layers(None if layers is None else list(layers), model.cfg.n_layers)
-    edits = []
-    for layer in chosen:
-
-        def fn(z: Tensor, context: EditContext) -> Tensor:
-            v = context.activations["v"]
-            term = momentum_term(v, eta)
-            return z + repeat_kv(term, z.shape[2] // v.shape[2]).to(z.dtype)
-
-        edits.append(Edit(layer, fn, "z", f"momentum eta={eta} L{layer}", reads=("v",)))
     return edits
 
 
@@ -524,3 +516,17 @@ def summarize_effects(frame: pd.DataFrame, by: Sequence[str] = ("condition",)) -
             mean_margin_change=float(np.mean(g["margin_change"])),
         ))
     return pd.DataFrame.from_records(records)
+
+
+def __getattr__(name: str):
+    """The momentum and relaxed-attention edit builders live in their own modules now; callers not
+    yet updated (``experiments/sweep.py``) still find them here. Remove once none imports them."""
+    if name == "momentum_edits":
+        from icl_kernels.momentum import momentum_edits
+
+        return momentum_edits
+    if name == "relaxed_attention_edits":
+        from icl_kernels.relaxation import relaxed_attention_edits
+
+        return relaxed_attention_edits
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

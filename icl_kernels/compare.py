@@ -204,7 +204,7 @@ def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], lab
     for result, episode in zip(tuned, episodes):
         with result.applied() as model:
             for prompt, gold in zip(episode.dev_prompts, episode.dev_gold):
-                rec = _label_only(model, list(prompt.tokens), label_tokens)
+                rec = _prediction_log_probs(model, list(prompt.tokens), label_tokens)
                 right += int(int(rec.argmax()) == gold)
                 gold_lp += float(rec.log_softmax(-1)[gold])
                 total += 1
@@ -213,7 +213,7 @@ def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], lab
     return right / total, gold_lp / total
 
 
-def _label_only(model, tokens: Sequence[int], label_tokens) -> Tensor:
+def _prediction_log_probs(model, tokens: Sequence[int], label_tokens) -> Tensor:
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=tl_backend.model_device(model))
     with torch.no_grad():
         resid = final_residual(model, ids)[0, -1]
@@ -221,7 +221,7 @@ def _label_only(model, tokens: Sequence[int], label_tokens) -> Tensor:
     return logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)].cpu()
 
 
-class _Side:
+class _ModelPass:
     """One model's pass over the episodes: finetuning and per-query metrics (trained or untrained)."""
 
     def __init__(self, model, episodes, label_tokens, cfg: ComparisonSettings, lr: float, *, direct: bool):
@@ -249,15 +249,15 @@ class _Side:
             start = time.perf_counter()
             tuned = finetune(self.model, episode.train_sequences, self.lr, record_queries=True)
             self.ft_seconds += time.perf_counter() - start
-            self._ft_updates(e, tuned)
+            self._record_ft_updates(e, tuned)
             train_q = tuned.all_queries()  # [layer n_tok head d]
             for i, (icl_p, zsl_p, gold) in enumerate(zip(episode.icl_prompts, episode.zsl_prompts, episode.gold)):
-                self._query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen)
+                self._compare_query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen)
                 if progress is not None:
                     progress(1)
             del tuned
 
-    def _ft_updates(self, episode: int, tuned: FinetuneResult) -> None:
+    def _record_ft_updates(self, episode: int, tuned: FinetuneResult) -> None:
         for layer in range(self.n_layers):
             k0, v0 = kv_weights(self.model, layer)
             with tuned.applied() as tuned_model:
@@ -268,7 +268,7 @@ class _Side:
                 wk_norm=float(k0.double().norm()), wv_norm=float(v0.double().norm()),
             ))
 
-    def _query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen):
+    def _compare_query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen):
         pos = self.cfg.position
         first = self.label_tokens[0]
         icl_tokens, icl_pred, icl_rec = recording_tokens(icl_p, pos, first)
@@ -310,9 +310,9 @@ class _Side:
         self.add(self.per_layer, "kendall", torch.tensor(taus))
         self.add(self.per_layer, "kendall_random", torch.tensor(randoms))
         if direct:
-            self._direct(icl_p, zsl_p, icl, zsl, ft)
+            self._compare_updates(icl_p, zsl_p, icl, zsl, ft)
 
-    def _direct(self, icl_p, zsl_p, icl: Record, zsl: Record, ft: Record) -> None:
+    def _compare_updates(self, icl_p, zsl_p, icl: Record, zsl: Record, ft: Record) -> None:
         start_query = icl_p.query_span[0]
         demo_mask = torch.zeros(1, len(icl.k[0]), dtype=torch.bool)
         demo_mask[0, 1:start_query] = True  # demonstrations and separators; BOS and query are ZSL
@@ -434,40 +434,60 @@ def compare_icl_with_finetuning(
     bar = tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
-    side = _Side(model, episodes, label_tokens, cfg, lr, direct=cfg.direct)
+    side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct)
     side.run(bar.update, gen)
     timing["trained_s"] = time.perf_counter() - start
     timing["trained_finetune_s"] = side.ft_seconds
     control = None
     if untrained is not None:
         start = time.perf_counter()
-        control = _Side(untrained, episodes, label_tokens, cfg, lr, direct=False)
+        control = _ModelPass(untrained, episodes, label_tokens, cfg, lr, direct=False)
         control.run(bar.update, gen)
         timing["untrained_s"] = time.perf_counter() - start
     bar.close()
+    metrics = _summary_metrics(side, control, cfg, lr, n_episodes=len(episodes))
+    layers, heads, examples = _rows(side, control)
+    return CompareResult(metrics=metrics, layers=layers, heads=heads, examples=examples, lr_table=lr_table,
+                         timing=timing)
 
+
+_METRICS = ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random")
+_DIRECT_METRICS = ("dw_cosine", "dw_output_cosine", "dw_icl_norm", "dw_ft_norm", "w_zsl_norm", "dw_icl_stable_rank")
+
+
+def _summary_metrics(
+    side: _ModelPass, control: _ModelPass | None, cfg: ComparisonSettings, lr: float, n_episodes: int
+) -> dict:
+    """Accuracies, Rec2FTP and the layer means of every metric (the untrained control's beside them)."""
     layer_means = side.layer_means()
-    head_means = side.head_means()
-    metrics: dict = dict(position=cfg.position, lr=lr, n_test=n_queries, n_episodes=len(episodes))
+    n_queries = len(side.rows)
+    metrics: dict = dict(position=cfg.position, lr=lr, n_test=n_queries, n_episodes=n_episodes)
     metrics.update(side.accuracies())
-    for name in ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random"):
+    for name in _METRICS:
         metrics[name] = _mean(layer_means[name])
     if control is not None:
         c_means = control.layer_means()
         metrics["simaou_untrained"] = _mean(c_means["simaou"])
         metrics["untrained"] = dict(control.accuracies())
-        for name in ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random"):
+        for name in _METRICS:
             metrics["untrained"][name] = _mean(c_means[name])
     else:
         metrics["simaou_untrained"] = float("nan")
     if cfg.direct:
-        for name in ("dw_cosine", "dw_output_cosine", "dw_icl_norm", "dw_ft_norm", "w_zsl_norm", "dw_icl_stable_rank"):
+        for name in _DIRECT_METRICS:
             metrics[name] = _mean(layer_means[name])
         metrics["identity_max_abs_error"] = side.identity_error
     updates = side.ft_update_rows
     metrics["ft_dwk_norm"] = float(np.mean([r["dwk_norm"] for r in updates]))
     metrics["ft_dwv_norm"] = float(np.mean([r["dwv_norm"] for r in updates]))
+    return metrics
 
+
+def _rows(side: _ModelPass, control: _ModelPass | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per-layer, per-head and per-query rows (the untrained control's columns beside the trained ones)."""
+    layer_means = side.layer_means()
+    head_means = side.head_means()
+    updates = side.ft_update_rows
     layers = []
     c_means = control.layer_means() if control is not None else {}
     for layer in range(side.n_layers):
@@ -489,5 +509,4 @@ def compare_icl_with_finetuning(
     if control is not None:
         for row, c_row in zip(examples, control.rows):
             row.update({f"untrained_{k}": c_row[k] for k in ("zsl_pred", "icl_pred", "ft_pred")})
-    return CompareResult(metrics=metrics, layers=layers, heads=heads, examples=examples, lr_table=lr_table,
-                         timing=timing)
+    return layers, heads, examples

@@ -7,9 +7,10 @@ One run measures, on the same prompts:
 
 * the plain forward: ``model(tokens)`` (full logits) on each query's k-shot prompt, the median
   over the queries (the unit of every ratio);
-* the comparison (`icl_kernels.compare.compare`), split into the learning-rate search on the
-  development queries, the trained side (finetuning once per episode, then per query the ICL, ZSL
-  and FT recordings with the W_ZSL / dW_ICL split), and the untrained-model control;
+* the comparison (the ``compare`` study, `icl_kernels.studies.compare`, on the loaded model),
+  split into the learning-rate search on the development queries, the trained side (finetuning
+  once per episode, then per query the ICL, ZSL and FT recordings with the W_ZSL / dW_ICL split),
+  and the untrained-model control (building the untrained copy included);
 * the dW_ICL split alone per query, timed separately: it is computed in ``d_head x d_head`` form
   from hooked keys and values; the ``d_model x d_model`` per-head products (``W_V X X^T W_K^T``)
   are never formed, and the printed memory compares the two per layer.
@@ -45,22 +46,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from icl_kernels.cli_compare import CompareRunConfig, synthetic_episodes, synthetic_world_of, text_episodes
-    from icl_kernels.compare import CompareConfig, compare, record, untrained_copy
+    from icl_kernels.compare_record import record
     from icl_kernels.hooks import attention_spec
-    from icl_kernels.models import load_model
+    from icl_kernels.models import synthetic_world
     from icl_kernels.relaxation import decompose
-    from icl_kernels.tasks import get_task
+    from icl_kernels.studies import get_study
+    from icl_kernels.studies.compare import build_episodes
 
+    study = get_study("compare")
     lrs = tuple(float(x) for x in args.lrs.split(","))
-    cfg = CompareRunConfig(model=args.model, task=args.task, shots=args.shots, n_test=args.n_test,
-                           n_dev=args.n_dev, lrs=lrs, threads=args.threads)
-    model = load_model(args.model, device="cpu")
-    world = synthetic_world_of(args.model)
-    if world is not None:
-        episodes, label_ids = synthetic_episodes(world, model.cfg.n_ctx, cfg)
-    else:
-        episodes, label_ids = text_episodes(get_task(args.task), model.tokenizer, model.cfg.n_ctx, cfg)
+    task = None if synthetic_world(args.model) is not None else args.task
+    cfg = study.config.from_dict(dict(model=args.model, device="cpu", task=task, shots=args.shots,
+                                      n_test=args.n_test, n_dev=args.n_dev, lrs=lrs))
+    model = cfg.model.load()
+    episodes, label_ids = build_episodes(cfg, model)
     prompts = [p for ep in episodes for p in ep.icl_prompts]
 
     plain = []
@@ -85,17 +84,15 @@ def main(argv=None) -> int:
                       torch.tensor([len(prompt) - 1]), mask)
         split_times.append(time.perf_counter() - start)
 
-    start = time.perf_counter()
-    untrained = untrained_copy(model)
-    build_untrained = time.perf_counter() - start
-    result = compare(model, episodes, label_ids, CompareConfig(lrs=lrs), untrained=untrained, progress=False)
+    report = study(cfg, model=model, progress=False)
     n = len(prompts)
-    t = result.timing
+    t = report.summary["timing"]
+    build_untrained = t["untrained_build_s"]
     total = t["lr_search_s"] + t["trained_s"] + t["untrained_s"] + build_untrained
     spec = attention_spec(model, 0)
     d_model, d_head, heads = model.cfg.d_model, spec.d_head, spec.n_heads
-    print(f"{args.model} on {args.task}: {n} queries, {args.shots} shots, mean prompt {sum(map(len, prompts)) / n:.0f} "
-          f"tokens, {len(lrs)} candidate lrs, {args.n_dev} dev queries, threads {args.threads}")
+    print(f"{args.model} on {report.summary['task']}: {n} queries, {args.shots} shots, mean prompt "
+          f"{sum(map(len, prompts)) / n:.0f} tokens, {len(lrs)} candidate lrs, {args.n_dev} dev queries, threads {args.threads}")
     print(f"plain forward (median over queries): {unit * 1000:.1f} ms")
     rows = [
         ("whole comparison per query (lr search + trained + untrained control)", total / n),

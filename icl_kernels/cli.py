@@ -24,7 +24,6 @@ from icl_kernels.io import write_csv, write_json
 ANALYSIS_COMMANDS: tuple[tuple[str, str], ...] = (
     ("icl_kernels.cli_heads", "add_heads_parser"),
     ("icl_kernels.cli_heads", "add_theorem_parser"),
-    ("icl_kernels.cli_compare", "add_compare_parser"),
 )
 
 

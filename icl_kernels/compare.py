@@ -12,6 +12,7 @@ Everything is read at an explicit *recording position*: ``"prediction"`` (the la
 whose next-token distribution is the prediction; the default) or ``"first-label"`` (the first token
 of the first class's label word appended after the prompt: what the original code recorded).
 Predictions always come from the prediction position (the first token of each label word).
+Each run is one forward pass recorded by `icl_kernels.compare_record.record`.
 
 Metrics (papers.md part A):
 
@@ -42,6 +43,12 @@ Metrics (papers.md part A):
 Means: per layer over queries (NaN-aware), then over layers (and heads for SimAM). Each query's
 relaxed identity ``(W_ZSL + dW_ICL) q == relaxed z`` is checked on the fly; the worst error is
 reported (``identity_max_abs_error``).
+
+The learning rate is chosen once, for all episodes, by `icl_kernels.finetune.select_lr` on the
+episodes' development queries (zero-shot prompts scored after finetuning); the untrained control is
+finetuned with the same rate. `compare_icl_with_finetuning` runs everything and returns the summary
+metrics and tidy per-layer, per-head and per-query rows (`CompareResult`); the ``compare`` study
+(`icl_kernels.studies.compare`) builds the episodes from a task or the synthetic world.
 """
 
 from __future__ import annotations
@@ -53,43 +60,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
-from icl_kernels.evaluate import unembed
+from icl_kernels.capture import final_residual, unembed
+from icl_kernels.compare_record import POSITIONS, Record, record, recording_tokens
+from icl_kernels.errors import InvalidOptionError
 from icl_kernels.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weights, select_lr
-from icl_kernels.hooks import (
-    act_name,
-    attention_scores,
-    attention_spec,
-    hooks_on,
-    repeat_kv,
-    rotary_hook_kinds,
-    rotated_qk,
-    visibility_mask,
-)
+from icl_kernels.hooks import attention_spec, repeat_kv, visibility_mask
 from icl_kernels.prompts import IclPrompt
-from icl_kernels.relaxation import decompose, linear_attention, rotate_by, stable_rank
-from icl_kernels.stats import cosine, kendall_tau
+from icl_kernels.relaxation import decompose, linear_attention, stable_rank
+from icl_kernels.stats import UNTRAINED_SEED_OFFSET, cosine, kendall_tau
 
 __all__ = [
-    "POSITIONS",
     "Episode",
-    "Record",
-    "record",
     "rec2ftp",
     "training_sequences",
     "first_label_tokens",
-    "CompareConfig",
+    "ComparisonSettings",
     "CompareResult",
-    "compare",
+    "compare_icl_with_finetuning",
     "untrained_copy",
-    "compare_figures",
 ]
-
-POSITIONS = ("prediction", "first-label")
-
 
 # ------------------------------------------------------------------------------------------------
 # Pure scores
@@ -166,138 +159,14 @@ def first_label_tokens(label_ids: Sequence[Sequence[int]]) -> list[int]:
     return first
 
 
-def _with_recording_token(prompt: IclPrompt, position: str, first_label: int) -> tuple[list[int], int, int]:
-    """(tokens, prediction position, recording position) for a recording-position option."""
-    tokens = list(prompt.tokens)
-    prediction = len(tokens) - 1
-    if position == "prediction":
-        return tokens, prediction, prediction
-    return tokens + [first_label], prediction, len(tokens)
-
-
-# ------------------------------------------------------------------------------------------------
-# One forward pass, recorded
-# ------------------------------------------------------------------------------------------------
-
-
-class _StopForward(Exception):
-    """Raised at the unembedding input to end a recorded forward pass."""
-
-
-@dataclass
-class Record:
-    """What a comparison needs from one prompt through one model (batch of one).
-
-    ``scores`` are the pre-softmax (scaled) scores of the recording position, ``-inf`` where
-    masked; ``q`` the recording position's query in the rotary-free frame; ``q_full``, ``k``, ``v``
-    (post-rotary, every position) are kept when ``with_kv`` for the W_ZSL / dW_ICL split.
-    """
-
-    label_log_probs: Float[Tensor, " n_classes"]
-    attn_out: Float[Tensor, "layer d_model"]
-    scores: Float[Tensor, "layer head_index key_pos"]
-    q: Float[Tensor, "layer head_index d_head"]
-    prediction_position: int
-    recording_position: int
-    q_full: list[Tensor] | None = None
-    k: list[Tensor] | None = None
-    v: list[Tensor] | None = None
-
-    @property
-    def pattern(self) -> Float[Tensor, "layer head_index key_pos"]:
-        return self.scores.softmax(-1)
-
-
-def record(
-    model: tl_backend.Model,
-    tokens: Sequence[int],
-    prediction_position: int,
-    recording_position: int,
-    label_tokens: Sequence[int],
-    *,
-    with_kv: bool = False,
-) -> Record:
-    """Run one prompt and keep attention outputs, score rows and queries at the recording position."""
-    width = len(tokens)
-    if not (0 <= prediction_position < width and 0 <= recording_position < width):
-        raise ValueError(
-            f"Positions {prediction_position}, {recording_position} outside a prompt of {width} tokens."
-        )
-    device = tl_backend.model_device(model)
-    n_layers = model.cfg.n_layers
-    q_kind, k_kind = rotary_hook_kinds(model)
-    kept: dict[tuple[str, int], Tensor] = {}
-
-    def keep(kind: str, layer: int):
-        def hook(tensor: Tensor, hook) -> None:
-            kept[(kind, layer)] = tensor.detach()
-
-        return hook
-
-    def keep_final(tensor: Tensor, hook) -> None:
-        kept[("final", 0)] = tensor.detach()[0, prediction_position]
-        raise _StopForward  # the unembedding of every position is not needed
-
-    hooks = []
-    for layer in range(n_layers):
-        hooks += [
-            (act_name(q_kind, layer), keep("q", layer)),
-            (act_name(k_kind, layer), keep("k", layer)),
-            (act_name("v", layer), keep("v", layer)),
-            (act_name("attn_out", layer), keep("attn_out", layer)),
-        ]
-    hooks.append(("unembed.hook_in", keep_final))
-    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-    try:
-        try:
-            with torch.no_grad(), hooks_on(model, hooks):
-                model(ids)
-        except _StopForward:
-            pass
-        if ("final", 0) not in kept:
-            raise RuntimeError("unembed.hook_in did not fire.")
-        with torch.no_grad():
-            logits = unembed(model, kept[("final", 0)][None])[0].double()
-        log_probs = logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)]
-        p = recording_position
-        attn_out, scores, queries = [], [], []
-        q_full, k_full, v_full = [], [], []
-        for layer in range(n_layers):
-            spec = attention_spec(model, layer)
-            q, k = rotated_qk(model, layer, kept.pop(("q", layer)), kept.pop(("k", layer)))
-            v = kept.pop(("v", layer))
-            attn_out.append(kept.pop(("attn_out", layer))[0, p])
-            compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-            row = attention_scores(q[:, p : p + 1].to(compute), k.to(compute), spec, query_offset=p)
-            scores.append(row[0, :, 0])
-            queries.append(rotate_by(q[0, p], spec, -p))
-            if with_kv:
-                q_full.append(q[0])
-                k_full.append(k[0])
-                v_full.append(v[0])
-    finally:
-        kept.clear()
-    return Record(
-        label_log_probs=log_probs.cpu(),
-        attn_out=torch.stack(attn_out).cpu(),
-        scores=torch.stack(scores).cpu(),
-        q=torch.stack(queries).cpu(),
-        prediction_position=prediction_position,
-        recording_position=recording_position,
-        q_full=[t.cpu() for t in q_full] if with_kv else None,
-        k=[t.cpu() for t in k_full] if with_kv else None,
-        v=[t.cpu() for t in v_full] if with_kv else None,
-    )
-
-
 # ------------------------------------------------------------------------------------------------
 # The comparison
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class CompareConfig:
-    """Options of one comparison (see the module docstring)."""
+class ComparisonSettings:
+    """How one comparison runs: recording position, learning rate (fixed or searched), noise seed."""
 
     position: str = "prediction"
     lrs: tuple[float, ...] = DEFAULT_LRS
@@ -307,11 +176,11 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
-            raise ValueError(f"position must be one of {POSITIONS}, not {self.position!r}.")
+            raise InvalidOptionError(f"position must be one of {POSITIONS}, not {self.position!r}.")
         if self.lr is None and not self.lrs:
-            raise ValueError("Give a learning rate (lr=) or candidates to search (lrs=).")
+            raise InvalidOptionError("Give a learning rate (lr=) or candidates to search (lrs=).")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive and finite, not {self.lr}.")
+            raise InvalidOptionError(f"lr must be positive and finite, not {self.lr}.")
 
 
 @dataclass
@@ -335,7 +204,7 @@ def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], lab
     for result, episode in zip(tuned, episodes):
         with result.applied() as model:
             for prompt, gold in zip(episode.dev_prompts, episode.dev_gold):
-                rec = _label_only(model, list(prompt.tokens), label_tokens)
+                rec = _prediction_log_probs(model, list(prompt.tokens), label_tokens)
                 right += int(int(rec.argmax()) == gold)
                 gold_lp += float(rec.log_softmax(-1)[gold])
                 total += 1
@@ -344,9 +213,7 @@ def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], lab
     return right / total, gold_lp / total
 
 
-def _label_only(model, tokens: Sequence[int], label_tokens) -> Tensor:
-    from icl_kernels.evaluate import final_residual
-
+def _prediction_log_probs(model, tokens: Sequence[int], label_tokens) -> Tensor:
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=tl_backend.model_device(model))
     with torch.no_grad():
         resid = final_residual(model, ids)[0, -1]
@@ -354,10 +221,10 @@ def _label_only(model, tokens: Sequence[int], label_tokens) -> Tensor:
     return logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)].cpu()
 
 
-class _Side:
+class _ModelPass:
     """One model's pass over the episodes: finetuning and per-query metrics (trained or untrained)."""
 
-    def __init__(self, model, episodes, label_tokens, cfg: CompareConfig, lr: float, *, direct: bool):
+    def __init__(self, model, episodes, label_tokens, cfg: ComparisonSettings, lr: float, *, direct: bool):
         self.model = model
         self.episodes = episodes
         self.label_tokens = label_tokens
@@ -382,15 +249,15 @@ class _Side:
             start = time.perf_counter()
             tuned = finetune(self.model, episode.train_sequences, self.lr, record_queries=True)
             self.ft_seconds += time.perf_counter() - start
-            self._ft_updates(e, tuned)
+            self._record_ft_updates(e, tuned)
             train_q = tuned.all_queries()  # [layer n_tok head d]
             for i, (icl_p, zsl_p, gold) in enumerate(zip(episode.icl_prompts, episode.zsl_prompts, episode.gold)):
-                self._query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen)
+                self._compare_query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen)
                 if progress is not None:
                     progress(1)
             del tuned
 
-    def _ft_updates(self, episode: int, tuned: FinetuneResult) -> None:
+    def _record_ft_updates(self, episode: int, tuned: FinetuneResult) -> None:
         for layer in range(self.n_layers):
             k0, v0 = kv_weights(self.model, layer)
             with tuned.applied() as tuned_model:
@@ -401,11 +268,11 @@ class _Side:
                 wk_norm=float(k0.double().norm()), wv_norm=float(v0.double().norm()),
             ))
 
-    def _query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen):
+    def _compare_query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen):
         pos = self.cfg.position
         first = self.label_tokens[0]
-        icl_tokens, icl_pred, icl_rec = _with_recording_token(icl_p, pos, first)
-        zsl_tokens, zsl_pred, zsl_rec = _with_recording_token(zsl_p, pos, first)
+        icl_tokens, icl_pred, icl_rec = recording_tokens(icl_p, pos, first)
+        zsl_tokens, zsl_pred, zsl_rec = recording_tokens(zsl_p, pos, first)
         direct = self.direct
         icl = record(self.model, icl_tokens, icl_pred, icl_rec, self.label_tokens, with_kv=direct)
         zsl = record(self.model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct)
@@ -443,9 +310,9 @@ class _Side:
         self.add(self.per_layer, "kendall", torch.tensor(taus))
         self.add(self.per_layer, "kendall_random", torch.tensor(randoms))
         if direct:
-            self._direct(icl_p, zsl_p, icl, zsl, ft)
+            self._compare_updates(icl_p, zsl_p, icl, zsl, ft)
 
-    def _direct(self, icl_p, zsl_p, icl: Record, zsl: Record, ft: Record) -> None:
+    def _compare_updates(self, icl_p, zsl_p, icl: Record, zsl: Record, ft: Record) -> None:
         start_query = icl_p.query_span[0]
         demo_mask = torch.zeros(1, len(icl.k[0]), dtype=torch.bool)
         demo_mask[0, 1:start_query] = True  # demonstrations and separators; BOS and query are ZSL
@@ -506,14 +373,12 @@ def _mean(x: Tensor) -> float:
     return float(x.double().nanmean())
 
 
-#: Offset of the untrained model's initialisation seed (so it never equals a tiny model's own seed).
-UNTRAINED_SEED_OFFSET = 7919
-
-
-def untrained_copy(model: tl_backend.Model, seed: int = 0) -> tl_backend.Model:
+def untrained_copy(model: tl_backend.Model, name: str, seed: int = 0) -> tl_backend.Model:
     """The same architecture with freshly initialised (random) weights, on the same backend and device.
 
-    Initialised by Hugging Face's own scheme with ``torch.manual_seed(UNTRAINED_SEED_OFFSET + seed)``.
+    Initialised by Hugging Face's own scheme with ``torch.manual_seed(UNTRAINED_SEED_OFFSET + seed)``
+    (`icl_kernels.stats.UNTRAINED_SEED_OFFSET`); ``name`` is the original model's name, and the copy
+    is called ``untrained-<name>``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -528,15 +393,15 @@ def untrained_copy(model: tl_backend.Model, seed: int = 0) -> tl_backend.Model:
         hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype).eval()
     return hf_to_transformer_lens(
         hf, model.tokenizer, backend=tl_backend.backend_of(model), device=tl_backend.model_device(model),
-        dtype=dtype, n_ctx=model.cfg.n_ctx, name=f"untrained-{getattr(model, '_icl_model_name', '')}",
+        dtype=dtype, n_ctx=model.cfg.n_ctx, name=f"untrained-{name}",
     )
 
 
-def compare(
+def compare_icl_with_finetuning(
     model: tl_backend.Model,
     episodes: Sequence[Episode],
     label_ids: Sequence[Sequence[int]],
-    cfg: CompareConfig | None = None,
+    cfg: ComparisonSettings | None = None,
     *,
     untrained: tl_backend.Model | None = None,
     progress: bool = True,
@@ -549,9 +414,9 @@ def compare(
     """
     from tqdm.auto import tqdm
 
-    cfg = cfg or CompareConfig()
+    cfg = cfg or ComparisonSettings()
     if not episodes:
-        raise ValueError("compare needs at least one episode.")
+        raise ValueError("compare_icl_with_finetuning needs at least one episode.")
     label_tokens = first_label_tokens(label_ids)
     timing: dict[str, float] = {}
     start = time.perf_counter()
@@ -569,40 +434,60 @@ def compare(
     bar = tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
-    side = _Side(model, episodes, label_tokens, cfg, lr, direct=cfg.direct)
+    side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct)
     side.run(bar.update, gen)
     timing["trained_s"] = time.perf_counter() - start
     timing["trained_finetune_s"] = side.ft_seconds
     control = None
     if untrained is not None:
         start = time.perf_counter()
-        control = _Side(untrained, episodes, label_tokens, cfg, lr, direct=False)
+        control = _ModelPass(untrained, episodes, label_tokens, cfg, lr, direct=False)
         control.run(bar.update, gen)
         timing["untrained_s"] = time.perf_counter() - start
     bar.close()
+    metrics = _summary_metrics(side, control, cfg, lr, n_episodes=len(episodes))
+    layers, heads, examples = _rows(side, control)
+    return CompareResult(metrics=metrics, layers=layers, heads=heads, examples=examples, lr_table=lr_table,
+                         timing=timing)
 
+
+_METRICS = ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random")
+_DIRECT_METRICS = ("dw_cosine", "dw_output_cosine", "dw_icl_norm", "dw_ft_norm", "w_zsl_norm", "dw_icl_stable_rank")
+
+
+def _summary_metrics(
+    side: _ModelPass, control: _ModelPass | None, cfg: ComparisonSettings, lr: float, n_episodes: int
+) -> dict:
+    """Accuracies, Rec2FTP and the layer means of every metric (the untrained control's beside them)."""
     layer_means = side.layer_means()
-    head_means = side.head_means()
-    metrics: dict = dict(position=cfg.position, lr=lr, n_test=n_queries, n_episodes=len(episodes))
+    n_queries = len(side.rows)
+    metrics: dict = dict(position=cfg.position, lr=lr, n_test=n_queries, n_episodes=n_episodes)
     metrics.update(side.accuracies())
-    for name in ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random"):
+    for name in _METRICS:
         metrics[name] = _mean(layer_means[name])
     if control is not None:
         c_means = control.layer_means()
         metrics["simaou_untrained"] = _mean(c_means["simaou"])
         metrics["untrained"] = dict(control.accuracies())
-        for name in ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random"):
+        for name in _METRICS:
             metrics["untrained"][name] = _mean(c_means[name])
     else:
         metrics["simaou_untrained"] = float("nan")
     if cfg.direct:
-        for name in ("dw_cosine", "dw_output_cosine", "dw_icl_norm", "dw_ft_norm", "w_zsl_norm", "dw_icl_stable_rank"):
+        for name in _DIRECT_METRICS:
             metrics[name] = _mean(layer_means[name])
         metrics["identity_max_abs_error"] = side.identity_error
     updates = side.ft_update_rows
     metrics["ft_dwk_norm"] = float(np.mean([r["dwk_norm"] for r in updates]))
     metrics["ft_dwv_norm"] = float(np.mean([r["dwv_norm"] for r in updates]))
+    return metrics
 
+
+def _rows(side: _ModelPass, control: _ModelPass | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per-layer, per-head and per-query rows (the untrained control's columns beside the trained ones)."""
+    layer_means = side.layer_means()
+    head_means = side.head_means()
+    updates = side.ft_update_rows
     layers = []
     c_means = control.layer_means() if control is not None else {}
     for layer in range(side.n_layers):
@@ -624,55 +509,4 @@ def compare(
     if control is not None:
         for row, c_row in zip(examples, control.rows):
             row.update({f"untrained_{k}": c_row[k] for k in ("zsl_pred", "icl_pred", "ft_pred")})
-    return CompareResult(metrics=metrics, layers=layers, heads=heads, examples=examples, lr_table=lr_table,
-                         timing=timing)
-
-
-# ------------------------------------------------------------------------------------------------
-# Figures
-# ------------------------------------------------------------------------------------------------
-
-
-def compare_figures(result: CompareResult, title: str = "") -> dict:
-    """Per-layer lines (SimAOU, Kendall, SimAM) and layer x head maps (SimAM, dW cosine)."""
-    import plotly.graph_objects as go
-
-    from icl_kernels.plotting import layer_head_heatmaps
-
-    layers = [row["layer"] for row in result.layers]
-    figs = {}
-
-    def lines(names: Sequence[str], heading: str, y_title: str) -> go.Figure:
-        fig = go.Figure()
-        for name in names:
-            if name in result.layers[0]:
-                fig.add_trace(go.Scatter(x=layers, y=[row[name] for row in result.layers], mode="lines+markers", name=name))
-        fig.add_hline(y=0, line=dict(color="grey", width=1))
-        fig.update_layout(title=f"{heading} {title}".strip(), xaxis_title="layer", yaxis_title=y_title,
-                          template="plotly_white")
-        return fig
-
-    figs["simaou"] = lines(["simaou", "simaou_random", "simaou_untrained"], "SimAOU per layer", "cosine")
-    figs["kendall"] = lines(["kendall", "kendall_random", "kendall_untrained"], "Kendall tau per layer", "tau")
-    figs["simam"] = lines(["simam_before", "simam_after", "simam_before_untrained", "simam_after_untrained"],
-                          "SimAM per layer", "cosine")
-    if result.heads:
-        n_layers = max(r["layer"] for r in result.heads) + 1
-        n_heads = max(r["head"] for r in result.heads) + 1
-
-        def grid(name: str) -> np.ndarray:
-            out = np.full((n_layers, n_heads), np.nan)
-            for r in result.heads:
-                out[r["layer"], r["head"]] = r[name]
-            return out
-
-        figs["simam_heads"] = layer_head_heatmaps(
-            {"before (ICL vs ZSL)": grid("simam_before"), "after (ICL vs FT)": grid("simam_after")},
-            f"SimAM per head {title}".strip(),
-        )
-        if "dw_cosine" in result.heads[0]:
-            figs["dw_heads"] = layer_head_heatmaps(
-                {"cos(dW_ICL, dW_FT)": grid("dw_cosine"), "cos(dW_ICL q, dW_FT q)": grid("dw_output_cosine")},
-                f"dW_ICL vs the finetuning update {title}".strip(), diverging=True,
-            )
-    return figs
+    return layers, heads, examples

@@ -23,6 +23,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from icl_kernels.errors import InvalidOptionError
@@ -211,6 +212,14 @@ def parse_list(text: str, kind: type = float, what: str = "value") -> tuple:
     return values
 
 
+def _list_argument(text: str, *, kind: type, flag: str) -> tuple:
+    """argparse type of a comma-list option: `parse_list`, its message shown as argparse's error."""
+    try:
+        return parse_list(text, kind, flag)
+    except InvalidOptionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -251,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *, defaul
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
             item = typing.get_args(inner)[0]
-            kwargs["type"] = lambda text, item=item, flag=flag: parse_list(text, item, flag)
+            kwargs["type"] = partial(_list_argument, kind=item, flag=flag)
             kwargs["metavar"] = f"{item.__name__.upper()},..."
         elif inner in (int, float, str):
             kwargs["type"] = inner

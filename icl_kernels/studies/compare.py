@@ -1,0 +1,343 @@
+"""The ``compare`` study: ICL vs finetuning of the key/value projections (Dai et al.) with controls.
+
+Episodes. Text tasks: one set of K class-balanced demonstrations from the task's train split
+(stream ``episode_demos``) shared by the first N test queries, as in the original; ``episodes=E``
+draws E sets, each for a consecutive share of the queries. The learning rate is chosen on
+``n_dev`` development queries taken from the train split outside every demonstration set (stream
+``dev_queries``; never the test split).
+
+The synthetic-world model (``synthetic-gpt-neo``, or any model folder with a ``world.json``) has
+no text task: its task is the world itself (``task synthetic``, the default for such models). Each
+episode draws one latent concept (episode e uses concept e mod n_concepts) and, from it (stream
+``synthetic_episode``), K demonstrations ``x_i y_i``, its queries and its development queries; the
+prompt is ``<d> x_1 y_1 <d> ... <d> x_K y_K <d> x`` and the zero-shot prompt ``<d> x``
+(`icl_kernels.prompt_sets.synthetic_prompt`); the delimiter plays the part of BOS. By default
+there is one episode per concept, so the metrics average over concepts rather than depend on one.
+
+Each episode's demonstrations are the finetuning data; `icl_kernels.compare.compare_icl_with_finetuning`
+then compares ZSL, ICL and FT runs on the trained model and on an untrained model of the same
+architecture (`icl_kernels.compare.untrained_copy`), finetuned with the same learning rate.
+
+Writes ``metrics.json`` (``zsl_accuracy ft_accuracy icl_accuracy rec2ftp rec2ftp_chance simaou
+simaou_random simaou_untrained simam_before simam_after kendall kendall_random`` and more, with
+timings), ``layers.csv``, ``heads.csv``, ``examples.csv``, ``lr_search.csv`` (when the learning
+rate is searched), ``config.json`` and figures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from icl_kernels import backend as tl_backend
+from icl_kernels.compare import (
+    ComparisonSettings,
+    Episode,
+    compare_icl_with_finetuning,
+    training_sequences,
+    untrained_copy,
+)
+from icl_kernels.compare_record import POSITIONS
+from icl_kernels.config import ModelOptions, Options, PromptOptions
+from icl_kernels.errors import InvalidOptionError, PromptTooLongError
+from icl_kernels.finetune import DEFAULT_LRS
+from icl_kernels.models import synthetic_world
+from icl_kernels.prompt_sets import SYNTHETIC_TASKS, synthetic_prompt
+from icl_kernels.stats import rng
+from icl_kernels.studies.registry import register
+from icl_kernels.studies.report import Report
+
+__all__ = [
+    "CompareConfig",
+    "CompareReport",
+    "EpisodeSource",
+    "episode_source",
+    "build_episodes",
+    "text_episodes",
+    "synthetic_episodes",
+    "compare_figures",
+    "run",
+]
+
+
+@dataclass
+class CompareConfig(Options):
+    """Options of one ``compare`` run (see the module docstring)."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    prompts: PromptOptions = field(default_factory=lambda: PromptOptions(task=None))  # type: ignore[arg-type]
+    position: str = field(default="prediction", metadata={
+        "choices": POSITIONS, "help": "recording position: last prompt token, or the first label token appended"})
+    n_dev: int = field(default=32, metadata={"help": "development queries for the learning-rate search"})
+    episodes: int | None = field(default=None, metadata={
+        "help": "demonstration sets (default: 1 for text tasks, one per concept for the synthetic world)"})
+    lrs: tuple[float, ...] = field(default=DEFAULT_LRS, metadata={"help": "candidate learning rates"})
+    lr: float | None = field(default=None, metadata={"help": "fixed learning rate (skips the search)"})
+    untrained: bool = field(default=True, metadata={"help": "run the untrained-model control"})
+    direct: bool = field(default=True, metadata={"help": "compare dW_ICL with the finetuning update"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        shots, n_test = self.prompts.shots, self.prompts.n_test
+        if shots < 1:
+            problems.append(f"shots must be >= 1 (finetuning needs demonstrations), not {shots}")
+        if self.position not in POSITIONS:
+            problems.append(f"position must be one of {POSITIONS}, not {self.position!r}")
+        if self.lr is None and self.n_dev < 1:
+            problems.append("n_dev must be >= 1 to choose the learning rate (or give a fixed lr)")
+        if self.episodes is not None and not 1 <= self.episodes <= n_test:
+            problems.append(f"episodes must be in [1, n_test={n_test}], not {self.episodes}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be positive, not {self.lr}")
+        if not self.lrs or any(not (math.isfinite(x) and x > 0) for x in self.lrs):
+            problems.append(f"every candidate lr must be positive, got {self.lrs}")
+        if problems:
+            raise InvalidOptionError("Invalid compare options: " + "; ".join(problems) + ".")
+
+
+# ------------------------------------------------------------------------------------------------
+# Episodes
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpisodeSource:
+    """Where a run's episodes come from: a registered text task, or the synthetic world of the model."""
+
+    task: Any = None
+    world: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.task.name if self.task is not None else "synthetic"
+
+
+def episode_source(cfg: CompareConfig) -> EpisodeSource:
+    """The task or the synthetic world of a run, checked against the model before it loads.
+
+    Raises:
+        InvalidOptionError: a text task for a synthetic-world model.
+        MissingAssetError: the synthetic world asked of a model without one.
+        UnknownTaskError: an unknown task name.
+    """
+    task_name = cfg.prompts.task
+    world = synthetic_world(cfg.model.model, required=task_name in SYNTHETIC_TASKS)
+    if world is not None:
+        if task_name not in (None, *SYNTHETIC_TASKS):
+            raise InvalidOptionError(
+                f"{cfg.model.model!r} is trained on the synthetic world, not on text: use --task synthetic (the "
+                f"default for this model), not {task_name!r}."
+            )
+        return EpisodeSource(world=world)
+    from icl_kernels.tasks import DEFAULT_TASK, get_task
+
+    return EpisodeSource(task=get_task(task_name or DEFAULT_TASK))
+
+
+def _split(n: int, parts: int) -> list[np.ndarray]:
+    return list(np.array_split(np.arange(n), parts))
+
+
+def text_episodes(task, tokenizer, n_ctx: int | None, cfg: CompareConfig) -> tuple[list[Episode], list[list[int]]]:
+    """(episodes, label ids) for a text task: balanced demonstrations from train, queries from test."""
+    from icl_kernels.prompts import PromptBuilder, RandomSelector
+
+    seed, shots, n_test = cfg.prompts.seed, cfg.prompts.shots, cfg.prompts.n_test
+    data = task.load(seed=seed)
+    pool, test = data["train"], data["test"]
+    if n_test > len(test):
+        raise InvalidOptionError(f"n_test={n_test} but task {task.name!r} has {len(test)} test examples; use fewer.")
+    n_episodes = cfg.episodes or 1
+    pool_labels = np.asarray(pool["label"])
+    selector = RandomSelector(balanced=True)
+    demo_sets = [selector.select(pool_labels, None, shots, rng("episode_demos", seed, e)) for e in range(n_episodes)]
+    used = {i for s in demo_sets for i in s}
+    rest = [i for i in rng("dev_queries", seed).permutation(len(pool)).tolist() if i not in used]
+    dev_indices = rest[: cfg.n_dev] if cfg.lr is None else []
+    builder = PromptBuilder(task, tokenizer, n_ctx=n_ctx)
+    if builder.bos_id is None:
+        raise InvalidOptionError(
+            "This tokenizer has no BOS token; the comparison aligns demonstrations through it. Use another model."
+        )
+    dev_prompts = [builder.build([], pool[i], query_index=i) for i in dev_indices]
+    dev_gold = [int(pool[i]["label"]) for i in dev_indices]
+    episodes = []
+    for e, chunk in enumerate(_split(n_test, n_episodes)):
+        demos = [pool[i] for i in demo_sets[e]]
+        icl, zsl, gold = [], [], []
+        for qi in chunk.tolist():
+            query = test[qi]
+            icl.append(builder.build(demos, query, demo_indices=demo_sets[e], query_index=qi))
+            zsl.append(builder.build([], query, query_index=qi))
+            gold.append(int(query["label"]))
+        episodes.append(Episode(icl, zsl, gold, training_sequences(icl[0]), dev_prompts, dev_gold,
+                                name=f"demos {demo_sets[e]}"))
+    return episodes, builder.label_ids
+
+
+def synthetic_episodes(world, n_ctx: int | None, cfg: CompareConfig) -> tuple[list[Episode], list[list[int]]]:
+    """(episodes, label ids) on the synthetic world: one concept per episode (see the module docstring)."""
+    seed, shots, n_test = cfg.prompts.seed, cfg.prompts.shots, cfg.prompts.n_test
+    if n_ctx is not None and world.prompt_len(shots) > n_ctx:
+        raise PromptTooLongError(
+            f"A {shots}-shot synthetic prompt is {world.prompt_len(shots)} tokens, longer than the "
+            f"model's context {n_ctx}; use fewer shots."
+        )
+    n_episodes = cfg.episodes or min(world.n_concepts, n_test)
+    n_dev = 0 if cfg.lr is not None else max(1, math.ceil(cfg.n_dev / n_episodes))
+    length = world.config.x_len
+    episodes = []
+    for e, chunk in enumerate(_split(n_test, n_episodes)):
+        concept = e % world.n_concepts
+        generator = rng("synthetic_episode", seed, e)
+        demos = world.sample_sequences(np.full(shots, concept), length + 1, generator)
+        queries = world.sample_sequences(np.full(len(chunk), concept), length + 1, generator)
+        dev = (world.sample_sequences(np.full(n_dev, concept), length + 1, generator) if n_dev
+               else np.zeros((0, length + 1), np.int64))
+        icl = [synthetic_prompt(world, demos, q[:length], q[length]) for q in queries]
+        zsl = [synthetic_prompt(world, demos[:0], q[:length], q[length]) for q in queries]
+        dev_prompts = [synthetic_prompt(world, demos[:0], q[:length], q[length]) for q in dev]
+        episodes.append(Episode(icl, zsl, [int(q[length]) for q in queries], training_sequences(icl[0]),
+                                dev_prompts, [int(q[length]) for q in dev], name=f"concept {concept}"))
+    return episodes, [[v] for v in range(world.vocab_size)]
+
+
+def build_episodes(
+    cfg: CompareConfig, model: tl_backend.Model, source: EpisodeSource | None = None
+) -> tuple[list[Episode], list[list[int]]]:
+    """(episodes, label ids) of a run on a loaded model: `synthetic_episodes` or `text_episodes`."""
+    source = source or episode_source(cfg)
+    n_ctx = int(model.cfg.n_ctx)
+    if source.world is not None:
+        return synthetic_episodes(source.world, n_ctx, cfg)
+    return text_episodes(source.task, model.tokenizer, n_ctx, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report and figures
+# ------------------------------------------------------------------------------------------------
+
+
+def compare_figures(layers: Sequence[dict], heads: Sequence[dict], title: str = "") -> dict:
+    """Per-layer lines (SimAOU, Kendall, SimAM) and layer x head maps (SimAM, dW cosine)."""
+    import plotly.graph_objects as go
+
+    from icl_kernels.plotting import layer_head_heatmaps
+
+    layer_index = [row["layer"] for row in layers]
+    figs = {}
+
+    def lines(names: Sequence[str], heading: str, y_title: str) -> go.Figure:
+        fig = go.Figure()
+        for name in names:
+            if name in layers[0]:
+                fig.add_trace(go.Scatter(x=layer_index, y=[row[name] for row in layers], mode="lines+markers",
+                                         name=name))
+        fig.add_hline(y=0, line=dict(color="grey", width=1))
+        fig.update_layout(title=f"{heading} {title}".strip(), xaxis_title="layer", yaxis_title=y_title,
+                          template="plotly_white")
+        return fig
+
+    figs["simaou"] = lines(["simaou", "simaou_random", "simaou_untrained"], "SimAOU per layer", "cosine")
+    figs["kendall"] = lines(["kendall", "kendall_random", "kendall_untrained"], "Kendall tau per layer", "tau")
+    figs["simam"] = lines(["simam_before", "simam_after", "simam_before_untrained", "simam_after_untrained"],
+                          "SimAM per layer", "cosine")
+    if heads:
+        n_layers = max(r["layer"] for r in heads) + 1
+        n_heads = max(r["head"] for r in heads) + 1
+
+        def grid(name: str) -> np.ndarray:
+            out = np.full((n_layers, n_heads), np.nan)
+            for r in heads:
+                out[r["layer"], r["head"]] = r[name]
+            return out
+
+        figs["simam_heads"] = layer_head_heatmaps(
+            {"before (ICL vs ZSL)": grid("simam_before"), "after (ICL vs FT)": grid("simam_after")},
+            f"SimAM per head {title}".strip(),
+        )
+        if "dw_cosine" in heads[0]:
+            figs["dw_heads"] = layer_head_heatmaps(
+                {"cos(dW_ICL, dW_FT)": grid("dw_cosine"), "cos(dW_ICL q, dW_FT q)": grid("dw_output_cosine")},
+                f"dW_ICL vs the finetuning update {title}".strip(), diverging=True,
+            )
+    return figs
+
+
+@dataclass
+class CompareReport(Report):
+    """Tables ``layers``, ``heads``, ``examples``, ``lr_search``; summary = ``metrics.json``."""
+
+    summary_file: ClassVar[str] = "metrics.json"
+
+    def figures(self) -> dict[str, Any]:
+        m = self.summary
+        title = f"({m.get('model')}, {m.get('task')}, {m.get('shots')} shots)"
+        return compare_figures(self.tables["layers"].to_dict("records"), self.tables["heads"].to_dict("records"),
+                               title)
+
+    def line(self) -> str:
+        m = self.summary
+        return (
+            f"{m['model']} on {m['task']} ({m['shots']} shots, n={m['n_test']}, lr {m['lr']:g}, position "
+            f"{m['position']}): accuracy ZSL {m['zsl_accuracy']:.3f} FT {m['ft_accuracy']:.3f} ICL "
+            f"{m['icl_accuracy']:.3f}; Rec2FTP {m['rec2ftp']:.3f} (chance-corrected {m['rec2ftp_chance']:.3f}); "
+            f"SimAOU {m['simaou']:.3f} (random {m['simaou_random']:.3f}, untrained {m['simaou_untrained']:.3f}); "
+            f"SimAM {m['simam_before']:.3f} -> {m['simam_after']:.3f}; Kendall {m['kendall']:.3f} (random "
+            f"{m['kendall_random']:.3f})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Run
+# ------------------------------------------------------------------------------------------------
+
+
+def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: bool = True) -> CompareReport:
+    """Build the episodes, run the comparison on the model (loaded from ``cfg.model`` when not given)
+    and on its untrained copy, and return the report."""
+    start = time.perf_counter()
+    source = episode_source(cfg)  # a bad task or model/task pair fails before the model loads
+    if model is None:
+        model = cfg.model.load()
+    episodes, label_ids = build_episodes(cfg, model, source)
+    timing: dict[str, float] = {}
+    untrained = None
+    if cfg.untrained:
+        built = time.perf_counter()
+        untrained = untrained_copy(model, cfg.model.model, seed=cfg.prompts.seed)
+        timing["untrained_build_s"] = time.perf_counter() - built
+    settings = ComparisonSettings(position=cfg.position, lrs=tuple(cfg.lrs), lr=cfg.lr, seed=cfg.prompts.seed,
+                                  direct=cfg.direct)
+    result = compare_icl_with_finetuning(model, episodes, label_ids, settings, untrained=untrained,
+                                         progress=progress, log=print if progress else None)
+    if source.world is None:
+        n_dev = len(episodes[0].dev_gold)  # shared by every episode
+    else:
+        n_dev = sum(len(ep.dev_gold) for ep in episodes)
+    summary = dict(result.metrics)
+    summary.update(model=cfg.model.model, task=source.name, shots=cfg.prompts.shots, seed=cfg.prompts.seed,
+                   n_dev=n_dev, backend=tl_backend.backend_of(model))
+    timing.update(result.timing)
+    timing["total_s"] = time.perf_counter() - start
+    summary["timing"] = timing
+    tables = dict(
+        layers=pd.DataFrame(result.layers),
+        heads=pd.DataFrame(result.heads),
+        examples=pd.DataFrame(result.examples),
+        lr_search=pd.DataFrame(result.lr_table) if result.lr_table else None,
+    )
+    return CompareReport(study="compare", config=cfg, tables=tables, summary=summary)
+
+
+register(
+    "compare", CompareConfig, run,
+    help="ICL vs finetuning of key/value projections (Dai et al.) with controls",
+    description="\n\n".join(__doc__.split("\n\n")[:3]),
+)

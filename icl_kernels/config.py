@@ -217,7 +217,7 @@ def _list_argument(text: str, *, kind: type, flag: str) -> tuple:
     try:
         return parse_list(text, kind, flag)
     except InvalidOptionError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"{flag}: ")) from error
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

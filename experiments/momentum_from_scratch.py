@@ -8,7 +8,7 @@ is then measured
 
 * validation loss: mean next-token cross-entropy on ``val_docs`` held-out documents
   (``np.random.default_rng([val_seed, i])``, a stream no training batch uses), and
-* ICL accuracy vs shots on the synthetic prompts (`icl_kernels.synthetic.evaluate_icl`, the same
+* ICL accuracy vs shots on the synthetic prompts (`icl_kernels.synthetic_bayes.accuracy_vs_shots`, the same
   ``n`` prompts per k for every model; the exact Bayes predictor alongside).
 
 Outputs in ``out_dir``: one training folder per (variant, seed), ``results.csv`` (tidy: variant,
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None):
 
     from experiments import train_synthetic
     from icl_kernels.momentum import hf_momentum_attention
-    from icl_kernels.synthetic import evaluate_icl, load_world, plot_accuracy_vs_shots
+    from icl_kernels.synthetic import load_world
+    from icl_kernels.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
 
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None):
                      else contextlib.nullcontext())
             with patch:
                 val = validation_loss(model, world, cfg)
-                icl = evaluate_icl(world, lambda t: model(t).logits, shots=shots, n=cfg.n, seed=cfg.eval_seed,
+                icl = accuracy_vs_shots(world, lambda t: model(t).logits, shots=shots, n=cfg.n, seed=cfg.eval_seed,
                                    oracle=False)
             rows = [dict(run_id=run_id, variant=variant, seed=seed, metric="val_loss", shots=-1, value=val)]
             for r in icl.itertuples():
@@ -158,7 +159,8 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
     from transformers import GPTNeoForCausalLM
 
     from icl_kernels.momentum import hf_momentum_attention
-    from icl_kernels.synthetic import evaluate_icl, load_world
+    from icl_kernels.synthetic import load_world
+    from icl_kernels.synthetic_bayes import accuracy_vs_shots
 
     rows = []
     for seed in parse_numbers(cfg.seeds, int, "--seeds"):
@@ -172,7 +174,7 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
                 patch = hf_momentum_attention(model, eval_eta, cfg.layers) if eval_eta else _contextlib.nullcontext()
                 with patch:
                     val = validation_loss(model, world, cfg)
-                    icl = evaluate_icl(world, lambda t: model(t).logits, shots=parse_numbers(cfg.shots, int, "--shots"), n=cfg.n,
+                    icl = accuracy_vs_shots(world, lambda t: model(t).logits, shots=parse_numbers(cfg.shots, int, "--shots"), n=cfg.n,
                                        seed=cfg.eval_seed, oracle=False)
                 acc = {f"acc_k{int(r.shots)}": float(r.accuracy) for r in icl.itertuples() if r.predictor == "model"}
                 rows.append(dict(trained=variant, seed=seed, eval_eta=eval_eta, val_loss=val, **acc))

@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icl_kernels.synthetic import SyntheticWorld, WorldConfig, evaluate_icl, make_world  # noqa: E402
+from icl_kernels.synthetic import SyntheticWorld, WorldConfig, make_world  # noqa: E402
+from icl_kernels.synthetic_bayes import accuracy_vs_shots  # noqa: E402
 
 
 @dataclass
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     def run_eval(at_step: int) -> None:
         model.eval()
-        df = evaluate_icl(
+        df = accuracy_vs_shots(
             world, lambda t: model(t).logits, shots=shots, n=cfg.eval_n, seed=cfg.eval_seed, oracle=False, device=cfg.device
         )
         model.train()

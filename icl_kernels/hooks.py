@@ -158,9 +158,9 @@ def attention_spec(model: tl_backend.Model, layer: int) -> AttentionSpec:
         )
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     if architecture == "Gemma3ForCausalLM":
-        from icl_kernels.models import _rope_thetas
+        from icl_kernels.models import gemma_rope_thetas
 
-        global_base, local_base = _rope_thetas(config)
+        global_base, local_base = gemma_rope_thetas(config)
         return AttentionSpec(
             layer, n_heads, n_kv, d_head, float(config.query_pre_attn_scalar) ** 0.5, window,
             d_head, local_base if local else global_base,

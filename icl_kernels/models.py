@@ -352,7 +352,7 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
             n_ctx=hf_config.max_position_embeddings,
             attn_scale=float(hf_config.query_pre_attn_scalar) ** 0.5, rotary_dim=hf_config.head_dim,
         )
-        rope = _rope_thetas(hf_config)
+        rope = gemma_rope_thetas(hf_config)
         if rope is not None:
             base["rotary_base"], base["rotary_base_local"] = rope
         base["model_name"] = getattr(hf_config, "_name_or_path", "") or "gemma-3"
@@ -376,7 +376,7 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
     return config
 
 
-def _rope_thetas(hf_config) -> tuple[float, float] | None:
+def gemma_rope_thetas(hf_config) -> tuple[float, float] | None:
     """(global, local) rotary bases of a Gemma-3 config, across transformers' two spellings."""
     params = getattr(hf_config, "rope_parameters", None)
     if isinstance(params, dict) and "full_attention" in params:

@@ -49,7 +49,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from icl_kernels.synthetic import PromptBatch, SyntheticWorld, bayes_label_probs
+from icl_kernels.synthetic import SyntheticPromptBatch, SyntheticWorld
+from icl_kernels.synthetic_bayes import bayes_label_probs
 
 __all__ = [
     "TheoremKernel",
@@ -129,7 +130,7 @@ def theorem_kernel(world: SyntheticWorld, features: str = "forward", rtol: float
     return TheoremKernel(world, features, basis @ basis.T, rank)
 
 
-def kernel_estimate(kernel: TheoremKernel | None, batch: PromptBatch, n_classes: int) -> np.ndarray:
+def kernel_estimate(kernel: TheoremKernel | None, batch: SyntheticPromptBatch, n_classes: int) -> np.ndarray:
     """Kernel-regression y_hat for each prompt ``[batch, V]``; NaN rows where sum_i K is not positive
     (below `MIN_RELATIVE_DENOMINATOR` x sum_i |K|; the kernel is signed).
 
@@ -225,7 +226,7 @@ def simulate(
     return pd.DataFrame(rows)
 
 
-def _synthetic_layout(batch: PromptBatch):
+def _synthetic_layout(batch: SyntheticPromptBatch):
     from icl_kernels.kernel import DemoLayout
 
     k = batch.k

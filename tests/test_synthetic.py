@@ -10,17 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_kernels.synthetic import (
-    SYNTHETIC_MODEL_DIR,
-    SyntheticWorld,
-    WorldConfig,
+from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, SyntheticWorld, WorldConfig, load_world, make_world
+from icl_kernels.synthetic_bayes import (
     accuracy,
+    accuracy_vs_shots,
     bayes_document_nll,
     bayes_label_probs,
     bayes_predictive,
-    evaluate_icl,
-    load_world,
-    make_world,
     model_label_logits,
     plot_accuracy_vs_shots,
 )
@@ -207,7 +203,7 @@ def test_document_nll_floor_below_unigram():
 def test_plot_returns_figure():
     import plotly.graph_objects as go
 
-    df = evaluate_icl(make_world(), shots=(0, 2), n=50)
+    df = accuracy_vs_shots(make_world(), shots=(0, 2), n=50)
     fig = plot_accuracy_vs_shots(df)
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
     with pytest.raises(ValueError, match="columns"):

@@ -9,7 +9,8 @@ import torch
 
 from icl_kernels import backend as tl_backend
 from icl_kernels.models import load_hf_model, load_model
-from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, evaluate_icl, load_world
+from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, load_world
+from icl_kernels.synthetic_bayes import accuracy_vs_shots
 
 SHIPPED_PARAMS = 817_536  # 4 layers, d_model 128, 4 heads, vocab 9 (experiments/train_synthetic.py defaults)
 
@@ -40,7 +41,7 @@ def test_shipped_model_learns_in_context(world):
     is 0.26; the standard error of the difference at n=400 is about 0.03), and the model must stay
     within 0.08 of the exact Bayes predictor at 16 shots (measured: 0.009 apart)."""
     model = load_model("synthetic-gpt-neo", device="cpu")
-    frame = evaluate_icl(world, model, shots=(1, 16), n=400, seed=4242, oracle=False)
+    frame = accuracy_vs_shots(world, model, shots=(1, 16), n=400, seed=4242, oracle=False)
     acc = frame.set_index(["predictor", "shots"])["accuracy"]
     assert acc["model", 16] - acc["model", 1] >= 0.15
     assert acc["bayes", 16] - acc["model", 16] <= 0.08

@@ -32,7 +32,7 @@ def test_limit_of_kernel_regression_is_the_concept_conditional(features):
 
 def test_forward_features_give_probabilities():
     """phi(x) = (start_c^T T^c_x)_c: its blocks sum to P(x | c) (checked against the Bayes code)."""
-    from icl_kernels.synthetic import bayes_predictive
+    from icl_kernels.synthetic_bayes import bayes_predictive
 
     world = small_world()
     x = T.all_inputs(world)

@@ -400,4 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from icl_kernels.errors import IclKernelsError
+
+    try:
+        sys.exit(main())
+    except IclKernelsError as error:  # a bad sweep config: one line, no traceback
+        print(f"sweep: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -19,6 +19,7 @@ figures of the accuracy drop (top-k vs random heads) and of the per-layer sweep.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -145,8 +146,8 @@ def _error_bars(frame, value: str, low: str, high: str) -> dict:
 def markdown_table(summary, info: dict) -> str:
     """The headline rows (clean, top-k, random mean, top minus random, reverse) as a markdown table."""
     def present(row, key):
-        value = row.get(key, float("nan"))
-        return value == value
+        value = row.get(key)
+        return isinstance(value, (int, float)) and not math.isnan(value)
 
     def interval(row, lo, hi):
         return f" [{row[lo]:.3f}, {row[hi]:.3f}]" if present(row, lo) else ""

@@ -1,13 +1,14 @@
-"""Turn a sweep folder (`experiments/sweep.py`) into tables, figures and one HTML report.
+"""Turn a sweep folder (`experiments.sweep`) into tables, figures and one HTML report.
 
-Writes into ``<sweep>/summary/``: one CSV and one markdown table per analysis (``heads``,
-``patching`` whole-model cells, ``patching_layers`` per-layer cells, and any other analysis as it
-is), plotly figures as standalone HTML (and PNG when a static renderer such as kaleido works
-offline; otherwise PNGs are skipped and the report says so), and ``report.html``: config,
+Writes into ``<sweep>/summary/``: one CSV and one markdown table per study (``heads``, ``causal``
+whole-model cells, ``causal_layers`` per-layer cells, and any other study as it is; rows of
+sweeps from before the rename, analysis ``patching``, count as ``causal``), plotly figures as
+standalone HTML (and PNG when a static renderer such as kaleido works offline; otherwise PNGs are
+skipped and the report says so), and ``report.html``: config,
 environment, tables and figures in one file that opens without network access (plotly.js is
 embedded once).
 
-    .venv/bin/python experiments/summarize.py runs/example
+    .venv/bin/python -m experiments.summarize runs/example
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pandas as pd  # noqa: E402
-import plotly.graph_objects as go  # noqa: E402
-from plotly.subplots import make_subplots  # noqa: E402
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 RESULTS = "results.csv"
 ID_COLUMNS = ["model", "task", "shots", "seed", "layer"]
@@ -42,20 +41,21 @@ def _label(frame: pd.DataFrame) -> pd.Series:
 
 
 def tables(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """One tidy table per analysis (per-layer patching cells separately), metric columns only."""
+    """One tidy table per study (per-layer causal cells separately), metric columns only."""
     out = {}
+    results = results.assign(analysis=results["analysis"].replace({"patching": "causal"}))
     for analysis, g in results.groupby("analysis", sort=True):
         g = g.dropna(axis=1, how="all")
         drop = [c for c in ("cell_id", "analysis", "status", "package_version", "elapsed_s", "finished_at", "worker_pid") if c in g]
         g = g.drop(columns=drop)
-        if analysis == "patching" and "layer" in g:
+        if analysis == "causal" and "layer" in g:
             whole = g[g["layer"].astype(str) == "all"].dropna(axis=1, how="all")
             per_layer = g[g["layer"].astype(str) != "all"].dropna(axis=1, how="all")
             if not whole.empty:
-                out["patching"] = whole.sort_values(ID_COLUMNS).reset_index(drop=True)
+                out["causal"] = whole.sort_values(ID_COLUMNS).reset_index(drop=True)
             if not per_layer.empty:
                 per_layer = per_layer.assign(layer=per_layer["layer"].astype(int))
-                out["patching_layers"] = per_layer.sort_values(ID_COLUMNS).reset_index(drop=True)
+                out["causal_layers"] = per_layer.sort_values(ID_COLUMNS).reset_index(drop=True)
             continue
         out[analysis] = g.sort_values([c for c in ID_COLUMNS if c in g], key=lambda s: s.astype(str)).reset_index(drop=True)
     return out
@@ -68,7 +68,7 @@ def _err(frame: pd.DataFrame, value: str, low: str, high: str) -> dict:
                              arrayminus=frame[value] - frame[low]))
 
 
-def patching_figure(frame: pd.DataFrame) -> go.Figure:
+def causal_figure(frame: pd.DataFrame) -> go.Figure:
     """ICL accuracy drop from ablating the top-k label-attention heads vs k random heads (95% CIs)."""
     labels = _label(frame)
     fig = go.Figure()
@@ -110,7 +110,7 @@ def heads_figure(frame: pd.DataFrame) -> go.Figure:
     return fig
 
 
-FIGURES = {"patching": patching_figure, "patching_layers": layers_figure, "heads": heads_figure}
+FIGURES = {"causal": causal_figure, "causal_layers": layers_figure, "heads": heads_figure}
 
 
 def _png(fig: go.Figure, path: Path) -> str | None:
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.sweep)
     path = folder / RESULTS
     if not path.exists():
-        raise FileNotFoundError(f"No {RESULTS} in {folder}; run experiments/sweep.py with --out {folder} first.")
+        raise FileNotFoundError(f"No {RESULTS} in {folder}; run `python -m experiments.sweep CONFIG` with --out {folder} first.")
     results = pd.read_csv(path)
     if results.empty:
         raise ValueError(f"{path} has no rows yet.")

@@ -34,6 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_kernels import backend as tl_backend
+from icl_kernels.config import Options
+from icl_kernels.errors import InvalidOptionError
 from icl_kernels.stats import bootstrap_interval, recovery, wilson_interval
 from icl_kernels.stats import rng as seeded
 from icl_kernels.patching import (
@@ -51,33 +53,27 @@ __all__ = [
     "rank_heads",
     "random_head_sets",
     "causal_study",
-    "SYNTHETIC_TASK",
-    "task_prompts",
-    "synthetic_prompts",
     "layer_study",
 ]
-
-#: Task name for prompts sampled from the synthetic mixture-of-HMMs world of a model (its world.json).
-SYNTHETIC_TASK = "synthetic-world"
 
 ABLATIONS = ("mean", "zero")
 METRICS = ("agreement", "accuracy")
 
 
 @dataclass
-class CausalConfig:
+class CausalConfig(Options):
     """Options of `causal_study` (see the module docstring)."""
 
-    k: int = 3
-    random_draws: int = 5
-    ablation: str = "mean"
-    aggregation: str = "label"
-    metric: str = "agreement"
-    select_fraction: float = 0.5
-    seed: int = 0
-    layer_sweep: bool = True
-    reverse_patch: bool = True
-    bootstrap: int = 2000
+    k: int = field(default=3, metadata={"help": "heads ablated / patched (top-k and each random set)"})
+    random_draws: int = field(default=5, metadata={"help": "random k-head sets (baseline)"})
+    ablation: str = field(default="mean", metadata={"choices": ABLATIONS})
+    aggregation: str = field(default="label", metadata={"help": "how a_i are aggregated to rank heads"})
+    metric: str = field(default="agreement", metadata={"choices": METRICS, "help": "what heads are ranked by"})
+    select_fraction: float = field(default=0.5, metadata={"help": "share of prompts used to rank heads"})
+    seed: int = field(default=0, metadata={"cli": False, "help": "split, random heads and bootstrap seed"})
+    layer_sweep: bool = field(default=True, metadata={"help": "also ablate / patch every layer, one at a time"})
+    reverse_patch: bool = field(default=True, metadata={"help": "also patch zero-shot outputs into the ICL run"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples of each interval"})
     batch_size: int = 4
 
     def __post_init__(self) -> None:
@@ -101,7 +97,7 @@ class CausalConfig:
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, not {self.batch_size}")
         if problems:
-            raise ValueError("Invalid causal-study options: " + "; ".join(problems) + ".")
+            raise InvalidOptionError("Invalid causal-study options: " + "; ".join(problems) + ".")
 
 
 @dataclass
@@ -327,93 +323,6 @@ def _summaries(effects: pd.DataFrame, cfg: CausalConfig, order: list[str]) -> tu
 
 
 # ------------------------------------------------------------------------------------------------
-# Prompts for a study: a registered text task, or the synthetic world
-# ------------------------------------------------------------------------------------------------
-
-
-def task_prompts(
-    model: tl_backend.Model, task: str, shots: int, n_test: int, seed: int = 0, *, model_name: str | None = None
-) -> tuple[list, list, list[list[int]]]:
-    """(ICL prompts, zero-shot prompts of the same queries, label token ids) for a study.
-
-    ``task`` is a registered task (class-balanced random demonstrations, dropped to fit the context)
-    or `SYNTHETIC_TASK`, which samples prompts from the world stored next to the model
-    (``world.json`` in the model's folder; ``model_name`` names it when the model does not).
-    """
-    if shots < 1:
-        raise ValueError(f"A causal study needs demonstrations: shots must be >= 1, not {shots}.")
-    if n_test < 4:
-        raise ValueError(f"n_test must be >= 4 to split prompts into selection and report sets, not {n_test}.")
-    if task == SYNTHETIC_TASK:
-        return synthetic_prompts(model, shots, n_test, seed, model_name=model_name)
-    from icl_kernels.prompts import PromptBuilder, RandomSelector, make_prompts
-    from icl_kernels.tasks import get_task
-
-    spec = get_task(task)
-    data = spec.load(seed=seed)
-    if n_test > len(data["test"]):
-        raise ValueError(f"n_test={n_test} but task {task!r} has {len(data['test'])} test examples.")
-    queries = data["test"].select(range(n_test))
-    builder = PromptBuilder(spec, model.tokenizer, n_ctx=int(model.cfg.n_ctx), drop_demos_to_fit=True)
-    icl = make_prompts(builder, data["train"], queries, shots, seed=seed, selector=RandomSelector(balanced=True))
-    zsl = make_prompts(builder, data["train"], queries, 0, seed=seed)
-    return icl, zsl, [list(ids) for ids in builder.label_ids]
-
-
-def _world_of(model: tl_backend.Model, model_name: str | None):
-    from pathlib import Path
-
-    from icl_kernels.models import ASSETS
-    from icl_kernels.synthetic import load_world
-
-    name = model_name or getattr(model, "_icl_model_name", "") or ""
-    for folder in (Path(name), ASSETS / name):
-        if name and (folder / "world.json").exists():
-            return load_world(folder)
-    raise FileNotFoundError(
-        f"Task {SYNTHETIC_TASK!r} needs the world the model was trained on, but there is no world.json next to "
-        f"model {name!r}; use a model trained on the synthetic world (e.g. synthetic-gpt-neo)."
-    )
-
-
-def synthetic_prompts(
-    model: tl_backend.Model, shots: int, n: int, seed: int = 0, *, model_name: str | None = None
-) -> tuple[list, list, list[list[int]]]:
-    """k-shot and zero-shot `IclPrompt`s sampled from the model's synthetic world.
-
-    Layout (see `icl_kernels.synthetic`): a delimiter, then per demonstration x_i (``x_len``
-    tokens), its label token y_i and a delimiter, then the test x. Every HMM token is a class; the
-    zero-shot prompt is the delimiter followed by the same test x.
-    """
-    from icl_kernels.prompts import IclPrompt
-
-    world = _world_of(model, model_name)
-    if world.prompt_len(shots) > int(model.cfg.n_ctx):
-        raise ValueError(f"A {shots}-shot prompt is {world.prompt_len(shots)} tokens, over the context {model.cfg.n_ctx}.")
-    batch = world.sample_prompts(n, shots, np.random.default_rng([seed, shots, 0xCA05]))
-    length = world.config.x_len
-    xs = [(int(p[0]), int(p[-1]) + 1) for p in batch.x_positions]
-    labels = [(int(p), int(p) + 1) for p in batch.label_positions]
-    seps = [(e, e + 1) for _, e in labels]
-    icl, zsl = [], []
-    for row in range(len(batch)):
-        tokens = tuple(int(t) for t in batch.tokens[row])
-        demo_labels = tuple(int(tokens[s]) for s, _ in labels)
-        gold = int(batch.labels[row])
-        icl.append(IclPrompt(
-            tokens=tokens, demo_input_spans=tuple(xs[:shots]), demo_label_spans=tuple(labels),
-            separator_spans=tuple(seps), demo_labels=demo_labels, query_span=xs[shots], query_label=gold,
-            bos_position=0, query_index=row,
-        ))
-        zsl.append(IclPrompt(
-            tokens=(tokens[0], *tokens[xs[shots][0] : xs[shots][1]]), demo_input_spans=(), demo_label_spans=(),
-            separator_spans=(), demo_labels=(), query_span=(1, 1 + length), query_label=gold, bos_position=0,
-            query_index=row,
-        ))
-    return icl, zsl, [[int(v)] for v in world.label_ids]
-
-
-# ------------------------------------------------------------------------------------------------
 # One layer at a time (a sweep cell)
 # ------------------------------------------------------------------------------------------------
 
@@ -438,7 +347,7 @@ def layer_study(
     clean ICL prediction (Wilson), and the patched zero-shot accuracy and recovery (bootstrap).
     """
     if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, not {ablation!r}.")
+        raise InvalidOptionError(f"ablation must be one of {ABLATIONS}, not {ablation!r}.")
     if not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"Layer {layer} does not exist; the model has {model.cfg.n_layers} layers.")
     kw = dict(batch_size=batch_size, pad_token_id=pad_token_id)

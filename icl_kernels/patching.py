@@ -516,17 +516,3 @@ def summarize_effects(frame: pd.DataFrame, by: Sequence[str] = ("condition",)) -
             mean_margin_change=float(np.mean(g["margin_change"])),
         ))
     return pd.DataFrame.from_records(records)
-
-
-def __getattr__(name: str):
-    """The momentum and relaxed-attention edit builders live in their own modules now; callers not
-    yet updated (``experiments/sweep.py``) still find them here. Remove once none imports them."""
-    if name == "momentum_edits":
-        from icl_kernels.momentum import momentum_edits
-
-        return momentum_edits
-    if name == "relaxed_attention_edits":
-        from icl_kernels.relaxation import relaxed_attention_edits
-
-        return relaxed_attention_edits
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

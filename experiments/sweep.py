@@ -104,7 +104,8 @@ def _prompts(model, cell: "Cell"):
 def _run_heads(model, cell: "Cell", options: dict) -> dict:
     import torch
 
-    from icl_kernels.kernel import analyze_heads, held_out_best_head
+    from icl_kernels.head_scan import analyze_heads
+    from icl_kernels.kernel import held_out_best_head
     from icl_kernels.stats import split_indices
 
     icl, _, label_ids = _prompts(model, cell)

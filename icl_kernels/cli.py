@@ -22,8 +22,6 @@ from icl_kernels.io import write_csv, write_json
 
 # (module, function that adds the subparsers) for analysis subcommands not yet registered as studies.
 ANALYSIS_COMMANDS: tuple[tuple[str, str], ...] = (
-    ("icl_kernels.cli_heads", "add_heads_parser"),
-    ("icl_kernels.cli_heads", "add_theorem_parser"),
     ("icl_kernels.cli_compare", "add_compare_parser"),
     ("icl_kernels.cli_momentum", "add_momentum_parser"),
 )

@@ -23,6 +23,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from icl_kernels.errors import InvalidOptionError
@@ -251,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *, defaul
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
             item = typing.get_args(inner)[0]
-            kwargs["type"] = lambda text, item=item, flag=flag: parse_list(text, item, flag)
+            kwargs["type"] = partial(_list_argument, kind=item, flag=flag)
             kwargs["metavar"] = f"{item.__name__.upper()},..."
         elif inner in (int, float, str):
             kwargs["type"] = inner
@@ -260,6 +261,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *, defaul
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp!r}.")
         parser.add_argument(flag, **kwargs)
+
+
+def _list_argument(text: str, kind: type, flag: str) -> tuple:
+    """`parse_list` for argparse: its message, not argparse's "invalid value", on a bad list."""
+    try:
+        return parse_list(text, kind, flag)
+    except InvalidOptionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def from_arguments(cls: type[T], namespace: argparse.Namespace | Mapping[str, Any]) -> T:

@@ -64,8 +64,6 @@ class HeadsConfig(Options):
         "help": "restrict the best-head search to one layer (default: all layers)"})
 
     def __post_init__(self) -> None:
-        if self.probes is None:
-            self.probes = bool(self.similarity)
         problems = []
         if self.prompts.shots < 1:
             problems.append(f"shots must be >= 1 (head scores need demonstrations), not {self.prompts.shots}")
@@ -81,6 +79,11 @@ class HeadsConfig(Options):
             problems.append(f"layer must be a layer index >= 0 or None (all layers), not {self.layer!r}")
         if problems:
             raise InvalidOptionError("Invalid heads options: " + "; ".join(problems) + ".")
+
+    @property
+    def with_probes(self) -> bool:
+        """Whether the key/value probes run (``probes``, by default on exactly when ``similarity`` is)."""
+        return bool(self.similarity) if self.probes is None else bool(self.probes)
 
 
 @dataclass
@@ -224,7 +227,7 @@ def _similarity_and_probes(cfg: HeadsConfig, model, sp, run, pad: int, select, p
                 records.append({"aggregation": how, "layer": layer, "head": h, "pearson": float(corr[how][li, h])})
     sim_frame = pd.DataFrame(records)
     probe_frame, probe_acc = None, {}
-    if cfg.probes:
+    if cfg.with_probes:
         train = torch.as_tensor(select)
         targets = {"keys -> zero-shot class of x_i": ("k", zs_demo[:, :width]), "values -> y_i": ("v", run.demo_labels)}
         probe_acc = {name: probe_accuracies(run, target, train, which=which) for name, (which, target) in targets.items()}
@@ -267,7 +270,7 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     hrun = analyze_heads(
         model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad,
         head_features=True, resid_layers=tuple(range(n_layers)),
-        probe_offsets=PROBE_OFFSETS if cfg.probes else (), progress=progress,
+        probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), progress=progress,
     )
     n = hrun.n_prompts
     select, report = split_indices(n, cfg.select_fraction, cfg.prompts.seed)

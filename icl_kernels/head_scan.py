@@ -25,7 +25,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -38,6 +37,7 @@ from icl_kernels.kernel import (
     DemoLayout,
     HeadScores,
     Kernel,
+    Rows,
     Segment,
     demo_attention,
     kernel_regression,
@@ -55,8 +55,6 @@ __all__ = [
     "single_example_outputs",
     "demo_output_similarity",
 ]
-
-Rows = Sequence[int] | np.ndarray | Tensor  # prompt indices
 
 
 # ------------------------------------------------------------------------------------------------

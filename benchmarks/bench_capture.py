@@ -97,8 +97,7 @@ def make_batch(model, n_tokens: int, batch: int, seed: int = 0):
 
 
 def capture_and_score(model, tokens, pred, layout, label_ids):
-    from icl_kernels.capture import capture
-    from icl_kernels.evaluate import unembed
+    from icl_kernels.capture import capture, unembed
     from icl_kernels.kernel import AGGREGATIONS, class_votes, demo_attention, reconstruct
 
     cap = capture(model, tokens, pred)

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icl_kernels.cli import parse_numbers  # noqa: E402
+from icl_kernels.config import parse_list as parse_numbers  # noqa: E402
 from icl_kernels.io import append_rows, finished_ids, write_csv, write_json  # noqa: E402
 
 

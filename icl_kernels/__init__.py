@@ -23,6 +23,17 @@ _EXPORTS = {
     "evaluate_icl": "icl_kernels.evaluate",
     "act_name": "icl_kernels.hooks",
     "hooks_on": "icl_kernels.hooks",
+    "ModelOptions": "icl_kernels.config",
+    "PromptOptions": "icl_kernels.config",
+    "PromptCondition": "icl_kernels.prompt_sets",
+    "study_prompts": "icl_kernels.prompt_sets",
+    "analyze_heads": "icl_kernels.head_scan",
+    "heads_frame": "icl_kernels.kernel",
+    "split_indices": "icl_kernels.stats",
+    "momentum_attention": "icl_kernels.momentum",
+    "relaxed_attention": "icl_kernels.relaxation",
+    "capture": "icl_kernels.capture",
+    "label_log_probs": "icl_kernels.capture",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -173,7 +173,7 @@ def causal_study(
         label_ids: token ids of each class's label word (first token scored).
         config: a `CausalConfig`.
     """
-    from icl_kernels.kernel import analyze_heads
+    from icl_kernels.head_scan import analyze_heads
     from icl_kernels.stats import split_indices
 
     cfg = config or CausalConfig()

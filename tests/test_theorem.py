@@ -119,5 +119,30 @@ def test_theorem_command_writes_its_files(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["kr_forward"]) == {"1", "16"}
     assert summary["bayes"]["16"]["agree_bayes"] == 1.0
-    assert main(["theorem", "--shots", "1,x", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects the option before anything runs
+        main(["theorem", "--shots", "1,x", "--out", str(out)])
+    assert exit_info.value.code == 2
     assert "--shots: expected comma-separated numbers, got '1,x'" in capsys.readouterr().err
+
+
+def test_theorem_study_with_a_given_model_and_validation():
+    from icl_kernels.errors import InvalidOptionError
+    from icl_kernels.studies import get_study
+    from icl_kernels.studies.theorem import TheoremConfig
+
+    world = make_world()
+    model = _tiny_synthetic_model(world)
+    before = H.active_hook_count(model)
+    report = get_study("theorem")(
+        {"shots": (1, 4), "n": 40, "features": ("forward",), "model_shots": (2, 4, 1000), "model_n": 12},
+        model=model, progress=False,
+    )
+    assert H.active_hook_count(model) == before
+    assert set(report.tables) == {"theorem", "model"}
+    assert set(report.summary["model_behaviour"]) == {2, 4}  # 1000 shots exceed the context: left out
+    assert set(report.summary["kr_forward"]) == {1, 4} and "theorem" in report.figures()
+    assert report.line().startswith("Theorem 1 simulation, 4 shots: accuracy bayes")
+    for bad in ({"features": ("backward",)}, {"n": 0}, {"shots": (-1,)}, {"model": "synthetic-gpt-neo", "device": "gpu"}):
+        with pytest.raises(InvalidOptionError):
+            TheoremConfig.from_dict(bad)
+    assert TheoremConfig().model is None and TheoremConfig().shots == (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -1,0 +1,387 @@
+"""``heads``: label-attention heads as kernel regression (Han et al.), end to end.
+
+For a task's k-shot prompts (`icl_kernels.prompt_sets.study_prompts`, under a `PromptCondition`),
+the model runs once per batch (`icl_kernels.head_scan.analyze_heads`) and every head is scored: how
+well the a-weighted vote over demonstration labels reconstructs the model's ICL prediction
+(agreement) and the gold label (accuracy), for each aggregation of a_i (max over [x_i, y_i], mean,
+label tokens). The best head is chosen on a seeded ``select_fraction`` of the prompts and reported
+on the rest (``layer`` restricts that search to one layer). Baselines, on the same held-out prompts:
+kernel regression on MiniLM sentence embeddings of the inputs (Han et al.'s Table 2 baseline), on
+the residual stream at the best layer, on the best head's own query/key vectors, and the
+demonstrations' majority label. With ``similarity`` every x is also run alone, for the correlation
+of a_i with P(o|x_test)^T P(o|x_i) (Figure 4), zero-shot accuracy, and ridge probes of keys
+(target: the zero-shot class of x_i) and values (target: y_i) around the label position (Figure 5).
+
+Phenomena and controls are options of the same study: ``selector=retrieval`` (nearest MiniLM
+neighbours as demonstrations), ``label_format`` ``swapped`` (label words permuted among classes),
+``arbitrary`` (unrelated words), ``flipped`` (demonstration labels shifted to the next class; gold
+and label words unchanged), and ``control=input-permutation`` (the words of every demonstration
+input shuffled; labels kept).
+
+Tables: ``heads`` (split, aggregation, layer, head, agreement, accuracy, rank), ``prompts`` (one row
+per prompt), ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
+heatmaps, the averaged attention map, kernel similarity and probes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from icl_kernels.config import ModelOptions, Options, PromptOptions
+from icl_kernels.errors import InvalidOptionError
+from icl_kernels.prompt_sets import PromptCondition, study_prompts, text_of
+from icl_kernels.studies.registry import register
+from icl_kernels.studies.report import Report
+
+__all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS"]
+
+#: Offsets from each label's first token at which keys and values are probed.
+PROBE_OFFSETS = (-1, 0, 1, 2, 3)
+
+
+@dataclass
+class HeadsConfig(Options):
+    """Options of one heads analysis (see the module docstring)."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    prompts: PromptOptions = field(default_factory=PromptOptions)
+    condition: PromptCondition = field(default_factory=PromptCondition)
+    batch_size: int = field(default=4, metadata={"help": "prompts per forward pass"})
+    select_fraction: float = field(default=0.7, metadata={"help": "share of prompts used to choose the best head"})
+    similarity: bool = field(default=True, metadata={
+        "help": "single-example runs (kernel similarity, probes, zero-shot)"})
+    probes: bool | None = field(default=None, metadata={
+        "help": "key/value probes (need --similarity; default: on with it)"})
+    kr_minilm: bool = field(default=True, metadata={
+        "flag": "minilm", "help": "the MiniLM kernel-regression baseline"})
+    layer: int | None = field(default=None, metadata={
+        "help": "restrict the best-head search to one layer (default: all layers)"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.prompts.shots < 1:
+            problems.append(f"shots must be >= 1 (head scores need demonstrations), not {self.prompts.shots}")
+        if self.prompts.n_test < 4:
+            problems.append(f"n_test must be >= 4 to split prompts for head selection, not {self.prompts.n_test}")
+        if not 0 < self.select_fraction < 1:
+            problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, not {self.batch_size}")
+        if self.probes and not self.similarity:
+            problems.append("probes need the single-example runs of similarity=True (key targets)")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            problems.append(f"layer must be a layer index >= 0 or None (all layers), not {self.layer!r}")
+        if problems:
+            raise InvalidOptionError("Invalid heads options: " + "; ".join(problems) + ".")
+
+    @property
+    def with_probes(self) -> bool:
+        """Whether the key/value probes run (``probes``, by default on exactly when ``similarity`` is)."""
+        return bool(self.similarity) if self.probes is None else bool(self.probes)
+
+
+@dataclass
+class HeadsReport(Report):
+    """Tables ``heads``, ``prompts``, ``kernel_similarity``, ``probes``; the summary of `run`.
+
+    ``data`` holds the tensors the figures are drawn from (score matrices, the attention map).
+    """
+
+    data: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def figures(self) -> dict[str, Any]:
+        from icl_kernels.plotting import attention_map_figure, layer_head_heatmaps, probe_figure
+
+        summary, data = self.summary, self.data
+        if not data:
+            return {}
+        b = summary["best_head"]["max"]
+        mark = (b["layer"], b["head"])
+        title = f"{summary['model']} on {summary['task']}, {summary['shots']} shots"
+        sel = data["select_scores"]
+        figs = {
+            "heads_agreement": layer_head_heatmaps(
+                sel.agreement, f"Head reconstruction agreement with the model (selection split, n={sel.n}) - {title}",
+                mark=mark),
+            "heads_accuracy": layer_head_heatmaps(
+                sel.accuracy, f"Head reconstruction accuracy vs gold (selection split, n={sel.n}) - {title}", mark=mark),
+        }
+        if data["attention_map"] is not None:
+            figs["attention_map"] = attention_map_figure(
+                data["attention_map"], data["segments"], title=f"Prediction-row attention, each x resampled - {title}",
+                n_prompts=summary["attention_map_prompts"],
+            )
+        if data["corr"]:
+            figs["kernel_similarity"] = layer_head_heatmaps(
+                data["corr"], f"Pearson(a_i, P(o|x)^T P(o|x_i)) per head - {title}", diverging=True, mark=mark)
+        if data["probe_acc"]:
+            figs["probes"] = probe_figure(data["probe_acc"], data["probe_offsets"], chance=None,
+                                          title=f"Ridge probes (lambda 0.01) around the label position - {title}")
+        return figs
+
+    def line(self) -> str:
+        summary = self.summary
+        b = summary["best_head"]["max"]
+        kr = summary["kernel_regression"]
+        parts = [
+            f"{summary['model']} on {summary['task']} ({summary['shots']} shots, {summary['n_prompts']} prompts,"
+            f" select {summary['n_select']} / report {summary['n_report']})",
+            f"ICL accuracy {summary['icl_accuracy']:.3f} (report {summary['icl_accuracy_report']:.3f})",
+            f"best head L{b['layer']}.H{b['head']} (max): held-out agreement {b['report_agreement']:.3f}, "
+            f"accuracy {b['report_accuracy']:.3f}",
+        ]
+        if "minilm_cosine" in kr:
+            parts.append(f"KR MiniLM cosine: accuracy {kr['minilm_cosine']['accuracy']:.3f}, "
+                         f"agreement {kr['minilm_cosine']['agreement']:.3f}")
+        if "zsl_accuracy" in summary:
+            parts.append(f"zero-shot {summary['zsl_accuracy']:.3f}")
+        return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _rate(pred: torch.Tensor, target: torch.Tensor, rows) -> float:
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    return float((pred[rows] == target[rows]).float().mean())
+
+
+def _kr_entry(pred: torch.Tensor, model_pred, gold, report) -> dict:
+    return {"agreement": _rate(pred, model_pred, report), "accuracy": _rate(pred, gold, report),
+            "abstain": float((pred[torch.as_tensor(report)] < 0).float().mean())}
+
+
+def _best_by_selection(candidates: dict, model_pred, gold, select, report) -> dict:
+    """Among named prediction vectors, the one with the best agreement on ``select``; its report scores."""
+    best_name, best_score = None, -1.0
+    for name, pred in candidates.items():
+        score = _rate(pred, model_pred, select)
+        if score > best_score:
+            best_name, best_score = name, score
+    entry = _kr_entry(candidates[best_name], model_pred, gold, report)
+    return {"chosen": best_name, "select_agreement": best_score, **entry}
+
+
+def _best_heads(run, layers: tuple[int, ...], select, report) -> dict[str, dict]:
+    """Per aggregation: the head with the best agreement on ``select`` among ``layers``, scored on ``report``."""
+    from icl_kernels.kernel import AGGREGATIONS, held_out_best_head
+
+    first, last = layers[0], layers[-1] + 1
+    best = {}
+    for how in AGGREGATIONS:
+        weights = run.demo_weights[how][:, first:last]
+        entry = held_out_best_head(weights, run.demo_labels, run.model_predictions, run.gold, run.n_classes,
+                                   select, report)
+        entry["layer"] += first
+        best[how] = entry
+    return best
+
+
+def _minilm_baselines(sp, run, task, model_pred, gold, report) -> tuple[dict, dict]:
+    """Kernel regression on MiniLM sentence embeddings of x_test and the x_i (three kernels)."""
+    from icl_kernels.encoders import minilm_encoder
+    from icl_kernels.kernel import Kernel, kernel_regression, reconstruct
+
+    enc = minilm_encoder()
+    n = run.n_prompts
+    demo_rows = [[sp.pool[i] for i in p.demo_indices] for p in sp.icl]
+    q_vec = torch.as_tensor(enc([text_of(task, sp.queries[p.query_index]) for p in sp.icl]))
+    width = run.demo_labels.shape[1]
+    d_vec = torch.zeros(n, width, q_vec.shape[1])
+    for r, rows in enumerate(demo_rows):
+        if rows:
+            d_vec[r, : len(rows)] = torch.as_tensor(enc([text_of(task, x) for x in rows]))
+    entries, preds = {}, {}
+    for kernel in (Kernel("cosine"), Kernel("exp_dot", temperature=0.1), Kernel("rbf")):
+        pred = reconstruct(kernel_regression(q_vec, d_vec, run.demo_labels, run.n_classes, kernel))
+        preds[kernel.label] = pred
+        entries[f"minilm_{kernel.label}"] = _kr_entry(pred, model_pred, gold, report)
+    return entries, preds
+
+
+def _similarity_and_probes(cfg: HeadsConfig, model, sp, run, pad: int, select, progress: bool):
+    """Kernel similarity (Fig. 4), zero-shot predictions and key/value probes (Fig. 5)."""
+    from icl_kernels.head_scan import demo_output_similarity, probe_accuracies
+    from icl_kernels.kernel import AGGREGATIONS, head_correlation
+
+    demo_rows = [[sp.pool[i] for i in p.demo_indices] for p in sp.icl]
+    sim, zs_demo, zsl_pred = demo_output_similarity(
+        model, sp.builder, [sp.queries[p.query_index] for p in sp.icl], demo_rows,
+        pad_token_id=pad, batch_size=max(cfg.batch_size * 4, 8), progress=progress,
+    )
+    width = min(sim.shape[1], run.demo_labels.shape[1])
+    valid = (run.demo_labels >= 0)[:, :width]
+    corr, records = {}, []
+    for how in AGGREGATIONS:
+        corr[how] = head_correlation(run.demo_weights[how][..., :width], torch.nan_to_num(sim[:, :width]), valid)
+        for li, layer in enumerate(run.layers):
+            for h in range(run.n_heads):
+                records.append({"aggregation": how, "layer": layer, "head": h, "pearson": float(corr[how][li, h])})
+    sim_frame = pd.DataFrame(records)
+    probe_frame, probe_acc = None, {}
+    if cfg.with_probes:
+        train = torch.as_tensor(select)
+        targets = {"keys -> zero-shot class of x_i": ("k", zs_demo[:, :width]), "values -> y_i": ("v", run.demo_labels)}
+        probe_acc = {name: probe_accuracies(run, target, train, which=which) for name, (which, target) in targets.items()}
+        records = []
+        for name, acc in probe_acc.items():
+            for oi, off in enumerate(run.probe_offsets):
+                for li, layer in enumerate(run.layers):
+                    for kv in range(acc.shape[2]):
+                        records.append({"probe": name, "offset": off, "layer": layer, "kv_head": kv,
+                                        "accuracy": float(acc[oi, li, kv])})
+        probe_frame = pd.DataFrame(records)
+    return zsl_pred, corr, sim_frame, probe_acc, probe_frame
+
+
+# ------------------------------------------------------------------------------------------------
+# The study
+# ------------------------------------------------------------------------------------------------
+
+
+def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
+    """Run the whole heads analysis for one configuration (loads ``cfg.model`` unless given)."""
+    from icl_kernels.head_scan import analyze_heads, head_kernel_regression, resid_kernel_regression
+    from icl_kernels.kernel import class_votes, heads_frame, reconstruct
+    from icl_kernels.stats import split_indices
+    from icl_kernels.tasks import get_task
+
+    started = time.time()
+    task = get_task(cfg.prompts.task)  # a bad task name fails before a model loads
+    if model is None:
+        model = cfg.model.load()
+    n_layers = model.cfg.n_layers
+    if cfg.layer is not None and cfg.layer >= n_layers:
+        raise InvalidOptionError(f"layer={cfg.layer} but the model has {n_layers} layers (0..{n_layers - 1}).")
+    search_layers = tuple(range(n_layers)) if cfg.layer is None else (cfg.layer,)
+    tokenizer = model.tokenizer
+    sp = study_prompts(model, cfg.prompts, cfg.condition, model_name=cfg.model.model)
+    if sp.builder is None:
+        raise InvalidOptionError(f"The heads study needs a text task, not {cfg.prompts.task!r}.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    hrun = analyze_heads(
+        model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad,
+        head_features=True, resid_layers=tuple(range(n_layers)),
+        probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), progress=progress,
+    )
+    n = hrun.n_prompts
+    select, report = split_indices(n, cfg.select_fraction, cfg.prompts.seed)
+    model_pred, gold = hrun.model_predictions, hrun.gold
+    scores = {"select": hrun.scores(select), "report": hrun.scores(report), "all": hrun.scores()}
+    frame = heads_frame(scores, rank_on="select")
+    best = _best_heads(hrun, search_layers, select, report)
+
+    # --- kernel-regression baselines (chosen on the selection split, reported held out) --------
+    kr: dict[str, Any] = {}
+    ones = torch.ones_like(hrun.demo_weights["max"][:, :1, :1])
+    majority = reconstruct(class_votes(ones, hrun.demo_labels, hrun.n_classes))[:, 0, 0]
+    kr["demo_majority"] = _kr_entry(majority, model_pred, gold, report)
+    resid = {f"layer {layer}": reconstruct(resid_kernel_regression(hrun, layer)) for layer in hrun.resid_layers}
+    kr["resid_cosine_best_layer"] = _best_by_selection(resid, model_pred, gold, select, report)
+    head_kr = {
+        f"L{layer}.H{h}": reconstruct(head_kernel_regression(hrun, layer, h))
+        for layer in search_layers for h in range(hrun.n_heads)
+    }
+    kr["head_qk_best_head"] = _best_by_selection(head_kr, model_pred, gold, select, report)
+    b = best["max"]
+    kr["head_qk_of_best_reconstruction_head"] = _kr_entry(head_kr[f"L{b['layer']}.H{b['head']}"], model_pred, gold, report)
+    minilm_preds: dict[str, torch.Tensor] = {}
+    if cfg.kr_minilm:
+        entries, minilm_preds = _minilm_baselines(sp, hrun, task, model_pred, gold, report)
+        kr.update(entries)
+
+    # --- kernel similarity (Fig. 4), zero-shot, probes (Fig. 5) ---------------------------------
+    sim_frame = probe_frame = zsl_pred = None
+    corr: dict[str, torch.Tensor] = {}
+    probe_acc: dict[str, torch.Tensor] = {}
+    if cfg.similarity:
+        zsl_pred, corr, sim_frame, probe_acc, probe_frame = _similarity_and_probes(
+            cfg, model, sp, hrun, pad, select, progress)
+
+    # --- per-prompt table and summary ------------------------------------------------------------
+    split_of = np.full(n, "report", dtype=object)
+    split_of[select] = "select"
+    table = {
+        "prompt": np.arange(n), "split": split_of, "query_index": [m["query_index"] for m in hrun.meta],
+        "n_demos": [m["n_demos"] for m in hrun.meta], "prompt_tokens": [m["prompt_tokens"] for m in hrun.meta],
+        "gold": gold.numpy(), "icl_pred": model_pred.numpy(), "demo_majority": majority.numpy(),
+    }
+    if zsl_pred is not None:
+        table["zsl_pred"] = zsl_pred.numpy()
+    for how, entry in best.items():
+        weights = hrun.demo_weights[how][:, entry["layer"] : entry["layer"] + 1, entry["head"] : entry["head"] + 1]
+        table[f"head_{how}_L{entry['layer']}H{entry['head']}"] = reconstruct(
+            class_votes(weights, hrun.demo_labels, hrun.n_classes))[:, 0, 0].numpy()
+    for name, pred in minilm_preds.items():
+        table[f"kr_minilm_{name}"] = pred.numpy()
+    prompt_frame = pd.DataFrame(table)
+
+    summary = _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, probe_acc)
+    summary["seconds"] = round(time.time() - started, 1)
+    summary["note"] = (
+        "Best heads are chosen by agreement on the 'select' prompts and scored on the disjoint 'report' "
+        "prompts; kernel-regression baselines are scored on the 'report' prompts (their layer/head "
+        "chosen on 'select')."
+    )
+    tables = {"heads": frame, "prompts": prompt_frame}
+    if sim_frame is not None:
+        tables["kernel_similarity"] = sim_frame
+    if probe_frame is not None:
+        tables["probes"] = probe_frame
+    data = {"select_scores": scores["select"], "attention_map": hrun.attention_map, "segments": hrun.segments,
+            "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets}
+    return HeadsReport("heads", cfg, tables, summary, data=data)
+
+
+def _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, probe_acc) -> dict[str, Any]:
+    model_pred, gold = hrun.model_predictions, hrun.gold
+    summary: dict[str, Any] = {
+        "model": cfg.model.model, "task": task.name, "shots": cfg.prompts.shots, "n_prompts": hrun.n_prompts,
+        "seed": cfg.prompts.seed, "n_select": len(select), "n_report": len(report),
+        "label_words": list(sp.builder.label_words), "label_format": cfg.condition.label_format,
+        "control": cfg.condition.control, "selector": cfg.condition.selector,
+        "n_layers": len(hrun.layers), "n_heads": hrun.n_heads,
+        "icl_accuracy": float((model_pred == gold).float().mean()),
+        "icl_accuracy_report": _rate(model_pred, gold, report),
+        "icl_prediction_rate": np.bincount(model_pred.numpy(), minlength=hrun.n_classes).tolist(),
+        "mean_demos_used": float(np.mean([m["n_demos"] for m in hrun.meta])),
+        "mean_prompt_tokens": float(np.mean([m["prompt_tokens"] for m in hrun.meta])),
+        "best_head": {how: dict(entry) for how, entry in best.items()},
+        "kernel_regression": kr,
+    }
+    if cfg.layer is not None:
+        summary["layer"] = cfg.layer
+    summary["best_head_max"] = f"L{best['max']['layer']}.H{best['max']['head']}"
+    if zsl_pred is not None:
+        summary["zsl_accuracy"] = float((zsl_pred == gold).float().mean())
+        summary["zsl_accuracy_report"] = _rate(zsl_pred, gold, report)
+    if corr:
+        c = torch.nan_to_num(corr["max"], nan=-2.0)
+        j = int(c.flatten().argmax())
+        summary["kernel_similarity"] = {
+            "max_pearson": float(c.flatten()[j]), "at": f"L{hrun.layers[j // hrun.n_heads]}.H{j % hrun.n_heads}",
+            "median_pearson": float(torch.nanmedian(corr["max"])),
+            "pearson_of_best_reconstruction_head": float(corr["max"][best["max"]["layer"], best["max"]["head"]]),
+        }
+    if probe_acc:
+        summary["probes"] = {
+            name: {f"{off:+d}": float(np.nanmax(acc[oi].numpy())) for oi, off in enumerate(hrun.probe_offsets)}
+            for name, acc in probe_acc.items()
+        }
+    summary["attention_map_prompts"] = hrun.attention_map_n
+    return summary
+
+
+register(
+    "heads", HeadsConfig, run,
+    help="label-attention heads as kernel regression (Han et al.)",
+    description=__doc__.split("\n\n")[1],
+)

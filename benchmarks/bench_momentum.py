@@ -74,8 +74,8 @@ def time_scans(model, n_tokens: int, batch: int, eta: float, n_layers: int, repe
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from icl_kernels.perplexity import heldout_windows
     from icl_kernels.models import load_model
+    from icl_kernels.perplexity import heldout_windows
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-3-270m")

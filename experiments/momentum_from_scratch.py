@@ -186,7 +186,7 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
     print(mean.to_string(float_format=lambda v: f"{v:.4f}"))
 
 
-def summarise(frame) -> "pd.DataFrame":
+def summarise(frame):
     """Mean +- s.e. over seeds per variant, and the paired (same seed) momentum - vanilla difference."""
     import pandas as pd
 

@@ -45,15 +45,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
-from icl_kernels.prompts import IclPrompt, PromptBatch, batches
 from icl_kernels.hooks import (
     act_name,
     apply_rotary,
     attention_spec,
-    run_until,
     repeat_kv,
     rotary_hook_kinds,
+    run_until,
 )
+from icl_kernels.prompts import IclPrompt, PromptBatch, batches
 
 __all__ = [
     "Capture", "capture", "FEATURE_KINDS", "ATTENTION_METHODS", "nbytes", "final_residual", "unembed", "label_log_probs",

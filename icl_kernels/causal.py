@@ -36,8 +36,6 @@ from tqdm.auto import tqdm
 from icl_kernels import backend as tl_backend
 from icl_kernels.config import Options
 from icl_kernels.errors import InvalidOptionError
-from icl_kernels.stats import bootstrap_interval, recovery, wilson_interval
-from icl_kernels.stats import rng as seeded
 from icl_kernels.patching import (
     Head,
     effects_frame,
@@ -46,6 +44,8 @@ from icl_kernels.patching import (
     run_with_edits,
     zero_ablation,
 )
+from icl_kernels.stats import bootstrap_interval, recovery, wilson_interval
+from icl_kernels.stats import rng as seeded
 
 __all__ = [
     "CausalConfig",

@@ -13,20 +13,17 @@ renormalises; it corrects the label prior that demonstrations set.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_kernels import backend as tl_backend
-from icl_kernels.capture import final_residual, label_log_probs, unembed
+from icl_kernels.capture import label_log_probs
+from icl_kernels.prompts import IclPrompt, PromptBuilder, make_prompts
 from icl_kernels.stats import wilson_interval
-from icl_kernels.prompts import IclPrompt, PromptBatch, PromptBuilder, batches, make_prompts
 
 
 @dataclass

@@ -208,7 +208,7 @@ def reconstruct(votes: Float[Tensor, "*batch n_classes"]) -> Int[Tensor, "*batch
 
 
 def agreement(
-    predictions: Int[Tensor, "batch *rest"], target: Int[Tensor, " batch"]
+    predictions: Int[Tensor, " batch *rest"], target: Int[Tensor, " batch"]
 ) -> Float[Tensor, "*rest"]:
     """Fraction of rows where ``predictions`` equals ``target`` (per trailing index)."""
     if predictions.shape[0] == 0:

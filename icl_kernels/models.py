@@ -122,8 +122,13 @@ GPT2_VOCAB = 50257
 
 def tiny_hf_config(arch: str):
     """Hugging Face configs of the tiny random models (d_model 64, a few layers, GPT-2 vocab)."""
-    from transformers import GemmaConfig  # noqa: F401  (import check only)
-    from transformers import Gemma3TextConfig, GPTJConfig, GPTNeoConfig, LlamaConfig
+    from transformers import (
+        Gemma3TextConfig,
+        GemmaConfig,  # noqa: F401  (import check only)
+        GPTJConfig,
+        GPTNeoConfig,
+        LlamaConfig,
+    )
 
     common = dict(vocab_size=GPT2_VOCAB, bos_token_id=50256, eos_token_id=50256)
     if arch == "gpt-neo":

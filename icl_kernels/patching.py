@@ -51,10 +51,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
-from icl_kernels.capture import capture
-from icl_kernels.stats import wilson_interval
-from icl_kernels.capture import unembed
+from icl_kernels.capture import capture, unembed
 from icl_kernels.hooks import act_name, hooks_on, run_until
+from icl_kernels.stats import wilson_interval
 
 __all__ = [
     "SITES",

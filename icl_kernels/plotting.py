@@ -183,7 +183,7 @@ def probe_figure(
     line is the best key/value head of the layer.
     """
     fig = make_subplots(rows=1, cols=len(accuracies), subplot_titles=list(accuracies), shared_yaxes=True)
-    for j, (name, acc) in enumerate(accuracies.items()):
+    for j, (_name, acc) in enumerate(accuracies.items()):
         arr = _np(acc)
         best = np.nanmax(arr, axis=-1) if np.isfinite(arr).any() else np.full(arr.shape[:2], np.nan)
         x = list(layers) if layers is not None else list(range(arr.shape[1]))

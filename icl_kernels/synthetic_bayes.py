@@ -21,7 +21,8 @@ delimiter excluded); ``plot_accuracy_vs_shots`` draws any such table.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

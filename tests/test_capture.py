@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import load_tiny
+
 from icl_kernels import capture as capture_module
 from icl_kernels import hooks as H
 from icl_kernels.capture import capture

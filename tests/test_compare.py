@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import load_tiny
+from test_relaxation import assert_tiny
+
 from icl_kernels import hooks as H
 from icl_kernels.compare import (
     ComparisonSettings,
@@ -20,10 +21,9 @@ from icl_kernels.compare import (
 )
 from icl_kernels.compare_record import record
 from icl_kernels.errors import InvalidOptionError
+from icl_kernels.stats import cosine, kendall_tau
 from icl_kernels.studies import get_study
 from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
-from icl_kernels.stats import cosine, kendall_tau
-from test_relaxation import assert_tiny
 
 REQUIRED_KEYS = (
     "zsl_accuracy", "ft_accuracy", "icl_accuracy", "rec2ftp", "rec2ftp_chance", "simaou", "simaou_random",

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-
 from conftest import load_tiny
+from test_relaxation import assert_tiny
+
 from icl_kernels import backend as tl_backend
 from icl_kernels import hooks as H
 from icl_kernels.capture import capture
 from icl_kernels.finetune import finetune, has_kv_bias, kv_parameters, kv_weights, select_lr
-from test_relaxation import assert_tiny
 
 SEQUENCES = [[50256, 464, 3290, 318, 922, 13], [50256, 40, 588, 340, 2089], [50256, 1212, 318, 257, 1332, 11, 0]]
 

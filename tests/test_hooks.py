@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import load_tiny
+
 from icl_kernels import hooks as H
 
 TEXT = "One two three four five six seven eight nine ten eleven twelve thirteen fourteen."

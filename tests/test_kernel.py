@@ -8,8 +8,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_PARAMS
+
 from icl_kernels import head_scan as S
 from icl_kernels import hooks as H
 from icl_kernels import kernel as K

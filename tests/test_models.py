@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_PARAMS, load_tiny
+
 from icl_kernels import backend as tl_backend
 from icl_kernels.errors import UnknownModelError
 from icl_kernels.models import (

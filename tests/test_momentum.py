@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_PARAMS, load_tiny
+
 from icl_kernels import hooks as H
 from icl_kernels.momentum import (
     MomentumConfigError,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_PARAMS, load_tiny
+from test_kernel import _toy_task, label_head_model
+
 from icl_kernels import hooks as H
 from icl_kernels.causal import CausalConfig, causal_study, random_head_sets, rank_heads
 from icl_kernels.patching import (
@@ -21,8 +22,6 @@ from icl_kernels.patching import (
     zero_attn_out,
 )
 from icl_kernels.prompts import PromptBuilder, make_prompts
-from test_kernel import _toy_task, label_head_model
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -204,8 +203,9 @@ def test_rank_heads_orders_by_metric():
 def test_momentum_edits_equal_the_double_loop(arch, backend):
     """Momentum edits run by the engine give the scores of the double-loop reference hooks (the
     definition, `test_momentum._naive_hooks`), and leave no hook behind; eta = 0 is no edit."""
-    from icl_kernels.momentum import momentum_edits
     from test_momentum import _naive_hooks
+
+    from icl_kernels.momentum import momentum_edits
 
     model = _tiny(arch, backend)
     builder, icl, _ = _prompts(model.tokenizer, n=6)

@@ -6,7 +6,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from icl_kernels.errors import LabelTokenizationError, MissingClassError, PromptTooLongError
 from icl_kernels.models import gpt2_tokenizer, load_tokenizer

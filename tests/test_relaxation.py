@@ -6,8 +6,8 @@ import functools
 
 import pytest
 import torch
-
 from conftest import TINY_PARAMS, load_tiny
+
 from icl_kernels import hooks as H
 from icl_kernels.relaxation import (
     decompose,
@@ -26,7 +26,7 @@ IDENTITY_ATOL = 1e-5  # float64; observed ~1e-13 on values of size ~50
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hf_params(arch: str) -> int:
     from icl_kernels.models import build_tiny_hf_model
 

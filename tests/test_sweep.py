@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import TINY_PARAMS
+
 from experiments import summarize, sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, SyntheticWorld, WorldConfig, load_world, make_world
+from icl_kernels.synthetic import SyntheticWorld, WorldConfig, load_world, make_world
 from icl_kernels.synthetic_bayes import (
     accuracy,
     accuracy_vs_shots,
     bayes_document_nll,
     bayes_label_probs,
     bayes_predictive,
-    model_label_logits,
     plot_accuracy_vs_shots,
 )
 

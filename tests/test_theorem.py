@@ -12,7 +12,6 @@ from icl_kernels import hooks as H
 from icl_kernels import theorem as T
 from icl_kernels.synthetic import make_world
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

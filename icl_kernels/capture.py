@@ -25,7 +25,7 @@ has its own prediction position. Keys after a row's prediction position get weig
 The forward pass stops at ``unembed.hook_in`` (after the final residual of the prediction
 positions has been kept): the unembedding, which for Gemma's 262k vocabulary costs about as much as
 the rest of the model, is never computed for every position. Logits of the prediction positions are
-one ``evaluate.unembed`` call away.
+one `unembed` call away.
 
 `label_log_probs` is the package's one scorer of label words: log P(label continuation | prompt)
 for every class, summed over the label's tokens (a multi-token label word is scored as a full

@@ -133,7 +133,7 @@ def test_memory_grows_linearly_in_prompt_length():
 @pytest.mark.core
 def test_unembed_equals_the_model_unembedding(backend):
     """`unembed` (W_U columns only, soft-capped) equals TransformerLens' own unembedding."""
-    from icl_kernels.evaluate import unembed
+    from icl_kernels.capture import unembed
 
     model = load_tiny("gemma-3", backend)
     resid = torch.randn(3, model.cfg.d_model)

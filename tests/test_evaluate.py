@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import load_tiny
 
-from icl_kernels.evaluate import calibrate, evaluate_icl, final_residual, label_log_probs
+from icl_kernels.capture import final_residual, label_log_probs
+from icl_kernels.evaluate import calibrate, evaluate_icl
 from icl_kernels.hooks import active_hook_count
 from icl_kernels.prompts import PromptBuilder
 from icl_kernels.stats import wilson_interval

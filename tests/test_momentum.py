@@ -190,7 +190,7 @@ def test_hooks_removed_after_raise_and_nesting(backend):
                 raise RuntimeError("boom")
     assert H.active_hook_count(model) == 0
     # an inner hook context (as the evaluation helpers use) leaves the patch in place
-    from icl_kernels.evaluate import final_residual
+    from icl_kernels.capture import final_residual
 
     with torch.no_grad():
         plain = final_residual(model, tokens)

@@ -24,7 +24,7 @@ class UnknownNameError(IclKernelsError, KeyError):
         message = f"Unknown {kind} {name!r}."
         if close:
             message += f" Did you mean {', '.join(repr(c) for c in close)}?"
-        message += f" Known {kind}s: {', '.join(known)}."
+        message += f" Known {kind[:-1] + 'ies' if kind.endswith('y') else kind + 's'}: {', '.join(known)}."
         if hint:
             message += f" {hint}"
         super().__init__(message)

@@ -35,16 +35,18 @@ REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)
 
 @pytest.fixture
 def shared_models(monkeypatch):
-    """`ModelOptions.load` returns one cached model per name, so the test can inspect it afterwards."""
+    """`load_model` returns one cached model per name, so the test can inspect it afterwards."""
+    from icl_kernels import models as model_loading
+
     models: dict = {}
-    original = ModelOptions.load
+    original = model_loading.load_model
 
-    def load(self):
-        if self.model not in models:
-            models[self.model] = original(self)
-        return models[self.model]
+    def load(name, **kwargs):
+        if name not in models:
+            models[name] = original(name, **kwargs)
+        return models[name]
 
-    monkeypatch.setattr(ModelOptions, "load", load)
+    monkeypatch.setattr(model_loading, "load_model", load)
     return models
 
 
@@ -79,7 +81,7 @@ def test_study_leaves_no_hook_when_the_model_raises(name, tmp_path, shared_model
     from icl_kernels.cli import main
 
     model_name = TINY_ARGS[name][TINY_ARGS[name].index("--model") + 1]
-    model = ModelOptions(model=model_name).load()
+    model = ModelOptions(model=model_name, device="cpu").load()
     block = model.blocks[len(model.blocks) - 1]
     calls = {"n": 0}
     original = block.forward
@@ -104,7 +106,7 @@ def test_registering_a_name_twice_raises():
 
 
 def test_unknown_study_names_the_known_ones():
-    with pytest.raises(KeyError, match="Known studies"):
+    with pytest.raises(KeyError, match="Known studies: causal"):
         get_study("no-such-study")
 
 

@@ -47,12 +47,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
 from icl_kernels.capture import capture, unembed
-from icl_kernels.hooks import act_name, hooks_on, run_until
+from icl_kernels.hooks import (
+    act_name,
+    attention_scores,
+    attention_spec,
+    hooks_on,
+    repeat_kv,
+    rotary_hook_kinds,
+    rotated_qk,
+    run_until,
+)
 from icl_kernels.stats import wilson_interval
 
 __all__ = [
@@ -70,6 +79,7 @@ __all__ = [
     "mean_ablation",
     "patch_heads",
     "zero_attn_out",
+    "attention_edits",
     "effects_frame",
     "summarize_effects",
     "check_heads",
@@ -452,6 +462,56 @@ def zero_attn_out(layers: Iterable[int], positions: str = "all") -> list[Edit]:
             return out
 
         edits.append(Edit(layer, fn, "attn_out", f"zero attn_out L{layer}"))
+    return edits
+
+
+def attention_edits(
+    model: tl_backend.Model,
+    layers: Iterable[int],
+    *,
+    blocked: Sequence[Bool[Tensor, "query_pos key_pos"] | None] | None = None,
+    multipliers: Mapping[int, Tensor] | None = None,
+) -> list[Edit]:
+    """Edits that recompute chosen layers' attention at ``hook_z`` from the same pass's q, k, v,
+    with some query -> key links cut, and/or the pattern multiplied elementwise by a tensor.
+
+    The attention-mask edit of the engine (a TransformerBridge discards ``hook_pattern`` edits, so
+    the pattern is rebuilt: scores = q.k / scale with the layer's causal / local mask
+    (`icl_kernels.hooks.attention_scores`), ``-inf`` where ``blocked`` is True, softmax, and
+    ``z = pattern @ v``). ``blocked[i]`` is a ``[len_i, len_i]`` mask for prompt ``i`` of the run
+    (`EditContext.rows`; None: nothing blocked); a row with every key blocked keeps its own
+    position. ``multipliers[layer]`` (``[batch head_index query_pos key_pos]``, e.g. ones with
+    ``requires_grad`` for attention x gradient saliency) multiplies the post-softmax pattern.
+    With nothing blocked and no multiplier the edit reproduces the model's ``z`` (to float error).
+    """
+    q_kind, k_kind = rotary_hook_kinds(model)
+    edits = []
+    for layer in sorted({int(x) for x in layers}):
+        spec = attention_spec(model, layer)
+
+        def fn(z: Tensor, context: EditContext, layer=layer, spec=spec) -> Tensor:
+            q, k = rotated_qk(model, layer, context.activations[q_kind], context.activations[k_kind])
+            v = repeat_kv(context.activations["v"], spec.group_size)
+            compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+            scores = attention_scores(q.to(compute), k.to(compute), spec)  # [batch head q k]
+            if blocked is not None:
+                width = scores.shape[-1]
+                cut = torch.zeros(scores.shape[0], width, width, dtype=torch.bool, device=scores.device)
+                rows = context.rows.tolist() if context.rows is not None else range(scores.shape[0])
+                for b, row in enumerate(rows):
+                    mask = blocked[row] if row < len(blocked) else None
+                    if mask is not None:
+                        n = min(mask.shape[0], width)
+                        cut[b, :n, :n] = mask[:n, :n].to(scores.device)
+                cut &= ~torch.eye(width, dtype=torch.bool, device=scores.device)[None]
+                scores = scores.masked_fill(cut[:, None], float("-inf"))
+            pattern = scores.softmax(-1)
+            if multipliers is not None and layer in multipliers:
+                pattern = pattern * multipliers[layer].to(pattern.device, pattern.dtype)
+            out = torch.einsum("bhqk,bkhd->bqhd", pattern, v.to(compute))
+            return out.to(z.dtype)
+
+        edits.append(Edit(layer, fn, "z", f"attention L{layer}", reads=(q_kind, k_kind, "v")))
     return edits
 
 

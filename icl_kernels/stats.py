@@ -52,6 +52,9 @@ SEED_STREAMS: dict[str, int | None] = {
     "bootstrap": 0xB007,  # bootstrap resampling, keys (seed,)
     "synthetic_prompts": 0xCA05,  # causal / sweep prompts on the synthetic world, keys (seed, shots)
     "momentum_bootstrap": None,  # momentum grid bootstrap, keys (seed,)
+    "shuffled_labels": 0x5A1F,  # function vectors: label permutation of prompt i, keys (seed, i)
+    "repeated_tokens": 0x1D0C,  # induction scores: random repeated sequences, keys (seed,)
+    "anchor_control": 0xA9C4,  # anchors: random non-label positions of prompt i, keys (seed, i)
 }
 
 #: Offset added to the seed for the weights of an untrained copy of a model (compare controls).

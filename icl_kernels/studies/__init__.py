@@ -19,7 +19,7 @@ from icl_kernels.studies.report import Report
 __all__ = ["BUILTIN", "DuplicateStudyError", "Report", "Study", "get_study", "list_studies", "register"]
 
 #: The studies that ship with the package, registered in this order on import.
-BUILTIN: tuple[str, ...] = ("evaluation", "heads", "theorem", "compare", "momentum", "causal")
+BUILTIN: tuple[str, ...] = ("evaluation", "heads", "theorem", "compare", "momentum", "causal", "families")
 
 for _name in BUILTIN:
     importlib.import_module(f"icl_kernels.studies.{_name}")

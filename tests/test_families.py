@@ -1,0 +1,244 @@
+"""Head families on tiny models: induction scores, function vectors, task vectors, anchors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import load_tiny
+from test_patching import _prompts
+
+from icl_kernels import hooks as H
+from icl_kernels.anchors import (
+    anchor_isolation,
+    flow_saliency,
+    isolation_mask,
+    label_positions,
+    saliency_flows,
+)
+from icl_kernels.function_vectors import (
+    function_vector,
+    indirect_effects,
+    shuffle_demo_labels,
+    shuffled_label_prompts,
+    top_heads,
+)
+from icl_kernels.induction import head_pattern_scores, ideal_pattern, pattern_scores, repeated_random_tokens
+from icl_kernels.patching import attention_edits, edits_on, head_means, record_heads, run_with_edits
+from icl_kernels.task_vectors import choose_layer, residual_at_prediction, run_with_residual
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ARCH_BACKENDS = [("gpt-neo", "hooked"), ("gpt-neo", "bridge"), ("gemma-3", "hooked")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Induction / previous-token / duplicate-token scores
+# ------------------------------------------------------------------------------------------------
+
+
+def _perfect(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """A pattern that follows the ideal pattern where it has a 1, else parks on BOS (row-normalised)."""
+    ideal = ideal_pattern(tokens, kind)
+    pattern = ideal.clone()
+    empty = pattern.sum(-1) == 0
+    pattern[empty, 0] = 1
+    return pattern / pattern.sum(-1, keepdim=True)
+
+
+def test_perfect_induction_pattern_scores_one_and_uniform_scores_low():
+    n = 10
+    tokens = repeated_random_tokens(3, n, 100, 1000, bos=0, seed=1)
+    perfect = torch.stack([_perfect(t, "induction") for t in tokens])[:, None]
+    assert torch.allclose(pattern_scores(perfect, tokens, "induction"), torch.ones(1))
+    diluted = pattern_scores(perfect, tokens, "induction", exclude_bos=False)
+    assert diluted.item() == pytest.approx(n / (2 * n + 1))
+    width = tokens.shape[1]
+    uniform = torch.tril(torch.ones(width, width))
+    uniform = (uniform / uniform.sum(-1, keepdim=True))[None, None].expand(3, 1, -1, -1)
+    assert pattern_scores(uniform, tokens, "induction").item() < 0.2
+    # a previous-token head is not an induction head, and vice versa
+    previous = torch.stack([_perfect(t, "previous_token") for t in tokens])[:, None]
+    assert pattern_scores(previous, tokens, "previous_token").item() == pytest.approx(1.0)
+    assert pattern_scores(previous, tokens, "previous_token", exclude_bos=False).item() == pytest.approx((width - 1) / width)
+    assert pattern_scores(previous, tokens, "induction").item() < 0.1
+    assert pattern_scores(perfect, tokens, "previous_token").item() < 0.1
+    duplicate = torch.stack([_perfect(t, "duplicate_token") for t in tokens])[:, None]
+    assert pattern_scores(duplicate, tokens, "duplicate_token").item() == pytest.approx(1.0)
+
+
+def test_model_induction_scores_have_one_row_per_head_on_both_backends():
+    frames = []
+    for backend in ("hooked", "bridge"):
+        model = load_tiny("gpt-neo", backend)
+        tokens = repeated_random_tokens(2, 8, 100, 1000, bos=model.tokenizer.bos_token_id, seed=0)
+        frames.append(head_pattern_scores(model, tokens))
+        assert H.active_hook_count(model) == 0
+    assert len(frames[0]) == 16 and ((frames[0][["induction", "previous_token"]] >= 0) & (frames[0][["induction", "previous_token"]] <= 1)).all().all()
+    assert torch.allclose(torch.tensor(frames[0]["induction"].to_numpy()), torch.tensor(frames[1]["induction"].to_numpy()), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Function vectors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_shuffled_labels_move_label_tokens_and_keep_spans_exact():
+    model = load_tiny("gpt-neo", "hooked")
+    _, icl, _ = _prompts(model.tokenizer, shots=3, n=4)
+    prompt = icl[0]
+    moved = shuffle_demo_labels(prompt, [2, 0, 1])
+    assert moved.demo_labels == (prompt.demo_labels[2], prompt.demo_labels[0], prompt.demo_labels[1])
+    for i, (a, b) in enumerate(moved.demo_label_spans):
+        src = prompt.demo_label_spans[[2, 0, 1][i]]
+        assert moved.tokens[a:b] == prompt.tokens[src[0]:src[1]]
+    qa, qb = moved.query_span
+    assert moved.tokens[qa:qb] == prompt.tokens[prompt.query_span[0]:prompt.query_span[1]]
+    assert shuffle_demo_labels(prompt, [0, 1, 2]) == prompt
+    assert len(shuffled_label_prompts(icl, seed=0)) == len(icl)
+
+
+def test_cie_is_zero_when_means_come_from_the_same_clean_prompt():
+    model = load_tiny("gpt-neo", "hooked")
+    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=1)
+    means = head_means(model, icl)
+    cie = indirect_effects(model, icl, builder.label_ids, means)
+    assert cie.abs().max() < 1e-6
+
+
+def test_planted_head_is_the_only_one_with_an_indirect_effect_and_ranks_first():
+    model = copy.deepcopy(load_tiny("gpt-neo", "hooked"))
+    planted = (2, 1)
+    with torch.no_grad():
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.n_heads):
+                if (layer, head) != planted:
+                    model.blocks[layer].attn.W_O[head].zero_()
+    builder, icl, _ = _prompts(model.tokenizer, shots=3, n=6)
+    means = head_means(model, icl)
+    corrupted = shuffled_label_prompts(icl, seed=0)
+    cie = indirect_effects(model, corrupted, builder.label_ids, means)
+    others = cie.clone()
+    others[planted] = 0
+    assert others.abs().max() == 0 and cie[planted].abs() > 0
+    assert top_heads(cie.abs(), 1) == [planted]
+    # brute force: the same number from explicit patched runs
+    gold = torch.tensor([p.query_label for p in corrupted])
+    rows = torch.arange(len(gold))
+    z_clean = record_heads(model, icl).mean(0)[planted]
+
+    base = run_with_edits(model, corrupted, builder.label_ids, batch_size=1).exp()[rows, gold]
+    patched = []
+    for p, g in zip(corrupted, gold):
+        with H.hooks_on(model, [(H.act_name("z", planted[0]), lambda z, hook, n=len(p): _set_last(z, n, planted[1], z_clean))]):
+            patched.append(model(torch.tensor([p.tokens]))[0, -1].softmax(-1)[builder.label_ids[int(g)][0]])
+    assert cie[planted].item() == pytest.approx(float((torch.stack(patched) - base).mean()), abs=1e-5)
+    # the function vector of the planted head is its mean output through W_O
+    fv = function_vector(model, means, [planted])
+    assert torch.allclose(fv, means[planted] @ model.blocks[2].attn.W_O[1], atol=1e-6)
+
+
+def _set_last(z, n, head, value):
+    z = z.clone()
+    z[:, n - 1, head] = value
+    return z
+
+
+# ------------------------------------------------------------------------------------------------
+# Task vectors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_task_vector_patch_with_the_icl_residual_reproduces_the_icl_prediction(arch, backend):
+    model = load_tiny(arch, backend)
+    builder, icl, zsl = _prompts(model.tokenizer, shots=2, n=4)
+    resid = residual_at_prediction(model, icl)
+    last = model.cfg.n_layers - 1
+    icl_scores = run_with_edits(model, icl, builder.label_ids)
+    patched = run_with_residual(model, zsl, builder.label_ids, last, resid[:, last], mode="replace")
+    assert torch.allclose(patched, icl_scores, atol=1e-5)
+    # a prompt patched with its own residual at any layer is unchanged
+    own = residual_at_prediction(model, zsl)
+    clean = run_with_edits(model, zsl, builder.label_ids)
+    for layer in range(model.cfg.n_layers):
+        same = run_with_residual(model, zsl, builder.label_ids, layer, own[:, layer], mode="replace")
+        assert torch.allclose(same, clean, atol=1e-5)
+    assert H.active_hook_count(model) == 0
+
+
+def test_choose_layer_takes_the_lowest_of_tied_maxima():
+    assert choose_layer([0.1, 0.5, 0.3, 0.5]) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Anchors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_all_allowed_mask_changes_nothing(arch, backend):
+    model = load_tiny(arch, backend)
+    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=3)
+    layers = range(model.cfg.n_layers)
+    clean = run_with_edits(model, icl, builder.label_ids)
+    allowed = [torch.zeros(len(p), len(p), dtype=torch.bool) for p in icl]
+    edited = run_with_edits(model, icl, builder.label_ids, attention_edits(model, layers, blocked=allowed))
+    assert (edited - clean).abs().max() < 1e-5
+    tokens = torch.tensor([icl[0].tokens])
+    with torch.no_grad():
+        ref = model(tokens)
+        with edits_on(model, attention_edits(model, layers)):
+            again = model(tokens)
+    assert (ref - again).abs().max() < 1e-4
+    # blocking something does change the output
+    label_block = [isolation_mask(len(p), label_positions(p)) for p in icl]
+    changed = run_with_edits(model, icl, builder.label_ids, attention_edits(model, layers, blocked=label_block))
+    assert (changed - clean).abs().max() > 1e-4
+    assert H.active_hook_count(model) == 0
+
+
+def test_isolated_label_positions_ignore_earlier_tokens():
+    model = load_tiny("gpt-neo", "hooked")
+    _, icl, _ = _prompts(model.tokenizer, shots=2, n=1)
+    prompt = icl[0]
+    p = label_positions(prompt)[0]
+    tokens = torch.tensor([prompt.tokens])
+    other = tokens.clone()
+    other[0, 1:p] = (other[0, 1:p] + 7) % model.cfg.d_vocab
+    mask = [isolation_mask(len(prompt), [p]), isolation_mask(len(prompt), [p])]
+    edits = attention_edits(model, range(model.cfg.n_layers), blocked=mask)
+    outs = []
+    for t, row in ((tokens, 0), (other, 1)):
+        cache = {}
+        with torch.no_grad(), edits_on(model, edits, rows=torch.tensor([row])), H.hooks_on(
+            model, [(H.act_name("resid_post", model.cfg.n_layers - 1), lambda x, hook: cache.setdefault("x", x.clone()))]
+        ):
+            model(t)
+        outs.append(cache["x"][0, p])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_saliency_flow_counts_partition_the_lower_triangle():
+    sal = torch.rand(2, 12, 12)
+    frame = saliency_flows(sal, [3, 7], 11)
+    assert list(frame.columns) == ["layer", "text_to_label", "label_to_prediction", "other"]
+    assert frame["label_to_prediction"].iloc[0] == pytest.approx(float((sal[0, 11, 3] + sal[0, 11, 7]) / 2))
+    n_wp, n_pq = 3 + 7, 2
+    n_ww = 11 * 12 // 2 - n_wp - n_pq
+    assert n_wp + n_pq + n_ww == 11 * 12 // 2
+    model = load_tiny("gpt-neo", "bridge")
+    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=2)
+    flows = flow_saliency(model, icl, builder.label_ids)
+    assert len(flows) == 2 * model.cfg.n_layers and (flows[["text_to_label", "label_to_prediction"]] >= 0).all().all()
+    assert flows["label_to_prediction"].max() > 0
+    assert H.active_hook_count(model) == 0
+
+
+def test_anchor_isolation_table():
+    model = load_tiny("gpt-neo", "hooked")
+    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=4)
+    table = anchor_isolation(model, icl, builder.label_ids, seed=0)
+    assert table["condition"].tolist()[0] == "clean" and table["label_loyalty"].iloc[0] == 1.0
+    assert len(table) == 5 and table["label_loyalty"].between(0, 1).all()

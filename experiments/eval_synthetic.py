@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_type_hints
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, load_world  # noqa: E402
-from icl_kernels.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots  # noqa: E402
+from icl_kernels.plotting import write_html
+from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, load_world
+from icl_kernels.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
 
 
 @dataclass
@@ -95,8 +93,8 @@ def main(argv: list[str] | None = None):
     df = done[done["shots"].isin(shots)]
     wide = df.pivot(index="shots", columns="predictor", values="accuracy")
     print(wide.to_string(float_format=lambda v: f"{v:.3f}"))
-    plot_accuracy_vs_shots(df, title=f"Synthetic world, n={cfg.n} prompts per k").write_html(
-        out / "accuracy_vs_shots.html", include_plotlyjs="cdn"
+    write_html(
+        plot_accuracy_vs_shots(df, title=f"Synthetic world, n={cfg.n} prompts per k"), out / "accuracy_vs_shots.html"
     )
     return df
 

@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_type_hints
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from icl_kernels.config import parse_list as parse_numbers  # noqa: E402
-from icl_kernels.io import append_rows, finished_ids, write_csv, write_json  # noqa: E402
+from icl_kernels.config import parse_list as parse_numbers
+from icl_kernels.io import append_rows, finished_ids, write_csv, write_json
+from icl_kernels.plotting import write_html
 
 
 @dataclass
@@ -141,9 +139,9 @@ def main(argv: list[str] | None = None):
     write_csv(out / "summary.csv", summary.to_dict("records"))
     icl = frame[frame["metric"] == "icl_accuracy"].groupby(["variant", "shots"], as_index=False)["value"].agg(
         accuracy="mean", se=lambda v: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0)
-    plot_accuracy_vs_shots(icl.rename(columns={"variant": "predictor"}),
-                           title=f"Synthetic world: vanilla vs momentum (eta={cfg.eta}), {cfg.steps} steps").write_html(
-        str(out / "accuracy_vs_shots.html"), include_plotlyjs="cdn")
+    figure = plot_accuracy_vs_shots(icl.rename(columns={"variant": "predictor"}),
+                                    title=f"Synthetic world: vanilla vs momentum (eta={cfg.eta}), {cfg.steps} steps")
+    write_html(figure, out / "accuracy_vs_shots.html")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return summary
 

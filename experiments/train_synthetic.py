@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,8 @@ from typing import Any, get_type_hints
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from icl_kernels.synthetic import SyntheticWorld, WorldConfig, make_world  # noqa: E402
-from icl_kernels.synthetic_bayes import accuracy_vs_shots  # noqa: E402
+from icl_kernels.synthetic import SyntheticWorld, WorldConfig, make_world
+from icl_kernels.synthetic_bayes import accuracy_vs_shots
 
 
 @dataclass

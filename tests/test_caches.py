@@ -86,7 +86,7 @@ def fake_gemma(tmp_path, monkeypatch):
     def dequantise(gguf_path):
         assert Path(gguf_path).read_bytes().startswith(b"GGUF")
         conversions.append(gguf_path)
-        return models.build_tiny_hf_model("gpt-neo")
+        return tiny_stand_in(), models.gpt2_tokenizer()
 
     monkeypatch.setattr(model_cache, "dequantise_gguf", dequantise, raising=False)
     # The code before the fix converted with transformers directly: the same stand-in there.
@@ -96,6 +96,16 @@ def fake_gemma(tmp_path, monkeypatch):
                         lambda *a, **k: models.gpt2_tokenizer() if "gguf_file" in k else REAL_TOKENIZER(*a, **k))
     return types.SimpleNamespace(package=package, conversions=conversions, root=tmp_path / "cache",
                                  folder=tmp_path / "cache" / "gemma-3-270m")
+
+
+def tiny_stand_in():
+    """A seeded GPT-Neo far smaller than tiny-gpt-neo (vocabulary 256): conversions take no time."""
+    config = transformers.GPTNeoConfig(hidden_size=16, num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
+                                       vocab_size=256, max_position_embeddings=32)
+    config.architectures = ["GPTNeoForCausalLM"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def _logits(hf) -> torch.Tensor:

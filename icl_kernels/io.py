@@ -1,7 +1,8 @@
 """Writing results atomically: a file is either complete or absent, never half-written.
 
 Every table and record goes to a temporary file in the same folder and is renamed into place, so a
-crash leaves no partial result that looks complete. `append_rows` adds rows to a CSV keyed by a
+crash leaves no partial result that looks complete. The file gets the mode an ordinary ``open`` would
+give it (``0o666`` less the umask), not the ``0o600`` of the temporary file. `append_rows` adds rows to a CSV keyed by a
 cell id and skips ids already present, which is what resumable experiments need.
 """
 
@@ -31,7 +32,15 @@ def _default(value: Any):
     raise TypeError(f"Cannot write {type(value).__name__} as JSON.")
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename; mode ``0o666 & ~umask``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -40,6 +49,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -101,4 +111,4 @@ def finished_ids(path: str | os.PathLike, key: str = "cell_id") -> set[str]:
     return set(frame[key].astype(str)) if key in frame else set()
 
 
-__all__ = ["atomic_write_text", "write_json", "write_csv", "read_json", "append_rows", "finished_ids"]
+__all__ = ["atomic_write_text", "current_umask", "write_json", "write_csv", "read_json", "append_rows", "finished_ids"]

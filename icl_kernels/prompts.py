@@ -19,6 +19,7 @@ position in the unpadded prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -276,9 +277,16 @@ class DemoSelector(Protocol):
 
 @dataclass
 class RandomSelector:
-    """k random pool examples; with ``balanced``, as equal a count per class as k allows."""
+    """k random pool examples; with ``balanced``, as equal a count per class as k allows.
+
+    ``n_classes`` is the task's class count (its number of label words). A balanced selection needs
+    every class ``0 .. n_classes - 1`` in the pool and raises `MissingClassError` otherwise;
+    `make_prompts` fills ``n_classes`` from its `PromptBuilder`. Without it (a selector used on its
+    own) the count is inferred as ``max(label) + 1``, which cannot see a missing last class.
+    """
 
     balanced: bool = False
+    n_classes: int | None = None
 
     def select(self, pool_labels, query, k, rng) -> list[int]:
         n = len(pool_labels)
@@ -287,12 +295,23 @@ class RandomSelector:
         if not self.balanced:
             return [int(i) for i in rng.choice(n, size=k, replace=False)]
         classes = np.unique(pool_labels)
-        n_classes = int(pool_labels.max()) + 1 if len(pool_labels) else 0
+        if self.n_classes is not None:
+            n_classes = int(self.n_classes)
+            outside = sorted(int(c) for c in classes if not 0 <= c < n_classes)
+            if outside:
+                raise MissingClassError(
+                    f"The demonstration pool has label(s) {outside} outside 0..{n_classes - 1} for a task "
+                    f"of {n_classes} classes; check the task's data."
+                )
+        else:
+            n_classes = int(pool_labels.max()) + 1 if len(pool_labels) else 0
         missing = sorted(set(range(n_classes)) - set(classes.tolist()))
         if missing:
             raise MissingClassError(
-                f"Class(es) {missing} are absent from the demonstration pool, so a class-balanced "
-                "selection is impossible; use balanced=False or a pool that has every class."
+                f"Class(es) {missing} of {n_classes} are absent from the demonstration pool "
+                f"({n} examples, classes {classes.tolist()}), so a class-balanced selection is "
+                "impossible; use a training split that has every class, or balanced=False "
+                "(--no-balanced)."
             )
         per_class = {c: list(rng.permutation(np.flatnonzero(pool_labels == c))) for c in classes}
         order = list(rng.permutation(classes))
@@ -368,9 +387,13 @@ def make_prompts(
 ) -> list[IclPrompt]:
     """One k-shot prompt per query (a `datasets.Dataset` or list of dicts), demos from ``pool``.
 
-    ``label_map`` rewrites demonstration labels (e.g. ``lambda y: 1 - y`` for flipped labels).
+    ``label_map`` rewrites demonstration labels (e.g. ``lambda y: 1 - y`` for flipped labels). A
+    `RandomSelector` without ``n_classes`` gets the builder's class count (one per label word), so a
+    balanced selection from a pool that lacks a class raises `MissingClassError`.
     """
     selector = selector or RandomSelector()
+    if isinstance(selector, RandomSelector) and selector.n_classes is None:
+        selector = dataclasses.replace(selector, n_classes=len(builder.label_words))
     pool_labels = np.asarray(pool["label"] if hasattr(pool, "column_names") else [p["label"] for p in pool])
     if k < 0:
         raise ValueError(f"shots must be >= 0, not {k}.")

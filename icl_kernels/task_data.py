@@ -28,8 +28,15 @@ may be class indices or the dataset's label names (``"entailment"``).
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib.metadata
 import importlib.util
+import io
+import json
 import os
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,6 +45,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pandas as pd
 
 from icl_kernels.errors import MissingAssetError, TaskDataError, TaskDefinitionError
 from icl_kernels.task_definition import Task, check_seed, dataset_column, dataset_labels
@@ -50,6 +58,7 @@ __all__ = [
     "PackageFileTask",
     "Reader",
     "seeded_split",
+    "task_data_source",
 ]
 
 TEST_FRACTION = 0.2
@@ -135,7 +144,8 @@ class PackageFileTask(Task):
 
     def load(self, *, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> datasets.DatasetDict:
         """Parse (cached per process), then split with ``seeded_split(labels, seed)``. ``cache_dir`` is unused."""
-        texts, labels = _read_deduplicated(self.reader, str(self.path()), self.n_classes)
+        path = self.path()
+        texts, labels, dropped = _read_deduplicated(self.reader, str(path), self.n_classes)
         train, test = seeded_split(labels, seed)
         (field_name,) = self.text_fields
         features = self._features()
@@ -147,17 +157,45 @@ class PackageFileTask(Task):
                 {field_name: texts_arr[idx].tolist(), "label": labels_arr[idx].tolist()}, features=features
             )
 
-        return self._checked(datasets.DatasetDict(train=build(train), test=build(test)))
+        dd = self._checked(datasets.DatasetDict(train=build(train), test=build(test)))
+        return _record(self, dd, {
+            "kind": "package", "package": self.package, "pip_spec": self.pip_spec, "version": _version(self.package),
+            "path": str(path), **_file_identity(str(path)), "rows_read": dropped["rows_read"],
+            "dropped": {k: v for k, v in dropped.items() if k != "rows_read"},
+        })
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=64)
+def _file_identity(path: str) -> dict[str, Any]:
+    """Size and sha256 of an installed package file (hashed once per process)."""
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 @lru_cache(maxsize=16)
-def _read_deduplicated(reader: Reader, path: str, n_classes: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Read, drop empty texts, keep the first of repeated (text, label), drop texts with two labels."""
+def _read_deduplicated(
+    reader: Reader, path: str, n_classes: int
+) -> tuple[tuple[str, ...], tuple[int, ...], dict[str, int]]:
+    """Read, drop empty texts, keep the first of repeated (text, label), drop texts with two labels.
+
+    Returns (texts, labels, counts): ``rows_read`` and the rows dropped as ``empty_text``,
+    ``duplicate`` (a repeat of a kept row) and ``conflicting_labels`` (every row of a text seen with
+    two labels), recorded in `task_data_source`.
+    """
     texts, labels = reader(Path(path))
     seen: dict[str, int] = {}
     conflicting: set[str] = set()
+    counts = {"rows_read": len(texts), "empty_text": 0, "duplicate": 0, "conflicting_labels": 0}
     for text, label in zip(texts, labels):
         if not text:
+            counts["empty_text"] += 1
             continue
         if not 0 <= label < n_classes:
             raise TaskDataError(f"{path}: label {label} outside 0..{n_classes - 1} for {text!r}.")
@@ -165,7 +203,51 @@ def _read_deduplicated(reader: Reader, path: str, n_classes: int) -> tuple[tuple
             conflicting.add(text)
         seen.setdefault(text, label)
     kept = [(t, y) for t, y in seen.items() if t not in conflicting]
-    return tuple(t for t, _ in kept), tuple(y for _, y in kept)
+    in_conflict = sum(1 for t in texts if t in conflicting)
+    counts["conflicting_labels"] = in_conflict
+    counts["duplicate"] = counts["rows_read"] - counts["empty_text"] - in_conflict - len(kept)
+    return tuple(t for t, _ in kept), tuple(y for _, y in kept), counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the data came from
+# --------------------------------------------------------------------------------------------------
+
+_SOURCES: dict[str, tuple[Task, dict[str, Any]]] = {}
+
+
+def _record(task: Task, dd: datasets.DatasetDict, source: dict[str, Any]) -> datasets.DatasetDict:
+    _SOURCES[task.name] = (task, source)
+    dd.data_source = source  # type: ignore[attr-defined]
+    return dd
+
+
+def task_data_source(task: Task) -> dict[str, Any]:
+    """Where the task's data came from, as recorded by its last ``load()`` in this process (JSON-able).
+
+    ``{"kind": "package", "package", "pip_spec", "version", "path", "bytes", "sha256", "rows_read",
+    "dropped": {...}}`` for a file in a PyPI package; ``{"kind": "local", "files": {split: {"path",
+    "bytes", "sha256"}}, "dropped": {split: {...}}}`` for local files; ``{"kind": "hub", "hub_path",
+    "hub_config", "splits", "revision", "fingerprints", "dropped"}`` for the hub; ``{"kind":
+    "loader", "source"}`` for a task with its own loader. ``dropped`` counts rows that were left out
+    (each also reported with a warning when loading). Before any load, the record is computed
+    without loading (no ``dropped`` counts; hub revision unknown).
+    """
+    known = _SOURCES.get(task.name)
+    if known is not None and known[0] == task:
+        return copy.deepcopy(known[1])
+    if isinstance(task, PackageFileTask):
+        path = str(task.path())
+        return {"kind": "package", "package": task.package, "pip_spec": task.pip_spec,
+                "version": _version(task.package), "path": path, **_file_identity(path)}
+    if isinstance(task, HubTask):
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+        if data_dir is not None:
+            files = task.local_files(data_dir)
+            return {"kind": "local", "files": {s: _local_identity(p) for s, p in files.items()}}
+        return {"kind": "hub", "hub_path": task.hub_path, "hub_config": task.hub_config,
+                "splits": {"train": task.train_split, "test": task.test_split}, "revision": None}
+    return {"kind": "loader", "source": task.source}
 
 
 
@@ -206,11 +288,28 @@ class HubTask(Task):
                 f"Task {self.name!r}: {len(self.hub_label_names)} hub_label_names for {self.n_classes} label words."
             )
 
-    def local_files(self, data_dir: str | os.PathLike) -> dict[str, Path] | None:
-        """``{"train": path, "test": path}`` under ``data_dir/<name>/``; None when that folder is absent."""
-        folder = Path(data_dir) / self.name
+    def local_files(self, data_dir: str | os.PathLike, *, named_by: str = "data_dir") -> dict[str, Path]:
+        """``{"train": path, "test": path}`` under ``data_dir/<name>/``.
+
+        Raises:
+            TaskDataError: ``data_dir`` or its ``<name>`` folder is missing (naming the path; no
+                silent fall-back to the hub), or a split has no file or several.
+        """
+        root = Path(data_dir).expanduser()
+        folder = root / self.name
+        if not root.is_dir():
+            raise TaskDataError(
+                f"Task {self.name!r}: {named_by}={str(data_dir)!r} is not a folder. Point it at the folder that "
+                f"holds {self.name}/train.csv and {self.name}/test.csv (or .tsv/.jsonl/.json/.parquet)"
+                + (f", or unset {DATA_DIR_ENV} to load from the Hugging Face hub." if named_by == DATA_DIR_ENV else ".")
+            )
         if not folder.is_dir():
-            return None
+            present = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise TaskDataError(
+                f"Task {self.name!r}: {named_by} is {str(root)!r} but it has no folder {self.name!r} ({folder} "
+                f"does not exist; it has {present or 'no folders'}). Create {folder}/train.csv and test.csv"
+                + (f", or unset {DATA_DIR_ENV} to load from the Hugging Face hub." if named_by == DATA_DIR_ENV else ".")
+            )
         found: dict[str, Path] = {}
         for ours, theirs in (("train", self.train_split), ("test", self.test_split)):
             candidates = [folder / f"{stem}.{ext}" for stem in dict.fromkeys((ours, theirs)) for ext in _LOCAL_EXTENSIONS]
@@ -238,18 +337,29 @@ class HubTask(Task):
         """
         check_seed(seed)
         if data_files is None:
-            data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
             if data_dir is not None:
                 data_files = self.local_files(data_dir)
+            elif os.environ.get(DATA_DIR_ENV):
+                data_files = self.local_files(os.environ[DATA_DIR_ENV], named_by=DATA_DIR_ENV)
+        source: dict[str, Any]
         if data_files is not None:
             if set(data_files) != {"train", "test"}:
                 raise TaskDataError(
                     f"Task {self.name!r}: data_files needs exactly the keys 'train' and 'test', got {sorted(data_files)}."
                 )
-            raw = {split: _load_local(self, Path(path), cache_dir) for split, path in data_files.items()}
+            raw = {split: _load_local(self, Path(path)) for split, path in data_files.items()}
+            source = {"kind": "local", "files": {split: _local_identity(Path(p)) for split, p in data_files.items()}}
         else:
             raw = self._load_hub(cache_dir)
-        return self._checked(datasets.DatasetDict({s: self._prepare(ds, s) for s, ds in raw.items()}))
+            source = {"kind": "hub", "hub_path": self.hub_path, "hub_config": self.hub_config,
+                      "splits": {"train": self.train_split, "test": self.test_split},
+                      "revision": _hub_revision(raw.values()),
+                      "fingerprints": {s: getattr(ds, "_fingerprint", None) for s, ds in raw.items()}}
+        prepared, dropped = {}, {}
+        for split, ds in raw.items():
+            prepared[split], dropped[split] = self._prepare(ds, split, local=source["kind"] == "local")
+        source["dropped"] = dropped
+        return _record(self, self._checked(datasets.DatasetDict(prepared)), source)
 
     def _load_hub(self, cache_dir: str | os.PathLike | None) -> dict[str, datasets.Dataset]:
         out = {}
@@ -269,8 +379,8 @@ class HubTask(Task):
                 ) from err
         return out
 
-    def _prepare(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
-        """Rename to text_fields/label, map label names, drop unlabelled rows, check, cast."""
+    def _prepare(self, ds: datasets.Dataset, split: str, *, local: bool) -> tuple[datasets.Dataset, dict[str, int]]:
+        """Rename to text_fields/label, map label names, drop unlabelled rows (counted), check, cast."""
         where = f"Task {self.name!r}, split {split!r}"
         renames = {src: dst for src, dst in self.column_map if src in ds.column_names and dst not in ds.column_names}
         if self.label_column != "label" and self.label_column in ds.column_names and "label" not in ds.column_names:
@@ -285,16 +395,12 @@ class HubTask(Task):
 
         label_feature = ds.features["label"]
         if isinstance(label_feature, datasets.Value) and label_feature.dtype in ("string", "large_string"):
-            ds = ds.map(self._name_to_index, batched=True, input_columns="label", fn_kwargs={"where": where})
+            ds = ds.map(self._name_to_index, batched=True, input_columns="label", fn_kwargs={"where": where},
+                        features=datasets.Features({**ds.features, "label": datasets.Value("int64")}))
         elif not (isinstance(label_feature, datasets.ClassLabel) or "int" in getattr(label_feature, "dtype", "")):
             raise TaskDataError(f"{where}: label column has type {label_feature}, expected int or label names.")
 
-        ds = ds.filter(lambda labels: [y != -1 for y in labels], batched=True, input_columns="label")
-        ds = ds.filter(
-            lambda *cols: [all(isinstance(t, str) and t.strip() for t in row) for row in zip(*cols)],
-            batched=True,
-            input_columns=list(self.text_fields),
-        )
+        ds, dropped = self._drop_unusable_rows(ds, where, local)
         if len(ds) == 0:
             raise TaskDataError(f"{where}: no labelled rows with non-empty text.")
         labels = dataset_labels(ds)
@@ -314,7 +420,40 @@ class HubTask(Task):
                     f"task maps it to {names[i]!r} ({len(bad)} rows disagree); the dataset's label order has changed."
                 )
         ds = ds.select_columns([*self.text_fields, "label"])
-        return ds.cast(self._features())
+        return ds.cast(self._features()), dropped
+
+    def _drop_unusable_rows(self, ds: datasets.Dataset, where: str, local: bool) -> tuple[datasets.Dataset, dict[str, int]]:
+        """Drop rows labelled -1 (unlabelled) with a counted warning; rows with no label are an error; rows
+        with an empty text are an error in local files (fix the file) and a counted warning on the hub."""
+        labels = dataset_column(ds, "label")
+        columns = [dataset_column(ds, f) for f in self.text_fields]
+        no_label = [i for i, y in enumerate(labels) if y is None]
+        unlabelled = {i for i, y in enumerate(labels) if y == -1}
+        empty = {i for i, row in enumerate(zip(*columns)) if not all(isinstance(t, str) and t.strip() for t in row)}
+        empty -= unlabelled
+
+        def rows(indices) -> str:
+            shown = sorted(indices)[:5]
+            return ", ".join(str(i + 1) for i in shown) + (", ..." if len(indices) > 5 else "")
+
+        if no_label:
+            raise TaskDataError(f"{where}: {len(no_label)} row(s) have no label (data rows {rows(no_label)}, counting "
+                                "from 1 after the header); give every row a class index or label name.")
+        if empty and local:
+            raise TaskDataError(
+                f"{where}: {len(empty)} row(s) have an empty {' or '.join(self.text_fields)} (data rows {rows(empty)}, "
+                "counting from 1 after the header); fill them in or delete them."
+            )
+        dropped = {"unlabelled": len(unlabelled), "empty_text": len(empty)}
+        if unlabelled or empty:
+            warnings.warn(
+                f"{where}: dropped {len(unlabelled)} unlabelled row(s) (label -1) and {len(empty)} row(s) with an "
+                f"empty text, of {len(ds)}; the counts are recorded in task_data_source().",
+                UserWarning, stacklevel=4,
+            )
+            keep = [i for i in range(len(ds)) if i not in unlabelled and i not in empty]
+            ds = ds.select(keep)
+        return ds, dropped
 
     def _name_to_index(self, labels: list[str], where: str) -> dict[str, list[int]]:
         lookup = {n.lower(): i for i, n in enumerate(self.class_names)}
@@ -331,18 +470,75 @@ class HubTask(Task):
         return {"label": out}
 
 
-def _load_local(task: HubTask, path: Path, cache_dir: str | os.PathLike | None) -> datasets.Dataset:
+def _local_identity(path: Path) -> dict[str, Any]:
+    data = Path(path).read_bytes()
+    return {"path": str(Path(path).resolve()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _hub_revision(splits) -> str | None:
+    """The dataset commit the hub data came from, when the download records name it (``...@<sha>/...``)."""
+    found = set()
+    for ds in splits:
+        for url in (getattr(ds.info, "download_checksums", None) or {}):
+            found.update(re.findall(r"@([0-9a-f]{40})", str(url)))
+    return ",".join(sorted(found)) or None
+
+
+_LOCAL_CACHE: dict[tuple[str, str], datasets.Dataset] = {}
+_LOCAL_CACHE_SIZE = 32
+
+
+def _load_local(task: HubTask, path: Path) -> datasets.Dataset:
+    """A local file as a Dataset, parsed from its bytes and cached per process by their sha256.
+
+    Every text is kept as written: ``NA``, ``None``, ``null``, ``nan`` and numbers are text, not missing
+    values (CSV and TSV are read as strings). The ``datasets`` cache is not used: it keys files by path,
+    size and mtime, so an edited file with the same size and mtime (``cp -p``) would be served stale.
+    """
     ext = path.name.rsplit(".", 1)[-1].lower() if "." in path.name else ""
     if ext not in _LOCAL_EXTENSIONS:
         raise TaskDataError(f"Task {task.name!r}: {path} must end in one of {sorted(_LOCAL_EXTENSIONS)}.")
     if not path.is_file():
         raise TaskDataError(f"Task {task.name!r}: local data file {path} does not exist.")
-    kwargs: dict[str, Any] = {"delimiter": "\t"} if ext == "tsv" else {}
-    return datasets.load_dataset(
-        _LOCAL_EXTENSIONS[ext],
-        data_files={"train": str(path)},
-        split="train",
-        cache_dir=None if cache_dir is None else str(cache_dir),
-        **kwargs,
-    )
+    data = path.read_bytes()
+    key = (hashlib.sha256(data).hexdigest(), ext)
+    if key not in _LOCAL_CACHE:
+        if len(_LOCAL_CACHE) >= _LOCAL_CACHE_SIZE:
+            _LOCAL_CACHE.pop(next(iter(_LOCAL_CACHE)))
+        _LOCAL_CACHE[key] = datasets.Dataset.from_pandas(_parse_local(task, path, ext, data), preserve_index=False)
+    return _LOCAL_CACHE[key]
 
+
+def _parse_local(task: HubTask, path: Path, ext: str, data: bytes) -> pd.DataFrame:
+    where = f"Task {task.name!r}: {path}"
+    if not data.strip():
+        raise TaskDataError(f"{where} is empty; it needs a header and one row per example.")
+    if ext == "parquet":
+        return pd.read_parquet(io.BytesIO(data))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TaskDataError(f"{where} is not UTF-8 ({err}); save it as UTF-8.") from None
+    if ext in ("csv", "tsv"):
+        try:
+            return pd.read_csv(io.StringIO(text), sep="\t" if ext == "tsv" else ",", dtype=str,
+                               keep_default_na=False, na_filter=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise TaskDataError(f"{where} is not a valid {ext.upper()} file ({err}).") from None
+    rows: list | None = None
+    try:
+        parsed = json.loads(text) if ext == "json" else None
+    except json.JSONDecodeError:
+        parsed = None  # a .json file of JSON lines
+    if isinstance(parsed, dict) and parsed and all(isinstance(v, list) for v in parsed.values()):
+        return pd.DataFrame(parsed, dtype=object)
+    if isinstance(parsed, list):
+        rows = parsed
+    else:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise TaskDataError(f"{where} is not valid JSON / JSON lines ({err}).") from None
+    if rows is None or not all(isinstance(r, dict) for r in rows):
+        raise TaskDataError(f"{where}: expected JSON lines of objects, a list of objects, or an object of columns.")
+    return pd.DataFrame(rows, dtype=object)

@@ -43,7 +43,15 @@ from __future__ import annotations
 
 from icl_kernels.errors import DuplicateTaskError, UnknownTaskError
 from icl_kernels.task_catalog import BUILTIN_TASKS, DEFAULT_TASK, MR_MIN_ABS_RATING
-from icl_kernels.task_data import DATA_DIR_ENV, MAX_TEST_SIZE, TEST_FRACTION, HubTask, PackageFileTask, seeded_split
+from icl_kernels.task_data import (
+    DATA_DIR_ENV,
+    MAX_TEST_SIZE,
+    TEST_FRACTION,
+    HubTask,
+    PackageFileTask,
+    seeded_split,
+    task_data_source,
+)
 from icl_kernels.task_definition import Task
 
 __all__ = [
@@ -59,6 +67,7 @@ __all__ = [
     "list_tasks",
     "register_task",
     "seeded_split",
+    "task_data_source",
     "unregister_task",
 ]
 

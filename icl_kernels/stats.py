@@ -35,6 +35,9 @@ __all__ = [
     "cosine",
     "kendall_tau",
     "recovery",
+    "proportion",
+    "paired_bootstrap",
+    "majority_share",
 ]
 
 #: stream name -> salt appended to the seed material (None: no salt, the seed material alone).
@@ -55,6 +58,7 @@ SEED_STREAMS: dict[str, int | None] = {
     "shuffled_labels": 0x5A1F,  # function vectors: label permutation of prompt i, keys (seed, i)
     "repeated_tokens": 0x1D0C,  # induction scores: random repeated sequences, keys (seed,)
     "anchor_control": 0xA9C4,  # anchors: random non-label positions of prompt i, keys (seed, i)
+    "probe_layer_split": 0x9B0E,  # heads: halves of the selection prompts to choose probe layers, keys (seed,)
 }
 
 #: Offset added to the seed for the weights of an untrained copy of a model (compare controls).
@@ -121,7 +125,9 @@ def bootstrap_interval(
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
 
-def split_indices(n: int, select_fraction: float = 0.7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    n: int, select_fraction: float = 0.7, seed: int = 0, stream: str = "select_report_split"
+) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint (selection, report) indices: a seeded permutation cut at ``select_fraction``.
 
     >>> s, r = split_indices(10, 0.7, seed=0)
@@ -136,7 +142,7 @@ def split_indices(n: int, select_fraction: float = 0.7, seed: int = 0) -> tuple[
             f"{n} prompts cannot be split {select_fraction:.2f}/{1 - select_fraction:.2f} into two non-empty "
             "parts; use more prompts."
         )
-    order = rng("select_report_split", seed).permutation(n)
+    order = rng(stream, seed).permutation(n)
     return np.sort(order[:n_select]), np.sort(order[n_select:])
 
 
@@ -181,3 +187,86 @@ def recovery(patched: np.ndarray, zsl: np.ndarray, icl: np.ndarray) -> float:
     """
     gap = icl.mean() - zsl.mean()
     return float((patched.mean() - zsl.mean()) / gap) if abs(gap) > 1e-9 else float("nan")
+
+
+def proportion(
+    successes: np.ndarray | Tensor | Sequence[bool] | int, n: int | None = None, unit: str = "prompts"
+) -> dict:
+    """A proportion as ``{value, low, high, n, unit}`` with its 95% Wilson interval.
+
+    ``successes`` is a boolean vector over the units (``n`` from its length) or a count with ``n``.
+
+    >>> proportion(np.array([1, 1, 0, 1], bool))["value"], proportion(3, 4)["n"]
+    (0.75, 4)
+    """
+    if n is None:
+        flags = np.asarray(torch.as_tensor(successes).cpu() if isinstance(successes, Tensor) else successes, dtype=bool)
+        k, n = int(flags.sum()), int(flags.size)
+    else:
+        k, n = int(successes), int(n)
+    low, high = wilson_interval(k, n)
+    return {"value": k / n if n else float("nan"), "low": low, "high": high, "n": n, "unit": unit}
+
+
+def paired_bootstrap(
+    statistic: Callable[..., float],
+    arrays: Sequence[np.ndarray],
+    unit: str,
+    groups: np.ndarray | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    stream: str = "bootstrap",
+) -> dict:
+    """``statistic(*arrays)`` with a percentile bootstrap interval over the independent ``unit``:
+    ``{value, low, high, n, unit}``.
+
+    Axis 0 of every array is one row; one resampled index vector serves all arrays (paired). With
+    ``groups`` (one label per row) the rows of a unit share a label (e.g. the four prompts built on
+    one query) and whole groups are resampled (cluster bootstrap); ``n`` is then the number of
+    groups, else the number of rows. NaN resamples are dropped.
+
+    >>> a, b = np.r_[1.0, 1, 1, 0], np.r_[0.0, 1, 0, 0]
+    >>> out = paired_bootstrap(lambda x, y: float((x - y).mean()), [a, b], "queries", resamples=200)
+    >>> out["value"], out["n"], out["unit"], out["low"] <= 0.5 <= out["high"]
+    (0.5, 4, 'queries', True)
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    rows = len(arrays[0])
+    if any(len(a) != rows for a in arrays):
+        raise ValueError("paired_bootstrap needs arrays with the same number of rows (the paired units).")
+    value = float(statistic(*arrays))
+    if groups is None:
+        members = [np.array([i]) for i in range(rows)]
+    else:
+        groups = np.asarray(groups)
+        if len(groups) != rows:
+            raise ValueError(f"groups has {len(groups)} labels for {rows} rows.")
+        members = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+    n = len(members)
+    low = high = float("nan")
+    if n:
+        generator = rng(stream, seed)
+        values = []
+        for _ in range(resamples):
+            pick = generator.integers(0, n, size=n)
+            idx = np.concatenate([members[j] for j in pick])
+            values.append(statistic(*[a[idx] for a in arrays]))
+        values = np.asarray(values, dtype=float)
+        values = values[~np.isnan(values)]
+        if len(values):
+            alpha = (1 - level) / 2
+            low, high = float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    return {"value": value, "low": low, "high": high, "n": n, "unit": unit}
+
+
+def majority_share(predictions: np.ndarray | Tensor) -> float:
+    """Share of the most frequent value (the agreement of a constant predictor with ``predictions``).
+
+    >>> majority_share(np.array([2, 2, 0, 2]))
+    0.75
+    """
+    values = np.asarray(predictions.cpu() if isinstance(predictions, Tensor) else predictions).ravel()
+    if not values.size:
+        return float("nan")
+    return float(np.unique(values, return_counts=True)[1].max() / values.size)

@@ -163,7 +163,19 @@ def test_compare_metrics_and_identity_on_gemma_geometry(backend):
         assert key in m
     assert m["lr"] in (1e-3, 0.3) and len(result.lr_table) == 2
     assert m["identity_max_abs_error"] < 1e-3
-    assert -1 <= m["simaou"] <= 1 and -1 <= m["kendall"] <= 1
+    # intervals over the 4 queries: the point estimate is the summary value, inside its interval
+    for name in ("simaou", "kendall", "simam_after", "dw_cosine", "rec2ftp"):
+        iv = m["intervals"][name]
+        assert iv["unit"] == "queries" and iv["n"] == 4
+        if not np.isnan(m[name]):
+            assert iv["value"] == pytest.approx(m[name], abs=1e-12)
+            assert iv["low"] - 1e-12 <= iv["value"] <= iv["high"] + 1e-12
+    assert m["intervals"]["icl_accuracy"]["value"] == m["icl_accuracy"]
+    assert m["intervals"]["icl_minus_ft_accuracy"]["value"] == pytest.approx(m["icl_accuracy"] - m["ft_accuracy"])
+    assert m["intervals_by_episode"]["simaou"]["n"] == 2  # two demonstration sets
+    assert m["simam_after_untrained"] == m["untrained"]["simam_after"]
+    # per-token norms: each map divided by the (more than one) keys that built it
+    assert m["dw_icl_norm_per_token"] < m["dw_icl_norm"] and m["w_zsl_norm_per_token"] < m["w_zsl_norm"]
     assert m["ft_dwk_norm"] > 0 and m["ft_dwv_norm"] > 0
     assert m["untrained"]["simaou"] == pytest.approx(m["simaou_untrained"])
     assert len(result.layers) == model.cfg.n_layers

@@ -207,3 +207,67 @@ def test_spectrum_and_stable_rank():
     assert abs(float(stable_rank(eye)) - 4.0) < 1e-9
     s = spectrum(torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)))
     torch.testing.assert_close(s, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+
+
+def _position_free_gpt_neo():
+    """tiny-gpt-neo (float64) with its position embeddings zeroed: layer 0's keys, values and queries
+    are then functions of the token alone, so a zero-shot prompt's W equals the query side of the
+    same query inside a k-shot prompt *exactly*."""
+    from icl_kernels.models import load_model
+
+    model = load_model("tiny-gpt-neo", device="cpu", dtype=torch.float64)
+    with torch.no_grad():
+        model.W_pos.zero_()
+    return model
+
+
+def _split_maps(model, icl_p, zsl_p, mask_of):
+    from icl_kernels.compare_record import record
+
+    icl_tokens, zsl_tokens = list(icl_p.tokens), list(zsl_p.tokens)
+    icl = record(model, icl_tokens, len(icl_tokens) - 1, len(icl_tokens) - 1, [0, 1], with_kv=True)
+    zsl = record(model, zsl_tokens, len(zsl_tokens) - 1, len(zsl_tokens) - 1, [0, 1], with_kv=True)
+    spec = H.attention_spec(model, 0)
+    assert spec.window is None  # layer 0 is global: every key is visible
+
+    def split(rec, mask):
+        return decompose(rec.q_full[0][None], rec.k[0][None], rec.v[0][None], spec,
+                         torch.tensor([rec.recording_position]), mask)
+
+    return split(icl, mask_of(icl_p, len(icl_tokens))), split(zsl, torch.zeros(1, len(zsl_tokens), dtype=torch.bool))
+
+
+def test_demonstration_split_gives_the_zero_shot_map():
+    """W_ZSL of a k-shot prompt (split by `demo_token_mask`) equals W of its zero-shot prompt, and
+    dW_ICL has one term per demonstration token; a split one token off in either direction breaks it."""
+    from icl_kernels.compare import demo_token_mask
+    from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
+    from icl_kernels.synthetic import make_world
+
+    model = _position_free_gpt_neo()
+    world = make_world()
+    cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=2, seed=0, episodes=1, lr=0.05))
+    episodes, _ = synthetic_episodes(world, model.cfg.n_ctx, cfg)
+    icl_p, zsl_p = episodes[0].icl_prompts[0], episodes[0].zsl_prompts[0]
+    icl, zsl = _split_maps(model, icl_p, zsl_p, demo_token_mask)
+    scale = float(zsl.w_zsl.abs().max())
+    assert scale > 1e-3
+    torch.testing.assert_close(icl.q, zsl.q, atol=1e-12, rtol=0)
+    torch.testing.assert_close(icl.w_zsl, zsl.w_zsl, atol=1e-10 * scale, rtol=0)
+    n_demo = sum(b - a for a, b in icl_p.demo_spans) + len(icl_p.demo_spans)  # demonstrations and separators
+    assert int(icl.n_demo_visible[0]) == n_demo == icl_p.query_span[0] - 1
+    assert float(icl.dw_icl.abs().max()) > 1e-3
+
+    def shifted(by_start: int, by_end: int):
+        def mask_of(prompt, width):
+            mask = torch.zeros(1, width, dtype=torch.bool)
+            mask[0, 1 + by_start : prompt.query_span[0] + by_end] = True
+            return mask
+        return mask_of
+
+    # the query's first token on the demonstration side; the last separator on the query side; BOS a demo
+    for wrong in (shifted(0, 1), shifted(0, -1), shifted(-1, 0), shifted(1, 0)):
+        icl_w, _ = _split_maps(model, icl_p, zsl_p, wrong)
+        assert float((icl_w.w_zsl - zsl.w_zsl).abs().max()) > 1e-6 * scale
+        # ... while the relaxed identity, blind to the split, still holds
+        torch.testing.assert_close(icl_w.output(), icl.output(), atol=1e-9 * scale, rtol=0)

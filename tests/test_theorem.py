@@ -65,6 +65,36 @@ def test_kernel_estimate_matches_a_loop():
             assert np.isnan(got[row]).all()
 
 
+def test_simulation_table_against_a_brute_force_one_shot_case():
+    """At n = 1 every kernel predictor is exact by hand: it answers y_1 when K(x, x_1) > 0 and abstains
+    otherwise; the uniform kernel always answers y_1. The table's accuracy, abstention and agreement
+    must equal these counts on the same prompts (abstentions count as wrong)."""
+    from icl_kernels.stats import rng
+    from icl_kernels.synthetic_bayes import bayes_label_probs
+
+    world = make_world(n_concepts=2, n_states=4, vocab_size=3, x_len=1, branching=2, doc_len=64)
+    n = 400
+    sim = T.simulate(world, shots=(1,), n=n, seed=5, features=("forward", "operator")).set_index("predictor")
+    batch = world.sample_prompts(n, 1, rng("theorem_simulation", 5, 1))
+    x1, y1 = batch.tokens[:, batch.x_positions[0]], batch.tokens[:, batch.label_positions[0]]
+    x = batch.tokens[:, batch.x_positions[1]]
+    bayes = bayes_label_probs(world, batch).argmax(-1)
+    for name in ("kr_forward", "kr_operator", "kr_uniform"):
+        if name == "kr_uniform":
+            answers = np.ones(n, bool)
+        else:
+            kernel = T.theorem_kernel(world, name[3:])
+            answers = kernel(x, x1) > T.MIN_RELATIVE_DENOMINATOR * np.abs(kernel(x, x1))
+            answers &= np.abs(kernel(x, x1)) > 0
+        pred = np.where(answers, y1, -1)
+        row = sim.loc[name]
+        assert row["abstain"] == pytest.approx(1 - answers.mean(), abs=1e-12)
+        assert row["accuracy"] == pytest.approx((pred == batch.labels).mean(), abs=1e-12)
+        assert row["agree_bayes"] == pytest.approx((pred == bayes).mean(), abs=1e-12)
+    # the uniform kernel never abstains; at 1 shot the theorem kernel does (a signed K(x, x_1) <= 0)
+    assert sim.loc["kr_uniform", "abstain"] == 0 and sim.loc["kr_forward", "abstain"] > 0.05
+
+
 def test_kernel_regression_converges_to_bayes():
     """Measured effect: agreement of the theorem's KR with Bayes climbs from ~0.2 (4 shots) to ~0.9
     (256 shots), while the label-frequency baseline stays near 0.3 (default world, 300 prompts)."""
@@ -100,8 +130,26 @@ def test_model_behaviour_on_a_tiny_model():
     frame = T.model_behaviour(model, world, shots=(1, 4), n=20, seed=0, batch_size=8)
     assert H.active_hook_count(model) == before
     values = frame.set_index(["shots", "metric"])["value"]
-    for metric in ("model_accuracy", "bayes_accuracy", "model_agree_bayes", "head_agree_model", "head_accuracy"):
-        assert 0.0 <= values[4, metric] <= 1.0
+    # recomputed from the same prompts: the model's own logits, the Bayes predictive, and at 1 shot the
+    # head reconstruction, which can only be the single demonstration's label y_1 (or an abstention)
+    from icl_kernels.stats import rng, split_indices
+    from icl_kernels.synthetic_bayes import bayes_label_probs
+
+    for k in (1, 4):
+        batch = world.sample_prompts(20, k, rng("theorem_model", 0, k))
+        with torch.no_grad():
+            logits = model(torch.as_tensor(batch.tokens))[:, -1, : world.vocab_size]
+        model_pred = logits.argmax(-1).numpy()
+        bayes_pred = bayes_label_probs(world, batch).argmax(-1)
+        assert values[k, "model_accuracy"] == pytest.approx((model_pred == batch.labels).mean(), abs=1e-6)
+        assert values[k, "bayes_accuracy"] == pytest.approx((bayes_pred == batch.labels).mean(), abs=1e-6)
+        assert values[k, "model_agree_bayes"] == pytest.approx((model_pred == bayes_pred).mean(), abs=1e-6)
+    _, report = split_indices(20, 0.7, 0)
+    batch = world.sample_prompts(20, 1, rng("theorem_model", 0, 1))
+    y1 = batch.tokens[report, batch.label_positions[0]]
+    assert values[1, "head_accuracy"] <= (y1 == batch.labels[report]).mean() + 1e-6
+    # softmax attention is positive: the one demonstration always gets a vote, so equality holds
+    assert values[1, "head_accuracy"] == pytest.approx((y1 == batch.labels[report]).mean(), abs=1e-6)
     assert "kernel_corr_max" in frame[frame.shots == 4].metric.values
     assert 0 <= values[4, "best_layer"] < 2
     with pytest.raises(ValueError, match="context"):
@@ -118,6 +166,13 @@ def test_theorem_command_writes_its_files(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["kr_forward"]) == {"1", "16"}
     assert summary["bayes"]["16"]["agree_bayes"] == 1.0
+    for k in ("1", "16"):  # abstentions and intervals per n, from the table
+        iv = summary["intervals"]["kr_forward"][k]
+        assert iv["abstain"]["value"] == pytest.approx(summary["abstain"]["kr_forward"][k])
+        assert iv["accuracy"]["value"] == pytest.approx(summary["kr_forward"][k]["accuracy"])
+        assert iv["accuracy"]["n"] == 60 and iv["accuracy"]["low"] <= iv["accuracy"]["value"] <= iv["accuracy"]["high"]
+        assert iv["accuracy_when_answering"]["n"] == 60 - round(60 * summary["abstain"]["kr_forward"][k])
+    assert summary["abstain"]["bayes"]["16"] == 0.0
     with pytest.raises(SystemExit) as exit_info:  # argparse rejects the option before anything runs
         main(["theorem", "--shots", "1,x", "--out", str(out)])
     assert exit_info.value.code == 2

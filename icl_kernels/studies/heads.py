@@ -226,7 +226,7 @@ def _similarity_and_probes(cfg: HeadsConfig, model, sp, run, pad: int, select, p
             for h in range(run.n_heads):
                 records.append({"aggregation": how, "layer": layer, "head": h, "pearson": float(corr[how][li, h])})
     sim_frame = pd.DataFrame(records)
-    probe_frame, probe_acc = None, {}
+    probe_frame, probe_acc, targets = None, {}, {}
     if cfg.with_probes:
         train = torch.as_tensor(select)
         targets = {"keys -> zero-shot class of x_i": ("k", zs_demo[:, :width]), "values -> y_i": ("v", run.demo_labels)}
@@ -239,7 +239,77 @@ def _similarity_and_probes(cfg: HeadsConfig, model, sp, run, pad: int, select, p
                         records.append({"probe": name, "offset": off, "layer": layer, "kv_head": kv,
                                         "accuracy": float(acc[oi, li, kv])})
         probe_frame = pd.DataFrame(records)
-    return zsl_pred, corr, sim_frame, probe_acc, probe_frame
+    return zsl_pred, corr, sim_frame, probe_acc, probe_frame, targets
+
+
+def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[str, Any]:
+    """Every held-out rate with its 95% Wilson interval, unit and n, and the baselines beside them.
+
+    ``model_majority_share``: agreement of a constant predictor (the model's most frequent class on
+    the same report prompts), the fair baseline of an agreement. ``*_minus_majority_share``: paired
+    bootstrap over the report prompts of (head agreement - that share).
+    """
+    from icl_kernels.stats import majority_share, paired_bootstrap, proportion
+
+    rows = torch.as_tensor(report, dtype=torch.long)
+    model_pred, gold = hrun.model_predictions[rows].numpy(), hrun.gold[rows].numpy()
+    unit = "prompts"
+    out: dict[str, Any] = {"unit": unit, "n": len(rows)}
+    out["icl_accuracy"] = proportion(model_pred == gold, unit=unit)
+    out["model_majority_share"] = {"value": majority_share(model_pred), "n": len(rows), "unit": unit}
+    out["icl_prediction_rate"] = np.bincount(model_pred, minlength=hrun.n_classes).tolist()
+    out["gold_majority_share"] = {"value": majority_share(gold), "n": len(rows), "unit": unit}
+    if zsl_pred is not None:
+        out["zsl_accuracy"] = proportion(zsl_pred[rows].numpy() == gold, unit=unit)
+
+    def rates(pred: torch.Tensor) -> dict:
+        p = pred[rows].numpy()
+        agree = (p == model_pred).astype(float)
+        return {
+            "agreement": proportion(agree > 0, unit=unit), "accuracy": proportion(p == gold, unit=unit),
+            "abstain": proportion(p < 0, unit=unit),
+            "agreement_minus_majority_share": paired_bootstrap(
+                lambda a, m: float(a.mean() - majority_share(m)), [agree, model_pred], unit),
+        }
+
+    out["best_head"] = {how: rates(pred) for how, pred in head_preds.items()}
+    out["kernel_regression"] = {name: rates(pred) for name, pred in kr_preds.items()}
+    return out
+
+
+def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_acc: dict) -> dict[str, Any]:
+    """The best (layer, key/value head) per probe and offset, chosen on the selection prompts only.
+
+    The selection prompts are halved (stream ``probe_layer_split``): a probe fit on one half is scored
+    on the other to choose; the reported accuracy is that (layer, head)'s probe fit on all selection
+    prompts and scored on the report prompts (the ``probes`` table). The summary's ``probes`` key
+    instead takes the max of the report accuracies (chosen on the report split).
+    """
+    from icl_kernels.head_scan import probe_accuracies
+    from icl_kernels.stats import split_indices
+
+    select = np.asarray(select)
+    fit, choose = split_indices(len(select), 0.5, cfg.prompts.seed, stream="probe_layer_split")
+    out: dict[str, Any] = {}
+    for name, (which, target) in targets.items():
+        masked = target.clone()
+        masked[torch.as_tensor(report, dtype=torch.long)] = -1  # report prompts take no part in the choice
+        sel_acc = probe_accuracies(hrun, masked, torch.as_tensor(select[fit]), which=which)
+        entry = {}
+        for oi, off in enumerate(hrun.probe_offsets):
+            scores = torch.nan_to_num(sel_acc[oi], nan=-1.0)
+            if float(scores.max()) < 0:
+                continue
+            j = int(scores.flatten().argmax())
+            layer_i, kv = divmod(j, scores.shape[1])
+            entry[f"{off:+d}"] = {
+                "layer": int(hrun.layers[layer_i]), "kv_head": kv, "selection_accuracy": float(scores[layer_i, kv]),
+                "report_accuracy": float(probe_acc[name][oi, layer_i, kv]),
+            }
+        out[name] = entry
+    out["note"] = ("layer and key/value head chosen on the selection prompts (probe fit on half, scored on "
+                   "the other half); accuracy of that probe fit on all selection prompts, on the report prompts")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,8 +372,9 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     sim_frame = probe_frame = zsl_pred = None
     corr: dict[str, torch.Tensor] = {}
     probe_acc: dict[str, torch.Tensor] = {}
+    probe_targets: dict = {}
     if cfg.similarity:
-        zsl_pred, corr, sim_frame, probe_acc, probe_frame = _similarity_and_probes(
+        zsl_pred, corr, sim_frame, probe_acc, probe_frame, probe_targets = _similarity_and_probes(
             cfg, model, sp, hrun, pad, select, progress)
 
     # --- per-prompt table and summary ------------------------------------------------------------
@@ -325,6 +396,14 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     prompt_frame = pd.DataFrame(table)
 
     summary = _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, probe_acc)
+    kr_preds = {"demo_majority": majority, **{f"minilm_{k}": v for k, v in minilm_preds.items()},
+                "resid_cosine_best_layer": resid[kr["resid_cosine_best_layer"]["chosen"]],
+                "head_qk_best_head": head_kr[kr["head_qk_best_head"]["chosen"]],
+                "head_qk_of_best_reconstruction_head": head_kr[f"L{b['layer']}.H{b['head']}"]}
+    head_preds = {how: torch.as_tensor(table[f"head_{how}_L{e['layer']}H{e['head']}"]) for how, e in best.items()}
+    summary["held_out"] = _held_out(hrun, report, head_preds, kr_preds, zsl_pred)
+    if probe_acc:
+        summary["probes_selected_layer"] = _probe_layers(cfg, hrun, select, report, probe_targets, probe_acc)
     summary["seconds"] = round(time.time() - started, 1)
     summary["note"] = (
         "Best heads are chosen by agreement on the 'select' prompts and scored on the disjoint 'report' "
@@ -372,6 +451,8 @@ def _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, prob
             "pearson_of_best_reconstruction_head": float(corr["max"][best["max"]["layer"], best["max"]["head"]]),
         }
     if probe_acc:
+        summary["probes_note"] = ("probes: max over layers and key/value heads of the report-split accuracy "
+                                  "(chosen on the report split); probes_selected_layer chooses on the selection split")
         summary["probes"] = {
             name: {f"{off:+d}": float(np.nanmax(acc[oi].numpy())) for oi, off in enumerate(hrun.probe_offsets)}
             for name, acc in probe_acc.items()

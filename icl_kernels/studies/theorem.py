@@ -17,6 +17,7 @@ from typing import Any
 
 from icl_kernels.config import Options
 from icl_kernels.errors import InvalidOptionError
+from icl_kernels.stats import proportion
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 
@@ -84,7 +85,11 @@ class TheoremReport(Report):
         accuracy = ", ".join(
             f"{name} {self.summary[name][top]['accuracy']:.3f}" for name in sim["predictor"].unique()
         )
-        return f"Theorem 1 simulation, {top} shots: accuracy {accuracy}"
+        abstain = ", ".join(
+            f"{name} {self.summary['abstain'][name][top]:.3f}" for name in sim["predictor"].unique()
+            if name.startswith("kr_") and name in self.summary.get("abstain", {})
+        )
+        return f"Theorem 1 simulation, {top} shots: accuracy {accuracy}" + (f"; abstain {abstain}" if abstain else "")
 
 
 def _world(cfg: TheoremConfig):
@@ -117,6 +122,20 @@ def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
         g = g.sort_values("shots")
         summary[name] = {int(k): {"accuracy": float(a), "agree_bayes": float(b)}
                          for k, a, b in zip(g["shots"], g["accuracy"], g["agree_bayes"])}
+    # added (issue 13): abstentions (no estimate or a tie; counted as wrong) and 95% intervals per n
+    summary["unit"] = "prompts"
+    summary["intervals"] = {
+        name: {int(r.shots): {
+            "accuracy": proportion(round(r.accuracy * r.n), int(r.n)),
+            "agree_bayes": proportion(round(r.agree_bayes * r.n), int(r.n)),
+            "abstain": proportion(round(r.abstain * r.n), int(r.n)),
+            "accuracy_when_answering": proportion(
+                round(r.accuracy * r.n), int(r.n) - round(r.abstain * r.n)),
+        } for r in g.sort_values("shots").itertuples()}
+        for name, g in sim.groupby("predictor", sort=False)
+    }
+    summary["abstain"] = {name: {int(k): float(a) for k, a in zip(g["shots"], g["abstain"])}
+                          for name, g in sim.groupby("predictor", sort=False)}
     ranks = sim.dropna(subset=["kernel_rank"]).groupby("predictor")["kernel_rank"].first()
     summary["kernel_rank"] = {k: int(v) for k, v in ranks.items()}
     tables = {"theorem": sim}

@@ -1,0 +1,86 @@
+"""The shared statistics against hand-computed cases: a wrong implementation fails these."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from icl_kernels.stats import (
+    cosine,
+    kendall_tau,
+    majority_share,
+    paired_bootstrap,
+    proportion,
+    recovery,
+    split_indices,
+    wilson_interval,
+)
+
+
+def test_kendall_tau_b_by_hand_with_ties():
+    # pairs of x=[1,2,2,3], y=[1,3,2,2]: (0,1) (0,2) (0,3) concordant, (1,3) discordant,
+    # (1,2) tied in x, (2,3) tied in y -> tau_b = (3 - 1) / sqrt((6 - 1) * (6 - 1)) = 0.4
+    # (tau_a, without the tie correction, would be 2/6).
+    x, y = torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 3, 2, 2])
+    assert kendall_tau(x, y) == pytest.approx(0.4, abs=1e-12)
+    assert kendall_tau(y, x) == pytest.approx(0.4, abs=1e-12)
+    assert kendall_tau(x, -y) == pytest.approx(-0.4, abs=1e-12)
+    # no ties: 3 items, one discordant pair of three -> (2 - 1) / 3
+    assert kendall_tau(torch.tensor([1.0, 2, 3]), torch.tensor([1.0, 3, 2])) == pytest.approx(1 / 3, abs=1e-12)
+    # x=[1,1,2], y=[1,2,3]: pairs (0,2), (1,2) concordant, (0,1) tied in x -> 2 / sqrt(2 * 3)
+    assert kendall_tau(torch.tensor([1.0, 1, 2]), torch.tensor([1.0, 2, 3])) == pytest.approx(2 / math.sqrt(6), abs=1e-12)
+
+
+def test_cosine_by_hand_along_the_last_dimension():
+    assert float(cosine(torch.tensor([3.0, 4.0]), torch.tensor([4.0, 3.0]))) == pytest.approx(24 / 25, abs=1e-12)
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    torch.testing.assert_close(cosine(a, b), torch.tensor([1 / math.sqrt(2), -1.0], dtype=torch.float64))
+    # float64 even for float32 inputs whose float32 cosine would round
+    assert cosine(a, b).dtype == torch.float64
+    assert float(cosine(torch.tensor([1.0, 0.0]), torch.tensor([-5.0, 0.0]))) == -1.0
+    assert torch.isnan(cosine(torch.zeros(2), torch.ones(2)))
+
+
+def test_wilson_and_proportion_by_hand():
+    # (0, 10): low 0, high z^2 / (n + z^2)
+    z2 = 1.959963984540054**2
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(z2 / (10 + z2), abs=1e-12)
+    assert [round(v, 3) for v in wilson_interval(8, 10)] == [0.49, 0.943]
+    out = proportion(np.array([True, False, True, True]), unit="queries")
+    assert out == {"value": 0.75, "low": pytest.approx(wilson_interval(3, 4)[0]),
+                   "high": pytest.approx(wilson_interval(3, 4)[1]), "n": 4, "unit": "queries"}
+    assert proportion(torch.tensor([1, 0, 0, 0]).bool())["value"] == 0.25
+    assert proportion(2, 8)["n"] == 8 and math.isnan(proportion(0, 0)["value"])
+
+
+def test_paired_bootstrap_is_paired_and_clustered():
+    gen = np.random.default_rng(0)
+    a = gen.random(30)
+    diff = paired_bootstrap(lambda x, y: float((x - y).mean()), [a, a + 0.1], "prompts")
+    # the same prompts with a constant offset: every paired resample gives exactly -0.1
+    assert diff["low"] == pytest.approx(-0.1) and diff["high"] == pytest.approx(-0.1)
+    assert diff["n"] == 30 and diff["unit"] == "prompts" and diff["value"] == pytest.approx(-0.1)
+    # four copies of each query: resampling the queries (groups) gives the interval of the queries alone
+    plain = paired_bootstrap(np.mean, [a], "queries", seed=3)
+    grouped = paired_bootstrap(np.mean, [np.repeat(a, 4)], "queries", groups=np.repeat(np.arange(30), 4), seed=3)
+    assert grouped["n"] == 30
+    assert grouped["low"] == pytest.approx(plain["low"]) and grouped["high"] == pytest.approx(plain["high"])
+    naive = paired_bootstrap(np.mean, [np.repeat(a, 4)], "prompts", seed=3)
+    assert naive["high"] - naive["low"] < 0.7 * (grouped["high"] - grouped["low"])  # pseudo-replication
+    with pytest.raises(ValueError, match="same number of rows"):
+        paired_bootstrap(np.mean, [a, a[:3]], "prompts")
+
+
+def test_majority_share_recovery_and_split():
+    assert majority_share(np.array([2, 2, 0, 2, 1])) == pytest.approx(0.6)
+    assert majority_share(torch.tensor([1, 1])) == 1.0
+    assert recovery(np.array([0.25, 0.75]), np.array([0.0, 0.0]), np.array([1.0, 1.0])) == pytest.approx(0.5)
+    s, r = split_indices(20, 0.7, seed=1)
+    assert sorted(np.r_[s, r].tolist()) == list(range(20)) and len(s) == 14
+    s2, _ = split_indices(20, 0.7, seed=1, stream="probe_layer_split")
+    assert s2.tolist() != s.tolist()  # a different stream gives a different split

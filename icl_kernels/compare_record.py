@@ -30,9 +30,8 @@ from torch import Tensor
 
 from icl_kernels import backend as tl_backend
 from icl_kernels.capture import unembed
-from icl_kernels.hooks import act_name, attention_scores, attention_spec, rotary_hook_kinds, rotated_qk, run_until
+from icl_kernels.hooks import act_name, attention_scores, attention_spec, rotary_hook_kinds, rotate_by, rotated_qk, run_until
 from icl_kernels.prompts import IclPrompt
-from icl_kernels.relaxation import rotate_by
 
 __all__ = ["POSITIONS", "Record", "record", "recording_tokens"]
 

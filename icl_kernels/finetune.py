@@ -38,8 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
-from icl_kernels.hooks import act_name, apply_rotary, attention_spec, hooks_on, rotary_hook_kinds
-from icl_kernels.relaxation import rotate_by
+from icl_kernels.hooks import act_name, apply_rotary, attention_spec, hooks_on, rotary_hook_kinds, rotate_by
 
 __all__ = [
     "has_kv_bias",

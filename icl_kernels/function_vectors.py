@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 
-def shuffle_demo_labels(prompt, permutation: Sequence[int]):
+def shuffle_demo_labels(prompt, permutation: Sequence[int] | np.ndarray):
     """The prompt with demonstration ``i`` labelled as demonstration ``permutation[i]`` was (label
     tokens moved, every later span shifted when label words differ in length)."""
     n = prompt.n_demos

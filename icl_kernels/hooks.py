@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
@@ -172,31 +172,42 @@ def attention_spec(model: tl_backend.Model, layer: int) -> AttentionSpec:
     raise ValueError(f"No attention spec for architecture {architecture!r}.")
 
 
-def apply_rotary(
-    x: Float[Tensor, "batch pos head_index d_head"], spec: AttentionSpec
-) -> Float[Tensor, "batch pos head_index d_head"]:
-    """Rotate q or k at positions 0..pos-1 (right-padded batches) the way the model does."""
+def rotate_by(
+    x: Float[Tensor, "... head_index d_head"], spec: AttentionSpec, offset: Shaped[Tensor, "..."] | float | int
+) -> Float[Tensor, "... head_index d_head"]:
+    """Rotate vectors by ``offset`` positions with the model's rotary (``R(offset) x``).
+
+    ``offset`` broadcasts against the leading dimensions of ``x`` (before the head dimension); a
+    negative offset undoes the rotation applied at that position. Identity without rotary.
+    """
     if spec.rotary_dim is None:
         return x
     dim = spec.rotary_dim
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    positions = torch.arange(x.shape[1], device=x.device, dtype=compute)
+    offset = torch.as_tensor(offset, dtype=compute, device=x.device)
     inv_freq = 1.0 / (spec.rotary_base ** (torch.arange(0, dim, 2, device=x.device, dtype=compute) / dim))
-    angles = positions[:, None] * inv_freq[None, :]  # [pos, dim/2]
+    angles = offset[..., None, None] * inv_freq  # [..., 1, dim/2]
     if spec.rotary_adjacent_pairs:
         angles = angles.repeat_interleave(2, dim=-1)
     else:
         angles = torch.cat([angles, angles], dim=-1)
-    cos = angles.cos()[None, :, None, :]
-    sin = angles.sin()[None, :, None, :]
     rot, rest = x[..., :dim].to(compute), x[..., dim:]
     if spec.rotary_adjacent_pairs:
         flipped = torch.stack([-rot[..., 1::2], rot[..., 0::2]], dim=-1).flatten(-2)
     else:
         half = dim // 2
         flipped = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    rotated = (rot * cos + flipped * sin).to(x.dtype)
+    rotated = (rot * angles.cos() + flipped * angles.sin()).to(x.dtype)
     return torch.cat([rotated, rest], dim=-1)
+
+
+def apply_rotary(
+    x: Float[Tensor, "batch pos head_index d_head"], spec: AttentionSpec
+) -> Float[Tensor, "batch pos head_index d_head"]:
+    """Rotate q or k at positions 0..pos-1 (right-padded batches) the way the model does."""
+    if spec.rotary_dim is None:
+        return x
+    return rotate_by(x, spec, torch.arange(x.shape[1], device=x.device)[None, :])
 
 
 def rotary_hook_kinds(model: tl_backend.Model) -> tuple[str, str]:

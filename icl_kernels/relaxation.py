@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int, Shaped
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
@@ -56,13 +56,13 @@ from icl_kernels.hooks import (
     attention_spec,
     repeat_kv,
     rotary_hook_kinds,
+    rotate_by,
     rotated_qk,
     visibility_mask,
 )
 from icl_kernels.patching import Edit, EditContext, check_positions, edits_on
 
 __all__ = [
-    "rotate_by",
     "linear_attention",
     "relaxed_z",
     "relaxed_attention_edits",
@@ -74,35 +74,6 @@ __all__ = [
     "DualFormToy",
     "dual_form_toy",
 ]
-
-
-def rotate_by(
-    x: Float[Tensor, "... head_index d_head"], spec: AttentionSpec, offset: Shaped[Tensor, "..."] | float | int
-) -> Float[Tensor, "... head_index d_head"]:
-    """Rotate vectors by ``offset`` positions with the model's rotary (``R(offset) x``).
-
-    ``offset`` broadcasts against the leading dimensions of ``x`` (before the head dimension); a
-    negative offset undoes the rotation applied at that position. Identity without rotary.
-    """
-    if spec.rotary_dim is None:
-        return x
-    dim = spec.rotary_dim
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    offset = torch.as_tensor(offset, dtype=compute, device=x.device)
-    inv_freq = 1.0 / (spec.rotary_base ** (torch.arange(0, dim, 2, device=x.device, dtype=compute) / dim))
-    angles = offset[..., None, None] * inv_freq  # [..., 1, dim/2]
-    if spec.rotary_adjacent_pairs:
-        angles = angles.repeat_interleave(2, dim=-1)
-    else:
-        angles = torch.cat([angles, angles], dim=-1)
-    rot, rest = x[..., :dim].to(compute), x[..., dim:]
-    if spec.rotary_adjacent_pairs:
-        flipped = torch.stack([-rot[..., 1::2], rot[..., 0::2]], dim=-1).flatten(-2)
-    else:
-        half = dim // 2
-        flipped = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    rotated = (rot * angles.cos() + flipped * angles.sin()).to(x.dtype)
-    return torch.cat([rotated, rest], dim=-1)
 
 
 def linear_attention(

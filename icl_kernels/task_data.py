@@ -72,7 +72,7 @@ _LOCAL_EXTENSIONS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json"
 # --------------------------------------------------------------------------------------------------
 
 
-def seeded_split(labels: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def seeded_split(labels: Sequence[int] | np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded train/test split of ``len(labels)`` rows; returns (train_idx, test_idx).
 
     Test size is ``min(round(TEST_FRACTION * n), MAX_TEST_SIZE)``, shared between classes by largest

@@ -77,7 +77,7 @@ def all_inputs(world: SyntheticWorld, length: int | None = None) -> np.ndarray:
     return grid.astype(np.int64)
 
 
-def input_index(world: SyntheticWorld, x: np.ndarray) -> np.ndarray:
+def input_index(world: SyntheticWorld, x: np.ndarray) -> np.ndarray | np.integer:
     """Row of each x (``[..., L]``) in `all_inputs`."""
     x = np.asarray(x, dtype=np.int64)
     weights = world.vocab_size ** np.arange(x.shape[-1] - 1, -1, -1)

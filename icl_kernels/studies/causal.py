@@ -44,11 +44,7 @@ class CausalStudyConfig(Options):
         "help": "ablate / patch all heads of this one layer on all prompts, instead of ranking heads"})
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.prompts.shots < 1:
-            problems.append(f"a causal study needs demonstrations: shots must be >= 1, not {self.prompts.shots}")
-        if self.prompts.n_test < 4:
-            problems.append(f"n_test must be >= 4 to split prompts into selection and report sets, not {self.prompts.n_test}")
+        problems = self.prompts.split_problems("causal tests")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             problems.append(f"layer must be a non-negative layer index or unset, not {self.layer!r}")
         if problems:

@@ -68,11 +68,7 @@ class FamiliesConfig(Options):
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.prompts.shots < 2:
-            problems.append(f"shuffled labels need demonstrations: shots must be >= 2, not {self.prompts.shots}")
-        if self.prompts.n_test < 4:
-            problems.append(f"n_test must be >= 4 to split prompts, not {self.prompts.n_test}")
+        problems = self.prompts.split_problems("shuffled labels", min_shots=2)
         for name, low in (("k", 1), ("random_draws", 1), ("induction_sequences", 1), ("induction_length", 2),
                           ("saliency_prompts", 1), ("batch_size", 1), ("bootstrap", 100)):
             if getattr(self, name) < low:

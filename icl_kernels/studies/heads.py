@@ -64,11 +64,7 @@ class HeadsConfig(Options):
         "help": "restrict the best-head search to one layer (default: all layers)"})
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.prompts.shots < 1:
-            problems.append(f"shots must be >= 1 (head scores need demonstrations), not {self.prompts.shots}")
-        if self.prompts.n_test < 4:
-            problems.append(f"n_test must be >= 4 to split prompts for head selection, not {self.prompts.n_test}")
+        problems = self.prompts.split_problems("head scores")
         if not 0 < self.select_fraction < 1:
             problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
         if self.batch_size < 1:

@@ -427,13 +427,18 @@ def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path
 
 def _wait(jobs: list, shards: list[ShardJob], out: Path, cells: list[Cell], progress: bool) -> list[str]:
     """Poll the jobs, merging the records as they come; returns an error line per failed job."""
-    from icl_kernels.io import atomic_write_text
+    from icl_kernels.io import atomic_write_text, read_json
 
     errors, pending = [], dict(enumerate(jobs))
     last = -1
     while pending:
         for i, job in list(pending.items()):
+            state = shards[i].state_file
             if not job.done():
+                # a job that wrote its last row is done, even while its process is still exiting
+                if not (state.exists() and read_json(state).get("state") == "finished"):
+                    continue
+                del pending[i]
                 continue
             del pending[i]
             try:

@@ -52,8 +52,9 @@ FAILURE_COLUMNS = ("cell_id", "error_type", "message", "traceback_file", "shard"
 CRASH_ENV = "ICL_SWEEP_CRASH_AFTER"
 #: append one line "cell_id<TAB>pid<TAB>attempt" to this file each time a cell starts.
 COUNT_ENV = "ICL_SWEEP_COUNT_FILE"
-#: on a shard's first attempt, after this many cells, wait (for the time limit's signal).
-STALL_ENV = "ICL_SWEEP_STALL_AFTER"
+#: on a shard's first attempt, after this many cells, send the job the signal submitit's controller
+#: sends at the time limit (SIGUSR2), at a point that does not depend on the machine's speed.
+TIME_LIMIT_ENV = "ICL_SWEEP_TIME_LIMIT_AFTER"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,16 +258,18 @@ class ShardJob:
         for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ.setdefault(var, "1")
         crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-        stall_after = int(os.environ.get(STALL_ENV, "0") or 0)
+        limit_after = int(os.environ.get(TIME_LIMIT_ENV, "0") or 0)
         count_file = os.environ.get(COUNT_ENV)
         done = finished_rows(read_records(Path(self.out)))
         todo = [c for c in self.cells if c.cell_id not in done]
         written = failed = 0
         try:
             for i, cell in enumerate(todo):
-                if stall_after and self.attempt == 0 and i == stall_after:
-                    self._state("stalled (test)")
-                    time.sleep(3600)  # until the time limit's signal requeues the job
+                if limit_after and self.attempt == 0 and i == limit_after:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler checkpoints and requeues
+                    time.sleep(60)
                 self._state("running", cell.cell_id)
                 if count_file:
                     with open(count_file, "a", encoding="utf-8") as handle:
@@ -418,4 +421,4 @@ def _alive(state: dict) -> bool:
 
 __all__ = ["ShardJob", "plan_shards", "run_cell", "model_for", "merge", "status_lines", "read_records", "finished_rows",
            "append_record", "import_legacy_results", "RESULTS", "FAILURES", "TIMINGS", "LEADING_COLUMNS",
-           "VOLATILE_COLUMNS", "CRASH_ENV", "COUNT_ENV", "STALL_ENV"]
+           "VOLATILE_COLUMNS", "CRASH_ENV", "COUNT_ENV", "TIME_LIMIT_ENV"]

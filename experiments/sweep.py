@@ -391,6 +391,22 @@ def _job_environment(threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+def slurm_executor(cfg: SweepConfig, folder: Path, n_jobs: int, signal_delay_s: int = 30, max_requeues: int = 3):
+    """The submitit SLURM executor of a sweep: one array job of ``n_jobs`` tasks, all allowed to run
+    at once, ``time_min`` per task (the time-limit signal ``signal_delay_s`` before it), requeued at
+    most ``max_requeues`` times after a time limit (preemptions requeue without limit)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues)
+    params = dict(timeout_min=int(math.ceil(cfg.time_min)), gpus_per_node=1 if cfg.gpus_per_job is None else cfg.gpus_per_job,
+                  cpus_per_task=cfg.threads, slurm_array_parallelism=n_jobs, name=f"sweep-{cfg.name}",
+                  slurm_signal_delay_s=signal_delay_s)
+    if cfg.partition:
+        params["slurm_partition"] = cfg.partition
+    executor.update_parameters(**params)
+    return executor
+
+
 def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path) -> list:
     """Submit the shards through submitit; returns their jobs (same order)."""
     import submitit
@@ -399,13 +415,7 @@ def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path
     folder = out / "submitit" / "%j"
     delay = args.signal_delay_s if args.signal_delay_s is not None else int(min(30, max(1, cfg.time_min * 60 / 4)))
     if cfg.executor == "slurm":
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
-        params = dict(timeout_min=int(math.ceil(cfg.time_min)), gpus_per_node=1 if cfg.gpus_per_job is None else cfg.gpus_per_job,
-                      cpus_per_task=cfg.threads, slurm_array_parallelism=len(shards), name=f"sweep-{cfg.name}",
-                      slurm_signal_delay_s=delay)
-        if cfg.partition:
-            params["slurm_partition"] = cfg.partition
-        executor.update_parameters(**params)
+        executor = slurm_executor(cfg, folder, len(shards), delay, args.max_requeues)
         with executor.batch():  # one array job
             jobs = [executor.submit(shard) for shard in shards]
         return jobs
@@ -539,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failures or errors else 0
 
 
-__all__ = ["SweepConfig", "Cell", "main", "run_cell", "RESULTS", "FAILURES", "CRASH_ENV", "VOLATILE_COLUMNS", "LEADING_COLUMNS",
+__all__ = ["SweepConfig", "Cell", "main", "run_cell", "slurm_executor", "RESULTS", "FAILURES", "CRASH_ENV", "VOLATILE_COLUMNS", "LEADING_COLUMNS",
            "EXECUTORS"]
 
 

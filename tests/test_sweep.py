@@ -336,3 +336,19 @@ def test_executor_keys_in_the_config_and_bad_values(tmp_path):
                        ({"device": "gpu"}, "device must be")]:
         with pytest.raises(ValueError, match=match):
             sweep.SweepConfig.from_dict({**CONFIG, **bad})
+
+
+def test_slurm_executor_script(tmp_path, monkeypatch):
+    """The SLURM array job's sbatch script carries the config's partition, GPUs, time and signal
+    (a stub `srun` stands in for a cluster; nothing is submitted)."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (stub / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub}{os.pathsep}{os.environ['PATH']}")
+    cfg = sweep.SweepConfig.from_dict({**CONFIG, "executor": "slurm", "partition": "gpu", "gpus_per_job": 1, "time_min": 90})
+    executor = sweep.slurm_executor(cfg, tmp_path / "submitit" / "%j", n_jobs=4, signal_delay_s=30)
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--time=90", "--signal=USR2@30", "--job-name=sweep-tiny",
+                 "--cpus-per-task=1"):
+        assert f"#SBATCH {line}" in script, line

@@ -71,7 +71,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.sweep_shards import (
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as the module (jobs import it)
+    _root = str(Path(__file__).resolve().parents[1])
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [_root, os.environ.get("PYTHONPATH", "")] if p))
+    os.execve(sys.executable, [sys.executable, "-m", "experiments.sweep", *sys.argv[1:]], _env)
+
+from experiments.sweep_shards import (  # noqa: E402
     CRASH_ENV,
     FAILURES,
     LEADING_COLUMNS,
@@ -554,10 +559,6 @@ __all__ = ["SweepConfig", "Cell", "main", "run_cell", "slurm_executor", "RESULTS
 
 
 if __name__ == "__main__":
-    if not __package__:  # run as a file: rerun as the module, so that submitted jobs can import it
-        root = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p))
-        os.execve(sys.executable, [sys.executable, "-m", "experiments.sweep", *sys.argv[1:]], env)
     from icl_kernels.errors import IclKernelsError
 
     try:

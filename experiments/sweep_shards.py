@@ -387,7 +387,7 @@ def status_lines(out: Path, cells: Sequence) -> list[str]:
     current = {c.cell_id for c in cells}
     plan = read_json(out / SHARDS / PLAN) if (out / SHARDS / PLAN).exists() else dict(shards={})
     lines = [f"run {plan.get('run', '-')} ({plan.get('executor', '-')}):",
-             f"{'shard':<22} {'job':<14} {'state':<16} {'cells':>5} {'done':>5} {'running':>7} {'failed':>6} {'pending':>7}"]
+             f"{'shard':<28} {'job':<14} {'state':<16} {'cells':>5} {'done':>5} {'running':>7} {'failed':>6} {'pending':>7}"]
     for name, info in plan["shards"].items():
         ids = [i for i in info["cells"] if i in current]
         state_path = out / SHARDS / f"{name}.state.json"
@@ -398,7 +398,7 @@ def status_lines(out: Path, cells: Sequence) -> list[str]:
         n_failed = sum(i in failed for i in ids)
         n_running = sum(i in running and i not in rows for i in ids)
         shown = state.get("state", "queued") + ("" if alive or state.get("state") in (None, "finished") else " (dead)")
-        lines.append(f"{name:<22} {str(info.get('job_id') or state.get('job_id') or '-'):<14} {shown:<16} {len(ids):>5} "
+        lines.append(f"{name:<28} {str(info.get('job_id') or state.get('job_id') or '-'):<14} {shown:<16} {len(ids):>5} "
                      f"{n_done:>5} {n_running:>7} {n_failed:>6} {len(ids) - n_done - n_failed - n_running:>7}")
     n_done = sum(c.cell_id in rows for c in cells)
     n_failed = sum(c.cell_id in failed for c in cells)

@@ -26,16 +26,32 @@ coordinates and ends with a hash of its full configuration, so a changed option 
 instead of reusing old rows. The row of a cell is its coordinates plus ``report.row()``.
 ``"patching"`` (the former name of the ``causal`` study) is read as ``"causal"``, with a note.
 
-The runner writes one row per finished cell to ``<out>/results.csv`` through
-`icl_kernels.io.append_rows` (the file is rewritten atomically, rows keyed by ``cell_id``, so a kill
-at any moment leaves either the old or the new table and never a duplicated row); on restart it
-skips the ids already there (`icl_kernels.io.finished_ids`). Only the parent process writes; with
-``--workers N`` cells run in N spawned processes (one torch thread each; each keeps its last model
-loaded). A cell that raises is logged to ``<out>/errors.jsonl`` and retried on the next run.
+Execution (``--executor``, or the ``executor`` key): the cells still to run are grouped by model into
+at most ``--max-jobs`` shards (`experiments.sweep_shards.plan_shards`), so that each job loads its
+model once and runs its cells in order. ``inline`` runs the shards one after another in this
+process; ``local`` submits them through submitit's local executor (one process per shard on this
+machine; with GPUs, one GPU per job through ``CUDA_VISIBLE_DEVICES``); ``slurm`` submits one SLURM
+array job (``--partition``, ``--gpus-per-job``, ``--time-min``; ``--max-jobs`` shards, all allowed
+to run at once). Jobs that are preempted or reach their time limit are requeued by submitit and
+skip the cells they finished. ``--device auto`` lets each job use CUDA where it has one.
+
+Every shard appends one record per finished (or failed) cell to ``<out>/shards/<shard>.jsonl``; the
+parent merges them, while the jobs run and at the end, into ``<out>/results.csv`` (cells in config
+order, fixed columns; ``results.parquet`` too when pyarrow is installed), ``timings.csv`` and
+``failures.csv`` (error type, message, traceback file under ``<out>/tracebacks/``). A failed cell
+does not stop the sweep; the exit code is 1 when any cell of the config has failed and has no row.
+Rerunning the command (after a kill of the parent, a lost job, a failure) runs only the cells
+without a row; a cell whose configuration changed has a new fingerprint and is rerun (logged),
+its old row is never mixed into the table. ``--status`` prints done / running / failed per shard;
+``--merge-only`` rebuilds the tables from the record files; ``--dry-run`` lists the cells.
 ``<out>/config.json`` holds the sweep config and its cells, ``<out>/environment.json`` versions and
-machine; rows carry the package version. ``--dry-run`` lists the cells and whether they are done.
+machine; rows carry the package version.
 
     .venv/bin/python -m experiments.sweep experiments/configs/example.toml --out runs/example
+    .venv/bin/python -m experiments.sweep experiments/configs/example.toml --executor local --max-jobs 2
+    .venv/bin/python -m experiments.sweep experiments/configs/example.toml --executor slurm --partition gpu \\
+        --gpus-per-job 1 --time-min 120 --max-jobs 8 --device auto
+    .venv/bin/python -m experiments.sweep experiments/configs/example.toml --status
     .venv/bin/python -m experiments.summarize runs/example
 """
 
@@ -45,23 +61,39 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
 import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULTS = "results.csv"
-#: Testing aid: the runner exits abruptly (as if killed) after writing this many rows.
-CRASH_ENV = "ICL_SWEEP_CRASH_AFTER"
-#: Row columns that differ between two runs of the same cell (time, process); not part of results.
-VOLATILE_COLUMNS = ("elapsed_s", "finished_at", "worker_pid")
-#: Columns first in results.csv (then the metrics, sorted): the table's layout never depends on
-#: which cells finished first.
-LEADING_COLUMNS = ("model", "task", "shots", "seed", "layer", "analysis", "n_test", "status")
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as the module (jobs import it)
+    _root = str(Path(__file__).resolve().parents[1])
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [_root, os.environ.get("PYTHONPATH", "")] if p))
+    os.execve(sys.executable, [sys.executable, "-m", "experiments.sweep", *sys.argv[1:]], _env)
+
+from experiments.sweep_shards import (  # noqa: E402
+    CRASH_ENV,
+    FAILURES,
+    LEADING_COLUMNS,
+    RESULTS,
+    SHARDS,
+    VOLATILE_COLUMNS,
+    ShardJob,
+    finished_rows,
+    import_legacy_results,
+    merge,
+    plan_shards,
+    read_records,
+    run_cell,
+    status_lines,
+)
+
+EXECUTORS = ("inline", "local", "slurm")
 #: Former analysis names -> registered study names.
 ALIASES = {"patching": "causal"}
 #: Cell coordinates -> the study-configuration field each one sets (sweep axes, not options).
@@ -91,8 +123,13 @@ class Cell:
     values: str = field(default="{}", repr=False)  # JSON of the study-configuration mapping
 
     @property
+    def key(self) -> str:
+        """The cell's coordinates, without its configuration fingerprint."""
+        return f"{self.model}|{self.task}|k={self.shots}|seed={self.seed}|layer={self.layer}|{self.analysis}"
+
+    @property
     def cell_id(self) -> str:
-        return f"{self.model}|{self.task}|k={self.shots}|seed={self.seed}|layer={self.layer}|{self.analysis}|{self.fingerprint}"
+        return f"{self.key}|{self.fingerprint}"
 
     def coordinates(self) -> dict:
         return dict(cell_id=self.cell_id, model=self.model, task=self.task, shots=self.shots, seed=self.seed,
@@ -121,6 +158,12 @@ class SweepConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1
+    # how the cells run (the command-line flags of the same names override these)
+    executor: str = "inline"
+    max_jobs: int = 1
+    partition: str | None = None
+    gpus_per_job: int | None = None  # default: 1 on slurm; on local 1 where CUDA is present, else 0
+    time_min: float = 60.0
     options: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -158,6 +201,16 @@ class SweepConfig:
                                     "set them at the top of the sweep config")
         if self.threads < 1:
             problems.append(f"threads must be >= 1, not {self.threads}")
+        if self.executor not in EXECUTORS:
+            problems.append(f"executor must be one of {list(EXECUTORS)}, not {self.executor!r}")
+        if self.max_jobs < 1:
+            problems.append(f"max_jobs must be >= 1, not {self.max_jobs}")
+        if self.gpus_per_job is not None and self.gpus_per_job < 0:
+            problems.append(f"gpus_per_job must be >= 0, not {self.gpus_per_job}")
+        if not self.time_min > 0:
+            problems.append(f"time_min must be > 0, not {self.time_min}")
+        if self.device != "auto" and not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", str(self.device)):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if problems:
             raise InvalidOptionError("Invalid sweep config: " + "; ".join(problems) + ".")
         self._cells = self._build_cells()
@@ -218,6 +271,8 @@ class SweepConfig:
             if coords["layer"] != "all":
                 values["layer"] = int(coords["layer"])
             values.update({k: getattr(self, k) for k in ("backend", "device", "dtype") if k in fields})
+            if values.get("device") == "auto":  # each job picks CUDA where it has one
+                values["device"] = None
             values.update(self.options.get(analysis, {}))
             try:
                 config = study.config.from_dict(values)
@@ -236,81 +291,30 @@ class SweepConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Running cells
-# ------------------------------------------------------------------------------------------------
-
-_MODELS: dict[str, Any] = {}  # per process: the last model loaded
-
-
-def _model_for(config):
-    """The model of a study configuration (its ``model`` options), loaded once per process; None
-    for a study without a model."""
-    from icl_kernels.config import ModelOptions
-
-    options = getattr(config, "model", None)
-    if not isinstance(options, ModelOptions):
-        return None
-    key = json.dumps(options.to_dict(), sort_keys=True)
-    if key not in _MODELS:
-        _MODELS.clear()
-        _MODELS[key] = options.load()
-    return _MODELS[key]
-
-
-def run_cell(cell: Cell, cfg: SweepConfig) -> dict:
-    """Run one cell's study in this process and return its row (coordinates + ``report.row()``)."""
-    import torch
-
-    import icl_kernels
-    from icl_kernels.studies import get_study
-
-    torch.set_num_threads(cfg.threads)
-    started = time.time()
-    study = get_study(cell.analysis)
-    config = cell.config()
-    model = _model_for(config)
-    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
-    if cell.layer != "all" and n_layers is not None and not 0 <= int(cell.layer) < n_layers:
-        raise ValueError(f"Layer {cell.layer} does not exist in {cell.model} ({n_layers} layers).")
-    metrics = study(config, model=model, progress=False).row()
-    coordinates = cell.coordinates()
-    clash = sorted(k for k in set(metrics) & set(coordinates) if str(metrics[k]) != str(coordinates[k]))
-    if clash:
-        raise RuntimeError(f"study {cell.analysis!r} returned metrics named like coordinates: {clash}")
-    metrics = {k: v for k, v in metrics.items() if k not in coordinates}
-    return dict(
-        coordinates, **metrics, status="ok", package_version=icl_kernels.__version__,
-        elapsed_s=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        worker_pid=os.getpid(),
-    )
-
-
-def _run_cell_safely(cell: Cell, cfg: SweepConfig) -> tuple[Cell, dict | None, str | None]:
-    try:
-        return cell, run_cell(cell, cfg), None
-    except Exception:  # noqa: BLE001 - reported to the parent, which logs it and goes on
-        return cell, None, traceback.format_exc()
-
-
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-
-
-# ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------
+
+#: Command-line flags that override the sweep config's execution keys (None: keep the config's).
+EXECUTION_KEYS = ("executor", "max_jobs", "partition", "gpus_per_job", "time_min", "device")
 
 
 @dataclass
 class SweepArgs:
     config: str
     out: str | None = None
-    workers: int = 1
+    executor: str | None = None
+    max_jobs: int | None = None
+    partition: str | None = None
+    gpus_per_job: int | None = None
+    time_min: float | None = None
+    device: str | None = None
+    workers: int | None = None
+    signal_delay_s: int | None = None
+    max_requeues: int = 3
     dry_run: bool = False
+    status: bool = False
+    merge_only: bool = False
+    no_wait: bool = False
     allow_config_change: bool = False
     progress: bool = True
 
@@ -319,84 +323,239 @@ def parse_args(argv: Sequence[str] | None) -> SweepArgs:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="sweep config (.toml or .json)")
     p.add_argument("--out", default=None, help="results folder (default: runs/<name>)")
-    p.add_argument("--workers", type=int, default=1, help="cells run in this many processes (1: in this process)")
+    p.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help="inline: this process; local: submitit processes on this machine; slurm: a SLURM array job")
+    p.add_argument("--max-jobs", type=int, default=None, help="at most this many shards (jobs), cells grouped by model")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--gpus-per-job", type=int, default=None, help="GPUs per job (slurm: default 1; local: 1 with CUDA)")
+    p.add_argument("--time-min", type=float, default=None, help="time limit per job in minutes (requeued when reached)")
+    p.add_argument("--device", default=None, help="auto (CUDA where a job has it), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=None, help="former flag: --executor local --max-jobs N")
+    p.add_argument("--signal-delay-s", type=int, default=None,
+                   help="the time-limit signal comes this many seconds before the limit (default: 30 s, at most a quarter of it)")
+    p.add_argument("--max-requeues", type=int, default=3, help="requeues of a job after time limits")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done; run nothing")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="reuse a results folder whose recorded config differs (finished cells are still skipped)")
+    p.add_argument("--status", action="store_true", help="cells done / running / failed per shard; run nothing")
+    p.add_argument("--merge-only", action="store_true", help="merge the shards' records into the tables; run nothing")
+    p.add_argument("--no-wait", action="store_true",
+                   help="slurm/local: submit and return (then --status, and --merge-only or a rerun)")
+    p.add_argument("--allow-config-change", action="store_true", help=argparse.SUPPRESS)  # changed cells always rerun now
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return SweepArgs(**vars(p.parse_args(list(argv) if argv is not None else None)))
 
 
-def _record_config(out: Path, cfg: SweepConfig, cells: list[Cell], source: str, allow_change: bool) -> None:
+def _record_config(out: Path, cfg: SweepConfig, cells: list[Cell], source: str) -> None:
     from icl_kernels.io import read_json, write_json
 
     record = dict(config=asdict(cfg), source=str(source), cells=[c.cell_id for c in cells])
     path = out / "config.json"
-    if path.exists() and not allow_change:
+    if path.exists():
         old = read_json(path)
-        if old.get("config") != json.loads(json.dumps(record["config"])):
-            raise ValueError(
-                f"{path} records a different sweep config; use another --out, or pass --allow-config-change to "
-                "add this config's cells to that folder."
-            )
+        if old.get("config") != json.loads(json.dumps(record["config"], default=str)):
+            history = old.get("previous", [])
+            record["previous"] = [*history, {k: v for k, v in old.items() if k != "previous"}][-5:]
     write_json(path, record)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from tqdm.auto import tqdm
+def _config_changes(cells: list[Cell], records: list[dict]) -> list[str]:
+    """Log lines for cells whose coordinates have a row under another configuration fingerprint."""
+    rows = finished_rows(records)
+    current = {c.cell_id for c in cells}
+    old: dict[str, set] = {}
+    for record in rows.values():
+        if record["cell_id"] not in current:
+            old.setdefault(record.get("key") or record["cell_id"].rsplit("|", 1)[0], set()).add(record.get("fingerprint"))
+    return [f"config changed: {c.key}: fingerprint {', '.join(sorted(map(str, old[c.key])))} -> {c.fingerprint}; "
+            "rerunning the cell (the old row is kept in the shard records, not in results.csv)"
+            for c in cells if c.cell_id not in rows and c.key in old]
 
+
+def _visible_gpus() -> list[int]:
+    """Physical ids of the GPUs this process may use (CUDA_VISIBLE_DEVICES when it lists ids)."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return list(range(count))
+    ids = [x.strip() for x in listed.split(",") if x.strip()]
+    return [int(x) for x in ids[:count]] if all(x.isdigit() for x in ids) else list(range(count))
+
+
+def _job_environment(threads: int) -> None:
+    """Variables the submitted jobs inherit: the repository importable, offline hub, thread count."""
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def slurm_executor(cfg: SweepConfig, folder: Path, n_jobs: int, signal_delay_s: int = 30, max_requeues: int = 3):
+    """The submitit SLURM executor of a sweep: one array job of ``n_jobs`` tasks, all allowed to run
+    at once, ``time_min`` per task (the time-limit signal ``signal_delay_s`` before it), requeued at
+    most ``max_requeues`` times after a time limit (preemptions requeue without limit)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues)
+    params = dict(timeout_min=int(math.ceil(cfg.time_min)), gpus_per_node=1 if cfg.gpus_per_job is None else cfg.gpus_per_job,
+                  cpus_per_task=cfg.threads, slurm_array_parallelism=n_jobs, name=f"sweep-{cfg.name}",
+                  slurm_signal_delay_s=signal_delay_s)
+    if cfg.partition:
+        params["slurm_partition"] = cfg.partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path) -> list:
+    """Submit the shards through submitit; returns their jobs (same order)."""
+    import submitit
+
+    _job_environment(cfg.threads)
+    folder = out / "submitit" / "%j"
+    delay = args.signal_delay_s if args.signal_delay_s is not None else int(min(30, max(1, cfg.time_min * 60 / 4)))
+    if cfg.executor == "slurm":
+        executor = slurm_executor(cfg, folder, len(shards), delay, args.max_requeues)
+        with executor.batch():  # one array job
+            jobs = [executor.submit(shard) for shard in shards]
+        return jobs
+    executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
+    gpus = _visible_gpus()
+    per_job = cfg.gpus_per_job if cfg.gpus_per_job is not None else (1 if gpus else 0)
+    if per_job > len(gpus):
+        if per_job:
+            print(f"note: {per_job} GPU(s) per job asked, {len(gpus)} visible; jobs run without GPUs pinned.", file=sys.stderr)
+        per_job = 0
+    jobs = []
+    for i, shard in enumerate(shards):
+        mine = [gpus[(i * per_job + j) % len(gpus)] for j in range(per_job)] if per_job else []
+        executor.update_parameters(timeout_min=cfg.time_min, signal_delay_s=delay, gpus_per_node=len(mine),
+                                   visible_gpus=tuple(mine))
+        jobs.append(executor.submit(shard))
+    return jobs
+
+
+def _wait(jobs: list, shards: list[ShardJob], out: Path, cells: list[Cell], progress: bool) -> list[str]:
+    """Poll the jobs, merging the records as they come; returns an error line per failed job."""
+    from icl_kernels.io import atomic_write_text, read_json
+
+    errors, pending = [], dict(enumerate(jobs))
+    last = -1
+    while pending:
+        for i, job in list(pending.items()):
+            state = shards[i].state_file
+            if not job.done():
+                # a job that wrote its last row is done, even while its process is still exiting
+                if not (state.exists() and read_json(state).get("state") == "finished"):
+                    continue
+                del pending[i]
+                continue
+            del pending[i]
+            try:
+                job.result()
+            except Exception as error:  # noqa: BLE001 - the job died: its unfinished cells fail
+                text = f"{type(error).__name__}: {error}"
+                tb = out / "tracebacks" / f"{shards[i].name}-job.txt"
+                atomic_write_text(tb, text + f"\n(job {job.job_id}; logs in {out / 'submitit' / str(job.job_id)})\n")
+                _fail_unfinished(shards[i], out, type(error).__name__, text.splitlines()[0], tb)
+                errors.append(f"job {job.job_id} ({shards[i].name}) failed: {text.splitlines()[0]}")
+        n, _ = merge(out, cells)
+        if progress and n != last:
+            print(f"{n}/{len(cells)} cells done; {len(pending)} job(s) running", file=sys.stderr)
+            last = n
+        if pending:
+            time.sleep(1.0)
+    return errors
+
+
+def _fail_unfinished(shard: ShardJob, out: Path, error_type: str, message: str, traceback_file: Path) -> None:
+    from experiments.sweep_shards import append_record
+
+    rows = finished_rows(read_records(out))
+    failed = {r["cell_id"] for r in read_records(out) if r.get("kind") == "failure"}
+    for cell in shard.cells:
+        if cell.cell_id not in rows and cell.cell_id not in failed:
+            append_record(shard.record_file, dict(kind="failure", cell_id=cell.cell_id, key=cell.key, fingerprint=cell.fingerprint,
+                                                  shard=shard.name, attempt=shard.attempt, error_type=error_type, message=message,
+                                                  traceback_file=str(traceback_file.relative_to(out)), at=time.time()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from icl_kernels.environment import environment
-    from icl_kernels.io import append_rows, finished_ids, write_json
+    from icl_kernels.io import write_json
 
     args = parse_args(argv)
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, not {args.workers}.")
     cfg = SweepConfig.from_file(args.config)
+    overrides = {k: getattr(args, k) for k in EXECUTION_KEYS if getattr(args, k) is not None}
+    if args.workers is not None:
+        print("note: --workers N is now --executor local --max-jobs N.", file=sys.stderr)
+        overrides.update(executor="local" if args.workers > 1 else overrides.get("executor", cfg.executor),
+                         max_jobs=args.workers)
+    if overrides:
+        cfg = SweepConfig.from_dict({**{k: v for k, v in asdict(cfg).items()}, **overrides})
     cells = cfg.cells()
     out = Path(args.out or Path("runs") / cfg.name)
-    done = finished_ids(out / RESULTS)
-    todo = [c for c in cells if c.cell_id not in done]
+    if args.status:
+        print("\n".join(status_lines(out, cells)))
+        return 0
+    records = read_records(out)
+    if not records and (out / RESULTS).exists() and not args.dry_run:
+        import_legacy_results(out)
+        records = read_records(out)
+    rows = finished_rows(records)
     if args.dry_run:
         for c in cells:
-            print(f"{'done' if c.cell_id in done else 'todo'}  {c.cell_id}")
-        print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run -> {out / RESULTS}")
+            print(f"{'done' if c.cell_id in rows else 'todo'}  {c.cell_id}")
+        n_done = sum(c.cell_id in rows for c in cells)
+        print(f"{len(cells)} cells, {n_done} done, {len(cells) - n_done} to run -> {out / RESULTS}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    _record_config(out, cfg, cells, args.config, args.allow_config_change)
-    write_json(out / "environment.json", dict(environment(), workers=args.workers))
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-    written = failed = 0
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=cfg.name, disable=not args.progress)
+    if args.merge_only:
+        n, failures = merge(out, cells)
+        print(f"{n}/{len(cells)} cells in {out / RESULTS}; {len(failures)} failed")
+        return 1 if failures else 0
+    for line in _config_changes(cells, records):
+        print(line, file=sys.stderr)
+    _record_config(out, cfg, cells, args.config)
+    write_json(out / "environment.json", dict(environment(), executor=cfg.executor, max_jobs=cfg.max_jobs))
+    todo = [c for c in cells if c.cell_id not in rows]
+    run = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    shards = [ShardJob(str(out), f"{run}-s{i:03d}", group, threads=cfg.threads) for i, group in enumerate(plan_shards(todo, cfg.max_jobs))]
+    plan = dict(run=run, executor=cfg.executor, shards={s.name: dict(cells=[c.cell_id for c in s.cells], job_id=None) for s in shards})
+    errors: list[str] = []
+    if shards:
+        write_json(out / SHARDS / "plan.json", plan)
+        print(f"{len(todo)} of {len(cells)} cells to run in {len(shards)} shard(s) ({cfg.executor}); "
+              f"{len(cells) - len(todo)} already done", file=sys.stderr)
+    if shards and cfg.executor == "inline":
+        for shard in shards:
+            shard.on_record = lambda: merge(out, cells)
+            shard()
+    elif shards:
+        jobs = _submit(cfg, args, shards, out)
+        for shard, job in zip(shards, jobs):
+            plan["shards"][shard.name]["job_id"] = str(job.job_id)
+        write_json(out / SHARDS / "plan.json", plan)
+        print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs)}; logs in {out / 'submitit'}", file=sys.stderr)
+        if args.no_wait:
+            print(f"not waiting: `--status` shows progress; `--merge-only` (or a rerun) merges into {out / RESULTS}")
+            return 0
+        errors = _wait(jobs, shards, out, cells, args.progress)
+    n, failures = merge(out, cells)
+    for line in errors:
+        print(line, file=sys.stderr)
+    print(f"{n}/{len(cells)} cells in {out / RESULTS} ({len(cells) - len(todo)} were already done), "
+          f"{len(failures)} failed" + (f" -> {out / FAILURES}" if failures else ""))
+    return 1 if failures or errors else 0
 
-    def finish(cell: Cell, row: dict | None, error: str | None) -> None:
-        nonlocal written, failed
-        if row is not None:
-            written += append_rows(out / RESULTS, [row], key="cell_id", leading=LEADING_COLUMNS)
-            if crash_after and written >= crash_after:
-                os._exit(3)  # as if killed: no cleanup, no further rows
-        else:
-            failed += 1
-            with open(out / "errors.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(dict(cell_id=cell.cell_id, error=error, at=time.time())) + "\n")
-            tqdm.write(f"cell failed: {cell.cell_id}\n{error}")
-        bar.update(1)
 
-    if args.workers == 1 or len(todo) <= 1:
-        for cell in todo:
-            finish(*_run_cell_safely(cell, cfg))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        # cells of one model go to the same worker when possible (each worker keeps its last model)
-        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                 initargs=(cfg.threads,)) as pool:
-            futures = [pool.submit(_run_cell_safely, cell, cfg) for cell in todo]
-            for future in as_completed(futures):
-                finish(*future.result())
-    bar.close()
-    print(f"{written} cells written, {failed} failed, {len(cells) - len(todo)} were already done -> {out / RESULTS}")
-    return 1 if failed else 0
+__all__ = ["SweepConfig", "Cell", "main", "run_cell", "slurm_executor", "RESULTS", "FAILURES", "CRASH_ENV", "VOLATILE_COLUMNS", "LEADING_COLUMNS",
+           "EXECUTORS"]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_PARAMS
 
-from experiments import summarize, sweep
+from experiments import summarize, sweep, sweep_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,9 @@ def _write_config(folder: Path, **changes) -> Path:
 
 def _table(out: Path) -> pd.DataFrame:
     frame = pd.read_csv(out / sweep.RESULTS)
-    return frame.drop(columns=list(sweep.VOLATILE_COLUMNS)).sort_values("cell_id").reset_index(drop=True)
+    # per-run values (elapsed time, process) are in timings.csv, not in results.csv
+    assert not set(sweep.VOLATILE_COLUMNS) & set(frame.columns)
+    return frame.sort_values("cell_id").reset_index(drop=True)
 
 
 def _env():
@@ -176,10 +178,8 @@ def test_crash_and_restart_gives_the_uninterrupted_table(tmp_path):
     before = (resumed / sweep.RESULTS).read_bytes()
     assert sweep.main([str(path), "--out", str(resumed), "--no-progress"]) == 0
     assert (resumed / sweep.RESULTS).read_bytes() == before
-    # a different config in the same folder is refused
-    other = _write_config(tmp_path, n_test=12)
-    with pytest.raises(ValueError, match="different sweep config"):
-        sweep.main([str(other), "--out", str(resumed), "--no-progress"])
+    timings = pd.read_csv(resumed / "timings.csv")
+    assert set(timings["cell_id"]) == set(table["cell_id"]) and (timings["elapsed_s"] >= 0).all()
 
     # the summary step: tables, figures and one HTML report
     assert summarize.main([str(resumed)]) == 0
@@ -219,3 +219,136 @@ def test_sigkill_mid_run_with_workers_then_restart(tmp_path):
     assert 2 <= len(partial) < len(reference) and partial["cell_id"].is_unique
     assert sweep.main([str(path), "--out", str(killed), "--workers", "2", "--no-progress"]) == 0
     pd.testing.assert_frame_equal(_table(killed), reference)
+
+
+# ------------------------------------------------------------------------------------------------
+# Executors (submitit), shards, requeue after a time limit, changed configs, status and failures
+# ------------------------------------------------------------------------------------------------
+
+#: Two studies (4 causal cells, 2 eval cells: eval has no layer field): small enough for two
+#: submitit jobs on a CPU.
+SMALL = dict(CONFIG, shots=[1, 2], seeds=[0], analyses=["causal", "eval"],
+             options={"causal": STUDY_OPTIONS["causal"], "eval": {"batch_size": 8}})
+N_SMALL = 6
+
+
+def _counts(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", names=["cell_id", "pid", "attempt"])
+
+
+@pytest.fixture(scope="module")
+def inline_small(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inline")
+    path = _write_config(folder, **SMALL)
+    assert sweep.main([str(path), "--out", str(folder / "out"), "--executor", "inline", "--no-progress"]) == 0
+    return path, folder / "out"
+
+
+def test_shards_group_cells_by_model():
+    from experiments.sweep_shards import plan_shards
+
+    cells = sweep.SweepConfig.from_dict({**SMALL, "models": ["tiny-gpt-neo", "tiny-gpt-j"]}).cells()
+    for jobs in (1, 2, 3, 4, 100):
+        shards = plan_shards(cells, jobs)
+        assert len(shards) <= jobs and sum(map(len, shards)) == len(cells)
+        assert [c for s in shards for c in s] == sorted(cells, key=lambda c: c.model != "tiny-gpt-neo")  # order kept
+        if jobs >= 2:
+            assert all(len({c.model for c in s}) == 1 for s in shards)  # one model per job
+    assert len(plan_shards(cells, 3)) == 3 and len(plan_shards(cells, 100)) == len(cells)
+
+
+def test_local_executor_with_a_time_limit_requeues_and_matches_inline(tmp_path, inline_small, monkeypatch, capsys):
+    """Two submitit jobs on this machine; each gets the time-limit signal after its first cell (the
+    test hook sends the SIGUSR2 that submitit's controller sends before the limit, at a point that
+    does not depend on how long imports take on a loaded machine), is checkpointed and requeued, and
+    finishes the rest: every cell runs once and the table equals the inline run's."""
+    path, reference = inline_small
+    counts = tmp_path / "counts.tsv"
+    monkeypatch.setenv(sweep_shards.COUNT_ENV, str(counts))
+    monkeypatch.setenv(sweep_shards.TIME_LIMIT_ENV, "1")  # first attempt: time limit after one cell
+    out = tmp_path / "local"
+    args = [str(path), "--out", str(out), "--executor", "local", "--max-jobs", "2", "--time-min", "5", "--no-progress"]
+    assert sweep.main(args) == 0
+    assert (out / sweep.RESULTS).read_bytes() == (reference / sweep.RESULTS).read_bytes()
+    seen = _counts(counts)
+    assert sorted(seen["cell_id"]) == sorted(pd.read_csv(reference / sweep.RESULTS)["cell_id"])  # each cell once
+    assert set(seen["attempt"]) == {0, 1} and seen["pid"].nunique() == 4  # 2 jobs x (first try, requeued)
+    plan = json.loads((out / "shards" / "plan.json").read_text())
+    assert len(plan["shards"]) == 2 and all(info["job_id"] for info in plan["shards"].values())
+    timings = pd.read_csv(out / "timings.csv")
+    assert set(timings["attempt"]) == {0, 1}
+    # status: every cell done, per shard
+    capsys.readouterr()
+    assert sweep.main([str(path), "--out", str(out), "--status"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count(" finished ") == 2 and f"all cells: {N_SMALL}, done {N_SMALL}, failed 0" in shown
+
+
+def test_changed_config_reruns_only_the_changed_cells(tmp_path, inline_small, capsys, monkeypatch):
+    import shutil
+
+    _, reference = inline_small
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    counts = tmp_path / "counts.tsv"
+    monkeypatch.setenv(sweep_shards.COUNT_ENV, str(counts))
+    changed = _write_config(tmp_path, **{**SMALL, "options": {**SMALL["options"], "eval": {"batch_size": 4}}})
+    capsys.readouterr()
+    assert sweep.main([str(changed), "--out", str(out), "--no-progress"]) == 0
+    ran = _counts(counts)["cell_id"].tolist()
+    assert len(ran) == 2 and all("|eval|" in c for c in ran)  # the two eval cells, nothing else
+    log = capsys.readouterr().err
+    assert log.count("config changed: ") == 2 and "|eval: fingerprint" in log
+    table, before = pd.read_csv(out / sweep.RESULTS), pd.read_csv(reference / sweep.RESULTS)
+    assert len(table) == N_SMALL and set(ran) <= set(table["cell_id"])  # new rows, old eval rows gone
+    assert not set(before["cell_id"][before["analysis"] == "eval"]) & set(table["cell_id"])
+    causal = table[table["analysis"] == "causal"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(causal, before[before["analysis"] == "causal"].reset_index(drop=True))
+    # rerunning the changed config runs nothing
+    assert sweep.main([str(changed), "--out", str(out), "--no-progress"]) == 0
+    assert len(_counts(counts)) == 2
+
+
+def test_failed_cells_are_recorded_and_set_the_exit_code(tmp_path, capsys):
+    """A cell that raises (layer 9 of a 2-layer model) is written to failures.csv with its traceback;
+    the other cells finish; the exit code is 1; --status counts it."""
+    path = _write_config(tmp_path, shots=[2], seeds=[0], layers=["all", 9], analyses=["causal"],
+                         options={"causal": STUDY_OPTIONS["causal"]})
+    out = tmp_path / "out"
+    assert sweep.main([str(path), "--out", str(out), "--no-progress"]) == 1
+    assert len(pd.read_csv(out / sweep.RESULTS)) == 1
+    failures = pd.read_csv(out / sweep.FAILURES)
+    assert failures["cell_id"].str.contains("layer=9").all() and len(failures) == 1
+    assert failures.loc[0, "error_type"] == "ValueError" and "does not exist" in failures.loc[0, "message"]
+    assert "Traceback" in (out / failures.loc[0, "traceback_file"]).read_text()
+    capsys.readouterr()
+    assert sweep.main([str(path), "--out", str(out), "--status"]) == 0
+    assert "all cells: 2, done 1, failed 1" in capsys.readouterr().out
+    assert sweep.main([str(path), "--out", str(out), "--no-progress"]) == 1  # retried, fails again
+
+
+def test_executor_keys_in_the_config_and_bad_values(tmp_path):
+    cfg = sweep.SweepConfig.from_dict({**CONFIG, "executor": "slurm", "partition": "gpu", "gpus_per_job": 1,
+                                       "time_min": 120, "max_jobs": 8, "device": "auto"})
+    assert cfg.executor == "slurm" and cfg.max_jobs == 8
+    assert all(c.config().model.device is None for c in cfg.cells())  # auto: CUDA where the job has it
+    for bad, match in [({"executor": "pbs"}, "executor must be one of"), ({"max_jobs": 0}, "max_jobs must be"),
+                       ({"device": "gpu"}, "device must be")]:
+        with pytest.raises(ValueError, match=match):
+            sweep.SweepConfig.from_dict({**CONFIG, **bad})
+
+
+def test_slurm_executor_script(tmp_path, monkeypatch):
+    """The SLURM array job's sbatch script carries the config's partition, GPUs, time and signal
+    (a stub `srun` stands in for a cluster; nothing is submitted)."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (stub / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub}{os.pathsep}{os.environ['PATH']}")
+    cfg = sweep.SweepConfig.from_dict({**CONFIG, "executor": "slurm", "partition": "gpu", "gpus_per_job": 1, "time_min": 90})
+    executor = sweep.slurm_executor(cfg, tmp_path / "submitit" / "%j", n_jobs=4, signal_delay_s=30)
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--time=90", "--signal=USR2@30", "--job-name=sweep-tiny",
+                 "--cpus-per-task=1"):
+        assert f"#SBATCH {line}" in script, line

@@ -190,7 +190,9 @@ def text_prompts(tokenizer, n_ctx: int | None, prompts: PromptOptions, condition
 # ------------------------------------------------------------------------------------------------
 
 
-def synthetic_prompt(world, demos: np.ndarray, x: np.ndarray, y: int | None, query_index: int | None = None) -> IclPrompt:
+def synthetic_prompt(
+    world, demos: np.ndarray, x: np.ndarray, y: int | np.integer | None, query_index: int | None = None
+) -> IclPrompt:
     """``<d> x_1 y_1 <d> ... <d> x_k y_k <d> x`` from demonstration rows ``[k, x_len + 1]`` and ``x``."""
     d = world.delim_id
     tokens: list[int] = [d]

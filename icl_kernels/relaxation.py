@@ -258,7 +258,7 @@ class DualFormToy:
 
 
 def dual_form_toy(
-    d_in: int = 6, d_out: int = 4, n_demos: int = 5, n_queries: int = 3, lr: float = 0.1, seed: int = 0
+    d_in: int = 6, d_out: int = 4, n_demos: int = 5, n_queries: int = 3, lr: float | int = 0.1, seed: int = 0
 ) -> DualFormToy:
     """A linear layer ``W`` trained by SGD (batch 1, one epoch) vs ``W0 q + LinearAttn(q; K=X', V=E)``.
 

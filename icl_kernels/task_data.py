@@ -216,7 +216,7 @@ def _read_deduplicated(
 _SOURCES: dict[str, tuple[Task, dict[str, Any]]] = {}
 
 
-def _record(task: Task, dd: datasets.DatasetDict, source: dict[str, Any]) -> datasets.DatasetDict:
+def _record(task: Task, dd: dict, source: dict[str, Any]) -> dict:  # dd: a datasets.DatasetDict
     _SOURCES[task.name] = (task, source)
     dd.data_source = source  # type: ignore[attr-defined]
     return dd

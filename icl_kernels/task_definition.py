@@ -97,7 +97,7 @@ class Task:
         feats["label"] = datasets.ClassLabel(names=list(self.class_names))
         return datasets.Features(feats)
 
-    def _checked(self, dd: datasets.DatasetDict) -> datasets.DatasetDict:
+    def _checked(self, dd: dict) -> dict:  # a datasets.DatasetDict (beartype cannot check that class)
         """Validate a loaded DatasetDict against the task; raise TaskDataError when it does not fit."""
         if not isinstance(dd, datasets.DatasetDict) or set(dd) != {"train", "test"}:
             got = sorted(dd) if isinstance(dd, Mapping) else type(dd).__name__

@@ -35,7 +35,7 @@ import torch
 
 from icl_kernels.config import ModelOptions, Options, PromptOptions
 from icl_kernels.errors import InvalidOptionError
-from icl_kernels.prompt_sets import PromptCondition, study_prompts, text_of
+from icl_kernels.prompt_sets import SYNTHETIC_TASKS, PromptCondition, study_prompts, text_of
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 
@@ -65,6 +65,12 @@ class HeadsConfig(Options):
 
     def __post_init__(self) -> None:
         problems = self.prompts.split_problems("head scores")
+        if self.prompts.task in SYNTHETIC_TASKS:
+            if self.similarity or self.kr_minilm:
+                problems.append("the synthetic world has no text for single-example runs or MiniLM: pass "
+                                "--no-similarity --no-minilm (similarity=false, kr_minilm=false)")
+            if self.condition != PromptCondition():
+                problems.append("prompt conditions (selector, label format, controls) apply to text tasks only")
         if not 0 < self.select_fraction < 1:
             problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
         if self.batch_size < 1:
@@ -321,7 +327,8 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     from icl_kernels.tasks import get_task
 
     started = time.time()
-    task = get_task(cfg.prompts.task)  # a bad task name fails before a model loads
+    synthetic = cfg.prompts.task in SYNTHETIC_TASKS
+    task = None if synthetic else get_task(cfg.prompts.task)  # a bad task name fails before a model loads
     if model is None:
         model = cfg.model.load()
     n_layers = model.cfg.n_layers
@@ -330,9 +337,7 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     search_layers = tuple(range(n_layers)) if cfg.layer is None else (cfg.layer,)
     tokenizer = model.tokenizer
     sp = study_prompts(model, cfg.prompts, cfg.condition, model_name=cfg.model.model)
-    if sp.builder is None:
-        raise InvalidOptionError(f"The heads study needs a text task, not {cfg.prompts.task!r}.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     hrun = analyze_heads(
         model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad,
         head_features=True, resid_layers=tuple(range(n_layers)),
@@ -419,9 +424,9 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
 def _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, probe_acc) -> dict[str, Any]:
     model_pred, gold = hrun.model_predictions, hrun.gold
     summary: dict[str, Any] = {
-        "model": cfg.model.model, "task": task.name, "shots": cfg.prompts.shots, "n_prompts": hrun.n_prompts,
+        "model": cfg.model.model, "task": task.name if task is not None else cfg.prompts.task, "shots": cfg.prompts.shots, "n_prompts": hrun.n_prompts,
         "seed": cfg.prompts.seed, "n_select": len(select), "n_report": len(report),
-        "label_words": list(sp.builder.label_words), "label_format": cfg.condition.label_format,
+        "label_words": list(sp.builder.label_words) if sp.builder is not None else None, "label_format": cfg.condition.label_format,
         "control": cfg.condition.control, "selector": cfg.condition.selector,
         "n_layers": len(hrun.layers), "n_heads": hrun.n_heads,
         "icl_accuracy": float((model_pred == gold).float().mean()),

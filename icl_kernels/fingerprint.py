@@ -193,9 +193,11 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], grid: tuple[str
     for part in ("model", "data_source"):
         if old.get(part) is not None or "fingerprint" in old:
             for k, v in (old.get(part) or {}).items():
-                a[f"{part}.{k}"] = v
+                if k not in a:  # the model name and the task are already among the options
+                    a[f"{part}.{k}"] = v
             for k, v in (new.get(part) or {}).items():
-                b[f"{part}.{k}"] = v
+                if k not in b:
+                    b[f"{part}.{k}"] = v
     if old.get("study") != new.get("study"):
         a["study"], b["study"] = old.get("study"), new.get("study")
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"

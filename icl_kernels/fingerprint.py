@@ -188,6 +188,8 @@ def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], grid: tuple[str, ...]) -> list[str]:
     """``key: old -> new`` for every option, model or data-source entry that differs."""
+    if old.get("study") != new.get("study"):  # another study's options are all different
+        return [f"study: {old.get('study')!r} -> {new.get('study')!r}"]
     a = {**_resume_view(_flat(old.get("config", {})), grid)}
     b = {**_resume_view(_flat(new.get("config", {})), grid)}
     for part in ("model", "data_source"):
@@ -198,8 +200,6 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], grid: tuple[str
             for k, v in (new.get(part) or {}).items():
                 if k not in b:
                     b[f"{part}.{k}"] = v
-    if old.get("study") != new.get("study"):
-        a["study"], b["study"] = old.get("study"), new.get("study")
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 

@@ -145,7 +145,8 @@ def _resume_view(config: Mapping[str, Any], grid_keys: tuple[str, ...]) -> dict[
 def run_record(study: str, config: Any) -> dict[str, Any]:
     """``{"study", "fingerprint", "resume_key", "config", "model", "data_source"}`` of a run."""
     values = config.to_dict()
-    model = model_identity(config.model) if hasattr(config, "model") and not isinstance(config.model, str) else None
+    given = getattr(config, "model", None)  # ModelOptions, or a model name (theorem), or None
+    model = model_identity(given) if given else None
     source = data_source(config)
     grid = _grid_keys(study)
     return {

@@ -45,6 +45,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from icl_kernels import backend as tl_backend
+from icl_kernels.errors import IclKernelsError
 from icl_kernels.hooks import (
     act_name,
     apply_rotary,
@@ -56,6 +57,7 @@ from icl_kernels.hooks import (
 from icl_kernels.prompts import IclPrompt, PromptBatch, batches
 
 __all__ = [
+    "NonFiniteLogitsError", "check_finite",
     "Capture", "capture", "FEATURE_KINDS", "ATTENTION_METHODS", "nbytes", "final_residual", "unembed", "label_log_probs",
 ]
 
@@ -331,14 +333,42 @@ def unembed(
     return logits
 
 
+class NonFiniteLogitsError(IclKernelsError, FloatingPointError):
+    """The model produced NaN or infinite logits (typically float16 overflow): a prediction made from
+    them would be meaningless, so the run stops."""
+
+
+def check_finite(
+    logits: Float[Tensor, "batch ..."], *, first_index: int = 0, what: str = "prompt", model=None
+) -> None:
+    """Raise `NonFiniteLogitsError` naming the first row (``first_index`` + row) with NaN/inf logits."""
+    bad = ~torch.isfinite(logits.reshape(logits.shape[0], -1)).all(-1)
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    values = logits[row]
+    kind = "NaN" if bool(torch.isnan(values).any()) else "infinite"
+    dtype = str(tl_backend.model_dtype(model)).removeprefix("torch.") if model is not None else "the model's dtype"
+    raise NonFiniteLogitsError(
+        f"{kind} logits for {what} {first_index + row} ({int(bad.sum())} of {len(bad)} in its batch) in {dtype}; "
+        "no prediction can be made from them. Rerun with --dtype float32 (float16 overflows easily)."
+    )
+
+
 def label_log_probs(
     model, prompts: Sequence[IclPrompt], label_ids: Sequence[Sequence[int]], *, batch_size: int = 8,
-    pad_token_id: int = 0,
+    pad_token_id: int = 0, first_index: int = 0,
 ) -> Float[Tensor, "batch n_classes"]:
-    """log P(label continuation | prompt) for each prompt and class (summed over label tokens)."""
+    """log P(label continuation | prompt) for each prompt and class (summed over label tokens).
+
+    Raises:
+        NonFiniteLogitsError: NaN or infinite logits; the message names the prompt (its index in
+            ``prompts`` plus ``first_index``, so a caller scoring a slice can name the query).
+    """
     device = tl_backend.model_device(model)
     single = all(len(ids) == 1 for ids in label_ids)
     out = []
+    done = first_index
     with torch.no_grad():
         if single:
             first = torch.tensor([ids[0] for ids in label_ids], device=device)
@@ -346,6 +376,8 @@ def label_log_probs(
                 resid = final_residual(model, batch.tokens)
                 rows = torch.arange(len(batch.prompts), device=device)
                 logits = unembed(model, resid[rows, batch.prediction_positions]).float()
+                check_finite(logits, first_index=done, model=model)
+                done += len(batch.prompts)
                 out.append(logits.log_softmax(-1)[:, first].cpu())
             return torch.cat(out)
         # Multi-token labels: append each continuation and sum its token log-probs.
@@ -367,7 +399,10 @@ def label_log_probs(
                 start = len(batch.prompts[prompt_index]) - 1
                 ids = torch.tensor(label_ids[c], device=device)
                 positions = torch.arange(start, start + len(ids), device=device)
-                logp = unembed(model, resid[row, positions]).float().log_softmax(-1)
+                logits = unembed(model, resid[row, positions]).float()
+                check_finite(logits.reshape(1, -1), first_index=done + prompt_index, model=model)
+                logp = logits.log_softmax(-1)
                 scores[row] = logp[torch.arange(len(ids)), ids].sum().cpu()
+            done += len(batch.prompts)
             out.append(scores.view(len(batch.prompts), n_classes))
     return torch.cat(out)

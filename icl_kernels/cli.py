@@ -60,18 +60,35 @@ def add_study_parser(subparsers, study) -> argparse.ArgumentParser:
     add_arguments(parser, study.config)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--force", action="store_true",
+                        help="if --out holds a run of another configuration, delete its files and rerun")
     parser.set_defaults(func=partial(run_study, study))
     return parser
 
 
 def run_study(study, args: argparse.Namespace) -> int:
-    """Validate the options, run the study, write its report and print its line."""
+    """Validate the options and the output folder, run the study, write its report, print its line.
+
+    Everything a user can get wrong is checked before a model loads: the options (the
+    configuration's ``__post_init__``), ``--threads``, and ``--out`` (writable, and holding no run of
+    another configuration: `icl_kernels.fingerprint.check_output`). ``--out`` is created only once
+    the study has results (a resumable study: once it starts its first cell).
+    """
+    from icl_kernels.errors import InvalidOptionError
+    from icl_kernels.fingerprint import check_output
+
     config = from_arguments(study.config, args)  # bad options fail here, before a model loads
+    if args.threads is not None and args.threads < 1:
+        raise InvalidOptionError(f"--threads must be >= 1, not {args.threads}.")
+    check_output(args.out, study.name, config, force=args.force)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = study(config, progress=True, out=args.out)
+    if study.resumable:
+        report = study(config, progress=True, out=args.out, record=True)
+    else:
+        report = study(config, progress=True)
     out = report.write(args.out)
     print(f"{report.line()} ({out / report.summary_file})")
     return 0

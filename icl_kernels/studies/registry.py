@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from icl_kernels.config import Options
@@ -35,7 +36,11 @@ class Study:
         help: one line for ``icl-kernels --help``.
         description: a paragraph for ``icl-kernels NAME --help``.
         resumable: ``run`` takes ``out=`` and keeps finished work there, so a rerun after a crash
-            skips it (the command line passes its ``--out``).
+            skips it (the command line passes its ``--out``). Before it runs, ``out`` is checked
+            (`icl_kernels.fingerprint.check_output`): rows of another configuration are never reused.
+        grid_keys: options that add rows to a resumable run rather than change them (a rerun that
+            only changes these may extend the run in the same ``out``).
+        state_files: the files in ``out`` a resumable run reads back (deleted by ``force``).
     """
 
     name: str
@@ -44,12 +49,30 @@ class Study:
     help: str = ""
     description: str = ""
     resumable: bool = False
+    grid_keys: tuple[str, ...] = ()
+    state_files: tuple[str, ...] = ()
 
-    def __call__(self, config: Options | dict, model=None, progress: bool = True, out=None):
-        """Run the study on a configuration (or a mapping of its options)."""
+    def __call__(
+        self, config: Options | dict, model=None, progress: bool = True, out=None, *, force: bool = False,
+        record: bool = False,
+    ):
+        """Run the study on a configuration (or a mapping of its options).
+
+        For a resumable study with ``out``: ``out`` is checked first (`check_output`; ``force``
+        deletes another run's files there) and, with ``record``, ``fingerprint.json`` is written
+        when the study starts writing rows, so that an interrupted run can only be resumed by the
+        same configuration.
+        """
         cfg = config if isinstance(config, self.config) else self.config.from_dict(config)
         if self.resumable:
-            return self.run(cfg, model=model, progress=progress, out=out)
+            start = None
+            if out is not None:
+                from icl_kernels.fingerprint import check_output, write_record
+
+                run_record = check_output(out, self.name, cfg, force=force)
+                if record:
+                    start = partial(write_record, out, run_record)
+            return self.run(cfg, model=model, progress=progress, out=out, on_start=start)
         return self.run(cfg, model=model, progress=progress)
 
 
@@ -58,14 +81,14 @@ _STUDIES: dict[str, Study] = {}
 
 def register(
     name: str, config: type[Options], run: Callable[..., Any], *, help: str = "", description: str = "",
-    resumable: bool = False,
+    resumable: bool = False, grid_keys: tuple[str, ...] = (), state_files: tuple[str, ...] = (),
 ) -> Study:
     """Add a study; raises `DuplicateStudyError` if the name is taken."""
     if name in _STUDIES:
         raise DuplicateStudyError(f"A study named {name!r} is already registered ({_STUDIES[name].run.__module__}).")
     if not (isinstance(config, type) and issubclass(config, Options)):
         raise TypeError(f"Study {name!r}: config must be an icl_kernels.config.Options dataclass, not {config!r}.")
-    study = Study(name, config, run, help, description, resumable)
+    study = Study(name, config, run, help, description, resumable, tuple(grid_keys), tuple(state_files))
     _STUDIES[name] = study
     return study
 

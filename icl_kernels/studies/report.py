@@ -88,16 +88,27 @@ class Report:
         return {k: v for k, v in flatten(finite(self.summary)).items()
                 if k.split(".")[0] not in self.volatile_keys and not isinstance(v, list)}
 
+    def record(self) -> dict[str, Any]:
+        """What identifies this run (`icl_kernels.fingerprint.run_record`): fingerprint, resume key,
+        configuration, model identity and data source."""
+        from icl_kernels.fingerprint import run_record
+
+        return run_record(self.study, self.config)
+
     def write(self, out: str | os.PathLike, *, environment: bool = True, figures: bool = True) -> Path:
-        """Write tables, summary, ``config.json``, ``environment.json`` and figures into ``out``."""
+        """Write ``fingerprint.json``, tables, ``config.json``, ``environment.json``, figures and,
+        last, the summary into ``out``; the summary and ``config.json`` carry the run's
+        ``fingerprint`` and ``data_source``."""
+        from icl_kernels.fingerprint import write_record
         from icl_kernels.plotting import write_html
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        record = self.record()
+        stamp = {"fingerprint": record["fingerprint"], "data_source": record["data_source"]}
+        out = write_record(out, record)
         for name, frame in self.tables.items():
             if frame is not None:
                 write_csv(out / f"{name}.csv", frame.to_dict("records"))
-        write_json(out / "config.json", {"study": self.study, **self.config.to_dict()})
+        write_json(out / "config.json", {"study": self.study, **self.config.to_dict(), **stamp})
         if environment:
             from icl_kernels.environment import environment as env
 
@@ -105,5 +116,5 @@ class Report:
         if figures:
             for name, fig in self.figures().items():
                 write_html(fig, out / f"{name}.html")
-        write_json(out / self.summary_file, finite(self.summary))
+        write_json(out / self.summary_file, finite({**self.summary, **stamp}))
         return out

@@ -282,14 +282,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *, defaul
         parser.add_argument(flag, **kwargs)
 
 
-def _list_argument(text: str, kind: type, flag: str) -> tuple:
-    """`parse_list` for argparse: its message, not argparse's "invalid value", on a bad list."""
-    try:
-        return parse_list(text, kind, flag)
-    except InvalidOptionError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
 def from_arguments(cls: type[T], namespace: argparse.Namespace | Mapping[str, Any]) -> T:
     """The configuration ``add_arguments`` options were parsed into."""
     values = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)

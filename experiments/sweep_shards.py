@@ -187,7 +187,8 @@ def model_for(config):
 
 
 def run_cell(cell, threads: int = 1) -> dict:
-    """Run one cell's study in this process and return its row (coordinates + ``report.row()``) and,
+    """Run one cell's study in this process and return its row (coordinates, ``report.row()``, the
+    run's fingerprint and data source) and,
     under ``"timing"``, its elapsed time, finish time and process."""
     import torch
 
@@ -202,7 +203,10 @@ def run_cell(cell, threads: int = 1) -> dict:
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
     if cell.layer != "all" and n_layers is not None and not 0 <= int(cell.layer) < n_layers:
         raise ValueError(f"Layer {cell.layer} does not exist in {cell.model} ({n_layers} layers).")
-    metrics = study(config, model=model, progress=False).row()
+    report = study(config, model=model, progress=False)
+    record = report.record()  # what identifies the run: full config, model identity, data source
+    metrics = report.row()
+    metrics.update(run_fingerprint=record["fingerprint"], data_source=json.dumps(record["data_source"], sort_keys=True))
     coordinates = cell.coordinates()
     clash = sorted(k for k in set(metrics) & set(coordinates) if str(metrics[k]) != str(coordinates[k]))
     if clash:

@@ -124,7 +124,7 @@ def data_source(config: Any) -> dict[str, Any] | None:
             return {"task": task_name}
         task = get_task(task_name)
         result = source(task)
-        return dict(result) if isinstance(result, Mapping) else {"task": task_name, "source": result}
+        return {"task": task_name, **result} if isinstance(result, Mapping) else {"task": task_name, "source": result}
     except IclKernelsError:
         return {"task": task_name}  # an unknown task fails in the study, with its own message
 

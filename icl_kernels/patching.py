@@ -469,7 +469,7 @@ def attention_edits(
     model: tl_backend.Model,
     layers: Iterable[int],
     *,
-    blocked: Sequence[Bool[Tensor, "query_pos key_pos"] | None] | None = None,
+    blocked: Sequence[Bool[Tensor, "_query_pos _key_pos"] | None] | None = None,
     multipliers: Mapping[int, Tensor] | None = None,
 ) -> list[Edit]:
     """Edits that recompute chosen layers' attention at ``hook_z`` from the same pass's q, k, v,

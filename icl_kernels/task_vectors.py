@@ -161,7 +161,7 @@ def task_vector_sweep(
     ])
 
 
-def choose_layer(accuracy: Sequence[float]) -> int:
+def choose_layer(accuracy: Sequence[float] | np.ndarray) -> int:
     """The first (lowest) layer among those with the best accuracy."""
     values = np.asarray(accuracy, dtype=float)
     return int(np.flatnonzero(values == values.max())[0])

@@ -58,12 +58,14 @@ machine; rows carry the package version.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -92,8 +94,11 @@ from experiments.sweep_shards import (  # noqa: E402
     run_cell,
     status_lines,
 )
+from icl_kernels.errors import IclKernelsError  # noqa: E402
 
 EXECUTORS = ("inline", "local", "slurm")
+#: Held by the process that writes an output folder (two sweeps never write one folder).
+LOCK_FILE = ".sweep.lock"
 #: Former analysis names -> registered study names.
 ALIASES = {"patching": "causal"}
 #: Cell coordinates -> the study-configuration field each one sets (sweep axes, not options).
@@ -486,8 +491,6 @@ def _fail_unfinished(shard: ShardJob, out: Path, error_type: str, message: str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from icl_kernels.environment import environment
-    from icl_kernels.io import write_json
 
     args = parse_args(argv)
     cfg = SweepConfig.from_file(args.config)
@@ -515,6 +518,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(cells)} cells, {n_done} done, {len(cells) - n_done} to run -> {out / RESULTS}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    with sweep_lock(out):
+        return _run(args, cfg, cells, out, records, rows)
+
+
+class SweepLockedError(IclKernelsError):
+    """Another sweep process is writing the same output folder."""
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path):
+    """Hold an exclusive lock on ``out`` (``.sweep.lock``) while this process writes there; a second
+    sweep into the same folder stops at once with a `SweepLockedError` naming the holder."""
+    import fcntl
+
+    path = out / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")  # held for the whole block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SweepLockedError(
+                f"another sweep is writing {out} ({holder}); wait for it to finish, or use another --out."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _run(args, cfg, cells, out: Path, records, rows) -> int:
+    from icl_kernels.environment import environment
+    from icl_kernels.io import write_json
+
     if args.merge_only:
         n, failures = merge(out, cells)
         print(f"{n}/{len(cells)} cells in {out / RESULTS}; {len(failures)} failed")

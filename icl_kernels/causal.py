@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icl_kernels import backend as tl_backend
-from icl_kernels.config import Options
+from icl_kernels.config import Options, at_least, one_of
 from icl_kernels.errors import InvalidOptionError
 from icl_kernels.patching import (
     Head,
@@ -79,23 +79,12 @@ class CausalConfig(Options):
     def __post_init__(self) -> None:
         from icl_kernels.kernel import AGGREGATIONS
 
-        problems = []
-        if self.k < 1:
-            problems.append(f"k must be >= 1, not {self.k}")
-        if self.random_draws < 0:
-            problems.append(f"random_draws must be >= 0, not {self.random_draws}")
-        if self.ablation not in ABLATIONS:
-            problems.append(f"ablation must be one of {ABLATIONS}, not {self.ablation!r}")
-        if self.aggregation not in AGGREGATIONS:
-            problems.append(f"aggregation must be one of {AGGREGATIONS}, not {self.aggregation!r}")
-        if self.metric not in METRICS:
-            problems.append(f"metric must be one of {METRICS}, not {self.metric!r}")
+        problems = at_least("k", self.k, 1) + at_least("random_draws", self.random_draws, 0)
+        problems += one_of("ablation", self.ablation, ABLATIONS) + one_of("aggregation", self.aggregation, AGGREGATIONS)
+        problems += one_of("metric", self.metric, METRICS)
         if not 0 < self.select_fraction < 1:
             problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
-        if self.bootstrap < 100:
-            problems.append(f"bootstrap must be >= 100 resamples, not {self.bootstrap}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, not {self.batch_size}")
+        problems += at_least("bootstrap", self.bootstrap, 100, " resamples") + at_least("batch_size", self.batch_size, 1)
         if problems:
             raise InvalidOptionError("Invalid causal-study options: " + "; ".join(problems) + ".")
 

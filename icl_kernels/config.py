@@ -46,6 +46,16 @@ DTYPES = ("float32", "fp32", "float", "float16", "fp16", "half", "bfloat16", "bf
 BACKENDS = (None, "hooked", "bridge")
 
 
+def one_of(name: str, value: Any, choices: tuple) -> list[str]:
+    """``[]``, or the problem of a value outside its choices (for ``__post_init__`` checks)."""
+    return [] if value in choices else [f"{name} must be one of {choices}, not {value!r}"]
+
+
+def at_least(name: str, value: Any, low: int | float, unit: str = "") -> list[str]:
+    """``[]``, or the problem of a value below its minimum (for ``__post_init__`` checks)."""
+    return [] if value >= low else [f"{name} must be >= {low}{unit}, not {value}"]
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -182,12 +192,8 @@ class PromptOptions(Options):
             if isinstance(value, bool) or not isinstance(value, int):
                 problems.append(f"{name} must be an integer, not {value!r}")
         if not problems:
-            if self.shots < 0:
-                problems.append(f"shots must be >= 0, not {self.shots}")
-            if self.n_test < 1:
-                problems.append(f"n_test must be >= 1, not {self.n_test}")
-            if self.seed < 0:
-                problems.append(f"seed must be >= 0, not {self.seed}")
+            problems += at_least("shots", self.shots, 0) + at_least("n_test", self.n_test, 1)
+            problems += at_least("seed", self.seed, 0)
         if problems:
             raise InvalidOptionError("Invalid prompt options: " + "; ".join(problems) + ".")
 

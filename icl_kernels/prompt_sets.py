@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_kernels.config import Options, PromptOptions
+from icl_kernels.config import Options, PromptOptions, at_least, one_of
 from icl_kernels.errors import InvalidOptionError, PromptTooLongError
 from icl_kernels.prompts import IclPrompt, PromptBuilder, RandomSelector, RetrievalSelector, make_prompts
 from icl_kernels.stats import rng
@@ -72,15 +72,10 @@ class PromptCondition(Options):
         "help": "drop the earliest demonstrations of prompts longer than the context"})
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.selector not in SELECTORS:
-            problems.append(f"selector must be one of {SELECTORS}, not {self.selector!r}")
-        if self.label_format not in LABEL_FORMATS:
-            problems.append(f"label_format must be one of {LABEL_FORMATS}, not {self.label_format!r}")
-        if self.control not in CONTROLS:
-            problems.append(f"control must be one of {CONTROLS}, not {self.control!r}")
-        if self.pool_size is not None and self.pool_size < 1:
-            problems.append(f"pool_size must be >= 1, not {self.pool_size}")
+        problems = one_of("selector", self.selector, SELECTORS) + one_of("label_format", self.label_format, LABEL_FORMATS)
+        problems += one_of("control", self.control, CONTROLS)
+        if self.pool_size is not None:
+            problems += at_least("pool_size", self.pool_size, 1)
         if problems:
             raise InvalidOptionError("Invalid prompt condition: " + "; ".join(problems) + ".")
 

@@ -117,6 +117,8 @@ class Options:
                 value = values.pop(f.name)
                 if isinstance(value, list):
                     value = tuple(value)
+                elif _is_tuple_field(hints[f.name]) and isinstance(value, (int, float, str)):
+                    value = (value,)  # one value for a list option (a sweep axis, a TOML scalar)
                 kwargs[f.name] = value
         return cls(**kwargs)
 
@@ -235,6 +237,10 @@ def _list_argument(text: str, *, kind: type, flag: str) -> tuple:
         return parse_list(text, kind, flag)
     except InvalidOptionError as error:
         raise argparse.ArgumentTypeError(str(error).removeprefix(f"{flag}: ")) from error
+
+
+def _is_tuple_field(tp: Any) -> bool:
+    return typing.get_origin(_unwrap_optional(tp)[0]) is tuple
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

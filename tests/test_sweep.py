@@ -120,11 +120,13 @@ def test_an_unknown_study_or_bad_option_fails_before_any_cell_runs(tmp_path, bad
 
 
 #: Whole-model studies without a layer field: (study, options, check of the single row).
-#: LEAD: after merging compare and momentum add them here, e.g. ("compare", {"lr": 1e-3, "direct": False},
-#: lambda row: 0 <= row["ft_accuracy"] <= 1 and row["lr"] == 1e-3); momentum has a layer field?
-#: then it belongs in STUDY_OPTIONS (the old test: one momentum row per layer entry, and
-#: icl_momentum_low <= icl_momentum_accuracy <= icl_momentum_high).
-WHOLE_MODEL_STUDIES: list = []
+WHOLE_MODEL_STUDIES: list = [
+    ("compare", {"lr": 1e-3, "direct": False, "untrained": False},
+     lambda row: row["lr"] == 1e-3 and row["n_test"] == 8 and round(row["icl_accuracy"] * 8, 9).is_integer()),
+    ("momentum", {"etas": [0.3], "ppl_windows": 0},
+     lambda row: row["with_momentum[eta=0.3|layers=all].n_prompts"] == 8
+     and round(row["with_momentum[eta=0.3|layers=all].accuracy"] * 8, 9).is_integer()),
+]
 
 
 @pytest.mark.parametrize("study,options,check", WHOLE_MODEL_STUDIES)

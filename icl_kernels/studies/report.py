@@ -36,16 +36,22 @@ def finite(value: Any) -> Any:
 
 
 def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists of scalars stay as they are.
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; a list of records is keyed by each record's
+    ``cell_id`` (or its position); lists of scalars stay as they are.
 
     >>> flatten({"a": {"b": 1, "c": [1, 2]}, "d": 2})
     {'a.b': 1, 'a.c': [1, 2], 'd': 2}
+    >>> flatten({"cells": [{"cell_id": "eta=0.1", "accuracy": 0.5}]})
+    {'cells[eta=0.1].cell_id': 'eta=0.1', 'cells[eta=0.1].accuracy': 0.5}
     """
     out: dict[str, Any] = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}[{item.get('cell_id', i)}]."))
         else:
             out[name] = value
     return out

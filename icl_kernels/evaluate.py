@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from icl_kernels.capture import NonFiniteLogitsError, label_log_probs
 from icl_kernels.errors import InvalidOptionError
-from icl_kernels.prompts import IclPrompt, PromptBuilder, make_prompts
+from icl_kernels.prompts import IclPrompt, PromptBuilder, make_prompts, pad_id
 from icl_kernels.stats import wilson_interval
 
 
@@ -125,7 +125,7 @@ def evaluate_icl(
     builder = builder or PromptBuilder(
         task, model.tokenizer, n_ctx=model.cfg.n_ctx, drop_demos_to_fit=drop_demos_to_fit
     )
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model)
     selector = RandomSelector(balanced=balanced)
     zsl_prompts = make_prompts(builder, pool, queries, 0, seed=seed)
     icl_prompts = make_prompts(builder, pool, queries, shots, seed=seed, selector=selector)

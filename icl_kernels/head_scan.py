@@ -150,16 +150,14 @@ def analyze_heads(
             (``None``: no map). Prompts whose demonstration count differs from the first prompt's are
             left out of the map.
     """
-    from icl_kernels.prompts import batches
+    from icl_kernels.prompts import batches, pad_id
 
     if any(p.query_label is None for p in prompts):
         raise ValueError("Every prompt needs query_label (the gold class) for head accuracy.")
     if not prompts:
         raise ValueError("analyze_heads needs at least one prompt.")
     device = tl_backend.model_device(model)
-    if pad_token_id is None:
-        tok = getattr(model, "tokenizer", None)
-        pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    pad_token_id = pad_id(model, pad_token_id)
     first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
     n_classes = len(label_ids)
     layers = tuple(range(model.cfg.n_layers))

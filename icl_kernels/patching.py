@@ -288,7 +288,7 @@ def run_with_edits(
     ``[prompt layer head_index d_head]``, the values `patch_heads` writes into another run:
     ``(scores, z)``.
     """
-    from icl_kernels.prompts import batches
+    from icl_kernels.prompts import batches, pad_id
 
     if not prompts:
         raise ValueError("run_with_edits needs at least one prompt.")
@@ -297,9 +297,7 @@ def run_with_edits(
     edits = check_edits(model, edits)
     n_layers = model.cfg.n_layers
     device = tl_backend.model_device(model)
-    if pad_token_id is None:
-        tok = getattr(model, "tokenizer", None)
-        pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    pad_token_id = pad_id(model, pad_token_id)
     first = torch.tensor([ids[0] for ids in label_ids], device=device)
     out: list[Tensor] = []
     recorded: list[Tensor] = []
@@ -345,14 +343,12 @@ def record_heads(
 
     These are the values `patch_heads` writes into another run and `head_means` averages.
     """
-    from icl_kernels.prompts import batches
+    from icl_kernels.prompts import batches, pad_id
 
     if not prompts:
         raise ValueError("record_heads needs at least one prompt.")
     device = tl_backend.model_device(model)
-    if pad_token_id is None:
-        tok = getattr(model, "tokenizer", None)
-        pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    pad_token_id = pad_id(model, pad_token_id)
     parts = []
     for batch in batches(list(prompts), batch_size, pad_token_id, device):
         cap = capture(

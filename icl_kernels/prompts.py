@@ -483,6 +483,15 @@ class PromptBatch:
         return index.to(self.tokens.device)
 
 
+def pad_id(model, pad_token_id: int | None = None) -> int:
+    """``pad_token_id`` when given, else the model's tokenizer's pad id, else 0 (right padding never
+    changes a real token's activations, so any id will do where there is none)."""
+    if pad_token_id is not None:
+        return pad_token_id
+    tok = getattr(model, "tokenizer", None)
+    return tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+
+
 def batches(prompts: Sequence[IclPrompt], batch_size: int, pad_token_id: int, device=None):
     """Yield `PromptBatch`es of at most ``batch_size`` prompts, in order."""
     for start in range(0, len(prompts), batch_size):

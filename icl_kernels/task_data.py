@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from icl_kernels.errors import MissingAssetError, TaskDataError, TaskDefinitionError
-from icl_kernels.task_definition import Task, check_seed, dataset_column, dataset_labels
+from icl_kernels.task_definition import Task, check_label_range, check_seed, dataset_column, dataset_labels
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -404,11 +404,7 @@ class HubTask(Task):
         if len(ds) == 0:
             raise TaskDataError(f"{where}: no labelled rows with non-empty text.")
         labels = dataset_labels(ds)
-        if labels.min() < 0 or labels.max() >= self.n_classes:
-            raise TaskDataError(
-                f"{where}: labels span {labels.min()}..{labels.max()}, expected 0..{self.n_classes - 1} "
-                f"({', '.join(self.hub_label_names or self.class_names)})."
-            )
+        check_label_range(labels, self.n_classes, where, self.hub_label_names or self.class_names)
         if self.label_text_column and self.hub_label_names and self.label_text_column in ds.column_names:
             names = np.asarray(self.hub_label_names, dtype=object)[labels]
             given = np.asarray([str(t).strip() for t in dataset_column(ds, self.label_text_column)], dtype=object)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from icl_kernels.errors import TaskDataError, TaskDefinitionError
 
-__all__ = ["Loader", "Task", "check_seed", "dataset_column", "dataset_labels"]
+__all__ = ["Loader", "Task", "check_label_range", "check_seed", "dataset_column", "dataset_labels"]
 
 Loader = Callable[..., datasets.DatasetDict]
 
@@ -110,12 +110,8 @@ class Task:
                 )
             if len(ds) == 0:
                 raise TaskDataError(f"Task {self.name!r}: split {split!r} is empty.")
-            labels = dataset_labels(ds)
-            if labels.min() < 0 or labels.max() >= self.n_classes:
-                raise TaskDataError(
-                    f"Task {self.name!r}, split {split!r}: labels span {labels.min()}..{labels.max()}, "
-                    f"expected 0..{self.n_classes - 1} ({', '.join(self.class_names)})."
-                )
+            check_label_range(dataset_labels(ds), self.n_classes, f"Task {self.name!r}, split {split!r}",
+                              self.class_names)
         return dd
 
 
@@ -164,6 +160,14 @@ def check_seed(seed: int) -> int:
 def dataset_column(ds: datasets.Dataset, name: str) -> list:
     """One column of a Dataset as a list."""
     return ds.select_columns([name])[:][name]
+
+
+def check_label_range(labels: np.ndarray, n_classes: int, where: str, names: Sequence[str]) -> None:
+    """A `TaskDataError` (prefixed by ``where``) unless every label is a class index 0..n_classes-1."""
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise TaskDataError(
+            f"{where}: labels span {labels.min()}..{labels.max()}, expected 0..{n_classes - 1} ({', '.join(names)})."
+        )
 
 
 def dataset_labels(ds: datasets.Dataset) -> np.ndarray:

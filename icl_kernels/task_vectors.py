@@ -50,22 +50,15 @@ __all__ = [
 RESIDUAL_MODES = ("add", "replace")
 
 
-def _pad_id(model, pad_token_id: int | None) -> int:
-    if pad_token_id is not None:
-        return pad_token_id
-    tok = getattr(model, "tokenizer", None)
-    return tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-
-
 def residual_at_prediction(
     model: tl_backend.Model, prompts: Sequence, *, batch_size: int = 4, pad_token_id: int | None = None
 ) -> Float[Tensor, "batch layer d_model"]:
     """``hook_resid_post`` of every layer at each prompt's prediction position (CPU)."""
-    from icl_kernels.prompts import batches
+    from icl_kernels.prompts import batches, pad_id
 
     device = tl_backend.model_device(model)
     parts = []
-    for batch in batches(list(prompts), batch_size, _pad_id(model, pad_token_id), device):
+    for batch in batches(list(prompts), batch_size, pad_id(model, pad_token_id), device):
         cap = capture(model, batch.tokens, batch.prediction_positions, attention=False,
                       features=["resid_post"], final_residual=False)
         parts.append(cap.query_features["resid_post"])
@@ -113,7 +106,7 @@ def run_with_residual(
     """Log-probabilities of each class's first label token at each prompt's prediction position
     with ``values`` (one row per prompt, or one vector for all) added to / replacing the residual
     after ``layer`` there (`residual_edit_on`). CPU tensor."""
-    from icl_kernels.prompts import batches
+    from icl_kernels.prompts import batches, pad_id
 
     if values.ndim == 1:
         values = values[None].expand(len(prompts), -1)
@@ -122,7 +115,7 @@ def run_with_residual(
     device = tl_backend.model_device(model)
     first = torch.tensor([ids[0] for ids in label_ids], device=device)
     out, start = [], 0
-    for batch in batches(list(prompts), batch_size, _pad_id(model, pad_token_id), device):
+    for batch in batches(list(prompts), batch_size, pad_id(model, pad_token_id), device):
         n = len(batch.prompts)
         positions = batch.prediction_positions
         kept: dict[str, Tensor] = {}

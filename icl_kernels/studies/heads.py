@@ -36,6 +36,7 @@ import torch
 from icl_kernels.config import ModelOptions, Options, PromptOptions
 from icl_kernels.errors import InvalidOptionError
 from icl_kernels.prompt_sets import SYNTHETIC_TASKS, PromptCondition, study_prompts, text_of
+from icl_kernels.prompts import pad_id
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 
@@ -335,9 +336,8 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     if cfg.layer is not None and cfg.layer >= n_layers:
         raise InvalidOptionError(f"layer={cfg.layer} but the model has {n_layers} layers (0..{n_layers - 1}).")
     search_layers = tuple(range(n_layers)) if cfg.layer is None else (cfg.layer,)
-    tokenizer = model.tokenizer
     sp = study_prompts(model, cfg.prompts, cfg.condition, model_name=cfg.model.model)
-    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model)
     hrun = analyze_heads(
         model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad,
         head_features=True, resid_layers=tuple(range(n_layers)),

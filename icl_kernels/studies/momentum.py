@@ -43,6 +43,7 @@ from icl_kernels.config import ModelOptions, Options, parse_layer_set
 from icl_kernels.errors import InvalidOptionError
 from icl_kernels.momentum import check_eta, compact_layers, momentum_attention
 from icl_kernels.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
+from icl_kernels.prompts import pad_id
 from icl_kernels.stats import rng, wilson_interval
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
@@ -193,7 +194,7 @@ def run(
             f"use --ppl-tokens {model.cfg.n_ctx} or less, or --ppl-windows 0 to skip perplexity."
         )
     builder, sets = _prompt_sets(cfg, model, task)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model)
     windows = heldout_windows(model.tokenizer, cfg.ppl_tokens, cfg.ppl_windows) if cfg.ppl_windows else None
     if on_start is not None:
         on_start()

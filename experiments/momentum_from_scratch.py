@@ -30,7 +30,7 @@ from typing import get_type_hints
 
 import numpy as np
 
-from icl_kernels.config import parse_list as parse_numbers
+from icl_kernels.config import parse_list
 from icl_kernels.io import append_rows, finished_ids, write_csv, write_json
 from icl_kernels.plotting import write_html
 
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None):
     write_json(out / "config.json", dataclasses.asdict(cfg))
     results = out / "results.csv"
     done = finished_ids(results, key="run_id")
-    shots = parse_numbers(cfg.shots, int, "--shots")
-    for seed in parse_numbers(cfg.seeds, int, "--seeds"):
+    shots = parse_list(cfg.shots, int, "--shots")
+    for seed in parse_list(cfg.seeds, int, "--seeds"):
         for variant in ("vanilla", "momentum"):
             run_id = f"{variant}-seed{seed}"
             if run_id in done:
@@ -161,7 +161,7 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
     from icl_kernels.synthetic_bayes import accuracy_vs_shots
 
     rows = []
-    for seed in parse_numbers(cfg.seeds, int, "--seeds"):
+    for seed in parse_list(cfg.seeds, int, "--seeds"):
         for variant in ("vanilla", "momentum"):
             folder = out / f"{variant}-seed{seed}" / "final"
             if not folder.exists():
@@ -172,7 +172,7 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
                 patch = hf_momentum_attention(model, eval_eta, cfg.layers) if eval_eta else _contextlib.nullcontext()
                 with patch:
                     val = validation_loss(model, world, cfg)
-                    icl = accuracy_vs_shots(world, lambda t: model(t).logits, shots=parse_numbers(cfg.shots, int, "--shots"), n=cfg.n,
+                    icl = accuracy_vs_shots(world, lambda t: model(t).logits, shots=parse_list(cfg.shots, int, "--shots"), n=cfg.n,
                                        seed=cfg.eval_seed, oracle=False)
                 acc = {f"acc_k{int(r.shots)}": float(r.accuracy) for r in icl.itertuples() if r.predictor == "model"}
                 rows.append(dict(trained=variant, seed=seed, eval_eta=eval_eta, val_loss=val, **acc))

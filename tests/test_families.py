@@ -139,6 +139,23 @@ def test_planted_head_is_the_only_one_with_an_indirect_effect_and_ranks_first():
     assert torch.allclose(fv, means[planted] @ model.blocks[2].attn.W_O[1], atol=1e-6)
 
 
+@pytest.mark.core
+@pytest.mark.parametrize("arch", ["gpt-neo", "gpt-j", "gemma-3", "llama"])
+def test_prefix_reused_indirect_effects_equal_one_full_forward_per_head(arch, backend):
+    """The fast path (prefix run once, one patched head per batch row) against the per-head full
+    forward, float64; a head_batch smaller than the head count exercises the chunking."""
+    model = load_tiny(arch, backend, torch.float64)
+    builder, icl, _ = _prompts(model.tokenizer, shots=3, n=4)
+    means = head_means(model, icl)
+    corrupted = shuffled_label_prompts(icl, seed=0)
+    slow = indirect_effects(model, corrupted, builder.label_ids, means, reuse_prefix=False)
+    fast = indirect_effects(model, corrupted, builder.label_ids, means, head_batch=5)
+    # a random tiny model gives the gold label ~1/50k of the mass, so effects are ~1e-6: compare them
+    # relatively (both paths take probabilities through a float32 log-softmax)
+    assert (slow.abs() > 1e-9).float().mean() > 0.9  # the comparison is not between two zero tables
+    torch.testing.assert_close(fast, slow, atol=1e-11, rtol=1e-4)
+
+
 def _set_last(z, n, head, value):
     z = z.clone()
     z[:, n - 1, head] = value

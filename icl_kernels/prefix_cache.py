@@ -36,7 +36,11 @@ Fallback to the full forward (`reuse_reason` says why; `shared_label_log_probs` 
   prefix is cut one token short of the shortest prompt);
 * a HookedTransformer with ``alibi`` or relative positional biases (not checked), or one whose config
   asks for attention sinks / shortformer positions;
-* a TransformerBridge whose Hugging Face model takes no ``past_key_values``.
+* a TransformerBridge whose Hugging Face model takes no ``past_key_values`` argument. From
+  transformers 5.24 the models take ``cache`` (``past_key_values`` is a deprecated alias), and
+  TransformerLens 3.9's bridge attention for rotary models (Llama, Gemma) reads only
+  ``past_key_values`` from its keyword arguments: the cache would be ignored there and the scores
+  silently wrong, so reuse is refused and the full forward is used.
 
 Padding: suffixes are right-padded; a real token never attends to a later pad, so pads change nothing.
 """
@@ -105,7 +109,11 @@ def reuse_reason(model: tl_backend.Model, prefix_len: int = 1, min_prefix: int =
     if tl_backend.is_bridge(model):
         hf = getattr(model, "original_model", None)
         if hf is None or "past_key_values" not in inspect.signature(hf.forward).parameters:
-            return "the bridge's Hugging Face model takes no past_key_values"
+            return (
+                "the bridge's Hugging Face model takes no past_key_values argument (transformers "
+                ">= 5.24 names it `cache`, which TransformerLens 3.9's bridge attention does not "
+                "read); install transformers<5.24 to reuse prefixes on the bridge"
+            )
         return None
     cfg = model.cfg
     kind = getattr(cfg, "positional_embedding_type", "standard")

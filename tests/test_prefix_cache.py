@@ -75,6 +75,30 @@ def test_prefix_state_is_not_changed_by_queries(backend):
     assert torch.equal(first.final_residual, again.final_residual.flip(0))
 
 
+@pytest.mark.skipif("bridge" not in tl_backend.AVAILABLE_BACKENDS, reason="needs TransformerBridge")
+def test_bridge_whose_model_takes_only_cache_is_refused_and_falls_back_exactly():
+    """transformers >= 5.24 takes ``cache``; the 3.9 bridge would ignore it on rotary models."""
+    model = load_tiny("llama", "bridge", torch.float64)
+    prompts = _prompts(3)
+    hf = model.original_model
+    plain = hf.forward
+
+    def forward_taking_cache(input_ids=None, cache=None, attention_mask=None, **kwargs):
+        return plain(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    hf.forward = forward_taking_cache
+    try:
+        reason = reuse_reason(model, 31)
+        assert reason is not None and "transformers<5.24" in reason
+        shared = shared_capture(model, [p.tokens for p in prompts])
+    finally:
+        del hf.forward
+    assert not shared.reused
+    batch = PromptBatch.from_prompts(prompts, 0)
+    full = capture(model, batch.tokens, batch.prediction_positions)
+    assert (shared.final_residual - full.final_residual).abs().max() < TOL
+
+
 def test_falls_back_to_the_full_forward_without_a_common_prefix():
     model = load_tiny("gpt-neo", None, torch.float64)
     prompts = [_prompt([5, 6, 7, 8]), _prompt([9, 6, 7])]

@@ -253,7 +253,10 @@ def model_behaviour(
 
     Metrics: ``model_accuracy``, ``bayes_accuracy``, ``model_agree_bayes``; for the best head on the
     selection split (by agreement with the model): ``head_agree_model`` and ``head_accuracy`` and
-    ``head_agree_bayes`` on the held-out split, with ``best_layer``/``best_head``; and the largest
+    ``head_agree_bayes`` on the held-out split, with ``best_layer``/``best_head``, next to
+    ``model_majority_share``, the baseline the head's agreement must beat (the share of held-out
+    prompts on which the model gives its most frequent answer there: the agreement of a head that
+    always votes that class); and the largest
     per-head Pearson correlation between a_i and the theorem's K(x, x_i) (``kernel_corr_max``, with
     its head), over all prompts.
     """
@@ -306,7 +309,9 @@ def model_behaviour(
             recon = reconstruct(class_votes(weights, layout.demo_labels, V))[:, best["layer"], best["head"]]
             r = torch.as_tensor(report)
             record.update(
-                head_agree_model=best["report_agreement"], head_accuracy=best["report_accuracy"],
+                head_agree_model=best["report_agreement"],
+                model_majority_share=float(torch.bincount(model_pred[r], minlength=V).max()) / len(report),
+                head_accuracy=best["report_accuracy"],
                 head_agree_bayes=float((recon[r] == bayes_pred[r]).float().mean()),
                 best_layer=best["layer"], best_head=best["head"],
             )

@@ -144,6 +144,9 @@ def test_model_behaviour_on_a_tiny_model():
         assert values[k, "model_accuracy"] == pytest.approx((model_pred == batch.labels).mean(), abs=1e-6)
         assert values[k, "bayes_accuracy"] == pytest.approx((bayes_pred == batch.labels).mean(), abs=1e-6)
         assert values[k, "model_agree_bayes"] == pytest.approx((model_pred == bayes_pred).mean(), abs=1e-6)
+        _, report = split_indices(20, 0.7, 0)
+        share = np.bincount(model_pred[report]).max() / len(report)  # always voting the favourite
+        assert values[k, "model_majority_share"] == pytest.approx(share, abs=1e-6)
     _, report = split_indices(20, 0.7, 0)
     batch = world.sample_prompts(20, 1, rng("theorem_model", 0, 1))
     y1 = batch.tokens[report, batch.label_positions[0]]

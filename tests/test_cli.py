@@ -68,6 +68,10 @@ def test_heads_writes_tables_summary_and_offline_figures(tmp_path, capsys):
     assert summary["model"] == "tiny-gpt-neo" and summary["shots"] == 2 and summary["n_prompts"] == 8
     assert summary["n_select"] + summary["n_report"] == 8 and "kernel_similarity" in summary and "probes" in summary
     assert "minilm_cosine" not in summary["kernel_regression"]
+    # the value probe's targets are the demonstration labels y_i: two balanced shots give one of each
+    # class per prompt, so always answering one class scores exactly 1/2 on the scored pairs
+    value_probe = summary["probes_selected_layer"]["values -> y_i"]
+    assert value_probe and all(v["report_majority_share"] == 0.5 for v in value_probe.values())
     config = json.loads((out / "config.json").read_text())
     assert config["study"] == "heads" and config["model"]["model"] == "tiny-gpt-neo"
     assert config["prompts"]["n_test"] == 8 and config["kr_minilm"] is False

@@ -289,7 +289,7 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
     instead takes the max of the report accuracies (chosen on the report split).
     """
     from icl_kernels.head_scan import probe_accuracies
-    from icl_kernels.stats import split_indices
+    from icl_kernels.stats import majority_share, split_indices
 
     select = np.asarray(select)
     fit, choose = split_indices(len(select), 0.5, cfg.prompts.seed, stream="probe_layer_split")
@@ -298,6 +298,10 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
         masked = target.clone()
         masked[torch.as_tensor(report, dtype=torch.long)] = -1  # report prompts take no part in the choice
         sel_acc = probe_accuracies(hrun, masked, torch.as_tensor(select[fit]), which=which)
+        rows = torch.as_tensor(report, dtype=torch.long)
+        n_demo = (hrun.probe_k if hrun.probe_k is not None else hrun.probe_v).shape[1]
+        scored = [target[rows, :n_demo][hrun.probe_valid[rows, :n_demo, oi] & (target[rows, :n_demo] >= 0)]
+                  for oi in range(len(hrun.probe_offsets))]
         entry = {}
         for oi, off in enumerate(hrun.probe_offsets):
             scores = torch.nan_to_num(sel_acc[oi], nan=-1.0)
@@ -308,10 +312,13 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
             entry[f"{off:+d}"] = {
                 "layer": int(hrun.layers[layer_i]), "kv_head": kv, "selection_accuracy": float(scores[layer_i, kv]),
                 "report_accuracy": float(probe_acc[name][oi, layer_i, kv]),
+                # the baseline it must beat: always answering the most frequent target of the scored pairs
+                "report_majority_share": majority_share(scored[oi]),
             }
         out[name] = entry
     out["note"] = ("layer and key/value head chosen on the selection prompts (probe fit on half, scored on "
-                   "the other half); accuracy of that probe fit on all selection prompts, on the report prompts")
+                   "the other half); accuracy of that probe fit on all selection prompts, on the report prompts; "
+                   "report_majority_share: accuracy of always answering the scored pairs' most frequent target")
     return out
 
 

@@ -14,7 +14,7 @@ this one regenerates it:
 * ``compare_controls.png`` (and ``compare_controls.csv``): SimAOU, Kendall tau and SimAM of every
   ``results/compare/*`` run next to their controls (random direction / uniform noise, untrained
   model), with 95% intervals over demonstration sets where a run has several, else over queries;
-* ``momentum_grid.png``: the training-free momentum grid (``results/momentum/gemma-3-270m-mr``).
+* ``momentum_grid.png``: the training-free momentum grid (``results/momentum/gemma-3-270m-mr-100``).
 
 Also writes ``config.json`` (this script's options). A missing input skips its figure with a
 message; it never draws from partial data.
@@ -38,7 +38,7 @@ class FiguresConfig:
     results: str = "results"
     out: str = "results/figures"
     heads_model: str = "gemma"
-    momentum_run: str = "momentum/gemma-3-270m-mr"
+    momentum_run: str = "momentum/gemma-3-270m-mr-100"
 
 
 def heads_figure(results: Path, model: str):

@@ -23,8 +23,9 @@ prompts (`icl_kernels.function_vectors`). Then:
   the layers vs random non-label positions (`icl_kernels.anchors`).
 
 Report: tables ``heads``, ``top_heads``, ``overlap``, ``ablation``, ``function_vectors``,
-``function_vector_selection``, ``task_vector_layers``, ``task_vectors``, ``saliency``, ``isolation``; figures ``families`` (one
-heat map per family, layer x head) and ``layers`` (FV and task-vector accuracy per layer, saliency).
+``function_vector_selection``, ``task_vector_layers``, ``task_vectors``, ``saliency``,
+``isolation``; figures ``families`` (one heat map per family, layer x head) and ``layers`` (FV and
+task-vector accuracy per layer, saliency).
 
     icl-kernels families --model synthetic-gpt-neo --task synthetic-world --shots 8 --n-test 40 --k 3
 """
@@ -223,7 +224,7 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
     from icl_kernels.patching import head_means, mean_ablation, run_with_edits
     from icl_kernels.prompt_sets import study_prompts
     from icl_kernels.stats import bootstrap_interval, split_indices
-    from icl_kernels.task_vectors import task_vector_study
+    from icl_kernels.task_vectors import choose_layer, task_vector_study
 
     started = time.time()
     if model is None:
@@ -303,10 +304,10 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
     zsl_s = [zsl[i] for i in select]
     fv_select = fv_layer_sweep(model, zsl_s, label_ids, {"function vector": fv}, **kw)
     tables["function_vector_selection"] = fv_select
-    chosen = fv_select[fv_select["vector"] == "function vector"].sort_values(
-        ["accuracy", "layer"], ascending=[False, True]).iloc[0]
-    summary.update(_selected_layer_summary(model, zsl_r, label_ids, int(chosen["layer"]), fv, rnd, zsl_correct,
-                                           float(chosen["accuracy"]), boot, kw))
+    per_layer = fv_select[fv_select["vector"] == "function vector"].sort_values("layer")
+    layer = int(per_layer["layer"].iloc[choose_layer(per_layer["accuracy"].to_numpy())])
+    summary.update(_selected_layer_summary(model, zsl_r, label_ids, layer, fv, rnd, zsl_correct,
+                                           float(per_layer["accuracy"].max()), boot, kw))
 
     # 4. task vectors
     if cfg.task_vectors:

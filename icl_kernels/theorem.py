@@ -268,7 +268,7 @@ def model_behaviour(
         held_out_best_head,
         reconstruct,
     )
-    from icl_kernels.stats import split_indices
+    from icl_kernels.stats import majority_share, split_indices
 
     device = next(model.parameters()).device
     n_ctx = int(model.cfg.n_ctx)
@@ -310,7 +310,7 @@ def model_behaviour(
             r = torch.as_tensor(report)
             record.update(
                 head_agree_model=best["report_agreement"],
-                model_majority_share=float(torch.bincount(model_pred[r], minlength=V).max()) / len(report),
+                model_majority_share=majority_share(model_pred[r]),
                 head_accuracy=best["report_accuracy"],
                 head_agree_bayes=float((recon[r] == bayes_pred[r]).float().mean()),
                 best_layer=best["layer"], best_head=best["head"],

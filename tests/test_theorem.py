@@ -135,6 +135,7 @@ def test_model_behaviour_on_a_tiny_model():
     from icl_kernels.stats import rng, split_indices
     from icl_kernels.synthetic_bayes import bayes_label_probs
 
+    _, report = split_indices(20, 0.7, 0)
     for k in (1, 4):
         batch = world.sample_prompts(20, k, rng("theorem_model", 0, k))
         with torch.no_grad():
@@ -144,10 +145,8 @@ def test_model_behaviour_on_a_tiny_model():
         assert values[k, "model_accuracy"] == pytest.approx((model_pred == batch.labels).mean(), abs=1e-6)
         assert values[k, "bayes_accuracy"] == pytest.approx((bayes_pred == batch.labels).mean(), abs=1e-6)
         assert values[k, "model_agree_bayes"] == pytest.approx((model_pred == bayes_pred).mean(), abs=1e-6)
-        _, report = split_indices(20, 0.7, 0)
         share = np.bincount(model_pred[report]).max() / len(report)  # always voting the favourite
         assert values[k, "model_majority_share"] == pytest.approx(share, abs=1e-6)
-    _, report = split_indices(20, 0.7, 0)
     batch = world.sample_prompts(20, 1, rng("theorem_model", 0, 1))
     y1 = batch.tokens[report, batch.label_positions[0]]
     assert values[1, "head_accuracy"] <= (y1 == batch.labels[report]).mean() + 1e-6

@@ -294,12 +294,12 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
     select = np.asarray(select)
     fit, choose = split_indices(len(select), 0.5, cfg.prompts.seed, stream="probe_layer_split")
     out: dict[str, Any] = {}
+    rows = torch.as_tensor(report, dtype=torch.long)
+    n_demo = (hrun.probe_k if hrun.probe_k is not None else hrun.probe_v).shape[1]
     for name, (which, target) in targets.items():
         masked = target.clone()
-        masked[torch.as_tensor(report, dtype=torch.long)] = -1  # report prompts take no part in the choice
+        masked[rows] = -1  # report prompts take no part in the choice
         sel_acc = probe_accuracies(hrun, masked, torch.as_tensor(select[fit]), which=which)
-        rows = torch.as_tensor(report, dtype=torch.long)
-        n_demo = (hrun.probe_k if hrun.probe_k is not None else hrun.probe_v).shape[1]
         scored = [target[rows, :n_demo][hrun.probe_valid[rows, :n_demo, oi] & (target[rows, :n_demo] >= 0)]
                   for oi in range(len(hrun.probe_offsets))]
         entry = {}

@@ -85,6 +85,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
 
     >>> [round(x, 3) for x in wilson_interval(8, 10)]
     [0.49, 0.943]
+    >>> wilson_interval(0, 6)[0], wilson_interval(6, 6)[1]
+    (0.0, 1.0)
     """
     if n == 0:
         return (float("nan"), float("nan"))
@@ -92,7 +94,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # the interval always holds p itself; rounding would otherwise put 0/n's lower end at +1e-17
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def bootstrap_interval(

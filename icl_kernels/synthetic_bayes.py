@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from icl_kernels.stats import wilson_interval
 from icl_kernels.synthetic import SyntheticPromptBatch, SyntheticWorld
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -228,7 +229,8 @@ def accuracy_vs_shots(
 
     The same ``n`` fresh prompts per k (drawn with ``np.random.default_rng([seed, k])``) go to every
     predictor. Model accuracy = argmax of the last-position logits over the label tokens (every HMM
-    token; the delimiter is excluded). Tidy columns: shots, predictor, accuracy, se, n, and for the
+    token; the delimiter is excluded). Tidy columns: shots, predictor, accuracy, se, low and high
+    (its 95% Wilson interval over the ``n`` prompts), n, and for the
     model ``agree_bayes`` (argmax agreement with Bayes) and ``nll`` / ``bayes_nll`` (mean -log p of
     the gold label, the model's softmax taken over the label tokens).
     """
@@ -266,6 +268,8 @@ def accuracy_vs_shots(
             )
     df = pd.DataFrame(rows)
     df["se"] = np.sqrt(df["accuracy"] * (1 - df["accuracy"]) / df["n"])
+    bounds = [wilson_interval(round(a * m), m) for a, m in zip(df["accuracy"], df["n"])]
+    df["low"], df["high"] = [b[0] for b in bounds], [b[1] for b in bounds]
     return df
 
 

@@ -249,16 +249,18 @@ def model_behaviour(
     aggregation: str = "max",
     kernel_features: str = "forward",
 ) -> pd.DataFrame:
-    """How a model trained on the world behaves as n grows, tidy (shots, metric, value).
+    """How a model trained on the world behaves as n grows, tidy (shots, metric, value, low, high, n, unit).
 
     Metrics: ``model_accuracy``, ``bayes_accuracy``, ``model_agree_bayes``; for the best head on the
     selection split (by agreement with the model): ``head_agree_model`` and ``head_accuracy`` and
     ``head_agree_bayes`` on the held-out split, with ``best_layer``/``best_head``, next to
     ``model_majority_share``, the baseline the head's agreement must beat (the share of held-out
     prompts on which the model gives its most frequent answer there: the agreement of a head that
-    always votes that class); and the largest
-    per-head Pearson correlation between a_i and the theorem's K(x, x_i) (``kernel_corr_max``, with
-    its head), over all prompts.
+    always votes that class), and ``head_minus_majority_share``, their difference with a paired
+    bootstrap over the held-out prompts; and the largest per-head Pearson correlation between a_i
+    and the theorem's K(x, x_i) (``kernel_corr_max``, with its head), over all prompts. Rates carry
+    95% Wilson intervals (``low``, ``high``) over ``n`` prompts: all prompts for the model's own
+    rates, the held-out ones for the head's; counts and choices have no interval.
     """
     from icl_kernels.capture import capture, unembed
     from icl_kernels.kernel import (
@@ -268,7 +270,7 @@ def model_behaviour(
         held_out_best_head,
         reconstruct,
     )
-    from icl_kernels.stats import majority_share, split_indices
+    from icl_kernels.stats import majority_share, paired_bootstrap, proportion, split_indices
 
     device = next(model.parameters()).device
     n_ctx = int(model.cfg.n_ctx)
@@ -299,20 +301,23 @@ def model_behaviour(
         layout = _synthetic_layout(batch)
         weights = demo_attention(attention, layout, aggregation)
         record = dict(
-            model_accuracy=float((model_pred == gold).float().mean()),
-            bayes_accuracy=float((bayes_pred == gold).float().mean()),
-            model_agree_bayes=float((model_pred == bayes_pred).float().mean()),
+            model_accuracy=proportion(model_pred == gold),
+            bayes_accuracy=proportion(bayes_pred == gold),
+            model_agree_bayes=proportion(model_pred == bayes_pred),
         )
         if k >= 1:
             select, report = split_indices(n, select_fraction, seed)
             best = held_out_best_head(weights, layout.demo_labels, model_pred, gold, V, select, report)
             recon = reconstruct(class_votes(weights, layout.demo_labels, V))[:, best["layer"], best["head"]]
             r = torch.as_tensor(report)
+            head_agrees = (recon[r] == model_pred[r]).numpy().astype(float)
             record.update(
-                head_agree_model=best["report_agreement"],
-                model_majority_share=majority_share(model_pred[r]),
-                head_accuracy=best["report_accuracy"],
-                head_agree_bayes=float((recon[r] == bayes_pred[r]).float().mean()),
+                head_agree_model=proportion(head_agrees > 0),
+                model_majority_share={"value": majority_share(model_pred[r]), "n": len(r)},
+                head_minus_majority_share=paired_bootstrap(
+                    lambda a, m: float(a.mean() - majority_share(m)), [head_agrees, model_pred[r].numpy()], "prompts"),
+                head_accuracy=proportion(recon[r] == gold[r]),
+                head_agree_bayes=proportion(recon[r] == bayes_pred[r]),
                 best_layer=best["layer"], best_head=best["head"],
             )
             if k >= 2:
@@ -325,7 +330,9 @@ def model_behaviour(
                 record.update(kernel_corr_max=float(flat[j]), kernel_corr_layer=j // corr.shape[1],
                               kernel_corr_head=j % corr.shape[1])
         for metric, value in record.items():
-            rows.append(dict(shots=k, metric=metric, value=float(value), n=n))
+            entry = value if isinstance(value, dict) else {"value": value}
+            rows.append(dict(shots=k, metric=metric, value=float(entry["value"]), low=entry.get("low", np.nan),
+                             high=entry.get("high", np.nan), n=entry.get("n", n), unit="prompts"))
     return pd.DataFrame(rows)
 
 

@@ -325,3 +325,25 @@ def test_ridge_probe_is_the_same_on_several_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two) and one.shape == (18,)
+
+
+def test_held_out_summary_pairs_the_head_with_each_baseline_on_the_report_prompts():
+    from types import SimpleNamespace
+
+    from icl_kernels.studies.heads import _held_out
+
+    model_pred = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 0, 0])
+    hrun = SimpleNamespace(model_predictions=model_pred, gold=model_pred.clone(), n_classes=2)
+    report = [2, 3, 4, 5, 6, 7, 8, 9]  # rows 0 and 1 are selection prompts and must not count
+    head = model_pred.clone()
+    head[[0, 1, 2]] = 1 - model_pred[[0, 1, 2]]  # on the report rows the head disagrees once (row 2)
+    vote = model_pred.clone()
+    vote[[3, 4]] = -1  # abstains twice: an abstention is a disagreement, never an agreement
+    vote[5] = 1 - model_pred[5]
+    out = _held_out(hrun, report, {"max": head}, {"demo_majority": vote}, None)
+    diff = out["best_head_minus_baseline"]["max"]["demo_majority"]
+    assert out["best_head"]["max"]["agreement"]["value"] == pytest.approx(7 / 8)
+    assert out["kernel_regression"]["demo_majority"]["agreement"]["value"] == pytest.approx(5 / 8)
+    assert diff["value"] == pytest.approx(7 / 8 - 5 / 8)
+    assert (diff["n"], diff["unit"]) == (8, "prompts")
+    assert diff["low"] <= diff["value"] <= diff["high"]

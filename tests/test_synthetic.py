@@ -209,6 +209,18 @@ def test_plot_returns_figure():
         plot_accuracy_vs_shots(df.drop(columns=["accuracy"]))
 
 
+@pytest.mark.core
+def test_accuracy_vs_shots_carries_the_wilson_interval_of_its_count():
+    from icl_kernels.stats import wilson_interval
+
+    df = accuracy_vs_shots(make_world(), shots=(0, 2), n=50)
+    for r in df.itertuples():
+        correct = round(r.accuracy * 50)
+        assert r.accuracy == pytest.approx(correct / 50)
+        assert (r.low, r.high) == pytest.approx(wilson_interval(correct, 50))
+        assert r.low <= r.accuracy <= r.high and r.high - r.low < 0.4
+
+
 # ---------------------------------------------------------------------------------------------------
 # training script: resumable and exact
 # ---------------------------------------------------------------------------------------------------

@@ -147,6 +147,12 @@ def test_model_behaviour_on_a_tiny_model():
         assert values[k, "model_agree_bayes"] == pytest.approx((model_pred == bayes_pred).mean(), abs=1e-6)
         share = np.bincount(model_pred[report]).max() / len(report)  # always voting the favourite
         assert values[k, "model_majority_share"] == pytest.approx(share, abs=1e-6)
+        # the paired difference is the head's agreement minus that share, over the held-out prompts
+        diff = frame[(frame.shots == k) & (frame.metric == "head_minus_majority_share")].iloc[0]
+        assert diff.value == pytest.approx(values[k, "head_agree_model"] - share, abs=1e-6)
+        assert diff.low <= diff.value <= diff.high and diff.n == len(report)
+        head = frame[(frame.shots == k) & (frame.metric == "head_agree_model")].iloc[0]
+        assert head.n == len(report) and head.low <= head.value <= head.high
     batch = world.sample_prompts(20, 1, rng("theorem_model", 0, 1))
     y1 = batch.tokens[report, batch.label_positions[0]]
     assert values[1, "head_accuracy"] <= (y1 == batch.labels[report]).mean() + 1e-6

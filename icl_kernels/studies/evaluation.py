@@ -53,7 +53,8 @@ class EvalReport(Report):
         text = (f"{s['model']} on {s['task']}: zero-shot {s['zsl_accuracy']:.3f} [{zl:.3f}, {zh:.3f}], "
                 f"{s['shots']}-shot {s['icl_accuracy']:.3f} [{il:.3f}, {ih:.3f}]")
         if "icl_calibrated_accuracy" in s:
-            text += f", {s['shots']}-shot calibrated {s['icl_calibrated_accuracy']:.3f}"
+            cl, ch = s["icl_calibrated_ci95"]
+            text += f", {s['shots']}-shot calibrated {s['icl_calibrated_accuracy']:.3f} [{cl:.3f}, {ch:.3f}]"
         return text + f" (n={s['n_test']})"
 
 

@@ -250,7 +250,9 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
 
     ``model_majority_share``: agreement of a constant predictor (the model's most frequent class on
     the same report prompts), the fair baseline of an agreement. ``*_minus_majority_share``: paired
-    bootstrap over the report prompts of (head agreement - that share).
+    bootstrap over the report prompts of (head agreement - that share). ``best_head_minus_baseline``:
+    paired bootstrap of (head agreement - baseline agreement) for every kernel-regression baseline
+    (the demonstration-majority vote and MiniLM KR among them); abstentions count as disagreement.
     """
     from icl_kernels.stats import majority_share, paired_bootstrap, proportion
 
@@ -277,6 +279,17 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
 
     out["best_head"] = {how: rates(pred) for how, pred in head_preds.items()}
     out["kernel_regression"] = {name: rates(pred) for name, pred in kr_preds.items()}
+
+    def agrees(pred: torch.Tensor) -> np.ndarray:
+        return (pred[rows].numpy() == model_pred).astype(float)  # an abstention (-1) never agrees
+
+    def difference(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a.mean() - b.mean())
+
+    out["best_head_minus_baseline"] = {
+        how: {name: paired_bootstrap(difference, [agrees(pred), agrees(kr)], unit) for name, kr in kr_preds.items()}
+        for how, pred in head_preds.items()
+    }
     return out
 
 

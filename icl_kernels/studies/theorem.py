@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from icl_kernels.config import Options
 from icl_kernels.errors import InvalidOptionError
 from icl_kernels.stats import proportion
@@ -143,6 +145,13 @@ def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
         summary["model"] = cfg.model or str(getattr(model.cfg, "model_name", "") or "")
         summary["model_behaviour"] = {
             int(k): {m: float(v) for m, v in zip(g["metric"], g["value"])} for k, g in behaviour.groupby("shots")
+        }
+        # 95% intervals of the model's rates (all prompts) and the head's (held-out prompts), and the
+        # paired bootstrap of head agreement minus the model's majority share
+        summary["model_behaviour_intervals"] = {
+            int(k): {r.metric: {"value": r.value, "low": r.low, "high": r.high, "n": int(r.n), "unit": r.unit}
+                     for r in g.itertuples() if not np.isnan(r.low)}
+            for k, g in behaviour.groupby("shots")
         }
         tables["model"] = behaviour
     return TheoremReport("theorem", cfg, tables, summary)

@@ -296,7 +296,8 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
     rnd = rnd * (fv.norm() / rnd.norm().clamp_min(1e-12))
     fv_table = fv_layer_sweep(model, zsl_r, label_ids, {"function vector": fv, "random heads": rnd}, **kw)
     tables["function_vectors"] = fv_table
-    best = fv_table[fv_table["vector"] == "function vector"].sort_values(["accuracy", "layer"], ascending=[False, True]).iloc[0]
+    on_report = fv_table[fv_table["vector"] == "function vector"].sort_values("layer")
+    best = on_report.iloc[choose_layer(on_report["accuracy"].to_numpy())]
     summary.update(fv_best_layer=int(best["layer"]), fv_best_accuracy=float(best["accuracy"]), fv_norm=float(fv.norm()),
                    fv_random_best_accuracy=float(fv_table[fv_table["vector"] == "random heads"]["accuracy"].max()))
     # the layer chosen on the selection split's zero-shot prompts, reported on the report split

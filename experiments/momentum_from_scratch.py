@@ -16,7 +16,7 @@ seed, metric, shots, value; a rerun skips finished (variant, seed) pairs), ``sum
 and standard error over seeds, and the paired momentum - vanilla difference), ``config.json`` and
 ``accuracy_vs_shots.html``.
 
-    nice -n 10 .venv/bin/python experiments/momentum_from_scratch.py --steps 400 --seeds 0,1,2
+    nice -n 10 .venv/bin/python -m experiments.momentum_from_scratch --steps 400 --seeds 0,1,2
 """
 
 from __future__ import annotations

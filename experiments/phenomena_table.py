@@ -106,7 +106,8 @@ def markdown(table: pd.DataFrame) -> str:
     for name, rows in table.groupby("condition", sort=False):
         abstain = rows[rows["quantity"] == "demo_majority_abstain"]["value"].iloc[0]
         vote = ("abstains on all (balanced demonstrations tie)" if abstain == 1
-                else f"{cell(rows, 'demo_majority_agreement')} (abstains on {_fmt(abstain, digits=2)})")
+                else f"{cell(rows, 'demo_majority_agreement')} (abstains on {_fmt(abstain, digits=2)}); "
+                     f"head minus it {cell(rows, 'head_agreement_minus_demo_majority', True)}")
         lines.append(" | ".join([
             f"| {name}", f"{cell(rows, 'icl_accuracy')} ({cell(rows, 'gold_majority_share')})",
             cell(rows, "icl_accuracy_minus_reference", True), cell(rows, "model_majority_share"),

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -43,6 +43,7 @@ from icl_kernels.kernel import (
     kernel_regression,
     resample_rows,
     ridge_probe_accuracy,
+    ridge_probe_predictions,
     score_heads,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "head_kernel_regression",
     "resid_kernel_regression",
     "probe_accuracies",
+    "probe_scored_pairs",
     "single_example_outputs",
     "demo_output_similarity",
 ]
@@ -332,6 +334,26 @@ def probe_accuracies(
         groups = x.permute(1, 2, 0, 3).reshape(n_layers * n_kv, x.shape[0], d)
         out[oi] = ridge_probe_accuracy(groups, y, train, run.n_classes, lam).view(n_layers, n_kv)
     return out
+
+
+def probe_scored_pairs(
+    run: HeadRun, target: Int[Tensor, "batch demo"], train_prompts: Rows, offset_index: int, layer_index: int,
+    kv_head: int, which: str = "k", lam: float = 0.01,
+) -> tuple[Bool[Tensor, " pair"], Int[Tensor, " pair"], Int[Tensor, " pair"]]:
+    """One probe of `probe_accuracies` pair by pair: for every held-out (prompt, demonstration) pair,
+    whether the probe at (offset, layer, key/value head) is right, its target, and its prompt (the
+    independent unit to bootstrap over). The mean of the first equals that probe's accuracy."""
+    feats = run.probe_k if which == "k" else run.probe_v
+    if feats is None:
+        raise ValueError("This HeadRun has no probe features; pass probe_offsets to analyze_heads.")
+    n_prompts, n_demo = feats.shape[:2]
+    ok = run.probe_valid[:, :n_demo, offset_index] & (target[:, :n_demo] >= 0)
+    x = feats[:, :, offset_index, layer_index, kv_head][ok]  # [sample d]
+    y = target[:, :n_demo][ok]
+    prompt = torch.arange(n_prompts)[:, None].expand(-1, n_demo)[ok]
+    train = torch.isin(prompt, torch.as_tensor(list(train_prompts), dtype=torch.long))
+    pred = ridge_probe_predictions(x[None], y, train, run.n_classes, lam)[0]
+    return pred == y[~train], y[~train], prompt[~train]
 
 
 def single_example_outputs(

@@ -63,6 +63,7 @@ __all__ = [
     "output_similarity",
     "head_correlation",
     "ridge_probe_accuracy",
+    "ridge_probe_predictions",
     "resample_rows",
     "Segment",
     "held_out_best_head",
@@ -450,15 +451,28 @@ def ridge_probe_accuracy(
     n_classes: int,
     lam: float = 0.01,
 ) -> Float[Tensor, " group"]:
-    """Held-out accuracy of a ridge-regression classifier, one per feature group.
+    """Held-out accuracy of a ridge-regression classifier, one per feature group
+    (`ridge_probe_predictions` scored against the held-out targets)."""
+    pred = ridge_probe_predictions(features, targets, train, n_classes, lam)
+    return (pred == targets[~train][None]).double().mean(-1).float()
+
+
+def ridge_probe_predictions(
+    features: Float[Tensor, "group sample d"],
+    targets: Int[Tensor, " sample"],
+    train: Bool[Tensor, " sample"],
+    n_classes: int,
+    lam: float = 0.01,
+) -> Int[Tensor, "group held_out"]:
+    """A ridge-regression classifier's predictions on the held-out samples, one per feature group.
 
     Each group (e.g. one (layer, head, offset)) fits W = argmin |X W + b - Y|^2 + lam |W|^2 on the
     ``train`` samples (one-hot targets, centred features and targets, unpenalised intercept) and
-    predicts argmax on the other samples. Solved in whichever of the primal (d x d) or dual (n x n)
-    form is smaller.
+    predicts argmax on the other samples, in their order. Solved in whichever of the primal (d x d)
+    or dual (n x n) form is smaller.
     """
     if train.all() or not train.any():
-        raise ValueError("ridge_probe_accuracy needs both training and held-out samples.")
+        raise ValueError("A ridge probe needs both training and held-out samples.")
     x = features.double()
     y = torch.nn.functional.one_hot(targets, n_classes).double()
     xtr, xte = x[:, train], x[:, ~train]
@@ -476,8 +490,7 @@ def ridge_probe_accuracy(
     else:
         gram = xc @ xc.transpose(1, 2) + lam * torch.eye(n, dtype=x.dtype)
         w = xc.transpose(1, 2) @ torch.cholesky_solve(yc.contiguous(), torch.linalg.cholesky(gram))
-    pred = ((xte - mu_x) @ w + mu_y).argmax(-1)
-    return (pred == targets[~train][None]).double().mean(-1).float()
+    return ((xte - mu_x) @ w + mu_y).argmax(-1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -72,6 +72,11 @@ def test_heads_writes_tables_summary_and_offline_figures(tmp_path, capsys):
     # class per prompt, so always answering one class scores exactly 1/2 on the scored pairs
     value_probe = summary["probes_selected_layer"]["values -> y_i"]
     assert value_probe and all(v["report_majority_share"] == 0.5 for v in value_probe.values())
+    for v in value_probe.values():  # the pair-by-pair rescoring that the intervals use is the same probe
+        interval, minus = v["report_accuracy_interval"], v["report_minus_majority_share"]
+        assert interval["value"] == pytest.approx(v["report_accuracy"], abs=1e-6)
+        assert minus["value"] == pytest.approx(v["report_accuracy"] - 0.5, abs=1e-6)
+        assert interval["low"] <= interval["value"] <= interval["high"] and interval["n"] == summary["n_report"]
     config = json.loads((out / "config.json").read_text())
     assert config["study"] == "heads" and config["model"]["model"] == "tiny-gpt-neo"
     assert config["prompts"]["n_test"] == 8 and config["kr_minilm"] is False

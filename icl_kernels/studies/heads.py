@@ -301,8 +301,8 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
     prompts and scored on the report prompts (the ``probes`` table). The summary's ``probes`` key
     instead takes the max of the report accuracies (chosen on the report split).
     """
-    from icl_kernels.head_scan import probe_accuracies
-    from icl_kernels.stats import majority_share, split_indices
+    from icl_kernels.head_scan import probe_accuracies, probe_scored_pairs
+    from icl_kernels.stats import majority_share, paired_bootstrap, split_indices
 
     select = np.asarray(select)
     fit, choose = split_indices(len(select), 0.5, cfg.prompts.seed, stream="probe_layer_split")
@@ -322,16 +322,24 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
                 continue
             j = int(scores.flatten().argmax())
             layer_i, kv = divmod(j, scores.shape[1])
+            right, truth, prompt = probe_scored_pairs(hrun, target, select, oi, layer_i, kv, which=which)
+            right, truth, prompt = right.numpy().astype(float), truth.numpy(), prompt.numpy()
             entry[f"{off:+d}"] = {
                 "layer": int(hrun.layers[layer_i]), "kv_head": kv, "selection_accuracy": float(scores[layer_i, kv]),
                 "report_accuracy": float(probe_acc[name][oi, layer_i, kv]),
                 # the baseline it must beat: always answering the most frequent target of the scored pairs
                 "report_majority_share": majority_share(scored[oi]),
+                # 95% intervals: cluster bootstrap over report prompts (a prompt's pairs share its context)
+                "report_accuracy_interval": paired_bootstrap(lambda r: float(r.mean()), [right], "prompts",
+                                                             groups=prompt),
+                "report_minus_majority_share": paired_bootstrap(
+                    lambda r, t: float(r.mean() - majority_share(t)), [right, truth], "prompts", groups=prompt),
             }
         out[name] = entry
     out["note"] = ("layer and key/value head chosen on the selection prompts (probe fit on half, scored on "
                    "the other half); accuracy of that probe fit on all selection prompts, on the report prompts; "
-                   "report_majority_share: accuracy of always answering the scored pairs' most frequent target")
+                   "report_majority_share: accuracy of always answering the scored pairs' most frequent target; "
+                   "intervals: cluster bootstrap over report prompts")
     return out
 
 

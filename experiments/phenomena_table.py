@@ -92,12 +92,12 @@ def markdown(table: pd.DataFrame) -> str:
         if hit.empty:
             return "-"
         r = hit.iloc[0]
-        if np.isnan(r["low"]):
-            return _fmt(r["value"], digits=2)
+        if np.isnan(r["low"]):  # a share without an interval: give its count
+            return f"{_fmt(r['value'], digits=2)} ({round(r['value'] * r['n'])} of {r['n']})"
         return f"{_fmt(r['value'], sign)} [{_fmt(r['low'], digits=2)}, {_fmt(r['high'], digits=2)}]"
 
     lines = [
-        "| condition | ICL accuracy (gold majority share) | minus original (paired) | **baseline**: model's "
+        "| condition | ICL accuracy; always answering the gold majority class | minus original (paired) | **baseline**: model's "
         "majority share | best head | its agreement with the model | minus majority share (paired) | "
         "demonstration-majority vote agreement | MiniLM KR agreement | head minus MiniLM KR (paired) | "
         "accuracy: head / MiniLM KR |",
@@ -109,7 +109,7 @@ def markdown(table: pd.DataFrame) -> str:
                 else f"{cell(rows, 'demo_majority_agreement')} (abstains on {_fmt(abstain, digits=2)}); "
                      f"head minus it {cell(rows, 'head_agreement_minus_demo_majority', True)}")
         lines.append(" | ".join([
-            f"| {name}", f"{cell(rows, 'icl_accuracy')} ({cell(rows, 'gold_majority_share')})",
+            f"| {name}", f"{cell(rows, 'icl_accuracy')}; {cell(rows, 'gold_majority_share')}",
             cell(rows, "icl_accuracy_minus_reference", True), cell(rows, "model_majority_share"),
             rows["detail"].iloc[0], cell(rows, "head_agreement"), cell(rows, "head_agreement_minus_majority_share", True),
             vote, cell(rows, "minilm_agreement"), cell(rows, "head_agreement_minus_minilm", True),

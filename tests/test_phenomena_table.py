@@ -47,7 +47,7 @@ def test_each_condition_is_paired_with_the_reference_on_the_same_queries(tmp_pat
     diff = table[(table.condition == "flipped") & (table.quantity == "icl_accuracy_minus_reference")].iloc[0]
     assert diff.value == pytest.approx(4 / 6 - 1.0) and diff.n == 6 and diff.low <= diff.value <= diff.high
     assert table[(table.condition == "original") & (table.quantity == "icl_accuracy_minus_reference")].empty
-    assert "| flipped | .667 [.57, .77] (.50) | -.333 [" in capsys.readouterr().out
+    assert "| flipped | .667 [.57, .77]; .50 (3 of 6) | -.333 [" in capsys.readouterr().out
 
 
 def test_a_run_on_other_queries_is_refused(tmp_path):

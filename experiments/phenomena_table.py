@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from icl_kernels.io import atomic_write_text, write_csv
-from icl_kernels.stats import paired_bootstrap
+from icl_kernels.stats import mean_difference, paired_bootstrap
 
 
 @dataclass
@@ -58,8 +58,7 @@ def condition_rows(name: str, run: Path, reference_run: Path) -> list[dict]:
     ref_correct = (reference["icl_pred"] == reference["gold"]).to_numpy(float)
     quantities = {"icl_accuracy": held["icl_accuracy"]}
     if run != reference_run:
-        quantities["icl_accuracy_minus_reference"] = paired_bootstrap(
-            lambda a, b: float(a.mean() - b.mean()), [correct, ref_correct], "queries")
+        quantities["icl_accuracy_minus_reference"] = paired_bootstrap(mean_difference, [correct, ref_correct], "queries")
     quantities |= {
         "gold_majority_share": held["gold_majority_share"],
         "model_majority_share": held["model_majority_share"],

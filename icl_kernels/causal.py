@@ -44,7 +44,7 @@ from icl_kernels.patching import (
     run_with_edits,
     zero_ablation,
 )
-from icl_kernels.stats import bootstrap_interval, recovery, wilson_interval
+from icl_kernels.stats import bootstrap_interval, mean_difference, recovery, wilson_interval
 from icl_kernels.stats import rng as seeded
 
 __all__ = [
@@ -265,7 +265,7 @@ def _summaries(effects: pd.DataFrame, cfg: CausalConfig, order: list[str]) -> tu
                    agreement_icl=float(agrees.mean()), agreement_low=alo, agreement_high=ahi)
         if run == "icl" and condition != "clean":
             rec["accuracy_drop"] = float(icl.mean() - correct.mean())
-            rec["drop_low"], rec["drop_high"] = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [icl, correct], **boot)
+            rec["drop_low"], rec["drop_high"] = bootstrap_interval(mean_difference, [icl, correct], **boot)
         if run == "zsl" and condition != "clean":
             rec["recovery"] = recovery(correct, zsl, icl)
             rec["recovery_low"], rec["recovery_high"] = bootstrap_interval(recovery, [correct, zsl, icl], **boot)
@@ -356,7 +356,7 @@ def layer_study(
     boot = dict(n=n, resamples=bootstrap, seed=seed)
     agree = int((ablated.argmax(-1) == icl_pred).sum())
     agree_lo, agree_hi = wilson_interval(agree, n)
-    drop_lo, drop_hi = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [icl, abl], **boot)
+    drop_lo, drop_hi = bootstrap_interval(mean_difference, [icl, abl], **boot)
     rec_lo, rec_hi = bootstrap_interval(recovery, [pat, zsl, icl], **boot)
     return dict(
         n=n, icl_accuracy=float(icl.mean()), zsl_accuracy=float(zsl.mean()),

@@ -72,7 +72,7 @@ from icl_kernels.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weigh
 from icl_kernels.hooks import attention_spec, repeat_kv, visibility_mask
 from icl_kernels.prompts import IclPrompt
 from icl_kernels.relaxation import decompose, linear_attention, stable_rank
-from icl_kernels.stats import UNTRAINED_SEED_OFFSET, cosine, kendall_tau, paired_bootstrap, proportion
+from icl_kernels.stats import UNTRAINED_SEED_OFFSET, cosine, kendall_tau, mean_difference, paired_bootstrap, proportion
 
 __all__ = [
     "Episode",
@@ -407,7 +407,7 @@ class _ModelPass:
         for k, v in right.items():
             out[f"{k}_accuracy"] = proportion(v.astype(bool), unit=unit) if groups is None else boot(np.mean, [v])
         for a, b in (("icl", "ft"), ("ft", "zsl"), ("icl", "zsl")):
-            out[f"{a}_minus_{b}_accuracy"] = boot(lambda x, y: float(x.mean() - y.mean()), [right[a], right[b]])
+            out[f"{a}_minus_{b}_accuracy"] = boot(mean_difference, [right[a], right[b]])
         for key in ("rec2ftp", "rec2ftp_chance"):
             out[key] = boot(lambda z, f, i, key=key: rec2ftp(z > 0, f > 0, i > 0)[key],
                             [right["zsl"], right["ft"], right["icl"]])

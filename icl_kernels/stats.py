@@ -38,6 +38,7 @@ __all__ = [
     "proportion",
     "paired_bootstrap",
     "majority_share",
+    "mean_difference",
 ]
 
 #: stream name -> salt appended to the seed material (None: no salt, the seed material alone).
@@ -261,6 +262,16 @@ def paired_bootstrap(
             alpha = (1 - level) / 2
             low, high = float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
     return {"value": value, "low": low, "high": high, "n": n, "unit": unit}
+
+
+def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """``mean(a) - mean(b)``: the statistic of a paired difference of rates (bootstrap it over the
+    rows the two arrays share).
+
+    >>> mean_difference(np.r_[1.0, 1, 0, 1], np.r_[0.0, 1, 0, 0])
+    0.5
+    """
+    return float(np.mean(a) - np.mean(b))
 
 
 def majority_share(predictions: np.ndarray | Tensor) -> float:

@@ -194,7 +194,7 @@ def _selected_layer_summary(model, zsl_r, label_ids, layer: int, fv, rnd, zsl_co
                             select_accuracy: float, boot: dict, kw: dict) -> dict[str, Any]:
     """Report-split accuracy of the function vector and of the random-head vector added after the
     selection-chosen ``layer``, with the paired differences against each other and zero-shot."""
-    from icl_kernels.stats import paired_bootstrap, proportion
+    from icl_kernels.stats import mean_difference, paired_bootstrap, proportion
     from icl_kernels.task_vectors import run_with_residual
 
     gold = np.array([p.query_label for p in zsl_r])
@@ -203,14 +203,13 @@ def _selected_layer_summary(model, zsl_r, label_ids, layer: int, fv, rnd, zsl_co
         return (run_with_residual(model, zsl_r, label_ids, layer, vector, **kw).argmax(-1).numpy() == gold).astype(float)
 
     fv_correct, rnd_correct = correct(fv), correct(rnd)
-    diff = lambda a, b: float(a.mean() - b.mean())  # noqa: E731
     args = dict(unit="prompts", resamples=boot["resamples"], seed=boot["seed"])
     return dict(
         fv_selected_layer=layer, fv_selected_select_accuracy=select_accuracy,
         fv_selected_accuracy=proportion(fv_correct.astype(bool)),
         fv_selected_random_accuracy=proportion(rnd_correct.astype(bool)),
-        fv_selected_minus_random=paired_bootstrap(diff, [fv_correct, rnd_correct], **args),
-        fv_selected_minus_zero_shot=paired_bootstrap(diff, [fv_correct, zsl_correct], **args),
+        fv_selected_minus_random=paired_bootstrap(mean_difference, [fv_correct, rnd_correct], **args),
+        fv_selected_minus_zero_shot=paired_bootstrap(mean_difference, [fv_correct, zsl_correct], **args),
     )
 
 

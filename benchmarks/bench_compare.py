@@ -46,10 +46,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from icl_kernels.compare_record import record
-    from icl_kernels.hooks import attention_spec
-    from icl_kernels.models import synthetic_world
-    from icl_kernels.relaxation import decompose
+    from icl_kernels.data.synthetic_world import synthetic_world
+    from icl_kernels.engine.hooks import attention_spec
+    from icl_kernels.finetuning.recording import record
+    from icl_kernels.finetuning.relaxation import decompose
     from icl_kernels.studies import get_study
     from icl_kernels.studies.compare import build_episodes
 

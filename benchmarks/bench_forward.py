@@ -4,13 +4,13 @@
     nice .venv/bin/python benchmarks/bench_forward.py --model tiny-gpt-neo --prompts 8  # smoke run
 
 Prompts: the first ``--prompts`` test queries of ``--task`` as ``--shots``-shot prompts
-(`icl_kernels.prompt_sets.study_prompts`, the eval study's prompts). Timed, interleaved, best of
+(`icl_kernels.data.conditions.study_prompts`, the eval study's prompts). Timed, interleaved, best of
 ``--repeats``, each batched (``--batch-size``, right padding) and at batch 1:
 
-* (a) ours: `icl_kernels.capture.label_log_probs` (TransformerLens forward stopped at
+* (a) ours: `icl_kernels.engine.capture.label_log_probs` (TransformerLens forward stopped at
   ``unembed.hook_in``, the unembedding of the prediction positions, log-softmax, label columns);
 * (b) transformers: the same Hugging Face model the package converts
-  (`icl_kernels.models.load_hf_model`, as loaded: eager attention), its base model with the
+  (`icl_kernels.models.loading.load_hf_model`, as loaded: eager attention), its base model with the
   attention mask, the last hidden state at each prompt's last token times the label rows of the LM
   head (the least a plain user could compute; no full-vocabulary row);
 * (c) TransformerLens ``run_with_cache`` keeping every layer's full attention pattern
@@ -18,7 +18,7 @@ Prompts: the first ``--prompts`` test queries of ``--task`` as ``--shots``-shot 
   position), batched only, ``--cache-repeats`` times.
 
 Printed: the times, ours/transformers (target <= 1.05, batched and batch 1), (c)/ours, the bytes
-kept per prompt by (c) (attention patterns) vs our head capture (`icl_kernels.capture.capture`:
+kept per prompt by (c) (attention patterns) vs our head capture (`icl_kernels.engine.capture.capture`:
 prediction rows of every layer and head + the final residual) and the peak RSS rise during one
 batch of each. Then where our time goes, batched: the transformers forward with SDPA attention instead
 of eager, a plain TransformerLens forward with no hooks (``return_type=None``: weight layout and
@@ -134,11 +134,12 @@ def main(argv=None) -> ForwardBench:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from icl_kernels.capture import capture, final_residual, label_log_probs, nbytes
-    from icl_kernels.config import ModelOptions, PromptOptions
-    from icl_kernels.models import load_hf_model
-    from icl_kernels.prompt_sets import study_prompts
-    from icl_kernels.prompts import PromptBatch, batches
+    from icl_kernels.data.conditions import study_prompts
+    from icl_kernels.data.prompts import PromptBatch, batches
+    from icl_kernels.engine.capture import capture, final_residual, label_log_probs, nbytes
+    from icl_kernels.models.loading import load_hf_model
+    from icl_kernels.models.options import ModelOptions
+    from icl_kernels.utils.config import PromptOptions
 
     model = ModelOptions(model=args.model, device="cpu", dtype="float32").load()
     hf, _ = load_hf_model(args.model)

@@ -7,10 +7,10 @@ The model is GPT-J-6B's exact shape (28 layers, 16 heads, d_model 4096, d_mlp 16
 parallel attention/MLP block, vocabulary 50400) with random weights (same FLOPs and memory as the
 real model), wrapped as a TransformerLens model. Printed, all measured in this run:
 
-* head scoring: prompts/s of `icl_kernels.capture.capture` (prediction rows of every layer and
+* head scoring: prompts/s of `icl_kernels.engine.capture.capture` (prediction rows of every layer and
   head) + the label logits, on ``--shots``-shot-sized prompts (~31 tokens per demonstration, so
   32 shots ~ 1,000 tokens), batch ``--batch-size`` (target >= 15 prompts/s on one H100);
-* momentum: forward time with `icl_kernels.momentum.momentum_attention` on every layer over a plain
+* momentum: forward time with `icl_kernels.finetuning.momentum_attention.momentum_attention` on every layer over a plain
   forward at ``--momentum-tokens`` (2,048) tokens (target <= 1.10);
 * peak CUDA memory of the capture vs ``run_with_cache`` of every activation (target >= 50x lower),
   both above the memory the weights hold.
@@ -36,7 +36,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype, backend: str | None):
     """A random-weights GPT-J of the 6B shape (or a tiny one) as a TransformerLens model."""
     from transformers import AutoModelForCausalLM, GPTJConfig
 
-    from icl_kernels.models import gpt2_tokenizer, hf_to_transformer_lens
+    from icl_kernels.models.loading import gpt2_tokenizer, hf_to_transformer_lens
 
     config = GPTJConfig(**(TINY if tiny else GPTJ_6B), architectures=["GPTJForCausalLM"])
     torch.manual_seed(0)
@@ -82,9 +82,9 @@ def main(argv=None) -> int:
         print("bench_gptj: the full GPT-J-6B shape needs --device cuda (use --tiny on a CPU).", file=sys.stderr)
         return 2
 
-    from icl_kernels.capture import capture, nbytes, unembed
-    from icl_kernels.models import parse_dtype
-    from icl_kernels.momentum import momentum_attention
+    from icl_kernels.engine.capture import capture, nbytes, unembed
+    from icl_kernels.finetuning.momentum_attention import momentum_attention
+    from icl_kernels.models.loading import parse_dtype
 
     dtype = parse_dtype(args.dtype)
     model = build(args.tiny, args.device, dtype, args.backend)

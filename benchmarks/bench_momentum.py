@@ -4,7 +4,7 @@
     nice .venv/bin/python benchmarks/bench_momentum.py --model tiny-gemma-3 --repeats 3
     .venv/bin/python benchmarks/bench_momentum.py --device cuda                 # target ratio <= 1.10
 
-Each measurement is one forward of a batch of held-out text (`icl_kernels.perplexity.heldout_windows`)
+Each measurement is one forward of a batch of held-out text (`icl_kernels.engine.perplexity.heldout_windows`)
 that stops at the final norm (``return_type=None``), plain and with `momentum_attention` on every
 layer, interleaved; printed are the medians over ``--repeats`` and their ratio, all from this run.
 On a shared CPU the forward times are noisy, so the patch's own work is also timed alone (one
@@ -34,7 +34,7 @@ def _sync(device) -> None:
 
 def time_forward(model, tokens, eta: float, layers: str, repeats: int) -> tuple[float, float]:
     """Median seconds of a plain and a patched forward (interleaved, after one warm-up of each)."""
-    from icl_kernels.momentum import momentum_attention
+    from icl_kernels.finetuning.momentum_attention import momentum_attention
 
     device = tokens.device
     plain, patched = [], []
@@ -56,7 +56,7 @@ def time_forward(model, tokens, eta: float, layers: str, repeats: int) -> tuple[
 
 def time_scans(model, n_tokens: int, batch: int, eta: float, n_layers: int, repeats: int, device) -> float:
     """Median seconds of the patch's own work for one forward: a scan per patched layer on value-shaped input."""
-    from icl_kernels.momentum import momentum_term
+    from icl_kernels.finetuning.momentum_attention import momentum_term
 
     n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
     v = torch.randn(batch, n_tokens, n_kv, model.cfg.d_head, device=device, dtype=next(model.parameters()).dtype)
@@ -74,8 +74,8 @@ def time_scans(model, n_tokens: int, batch: int, eta: float, n_layers: int, repe
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from icl_kernels.models import load_model
-    from icl_kernels.perplexity import heldout_windows
+    from icl_kernels.engine.perplexity import heldout_windows
+    from icl_kernels.models.loading import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-3-270m")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.tokens.split(",") if x.strip()]
     model = load_model(args.model, device=args.device, backend=args.backend, n_ctx=max(lengths))
-    from icl_kernels.momentum import parse_layers
+    from icl_kernels.finetuning.momentum_attention import parse_layers
 
     layers = parse_layers(args.layers, model.cfg.n_layers)
     windows = heldout_windows(model.tokenizer, max(lengths), args.batch)

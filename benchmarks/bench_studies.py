@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     import torch
 
     from icl_kernels import PromptOptions, load_model, study_prompts
-    from icl_kernels.prompts import batches, pad_id
+    from icl_kernels.data.prompts import batches, pad_id
     from icl_kernels.studies import get_study
 
     torch.set_num_threads(args.threads)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_type_hints
 
-from icl_kernels.plotting import write_html
-from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, load_world
-from icl_kernels.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
+from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
+from icl_kernels.data.synthetic_world import SYNTHETIC_MODEL_DIR, load_world
+from icl_kernels.utils.plotting import write_html
 
 
 @dataclass
@@ -34,7 +34,7 @@ class EvalConfig:
     n: int = 2000
     seed: int = 20240
     batch_size: int = 250
-    backend: str = "hf"  # "hf": transformers model; "tl": icl_kernels.models.load_model (TransformerLens)
+    backend: str = "hf"  # "hf": transformers model; "tl": icl_kernels.models.loading.load_model (TransformerLens)
     threads: int = 1
 
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
 
 def logits_fn_for(cfg: EvalConfig):
     """A function LongTensor [batch, pos] -> logits [batch, pos, d_vocab] for the chosen backend."""
-    from icl_kernels.models import load_hf_model, load_model
+    from icl_kernels.models.loading import load_hf_model, load_model
 
     if cfg.backend == "hf":
         hf, _ = load_hf_model(cfg.model)

@@ -2,13 +2,13 @@
 
 For each seed, two models are trained by ``experiments/train_synthetic.py`` on the same documents
 (``data_seed = data_seed_base + seed``), from the same initialisation (``seed``), for the same
-number of steps: vanilla attention, and momentum attention (`icl_kernels.momentum`, on the Hugging
+number of steps: vanilla attention, and momentum attention (`icl_kernels.finetuning.momentum_attention`, on the Hugging
 Face modules via `hf_momentum_attention`, during training and evaluation alike). Each finished model
 is then measured
 
 * validation loss: mean next-token cross-entropy on ``val_docs`` held-out documents
   (``np.random.default_rng([val_seed, i])``, a stream no training batch uses), and
-* ICL accuracy vs shots on the synthetic prompts (`icl_kernels.synthetic_bayes.accuracy_vs_shots`, the same
+* ICL accuracy vs shots on the synthetic prompts (`icl_kernels.data.synthetic_bayes.accuracy_vs_shots`, the same
   ``n`` prompts per k for every model; the exact Bayes predictor alongside).
 
 Outputs in ``out_dir``: one training folder per (variant, seed), ``results.csv`` (tidy: variant,
@@ -30,9 +30,9 @@ from typing import get_type_hints
 
 import numpy as np
 
-from icl_kernels.config import parse_list
-from icl_kernels.io import append_rows, finished_ids, write_csv, write_json
-from icl_kernels.plotting import write_html
+from icl_kernels.utils.config import parse_list
+from icl_kernels.utils.io import append_rows, finished_ids, write_csv, write_json
+from icl_kernels.utils.plotting import write_html
 
 
 @dataclass
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> ScratchConfig:
         else:
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=hints[f.name], default=f.default)
     cfg = ScratchConfig(**vars(p.parse_args(argv)))
-    from icl_kernels.momentum import check_eta
+    from icl_kernels.finetuning.momentum_attention import check_eta
 
     if check_eta(cfg.eta) == 0.0:
         raise ValueError("--eta must be > 0 (the vanilla model is always trained alongside).")
@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None):
     from transformers import GPTNeoForCausalLM
 
     from experiments import train_synthetic
-    from icl_kernels.momentum import hf_momentum_attention
-    from icl_kernels.synthetic import load_world
-    from icl_kernels.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
+    from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
+    from icl_kernels.data.synthetic_world import load_world
+    from icl_kernels.finetuning.momentum_attention import hf_momentum_attention
 
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
@@ -156,9 +156,9 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
     import pandas as pd
     from transformers import GPTNeoForCausalLM
 
-    from icl_kernels.momentum import hf_momentum_attention
-    from icl_kernels.synthetic import load_world
-    from icl_kernels.synthetic_bayes import accuracy_vs_shots
+    from icl_kernels.data.synthetic_bayes import accuracy_vs_shots
+    from icl_kernels.data.synthetic_world import load_world
+    from icl_kernels.finetuning.momentum_attention import hf_momentum_attention
 
     rows = []
     for seed in parse_list(cfg.seeds, int, "--seeds"):

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icl_kernels.io import atomic_write_text, write_csv
-from icl_kernels.stats import mean_difference, paired_bootstrap
+from icl_kernels.utils.io import atomic_write_text, write_csv
+from icl_kernels.utils.stats import mean_difference, paired_bootstrap
 
 
 @dataclass

@@ -3,7 +3,7 @@
     .venv/bin/python -m experiments.readme_figures                  # writes results/figures/*.png
 
 Needs ``kaleido>=1`` and a local Chromium (Debian: ``apt-get install chromium``); nothing is
-fetched. Each image is drawn by the same `icl_kernels.plotting` function the studies use for their
+fetched. Each image is drawn by the same `icl_kernels.utils.plotting` function the studies use for their
 HTML pages, from the CSV / JSON files the studies wrote, so rerunning a study's command and then
 this one regenerates it:
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from icl_kernels.io import atomic_write_text
-from icl_kernels.plotting import accuracy_vs_shots_figure, layer_head_heatmaps, metric_controls_figure, write_image
+from icl_kernels.utils.io import atomic_write_text
+from icl_kernels.utils.plotting import accuracy_vs_shots_figure, layer_head_heatmaps, metric_controls_figure, write_image
 
 
 @dataclass

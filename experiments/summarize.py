@@ -132,7 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> SummarizeArgs:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from icl_kernels.io import atomic_write_text, write_csv
+    from icl_kernels.utils.io import atomic_write_text, write_csv
 
     args = parse_args(argv)
     folder = Path(args.sweep)

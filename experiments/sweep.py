@@ -94,7 +94,7 @@ from experiments.sweep_shards import (  # noqa: E402
     run_cell,
     status_lines,
 )
-from icl_kernels.errors import IclKernelsError  # noqa: E402
+from icl_kernels.utils.errors import IclKernelsError  # noqa: E402
 
 EXECUTORS = ("inline", "local", "slurm")
 #: Held by the process that writes an output folder (two sweeps never write one folder).
@@ -172,7 +172,7 @@ class SweepConfig:
     options: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from icl_kernels.errors import InvalidOptionError
+        from icl_kernels.utils.errors import InvalidOptionError
 
         self._rename_aliases()
         problems = []
@@ -261,8 +261,8 @@ class SweepConfig:
         return list(self._cells)
 
     def _build_cells(self) -> list[Cell]:
-        from icl_kernels.errors import IclKernelsError, InvalidOptionError
         from icl_kernels.studies import get_study
+        from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
 
         out, seen = [], set()
         for model, task, shots, seed, layer, analysis in itertools.product(
@@ -350,7 +350,7 @@ def parse_args(argv: Sequence[str] | None) -> SweepArgs:
 
 
 def _record_config(out: Path, cfg: SweepConfig, cells: list[Cell], source: str) -> None:
-    from icl_kernels.io import read_json, write_json
+    from icl_kernels.utils.io import read_json, write_json
 
     record = dict(config=asdict(cfg), source=str(source), cells=[c.cell_id for c in cells])
     path = out / "config.json"
@@ -447,7 +447,7 @@ def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path
 
 def _wait(jobs: list, shards: list[ShardJob], out: Path, cells: list[Cell], progress: bool) -> list[str]:
     """Poll the jobs, merging the records as they come; returns an error line per failed job."""
-    from icl_kernels.io import atomic_write_text, read_json
+    from icl_kernels.utils.io import atomic_write_text, read_json
 
     errors, pending = [], dict(enumerate(jobs))
     last = -1
@@ -553,8 +553,8 @@ def sweep_lock(out: Path):
 
 
 def _run(args, cfg, cells, out: Path, records, rows) -> int:
-    from icl_kernels.environment import environment
-    from icl_kernels.io import write_json
+    from icl_kernels.utils.environment import environment
+    from icl_kernels.utils.io import write_json
 
     if args.merge_only:
         n, failures = merge(out, cells)
@@ -600,7 +600,7 @@ __all__ = ["SweepConfig", "Cell", "main", "run_cell", "slurm_executor", "RESULTS
 
 
 if __name__ == "__main__":
-    from icl_kernels.errors import IclKernelsError
+    from icl_kernels.utils.errors import IclKernelsError
 
     try:
         sys.exit(main())

@@ -174,7 +174,7 @@ _MODELS: dict[str, Any] = {}  # per process: the last model loaded
 def model_for(config):
     """The model of a study configuration (its ``model`` options), loaded once per process while
     consecutive cells use it; None for a study without a model."""
-    from icl_kernels.config import ModelOptions
+    from icl_kernels.models.options import ModelOptions
 
     options = getattr(config, "model", None)
     if not isinstance(options, ModelOptions):
@@ -247,7 +247,7 @@ class ShardJob:
         return Path(self.out) / SHARDS / f"{self.name}.state.json"
 
     def _state(self, state: str, current: str | None = None, **extra) -> None:
-        from icl_kernels.io import write_json
+        from icl_kernels.utils.io import write_json
 
         write_json(self.state_file, dict(state=state, current=current, attempt=self.attempt, pid=os.getpid(),
                                          host=socket.gethostname(), job_id=_job_id(), updated=time.time(), **extra))
@@ -287,7 +287,7 @@ class ShardJob:
                         raise
                     failed += 1
                     tb_file = Path(self.out) / "tracebacks" / f"{self.name}-{cell.fingerprint}-{i}.txt"
-                    from icl_kernels.io import atomic_write_text
+                    from icl_kernels.utils.io import atomic_write_text
 
                     atomic_write_text(tb_file, traceback.format_exc())
                     append_record(self.record_file, dict(base, kind="failure", error_type=type(error).__name__,
@@ -327,7 +327,7 @@ def merge(out: Path, cells: Sequence) -> tuple[int, list[dict]]:
     record file. Returns (rows written, failure records of cells without a row)."""
     import pandas as pd
 
-    from icl_kernels.io import atomic_write_text
+    from icl_kernels.utils.io import atomic_write_text
 
     out = Path(out)
     records = read_records(out)
@@ -382,7 +382,7 @@ def _write_parquet(path: Path, frame) -> None:
 
 def status_lines(out: Path, cells: Sequence) -> list[str]:
     """Cells done / running / failed / pending per shard of the last submission, then in total."""
-    from icl_kernels.io import read_json
+    from icl_kernels.utils.io import read_json
 
     out = Path(out)
     records = read_records(out)

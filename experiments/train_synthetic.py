@@ -1,4 +1,4 @@
-"""Train a small GPT-Neo on documents from the synthetic mixture-of-HMMs world (icl_kernels.synthetic).
+"""Train a small GPT-Neo on documents from the synthetic mixture-of-HMMs world (icl_kernels.data.synthetic_world).
 
 Data: every step draws a fresh batch of documents with ``np.random.default_rng([data_seed, step])``,
 so the data stream depends only on (data_seed, step): a resumed run sees exactly the batches an
@@ -32,15 +32,15 @@ from typing import Any, get_type_hints
 
 import numpy as np
 
-from icl_kernels.synthetic import SyntheticWorld, WorldConfig, make_world
-from icl_kernels.synthetic_bayes import accuracy_vs_shots
+from icl_kernels.data.synthetic_bayes import accuracy_vs_shots
+from icl_kernels.data.synthetic_world import SyntheticWorld, WorldConfig, make_world
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/synthetic-gpt-neo"
     export_dir: str = ""  # if set, the final HF folder is copied there
-    # world (icl_kernels.synthetic.WorldConfig)
+    # world (icl_kernels.data.synthetic_world.WorldConfig)
     n_concepts: int = 8
     n_states: int = 32
     vocab_size: int = 8
@@ -79,7 +79,7 @@ class TrainConfig:
     threads: int = 1
     device: str = "cpu"
     stop_after: int = 0  # if > 0, stop this invocation (after a checkpoint) at this step; rerun to resume
-    # momentum attention (icl_kernels.momentum, Dai et al. sec. 5); 0 = vanilla attention
+    # momentum attention (icl_kernels.finetuning.momentum_attention, Dai et al. sec. 5); 0 = vanilla attention
     momentum_eta: float = 0.0
     momentum_layers: str = "all"
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     patch = contextlib.nullcontext()
     if cfg.momentum_eta:
-        from icl_kernels.momentum import hf_momentum_attention
+        from icl_kernels.finetuning.momentum_attention import hf_momentum_attention
 
         # hooks for the rest of this run (removed before returning): training and evaluations use them
         patch = hf_momentum_attention(model, cfg.momentum_eta, cfg.momentum_layers)

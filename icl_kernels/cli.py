@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 
-from icl_kernels.config import add_arguments, from_arguments
-from icl_kernels.errors import IclKernelsError
+from icl_kernels.utils.config import add_arguments, from_arguments
+from icl_kernels.utils.errors import IclKernelsError
 
 
 def _models(args) -> int:
-    from icl_kernels.models import list_models
+    from icl_kernels.models.loading import list_models
 
     for spec in list_models():
         print(f"{spec.name}\t{spec.source}\t{spec.description}")
@@ -27,7 +27,7 @@ def _models(args) -> int:
 
 
 def _tasks(args) -> int:
-    from icl_kernels.tasks import list_tasks
+    from icl_kernels.data.tasks.registry import list_tasks
 
     for task in list_tasks():
         print(f"{task.name}\t{task.n_classes} classes\t{task.description}")
@@ -71,11 +71,11 @@ def run_study(study, args: argparse.Namespace) -> int:
 
     Everything a user can get wrong is checked before a model loads: the options (the
     configuration's ``__post_init__``), ``--threads``, and ``--out`` (writable, and holding no run of
-    another configuration: `icl_kernels.fingerprint.check_output`). ``--out`` is created only once
+    another configuration: `icl_kernels.studies.identity.check_output`). ``--out`` is created only once
     the study has results (a resumable study: once it starts its first cell).
     """
-    from icl_kernels.errors import InvalidOptionError
-    from icl_kernels.fingerprint import check_output
+    from icl_kernels.studies.identity import check_output
+    from icl_kernels.utils.errors import InvalidOptionError
 
     config = from_arguments(study.config, args)  # bad options fail here, before a model loads
     if args.threads is not None and args.threads < 1:

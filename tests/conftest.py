@@ -10,7 +10,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import pytest
 import torch
 
-from icl_kernels import backend as tl_backend
+from icl_kernels.models import backend as tl_backend
 
 TINY_ARCHS = ("gpt-neo", "gpt-j", "gemma-3", "llama")
 # Parameter counts of the tiny models (asserted so "tiny" stays tiny; most of it is the GPT-2 vocab).
@@ -32,7 +32,7 @@ _CACHE: dict = {}
 
 def load_tiny(arch: str, backend: str | None = None, dtype=torch.float32):
     """A tiny random model, cached per (arch, backend, dtype); its size is checked."""
-    from icl_kernels.models import load_model
+    from icl_kernels.models.loading import load_model
 
     key = (arch, backend, dtype)
     if key not in _CACHE:

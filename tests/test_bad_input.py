@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from icl_kernels.config import ModelOptions
+from icl_kernels.models.options import ModelOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -240,9 +240,9 @@ def nan_model():
 
 
 def test_label_log_probs_refuses_nan_logits(nan_model):
-    from icl_kernels.capture import NonFiniteLogitsError, label_log_probs
-    from icl_kernels.errors import IclKernelsError
-    from icl_kernels.prompts import IclPrompt
+    from icl_kernels.data.prompts import IclPrompt
+    from icl_kernels.engine.capture import NonFiniteLogitsError, label_log_probs
+    from icl_kernels.utils.errors import IclKernelsError
 
     prompts = [IclPrompt(tokens=(10, 11, 12), demo_input_spans=(), demo_label_spans=(), separator_spans=(),
                          demo_labels=(), query_span=(0, 3))] * 2
@@ -253,8 +253,8 @@ def test_label_log_probs_refuses_nan_logits(nan_model):
 
 
 def test_sequence_nll_refuses_nan_logits(nan_model):
-    from icl_kernels.capture import NonFiniteLogitsError
-    from icl_kernels.perplexity import sequence_nll
+    from icl_kernels.engine.capture import NonFiniteLogitsError
+    from icl_kernels.engine.perplexity import sequence_nll
 
     with pytest.raises(NonFiniteLogitsError, match="perplexity window 3"):
         sequence_nll(nan_model, torch.arange(10, 20)[None], first_index=3)

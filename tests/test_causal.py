@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from icl_kernels.cli import main
-from icl_kernels.errors import InvalidOptionError
 from icl_kernels.studies import get_study
+from icl_kernels.utils.errors import InvalidOptionError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -98,8 +98,8 @@ def test_heads_writes_tables_summary_and_offline_figures(tmp_path, capsys):
 
 
 def test_heads_options_are_validated():
-    from icl_kernels.errors import InvalidOptionError
     from icl_kernels.studies.heads import HeadsConfig
+    from icl_kernels.utils.errors import InvalidOptionError
 
     for bad in ({"shots": 0}, {"n_test": 3}, {"select_fraction": 1.0}, {"label_format": "reversed"},
                 {"similarity": False, "probes": True}, {"layer": -1}):
@@ -112,8 +112,8 @@ def test_heads_options_are_validated():
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_heads_study_with_a_given_model_layer_restriction_and_no_hooks_left(monkeypatch):
-    from icl_kernels import hooks
-    from icl_kernels.models import load_model
+    from icl_kernels.engine import hooks
+    from icl_kernels.models.loading import load_model
     from icl_kernels.studies import get_study
 
     study = get_study("heads")

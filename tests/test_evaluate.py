@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import load_tiny
 
-from icl_kernels.capture import final_residual, label_log_probs
-from icl_kernels.evaluate import calibrate, evaluate_icl
-from icl_kernels.hooks import active_hook_count
-from icl_kernels.prompts import PromptBuilder
-from icl_kernels.stats import wilson_interval
-from icl_kernels.tasks import get_task
+from icl_kernels.data.prompts import PromptBuilder
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.engine.accuracy import calibrate, evaluate_icl
+from icl_kernels.engine.capture import final_residual, label_log_probs
+from icl_kernels.engine.hooks import active_hook_count
+from icl_kernels.utils.stats import wilson_interval
 
 POOL = [
     {"text": "A warm, funny film.", "label": 1},

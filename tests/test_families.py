@@ -9,24 +9,24 @@ import torch
 from conftest import load_tiny
 from test_patching import _prompts
 
-from icl_kernels import hooks as H
-from icl_kernels.anchors import (
+from icl_kernels.engine import hooks as H
+from icl_kernels.engine.patching import attention_edits, edits_on, head_means, record_heads, run_with_edits
+from icl_kernels.families.anchors import (
     anchor_isolation,
     flow_saliency,
     isolation_mask,
     label_positions,
     saliency_flows,
 )
-from icl_kernels.function_vectors import (
+from icl_kernels.families.function_vectors import (
     function_vector,
     indirect_effects,
     shuffle_demo_labels,
     shuffled_label_prompts,
     top_heads,
 )
-from icl_kernels.induction import head_pattern_scores, ideal_pattern, pattern_scores, repeated_random_tokens
-from icl_kernels.patching import attention_edits, edits_on, head_means, record_heads, run_with_edits
-from icl_kernels.task_vectors import choose_layer, residual_at_prediction, run_with_residual
+from icl_kernels.families.induction import head_pattern_scores, ideal_pattern, pattern_scores, repeated_random_tokens
+from icl_kernels.families.task_vectors import choose_layer, residual_at_prediction, run_with_residual
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

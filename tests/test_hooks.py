@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import load_tiny
 
-from icl_kernels import hooks as H
+from icl_kernels.engine import hooks as H
 
 TEXT = "One two three four five six seven eight nine ten eleven twelve thirteen fourteen."
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 from conftest import TINY_PARAMS
 
-from icl_kernels import head_scan as S
-from icl_kernels import hooks as H
-from icl_kernels import kernel as K
-from icl_kernels.head_scan import analyze_heads
-from icl_kernels.kernel import (
+from icl_kernels.data.prompts import PromptBuilder, make_prompts
+from icl_kernels.data.tasks.registry import Task
+from icl_kernels.engine import hooks as H
+from icl_kernels.kernel import head_scan as S
+from icl_kernels.kernel import scores as K
+from icl_kernels.kernel.head_scan import analyze_heads
+from icl_kernels.kernel.scores import (
     DemoLayout,
     Kernel,
     class_votes,
@@ -28,9 +30,7 @@ from icl_kernels.kernel import (
     ridge_probe_accuracy,
     score_heads,
 )
-from icl_kernels.prompts import PromptBuilder, make_prompts
-from icl_kernels.stats import split_indices
-from icl_kernels.tasks import Task
+from icl_kernels.utils.stats import split_indices
 
 WORDS = (" negative", " positive")
 
@@ -223,7 +223,7 @@ def _toy_task(n=80, seed=0) -> Task:
 def label_head_model(backend: str | None):
     """tiny-gpt-neo whose layer-0 head 0 attends to label tokens (class 1 a bit more) and whose output
     is driven by what that head reads, so its a-weighted class vote is the model's prediction."""
-    from icl_kernels.models import build_tiny_hf_model, hf_to_transformer_lens
+    from icl_kernels.models.loading import build_tiny_hf_model, hf_to_transformer_lens
 
     hf, tok = build_tiny_hf_model("gpt-neo")
     assert sum(p.numel() for p in hf.parameters()) == TINY_PARAMS["gpt-neo"]
@@ -287,7 +287,7 @@ def test_label_head_has_agreement_one_and_ranks_first(backend):
 
 def test_resampled_rows_keep_label_mass():
     model_free_prompts = []
-    from icl_kernels.prompts import IclPrompt
+    from icl_kernels.data.prompts import IclPrompt
 
     for length in (5, 9):
         x1, y1, s1 = (1, 1 + length), (1 + length, 2 + length), (2 + length, 3 + length)

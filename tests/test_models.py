@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import TINY_PARAMS, load_tiny
 
-from icl_kernels import backend as tl_backend
-from icl_kernels.errors import UnknownModelError
-from icl_kernels.models import (
+from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.loading import (
     build_tiny_hf_model,
     get_model_spec,
     hf_to_transformer_lens,
@@ -18,6 +17,7 @@ from icl_kernels.models import (
     load_model,
     parse_dtype,
 )
+from icl_kernels.utils.errors import UnknownModelError
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it keeps on running far beyond the window."
 
@@ -102,7 +102,7 @@ def test_bridge_is_unavailable_only_on_tl4():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m-instruct"])
 def test_offline_real_models_match_hugging_face(name):
-    from icl_kernels.models import load_hf_model
+    from icl_kernels.models.loading import load_hf_model
 
     hf, tokenizer = load_hf_model(name)
     tokens = tokenizer("Review: a gorgeous, witty film.\nSentiment:", return_tensors="pt").input_ids

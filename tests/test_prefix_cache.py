@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icl_kernels import backend as tl_backend
-from icl_kernels.capture import capture, label_log_probs
-from icl_kernels.prefix_cache import (
+from icl_kernels.data.prompts import IclPrompt, PromptBatch
+from icl_kernels.engine.capture import capture, label_log_probs
+from icl_kernels.engine.prefix_cache import (
     common_prefix_length,
     encode_prefix,
     reuse_reason,
     shared_capture,
     shared_label_log_probs,
 )
-from icl_kernels.prompts import IclPrompt, PromptBatch
+from icl_kernels.models import backend as tl_backend
 from tests.conftest import load_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -134,7 +134,7 @@ def test_float32_is_close(arch):
 
 @pytest.mark.slow
 def test_gemma_3_270m_exact():
-    from icl_kernels.models import load_model
+    from icl_kernels.models.loading import load_model
 
     model = load_model("gemma-3-270m", device="cpu", dtype=torch.float64)
     tok = model.tokenizer

@@ -7,9 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from icl_kernels.errors import LabelTokenizationError, MissingClassError, PromptTooLongError
-from icl_kernels.models import gpt2_tokenizer, load_tokenizer
-from icl_kernels.prompts import (
+from icl_kernels.data.prompts import (
     FixedSelector,
     PromptBatch,
     PromptBuilder,
@@ -18,7 +16,9 @@ from icl_kernels.prompts import (
     label_token_ids,
     make_prompts,
 )
-from icl_kernels.tasks import get_task
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.models.loading import gpt2_tokenizer, load_tokenizer
+from icl_kernels.utils.errors import LabelTokenizationError, MissingClassError, PromptTooLongError
 
 POOL = [
     {"text": "A warm, funny, beautifully acted film.", "label": 1},

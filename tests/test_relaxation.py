@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import TINY_PARAMS, load_tiny
 
-from icl_kernels import hooks as H
-from icl_kernels.hooks import rotate_by
-from icl_kernels.relaxation import (
+from icl_kernels.engine import hooks as H
+from icl_kernels.engine.hooks import rotate_by
+from icl_kernels.finetuning.relaxation import (
     decompose,
     dual_form_toy,
     relaxed_attention,
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @functools.cache
 def _hf_params(arch: str) -> int:
-    from icl_kernels.models import build_tiny_hf_model
+    from icl_kernels.models.loading import build_tiny_hf_model
 
     return sum(p.numel() for p in build_tiny_hf_model(arch)[0].parameters())
 
@@ -94,7 +94,7 @@ def test_identity_on_every_tiny_architecture(arch, backend):
 
 
 def test_identity_on_the_synthetic_world_model():
-    from icl_kernels.models import ASSETS, load_model
+    from icl_kernels.models.loading import ASSETS, load_model
 
     if not (ASSETS / "synthetic-gpt-neo" / "world.json").exists():
         pytest.skip("the synthetic-world model is not shipped in icl_kernels/assets yet")
@@ -213,7 +213,7 @@ def _position_free_gpt_neo():
     """tiny-gpt-neo (float64) with its position embeddings zeroed: layer 0's keys, values and queries
     are then functions of the token alone, so a zero-shot prompt's W equals the query side of the
     same query inside a k-shot prompt *exactly*."""
-    from icl_kernels.models import load_model
+    from icl_kernels.models.loading import load_model
 
     model = load_model("tiny-gpt-neo", device="cpu", dtype=torch.float64)
     with torch.no_grad():
@@ -222,7 +222,7 @@ def _position_free_gpt_neo():
 
 
 def _split_maps(model, icl_p, zsl_p, mask_of):
-    from icl_kernels.compare_record import record
+    from icl_kernels.finetuning.recording import record
 
     icl_tokens, zsl_tokens = list(icl_p.tokens), list(zsl_p.tokens)
     icl = record(model, icl_tokens, len(icl_tokens) - 1, len(icl_tokens) - 1, [0, 1], with_kv=True)
@@ -240,9 +240,9 @@ def _split_maps(model, icl_p, zsl_p, mask_of):
 def test_demonstration_split_gives_the_zero_shot_map():
     """W_ZSL of a k-shot prompt (split by `demo_token_mask`) equals W of its zero-shot prompt, and
     dW_ICL has one term per demonstration token; a split one token off in either direction breaks it."""
-    from icl_kernels.compare import demo_token_mask
+    from icl_kernels.data.synthetic_world import make_world
+    from icl_kernels.finetuning.dai_metrics import demo_token_mask
     from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
-    from icl_kernels.synthetic import make_world
 
     model = _position_free_gpt_neo()
     world = make_world()

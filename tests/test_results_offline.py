@@ -25,7 +25,7 @@ def test_shipped_figures_load_no_remote_script():
 def test_metric_controls_figure_draws_each_interval_around_its_bar():
     import pandas as pd
 
-    from icl_kernels.plotting import metric_controls_figure
+    from icl_kernels.utils.plotting import metric_controls_figure
 
     frame = pd.DataFrame([
         dict(run="a", metric="SimAOU", condition="trained", value=0.4, low=0.3, high=0.45),

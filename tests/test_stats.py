@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from icl_kernels.stats import (
+from icl_kernels.utils.stats import (
     cosine,
     kendall_tau,
     majority_share,

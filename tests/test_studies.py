@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from icl_kernels import hooks as H
-from icl_kernels.config import ModelOptions
+from icl_kernels.engine import hooks as H
+from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies import get_study, list_studies, register
 from icl_kernels.studies.registry import DuplicateStudyError
 
@@ -39,7 +39,7 @@ REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)
 @pytest.fixture
 def shared_models(monkeypatch):
     """`load_model` returns one cached model per name, so the test can inspect it afterwards."""
-    from icl_kernels import models as model_loading
+    from icl_kernels.models import loading as model_loading
 
     models: dict = {}
     original = model_loading.load_model

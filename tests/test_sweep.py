@@ -60,7 +60,7 @@ def _env():
 
 
 def test_tiny_model_is_tiny():
-    from icl_kernels.models import build_tiny_hf_model
+    from icl_kernels.models.loading import build_tiny_hf_model
 
     hf, _ = build_tiny_hf_model("gpt-neo")
     assert sum(p.numel() for p in hf.parameters()) == TINY_PARAMS["gpt-neo"]
@@ -370,7 +370,7 @@ def test_two_sweeps_never_write_one_folder(tmp_path):
 def test_rows_say_which_run_made_them(inline_small):
     """Every row carries the run's fingerprint (config, model identity, data source) and the data
     source itself, so rows of two configurations can always be told apart."""
-    from icl_kernels.fingerprint import run_record
+    from icl_kernels.studies.identity import run_record
 
     path, out = inline_small
     table = pd.read_csv(out / sweep.RESULTS)

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_kernels.synthetic import SyntheticWorld, WorldConfig, load_world, make_world
-from icl_kernels.synthetic_bayes import (
+from icl_kernels.data.synthetic_bayes import (
     accuracy,
     accuracy_vs_shots,
     bayes_document_nll,
@@ -19,6 +18,7 @@ from icl_kernels.synthetic_bayes import (
     bayes_predictive,
     plot_accuracy_vs_shots,
 )
+from icl_kernels.data.synthetic_world import SyntheticWorld, WorldConfig, load_world, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def test_plot_returns_figure():
 
 @pytest.mark.core
 def test_accuracy_vs_shots_carries_the_wilson_interval_of_its_count():
-    from icl_kernels.stats import wilson_interval
+    from icl_kernels.utils.stats import wilson_interval
 
     df = accuracy_vs_shots(make_world(), shots=(0, 2), n=50)
     for r in df.itertuples():

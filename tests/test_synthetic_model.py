@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from icl_kernels import backend as tl_backend
-from icl_kernels.models import load_hf_model, load_model
-from icl_kernels.synthetic import SYNTHETIC_MODEL_DIR, load_world
-from icl_kernels.synthetic_bayes import accuracy_vs_shots
+from icl_kernels.data.synthetic_bayes import accuracy_vs_shots
+from icl_kernels.data.synthetic_world import SYNTHETIC_MODEL_DIR, load_world
+from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.loading import load_hf_model, load_model
 
 SHIPPED_PARAMS = 817_536  # 4 layers, d_model 128, 4 heads, vocab 9 (experiments/train_synthetic.py defaults)
 

@@ -1,4 +1,4 @@
-"""Tests of the task registry (icl_kernels.tasks). No network: hub tasks are read from tmp files."""
+"""Tests of the task registry (icl_kernels.data.tasks.registry). No network: hub tasks are read from tmp files."""
 
 from __future__ import annotations
 
@@ -18,14 +18,7 @@ import datasets
 import numpy as np
 import pytest
 
-from icl_kernels.errors import (
-    DuplicateTaskError,
-    MissingAssetError,
-    TaskDataError,
-    TaskDefinitionError,
-    UnknownTaskError,
-)
-from icl_kernels.tasks import (
+from icl_kernels.data.tasks.registry import (
     DATA_DIR_ENV,
     DEFAULT_TASK,
     MAX_TEST_SIZE,
@@ -39,6 +32,13 @@ from icl_kernels.tasks import (
     register_task,
     seeded_split,
     unregister_task,
+)
+from icl_kernels.utils.errors import (
+    DuplicateTaskError,
+    MissingAssetError,
+    TaskDataError,
+    TaskDefinitionError,
+    UnknownTaskError,
 )
 
 OFFLINE = [

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from icl_kernels import hooks as H
-from icl_kernels import theorem as T
-from icl_kernels.synthetic import make_world
+from icl_kernels.data.synthetic_world import make_world
+from icl_kernels.engine import hooks as H
+from icl_kernels.kernel import theorem_one as T
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,7 +31,7 @@ def test_limit_of_kernel_regression_is_the_concept_conditional(features):
 
 def test_forward_features_give_probabilities():
     """phi(x) = (start_c^T T^c_x)_c: its blocks sum to P(x | c) (checked against the Bayes code)."""
-    from icl_kernels.synthetic_bayes import bayes_predictive
+    from icl_kernels.data.synthetic_bayes import bayes_predictive
 
     world = small_world()
     x = T.all_inputs(world)
@@ -69,8 +69,8 @@ def test_simulation_table_against_a_brute_force_one_shot_case():
     """At n = 1 every kernel predictor is exact by hand: it answers y_1 when K(x, x_1) > 0 and abstains
     otherwise; the uniform kernel always answers y_1. The table's accuracy, abstention and agreement
     must equal these counts on the same prompts (abstentions count as wrong)."""
-    from icl_kernels.stats import rng
-    from icl_kernels.synthetic_bayes import bayes_label_probs
+    from icl_kernels.data.synthetic_bayes import bayes_label_probs
+    from icl_kernels.utils.stats import rng
 
     world = make_world(n_concepts=2, n_states=4, vocab_size=3, x_len=1, branching=2, doc_len=64)
     n = 400
@@ -109,7 +109,7 @@ def test_kernel_regression_converges_to_bayes():
 def _tiny_synthetic_model(world, backend="hooked"):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    from icl_kernels.models import hf_to_transformer_lens
+    from icl_kernels.models.loading import hf_to_transformer_lens
 
     config = GPTNeoConfig(
         vocab_size=world.n_tokens, hidden_size=32, num_layers=2, num_heads=2,
@@ -132,8 +132,8 @@ def test_model_behaviour_on_a_tiny_model():
     values = frame.set_index(["shots", "metric"])["value"]
     # recomputed from the same prompts: the model's own logits, the Bayes predictive, and at 1 shot the
     # head reconstruction, which can only be the single demonstration's label y_1 (or an abstention)
-    from icl_kernels.stats import rng, split_indices
-    from icl_kernels.synthetic_bayes import bayes_label_probs
+    from icl_kernels.data.synthetic_bayes import bayes_label_probs
+    from icl_kernels.utils.stats import rng, split_indices
 
     _, report = split_indices(20, 0.7, 0)
     for k in (1, 4):
@@ -188,9 +188,9 @@ def test_theorem_command_writes_its_files(tmp_path, capsys):
 
 
 def test_theorem_study_with_a_given_model_and_validation():
-    from icl_kernels.errors import InvalidOptionError
     from icl_kernels.studies import get_study
     from icl_kernels.studies.theorem import TheoremConfig
+    from icl_kernels.utils.errors import InvalidOptionError
 
     world = make_world()
     model = _tiny_synthetic_model(world)

@@ -4,8 +4,8 @@ One model and task (or the synthetic world the model was trained on). With ``lay
 are ranked by label-attention agreement on a selection split, and on the disjoint report split the
 top-k heads are ablated (vs ``random_draws`` random k-head sets) and their ICL outputs patched into
 the zero-shot run; with ``layer_sweep`` the same for every layer's heads, one layer at a time
-(`icl_kernels.causal.causal_study`). With ``layer`` set (what a per-layer sweep cell runs), every
-head of that one layer is ablated and patched on all prompts (`icl_kernels.causal.layer_study`).
+(`icl_kernels.families.head_ablation.causal_study`). With ``layer`` set (what a per-layer sweep cell runs), every
+head of that one layer is ablated and patched on all prompts (`icl_kernels.families.head_ablation.layer_study`).
 
 Report: tables ``ranking`` (heads on the selection split), ``effects`` (one row per prompt and
 condition), ``summary`` (one row per condition, Wilson and bootstrap intervals) and ``layers``
@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from icl_kernels.causal import CausalConfig, causal_study, layer_study
-from icl_kernels.config import ModelOptions, Options, PromptOptions
-from icl_kernels.errors import InvalidOptionError
+from icl_kernels.families.head_ablation import CausalConfig, causal_study, layer_study
+from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.utils.config import Options, PromptOptions
+from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = ["CausalStudyConfig", "CausalReport", "run"]
 
@@ -170,7 +171,7 @@ def markdown_table(summary, info: dict) -> str:
 
 def run(cfg: CausalStudyConfig, model=None, progress: bool = True) -> CausalReport:
     """Rank, ablate and patch heads (or one layer's heads) on one model and task."""
-    from icl_kernels.prompt_sets import study_prompts
+    from icl_kernels.data.conditions import study_prompts
 
     started = time.time()
     if model is None:

@@ -11,12 +11,12 @@ no text task: its task is the world itself (``task synthetic``, the default for 
 episode draws one latent concept (episode e uses concept e mod n_concepts) and, from it (stream
 ``synthetic_episode``), K demonstrations ``x_i y_i``, its queries and its development queries; the
 prompt is ``<d> x_1 y_1 <d> ... <d> x_K y_K <d> x`` and the zero-shot prompt ``<d> x``
-(`icl_kernels.prompt_sets.synthetic_prompt`); the delimiter plays the part of BOS. By default
+(`icl_kernels.data.conditions.synthetic_prompt`); the delimiter plays the part of BOS. By default
 there is one episode per concept, so the metrics average over concepts rather than depend on one.
 
-Each episode's demonstrations are the finetuning data; `icl_kernels.compare.compare_icl_with_finetuning`
+Each episode's demonstrations are the finetuning data; `icl_kernels.finetuning.dai_metrics.compare_icl_with_finetuning`
 then compares ZSL, ICL and FT runs on the trained model and on an untrained model of the same
-architecture (`icl_kernels.compare.untrained_copy`), finetuned with the same learning rate.
+architecture (`icl_kernels.finetuning.dai_metrics.untrained_copy`), finetuned with the same learning rate.
 
 Writes ``metrics.json`` (``zsl_accuracy ft_accuracy icl_accuracy rec2ftp rec2ftp_chance simaou
 simaou_random simaou_untrained simam_before simam_after kendall kendall_random`` and more, with
@@ -35,23 +35,24 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from icl_kernels import backend as tl_backend
-from icl_kernels.compare import (
+from icl_kernels.data.conditions import SYNTHETIC_TASKS, synthetic_prompt
+from icl_kernels.data.synthetic_world import synthetic_world
+from icl_kernels.finetuning.dai_metrics import (
     ComparisonSettings,
     Episode,
     compare_icl_with_finetuning,
     training_sequences,
     untrained_copy,
 )
-from icl_kernels.compare_record import POSITIONS
-from icl_kernels.config import ModelOptions, Options, PromptOptions
-from icl_kernels.errors import InvalidOptionError, PromptTooLongError
-from icl_kernels.finetune import DEFAULT_LRS
-from icl_kernels.models import synthetic_world
-from icl_kernels.prompt_sets import SYNTHETIC_TASKS, synthetic_prompt
-from icl_kernels.stats import rng
+from icl_kernels.finetuning.finetune import DEFAULT_LRS
+from icl_kernels.finetuning.recording import POSITIONS
+from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.utils.config import Options, PromptOptions
+from icl_kernels.utils.errors import InvalidOptionError, PromptTooLongError
+from icl_kernels.utils.stats import rng
 
 __all__ = [
     "CompareConfig",
@@ -135,7 +136,7 @@ def episode_source(cfg: CompareConfig) -> EpisodeSource:
                 f"default for this model), not {task_name!r}."
             )
         return EpisodeSource(world=world)
-    from icl_kernels.tasks import DEFAULT_TASK, get_task
+    from icl_kernels.data.tasks.registry import DEFAULT_TASK, get_task
 
     return EpisodeSource(task=get_task(task_name or DEFAULT_TASK))
 
@@ -146,7 +147,7 @@ def _split(n: int, parts: int) -> list[np.ndarray]:
 
 def text_episodes(task, tokenizer, n_ctx: int | None, cfg: CompareConfig) -> tuple[list[Episode], list[list[int]]]:
     """(episodes, label ids) for a text task: balanced demonstrations from train, queries from test."""
-    from icl_kernels.prompts import PromptBuilder, RandomSelector
+    from icl_kernels.data.prompts import PromptBuilder, RandomSelector
 
     seed, shots, n_test = cfg.prompts.seed, cfg.prompts.shots, cfg.prompts.n_test
     data = task.load(seed=seed)
@@ -228,7 +229,7 @@ def compare_figures(layers: Sequence[dict], heads: Sequence[dict], title: str = 
     """Per-layer lines (SimAOU, Kendall, SimAM) and layer x head maps (SimAM, dW cosine)."""
     import plotly.graph_objects as go
 
-    from icl_kernels.plotting import layer_head_heatmaps
+    from icl_kernels.utils.plotting import layer_head_heatmaps
 
     layer_index = [row["layer"] for row in layers]
     figs = {}

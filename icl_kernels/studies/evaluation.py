@@ -2,7 +2,7 @@
 
 One k-shot prompt per test query (the first ``n_test`` of the task's seeded test split),
 demonstrations drawn per query from the train split (class-balanced by default), the label word
-with the highest log-probability as the prediction (`icl_kernels.evaluate.evaluate_icl`), 95%
+with the highest log-probability as the prediction (`icl_kernels.engine.accuracy.evaluate_icl`), 95%
 Wilson intervals, per-class prediction rates and, by default, contextual calibration (the k-shot
 prediction corrected by the model's output on a content-free query, Zhao et al. 2021).
 
@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from icl_kernels.config import ModelOptions, Options, PromptOptions
-from icl_kernels.errors import InvalidOptionError
+from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.utils.config import Options, PromptOptions
+from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = ["EvalConfig", "EvalReport", "run", "run_setup"]
 
@@ -58,7 +59,7 @@ class EvalReport(Report):
         return text + f" (n={s['n_test']})"
 
 
-#: Package versions recorded in every evaluation's summary (`icl_kernels.environment.environment`).
+#: Package versions recorded in every evaluation's summary (`icl_kernels.utils.environment.environment`).
 VERSION_KEYS = ("icl_kernels", "torch", "transformer_lens", "transformers", "numpy", "pandas", "python", "git_commit")
 
 
@@ -66,8 +67,8 @@ def run_setup(cfg: EvalConfig, model) -> dict:
     """How the numbers were made, beside them in ``metrics.json``: the dtype, device and backend the
     model actually ran with, the demonstration selector, calibration, context fitting and versions
     (`Report.write` adds the fingerprint and the data source)."""
-    from icl_kernels import backend as tl_backend
-    from icl_kernels.environment import environment
+    from icl_kernels.models import backend as tl_backend
+    from icl_kernels.utils.environment import environment
 
     env = environment()
     return {
@@ -83,8 +84,8 @@ def run_setup(cfg: EvalConfig, model) -> dict:
 
 def run(cfg: EvalConfig, model=None, progress: bool = True) -> EvalReport:
     """Evaluate ``cfg.model`` (loaded unless given) on ``cfg.prompts``."""
-    from icl_kernels.evaluate import evaluate_icl
-    from icl_kernels.tasks import get_task
+    from icl_kernels.data.tasks.registry import get_task
+    from icl_kernels.engine.accuracy import evaluate_icl
 
     task = get_task(cfg.prompts.task)  # a bad task name fails before the model loads
     model = model if model is not None else cfg.model.load()

@@ -3,10 +3,10 @@ label-word anchors side by side on the same prompts, with causal tests.
 
 One model and task (or the synthetic world the model was trained on). The ICL prompts are split
 into a selection half (heads are ranked there) and a report half (everything causal is measured
-there). Per head, five scores (`FAMILIES`): label-attention agreement (`icl_kernels.head_scan`),
+there). Per head, five scores (`FAMILIES`): label-attention agreement (`icl_kernels.kernel.head_scan`),
 induction, previous-token and duplicate-token scores on repeated random tokens
-(`icl_kernels.induction`), and the function-vector average indirect effect on shuffled-label
-prompts (`icl_kernels.function_vectors`). Then:
+(`icl_kernels.families.induction`), and the function-vector average indirect effect on shuffled-label
+prompts (`icl_kernels.families.function_vectors`). Then:
 
 * **overlap** of every pair of families: |top-k intersection| and Spearman's rho over all heads;
 * **ablation**: each family's top-k heads mean-ablated at the prediction position of the report
@@ -20,7 +20,7 @@ prompts (`icl_kernels.function_vectors`). Then:
 * **task vectors**: ICL residuals after each layer patched into another query's zero-shot prompt,
   layer chosen on a dev split, test accuracy vs a vector from another task (`control_task`);
 * **anchors**: per-layer saliency flows and label-word isolation in the first vs last third of
-  the layers vs random non-label positions (`icl_kernels.anchors`).
+  the layers vs random non-label positions (`icl_kernels.families.anchors`).
 
 Report: tables ``heads``, ``top_heads``, ``overlap``, ``ablation``, ``function_vectors``,
 ``function_vector_selection``, ``task_vector_layers``, ``task_vectors``, ``saliency``,
@@ -41,10 +41,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from icl_kernels.config import ModelOptions, Options, PromptOptions
-from icl_kernels.errors import InvalidOptionError
+from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.utils.config import Options, PromptOptions
+from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = ["FAMILIES", "FamiliesConfig", "FamiliesReport", "run"]
 
@@ -179,7 +180,7 @@ def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int) -> pd.
 
 
 def _control_prompts(cfg: FamiliesConfig, model):
-    from icl_kernels.prompt_sets import SYNTHETIC_TASKS, study_prompts
+    from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
 
     name = cfg.control_task
     if name == "none" or cfg.prompts.task in SYNTHETIC_TASKS:
@@ -194,8 +195,8 @@ def _selected_layer_summary(model, zsl_r, label_ids, layer: int, fv, rnd, zsl_co
                             select_accuracy: float, boot: dict, kw: dict) -> dict[str, Any]:
     """Report-split accuracy of the function vector and of the random-head vector added after the
     selection-chosen ``layer``, with the paired differences against each other and zero-shot."""
-    from icl_kernels.stats import mean_difference, paired_bootstrap, proportion
-    from icl_kernels.task_vectors import run_with_residual
+    from icl_kernels.families.task_vectors import run_with_residual
+    from icl_kernels.utils.stats import mean_difference, paired_bootstrap, proportion
 
     gold = np.array([p.query_label for p in zsl_r])
 
@@ -215,15 +216,21 @@ def _selected_layer_summary(model, zsl_r, label_ids, layer: int, fv, rnd, zsl_co
 
 def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesReport:
     """Score, compare and ablate the head families on one model and task."""
-    from icl_kernels.anchors import anchor_isolation, flow_saliency
-    from icl_kernels.causal import random_head_sets
-    from icl_kernels.function_vectors import function_vector, fv_layer_sweep, indirect_effects, shuffled_label_prompts, top_heads
-    from icl_kernels.head_scan import analyze_heads
-    from icl_kernels.induction import head_pattern_scores, repeated_random_tokens
-    from icl_kernels.patching import head_means, mean_ablation, run_with_edits
-    from icl_kernels.prompt_sets import study_prompts
-    from icl_kernels.stats import bootstrap_interval, split_indices
-    from icl_kernels.task_vectors import choose_layer, task_vector_study
+    from icl_kernels.data.conditions import study_prompts
+    from icl_kernels.engine.patching import head_means, mean_ablation, run_with_edits
+    from icl_kernels.families.anchors import anchor_isolation, flow_saliency
+    from icl_kernels.families.function_vectors import (
+        function_vector,
+        fv_layer_sweep,
+        indirect_effects,
+        shuffled_label_prompts,
+        top_heads,
+    )
+    from icl_kernels.families.head_ablation import random_head_sets
+    from icl_kernels.families.induction import head_pattern_scores, repeated_random_tokens
+    from icl_kernels.families.task_vectors import choose_layer, task_vector_study
+    from icl_kernels.kernel.head_scan import analyze_heads
+    from icl_kernels.utils.stats import bootstrap_interval, split_indices
 
     started = time.time()
     if model is None:

@@ -1,7 +1,7 @@
 """``heads``: label-attention heads as kernel regression (Han et al.), end to end.
 
-For a task's k-shot prompts (`icl_kernels.prompt_sets.study_prompts`, under a `PromptCondition`),
-the model runs once per batch (`icl_kernels.head_scan.analyze_heads`) and every head is scored: how
+For a task's k-shot prompts (`icl_kernels.data.conditions.study_prompts`, under a `PromptCondition`),
+the model runs once per batch (`icl_kernels.kernel.head_scan.analyze_heads`) and every head is scored: how
 well the a-weighted vote over demonstration labels reconstructs the model's ICL prediction
 (agreement) and the gold label (accuracy), for each aggregation of a_i (max over [x_i, y_i], mean,
 label tokens). The best head is chosen on a seeded ``select_fraction`` of the prompts and reported
@@ -33,12 +33,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from icl_kernels.config import ModelOptions, Options, PromptOptions
-from icl_kernels.errors import InvalidOptionError
-from icl_kernels.prompt_sets import SYNTHETIC_TASKS, PromptCondition, study_prompts, text_of
-from icl_kernels.prompts import pad_id
+from icl_kernels.data.conditions import SYNTHETIC_TASKS, PromptCondition, study_prompts, text_of
+from icl_kernels.data.prompts import pad_id
+from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.utils.config import Options, PromptOptions
+from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS"]
 
@@ -99,7 +100,7 @@ class HeadsReport(Report):
     data: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def figures(self) -> dict[str, Any]:
-        from icl_kernels.plotting import attention_map_figure, layer_head_heatmaps, probe_figure
+        from icl_kernels.utils.plotting import attention_map_figure, layer_head_heatmaps, probe_figure
 
         summary, data = self.summary, self.data
         if not data:
@@ -175,7 +176,7 @@ def _best_by_selection(candidates: dict, model_pred, gold, select, report) -> di
 
 def _best_heads(run, layers: tuple[int, ...], select, report) -> dict[str, dict]:
     """Per aggregation: the head with the best agreement on ``select`` among ``layers``, scored on ``report``."""
-    from icl_kernels.kernel import AGGREGATIONS, held_out_best_head
+    from icl_kernels.kernel.scores import AGGREGATIONS, held_out_best_head
 
     first, last = layers[0], layers[-1] + 1
     best = {}
@@ -190,8 +191,8 @@ def _best_heads(run, layers: tuple[int, ...], select, report) -> dict[str, dict]
 
 def _minilm_baselines(sp, run, task, model_pred, gold, report) -> tuple[dict, dict]:
     """Kernel regression on MiniLM sentence embeddings of x_test and the x_i (three kernels)."""
-    from icl_kernels.encoders import minilm_encoder
-    from icl_kernels.kernel import Kernel, kernel_regression, reconstruct
+    from icl_kernels.kernel.scores import Kernel, kernel_regression, reconstruct
+    from icl_kernels.models.encoders import minilm_encoder
 
     enc = minilm_encoder()
     n = run.n_prompts
@@ -212,8 +213,8 @@ def _minilm_baselines(sp, run, task, model_pred, gold, report) -> tuple[dict, di
 
 def _similarity_and_probes(cfg: HeadsConfig, model, sp, run, pad: int, select, progress: bool):
     """Kernel similarity (Fig. 4), zero-shot predictions and key/value probes (Fig. 5)."""
-    from icl_kernels.head_scan import demo_output_similarity, probe_accuracies
-    from icl_kernels.kernel import AGGREGATIONS, head_correlation
+    from icl_kernels.kernel.head_scan import demo_output_similarity, probe_accuracies
+    from icl_kernels.kernel.scores import AGGREGATIONS, head_correlation
 
     demo_rows = [[sp.pool[i] for i in p.demo_indices] for p in sp.icl]
     sim, zs_demo, zsl_pred = demo_output_similarity(
@@ -254,7 +255,7 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
     paired bootstrap of (head agreement - baseline agreement) for every kernel-regression baseline
     (the demonstration-majority vote and MiniLM KR among them); abstentions count as disagreement.
     """
-    from icl_kernels.stats import majority_share, mean_difference, paired_bootstrap, proportion
+    from icl_kernels.utils.stats import majority_share, mean_difference, paired_bootstrap, proportion
 
     rows = torch.as_tensor(report, dtype=torch.long)
     model_pred, gold = hrun.model_predictions[rows].numpy(), hrun.gold[rows].numpy()
@@ -296,8 +297,8 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
     prompts and scored on the report prompts (the ``probes`` table). The summary's ``probes`` key
     instead takes the max of the report accuracies (chosen on the report split).
     """
-    from icl_kernels.head_scan import probe_accuracies, probe_scored_pairs
-    from icl_kernels.stats import majority_share, paired_bootstrap, split_indices
+    from icl_kernels.kernel.head_scan import probe_accuracies, probe_scored_pairs
+    from icl_kernels.utils.stats import majority_share, paired_bootstrap, split_indices
 
     select = np.asarray(select)
     fit, choose = split_indices(len(select), 0.5, cfg.prompts.seed, stream="probe_layer_split")
@@ -341,10 +342,10 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
 
 def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     """Run the whole heads analysis for one configuration (loads ``cfg.model`` unless given)."""
-    from icl_kernels.head_scan import analyze_heads, head_kernel_regression, resid_kernel_regression
-    from icl_kernels.kernel import class_votes, heads_frame, reconstruct
-    from icl_kernels.stats import split_indices
-    from icl_kernels.tasks import get_task
+    from icl_kernels.data.tasks.registry import get_task
+    from icl_kernels.kernel.head_scan import analyze_heads, head_kernel_regression, resid_kernel_regression
+    from icl_kernels.kernel.scores import class_votes, heads_frame, reconstruct
+    from icl_kernels.utils.stats import split_indices
 
     started = time.time()
     synthetic = cfg.prompts.task in SYNTHETIC_TASKS

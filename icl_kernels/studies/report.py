@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from icl_kernels.config import Options
-from icl_kernels.io import write_csv, write_json
+from icl_kernels.utils.config import Options
+from icl_kernels.utils.io import write_csv, write_json
 
 __all__ = ["Report", "finite", "flatten"]
 
@@ -95,9 +95,9 @@ class Report:
                 if k.split(".")[0] not in self.volatile_keys and not isinstance(v, list)}
 
     def record(self) -> dict[str, Any]:
-        """What identifies this run (`icl_kernels.fingerprint.run_record`): fingerprint, resume key,
+        """What identifies this run (`icl_kernels.studies.identity.run_record`): fingerprint, resume key,
         configuration, model identity and data source."""
-        from icl_kernels.fingerprint import run_record
+        from icl_kernels.studies.identity import run_record
 
         return run_record(self.study, self.config)
 
@@ -105,8 +105,8 @@ class Report:
         """Write ``fingerprint.json``, tables, ``config.json``, ``environment.json``, figures and,
         last, the summary into ``out``; the summary and ``config.json`` carry the run's
         ``fingerprint`` and ``data_source``."""
-        from icl_kernels.fingerprint import write_record
-        from icl_kernels.plotting import write_html
+        from icl_kernels.studies.identity import write_record
+        from icl_kernels.utils.plotting import write_html
 
         record = self.record()
         stamp = {"fingerprint": record["fingerprint"], "data_source": record["data_source"]}
@@ -116,7 +116,7 @@ class Report:
                 write_csv(out / f"{name}.csv", frame.to_dict("records"))
         write_json(out / "config.json", {"study": self.study, **self.config.to_dict(), **stamp})
         if environment:
-            from icl_kernels.environment import environment as env
+            from icl_kernels.utils.environment import environment as env
 
             write_json(out / "environment.json", env())
         if figures:

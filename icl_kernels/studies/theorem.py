@@ -1,9 +1,9 @@
 """``theorem``: Theorem 1 of Han et al. simulated on the synthetic mixture-of-HMMs world.
 
-`icl_kernels.theorem.simulate` compares, for growing numbers of demonstrations, the exact Bayes
+`icl_kernels.kernel.theorem_one.simulate` compares, for growing numbers of demonstrations, the exact Bayes
 predictive, the concept-knowing oracle, the theorem's kernel regression (``features``: ``forward``,
 ``operator``) and the demonstrations' label frequencies (table ``theorem``). With ``model`` (a model
-trained on the synthetic world, e.g. ``synthetic-gpt-neo``), `icl_kernels.theorem.model_behaviour`
+trained on the synthetic world, e.g. ``synthetic-gpt-neo``), `icl_kernels.kernel.theorem_one.model_behaviour`
 asks the same of the model and of its best label-attention head (table ``model``; shot counts whose
 prompts exceed the model's context are left out). The world is ``world`` (a ``world.json``), else
 the one next to the model, else the default world. Figure ``theorem``: accuracy and agreement with
@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from icl_kernels.config import Options
-from icl_kernels.errors import InvalidOptionError
-from icl_kernels.stats import proportion
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.utils.config import Options
+from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.stats import proportion
 
 __all__ = ["TheoremConfig", "TheoremReport", "run"]
 
@@ -48,8 +48,8 @@ class TheoremConfig(Options):
     model_n: int = field(default=300, metadata={"help": "model prompts per demonstration count"})
 
     def __post_init__(self) -> None:
-        from icl_kernels.config import ModelOptions
-        from icl_kernels.theorem import FEATURES
+        from icl_kernels.kernel.theorem_one import FEATURES
+        from icl_kernels.models.options import ModelOptions
 
         self.shots, self.model_shots, self.features = tuple(self.shots), tuple(self.model_shots), tuple(self.features)
         problems = []
@@ -77,7 +77,7 @@ class TheoremReport(Report):
     """Tables ``theorem`` (simulation) and ``model`` (trained model, when given); figure ``theorem``."""
 
     def figures(self) -> dict[str, Any]:
-        from icl_kernels.theorem import theorem_figure
+        from icl_kernels.kernel.theorem_one import theorem_figure
 
         return {"theorem": theorem_figure(self.tables["theorem"], self.tables.get("model"))}
 
@@ -95,8 +95,7 @@ class TheoremReport(Report):
 
 
 def _world(cfg: TheoremConfig):
-    from icl_kernels.models import synthetic_world
-    from icl_kernels.synthetic import load_world, make_world
+    from icl_kernels.data.synthetic_world import load_world, make_world, synthetic_world
 
     if cfg.world:
         return load_world(cfg.world)
@@ -107,14 +106,14 @@ def _world(cfg: TheoremConfig):
 
 def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
     """The simulation, and the behaviour of ``model`` (or ``cfg.model``, loaded) when there is one."""
-    from icl_kernels.theorem import model_behaviour, simulate
+    from icl_kernels.kernel.theorem_one import model_behaviour, simulate
 
     world = _world(cfg)
     sim = simulate(world, shots=cfg.shots, n=cfg.n, seed=cfg.seed, features=cfg.features)
     behaviour = None
     if cfg.model or model is not None:
         if model is None:
-            from icl_kernels.models import load_model
+            from icl_kernels.models.loading import load_model
 
             model = load_model(cfg.model, device=cfg.device, backend=cfg.backend)
         shots = [k for k in cfg.model_shots if world.prompt_len(k) <= model.cfg.n_ctx]

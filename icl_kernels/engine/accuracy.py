@@ -1,0 +1,184 @@
+"""Scoring label words and measuring zero-shot and k-shot accuracy.
+
+Each class is scored by the log-probability of its full label continuation at the prediction
+position (the sum over its tokens), so multi-token label words are handled exactly. Logits are
+computed only where they are needed: the forward pass stops at the input of the unembedding
+(``unembed.hook_in``) and only the scored positions are unembedded, which matters for Gemma's 262k
+vocabulary.
+
+Accuracy comes with a Wilson 95% interval. Contextual calibration (Zhao et al. 2021) divides the
+label probabilities by those the same prompt gives to a content-free query (``"N/A"``), then
+renormalises; it corrects the label prior that demonstrations set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from icl_kernels.data.prompts import IclPrompt, PromptBuilder, make_prompts, pad_id
+from icl_kernels.engine.capture import NonFiniteLogitsError, label_log_probs
+from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.stats import wilson_interval
+
+
+@dataclass
+class Accuracy:
+    """Accuracy with its Wilson 95% interval and how often each class was predicted."""
+
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    n: int
+    prediction_rate: list[float]
+
+    @classmethod
+    def of(cls, predictions: np.ndarray, gold: np.ndarray, n_classes: int) -> Accuracy:
+        correct = int((predictions == gold).sum())
+        low, high = wilson_interval(correct, len(gold))
+        rate = np.bincount(predictions, minlength=n_classes) / max(1, len(predictions))
+        return cls(correct / max(1, len(gold)), low, high, len(gold), [float(r) for r in rate])
+
+
+def calibrate(
+    log_probs: Float[Tensor, "batch n_classes"], content_free_log_probs: Float[Tensor, "batch n_classes"]
+) -> Float[Tensor, "batch n_classes"]:
+    """Contextual calibration: p(y) / p_cf(y), both normalised over the classes, in log space."""
+    return log_probs.log_softmax(-1) - content_free_log_probs.log_softmax(-1)
+
+
+CONTENT_FREE_TEXT = "N/A"
+
+
+@dataclass
+class IclEvaluation:
+    """Zero-shot and k-shot results on one task, model, shot count and seed."""
+
+    model: str
+    task: str
+    shots: int
+    n_test: int
+    seed: int
+    zsl: Accuracy
+    icl: Accuracy
+    icl_calibrated: Accuracy | None
+    n_demos_used: list[int]
+    label_words: list[str]
+    rows: list[dict] = field(repr=False, default_factory=list)
+
+    def metrics(self) -> dict:
+        """The flat dictionary written to ``metrics.json``."""
+        out = {
+            "model": self.model, "task": self.task, "shots": self.shots, "n_test": self.n_test,
+            "seed": self.seed, "label_words": self.label_words,
+            "zsl_accuracy": self.zsl.accuracy, "zsl_ci95": [self.zsl.ci_low, self.zsl.ci_high],
+            "icl_accuracy": self.icl.accuracy, "icl_ci95": [self.icl.ci_low, self.icl.ci_high],
+            "zsl_prediction_rate": self.zsl.prediction_rate,
+            "icl_prediction_rate": self.icl.prediction_rate,
+            "mean_demos_used": float(np.mean(self.n_demos_used)) if self.n_demos_used else 0.0,
+        }
+        if self.icl_calibrated is not None:
+            out.update(
+                icl_calibrated_accuracy=self.icl_calibrated.accuracy,
+                icl_calibrated_ci95=[self.icl_calibrated.ci_low, self.icl_calibrated.ci_high],
+                icl_calibrated_prediction_rate=self.icl_calibrated.prediction_rate,
+            )
+        return out
+
+
+def _content_free(builder: PromptBuilder, prompt: IclPrompt, pool) -> IclPrompt:
+    fields = {name: CONTENT_FREE_TEXT for name in builder.task.text_fields}
+    demos = [pool[i] for i in prompt.demo_indices]
+    return builder.build(demos, fields, demo_labels=list(prompt.demo_labels), demo_indices=prompt.demo_indices)
+
+
+def evaluate_icl(
+    model,
+    task,
+    *,
+    shots: int = 8,
+    n_test: int = 100,
+    seed: int = 0,
+    batch_size: int = 4,
+    balanced: bool = True,
+    calibrated: bool = True,
+    drop_demos_to_fit: bool = False,
+    builder: PromptBuilder | None = None,
+    progress: bool = True,
+) -> IclEvaluation:
+    """Zero-shot and ``shots``-shot accuracy on the first ``n_test`` test examples (seeded split).
+
+    Demonstrations are drawn per query from the train split (class-balanced by default).
+    """
+    from icl_kernels.data.prompts import RandomSelector
+
+    data = task.load(seed=seed)
+    pool, test = data["train"], data["test"]
+    if n_test > len(test):
+        raise InvalidOptionError(f"n_test={n_test} but task {task.name!r} has {len(test)} test examples; use fewer.")
+    queries = test.select(range(n_test))
+    builder = builder or PromptBuilder(
+        task, model.tokenizer, n_ctx=model.cfg.n_ctx, drop_demos_to_fit=drop_demos_to_fit
+    )
+    pad = pad_id(model)
+    selector = RandomSelector(balanced=balanced)
+    zsl_prompts = make_prompts(builder, pool, queries, 0, seed=seed)
+    icl_prompts = make_prompts(builder, pool, queries, shots, seed=seed, selector=selector)
+    to_score = [("zsl", zsl_prompts), ("icl", icl_prompts)]
+    if calibrated:
+        to_score.append(("cf", [_content_free(builder, p, pool) for p in icl_prompts]))
+    scores = {}
+    bar = tqdm(total=sum(len(p) for _, p in to_score), desc=f"{task.name} {shots}-shot", disable=not progress)
+    what = {"zsl": "zero-shot", "icl": f"{shots}-shot", "cf": "content-free (calibration)"}
+    for name, prompts in to_score:
+        parts = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            try:
+                parts.append(label_log_probs(model, chunk, builder.label_ids, batch_size=batch_size,
+                                             pad_token_id=pad, first_index=start))
+            except NonFiniteLogitsError as error:
+                bar.close()
+                raise NonFiniteLogitsError(f"{what[name]} prompts (prompt i is test query i): {error}") from None
+            bar.update(len(chunk))
+        scores[name] = torch.cat(parts)
+    bar.close()
+    gold = np.asarray(queries["label"])
+    n_classes = task.n_classes
+    zsl_pred = scores["zsl"].argmax(-1).numpy()
+    icl_pred = scores["icl"].argmax(-1).numpy()
+    cal_pred = calibrate(scores["icl"], scores["cf"]).argmax(-1).numpy() if calibrated else None
+    rows = []
+    text_field = task.text_fields[0]
+    for i in range(n_test):
+        row = {
+            "index": i, "text": queries[i][text_field], "gold": int(gold[i]),
+            "zsl_pred": int(zsl_pred[i]), "icl_pred": int(icl_pred[i]),
+            "n_demos": icl_prompts[i].n_demos, "prompt_tokens": len(icl_prompts[i]),
+            "demo_indices": " ".join(str(j) for j in icl_prompts[i].demo_indices),  # which were used
+        }
+        if cal_pred is not None:
+            row["icl_calibrated_pred"] = int(cal_pred[i])
+        for c in range(n_classes):
+            row[f"icl_logp_{c}"] = float(scores["icl"][i, c])
+            row[f"zsl_logp_{c}"] = float(scores["zsl"][i, c])
+        rows.append(row)
+    return IclEvaluation(
+        model=str(getattr(model, "_icl_model_name", "")),
+        task=task.name, shots=shots, n_test=n_test, seed=seed,
+        zsl=Accuracy.of(zsl_pred, gold, n_classes),
+        icl=Accuracy.of(icl_pred, gold, n_classes),
+        icl_calibrated=Accuracy.of(cal_pred, gold, n_classes) if cal_pred is not None else None,
+        n_demos_used=[p.n_demos for p in icl_prompts],
+        label_words=list(builder.label_words),
+        rows=rows,
+    )
+
+
+def accuracy_dict(acc: Accuracy) -> dict:
+    return asdict(acc)

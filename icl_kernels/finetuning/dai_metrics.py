@@ -1,0 +1,591 @@
+"""ICL vs finetuning, head by head: Dai et al.'s metrics with the controls their critics asked for.
+
+Setup. An *episode* is one set of k demonstrations shared by a group of test queries (the
+original used one set for the whole test split; the synthetic world uses one per latent concept).
+For every query three runs are compared:
+
+* ZSL: the original model on the zero-shot prompt ``[BOS] x``;
+* ICL: the original model on the k-shot prompt ``[BOS] x_1 y_1 sep ... x_k y_k sep x``;
+* FT: the model finetuned on the episode's demonstrations (`icl_kernels.finetuning.finetune`) on ``[BOS] x``.
+
+Everything is read at an explicit *recording position*: ``"prediction"`` (the last prompt token,
+whose next-token distribution is the prediction; the default) or ``"first-label"`` (the first token
+of the first class's label word appended after the prompt: what the original code recorded).
+Predictions always come from the prediction position (the first token of each label word).
+Each run is one forward pass recorded by `icl_kernels.finetuning.recording.record`.
+
+Metrics (papers.md part A):
+
+* accuracy of ZSL, FT and ICL;
+* Rec2FTP = N(FT right, ZSL wrong, ICL right) / N(FT right, ZSL wrong). Chance correction: the same
+  rate among *all* ZSL-wrong queries, ``b = P(ICL right | ZSL wrong)``, is what Rec2FTP would be if
+  FT's successes told nothing about ICL's; ``rec2ftp_chance = (Rec2FTP - b) / (1 - b)`` (0: no
+  more overlap than chance, 1: ICL recalls every FT success);
+* SimAOU per layer: ``cos(h_ICL - h_ZSL, h_FT - h_ZSL)`` with ``h`` the attention-module output
+  (``hook_attn_out``) at the recording position. Baselines: the same cosine with a zero-mean
+  isotropic Gaussian direction instead of the FT update (``simaou_random``), and the whole metric
+  on an *untrained* model of the same architecture (random weights, finetuned the same way:
+  ``simaou_untrained``; Deutch et al.'s control);
+* SimAM per layer and head: cosine between attention weights (softmax) from the recording position
+  to the query's own tokens (demonstrations and BOS excluded): before = cos(ICL, ZSL), after =
+  cos(ICL, FT);
+* Kendall tau-b per layer between the ICL side, pre-softmax scores of the recording position to
+  every visible demonstration token summed over heads, and the FT side, ``sum_heads Q'^T q`` with
+  ``Q'`` the queries recorded for each training token during finetuning and ``q`` the finetuned
+  model's query at the recording position (both in the rotary-free frame of
+  `icl_kernels.finetuning.relaxation`, so token positions do not enter). Baseline: tau with uniform noise;
+* the direct comparison: dW_ICL (demonstration part of the relaxed attention, ``d_head x d_head``
+  per head) against the change that finetuning made to the zero-shot map,
+  ``dW_FT = W_ZSL(FT model) - W_ZSL(original)`` on the zero-shot prompt: cosine of the matrices,
+  cosine of their action on the zero-shot query, and norms; plus the Frobenius norms of the actual
+  updates of ``W_K`` and ``W_V``.
+
+Means: per layer over queries (NaN-aware), then over layers (and heads for SimAM). Each query's
+relaxed identity ``(W_ZSL + dW_ICL) q == relaxed z`` is checked on the fly; the worst error is
+reported (``identity_max_abs_error``).
+
+The learning rate is chosen once, for all episodes, by `icl_kernels.finetuning.finetune.select_lr` on the
+episodes' development queries (zero-shot prompts scored after finetuning); the untrained control is
+finetuned with the same rate. `compare_icl_with_finetuning` runs everything and returns the summary
+metrics and tidy per-layer, per-head and per-query rows (`CompareResult`); the ``compare`` study
+(`icl_kernels.studies.compare`) builds the episodes from a task or the synthetic world.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from icl_kernels.data.prompts import IclPrompt
+from icl_kernels.engine.capture import final_residual, unembed
+from icl_kernels.engine.hooks import attention_spec, repeat_kv, visibility_mask
+from icl_kernels.finetuning.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weights, select_lr
+from icl_kernels.finetuning.recording import POSITIONS, Record, record, recording_tokens
+from icl_kernels.finetuning.relaxation import decompose, linear_attention, stable_rank
+from icl_kernels.models import backend as tl_backend
+from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.stats import UNTRAINED_SEED_OFFSET, cosine, kendall_tau, mean_difference, paired_bootstrap, proportion
+
+__all__ = [
+    "Episode",
+    "rec2ftp",
+    "training_sequences",
+    "first_label_tokens",
+    "ComparisonSettings",
+    "CompareResult",
+    "compare_icl_with_finetuning",
+    "untrained_copy",
+    "demo_token_mask",
+]
+
+# ------------------------------------------------------------------------------------------------
+# Pure scores
+# ------------------------------------------------------------------------------------------------
+
+
+def rec2ftp(
+    zsl_right: Bool[Tensor, " n"] | np.ndarray, ft_right: Bool[Tensor, " n"] | np.ndarray,
+    icl_right: Bool[Tensor, " n"] | np.ndarray,
+) -> dict:
+    """Rec2FTP, its chance level ``P(ICL right | ZSL wrong)`` and the chance-corrected value."""
+    zsl, ft, icl = (np.asarray(a, dtype=bool) for a in (zsl_right, ft_right, icl_right))
+    ftp = ft & ~zsl
+    zsl_wrong = ~zsl
+    rec = float((ftp & icl).sum() / ftp.sum()) if ftp.sum() else float("nan")
+    base = float((zsl_wrong & icl).sum() / zsl_wrong.sum()) if zsl_wrong.sum() else float("nan")
+    if math.isnan(rec) or math.isnan(base) or base >= 1.0:
+        corrected = float("nan")
+    else:
+        corrected = (rec - base) / (1.0 - base)
+    return dict(rec2ftp=rec, rec2ftp_baseline=base, rec2ftp_chance=corrected, n_ftp=int(ftp.sum()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts and episodes
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Episode:
+    """Demonstrations shared by a group of queries, and the development queries for the lr search.
+
+    ``icl_prompts[i]`` and ``zsl_prompts[i]`` are the same query with and without the demonstrations;
+    ``train_sequences`` are the demonstrations as finetuning sequences (``[BOS] x_i y_i``).
+    """
+
+    icl_prompts: list[IclPrompt]
+    zsl_prompts: list[IclPrompt]
+    gold: list[int]
+    train_sequences: list[list[int]]
+    dev_prompts: list[IclPrompt] = field(default_factory=list)
+    dev_gold: list[int] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not (len(self.icl_prompts) == len(self.zsl_prompts) == len(self.gold)):
+            raise ValueError("An episode needs one ICL prompt, one zero-shot prompt and one gold label per query.")
+        if len(self.dev_prompts) != len(self.dev_gold):
+            raise ValueError("An episode needs one gold label per development prompt.")
+        for prompt in self.icl_prompts:
+            if prompt.bos_position != 0:
+                raise ValueError(
+                    "Prompts must start with a BOS (or delimiter) token: the finetuning sequences and the "
+                    "recorded training queries are aligned through it."
+                )
+
+
+def training_sequences(prompt: IclPrompt) -> list[list[int]]:
+    """The demonstrations of a prompt as finetuning sequences: BOS then the tokens of ``x_i y_i``."""
+    if prompt.bos_position != 0:
+        raise ValueError("training_sequences needs a prompt that starts with BOS.")
+    bos = prompt.tokens[0]
+    return [[bos, *prompt.tokens[start:end]] for start, end in prompt.demo_spans]
+
+
+def first_label_tokens(label_ids: Sequence[Sequence[int]]) -> list[int]:
+    """First token of each label word; they must differ (classes are scored by it)."""
+    first = [int(ids[0]) for ids in label_ids]
+    if len(set(first)) != len(first):
+        raise ValueError(
+            f"Label words share a first token ({first}); this comparison scores classes by their first "
+            "token. Choose label words whose first tokens differ."
+        )
+    return first
+
+
+def demo_token_mask(prompt: IclPrompt, width: int) -> Bool[Tensor, "1 pos"]:
+    """The keys of a recorded ICL prompt (``width`` tokens) that make dW_ICL: the demonstrations and
+    their separators, ``1 .. query_span[0] - 1``. BOS, the query's own tokens and anything recorded
+    after them (the appended first label token) belong to W_ZSL, as in the zero-shot prompt.
+    """
+    start = prompt.query_span[0]
+    if not 1 <= start <= width:
+        raise ValueError(f"The query starts at {start}, outside a recorded prompt of {width} tokens.")
+    mask = torch.zeros(1, width, dtype=torch.bool)
+    mask[0, 1:start] = True
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComparisonSettings:
+    """How one comparison runs: recording position, learning rate (fixed or searched), noise seed."""
+
+    position: str = "prediction"
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    lr: float | None = None  # fixed learning rate: skip the development search
+    seed: int = 0
+    direct: bool = True  # the dW_ICL vs finetuning-update comparison
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise InvalidOptionError(f"position must be one of {POSITIONS}, not {self.position!r}.")
+        if self.lr is None and not self.lrs:
+            raise InvalidOptionError("Give a learning rate (lr=) or candidates to search (lrs=).")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise InvalidOptionError(f"lr must be positive and finite, not {self.lr}.")
+
+
+@dataclass
+class CompareResult:
+    """Summary metrics (``metrics``), tidy per-layer / per-head / per-query rows, lr search table."""
+
+    metrics: dict
+    layers: list[dict]
+    heads: list[dict]
+    examples: list[dict]
+    lr_table: list[dict]
+    timing: dict = field(default_factory=dict)
+
+
+def _predict(rec: Record) -> int:
+    return int(rec.label_log_probs.argmax())
+
+
+def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], label_tokens) -> tuple[float, float]:
+    right, total, gold_lp = 0, 0, 0.0
+    for result, episode in zip(tuned, episodes):
+        with result.applied() as model:
+            for prompt, gold in zip(episode.dev_prompts, episode.dev_gold):
+                rec = _prediction_log_probs(model, list(prompt.tokens), label_tokens)
+                right += int(int(rec.argmax()) == gold)
+                gold_lp += float(rec.log_softmax(-1)[gold])
+                total += 1
+    if total == 0:
+        raise ValueError("No development queries: the learning rate cannot be chosen; give lr= or dev prompts.")
+    return right / total, gold_lp / total
+
+
+def _prediction_log_probs(model, tokens: Sequence[int], label_tokens) -> Tensor:
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=tl_backend.model_device(model))
+    with torch.no_grad():
+        resid = final_residual(model, ids)[0, -1]
+        logits = unembed(model, resid[None])[0].double()
+    return logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)].cpu()
+
+
+class _ModelPass:
+    """One model's pass over the episodes: finetuning and per-query metrics (trained or untrained)."""
+
+    def __init__(self, model, episodes, label_tokens, cfg: ComparisonSettings, lr: float, *, direct: bool):
+        self.model = model
+        self.episodes = episodes
+        self.label_tokens = label_tokens
+        self.cfg = cfg
+        self.lr = lr
+        self.direct = direct
+        self.n_layers = model.cfg.n_layers
+        self.n_heads = model.cfg.n_heads
+        self.rows: list[dict] = []
+        self.per_layer: dict[str, list[Tensor]] = {}
+        self.per_head: dict[str, list[Tensor]] = {}
+        self.ft_update_rows: list[dict] = []
+        self.identity_error = 0.0
+        self.ft_seconds = 0.0
+
+    def add(self, store: dict, name: str, value: Tensor) -> None:
+        store.setdefault(name, []).append(value.double())
+
+    def run(self, progress: Callable[[int], None] | None = None, generator: torch.Generator | None = None) -> None:
+        gen = generator or torch.Generator().manual_seed(self.cfg.seed)
+        for e, episode in enumerate(self.episodes):
+            start = time.perf_counter()
+            tuned = finetune(self.model, episode.train_sequences, self.lr, record_queries=True)
+            self.ft_seconds += time.perf_counter() - start
+            self._record_ft_updates(e, tuned)
+            train_q = tuned.all_queries()  # [layer n_tok head d]
+            for i, (icl_p, zsl_p, gold) in enumerate(zip(episode.icl_prompts, episode.zsl_prompts, episode.gold)):
+                self._compare_query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen)
+                if progress is not None:
+                    progress(1)
+            del tuned
+
+    def _record_ft_updates(self, episode: int, tuned: FinetuneResult) -> None:
+        for layer in range(self.n_layers):
+            k0, v0 = kv_weights(self.model, layer)
+            with tuned.applied() as tuned_model:
+                k1, v1 = kv_weights(tuned_model, layer)
+            self.ft_update_rows.append(dict(
+                episode=episode, layer=layer,
+                dwk_norm=float((k1 - k0).double().norm()), dwv_norm=float((v1 - v0).double().norm()),
+                wk_norm=float(k0.double().norm()), wv_norm=float(v0.double().norm()),
+            ))
+
+    def _compare_query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen):
+        pos = self.cfg.position
+        first = self.label_tokens[0]
+        icl_tokens, icl_pred, icl_rec = recording_tokens(icl_p, pos, first)
+        zsl_tokens, zsl_pred, zsl_rec = recording_tokens(zsl_p, pos, first)
+        direct = self.direct
+        icl = record(self.model, icl_tokens, icl_pred, icl_rec, self.label_tokens, with_kv=direct)
+        zsl = record(self.model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct)
+        with tuned.applied() as tuned_model:
+            ft = record(tuned_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct)
+        row = dict(episode=e, index=i, gold=int(gold), zsl_pred=_predict(zsl), icl_pred=_predict(icl),
+                   ft_pred=_predict(ft), n_demo_tokens=sum(b - a for a, b in icl_p.demo_spans))
+        self.rows.append(row)
+        # SimAOU and its isotropic random baseline
+        d_icl = icl.attn_out - zsl.attn_out
+        self.add(self.per_layer, "simaou", cosine(d_icl, ft.attn_out - zsl.attn_out))
+        noise = torch.randn(d_icl.shape, generator=gen, dtype=torch.float64)
+        self.add(self.per_layer, "simaou_random", cosine(d_icl, noise))
+        # SimAM: attention weights to the query's own tokens
+        qi = slice(*icl_p.query_span)
+        qz = slice(*zsl_p.query_span)
+        a_icl, a_zsl, a_ft = icl.pattern[..., qi], zsl.pattern[..., qz], ft.pattern[..., qz]
+        self.add(self.per_head, "simam_before", cosine(a_icl, a_zsl))
+        self.add(self.per_head, "simam_after", cosine(a_icl, a_ft))
+        # Kendall: ICL scores to demo tokens vs the finetuned query against the training queries
+        demo_positions = torch.cat([torch.arange(a, b) for a, b in icl_p.demo_spans])
+        if len(demo_positions) != train_q.shape[1]:
+            raise RuntimeError(
+                f"{len(demo_positions)} demonstration tokens but {train_q.shape[1]} training queries: "
+                "the finetuning sequences do not match the prompt's demonstrations."
+            )
+        taus, randoms = [], []
+        for layer in range(self.n_layers):
+            icl_side = icl.scores[layer][:, demo_positions]  # [head n_tok]
+            visible = torch.isfinite(icl_side[0])
+            icl_side = icl_side[:, visible].sum(0)
+            ft_side = torch.einsum("thd,hd->t", train_q[layer][visible].double(), ft.q[layer].double())
+            taus.append(kendall_tau(icl_side, ft_side))
+            randoms.append(kendall_tau(icl_side, torch.rand(icl_side.shape, generator=gen, dtype=torch.float64)))
+        self.add(self.per_layer, "kendall", torch.tensor(taus))
+        self.add(self.per_layer, "kendall_random", torch.tensor(randoms))
+        if direct:
+            self._compare_updates(icl_p, zsl_p, icl, zsl, ft)
+
+    def _compare_updates(self, icl_p, zsl_p, icl: Record, zsl: Record, ft: Record) -> None:
+        demo_mask = demo_token_mask(icl_p, len(icl.k[0]))  # demonstrations and separators
+        no_demo = torch.zeros(1, len(zsl.k[0]), dtype=torch.bool)
+        cos_m, cos_o, n_icl, n_ft, n_zsl, srank = [], [], [], [], [], []
+        per_token = {"dw_icl_norm_per_token": [], "w_zsl_norm_per_token": [], "w_zsl_zsl_run_norm": [],
+                     "w_zsl_zsl_run_norm_per_token": []}
+        for layer in range(self.n_layers):
+            spec = attention_spec(self.model, layer)
+
+            def split(rec: Record, mask: Tensor):
+                p = torch.tensor([rec.recording_position])
+                return decompose(rec.q_full[layer][None].double(), rec.k[layer][None].double(),
+                                 rec.v[layer][None].double(), spec, p, mask)
+
+            d_icl = split(icl, demo_mask)
+            d_zsl = split(zsl, no_demo)
+            d_ft = split(ft, no_demo)
+            # relaxed identity at the recording position
+            p = icl.recording_position
+            q, k, v = (t[layer][None].double() for t in (icl.q_full, icl.k, icl.v))
+            visible = visibility_mask(1, k.shape[1], spec.window, query_offset=p)
+            z = linear_attention(q[:, p : p + 1], repeat_kv(k, spec.group_size), repeat_kv(v, spec.group_size), visible)
+            self.identity_error = max(self.identity_error, float((d_icl.output()[0] - z[0, 0]).abs().max()))
+            dw_icl = d_icl.dw_icl[0]  # [head d d]
+            dw_ft = d_ft.w_zsl[0] - d_zsl.w_zsl[0]
+            cos_m.append(cosine(dw_icl.flatten(1), dw_ft.flatten(1)))
+            qz = d_zsl.q[0]
+            cos_o.append(cosine(torch.einsum("hde,he->hd", dw_icl, qz), torch.einsum("hde,he->hd", dw_ft, qz)))
+            n_icl.append(dw_icl.flatten(1).norm(dim=-1))
+            n_ft.append(dw_ft.flatten(1).norm(dim=-1))
+            n_zsl.append(d_icl.w_zsl[0].flatten(1).norm(dim=-1))
+            srank.append(stable_rank(dw_icl))
+            # per token: each map divided by the number of visible keys that built it (same ICL run);
+            # W_ZSL of the zero-shot run beside it
+            n_demo = d_icl.n_demo_visible[0].double()
+            n_own = _visible_keys(p, spec.window) - n_demo
+            n_zsl_keys = _visible_keys(zsl.recording_position, spec.window)
+            per_token["dw_icl_norm_per_token"].append(
+                n_icl[-1] / n_demo if n_demo > 0 else torch.full_like(n_icl[-1], float("nan")))
+            per_token["w_zsl_norm_per_token"].append(n_zsl[-1] / n_own)
+            per_token["w_zsl_zsl_run_norm"].append(d_zsl.w_zsl[0].flatten(1).norm(dim=-1))
+            per_token["w_zsl_zsl_run_norm_per_token"].append(per_token["w_zsl_zsl_run_norm"][-1] / n_zsl_keys)
+        self.add(self.per_head, "dw_cosine", torch.stack(cos_m))
+        self.add(self.per_head, "dw_output_cosine", torch.stack(cos_o))
+        self.add(self.per_head, "dw_icl_norm", torch.stack(n_icl))
+        self.add(self.per_head, "dw_ft_norm", torch.stack(n_ft))
+        self.add(self.per_head, "w_zsl_norm", torch.stack(n_zsl))
+        self.add(self.per_head, "dw_icl_stable_rank", torch.stack(srank))
+        for name, values in per_token.items():
+            self.add(self.per_head, name, torch.stack(values))
+
+    # -- summaries -------------------------------------------------------------------------------
+    def layer_means(self) -> dict[str, Tensor]:
+        out = {name: torch.stack(values).nanmean(0) for name, values in self.per_layer.items()}
+        for name, values in self.per_head.items():
+            out[name] = torch.stack(values).nanmean(0).nanmean(-1)
+        return out
+
+    def head_means(self) -> dict[str, Tensor]:
+        return {name: torch.stack(values).nanmean(0) for name, values in self.per_head.items()}
+
+    def intervals(self, groups: np.ndarray | None) -> dict:
+        """95% intervals of the accuracies, their paired differences, Rec2FTP and the metric means.
+
+        The unit is the query (``groups=None``; accuracies get Wilson intervals) or, with one episode
+        label per query, the demonstration set (cluster bootstrap: whole episodes resampled).
+        """
+        unit = "queries" if groups is None else "demonstration sets"
+        gold = np.array([r["gold"] for r in self.rows])
+        right = {k: (np.array([r[f"{k}_pred"] for r in self.rows]) == gold).astype(float) for k in ("zsl", "ft", "icl")}
+
+        def boot(statistic, arrays):
+            with warnings.catch_warnings():  # resamples whose values are all NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return paired_bootstrap(statistic, arrays, unit, groups=groups, seed=self.cfg.seed)
+
+        out: dict = {"unit": unit}
+        for k, v in right.items():
+            out[f"{k}_accuracy"] = proportion(v.astype(bool), unit=unit) if groups is None else boot(np.mean, [v])
+        for a, b in (("icl", "ft"), ("ft", "zsl"), ("icl", "zsl")):
+            out[f"{a}_minus_{b}_accuracy"] = boot(mean_difference, [right[a], right[b]])
+        for key in ("rec2ftp", "rec2ftp_chance"):
+            out[key] = boot(lambda z, f, i, key=key: rec2ftp(z > 0, f > 0, i > 0)[key],
+                            [right["zsl"], right["ft"], right["icl"]])
+        for name, values in self.per_layer.items():
+            out[name] = boot(lambda x: float(np.nanmean(np.nanmean(x, 0))), [torch.stack(values).numpy()])
+        for name, values in self.per_head.items():
+            out[name] = boot(lambda x: float(np.nanmean(np.nanmean(np.nanmean(x, 0), -1))),
+                             [torch.stack(values).numpy()])
+        return out
+
+    def accuracies(self) -> dict:
+        gold = np.array([r["gold"] for r in self.rows])
+        right = {k: np.array([r[f"{k}_pred"] for r in self.rows]) == gold for k in ("zsl", "ft", "icl")}
+        out = {f"{k}_accuracy": float(v.mean()) for k, v in right.items()}
+        out.update(rec2ftp(right["zsl"], right["ft"], right["icl"]))
+        return out
+
+
+def _visible_keys(position: int, window: int | None) -> float:
+    """How many keys a position sees (causal, within a local window)."""
+    return float(position + 1 if window is None else min(position + 1, window))
+
+
+def _mean(x: Tensor) -> float:
+    return float(x.double().nanmean())
+
+
+def untrained_copy(model: tl_backend.Model, name: str, seed: int = 0) -> tl_backend.Model:
+    """The same architecture with freshly initialised (random) weights, on the same backend and device.
+
+    Initialised by Hugging Face's own scheme with ``torch.manual_seed(UNTRAINED_SEED_OFFSET + seed)``
+    (`icl_kernels.utils.stats.UNTRAINED_SEED_OFFSET`); ``name`` is the original model's name, and the copy
+    is called ``untrained-<name>``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from icl_kernels.models.loading import hf_to_transformer_lens
+
+    config = tl_backend.hf_config(model)
+    if config is None:
+        raise ValueError("The model has no Hugging Face config; load it with icl_kernels.load_model.")
+    dtype = tl_backend.model_dtype(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_SEED_OFFSET + seed)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype).eval()
+    return hf_to_transformer_lens(
+        hf, model.tokenizer, backend=tl_backend.backend_of(model), device=tl_backend.model_device(model),
+        dtype=dtype, n_ctx=model.cfg.n_ctx, name=f"untrained-{name}",
+    )
+
+
+def compare_icl_with_finetuning(
+    model: tl_backend.Model,
+    episodes: Sequence[Episode],
+    label_ids: Sequence[Sequence[int]],
+    cfg: ComparisonSettings | None = None,
+    *,
+    untrained: tl_backend.Model | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> CompareResult:
+    """Run ZSL, ICL and FT on every query of every episode and compute all metrics.
+
+    ``untrained``: a random-weight model of the same architecture (`untrained_copy`) for the
+    control; it is finetuned with the learning rate chosen for ``model``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or ComparisonSettings()
+    if not episodes:
+        raise ValueError("compare_icl_with_finetuning needs at least one episode.")
+    label_tokens = first_label_tokens(label_ids)
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    if cfg.lr is not None:
+        lr, lr_table = float(cfg.lr), []
+    else:
+        selection = select_lr(
+            lambda lr: [finetune(model, ep.train_sequences, lr, record_queries=False) for ep in episodes],
+            lambda tuned: _dev_score(tuned, episodes, label_tokens),
+            cfg.lrs, progress=log,
+        )
+        lr, lr_table = selection.lr, selection.table
+    timing["lr_search_s"] = time.perf_counter() - start
+    n_queries = sum(len(ep.gold) for ep in episodes)
+    bar = tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct)
+    side.run(bar.update, gen)
+    timing["trained_s"] = time.perf_counter() - start
+    timing["trained_finetune_s"] = side.ft_seconds
+    control = None
+    if untrained is not None:
+        start = time.perf_counter()
+        control = _ModelPass(untrained, episodes, label_tokens, cfg, lr, direct=False)
+        control.run(bar.update, gen)
+        timing["untrained_s"] = time.perf_counter() - start
+    bar.close()
+    metrics = _summary_metrics(side, control, cfg, lr, n_episodes=len(episodes))
+    layers, heads, examples = _rows(side, control)
+    return CompareResult(metrics=metrics, layers=layers, heads=heads, examples=examples, lr_table=lr_table,
+                         timing=timing)
+
+
+_METRICS = ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random")
+_DIRECT_METRICS = ("dw_cosine", "dw_output_cosine", "dw_icl_norm", "dw_ft_norm", "w_zsl_norm", "dw_icl_stable_rank")
+#: Added beside the direct metrics: norms per visible key (dW_ICL and W_ZSL from the same ICL run), and
+#: W_ZSL of the zero-shot run (the run dW_FT is measured from).
+_PER_TOKEN_METRICS = ("dw_icl_norm_per_token", "w_zsl_norm_per_token", "w_zsl_zsl_run_norm",
+                      "w_zsl_zsl_run_norm_per_token")
+
+
+def _summary_metrics(
+    side: _ModelPass, control: _ModelPass | None, cfg: ComparisonSettings, lr: float, n_episodes: int
+) -> dict:
+    """Accuracies, Rec2FTP and the layer means of every metric (the untrained control's beside them)."""
+    layer_means = side.layer_means()
+    n_queries = len(side.rows)
+    metrics: dict = dict(position=cfg.position, lr=lr, n_test=n_queries, n_episodes=n_episodes)
+    metrics.update(side.accuracies())
+    for name in _METRICS:
+        metrics[name] = _mean(layer_means[name])
+    if control is not None:
+        c_means = control.layer_means()
+        metrics["simaou_untrained"] = _mean(c_means["simaou"])
+        metrics["untrained"] = dict(control.accuracies())
+        for name in _METRICS:
+            metrics["untrained"][name] = _mean(c_means[name])
+    else:
+        metrics["simaou_untrained"] = float("nan")
+    if cfg.direct:
+        for name in _DIRECT_METRICS:
+            metrics[name] = _mean(layer_means[name])
+        metrics["identity_max_abs_error"] = side.identity_error
+    updates = side.ft_update_rows
+    metrics["ft_dwk_norm"] = float(np.mean([r["dwk_norm"] for r in updates]))
+    metrics["ft_dwv_norm"] = float(np.mean([r["dwv_norm"] for r in updates]))
+    # --- added keys (issue 13): per-token norms, untrained SimAM beside SimAM, intervals -------------
+    if cfg.direct:
+        for name in _PER_TOKEN_METRICS:
+            metrics[name] = _mean(layer_means[name])
+        metrics["dw_icl_to_w_zsl_per_token"] = metrics["dw_icl_norm_per_token"] / metrics["w_zsl_norm_per_token"]
+        metrics["mean_demo_tokens"] = float(np.mean([r["n_demo_tokens"] for r in side.rows]))
+    for name in ("simam_before", "simam_after", "kendall", "kendall_random"):
+        metrics[f"{name}_untrained"] = metrics["untrained"][name] if control is not None else float("nan")
+    metrics["intervals"] = side.intervals(None)
+    if n_episodes > 1:
+        metrics["intervals_by_episode"] = side.intervals(np.array([r["episode"] for r in side.rows]))
+    if control is not None:
+        metrics["untrained"]["intervals"] = control.intervals(None)
+    return metrics
+
+
+def _rows(side: _ModelPass, control: _ModelPass | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per-layer, per-head and per-query rows (the untrained control's columns beside the trained ones)."""
+    layer_means = side.layer_means()
+    head_means = side.head_means()
+    updates = side.ft_update_rows
+    layers = []
+    c_means = control.layer_means() if control is not None else {}
+    for layer in range(side.n_layers):
+        row = dict(layer=layer)
+        for name, values in layer_means.items():
+            row[name] = float(values[layer])
+        for name in ("simaou", "kendall", "simam_before", "simam_after"):
+            if name in c_means:
+                row[f"{name}_untrained"] = float(c_means[name][layer])
+        upd = [r for r in updates if r["layer"] == layer]
+        row["ft_dwk_norm"] = float(np.mean([r["dwk_norm"] for r in upd]))
+        row["ft_dwv_norm"] = float(np.mean([r["dwv_norm"] for r in upd]))
+        layers.append(row)
+    heads = []
+    for layer in range(side.n_layers):
+        for head in range(side.n_heads):
+            heads.append(dict(layer=layer, head=head, **{n: float(v[layer, head]) for n, v in head_means.items()}))
+    examples = side.rows
+    if control is not None:
+        for row, c_row in zip(examples, control.rows):
+            row.update({f"untrained_{k}": c_row[k] for k in ("zsl_pred", "icl_pred", "ft_pred")})
+    return layers, heads, examples

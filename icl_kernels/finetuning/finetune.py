@@ -1,0 +1,300 @@
+"""The finetuning baseline of Dai et al.: train only the attention key and value projections.
+
+The dual form of relaxed attention says that demonstrations act on a query like an update of
+``W_K`` and ``W_V``. The baseline makes that update for real, in the original setup:
+
+* a model in which only the key and value projections of every layer train (their
+  weights, and their biases where the architecture has them: none of GPT-Neo, GPT-J, Llama or
+  Gemma-3 does, so there only the weights train); everything else is frozen;
+* plain SGD (no momentum, no weight decay), batch size 1, one epoch, no shuffling;
+* the training examples are the ICL demonstrations in ICL order, each written with the ICL
+  template (``[BOS] x_i y_i``, the exact tokens of the demonstration in the prompt, without the
+  separator), and the loss is the LM loss over every token of the demonstration;
+* the learning rate is chosen on a development split disjoint from the test split (`select_lr`),
+  which the original did not do.
+
+The model stays in eval mode (no dropout), so training is deterministic.
+
+Both backends train their underlying weights: a HookedTransformer its ``W_K``/``W_V`` (``_W_K``/
+``_W_V`` for grouped heads), a TransformerBridge the wrapped Hugging Face ``k_proj``/``v_proj``.
+Training runs on the model itself and restores it afterwards; the finetuned weights are kept
+and swapped in on demand (`FinetuneResult.applied`), so the finetuned model is read through the
+same hooks as the original and nothing but the key/value weights is ever duplicated.
+
+While training, the query vector of every training token is recorded at every layer (in the
+position-free frame of `icl_kernels.finetuning.relaxation`: ``R(-t) q_t``), for the Kendall comparison of
+`icl_kernels.finetuning.dai_metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from icl_kernels.engine.hooks import act_name, apply_rotary, attention_spec, hooks_on, rotary_hook_kinds, rotate_by
+from icl_kernels.models import backend as tl_backend
+
+__all__ = [
+    "has_kv_bias",
+    "kv_parameters",
+    "kv_weights",
+    "FinetuneResult",
+    "finetune",
+    "LrSelection",
+    "select_lr",
+    "DEFAULT_LRS",
+]
+
+#: Learning-rate grid for `select_lr` (the original's picks spanned 1.6e-4 .. 0.2).
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def has_kv_bias(model: tl_backend.Model) -> bool:
+    """Whether the architecture's key/value projections have biases (as loaded from Hugging Face)."""
+    config = tl_backend.hf_config(model)
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    if architecture in ("GPTNeoForCausalLM", "GPTJForCausalLM"):
+        return False
+    return bool(getattr(config, "attention_bias", False))
+
+
+def kv_parameters(model: tl_backend.Model) -> dict[str, torch.nn.Parameter]:
+    """The key/value projection parameters of every layer, by name (what the baseline trains).
+
+    Raises:
+        ValueError: none found, or a layer lacks its key or value projection.
+    """
+    bias = has_kv_bias(model)
+    chosen: dict[str, torch.nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        leaf = name.split(".")[-1]
+        if tl_backend.is_bridge(model):
+            if ("k_proj" in name or "v_proj" in name) and (leaf == "weight" or (bias and leaf == "bias")):
+                chosen[name] = param
+        elif ".attn." in name:
+            if leaf in ("W_K", "W_V", "_W_K", "_W_V") or (bias and leaf in ("b_K", "b_V", "_b_K", "_b_V")):
+                chosen[name] = param
+    n_layers = model.cfg.n_layers
+    per_kind = 2 * (2 if bias else 1)
+    if len(chosen) != n_layers * per_kind:
+        raise ValueError(
+            f"Found {len(chosen)} key/value projection parameters, expected {n_layers * per_kind} "
+            f"({n_layers} layers); names: {sorted(chosen)[:6]}..."
+        )
+    return chosen
+
+
+def kv_weights(model: tl_backend.Model, layer: int) -> tuple[
+    Float[Tensor, "kv_head d_model d_head"], Float[Tensor, "kv_head d_model d_head"]
+]:
+    """``W_K`` and ``W_V`` of one layer as ``[kv_head, d_model, d_head]`` on either backend."""
+    spec = attention_spec(model, layer)
+    params = kv_parameters(model)
+    marker = f".{layer}."
+    found = {}
+    for name, param in params.items():
+        if marker not in name or name.endswith("bias") or name.split(".")[-1].startswith(("b_", "_b_")):
+            continue
+        kind = "k" if ("k_proj" in name or name.endswith("W_K")) else "v"
+        if tl_backend.is_bridge(model):  # Linear weight [kv_head * d_head, d_model]
+            w = param.detach().view(spec.n_kv_heads, spec.d_head, -1).transpose(1, 2)
+        else:
+            w = param.detach()
+        found[kind] = w.clone()  # a snapshot, not a view of the live parameter
+    return found["k"], found["v"]
+
+
+@dataclass
+class FinetuneResult:
+    """The finetuned key/value weights of a model and what training recorded.
+
+    The finetuned model is the base model with ``state`` swapped in: use ``with result.applied() as
+    tuned: ...``. Only the key/value projections differ, so this is the model a full copy would
+    be, without copying the rest of it (and without deep-copying a TransformerBridge, whose
+    internal capture hooks are closures that a copy would share with the original).
+
+    Attributes:
+        base: the original model (left untouched outside ``applied()``).
+        state: finetuned key/value parameters by name (see `kv_parameters`).
+        lr: learning rate used.
+        losses: mean LM loss of each training sequence, before its step.
+        queries: per training sequence, ``[layer, n_tokens, head_index, d_head]``: the query of every
+            trained token (positions 1.. of the sequence), in the position-free frame.
+    """
+
+    base: tl_backend.Model
+    state: dict[str, Tensor]
+    lr: float
+    losses: list[float]
+    queries: list[Tensor] = field(default_factory=list)
+
+    def all_queries(self) -> Float[Tensor, "layer n_tokens head_index d_head"]:
+        """Queries of all training tokens, in training order."""
+        return torch.cat(self.queries, dim=1) if self.queries else torch.empty(0)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[tl_backend.Model]:
+        """The base model with the finetuned weights, restored on exit (also on error)."""
+        with _swapped(self.base, self.state):
+            yield self.base
+
+
+@contextlib.contextmanager
+def _swapped(model: tl_backend.Model, state: dict[str, Tensor]) -> Iterator[tl_backend.Model]:
+    params = kv_parameters(model)
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise KeyError(f"Finetuned weights {missing[:3]} do not belong to this model.")
+    saved = {name: params[name].detach().clone() for name in state}
+    try:
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits[0, :-1].float(), tokens[0, 1:], reduction="mean"
+    )
+
+
+def finetune(
+    model: tl_backend.Model,
+    sequences: Sequence[Sequence[int]],
+    lr: float,
+    *,
+    record_queries: bool = True,
+) -> FinetuneResult:
+    """One epoch of batch-1 SGD on ``sequences`` (token ids, BOS first) over key/value projections only.
+
+    Every token after the first is a target (LM loss over the whole demonstration). Training runs
+    on ``model`` itself; its weights, ``requires_grad`` flags and gradients are restored on exit,
+    also on error, and the finetuned weights are returned in the result.
+
+    Raises:
+        ValueError: ``lr`` not positive and finite, no sequences, or a sequence shorter than 2.
+    """
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, not {lr!r}.")
+    if not sequences:
+        raise ValueError("finetune needs at least one training sequence (a demonstration).")
+    short = [i for i, s in enumerate(sequences) if len(s) < 2]
+    if short:
+        raise ValueError(f"Training sequences {short} have fewer than 2 tokens: nothing to predict.")
+    was_training = model.training
+    model.eval()
+    trainable = kv_parameters(model)
+    keep = {id(p) for p in trainable.values()}
+    flags = {id(param): (param.requires_grad, param.grad) for param in model.parameters()}
+    saved = {name: p.detach().clone() for name, p in trainable.items()}
+    device = tl_backend.model_device(model)
+    n_layers = model.cfg.n_layers
+    q_kind, _ = rotary_hook_kinds(model)
+    losses: list[float] = []
+    queries: list[Tensor] = []
+    seen: dict[int, Tensor] = {}
+
+    def keep_q(layer: int):
+        def hook(q: Tensor, hook) -> None:
+            seen[layer] = q.detach()
+
+        return hook
+
+    hooks = [(act_name(q_kind, layer), keep_q(layer)) for layer in range(n_layers)] if record_queries else []
+    try:
+        for param in model.parameters():
+            param.requires_grad_(id(param) in keep)
+            param.grad = None
+        optimiser = torch.optim.SGD(list(trainable.values()), lr=float(lr), momentum=0.0, weight_decay=0.0)
+        with hooks_on(model, hooks):
+            for seq in sequences:
+                tokens = torch.tensor([list(seq)], dtype=torch.long, device=device)
+                optimiser.zero_grad(set_to_none=True)
+                loss = _lm_loss(model(tokens), tokens)
+                loss.backward()
+                optimiser.step()
+                losses.append(float(loss.detach()))
+                if record_queries:
+                    per_layer = []
+                    positions = torch.arange(1, tokens.shape[1], device=device)
+                    for layer in range(n_layers):
+                        spec = attention_spec(model, layer)
+                        q = seen.pop(layer)
+                        if q_kind == "q":  # backends that fire no rotary hook: rotate here
+                            q = apply_rotary(q, spec)
+                        per_layer.append(rotate_by(q[0, 1:], spec, -positions))  # [n_tokens head d]
+                    queries.append(torch.stack(per_layer).cpu())
+        state = {name: p.detach().clone() for name, p in trainable.items()}
+    finally:
+        seen.clear()
+        with torch.no_grad():
+            for name, value in saved.items():
+                trainable[name].copy_(value)
+        for param in model.parameters():
+            requires_grad, grad = flags.get(id(param), (False, None))
+            param.requires_grad_(requires_grad)
+            param.grad = grad
+        model.train(was_training)
+        _forget_graph(model, device)
+    return FinetuneResult(base=model, state=state, lr=float(lr), losses=losses, queries=queries)
+
+
+def _forget_graph(model: tl_backend.Model, device) -> None:
+    """One tiny forward without gradients, so that no module keeps tensors of the training graph.
+
+    A TransformerBridge keeps the last inputs of some submodules (its capture hooks); after a
+    training step those would hold the autograd graph alive.
+    """
+    if not tl_backend.is_bridge(model):
+        return
+    with torch.no_grad():
+        try:
+            model(torch.zeros((1, 1), dtype=torch.long, device=device), return_type=None)
+        except Exception:  # best effort: never mask the real result or error
+            pass
+
+
+@dataclass
+class LrSelection:
+    """The learning rate chosen on the development split, with every candidate's score."""
+
+    lr: float
+    table: list[dict]
+
+
+def select_lr(
+    train: Callable[[float], Sequence[FinetuneResult]],
+    score: Callable[[Sequence[FinetuneResult]], tuple[float, float]],
+    lrs: Sequence[float] = DEFAULT_LRS,
+    progress: Callable[[str], None] | None = None,
+) -> LrSelection:
+    """Pick the learning rate with the best development accuracy (ties: higher mean gold log-prob).
+
+    ``train(lr)`` returns finetuning results (one per episode); ``score(results)`` returns (accuracy,
+    mean gold log-probability) on the development split, which must be disjoint from the test split.
+    """
+    if not lrs:
+        raise ValueError("select_lr needs at least one learning rate.")
+    table = []
+    for lr in lrs:
+        models = train(float(lr))
+        accuracy, log_prob = score(models)
+        if not math.isfinite(log_prob):
+            log_prob = -math.inf
+        table.append(dict(lr=float(lr), dev_accuracy=float(accuracy), dev_gold_log_prob=float(log_prob)))
+        if progress is not None:
+            progress(f"lr {lr:g}: dev accuracy {accuracy:.3f}")
+        del models
+    best = max(table, key=lambda row: (row["dev_accuracy"], row["dev_gold_log_prob"]))
+    return LrSelection(lr=best["lr"], table=table)

@@ -1,0 +1,158 @@
+"""One prompt through one model, recorded for the ICL-vs-finetuning comparison (`icl_kernels.finetuning.dai_metrics`).
+
+The comparison reads every run (ZSL, ICL, FT) at one *recording position* of a prompt:
+
+* ``"prediction"``: the last prompt token, whose next-token distribution is the prediction (the
+  default);
+* ``"first-label"``: the first token of the first class's label word appended after the prompt
+  (what Dai et al.'s code recorded). `recording_tokens` appends it.
+
+Predictions always come from the prediction position (the first token of each label word).
+
+`record` runs the prompt once, with hooks on the queries, keys, values and attention outputs of
+every layer, and stops at the unembedding input (`icl_kernels.engine.hooks.run_until`; only the
+prediction position is unembedded). From the hooked tensors it keeps, at the recording position:
+the attention-module output per layer, the pre-softmax (scaled) attention score row of every head
+(recomputed from the post-rotary ``q`` and ``k``), and the query rotated back to the position-free
+frame of `icl_kernels.finetuning.relaxation` (``R(-p) q_p``), where the finetuning side's recorded training
+queries live. With ``with_kv`` it also keeps the full post-rotary ``q``, ``k`` and ``v`` of every
+layer for the ``W_ZSL`` / ``dW_ICL`` split of `icl_kernels.finetuning.relaxation.decompose`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from icl_kernels.data.prompts import IclPrompt
+from icl_kernels.engine.capture import unembed
+from icl_kernels.engine.hooks import (
+    act_name,
+    attention_scores,
+    attention_spec,
+    rotary_hook_kinds,
+    rotate_by,
+    rotated_qk,
+    run_until,
+)
+from icl_kernels.models import backend as tl_backend
+
+__all__ = ["POSITIONS", "Record", "record", "recording_tokens"]
+
+#: Recording positions (see the module docstring).
+POSITIONS = ("prediction", "first-label")
+
+
+def recording_tokens(prompt: IclPrompt, position: str, first_label: int) -> tuple[list[int], int, int]:
+    """(tokens, prediction position, recording position) of a prompt for a recording-position option."""
+    tokens = list(prompt.tokens)
+    prediction = len(tokens) - 1
+    if position == "prediction":
+        return tokens, prediction, prediction
+    return tokens + [first_label], prediction, len(tokens)
+
+
+@dataclass
+class Record:
+    """What a comparison needs from one prompt through one model (batch of one).
+
+    ``scores`` are the pre-softmax (scaled) scores of the recording position, ``-inf`` where
+    masked; ``q`` the recording position's query in the rotary-free frame; ``q_full``, ``k``, ``v``
+    (post-rotary, every position) are kept when ``with_kv`` for the W_ZSL / dW_ICL split.
+    """
+
+    label_log_probs: Float[Tensor, " n_classes"]
+    attn_out: Float[Tensor, "layer d_model"]
+    scores: Float[Tensor, "layer head_index key_pos"]
+    q: Float[Tensor, "layer head_index d_head"]
+    prediction_position: int
+    recording_position: int
+    q_full: list[Tensor] | None = None
+    k: list[Tensor] | None = None
+    v: list[Tensor] | None = None
+
+    @property
+    def pattern(self) -> Float[Tensor, "layer head_index key_pos"]:
+        return self.scores.softmax(-1)
+
+
+def record(
+    model: tl_backend.Model,
+    tokens: Sequence[int],
+    prediction_position: int,
+    recording_position: int,
+    label_tokens: Sequence[int],
+    *,
+    with_kv: bool = False,
+) -> Record:
+    """Run one prompt and keep attention outputs, score rows and queries at the recording position."""
+    width = len(tokens)
+    if not (0 <= prediction_position < width and 0 <= recording_position < width):
+        raise ValueError(
+            f"Positions {prediction_position}, {recording_position} outside a prompt of {width} tokens."
+        )
+    device = tl_backend.model_device(model)
+    n_layers = model.cfg.n_layers
+    q_kind, k_kind = rotary_hook_kinds(model)
+    kept: dict[tuple[str, int], Tensor] = {}
+
+    def keep(kind: str, layer: int):
+        def hook(tensor: Tensor, hook) -> None:
+            kept[(kind, layer)] = tensor.detach()
+
+        return hook
+
+    def keep_final(tensor: Tensor, hook) -> None:
+        kept[("final", 0)] = tensor.detach()[0, prediction_position]
+
+    hooks = []
+    for layer in range(n_layers):
+        hooks += [
+            (act_name(q_kind, layer), keep("q", layer)),
+            (act_name(k_kind, layer), keep("k", layer)),
+            (act_name("v", layer), keep("v", layer)),
+            (act_name("attn_out", layer), keep("attn_out", layer)),
+        ]
+    hooks.append(("unembed.hook_in", keep_final))
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            run_until(model, ids, hooks)  # the unembedding of every position is not needed
+        if ("final", 0) not in kept:
+            raise RuntimeError("unembed.hook_in did not fire.")
+        with torch.no_grad():
+            logits = unembed(model, kept[("final", 0)][None])[0].double()
+        log_probs = logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)]
+        p = recording_position
+        attn_out, scores, queries = [], [], []
+        q_full, k_full, v_full = [], [], []
+        for layer in range(n_layers):
+            spec = attention_spec(model, layer)
+            q, k = rotated_qk(model, layer, kept.pop(("q", layer)), kept.pop(("k", layer)))
+            v = kept.pop(("v", layer))
+            attn_out.append(kept.pop(("attn_out", layer))[0, p])
+            compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+            row = attention_scores(q[:, p : p + 1].to(compute), k.to(compute), spec, query_offset=p)
+            scores.append(row[0, :, 0])
+            queries.append(rotate_by(q[0, p], spec, -p))
+            if with_kv:
+                q_full.append(q[0])
+                k_full.append(k[0])
+                v_full.append(v[0])
+    finally:
+        kept.clear()
+    return Record(
+        label_log_probs=log_probs.cpu(),
+        attn_out=torch.stack(attn_out).cpu(),
+        scores=torch.stack(scores).cpu(),
+        q=torch.stack(queries).cpu(),
+        prediction_position=prediction_position,
+        recording_position=recording_position,
+        q_full=[t.cpu() for t in q_full] if with_kv else None,
+        k=[t.cpu() for t in k_full] if with_kv else None,
+        v=[t.cpu() for t in v_full] if with_kv else None,
+    )

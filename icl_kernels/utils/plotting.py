@@ -1,0 +1,281 @@
+"""Figures. Every function takes plain data (tensors, arrays, tidy DataFrames) and returns a
+``plotly.graph_objects.Figure``; none calls ``.show()``. Save with `write_html`, which writes pages
+that open without internet: plotly.js is written once beside them (or found in a parent folder)
+and referenced by a relative path, never loaded from a CDN.
+
+Conventions: layer x head maps put layers on the y axis (layer 0 at the bottom) and heads on the x
+axis; maps of signed quantities (correlations) use a diverging scale centred at 0, maps of rates
+(agreement, accuracy) a sequential scale on [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from icl_kernels.utils.io import atomic_write_text
+
+__all__ = [
+    "layer_head_heatmaps",
+    "attention_map_figure",
+    "probe_figure",
+    "accuracy_vs_shots_figure",
+    "metric_controls_figure",
+    "write_html",
+    "write_image",
+    "plotly_js_name",
+]
+
+#: How far up from an output folder `write_html` looks for a plotly.js it can share.
+_JS_SEARCH_DEPTH = 3
+
+
+def plotly_js_name() -> str:
+    """File name of the bundled plotly.js, versioned so that pages never load a mismatched copy."""
+    from plotly.offline import get_plotlyjs_version
+
+    return f"plotly-{get_plotlyjs_version()}.min.js"
+
+
+def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a page that opens offline.
+
+    The page loads plotly.js by a relative path: from the nearest of its folder and up to
+    `_JS_SEARCH_DEPTH` parent folders that already holds this plotly version's bundle, else from a
+    copy written beside it (once per folder). No script is fetched from the network.
+    """
+    from plotly.offline import get_plotlyjs
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = plotly_js_name()
+    js = None
+    folder = path.parent.resolve()
+    for candidate in [folder, *folder.parents][: _JS_SEARCH_DEPTH + 1]:
+        if (candidate / name).is_file():
+            js = candidate / name
+            break
+    if js is None:
+        js = folder / name
+        atomic_write_text(js, get_plotlyjs())
+    src = os.path.relpath(js, folder).replace(os.sep, "/")
+    html = fig.to_html(include_plotlyjs=False, full_html=True)
+    html = html.replace("<head>", f'<head><meta charset="utf-8" /><script src="{src}"></script>', 1)
+    atomic_write_text(path, html)
+    return path
+
+
+def write_image(fig: go.Figure, path: str | os.PathLike, *, width: int = 1100, scale: float = 1.0) -> Path:
+    """Write ``fig`` as a static image (PNG or SVG, by suffix) through kaleido, offline.
+
+    Needs ``kaleido>=1`` and a Chrome or Chromium on this machine (Debian: ``apt-get install
+    chromium``); kaleido never downloads one here.
+    """
+    try:
+        import kaleido  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError("Static figures need kaleido: pip install 'kaleido>=1' (and a local Chromium).") from err
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height = fig.layout.height or 500
+    try:
+        fig.write_image(path, width=width, height=height, scale=scale)
+    except Exception as err:  # kaleido's errors for a missing browser vary by version
+        if "chrome" in str(err).lower() or "browser" in str(err).lower():
+            raise RuntimeError(
+                f"Static export of {path.name} found no Chrome/Chromium: install one (Debian: apt-get install chromium) "
+                "or set BROWSER_PATH to its executable."
+            ) from err
+        raise
+    return path
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def layer_head_heatmaps(
+    matrices: Mapping[str, object],
+    title: str = "",
+    *,
+    diverging: bool = False,
+    zrange: tuple[float, float] | None = None,
+    layers: Sequence[int] | None = None,
+    mark: tuple[int, int] | None = None,
+) -> go.Figure:
+    """One layer x head heat map per entry of ``matrices`` (name -> [layer, head]), side by side.
+
+    ``diverging``: a red-blue scale symmetric around 0 (for correlations); otherwise viridis on
+    ``zrange`` (default [0, 1]). ``mark`` circles one (layer, head) in every panel.
+    """
+    if not matrices:
+        raise ValueError("layer_head_heatmaps needs at least one matrix.")
+    names = list(matrices)
+    arrays = [_np(matrices[n]) for n in names]
+    for name, arr in zip(names, arrays):
+        if arr.ndim != 2:
+            raise ValueError(f"Matrix {name!r} must be [layer, head], got shape {arr.shape}.")
+    if diverging:
+        bound = np.nanmax([np.nanmax(np.abs(a)) if np.isfinite(a).any() else 0 for a in arrays]) or 1.0
+        zmin, zmax, scale = -bound, bound, "RdBu_r"
+    else:
+        zmin, zmax = zrange or (0.0, 1.0)
+        scale = "Viridis"
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, shared_yaxes=True, horizontal_spacing=0.04)
+    for j, arr in enumerate(arrays):
+        y = list(layers) if layers is not None else list(range(arr.shape[0]))
+        fig.add_trace(
+            go.Heatmap(
+                z=arr, x=list(range(arr.shape[1])), y=y, zmin=zmin, zmax=zmax, colorscale=scale,
+                zmid=0 if diverging else None, showscale=j == len(names) - 1,
+                hovertemplate="layer %{y}, head %{x}: %{z:.3f}<extra>" + names[j] + "</extra>",
+            ),
+            row=1, col=j + 1,
+        )
+        if mark is not None:
+            fig.add_trace(
+                go.Scatter(x=[mark[1]], y=[mark[0]], mode="markers", showlegend=False,
+                           marker=dict(symbol="circle-open", size=14, color="red", line=dict(width=2))),
+                row=1, col=j + 1,
+            )
+        fig.update_xaxes(title_text="head", row=1, col=j + 1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", height=max(320, 22 * arrays[0].shape[0] + 140))
+    return fig
+
+
+def attention_map_figure(
+    attention_map,
+    segments: Sequence,
+    *,
+    heads: Sequence[tuple[int, int]] | None = None,
+    layers: Sequence[int] | None = None,
+    title: str = "",
+    n_prompts: int | None = None,
+) -> go.Figure:
+    """The averaged, resampled attention of the prediction position (the paper's Figure 2).
+
+    ``attention_map`` is ``[layer, head, resampled]`` (from `icl_kernels.kernel.scores.resample_rows`,
+    averaged); ``segments`` the pieces along the last axis (``.name``, ``.length``). One row per head
+    (``heads`` picks some; default all), tick marks at the start of each piece.
+    """
+    arr = _np(attention_map)
+    if arr.ndim != 3:
+        raise ValueError(f"attention_map must be [layer, head, resampled], got shape {arr.shape}.")
+    layer_ids = list(layers) if layers is not None else list(range(arr.shape[0]))
+    pairs = list(heads) if heads is not None else [(layer_ids[i], h) for i in range(arr.shape[0]) for h in range(arr.shape[1])]
+    rows = np.stack([arr[layer_ids.index(layer), h] for layer, h in pairs])
+    total = sum(s.length for s in segments)
+    if total != arr.shape[-1]:
+        raise ValueError(f"segments cover {total} points but the map has {arr.shape[-1]}.")
+    starts, pos = [], 0
+    for s in segments:
+        starts.append(pos)
+        pos += s.length
+    fig = go.Figure(
+        go.Heatmap(
+            z=rows, y=[f"L{layer}.H{h}" for layer, h in pairs], x=list(range(arr.shape[-1])),
+            colorscale="Viridis", zmin=0, colorbar=dict(title="attention"),
+            hovertemplate="%{y}, point %{x}: %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(tickmode="array", tickvals=starts, ticktext=[s.name for s in segments], tickangle=-60)
+    suffix = f" (mean over {n_prompts} prompts)" if n_prompts else ""
+    fig.update_layout(
+        title=(title or "Attention of the prediction position, each x resampled") + suffix,
+        template="plotly_white", height=max(320, 14 * len(pairs) + 160), yaxis=dict(autorange="reversed"),
+    )
+    return fig
+
+
+def probe_figure(
+    accuracies: Mapping[str, object],
+    offsets: Sequence[int],
+    *,
+    layers: Sequence[int] | None = None,
+    chance: float | None = None,
+    title: str = "",
+) -> go.Figure:
+    """Ridge-probe accuracy vs layer, one line per offset from the label position (Figure 5).
+
+    ``accuracies``: name (e.g. ``"keys -> zero-shot class"``) -> ``[offset, layer, kv_head]``; each
+    line is the best key/value head of the layer.
+    """
+    fig = make_subplots(rows=1, cols=len(accuracies), subplot_titles=list(accuracies), shared_yaxes=True)
+    for j, (_name, acc) in enumerate(accuracies.items()):
+        arr = _np(acc)
+        best = np.nanmax(arr, axis=-1) if np.isfinite(arr).any() else np.full(arr.shape[:2], np.nan)
+        x = list(layers) if layers is not None else list(range(arr.shape[1]))
+        for oi, offset in enumerate(offsets):
+            fig.add_trace(
+                go.Scatter(x=x, y=best[oi], mode="lines+markers", name=f"offset {offset:+d}",
+                           legendgroup=str(offset), showlegend=j == 0),
+                row=1, col=j + 1,
+            )
+        if chance is not None:
+            fig.add_hline(y=chance, line_dash="dot", line_color="gray", row=1, col=j + 1)
+        fig.update_xaxes(title_text="layer", row=1, col=j + 1)
+    fig.update_yaxes(title_text="held-out accuracy (best head of the layer)", range=[0, 1.02], row=1, col=1)
+    fig.update_layout(title=title or "Ridge probes around the label position", template="plotly_white")
+    return fig
+
+
+def accuracy_vs_shots_figure(
+    frame: pd.DataFrame, *, x: str = "shots", y: str = "value", color: str = "series",
+    error: str | None = "se", title: str = "", y_title: str = "",
+) -> go.Figure:
+    """Lines of ``y`` vs ``x`` from a tidy frame, one per ``color`` value (optional ``error`` bars)."""
+    missing = {x, y, color} - set(frame.columns)
+    if missing:
+        raise ValueError(f"accuracy_vs_shots_figure needs columns {sorted(missing)}.")
+    fig = go.Figure()
+    for name, g in frame.groupby(color, sort=False):
+        g = g.sort_values(x)
+        err = dict(type="data", array=g[error].to_numpy()) if error and error in g else None
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], error_y=err, mode="lines+markers", name=str(name)))
+    log_x = bool((frame[x] > 0).all())
+    fig.update_layout(
+        title=title, template="plotly_white", xaxis=dict(title=x, type="log" if log_x else "linear"),
+        yaxis=dict(title=y_title or y, range=[0, 1.02]),
+    )
+    return fig
+
+
+def metric_controls_figure(frame: pd.DataFrame, title: str = "") -> go.Figure:
+    """Grouped bars of each metric next to its controls, one panel per metric.
+
+    ``frame``: tidy rows with columns ``metric`` (panel), ``run`` (x axis), ``condition`` (bar colour,
+    e.g. trained / random direction / untrained model), ``value`` and optional ``low`` / ``high``
+    (a 95% interval, drawn as error bars).
+    """
+    missing = {"metric", "run", "condition", "value"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"metric_controls_figure needs columns {sorted(missing)}.")
+    metrics = list(dict.fromkeys(frame["metric"]))
+    conditions = list(dict.fromkeys(frame["condition"]))
+    colours = dict(zip(conditions, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"] * 2))
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.06)
+    for j, metric in enumerate(metrics):
+        part = frame[frame["metric"] == metric]
+        for condition in conditions:
+            rows = part[part["condition"] == condition]
+            if rows.empty:
+                continue
+            err = None
+            if {"low", "high"} <= set(rows.columns) and rows["low"].notna().any():
+                err = dict(type="data", symmetric=False, array=(rows["high"] - rows["value"]).to_numpy(),
+                           arrayminus=(rows["value"] - rows["low"]).to_numpy())
+            fig.add_trace(go.Bar(x=rows["run"], y=rows["value"], name=condition, error_y=err,
+                                 marker_color=colours[condition], legendgroup=condition, showlegend=j == 0),
+                          row=1, col=j + 1)
+    fig.update_layout(title=title, template="plotly_white", barmode="group", height=460,
+                      legend=dict(orientation="h", y=-0.25))
+    return fig

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from icl_kernels.models.loading import load_model
+from icl_kernels.models import loading
 from icl_kernels.utils.config import BACKENDS, DTYPES, Options
 from icl_kernels.utils.errors import InvalidOptionError
 
@@ -42,4 +42,4 @@ class ModelOptions(Options):
 
     def load(self):
         """The model as a TransformerLens model (`icl_kernels.models.loading.load_model`)."""
-        return load_model(self.model, device=self.device, dtype=self.dtype, backend=self.backend)
+        return loading.load_model(self.model, device=self.device, dtype=self.dtype, backend=self.backend)

@@ -9,8 +9,9 @@
   dequantised once and cached under the user cache directory, see `icl_kernels.models.cache`) and
   ``smollm2-135m-instruct``;
 * the GPT-Neo trained on the synthetic mixture-of-HMMs world shipped in ``icl_kernels/assets``;
-* tiny random models (``tiny-gpt-neo``, ``tiny-gpt-j``, ``tiny-gemma-3``, ``tiny-llama``) built in
-  memory with the real GPT-2 tokenizer, for exactness tests on every architecture we support.
+* tiny random models ``tiny-<name>`` (``tiny-gpt-neo``, ``tiny-gemma-3`` ...), one per record of
+  `icl_kernels.models.architectures`, built in memory with the real GPT-2 tokenizer, for exactness
+  tests on every architecture we support.
 
 Every path goes through one function, `hf_to_transformer_lens`: a Hugging Face model in, a
 ``HookedTransformer`` (TransformerLens 3.x) or ``TransformerBridge`` out. Weights are converted

@@ -8,7 +8,8 @@ To recompute attention at ``hook_z`` we need each layer's geometry, `AttentionSp
 scale (GPT-Neo uses none, others ``sqrt(d_head)`` or Gemma's ``query_pre_attn_scalar``), the local
 window of GPT-Neo / Gemma-3 sliding layers (key ``k`` visible from query ``q`` iff
 ``q - window < k <= q``), key/value groups (Gemma, Llama) and rotary embeddings. The spec is read
-from the Hugging Face config, which both backends keep, so it is the same on either.
+from the Hugging Face config, which both backends keep, by the rules of the architecture's record
+(`icl_kernels.models.architectures`), so it is the same on either.
 
 Rotary: HookedTransformer fires ``hook_rot_q/k`` after its rotary; a bridge does not, so
 `rotated_qk` applies the model's rotary (`apply_rotary`, GPT-J adjacent pairs or the

@@ -72,9 +72,9 @@ def kv_parameters(model: tl_backend.Model) -> dict[str, torch.nn.Parameter]:
     record = architecture_of(tl_backend.hf_config(model))
     chosen: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
-        leaf = name.split(".")[-1]
-        if tl_backend.is_bridge(model):
-            parts = name.split(".")
+        parts = name.split(".")
+        leaf = parts[-1]
+        if tl_backend.is_bridge(model):  # the wrapped Hugging Face modules, named by the record
             is_kv = record.hf_key_proj in parts or record.hf_value_proj in parts
             if is_kv and (leaf == "weight" or (bias and leaf == "bias")):
                 chosen[name] = param

@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.architectures import ARCHITECTURES
 
-TINY_ARCHS = ("gpt-neo", "gpt-j", "gemma-3", "llama")
-# Parameter counts of the tiny models (asserted so "tiny" stays tiny; most of it is the GPT-2 vocab).
-TINY_PARAMS = {"gpt-neo": 3_448_512, "gpt-j": 6_582_481, "gemma-3": 3_356_928, "llama": 6_506_944}
+# One tiny random model per architecture record (icl_kernels/models/architectures.py).
+TINY_ARCHS = tuple(ARCHITECTURES)
+# Parameter counts of the tiny models, kept in the records (asserted so "tiny" stays tiny; most of it
+# is the GPT-2 vocab).
+TINY_PARAMS = {name: record.tiny_params for name, record in ARCHITECTURES.items()}
 BACKENDS = tl_backend.AVAILABLE_BACKENDS
 
 

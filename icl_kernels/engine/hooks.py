@@ -8,7 +8,8 @@ To recompute attention at ``hook_z`` we need each layer's geometry, `AttentionSp
 scale (GPT-Neo uses none, others ``sqrt(d_head)`` or Gemma's ``query_pre_attn_scalar``), the local
 window of GPT-Neo / Gemma-3 sliding layers (key ``k`` visible from query ``q`` iff
 ``q - window < k <= q``), key/value groups (Gemma, Llama) and rotary embeddings. The spec is read
-from the Hugging Face config, which both backends keep, so it is the same on either.
+from the Hugging Face config, which both backends keep, by the rules of the architecture's record
+(`icl_kernels.models.architectures`), so it is the same on either.
 
 Rotary: HookedTransformer fires ``hook_rot_q/k`` after its rotary; a bridge does not, so
 `rotated_qk` applies the model's rotary (`apply_rotary`, GPT-J adjacent pairs or the
@@ -30,6 +31,7 @@ from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
 
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.architectures import DEFAULT_ROPE_BASE, architecture_of, rope_bases
 
 HookFn = Callable[..., Tensor | None]
 
@@ -144,32 +146,17 @@ def attention_spec(model: tl_backend.Model, layer: int) -> AttentionSpec:
         raise ValueError(
             "This model has no Hugging Face config attached; load it with icl_kernels.load_model."
         )
-    architecture = (config.architectures or [""])[0]
-    local = tl_backend.layer_attention_types(model)[layer] == "local"
+    record = architecture_of(config)  # raises UnknownArchitectureError for an unsupported one
+    local = record.window_key is not None and tl_backend.layer_attention_types(model)[layer] == "local"
     window = tl_backend.local_window(model) if local else None
     n_heads = model.cfg.n_heads
     d_head = model.cfg.d_head
-    if architecture == "GPTNeoForCausalLM":
-        return AttentionSpec(layer, n_heads, n_heads, d_head, 1.0, window, None)
-    if architecture == "GPTJForCausalLM":
-        return AttentionSpec(
-            layer, n_heads, n_heads, d_head, d_head**0.5, None, config.rotary_dim,
-            10000.0, rotary_adjacent_pairs=True,
-        )
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    if architecture == "Gemma3ForCausalLM":
-        from icl_kernels.models.loading import gemma_rope_thetas
-
-        global_base, local_base = gemma_rope_thetas(config)
-        return AttentionSpec(
-            layer, n_heads, n_kv, d_head, float(config.query_pre_attn_scalar) ** 0.5, window,
-            d_head, local_base if local else global_base,
-        )
-    if architecture == "LlamaForCausalLM":
-        params = getattr(config, "rope_parameters", None) or {}
-        base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-        return AttentionSpec(layer, n_heads, n_kv, d_head, d_head**0.5, None, d_head, base)
-    raise ValueError(f"No attention spec for architecture {architecture!r}.")
+    global_base, local_base = rope_bases(config) or (DEFAULT_ROPE_BASE, DEFAULT_ROPE_BASE)
+    return AttentionSpec(
+        layer, n_heads, record.n_kv_heads(config, n_heads), d_head, record.score_scale(config, d_head),
+        window, record.rotary_dim(config, d_head), local_base if local else global_base,
+        rotary_adjacent_pairs=record.rotary == "adjacent",
+    )
 
 
 def rotate_by(
@@ -217,9 +204,7 @@ def rotary_hook_kinds(model: tl_backend.Model) -> tuple[str, str]:
     architectures (Gemma-3) and not others (GPT-J, Llama), where `rotated_qk` applies the rotary
     itself. Which case holds is probed once with a two-token forward and remembered on the model.
     """
-    if getattr(model.cfg, "positional_embedding_type", "") != "rotary" and tl_backend.hf_config(
-        model
-    ).architectures[0] in ("GPTNeoForCausalLM",):
+    if not architecture_of(tl_backend.hf_config(model)).rotated_hooks:
         return "q", "k"
     cached = getattr(model, "_icl_rot_hooks_fire", None)
     if cached is None:

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from icl_kernels.engine.hooks import act_name, apply_rotary, attention_spec, hooks_on, rotary_hook_kinds, rotate_by
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.architectures import architecture_of
 
 __all__ = [
     "has_kv_bias",
@@ -58,10 +59,7 @@ DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 def has_kv_bias(model: tl_backend.Model) -> bool:
     """Whether the architecture's key/value projections have biases (as loaded from Hugging Face)."""
     config = tl_backend.hf_config(model)
-    architecture = (getattr(config, "architectures", None) or [""])[0]
-    if architecture in ("GPTNeoForCausalLM", "GPTJForCausalLM"):
-        return False
-    return bool(getattr(config, "attention_bias", False))
+    return architecture_of(config).has_kv_bias(config)
 
 
 def kv_parameters(model: tl_backend.Model) -> dict[str, torch.nn.Parameter]:
@@ -71,11 +69,14 @@ def kv_parameters(model: tl_backend.Model) -> dict[str, torch.nn.Parameter]:
         ValueError: none found, or a layer lacks its key or value projection.
     """
     bias = has_kv_bias(model)
+    record = architecture_of(tl_backend.hf_config(model))
     chosen: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
-        leaf = name.split(".")[-1]
-        if tl_backend.is_bridge(model):
-            if ("k_proj" in name or "v_proj" in name) and (leaf == "weight" or (bias and leaf == "bias")):
+        parts = name.split(".")
+        leaf = parts[-1]
+        if tl_backend.is_bridge(model):  # the wrapped Hugging Face modules, named by the record
+            is_kv = record.hf_key_proj in parts or record.hf_value_proj in parts
+            if is_kv and (leaf == "weight" or (bias and leaf == "bias")):
                 chosen[name] = param
         elif ".attn." in name:
             if leaf in ("W_K", "W_V", "_W_K", "_W_V") or (bias and leaf in ("b_K", "b_V", "_b_K", "_b_V")):
@@ -95,13 +96,14 @@ def kv_weights(model: tl_backend.Model, layer: int) -> tuple[
 ]:
     """``W_K`` and ``W_V`` of one layer as ``[kv_head, d_model, d_head]`` on either backend."""
     spec = attention_spec(model, layer)
+    key_proj = architecture_of(tl_backend.hf_config(model)).hf_key_proj
     params = kv_parameters(model)
     marker = f".{layer}."
     found = {}
     for name, param in params.items():
         if marker not in name or name.endswith("bias") or name.split(".")[-1].startswith(("b_", "_b_")):
             continue
-        kind = "k" if ("k_proj" in name or name.endswith("W_K")) else "v"
+        kind = "k" if (key_proj in name.split(".") or name.endswith("W_K")) else "v"
         if tl_backend.is_bridge(model):  # Linear weight [kv_head * d_head, d_model]
             w = param.detach().view(spec.n_kv_heads, spec.d_head, -1).transpose(1, 2)
         else:

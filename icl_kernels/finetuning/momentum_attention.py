@@ -40,8 +40,9 @@ or pass ``momentum_edits(model, eta, layers)`` to `icl_kernels.engine.patching.r
 with other edits.
 
 For training a Hugging Face model from scratch with momentum (``experiments/train_synthetic.py``),
-`hf_momentum_attention` applies the same term with PyTorch hooks on the ``v_proj`` and
-``out_proj``/``o_proj`` modules of each attention layer.
+`hf_momentum_attention` applies the same term with PyTorch hooks on the value and output projections
+of each attention layer (``v_proj`` and ``out_proj``/``o_proj``, named by the architecture's record in
+`icl_kernels.models.architectures`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from torch import Tensor
 
 from icl_kernels.engine.hooks import repeat_kv
 from icl_kernels.engine.patching import Edit, EditContext, edits_on
+from icl_kernels.models.architectures import Architecture, architecture_of
 from icl_kernels.utils.config import parse_layer_set as parse_layers
 from icl_kernels.utils.errors import InvalidOptionError
 
@@ -219,12 +221,12 @@ def momentum_attention(
         yield model
 
 
-def _hf_attention_modules(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """``(v_proj, output projection)`` of each attention layer of a Hugging Face model, in order."""
+def _hf_attention_modules(model, record: Architecture) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """``(value projection, output projection)`` of each attention layer of a Hugging Face model, in order."""
     pairs = []
     for module in model.modules():
-        v_proj = getattr(module, "v_proj", None)
-        out_proj = getattr(module, "out_proj", None) or getattr(module, "o_proj", None)
+        v_proj = getattr(module, record.hf_value_proj, None)
+        out_proj = getattr(module, record.hf_output_proj, None)
         if isinstance(v_proj, torch.nn.Linear) and isinstance(out_proj, torch.nn.Linear):
             pairs.append((v_proj, out_proj))
     return pairs
@@ -245,15 +247,16 @@ def hf_momentum_attention(
     Handles are removed on exit, also when the block raises. Gradients flow through the term.
     """
     eta = check_eta(eta)
-    pairs = _hf_attention_modules(model)
+    record = architecture_of(model.config)
+    pairs = _hf_attention_modules(model, record)
     if not pairs:
         raise MomentumConfigError(
-            f"{type(model).__name__} has no attention modules with v_proj and out_proj/o_proj."
+            f"{type(model).__name__} has no attention modules with {record.hf_value_proj} and {record.hf_output_proj}."
         )
     chosen = parse_layers(layers, len(pairs))
     config = model.config
     n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    n_kv = record.n_kv_heads(config, n_heads)
     handles = []
     try:
         if eta > 0.0:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 
+from icl_kernels.models.architectures import architecture_of
+
 Backend = Literal["hooked", "bridge"]
 
 TRANSFORMER_LENS_VERSION: str = importlib.metadata.version("transformer-lens")
@@ -99,14 +101,9 @@ def layer_attention_types(model: Model) -> list[str]:
     if types:
         return list(types)
     config = hf_config(model)
-    if config is not None:
-        layers = getattr(config, "attention_layers", None)  # GPT-Neo
-        if layers:
-            return list(layers)
-        layer_types = getattr(config, "layer_types", None)  # Gemma 3, newer configs
-        if layer_types:
-            return ["local" if "sliding" in t else "global" for t in layer_types]
-    return ["global"] * n_layers
+    if config is None:
+        return ["global"] * n_layers
+    return architecture_of(config).layer_attention_types(config, n_layers)
 
 
 def local_window(model: Model) -> int | None:
@@ -117,11 +114,7 @@ def local_window(model: Model) -> int | None:
     config = hf_config(model)
     if config is None:
         return None
-    for name in ("window_size", "sliding_window"):
-        value = getattr(config, name, None)
-        if value:
-            return int(value)
-    return None
+    return architecture_of(config).local_window(config)
 
 
 def model_device(model: Model) -> torch.device:

@@ -9,8 +9,9 @@
   dequantised once and cached under the user cache directory, see `icl_kernels.models.cache`) and
   ``smollm2-135m-instruct``;
 * the GPT-Neo trained on the synthetic mixture-of-HMMs world shipped in ``icl_kernels/assets``;
-* tiny random models (``tiny-gpt-neo``, ``tiny-gpt-j``, ``tiny-gemma-3``, ``tiny-llama``) built in
-  memory with the real GPT-2 tokenizer, for exactness tests on every architecture we support.
+* tiny random models ``tiny-<name>`` (``tiny-gpt-neo``, ``tiny-gemma-3`` ...), one per record of
+  `icl_kernels.models.architectures`, built in memory with the real GPT-2 tokenizer, for exactness
+  tests on every architecture we support.
 
 Every path goes through one function, `hf_to_transformer_lens`: a Hugging Face model in, a
 ``HookedTransformer`` (TransformerLens 3.x) or ``TransformerBridge`` out. Weights are converted
@@ -36,6 +37,14 @@ from typing import Any, Literal
 import torch
 
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.architectures import (
+    ARCHITECTURES,
+    GPT2_VOCAB,
+    architecture_of,
+    find_config_architecture,
+    get_architecture,
+    rope_bases,
+)
 from icl_kernels.models.cache import cache_root, converted_model_folder, converted_model_problem
 from icl_kernels.utils.errors import MissingAssetError, UnknownModelError
 
@@ -110,50 +119,15 @@ def gpt2_tokenizer():
 # --------------------------------------------------------------------------------------------
 
 TINY_SEED = 0
-GPT2_VOCAB = 50257
 
 
 def tiny_hf_config(arch: str):
-    """Hugging Face configs of the tiny random models (d_model 64, a few layers, GPT-2 vocab)."""
-    from transformers import (
-        Gemma3TextConfig,
-        GemmaConfig,  # noqa: F401  (import check only)
-        GPTJConfig,
-        GPTNeoConfig,
-        LlamaConfig,
-    )
+    """Hugging Face config of a tiny random model (its record's `tiny_config`, GPT-2 vocab)."""
+    from transformers import AutoConfig
 
-    common = dict(vocab_size=GPT2_VOCAB, bos_token_id=50256, eos_token_id=50256)
-    if arch == "gpt-neo":
-        # Two global and two local layers; a window of 8 so that local layers really are local.
-        config = GPTNeoConfig(
-            hidden_size=64, num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]],
-            window_size=8, max_position_embeddings=512, initializer_range=0.1, **common,
-        )
-        config.architectures = ["GPTNeoForCausalLM"]
-    elif arch == "gpt-j":
-        config = GPTJConfig(
-            n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, initializer_range=0.1,
-            **common,
-        )
-        config.architectures = ["GPTJForCausalLM"]
-    elif arch == "gemma-3":
-        config = Gemma3TextConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-            max_position_embeddings=512, initializer_range=0.1, pad_token_id=50256, **common,
-        )
-        config.architectures = ["Gemma3ForCausalLM"]
-    elif arch == "llama":
-        config = LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
-            tie_word_embeddings=False, **common,
-        )
-        config.architectures = ["LlamaForCausalLM"]
-    else:
-        raise ValueError(f"No tiny config for architecture {arch!r}.")
+    record = get_architecture(arch)
+    config = AutoConfig.for_model(record.hf_model_type, **record.tiny_hf_kwargs())
+    config.architectures = [record.hf_class]
     return config
 
 
@@ -223,8 +197,8 @@ def _load_hf_folder(folder: str | Path, dtype: torch.dtype):
     except (OSError, ValueError, TypeError):
         tokenizer = None
     if tokenizer is None:
-        architecture = (hf.config.architectures or [""])[0]
-        if architecture in ("GPTNeoForCausalLM", "GPTJForCausalLM") and hf.config.vocab_size == GPT2_VOCAB:
+        record = find_config_architecture(hf.config)
+        if record is not None and record.gpt2_tokenizer and hf.config.vocab_size == GPT2_VOCAB:
             tokenizer = gpt2_tokenizer()
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -275,7 +249,7 @@ register_model(ModelSpec(
     "4-layer GPT-Neo trained here on the synthetic mixture-of-HMMs world (icl_kernels/assets)",
     lambda dtype: _load_hf_folder(ASSETS / "synthetic-gpt-neo", dtype),
 ))
-for _arch in ("gpt-neo", "gpt-j", "gemma-3", "llama"):
+for _arch in ARCHITECTURES:
     register_model(ModelSpec(
         f"tiny-{_arch}", "tiny", f"tiny random {_arch} (d_model 64, GPT-2 tokenizer) for tests",
         (lambda arch: lambda dtype: build_tiny_hf_model(arch, dtype))(_arch),
@@ -305,11 +279,11 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
     """A HookedTransformerConfig for a Hugging Face config, without touching the network."""
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
-    architecture = hf_config.architectures[0]
-    if architecture == "Gemma3ForCausalLM":
+    table_entry = architecture_of(hf_config).hooked_config_from
+    if table_entry is not None:
         # TransformerLens keeps Gemma-3 configs in a table keyed by official name; start from the
-        # 270m entry and take every size from the Hugging Face config.
-        base = get_pretrained_model_config("google/gemma-3-270m", device=device, dtype=dtype).to_dict()
+        # record's entry and take every size from the Hugging Face config.
+        base = get_pretrained_model_config(table_entry, device=device, dtype=dtype).to_dict()
         layer_types = hf_config.layer_types
         base.update(
             d_model=hf_config.hidden_size, d_head=hf_config.head_dim,
@@ -321,7 +295,7 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
             n_ctx=hf_config.max_position_embeddings,
             attn_scale=float(hf_config.query_pre_attn_scalar) ** 0.5, rotary_dim=hf_config.head_dim,
         )
-        rope = gemma_rope_thetas(hf_config)
+        rope = rope_bases(hf_config)
         if rope is not None:
             base["rotary_base"], base["rotary_base_local"] = rope
         base["model_name"] = getattr(hf_config, "_name_or_path", "") or "gemma-3"
@@ -345,37 +319,11 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
     return config
 
 
-def gemma_rope_thetas(hf_config) -> tuple[float, float] | None:
-    """(global, local) rotary bases of a Gemma-3 config, across transformers' two spellings."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and "full_attention" in params:
-        return (
-            float(params["full_attention"]["rope_theta"]),
-            float(params.get("sliding_attention", params["full_attention"])["rope_theta"]),
-        )
-    theta = getattr(hf_config, "rope_theta", None)
-    local = getattr(hf_config, "rope_local_base_freq", None)
-    if theta is None:
-        return None
-    return float(theta), float(local if local is not None else theta)
-
-
 def _convert_weights(hf_model, config) -> dict[str, torch.Tensor]:
     from transformer_lens.pretrained import weight_conversions as conversions
 
-    converters = {
-        "GPTNeoForCausalLM": conversions.convert_neo_weights,
-        "GPTJForCausalLM": conversions.convert_gptj_weights,
-        "LlamaForCausalLM": conversions.convert_llama_weights,
-        "Gemma3ForCausalLM": conversions.convert_gemma_weights,
-    }
-    architecture = hf_model.config.architectures[0]
-    if architecture not in converters:
-        raise ValueError(
-            f"Architecture {architecture} is not supported by icl_kernels' HookedTransformer loader "
-            f"(supported: {', '.join(converters)}). Try backend='bridge'."
-        )
-    return converters[architecture](hf_model, config)
+    convert = getattr(conversions, architecture_of(hf_model.config).converter)
+    return convert(hf_model, config)
 
 
 def hf_to_transformer_lens(

@@ -47,6 +47,19 @@ class UnknownModelError(UnknownNameError):
         )
 
 
+class UnknownArchitectureError(UnknownNameError, ValueError):
+    """A model architecture without a record in `icl_kernels.models.architectures`."""
+
+    def __init__(self, name: str, known: Iterable[str]):
+        super().__init__(
+            "architecture",
+            name,
+            known,
+            hint="Attention geometry and HookedTransformer loading are known only for these; "
+            "support another by adding its record to icl_kernels/models/architectures.py.",
+        )
+
+
 class UnknownTaskError(UnknownNameError):
     """`get_task` was given a name that is not registered."""
 

@@ -214,18 +214,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             },
             tiny_params=6_506_944,
         ),
-        Architecture(
-            name="mistral", hf_class="MistralForCausalLM", hf_model_type="mistral",
-            converter="convert_mistral_weights",
-            window_key="sliding_window", grouped_kv=True, rotary="halves",
-            # A window of 8 on every layer (Mistral has no global layers) so that it really is local.
-            tiny_config={
-                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 8,
-                "max_position_embeddings": 512, "initializer_range": 0.1, "tie_word_embeddings": False,
-            },
-            tiny_params=6_506_944,
-        ),
     )
 }
 

@@ -2,7 +2,7 @@
 # Set up (idempotent) and run the whole test suite, offline:
 #   1. TransformerLens 3.9: every test (HookedTransformer and TransformerBridge, real offline models).
 #   2. TransformerLens 4.x: every test not marked `tl3_only`, on TransformerBridge, except the `slow`
-#      ones (real offline models: minutes each; this run takes ~4 min on the shared 2-core CPU).
+#      ones (real offline models, minutes each): 4.5 to 7 min on the shared, loaded 2-core CPU.
 # Extra arguments go to the first pytest run (e.g. `-m "not slow"`). Both runs always run; each prints
 # its 25 slowest tests. The script fails if either run fails, including pytest's exit code 5 (no test
 # collected, e.g. a marker expression that selects nothing).

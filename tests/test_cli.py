@@ -109,7 +109,7 @@ def test_heads_options_are_validated():
     assert cfg.prompts.n_test == 100 and cfg.condition.selector == "random" and cfg.layer is None
 
 
-@pytest.mark.tl3_only(reason="patches a HookedTransformer block's `forward`; a bridge hands it to its HF module")
+@pytest.mark.tl3_only(reason="patches a block's `forward`: a bridge sets it on its HF module, monkeypatch cannot undo it")
 @pytest.mark.usefixtures("one_torch_thread")
 def test_heads_study_with_a_given_model_layer_restriction_and_no_hooks_left(monkeypatch):
     from icl_kernels.engine import hooks

@@ -22,12 +22,25 @@ BACKENDS = tl_backend.AVAILABLE_BACKENDS
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    """Every test runs on TransformerLens 3.9 and 4.x unless marked ``tl3_only(reason=...)``.
+
+    Without CUDA, ``gpu`` tests are skipped. On TransformerLens 4.x (no HookedTransformer),
+    ``tl3_only`` tests and the ``backend="hooked"`` cases of parametrized tests are skipped
+    (scripts/test.sh deselects them with ``-m "not tl3_only"``). A ``tl3_only`` without a reason
+    is an error.
+    """
+    no_cuda = not torch.cuda.is_available()
+    no_hooked = "hooked" not in BACKENDS
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if no_cuda and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        tl3_only = item.get_closest_marker("tl3_only")
+        if tl3_only is not None and not tl3_only.kwargs.get("reason"):
+            raise pytest.UsageError(f"{item.nodeid}: give @pytest.mark.tl3_only a reason=... (why not on TransformerLens 4)")
+        if no_hooked and tl3_only is not None:
+            item.add_marker(pytest.mark.skip(reason=f"TransformerLens 3 only: {tl3_only.kwargs['reason']}"))
+        elif no_hooked and getattr(item, "callspec", None) and item.callspec.params.get("backend") == "hooked":
+            item.add_marker(pytest.mark.skip(reason="backend='hooked' needs TransformerLens < 4"))
 
 
 _CACHE: dict = {}

@@ -26,7 +26,6 @@ def _batch(model):
     return tokens, lengths - 1, positions
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("method", ["pattern", "qk"])
 def test_rows_and_features_equal_full_cache(arch, backend, method):
     model = load_tiny(arch, backend)
@@ -58,7 +57,6 @@ def test_rows_and_features_equal_full_cache(arch, backend, method):
     torch.testing.assert_close(got.final_residual, cache["unembed.hook_in"][rows, pred], atol=0, rtol=0)
 
 
-@pytest.mark.core
 def test_rotated_q_k_reproduce_scores(arch, backend):
     """With rotate=True the captured q, k dot products (over the model's scale) are the scores."""
     model = load_tiny(arch, backend)
@@ -79,7 +77,6 @@ def test_rotated_q_k_reproduce_scores(arch, backend):
         torch.testing.assert_close(recomputed, got.attention[:, layer], atol=2e-6, rtol=0)
 
 
-@pytest.mark.core
 def test_no_hook_remains_after_errors(backend, monkeypatch):
     model = load_tiny("gemma-3", backend)
     tokens, pred, positions = _batch(model)
@@ -130,7 +127,6 @@ def test_memory_grows_linearly_in_prompt_length():
     assert full / got.nbytes == 200
 
 
-@pytest.mark.core
 def test_unembed_equals_the_model_unembedding(backend):
     """`unembed` (W_U columns only, soft-capped) equals TransformerLens' own unembedding."""
     from icl_kernels.engine.capture import unembed

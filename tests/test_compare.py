@@ -79,7 +79,6 @@ def test_first_label_tokens_must_differ():
 # -- recording ------------------------------------------------------------------------------------
 
 
-@pytest.mark.core
 def test_record_matches_a_full_cache(arch, backend):
     model = load_tiny(arch, backend)
     assert_tiny(arch, model)
@@ -131,7 +130,6 @@ def test_synthetic_episodes_layout():
     assert len(episodes[0].dev_prompts) == 1  # ceil(2 dev queries / 2 episodes)
 
 
-@pytest.mark.core
 def test_vanishing_learning_rate_makes_ft_equal_zsl(backend):
     """With lr -> 0 the finetuned model is the original: SimAM after == before, dW_FT == 0."""
     model = load_tiny("gpt-neo", backend)
@@ -145,7 +143,6 @@ def test_vanishing_learning_rate_makes_ft_equal_zsl(backend):
     assert np.isnan(m["simaou"])  # h_FT - h_ZSL is exactly zero
 
 
-@pytest.mark.core
 def test_compare_metrics_and_identity_on_gemma_geometry(backend):
     model = load_tiny("gemma-3", backend)
     untrained = untrained_copy(model, "tiny-gemma-3", seed=0)

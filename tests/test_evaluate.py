@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import pytest
 import torch
 from conftest import load_tiny
 
@@ -32,7 +31,6 @@ def _prompts(model, label_words=None):
     return builder, [builder.build(POOL[: i + 1], q) for i, q in enumerate(QUERIES)]
 
 
-@pytest.mark.core
 def test_single_token_scores_equal_plain_forward(backend):
     model = load_tiny("gpt-neo", backend)
     builder, prompts = _prompts(model)
@@ -46,7 +44,6 @@ def test_single_token_scores_equal_plain_forward(backend):
         assert torch.allclose(scores[row], expected, atol=1e-5)
 
 
-@pytest.mark.core
 def test_multi_token_scores_are_full_continuations(backend):
     model = load_tiny("gpt-j", backend)
     builder, prompts = _prompts(model, label_words=(" thumbs-down", " thumbs-up"))
@@ -62,7 +59,6 @@ def test_multi_token_scores_are_full_continuations(backend):
             assert math.isclose(scores[row, c].item(), expected.item(), abs_tol=1e-4)
 
 
-@pytest.mark.core
 def test_padding_does_not_change_scores(backend):
     model = load_tiny("gemma-3", backend)
     builder, prompts = _prompts(model)

@@ -30,7 +30,6 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.core
 def test_only_key_value_projections_change(arch, backend):
     model = load_tiny(arch, backend)
     assert_tiny(arch, model)
@@ -59,7 +58,6 @@ def test_only_key_value_projections_change(arch, backend):
     assert len(result.losses) == len(SEQUENCES) and all(loss > 0 for loss in result.losses)
 
 
-@pytest.mark.core
 def test_one_step_is_plain_sgd(backend):
     """After one sequence, each trained weight moved by exactly -lr * (its LM-loss gradient)."""
     model = load_tiny("gpt-j", backend)
@@ -99,7 +97,6 @@ def test_both_backends_train_the_same_model():
     assert deltas[0][0].abs().max() > 1e-4
 
 
-@pytest.mark.core
 def test_recorded_queries_are_the_first_steps_queries(backend):
     """The first sequence's queries come from the untouched model; rotary is removed (frame R(-t))."""
     model = load_tiny("llama", backend)
@@ -116,7 +113,6 @@ def test_recorded_queries_are_the_first_steps_queries(backend):
     assert result.all_queries().shape[1] == sum(len(s) - 1 for s in SEQUENCES)
 
 
-@pytest.mark.core
 def test_no_hook_remains_after_errors(backend):
     model = load_tiny("gpt-neo", backend)
     finetune(model, SEQUENCES[:1], lr=0.1)

@@ -11,7 +11,6 @@ from icl_kernels.engine import hooks as H
 TEXT = "One two three four five six seven eight nine ten eleven twelve thirteen fourteen."
 
 
-@pytest.mark.core
 def test_hooks_removed_after_error(arch, backend):
     model = load_tiny(arch, backend)
     before = H.active_hook_count(model)
@@ -25,7 +24,6 @@ def test_hooks_removed_after_error(arch, backend):
     assert H.active_hook_count(model) == before
 
 
-@pytest.mark.core
 def test_unknown_hook_name_raises(backend):
     model = load_tiny("gpt-neo", backend)
     with pytest.raises(KeyError, match="No hook point"):
@@ -33,7 +31,6 @@ def test_unknown_hook_name_raises(backend):
             pass
 
 
-@pytest.mark.core
 def test_recomputed_attention_equals_model(arch, backend):
     model = load_tiny(arch, backend)
     tokens = model.tokenizer(TEXT, return_tensors="pt").input_ids

@@ -251,7 +251,6 @@ def label_head_model(backend: str | None):
     return hf_to_transformer_lens(hf, tok, backend=backend, device="cpu"), tok
 
 
-@pytest.mark.core
 def test_label_head_has_agreement_one_and_ranks_first(backend):
     model, tok = label_head_model(backend)
     task = _toy_task()

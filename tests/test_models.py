@@ -22,13 +22,11 @@ from icl_kernels.utils.errors import UnknownModelError
 TEXT = "The quick brown fox jumps over the lazy dog, and then it keeps on running far beyond the window."
 
 
-@pytest.mark.core
 def test_tiny_models_are_tiny(arch):
     hf, _ = build_tiny_hf_model(arch)
     assert sum(p.numel() for p in hf.parameters()) == TINY_PARAMS[arch]
 
 
-@pytest.mark.core
 def test_logits_equal_hugging_face(arch, backend):
     hf, tokenizer = build_tiny_hf_model(arch)
     tokens = tokenizer(TEXT, return_tensors="pt").input_ids
@@ -39,14 +37,12 @@ def test_logits_equal_hugging_face(arch, backend):
     assert (got - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.core
 def test_tiny_gpt_neo_has_local_and_global_layers(backend):
     model = load_tiny("gpt-neo", backend)
     assert tl_backend.layer_attention_types(model) == ["global", "local", "global", "local"]
     assert tl_backend.local_window(model) == 8
 
 
-@pytest.mark.core
 def test_local_folder_loads_offline(tmp_path, backend):
     hf, tokenizer = build_tiny_hf_model("gpt-j")
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -60,7 +56,6 @@ def test_local_folder_loads_offline(tmp_path, backend):
     assert model.tokenizer is not None
 
 
-@pytest.mark.core
 def test_registry_knows_user_spellings():
     names = {spec.name for spec in list_models()}
     for name in ("EleutherAI/gpt-neo-125M", "EleutherAI/gpt-neo-1.3B", "EleutherAI/gpt-neo-2.7B",
@@ -69,7 +64,6 @@ def test_registry_knows_user_spellings():
     assert get_model_spec("EleutherAI/gpt-neo-125m").name == "EleutherAI/gpt-neo-125M"
 
 
-@pytest.mark.core
 def test_unknown_model_lists_known_names():
     with pytest.raises(UnknownModelError) as error:
         load_model("gemma-3-27O", device="cpu")
@@ -77,14 +71,12 @@ def test_unknown_model_lists_known_names():
     assert "gemma-3-270m" in message and "Did you mean" in message
 
 
-@pytest.mark.core
 def test_dtype_names():
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("fp16") is torch.float16
     with pytest.raises(ValueError, match="Unknown dtype"):
         parse_dtype("int3")
 
 
-@pytest.mark.core
 def test_float64_model_is_float64():
     hf, tokenizer = build_tiny_hf_model("gpt-neo", dtype=torch.float64)
     model = hf_to_transformer_lens(hf, tokenizer, device="cpu", dtype=torch.float64)

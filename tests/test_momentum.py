@@ -61,7 +61,6 @@ def _naive_hooks(model, eta, layers):
     return hooks
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("n_pos", [1, 2, 7, 64, 65, 200])
 @pytest.mark.parametrize("eta", [0.1, 0.5, 0.95])
 def test_scan_equals_double_loop(n_pos, eta):
@@ -74,7 +73,6 @@ def test_scan_equals_double_loop(n_pos, eta):
     torch.testing.assert_close(got32, naive_momentum(v, eta).float(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.core
 def test_scan_recurrence_and_edge_cases():
     v = torch.randn(1, 300, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     m = momentum_term(v, 0.7)
@@ -89,7 +87,6 @@ def test_scan_recurrence_and_edge_cases():
     torch.testing.assert_close(momentum_term(padded, 0.7, attention_mask=mask)[:, 5:], m, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.core
 def test_scan_memory_is_linear():
     """No T x T tensor: the chunk matrix is chunk_size^2 whatever the length."""
     v = torch.randn(1, 4096, 1, 2)
@@ -107,7 +104,6 @@ def test_scan_memory_is_linear():
     assert max(seen) <= 4096 * 2 * 2  # at most a couple of copies of v (padding, float cast)
 
 
-@pytest.mark.core
 def test_tiny_models_are_tiny(arch, backend):
     """TINY_PARAMS counts the Hugging Face model; TransformerLens unties the unembedding and adds zero biases."""
     from icl_kernels.models.loading import build_tiny_hf_model
@@ -118,7 +114,6 @@ def test_tiny_models_are_tiny(arch, backend):
     assert TINY_PARAMS[arch] <= n_params <= TINY_PARAMS[arch] + 50257 * 65 + 50_000
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("eta", [0.3, 0.9])
 def test_patched_model_equals_naive_loop(arch, backend, eta):
     """Logits with the patch on every layer (local and global) equal the double-loop reference."""
@@ -136,7 +131,6 @@ def test_patched_model_equals_naive_loop(arch, backend, eta):
     assert H.active_hook_count(model) == 0
 
 
-@pytest.mark.core
 def test_patch_only_touches_chosen_layers(arch, backend):
     """z of unpatched layers is the model's own; z of a patched layer differs by exactly the momentum."""
     model = load_tiny(arch, backend)
@@ -162,7 +156,6 @@ def test_patch_only_touches_chosen_layers(arch, backend):
     torch.testing.assert_close(seen[("z", layer)] - plain[("z", layer)], term, **TOL)
 
 
-@pytest.mark.core
 def test_right_padding_is_exact(arch, backend):
     """Each row's real tokens give the logits of the unpadded prompt under the patch."""
     model = load_tiny(arch, backend)
@@ -174,7 +167,6 @@ def test_right_padding_is_exact(arch, backend):
             torch.testing.assert_close(batch[row, :n], alone[0], **TOL)
 
 
-@pytest.mark.core
 def test_hooks_removed_after_raise_and_nesting(backend):
     model = load_tiny("gemma-3", backend)
     tokens = _tokens(model)
@@ -203,7 +195,6 @@ def test_hooks_removed_after_raise_and_nesting(backend):
     assert (first - plain).abs().max() > 1e-3
 
 
-@pytest.mark.core
 def test_eta_zero_is_identity(backend):
     model = load_tiny("gpt-neo", backend)
     tokens = _tokens(model)
@@ -215,7 +206,6 @@ def test_eta_zero_is_identity(backend):
     torch.testing.assert_close(same, plain, atol=0, rtol=0)
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("eta", [-0.1, 1.0, 1.5, float("nan"), "x", None])
 def test_bad_eta(eta):
     model = load_tiny("gpt-neo")
@@ -227,7 +217,6 @@ def test_bad_eta(eta):
     assert H.active_hook_count(model) == 0
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("layers", ["4", "0-9", "x", "", "3-1", "1,1", [5], [-1], "-1"])
 def test_bad_layers(layers):
     model = load_tiny("gpt-neo")
@@ -237,7 +226,6 @@ def test_bad_layers(layers):
     assert H.active_hook_count(model) == 0
 
 
-@pytest.mark.core
 def test_edits_are_the_patch(backend):
     """momentum_attention is edits_on(momentum_edits): one edit per layer at hook_z reading v."""
     model = load_tiny("gpt-neo", backend)
@@ -248,7 +236,6 @@ def test_edits_are_the_patch(backend):
         momentum_edits(model, 0.0, "9")  # layers are checked even when eta = 0
 
 
-@pytest.mark.core
 def test_parse_layers():
     assert compact_layers([0, 1, 2, 5]) == "0-2,5"
     assert parse_layers("all", 4) == (0, 1, 2, 3)
@@ -257,7 +244,6 @@ def test_parse_layers():
     assert parse_layers([3, 1], 4) == (1, 3)
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("arch_name", ["gpt-neo", "gemma-3", "llama"])
 def test_hf_patch_equals_transformer_lens_patch(arch_name):
     """The training-time patch on the Hugging Face model gives the logits of the hook_z patch."""
@@ -278,7 +264,6 @@ def test_hf_patch_equals_transformer_lens_patch(arch_name):
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-@pytest.mark.core
 def test_hf_patch_has_gradients_and_cleans_up_on_error():
     from icl_kernels.models.loading import build_tiny_hf_model
 
@@ -401,7 +386,6 @@ def test_cli_bad_input(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.core
 @pytest.mark.parametrize(
     "values, message",
     [(dict(etas=()), "at least one eta"), (dict(layer_sets=("all", "all")), "twice"),

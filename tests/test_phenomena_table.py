@@ -10,8 +10,6 @@ import pytest
 
 from experiments import phenomena_table
 
-pytestmark = pytest.mark.core
-
 
 def _rate(value: float, n: int = 6) -> dict:
     return {"value": value, "low": value - 0.1, "high": value + 0.1, "n": n, "unit": "prompts"}

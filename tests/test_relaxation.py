@@ -84,7 +84,6 @@ def _check_identity(model, tokens, pred, demo_mask) -> float:
     return worst
 
 
-@pytest.mark.core
 def test_identity_on_every_tiny_architecture(arch, backend):
     model = load_tiny(arch, backend, dtype=torch.float64)
     assert_tiny(arch, model)
@@ -106,7 +105,6 @@ def test_identity_on_the_synthetic_world_model():
     assert _check_identity(model, tokens, pred, _demo_mask(tokens.shape[1])) < IDENTITY_ATOL
 
 
-@pytest.mark.core
 def test_relaxed_output_matches_an_explicit_sum_with_local_windows(backend):
     """GPT-Neo local layers (window 8): demonstration tokens outside the window contribute nothing."""
     model = load_tiny("gpt-neo", backend, dtype=torch.float64)
@@ -127,7 +125,6 @@ def test_relaxed_output_matches_an_explicit_sum_with_local_windows(backend):
     assert parts.dw_icl[1].abs().sum() > 0  # row 1 (prediction at 13) still sees some
 
 
-@pytest.mark.core
 def test_relaxation_changes_the_model_and_no_hook_remains_after_errors(backend):
     model = load_tiny("gemma-3", backend)
     tokens, _ = _tokens(model)
@@ -167,7 +164,6 @@ def test_bad_inputs_raise_clear_errors():
         dual_form_toy(lr=0)
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("arch", ["gpt-j", "llama", "gemma-3"])
 def test_rotate_by_undoes_the_models_rotary(arch):
     model = load_tiny(arch, dtype=torch.float64)

@@ -83,6 +83,7 @@ def test_study_writes_its_report_and_leaves_no_hook(name, tmp_path, shared_model
         assert H.active_hook_count(model) == 0
 
 
+@pytest.mark.tl3_only(reason="patches a block's `forward`: a bridge sets it on its HF module, monkeypatch cannot undo it")
 @pytest.mark.parametrize("name", sorted(TINY_ARGS))
 def test_study_leaves_no_hook_when_the_model_raises(name, tmp_path, shared_models, monkeypatch):
     from icl_kernels.cli import main

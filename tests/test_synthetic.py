@@ -32,7 +32,6 @@ TINY_LAYERED = WorldConfig(n_concepts=2, n_states=6, vocab_size=2, x_len=2, bran
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("cfg", [WorldConfig(), TINY_RANDOM, TINY_LAYERED, WorldConfig(structure="random")])
 def test_rows_are_distributions(cfg):
     w = make_world(cfg)
@@ -43,7 +42,6 @@ def test_rows_are_distributions(cfg):
     assert w.emit.shape == (cfg.n_states, cfg.vocab_size)
 
 
-@pytest.mark.core
 def test_generator_is_deterministic_per_seed():
     a, b, c = make_world(), make_world(), make_world(seed=1)
     assert a.checksum() == b.checksum() != c.checksum()
@@ -58,7 +56,6 @@ def test_generator_is_deterministic_per_seed():
     np.testing.assert_array_equal(p1.labels, p2.labels)
 
 
-@pytest.mark.core
 def test_document_and_prompt_layout():
     w = make_world()
     cfg = w.config
@@ -78,7 +75,6 @@ def test_document_and_prompt_layout():
     assert pb.labels.max() < w.vocab_size
 
 
-@pytest.mark.core
 def test_world_json_roundtrip(tmp_path):
     w = make_world(WorldConfig(n_concepts=4, seed=9))
     w.to_json(tmp_path / "world.json")
@@ -92,7 +88,6 @@ def test_world_json_roundtrip(tmp_path):
         load_world(tmp_path)
 
 
-@pytest.mark.core
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="divisible"):
         WorldConfig(n_states=30, x_len=3)
@@ -134,7 +129,6 @@ def _brute_force_predictive(w: SyntheticWorld, tokens: list[int]) -> np.ndarray:
     return joint / joint.sum()
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("cfg", [TINY_RANDOM, TINY_LAYERED])
 def test_bayes_equals_brute_force(cfg):
     w = make_world(cfg)
@@ -164,7 +158,6 @@ def test_bayes_equals_brute_force(cfg):
         np.testing.assert_allclose(probs[i], _brute_force_predictive(w, pb.tokens[i].tolist()), atol=1e-9)
 
 
-@pytest.mark.core
 def test_oracle_prior_and_posterior():
     w = make_world(TINY_RANDOM)
     pb = w.sample_prompts(4, 3, np.random.default_rng(1))
@@ -175,7 +168,6 @@ def test_oracle_prior_and_posterior():
     np.testing.assert_allclose(post.sum(-1), 1.0, atol=1e-12)
 
 
-@pytest.mark.core
 def test_bayes_accuracy_rises_with_k():
     # default world, n=1500 per k (s.e. <= 0.013). Measured with these seeds: k=0 0.311, k=1 0.645,
     # k=4 0.850, k=16 0.877; the asserted gaps are far below the measured ones.
@@ -190,7 +182,6 @@ def test_bayes_accuracy_rises_with_k():
     assert acc[0] < 0.45  # the concept matters: x alone says little
 
 
-@pytest.mark.core
 def test_document_nll_floor_below_unigram():
     w = make_world()
     docs, _ = w.sample_documents(8, np.random.default_rng(3))
@@ -198,7 +189,6 @@ def test_document_nll_floor_below_unigram():
     assert 0.5 < floor < np.log(w.n_tokens)
 
 
-@pytest.mark.core
 def test_plot_returns_figure():
     import plotly.graph_objects as go
 
@@ -209,7 +199,6 @@ def test_plot_returns_figure():
         plot_accuracy_vs_shots(df.drop(columns=["accuracy"]))
 
 
-@pytest.mark.core
 def test_accuracy_vs_shots_carries_the_wilson_interval_of_its_count():
     from icl_kernels.utils.stats import wilson_interval
 

@@ -20,7 +20,6 @@ def world():
     return load_world(SYNTHETIC_MODEL_DIR)
 
 
-@pytest.mark.core
 def test_shipped_model_loads_and_matches_hugging_face(world, backend):
     hf, tokenizer = load_hf_model("synthetic-gpt-neo")
     assert tokenizer is None, "the synthetic world has no text tokenizer"
@@ -33,7 +32,6 @@ def test_shipped_model_loads_and_matches_hugging_face(world, backend):
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
 
 
-@pytest.mark.core
 def test_shipped_model_learns_in_context(world):
     """Measured when shipped (eval_synthetic.py, 2,000 prompts per k): 1-shot 0.61, 16-shot 0.87
     (Bayes 0.67 and 0.88).

@@ -141,14 +141,26 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per `PhenomenaConfig` field, with its default."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, PhenomenaConfig)
+    return parser
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> PhenomenaConfig:
+    """The table's configuration from a command line; a bad value is a usage error (exit 2)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = from_arguments(PhenomenaConfig, args)
+        return from_arguments(PhenomenaConfig, args)
     except InvalidOptionError as error:
         parser.error(str(error))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    cfg = parse_args(argv, parser)
     runs, out = Path(cfg.runs), Path(cfg.out)
     names = cfg.condition_names()
     missing = [c for c in names if not (runs / f"{c}{cfg.suffix}" / "summary.json").is_file()]

@@ -122,14 +122,19 @@ def momentum_figure(results: Path, run: str):
     return momentum_heatmap(pd.read_csv(path), title=f"{run}: change with momentum attention")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> FiguresConfig:
+    """The figures' configuration from a command line (one flag per `FiguresConfig` field)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, FiguresConfig)
     args = parser.parse_args(argv)
     try:
-        cfg = from_arguments(FiguresConfig, args)
+        return from_arguments(FiguresConfig, args)
     except InvalidOptionError as error:
         parser.error(str(error))
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
     results, out = Path(cfg.results), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))

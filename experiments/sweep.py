@@ -496,7 +496,6 @@ def _fail_unfinished(shard: ShardJob, out: Path, error_type: str, message: str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     args = parse_args(argv)
     cfg = SweepConfig.from_file(args.config)
     overrides = {k: getattr(args, k) for k in EXECUTION_KEYS if getattr(args, k) is not None}

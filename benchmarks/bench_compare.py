@@ -1,7 +1,7 @@
 """Cost of the whole ICL-vs-finetuning comparison per test query, relative to one plain forward.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_compare.py                          # gemma-3-270m, MR, 4 shots
-    nice -n 10 .venv/bin/python benchmarks/bench_compare.py --model tiny-gpt-neo --n-test 8
+    nice -n 10 .venv/bin/python -m benchmarks.bench_compare                          # gemma-3-270m, MR, 4 shots
+    nice -n 10 .venv/bin/python -m benchmarks.bench_compare --model tiny-gpt-neo --n-test 8
 
 One run measures, on the same prompts:
 
@@ -25,13 +25,19 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
+# the imports below come after the offline hub variables are set (transformers reads them on import)
 import torch  # noqa: E402
+
+from icl_kernels.data.synthetic_world import synthetic_world  # noqa: E402
+from icl_kernels.engine.hooks import attention_spec  # noqa: E402
+from icl_kernels.finetuning.recording import record  # noqa: E402
+from icl_kernels.finetuning.relaxation import decompose  # noqa: E402
+from icl_kernels.studies import get_study  # noqa: E402
+from icl_kernels.studies.compare import build_episodes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,13 +51,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from icl_kernels.data.synthetic_world import synthetic_world
-    from icl_kernels.engine.hooks import attention_spec
-    from icl_kernels.finetuning.recording import record
-    from icl_kernels.finetuning.relaxation import decompose
-    from icl_kernels.studies import get_study
-    from icl_kernels.studies.compare import build_episodes
 
     study = get_study("compare")
     lrs = tuple(float(x) for x in args.lrs.split(","))

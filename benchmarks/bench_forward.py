@@ -1,7 +1,7 @@
 """Our label scoring vs plain `transformers` vs TransformerLens ``run_with_cache``, on the same prompts.
 
-    nice .venv/bin/python benchmarks/bench_forward.py --threads 2                     # gemma-3-270m, 20 prompts
-    nice .venv/bin/python benchmarks/bench_forward.py --model tiny-gpt-neo --prompts 8  # smoke run
+    nice .venv/bin/python -m benchmarks.bench_forward --threads 2                     # gemma-3-270m, 20 prompts
+    nice .venv/bin/python -m benchmarks.bench_forward --model tiny-gpt-neo --prompts 8  # smoke run
 
 Prompts: the first ``--prompts`` test queries of ``--task`` as ``--shots``-shot prompts
 (`icl_kernels.data.conditions.study_prompts`, the eval study's prompts). Timed, interleaved, best of
@@ -32,16 +32,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
+from icl_kernels.data.conditions import study_prompts
+from icl_kernels.data.prompts import PromptBatch, batches
+from icl_kernels.engine.capture import capture, final_residual, label_log_probs, nbytes
+from icl_kernels.models.loading import load_hf_model
+from icl_kernels.models.options import ModelOptions
+from icl_kernels.utils.config import PromptOptions
 
 
 @dataclass
@@ -65,7 +69,7 @@ class ForwardBench:
 
 
 def _rss() -> int:
-    import psutil
+    import psutil  # noqa: PLC0415 - optional (the test extra); only the memory measurement needs it
 
     return psutil.Process().memory_info().rss
 
@@ -109,8 +113,6 @@ def _best(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float
 
 def _op_times(fn: Callable[[], object]) -> dict[str, float]:
     """Self CPU time (ms) of every operator in one call of ``fn``."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
@@ -133,13 +135,6 @@ def main(argv=None) -> ForwardBench:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from icl_kernels.data.conditions import study_prompts
-    from icl_kernels.data.prompts import PromptBatch, batches
-    from icl_kernels.engine.capture import capture, final_residual, label_log_probs, nbytes
-    from icl_kernels.models.loading import load_hf_model
-    from icl_kernels.models.options import ModelOptions
-    from icl_kernels.utils.config import PromptOptions
 
     model = ModelOptions(model=args.model, device="cpu", dtype="float32").load()
     hf, _ = load_hf_model(args.model)

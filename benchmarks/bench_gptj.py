@@ -1,7 +1,7 @@
 """GPT-J-6B-shaped random-weights benchmark in bf16 on CUDA (one GPU).
 
-    .venv/bin/python benchmarks/bench_gptj.py                  # CUDA only: refuses without a GPU
-    .venv/bin/python benchmarks/bench_gptj.py --tiny --device cpu   # same config, 2 layers, d_model 256: a build check
+    .venv/bin/python -m benchmarks.bench_gptj                  # CUDA only: refuses without a GPU
+    .venv/bin/python -m benchmarks.bench_gptj --tiny --device cpu   # same config, 2 layers, d_model 256: a build check
 
 The model is GPT-J-6B's exact shape (28 layers, 16 heads, d_model 4096, d_mlp 16384, rotary 64,
 parallel attention/MLP block, vocabulary 50400) with random weights (same FLOPs and memory as the
@@ -22,11 +22,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from transformers import AutoModelForCausalLM, GPTJConfig
 
-import torch  # noqa: E402
+from icl_kernels.engine.capture import capture, nbytes, unembed
+from icl_kernels.finetuning.momentum_attention import momentum_attention
+from icl_kernels.models.loading import gpt2_tokenizer, hf_to_transformer_lens, parse_dtype
 
 GPTJ_6B = dict(n_layer=28, n_head=16, n_embd=4096, rotary_dim=64, n_inner=None, vocab_size=50400, n_positions=2048)
 TINY = dict(n_layer=2, n_head=4, n_embd=256, rotary_dim=16, n_inner=None, vocab_size=50400, n_positions=2048)
@@ -34,10 +36,6 @@ TINY = dict(n_layer=2, n_head=4, n_embd=256, rotary_dim=16, n_inner=None, vocab_
 
 def build(tiny: bool, device: str, dtype: torch.dtype, backend: str | None):
     """A random-weights GPT-J of the 6B shape (or a tiny one) as a TransformerLens model."""
-    from transformers import AutoModelForCausalLM, GPTJConfig
-
-    from icl_kernels.models.loading import gpt2_tokenizer, hf_to_transformer_lens
-
     config = GPTJConfig(**(TINY if tiny else GPTJ_6B), architectures=["GPTJForCausalLM"])
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32 if tiny else dtype)
@@ -81,10 +79,6 @@ def main(argv=None) -> int:
     if not args.tiny and not args.device.startswith("cuda"):
         print("bench_gptj: the full GPT-J-6B shape needs --device cuda (use --tiny on a CPU).", file=sys.stderr)
         return 2
-
-    from icl_kernels.engine.capture import capture, nbytes, unembed
-    from icl_kernels.finetuning.momentum_attention import momentum_attention
-    from icl_kernels.models.loading import parse_dtype
 
     dtype = parse_dtype(args.dtype)
     model = build(args.tiny, args.device, dtype, args.backend)

@@ -1,8 +1,8 @@
 """Forward time with momentum attention over a plain forward, at 512 and 2,048 tokens.
 
-    nice .venv/bin/python benchmarks/bench_momentum.py                          # gemma-3-270m, CPU
-    nice .venv/bin/python benchmarks/bench_momentum.py --model tiny-gemma-3 --repeats 3
-    .venv/bin/python benchmarks/bench_momentum.py --device cuda                 # target ratio <= 1.10
+    nice .venv/bin/python -m benchmarks.bench_momentum                          # gemma-3-270m, CPU
+    nice .venv/bin/python -m benchmarks.bench_momentum --model tiny-gemma-3 --repeats 3
+    .venv/bin/python -m benchmarks.bench_momentum --device cuda                 # target ratio <= 1.10
 
 Each measurement is one forward of a batch of held-out text (`icl_kernels.engine.perplexity.heldout_windows`)
 that stops at the final norm (``return_type=None``), plain and with `momentum_attention` on every
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from icl_kernels.engine.perplexity import heldout_windows
+from icl_kernels.finetuning.momentum_attention import momentum_attention, momentum_term, parse_layers
+from icl_kernels.models.loading import load_model
 
 
 def _sync(device) -> None:
@@ -34,8 +34,6 @@ def _sync(device) -> None:
 
 def time_forward(model, tokens, eta: float, layers: str, repeats: int) -> tuple[float, float]:
     """Median seconds of a plain and a patched forward (interleaved, after one warm-up of each)."""
-    from icl_kernels.finetuning.momentum_attention import momentum_attention
-
     device = tokens.device
     plain, patched = [], []
     with torch.no_grad():
@@ -56,8 +54,6 @@ def time_forward(model, tokens, eta: float, layers: str, repeats: int) -> tuple[
 
 def time_scans(model, n_tokens: int, batch: int, eta: float, n_layers: int, repeats: int, device) -> float:
     """Median seconds of the patch's own work for one forward: a scan per patched layer on value-shaped input."""
-    from icl_kernels.finetuning.momentum_attention import momentum_term
-
     n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
     v = torch.randn(batch, n_tokens, n_kv, model.cfg.d_head, device=device, dtype=next(model.parameters()).dtype)
     times = []
@@ -74,9 +70,6 @@ def time_scans(model, n_tokens: int, batch: int, eta: float, n_layers: int, repe
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from icl_kernels.engine.perplexity import heldout_windows
-    from icl_kernels.models.loading import load_model
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--backend", default=None, choices=("hooked", "bridge"))
@@ -92,7 +85,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.tokens.split(",") if x.strip()]
     model = load_model(args.model, device=args.device, backend=args.backend, n_ctx=max(lengths))
-    from icl_kernels.finetuning.momentum_attention import parse_layers
 
     layers = parse_layers(args.layers, model.cfg.n_layers)
     windows = heldout_windows(model.tokenizer, max(lengths), args.batch)

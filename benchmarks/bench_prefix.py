@@ -1,7 +1,7 @@
 """Shared-prefix reuse vs full recompute: N queries that share one demonstration set.
 
-    nice .venv/bin/python benchmarks/bench_prefix.py                                  # gemma-3-270m, 100 queries
-    nice .venv/bin/python benchmarks/bench_prefix.py --model tiny-gpt-neo --queries 20  # smoke run
+    nice .venv/bin/python -m benchmarks.bench_prefix                                  # gemma-3-270m, 100 queries
+    nice .venv/bin/python -m benchmarks.bench_prefix --model tiny-gpt-neo --queries 20  # smoke run
 
 The prompts are the compare study's ICL prompts of one episode (one balanced demonstration set
 from the task's train split, the first N test queries), at each ``--shots``. Timed, interleaved,
@@ -16,13 +16,16 @@ the largest difference between the two (float32 rounding only).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from icl_kernels.data.prompts import PromptBatch
+from icl_kernels.engine.capture import capture, label_log_probs
+from icl_kernels.engine.prefix_cache import common_prefix_length, shared_capture, shared_label_log_probs
+from icl_kernels.studies import get_study
+from icl_kernels.studies.compare import build_episodes
+from icl_kernels.utils.errors import PromptTooLongError
 
 
 def _best(fn, repeats: int) -> tuple[float, object]:
@@ -46,13 +49,6 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from icl_kernels.data.prompts import PromptBatch
-    from icl_kernels.engine.capture import capture, label_log_probs
-    from icl_kernels.engine.prefix_cache import common_prefix_length, shared_capture, shared_label_log_probs
-    from icl_kernels.studies import get_study
-    from icl_kernels.studies.compare import build_episodes
-    from icl_kernels.utils.errors import PromptTooLongError
 
     study = get_study("compare")
     model = None

@@ -1,7 +1,7 @@
 """Tokens per second of every registered study, on one model, in one run.
 
-    nice .venv/bin/python benchmarks/bench_studies.py --threads 1                      # gemma-3-270m
-    nice .venv/bin/python benchmarks/bench_studies.py --model tiny-gpt-neo --scale 1   # smoke run
+    nice .venv/bin/python -m benchmarks.bench_studies --threads 1                      # gemma-3-270m
+    nice .venv/bin/python -m benchmarks.bench_studies --model tiny-gpt-neo --scale 1   # smoke run
 
 Each study runs once through the registry (`icl_kernels.studies.get_study`, the same `run` the
 command line calls) on a small configuration (``--scale`` multiplies its prompt counts), with the
@@ -17,11 +17,13 @@ the share of a study's time that is model compute.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
+from icl_kernels import PromptOptions, load_model, study_prompts
+from icl_kernels.data.prompts import batches, pad_id
+from icl_kernels.studies import get_study
 
 
 def _configs(model: str, task: str, scale: int) -> dict[str, dict]:
@@ -68,12 +70,6 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from icl_kernels import PromptOptions, load_model, study_prompts
-    from icl_kernels.data.prompts import batches, pad_id
-    from icl_kernels.studies import get_study
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)

@@ -9,47 +9,75 @@ Outputs in ``out_dir``: config.json, accuracy_vs_shots.csv (tidy: shots, predict
 agree_bayes, nll, bayes_nll), accuracy_vs_shots.html (plotly, plotly.js from CDN). Finished shot
 counts are kept: rerunning with the same config only computes the missing ones.
 
-    .venv/bin/python experiments/eval_synthetic.py --out-dir results/synthetic
+    .venv/bin/python -m experiments.eval_synthetic --out-dir results/synthetic
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_type_hints
+
+import pandas as pd
+import torch
 
 from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
 from icl_kernels.data.synthetic_world import SYNTHETIC_MODEL_DIR, load_world
+from icl_kernels.models.loading import load_hf_model, load_model
+from icl_kernels.utils.config import Options, add_arguments, at_least, from_arguments, one_of, parse_list
+from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.plotting import write_html
+
+BACKENDS = ("hf", "tl")
 
 
 @dataclass
-class EvalConfig:
-    model: str = str(SYNTHETIC_MODEL_DIR)  # HF folder with config.json, model.safetensors, world.json
+class EvalConfig(Options):
+    """Which trained model, which prompts, and how they are scored."""
+
+    model: str = field(default=str(SYNTHETIC_MODEL_DIR), metadata={
+        "help": "HF folder with config.json, model.safetensors, world.json"})
     out_dir: str = "results/synthetic"
     shots: str = "0,1,2,4,8,16,32"
     n: int = 2000
     seed: int = 20240
     batch_size: int = 250
-    backend: str = "hf"  # "hf": transformers model; "tl": icl_kernels.models.loading.load_model (TransformerLens)
+    backend: str = field(default="hf", metadata={
+        "choices": BACKENDS,
+        "help": "hf: the transformers model; tl: icl_kernels.models.loading.load_model (TransformerLens)"})
     threads: int = 1
+
+    def __post_init__(self) -> None:
+        problems = one_of("backend", self.backend, BACKENDS)
+        for name in ("n", "batch_size", "threads"):
+            problems += at_least(name, getattr(self, name), 1)
+        problems += at_least("seed", self.seed, 0)
+        try:
+            parse_list(self.shots, int, "shots")
+        except InvalidOptionError as error:
+            problems.append(str(error).rstrip("."))
+        if problems:
+            raise InvalidOptionError("Invalid EvalConfig: " + "; ".join(problems) + ".")
+
+    def shot_counts(self) -> list[int]:
+        return list(parse_list(self.shots, int, "shots"))
 
 
 def parse_args(argv: list[str] | None) -> EvalConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = get_type_hints(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=hints[f.name], default=f.default)
-    return EvalConfig(**vars(p.parse_args(argv)))
+    """The evaluation's configuration from a command line (one flag per `EvalConfig` field)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, EvalConfig)
+    args = parser.parse_args(argv)
+    try:
+        return from_arguments(EvalConfig, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
 
 
 def logits_fn_for(cfg: EvalConfig):
     """A function LongTensor [batch, pos] -> logits [batch, pos, d_vocab] for the chosen backend."""
-    from icl_kernels.models.loading import load_hf_model, load_model
-
     if cfg.backend == "hf":
         hf, _ = load_hf_model(cfg.model)
         return lambda t: hf(t).logits
@@ -60,9 +88,6 @@ def logits_fn_for(cfg: EvalConfig):
 
 
 def main(argv: list[str] | None = None):
-    import pandas as pd
-    import torch
-
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
@@ -72,14 +97,14 @@ def main(argv: list[str] | None = None):
     if cfg_path.exists() and csv_path.exists():
         old = json.loads(cfg_path.read_text())
         same = {k: v for k, v in old.items() if k not in ("shots", "threads", "batch_size")} == {
-            k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("shots", "threads", "batch_size")
+            k: v for k, v in cfg.to_dict().items() if k not in ("shots", "threads", "batch_size")
         }
         if same:
             done = pd.read_csv(csv_path)
-    cfg_path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     world = load_world(cfg.model)
-    shots = [int(s) for s in cfg.shots.split(",") if s.strip()]
+    shots = cfg.shot_counts()
     todo = [k for k in shots if done.empty or k not in set(done["shots"])]
     if todo:
         fn = logits_fn_for(cfg)

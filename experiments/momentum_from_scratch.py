@@ -1,6 +1,6 @@
 """Momentum attention from scratch: the synthetic-world GPT-Neo trained with and without it.
 
-For each seed, two models are trained by ``experiments/train_synthetic.py`` on the same documents
+For each seed, two models are trained by `experiments.train_synthetic.train` on the same documents
 (``data_seed = data_seed_base + seed``), from the same initialisation (``seed``), for the same
 number of steps: vanilla attention, and momentum attention (`icl_kernels.finetuning.momentum_attention`, on the Hugging
 Face modules via `hf_momentum_attention`, during training and evaluation alike). Each finished model
@@ -23,20 +23,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_type_hints
 
 import numpy as np
+import pandas as pd
+import torch
+from transformers import GPTNeoForCausalLM
 
-from icl_kernels.utils.config import parse_list
+from experiments.train_synthetic import TrainConfig, train
+from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
+from icl_kernels.data.synthetic_world import load_world
+from icl_kernels.finetuning.momentum_attention import check_eta, hf_momentum_attention
+from icl_kernels.utils.config import Options, add_arguments, at_least, from_arguments, parse_list
+from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import append_rows, finished_ids, write_csv, write_json
 from icl_kernels.utils.plotting import write_html
 
 
 @dataclass
-class ScratchConfig:
+class ScratchConfig(Options):
+    """The paired experiment: seeds, training length, the momentum term and the evaluation."""
+
     out_dir: str = "runs/momentum-scratch"
     seeds: str = "0,1,2"
     steps: int = 400
@@ -50,29 +58,56 @@ class ScratchConfig:
     n: int = 500
     eval_seed: int = 20240
     threads: int = 1
-    cross_eval: bool = False  # also: each trained model evaluated with the other attention (cross_eval.csv)
+    cross_eval: bool = field(default=False, metadata={
+        "help": "also evaluate each trained model with the other attention (cross_eval.csv)"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("steps", "val_docs", "n", "threads"):
+            problems += at_least(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "data_seed_base", "val_seed", "eval_seed"):
+            problems += at_least(name, getattr(self, name), 0)
+        for name in ("seeds", "shots"):
+            try:
+                parse_list(getattr(self, name), int, name)
+            except InvalidOptionError as error:
+                problems.append(str(error).rstrip("."))
+        try:
+            if check_eta(self.eta) == 0.0:
+                problems.append("eta must be > 0 (the vanilla model is always trained alongside)")
+        except ValueError as error:
+            problems.append(str(error).rstrip("."))
+        if problems:
+            raise InvalidOptionError("Invalid ScratchConfig: " + "; ".join(problems) + ".")
+
+    def seed_list(self) -> tuple[int, ...]:
+        return parse_list(self.seeds, int, "--seeds")
+
+    def shot_counts(self) -> tuple[int, ...]:
+        return parse_list(self.shots, int, "--shots")
+
+    def train_config(self, variant: str, seed: int, folder: Path) -> TrainConfig:
+        """The training run of one (variant, seed): same documents and initialisation for both variants."""
+        momentum = dict(momentum_eta=self.eta, momentum_layers=self.layers) if variant == "momentum" else {}
+        return TrainConfig(out_dir=str(folder), steps=self.steps, warmup_steps=self.warmup_steps, seed=seed,
+                           data_seed=self.data_seed_base + seed, eval_every=0, threads=self.threads, save_every=100,
+                           **momentum)
 
 
 def parse_args(argv: list[str] | None) -> ScratchConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = get_type_hints(ScratchConfig)
-    for f in dataclasses.fields(ScratchConfig):
-        if hints[f.name] is bool:
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true")
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=hints[f.name], default=f.default)
-    cfg = ScratchConfig(**vars(p.parse_args(argv)))
-    from icl_kernels.finetuning.momentum_attention import check_eta
-
-    if check_eta(cfg.eta) == 0.0:
-        raise ValueError("--eta must be > 0 (the vanilla model is always trained alongside).")
-    return cfg
+    """The experiment's configuration from a command line (one flag per `ScratchConfig` field)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, ScratchConfig)
+    args = parser.parse_args(argv)
+    try:
+        return from_arguments(ScratchConfig, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
 
 
 def validation_loss(model, world, cfg: ScratchConfig) -> float:
     """Mean next-token cross-entropy on held-out documents."""
-    import torch
-
     losses = []
     with torch.no_grad():
         for i in range(0, cfg.val_docs, 16):
@@ -84,37 +119,21 @@ def validation_loss(model, world, cfg: ScratchConfig) -> float:
 
 
 def main(argv: list[str] | None = None):
-    import pandas as pd
-    import torch
-    from transformers import GPTNeoForCausalLM
-
-    from experiments import train_synthetic
-    from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
-    from icl_kernels.data.synthetic_world import load_world
-    from icl_kernels.finetuning.momentum_attention import hf_momentum_attention
-
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
+    write_json(out / "config.json", cfg.to_dict())
     results = out / "results.csv"
     done = finished_ids(results, key="run_id")
-    shots = parse_list(cfg.shots, int, "--shots")
-    for seed in parse_list(cfg.seeds, int, "--seeds"):
+    shots = cfg.shot_counts()
+    for seed in cfg.seed_list():
         for variant in ("vanilla", "momentum"):
             run_id = f"{variant}-seed{seed}"
             if run_id in done:
                 continue
             folder = out / run_id
-            argv_train = [
-                "--out-dir", str(folder), "--steps", str(cfg.steps), "--warmup-steps", str(cfg.warmup_steps),
-                "--seed", str(seed), "--data-seed", str(cfg.data_seed_base + seed), "--eval-every", "0",
-                "--threads", str(cfg.threads), "--save-every", "100",
-            ]
-            if variant == "momentum":
-                argv_train += ["--momentum-eta", str(cfg.eta), "--momentum-layers", cfg.layers]
-            train_synthetic.main(argv_train)
+            train(cfg.train_config(variant, seed, folder))
             model = GPTNeoForCausalLM.from_pretrained(folder / "final").eval()
             model.config._attn_implementation = "eager"
             world = load_world(folder / "final")
@@ -151,17 +170,8 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
 
     Separates what the trained weights learned from what the term adds at inference.
     """
-    import contextlib as _contextlib
-
-    import pandas as pd
-    from transformers import GPTNeoForCausalLM
-
-    from icl_kernels.data.synthetic_bayes import accuracy_vs_shots
-    from icl_kernels.data.synthetic_world import load_world
-    from icl_kernels.finetuning.momentum_attention import hf_momentum_attention
-
     rows = []
-    for seed in parse_list(cfg.seeds, int, "--seeds"):
+    for seed in cfg.seed_list():
         for variant in ("vanilla", "momentum"):
             folder = out / f"{variant}-seed{seed}" / "final"
             if not folder.exists():
@@ -169,10 +179,10 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
             model = GPTNeoForCausalLM.from_pretrained(folder).eval()
             world = load_world(folder)
             for eval_eta in (0.0, cfg.eta):
-                patch = hf_momentum_attention(model, eval_eta, cfg.layers) if eval_eta else _contextlib.nullcontext()
+                patch = hf_momentum_attention(model, eval_eta, cfg.layers) if eval_eta else contextlib.nullcontext()
                 with patch:
                     val = validation_loss(model, world, cfg)
-                    icl = accuracy_vs_shots(world, lambda t: model(t).logits, shots=parse_list(cfg.shots, int, "--shots"), n=cfg.n,
+                    icl = accuracy_vs_shots(world, lambda t: model(t).logits, shots=cfg.shot_counts(), n=cfg.n,
                                        seed=cfg.eval_seed, oracle=False)
                 acc = {f"acc_k{int(r.shots)}": float(r.accuracy) for r in icl.itertuples() if r.predictor == "model"}
                 rows.append(dict(trained=variant, seed=seed, eval_eta=eval_eta, val_loss=val, **acc))
@@ -186,8 +196,6 @@ def cross_evaluate(cfg: ScratchConfig, out: Path) -> None:
 
 def summarise(frame):
     """Mean +- s.e. over seeds per variant, and the paired (same seed) momentum - vanilla difference."""
-    import pandas as pd
-
     rows = []
     models = frame[frame["variant"].isin(["vanilla", "momentum"])]
     for (metric, shots), g in models.groupby(["metric", "shots"]):

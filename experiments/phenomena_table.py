@@ -20,23 +20,47 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from icl_kernels.utils.config import Options, add_arguments, from_arguments
+from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
 from icl_kernels.utils.stats import mean_difference, paired_bootstrap
 
 
 @dataclass
-class PhenomenaConfig:
-    runs: str = "results/heads/phenomena"  # folder holding one <condition><suffix> run per condition
+class PhenomenaConfig(Options):
+    """Where the heads runs are, which conditions to put side by side, and where the table goes."""
+
+    runs: str = field(default="results/heads/phenomena", metadata={
+        "help": "folder holding one <condition><suffix> run per condition"})
     suffix: str = "-334"
-    conditions: str = "original,flipped,arbitrary,permuted,retrieval"
-    reference: str = "original"  # the condition every ICL accuracy is paired against
+    conditions: str = field(default="original,flipped,arbitrary,permuted,retrieval", metadata={
+        "help": "comma-separated condition names"})
+    reference: str = field(default="original", metadata={
+        "help": "the condition every ICL accuracy is paired against"})
     out: str = "results/heads/phenomena"
+
+    def __post_init__(self) -> None:
+        problems = []
+        names = self.condition_names()
+        if not names:
+            problems.append(f"conditions must name at least one condition, not {self.conditions!r}")
+        elif len(set(names)) != len(names):
+            problems.append(f"conditions names a condition twice: {self.conditions!r}")
+        if not self.reference:
+            problems.append("reference must name a condition")
+        if not self.runs or not self.out:
+            problems.append(f"runs and out must be folders, not {self.runs!r} and {self.out!r}")
+        if problems:
+            raise InvalidOptionError("Invalid PhenomenaConfig: " + "; ".join(problems) + ".")
+
+    def condition_names(self) -> list[str]:
+        return [c for c in self.conditions.split(",") if c]
 
 
 def _report_rows(run: Path) -> pd.DataFrame:
@@ -117,13 +141,28 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per `PhenomenaConfig` field, with its default."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(PhenomenaConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", default=value)
-    cfg = PhenomenaConfig(**vars(parser.parse_args(argv)))
+    add_arguments(parser, PhenomenaConfig)
+    return parser
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> PhenomenaConfig:
+    """The table's configuration from a command line; a bad value is a usage error (exit 2)."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return from_arguments(PhenomenaConfig, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    cfg = parse_args(argv, parser)
     runs, out = Path(cfg.runs), Path(cfg.out)
-    names = [c for c in cfg.conditions.split(",") if c]
+    names = cfg.condition_names()
     missing = [c for c in names if not (runs / f"{c}{cfg.suffix}" / "summary.json").is_file()]
     if missing:
         parser.error(f"no finished heads run for {missing} under {runs} (expected <condition>{cfg.suffix}/summary.json).")
@@ -131,7 +170,7 @@ def main(argv=None) -> int:
     rows = [r for c in names for r in condition_rows(c, runs / f"{c}{cfg.suffix}", reference)]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "phenomena.csv", rows)
-    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     print(markdown(pd.DataFrame(rows)))
     return 0
 

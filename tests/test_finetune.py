@@ -13,6 +13,7 @@ from icl_kernels.engine import hooks as H
 from icl_kernels.engine.capture import capture
 from icl_kernels.finetuning.finetune import finetune, has_kv_bias, kv_parameters, kv_weights, select_lr
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.loading import load_model
 
 SEQUENCES = [[50256, 464, 3290, 318, 922, 13], [50256, 40, 588, 340, 2089], [50256, 1212, 318, 257, 1332, 11, 0]]
 
@@ -21,8 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fresh(arch: str, backend: str):
-    from icl_kernels.models.loading import load_model
-
     return load_model(f"tiny-{arch}", device="cpu", backend=backend)
 
 

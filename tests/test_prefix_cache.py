@@ -15,6 +15,7 @@ from icl_kernels.engine.prefix_cache import (
     shared_label_log_probs,
 )
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.loading import load_model
 from tests.conftest import load_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -134,8 +135,6 @@ def test_float32_is_close(arch):
 
 @pytest.mark.slow
 def test_gemma_3_270m_exact():
-    from icl_kernels.models.loading import load_model
-
     model = load_model("gemma-3-270m", device="cpu", dtype=torch.float64)
     tok = model.tokenizer
     demos = tok("Review: a gripping, moving film. Sentiment: positive\nReview: dull and far too long. "

@@ -8,8 +8,11 @@ import pytest
 import torch
 from conftest import TINY_PARAMS, load_tiny
 
+from icl_kernels.data.synthetic_world import make_world
 from icl_kernels.engine import hooks as H
 from icl_kernels.engine.hooks import rotate_by
+from icl_kernels.finetuning.dai_metrics import demo_token_mask
+from icl_kernels.finetuning.recording import record
 from icl_kernels.finetuning.relaxation import (
     decompose,
     dual_form_toy,
@@ -18,6 +21,8 @@ from icl_kernels.finetuning.relaxation import (
     spectrum,
     stable_rank,
 )
+from icl_kernels.models.loading import ASSETS, build_tiny_hf_model, load_model
+from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
 
 LENGTHS = (20, 14)
 IDENTITY_ATOL = 1e-5  # float64; observed ~1e-13 on values of size ~50
@@ -28,8 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @functools.cache
 def _hf_params(arch: str) -> int:
-    from icl_kernels.models.loading import build_tiny_hf_model
-
     return sum(p.numel() for p in build_tiny_hf_model(arch)[0].parameters())
 
 
@@ -93,8 +96,6 @@ def test_identity_on_every_tiny_architecture(arch, backend):
 
 
 def test_identity_on_the_synthetic_world_model():
-    from icl_kernels.models.loading import ASSETS, load_model
-
     if not (ASSETS / "synthetic-gpt-neo" / "world.json").exists():
         pytest.skip("the synthetic-world model is not shipped in icl_kernels/assets yet")
     model = load_model("synthetic-gpt-neo", device="cpu", dtype=torch.float64)
@@ -209,8 +210,6 @@ def _position_free_gpt_neo():
     """tiny-gpt-neo (float64) with its position embeddings zeroed: layer 0's keys, values and queries
     are then functions of the token alone, so a zero-shot prompt's W equals the query side of the
     same query inside a k-shot prompt *exactly*."""
-    from icl_kernels.models.loading import load_model
-
     model = load_model("tiny-gpt-neo", device="cpu", dtype=torch.float64)
     with torch.no_grad():
         model.W_pos.zero_()
@@ -218,8 +217,6 @@ def _position_free_gpt_neo():
 
 
 def _split_maps(model, icl_p, zsl_p, mask_of):
-    from icl_kernels.finetuning.recording import record
-
     icl_tokens, zsl_tokens = list(icl_p.tokens), list(zsl_p.tokens)
     icl = record(model, icl_tokens, len(icl_tokens) - 1, len(icl_tokens) - 1, [0, 1], with_kv=True)
     zsl = record(model, zsl_tokens, len(zsl_tokens) - 1, len(zsl_tokens) - 1, [0, 1], with_kv=True)
@@ -236,10 +233,6 @@ def _split_maps(model, icl_p, zsl_p, mask_of):
 def test_demonstration_split_gives_the_zero_shot_map():
     """W_ZSL of a k-shot prompt (split by `demo_token_mask`) equals W of its zero-shot prompt, and
     dW_ICL has one term per demonstration token; a split one token off in either direction breaks it."""
-    from icl_kernels.data.synthetic_world import make_world
-    from icl_kernels.finetuning.dai_metrics import demo_token_mask
-    from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
-
     model = _position_free_gpt_neo()
     world = make_world()
     cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=2, seed=0, episodes=1, lr=0.05))

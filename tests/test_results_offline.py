@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
+
+from icl_kernels.utils.plotting import metric_controls_figure
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -23,10 +26,6 @@ def test_shipped_figures_load_no_remote_script():
 
 
 def test_metric_controls_figure_draws_each_interval_around_its_bar():
-    import pandas as pd
-
-    from icl_kernels.utils.plotting import metric_controls_figure
-
     frame = pd.DataFrame([
         dict(run="a", metric="SimAOU", condition="trained", value=0.4, low=0.3, high=0.45),
         dict(run="a", metric="SimAOU", condition="untrained model", value=0.1, low=0.0, high=0.3),

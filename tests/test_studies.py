@@ -8,7 +8,9 @@ import re
 
 import pytest
 
+from icl_kernels.cli import main
 from icl_kernels.engine import hooks as H
+from icl_kernels.models import loading as model_loading
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies import get_study, list_studies, register
 from icl_kernels.studies.registry import DuplicateStudyError
@@ -39,8 +41,6 @@ REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)
 @pytest.fixture
 def shared_models(monkeypatch):
     """`load_model` returns one cached model per name, so the test can inspect it afterwards."""
-    from icl_kernels.models import loading as model_loading
-
     models: dict = {}
     original = model_loading.load_model
 
@@ -59,8 +59,6 @@ def test_every_registered_study_has_tiny_options():
 
 @pytest.mark.parametrize("name", sorted(TINY_ARGS))
 def test_study_writes_its_report_and_leaves_no_hook(name, tmp_path, shared_models):
-    from icl_kernels.cli import main
-
     out = tmp_path / name
     assert main([name, *TINY_ARGS[name], "--out", str(out)]) == 0
     summaries = [f for f in ("summary.json", "metrics.json") if (out / f).exists()]
@@ -86,8 +84,6 @@ def test_study_writes_its_report_and_leaves_no_hook(name, tmp_path, shared_model
 @pytest.mark.tl3_only(reason="patches a block's `forward`: a bridge sets it on its HF module, monkeypatch cannot undo it")
 @pytest.mark.parametrize("name", sorted(TINY_ARGS))
 def test_study_leaves_no_hook_when_the_model_raises(name, tmp_path, shared_models, monkeypatch):
-    from icl_kernels.cli import main
-
     model_name = TINY_ARGS[name][TINY_ARGS[name].index("--model") + 1]
     model = ModelOptions(model=model_name, device="cpu").load()
     block = model.blocks[len(model.blocks) - 1]
@@ -119,8 +115,6 @@ def test_unknown_study_names_the_known_ones():
 
 
 def test_bad_option_fails_before_a_model_loads(tmp_path, capsys, monkeypatch):
-    from icl_kernels.cli import main
-
     def never(self):
         raise AssertionError("a model was loaded before the options were checked")
 
@@ -132,8 +126,6 @@ def test_bad_option_fails_before_a_model_loads(tmp_path, capsys, monkeypatch):
 
 def test_eval_metrics_record_how_they_were_made(tmp_path):
     """A bf16 and an fp32 run (or calibrated and not, another selector) can be told apart."""
-    from icl_kernels.cli import main
-
     out = tmp_path / "eval"
     assert main(["eval", *TINY_ARGS["eval"], "--device", "cpu", "--no-calibration", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,10 @@ import pytest
 from conftest import TINY_PARAMS
 
 from experiments import summarize, sweep, sweep_shards
+from experiments.sweep_shards import plan_shards
+from icl_kernels.models.loading import build_tiny_hf_model
+from icl_kernels.studies import get_study
+from icl_kernels.studies.identity import run_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +65,6 @@ def _env():
 
 
 def test_tiny_model_is_tiny():
-    from icl_kernels.models.loading import build_tiny_hf_model
-
     hf, _ = build_tiny_hf_model("gpt-neo")
     assert sum(p.numel() for p in hf.parameters()) == TINY_PARAMS["gpt-neo"]
 
@@ -142,8 +145,6 @@ def test_studies_without_layers_run_one_cell(tmp_path, study, options, check):
 @pytest.mark.tl3_only(reason="the sweep's cells use backend='hooked', gone in TL 4")
 def test_causal_rows_match_the_study(tmp_path):
     """A cell's row is its coordinates plus the registered study's report.row(), nothing recomputed."""
-    from icl_kernels.studies import get_study
-
     path = _write_config(tmp_path, shots=[2], seeds=[1], analyses=["causal"], options={"causal": STUDY_OPTIONS["causal"]})
     assert sweep.main([str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     table = pd.read_csv(tmp_path / "out" / sweep.RESULTS).set_index("layer")
@@ -251,8 +252,6 @@ def inline_small(tmp_path_factory):
 
 
 def test_shards_group_cells_by_model():
-    from experiments.sweep_shards import plan_shards
-
     cells = sweep.SweepConfig.from_dict({**SMALL, "models": ["tiny-gpt-neo", "tiny-gpt-j"]}).cells()
     for jobs in (1, 2, 3, 4, 100):
         shards = plan_shards(cells, jobs)
@@ -293,8 +292,6 @@ def test_local_executor_with_a_time_limit_requeues_and_matches_inline(tmp_path, 
 
 @pytest.mark.tl3_only(reason="the sweep's cells use backend='hooked', gone in TL 4")
 def test_changed_config_reruns_only_the_changed_cells(tmp_path, inline_small, capsys, monkeypatch):
-    import shutil
-
     _, reference = inline_small
     out = tmp_path / "out"
     shutil.copytree(reference, out)
@@ -378,8 +375,6 @@ def test_two_sweeps_never_write_one_folder(tmp_path):
 def test_rows_say_which_run_made_them(inline_small):
     """Every row carries the run's fingerprint (config, model identity, data source) and the data
     source itself, so rows of two configurations can always be told apart."""
-    from icl_kernels.studies.identity import run_record
-
     path, out = inline_small
     table = pd.read_csv(out / sweep.RESULTS)
     assert table["run_fingerprint"].notna().all() and table["run_fingerprint"].nunique() == len(table)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
 import pytest
+from safetensors.torch import load_file
 
+from experiments import train_synthetic
 from icl_kernels.data.synthetic_bayes import (
     accuracy,
     accuracy_vs_shots,
@@ -19,6 +22,7 @@ from icl_kernels.data.synthetic_bayes import (
     plot_accuracy_vs_shots,
 )
 from icl_kernels.data.synthetic_world import SyntheticWorld, WorldConfig, load_world, make_world
+from icl_kernels.utils.stats import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,8 +194,6 @@ def test_document_nll_floor_below_unigram():
 
 
 def test_plot_returns_figure():
-    import plotly.graph_objects as go
-
     df = accuracy_vs_shots(make_world(), shots=(0, 2), n=50)
     fig = plot_accuracy_vs_shots(df)
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
@@ -200,8 +202,6 @@ def test_plot_returns_figure():
 
 
 def test_accuracy_vs_shots_carries_the_wilson_interval_of_its_count():
-    from icl_kernels.utils.stats import wilson_interval
-
     df = accuracy_vs_shots(make_world(), shots=(0, 2), n=50)
     for r in df.itertuples():
         correct = round(r.accuracy * 50)
@@ -217,10 +217,6 @@ def test_accuracy_vs_shots_carries_the_wilson_interval_of_its_count():
 
 def test_training_resume_equals_uninterrupted(tmp_path):
     torch = pytest.importorskip("torch")
-    from safetensors.torch import load_file
-
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import train_synthetic
 
     common = ["--n-layers", "2", "--d-model", "16", "--n-heads", "2", "--window-size", "8", "--doc-len", "32",
               "--batch-size", "2", "--steps", "6", "--save-every", "2", "--log-every", "1", "--eval-every", "0",
@@ -238,7 +234,6 @@ def test_training_resume_equals_uninterrupted(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
-    import pandas as pd
 
     la, lb = (pd.read_csv(tmp_path / d / "loss_log.csv") for d in ("a", "b"))
     pd.testing.assert_frame_equal(la[["step", "loss", "lr"]], lb[["step", "loss", "lr"]])

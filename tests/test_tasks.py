@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from huggingface_hub import constants
 
 from icl_kernels.data.tasks.registry import (
     DATA_DIR_ENV,
@@ -386,8 +387,6 @@ def test_hub_task_local_file_errors(tmp_path):
 
 
 def test_hub_unreachable_says_how_to_use_local_files(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     if not constants.HF_HUB_OFFLINE:
         pytest.skip("run with HF_HUB_OFFLINE=1: this test must not touch the network")
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)

@@ -7,10 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
+from icl_kernels.cli import main
+from icl_kernels.data.synthetic_bayes import bayes_label_probs, bayes_predictive
 from icl_kernels.data.synthetic_world import make_world
 from icl_kernels.engine import hooks as H
 from icl_kernels.kernel import theorem_one as T
+from icl_kernels.models.loading import hf_to_transformer_lens
+from icl_kernels.studies import get_study
+from icl_kernels.studies.theorem import TheoremConfig
+from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.stats import rng, split_indices
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,8 +39,6 @@ def test_limit_of_kernel_regression_is_the_concept_conditional(features):
 
 def test_forward_features_give_probabilities():
     """phi(x) = (start_c^T T^c_x)_c: its blocks sum to P(x | c) (checked against the Bayes code)."""
-    from icl_kernels.data.synthetic_bayes import bayes_predictive
-
     world = small_world()
     x = T.all_inputs(world)
     phi = T.input_features(world, x, "forward").reshape(len(x), world.n_concepts, world.n_states)
@@ -69,9 +75,6 @@ def test_simulation_table_against_a_brute_force_one_shot_case():
     """At n = 1 every kernel predictor is exact by hand: it answers y_1 when K(x, x_1) > 0 and abstains
     otherwise; the uniform kernel always answers y_1. The table's accuracy, abstention and agreement
     must equal these counts on the same prompts (abstentions count as wrong)."""
-    from icl_kernels.data.synthetic_bayes import bayes_label_probs
-    from icl_kernels.utils.stats import rng
-
     world = make_world(n_concepts=2, n_states=4, vocab_size=3, x_len=1, branching=2, doc_len=64)
     n = 400
     sim = T.simulate(world, shots=(1,), n=n, seed=5, features=("forward", "operator")).set_index("predictor")
@@ -107,10 +110,6 @@ def test_kernel_regression_converges_to_bayes():
 
 
 def _tiny_synthetic_model(world, backend="hooked"):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    from icl_kernels.models.loading import hf_to_transformer_lens
-
     config = GPTNeoConfig(
         vocab_size=world.n_tokens, hidden_size=32, num_layers=2, num_heads=2,
         attention_types=[[["global", "local"], 1]], window_size=8, max_position_embeddings=96,
@@ -133,8 +132,6 @@ def test_model_behaviour_on_a_tiny_model():
     values = frame.set_index(["shots", "metric"])["value"]
     # recomputed from the same prompts: the model's own logits, the Bayes predictive, and at 1 shot the
     # head reconstruction, which can only be the single demonstration's label y_1 (or an abstention)
-    from icl_kernels.data.synthetic_bayes import bayes_label_probs
-    from icl_kernels.utils.stats import rng, split_indices
 
     _, report = split_indices(20, 0.7, 0)
     for k in (1, 4):
@@ -166,8 +163,6 @@ def test_model_behaviour_on_a_tiny_model():
 
 
 def test_theorem_command_writes_its_files(tmp_path, capsys):
-    from icl_kernels.cli import main
-
     out = tmp_path / "theorem"
     assert main(["theorem", "--shots", "1,16", "--n", "60", "--features", "forward", "--out", str(out)]) == 0
     for name in ("theorem.csv", "summary.json", "config.json", "theorem.html"):
@@ -190,10 +185,6 @@ def test_theorem_command_writes_its_files(tmp_path, capsys):
 
 @pytest.mark.tl3_only(reason="tiny synthetic model on backend='hooked', gone in TL 4")
 def test_theorem_study_with_a_given_model_and_validation():
-    from icl_kernels.studies import get_study
-    from icl_kernels.studies.theorem import TheoremConfig
-    from icl_kernels.utils.errors import InvalidOptionError
-
     world = make_world()
     model = _tiny_synthetic_model(world)
     before = H.active_hook_count(model)

@@ -10,10 +10,12 @@ backends is tested in tests/test_hooks.py (test_recomputed_attention_equals_mode
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import TINY_ARCHS, TINY_PARAMS, load_tiny
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from icl_kernels.engine.hooks import attention_spec, rotary_hook_kinds
 from icl_kernels.models import backend as tl_backend
@@ -47,7 +49,6 @@ def test_records_are_found_by_every_name_and_are_frozen(arch):
         record.tiny_params = 0
 
 
-@pytest.mark.core
 def test_tiny_model_loads_with_its_recorded_size(arch, backend):
     hf, _ = build_tiny_hf_model(arch)
     assert sum(p.numel() for p in hf.parameters()) == ARCHITECTURES[arch].tiny_params
@@ -56,7 +57,6 @@ def test_tiny_model_loads_with_its_recorded_size(arch, backend):
     assert ARCHITECTURES[arch].tiny_params <= n_params <= ARCHITECTURES[arch].tiny_params + HOOKED_EXTRA
 
 
-@pytest.mark.core
 def test_record_names_the_hugging_face_projections(arch, backend):
     """Key, value and output projections are Linear modules of the right sizes in every layer."""
     record = ARCHITECTURES[arch]
@@ -74,7 +74,6 @@ def test_record_names_the_hugging_face_projections(arch, backend):
         assert (k_proj.bias is not None) == (v_proj.bias is not None) == record.has_kv_bias(config)
 
 
-@pytest.mark.core
 def test_geometry_matches_what_the_model_reports(arch, backend):
     """Grouped key/value heads, rotary and local windows: the record's reading of the config vs the model's."""
     record = ARCHITECTURES[arch]
@@ -118,8 +117,6 @@ def test_geometry_matches_transformer_lens_own_conversion(arch):
 
 
 def test_rope_bases_read_every_spelling():
-    from types import SimpleNamespace
-
     nested = {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}
     assert rope_bases(SimpleNamespace(rope_parameters=nested)) == (1e6, 1e4)
     assert rope_bases(SimpleNamespace(rope_parameters={"rope_theta": 5e5})) == (5e5, 5e5)
@@ -128,8 +125,6 @@ def test_rope_bases_read_every_spelling():
 
 
 def test_unknown_architecture_raises_naming_the_supported_ones():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     with pytest.raises(UnknownArchitectureError) as error:
         get_architecture("gpt2")
     for record in ARCHITECTURES.values():

@@ -31,7 +31,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from icl_kernels.engine.patching import Edit, EditContext, Head, check_heads, edits_on, mean_ablation, run_with_edits
+from icl_kernels.engine.label_scoring import label_log_probs
+from icl_kernels.engine.patching import Edit, EditContext, Head, check_heads, mean_ablation, run_with_edits
 from icl_kernels.families.task_vectors import run_with_residual
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.stats import rng, wilson_interval
@@ -168,25 +169,17 @@ def _row_mean_patches(row_heads: Sequence[Head | None], means: Tensor) -> list[E
 def _prompt_indirect_effects(model, prompt, gold_token: int, means: Tensor, heads: list[Head],
                              head_batch: int) -> Float[Tensor, " n_heads_total"]:
     """P(gold | one head patched) - P(gold) for every head on one prompt, prefix run once."""
-    from icl_kernels.engine.capture import unembed
-    from icl_kernels.engine.prefix_cache import encode_prefix, prefix_forward
+    from icl_kernels.engine.prefix_cache import encode_prefix
 
-    device = tl_backend.model_device(model)
     prefix = encode_prefix(model, prompt.tokens[:-1])
     effects = []
     for start in range(0, len(heads), head_batch):
         row_heads: list[Head | None] = [None, *heads[start:start + head_batch]]
-        suffix = torch.full((len(row_heads), 1), prompt.tokens[-1], dtype=torch.long)
-        kept: dict[str, Tensor] = {}
-
-        def keep(tensor: Tensor, hook) -> None:
-            kept["final"] = tensor.detach()[:, -1]
-
-        positions = torch.zeros(len(row_heads), dtype=torch.long, device=device)
-        with torch.no_grad(), edits_on(model, _row_mean_patches(row_heads, means), prediction_positions=positions):
-            prefix_forward(model, prefix, suffix, [("unembed.hook_in", keep)])
-        with torch.no_grad():
-            p_gold = unembed(model, kept["final"]).float().log_softmax(-1)[:, gold_token].exp().cpu()
+        log_p = label_log_probs(
+            model, [prompt] * len(row_heads), [[gold_token]], edits=_row_mean_patches(row_heads, means),
+            prefix=prefix, whole_label=False, batch_size=len(row_heads),
+        )
+        p_gold = log_p[:, 0].exp()
         effects.append(p_gold[1:] - p_gold[0])
     return torch.cat(effects)
 

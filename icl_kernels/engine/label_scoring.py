@@ -113,10 +113,10 @@ def check_finite(
     kind = "NaN" if bool(torch.isnan(logits[bad_rows[0]]).any()) else "infinite"
     dtype = tl_backend.model_dtype(model) if model is not None else None
     dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "the model's dtype"
-    others = ""
+    more = ""
     if len(named) > 1:
         listed = ", ".join(str(i) for i in named[1:9]) + (", ..." if len(named) > 9 else "")
-        others = f" and {what}s {listed}"
+        more = f" (and {len(named) - 1} more: {listed})"
     if dtype is None or dtype in _LOW_PRECISION:
         hint = "Rerun with --dtype float32 (float16 and bfloat16 overflow easily)."
     else:
@@ -125,8 +125,7 @@ def check_finite(
             "inf in the model's weights or in an edit or hook of the run."
         )
     raise NonFiniteLogitsError(
-        f"{kind} logits for {what} {named[0]}{others} in {dtype_name} ({len(named)} of the {len(set(names))} "
-        f"{what}s checked together); no prediction can be made from them. {hint}"
+        f"{kind} logits for {what} {named[0]}{more} in {dtype_name}; no prediction can be made from them. {hint}"
     )
 
 

@@ -110,7 +110,7 @@ def test_scores_after_a_shared_prefix_equal_the_full_prompts(arch, backend):
 
 @pytest.mark.core
 def test_a_prefix_refuses_other_prompts_and_attention_edits():
-    model = load_tiny("gpt-neo", "hooked", torch.float64)
+    model = load_tiny("gpt-neo", None, torch.float64)  # the installed TransformerLens's default backend
     prompts = _shared_prompts(n=2)
     prefix = encode_prefix(model, prompts[0].tokens[:10])
     other = [prompts[0], dataclasses.replace(prompts[1], tokens=(7, *prompts[1].tokens[1:]))]
@@ -127,15 +127,16 @@ def test_a_prefix_refuses_other_prompts_and_attention_edits():
 
 @pytest.fixture(scope="module")
 def nan_model():
-    """A copy of tiny-gpt-neo whose unembedding has a NaN column: every logit row is NaN."""
-    model = copy.deepcopy(load_tiny("gpt-neo", "hooked"))
+    """A copy of tiny-gpt-neo (default backend) whose unembedding has a NaN column: every logit row is NaN."""
+    model = copy.deepcopy(load_tiny("gpt-neo"))
     with torch.no_grad():
         model.unembed.W_U[:, 7] = float("nan")
     return model
 
 
+@pytest.mark.core
 def test_an_edit_that_writes_nan_names_its_prompt():
-    model = load_tiny("gpt-neo", "hooked")
+    model = load_tiny("gpt-neo")
     builder, icl, _ = _task_prompts(model.tokenizer, shots=2, n=5)
 
     def poison(z, context):
@@ -148,6 +149,7 @@ def test_an_edit_that_writes_nan_names_its_prompt():
     assert torch.isfinite(run_with_edits(model, icl, builder.label_ids, batch_size=2)).all()
 
 
+@pytest.mark.core
 def test_nan_logits_stop_the_heads_paths(nan_model):
     from icl_kernels.kernel.head_scan import analyze_heads, single_example_outputs
 
@@ -158,6 +160,7 @@ def test_nan_logits_stop_the_heads_paths(nan_model):
         single_example_outputs(nan_model, zsl, builder.label_ids, batch_size=2)
 
 
+@pytest.mark.core
 def test_nan_logits_stop_the_patching_and_causal_paths(nan_model):
     builder, icl, _ = _task_prompts(nan_model.tokenizer, shots=2, n=3)
     for record in (False, True):
@@ -165,6 +168,7 @@ def test_nan_logits_stop_the_patching_and_causal_paths(nan_model):
             run_with_edits(nan_model, icl, builder.label_ids, zero_ablation([(0, 0)]), record=record)
 
 
+@pytest.mark.core
 def test_nan_logits_stop_the_family_paths(nan_model):
     from icl_kernels.families.anchors import anchor_isolation, flow_saliency
     from icl_kernels.families.function_vectors import indirect_effects
@@ -187,6 +191,7 @@ def test_nan_logits_stop_the_family_paths(nan_model):
             pytest.fail(f"{name} returned numbers made from NaN logits")
 
 
+@pytest.mark.core
 def test_nan_logits_stop_the_recording_of_a_prompt(nan_model):
     from icl_kernels.finetuning.recording import record
 
@@ -206,6 +211,6 @@ def test_the_finite_check_names_prompts_and_what_to_try():
     with pytest.raises(NonFiniteLogitsError, match=r"^NaN logits for query 7 in"):
         check_finite(logits[2:], indices=[5, 7], what="query")
     check_finite(logits[[0, 2]])  # finite rows pass
-    float32_model = load_tiny("gpt-neo", "hooked")
+    float32_model = load_tiny("gpt-neo")
     with pytest.raises(NonFiniteLogitsError, match=r"In float32 this is no float16 overflow .* weights or in an edit"):
         check_finite(logits, model=float32_model)

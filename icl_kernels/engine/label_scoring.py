@@ -246,8 +246,9 @@ def _continuation_scores(
     dtype: torch.dtype | None,
     first_index: int,
 ) -> Float[Tensor, " row"]:
-    """log P(continuation | prompt) of each row: the prompt's prediction position and the appended
-    label tokens before the last read the label's tokens, summed."""
+    """log P(label continuation | prompt) of each (prompt, label) row, summed over the label's tokens:
+    token ``j`` is read at position ``prediction + j`` (the prompt's last token, then the label's own
+    tokens appended after it), each position unembedded row by row."""
     scores = torch.zeros(len(rows), dtype=score_dtype(model, dtype))
     for row, ((owner, label), start) in enumerate(zip(rows, predictions)):
         ids = torch.tensor(label, device=resid.device)

@@ -54,7 +54,7 @@ def test_rows_and_features_equal_full_cache(arch, backend, method):
     # keys after a row's prediction position get exactly zero weight
     for row, p in enumerate(pred.tolist()):
         assert not got.attention[row, :, :, p + 1 :].any()
-    torch.testing.assert_close(got.final_residual, cache["unembed.hook_in"][rows, pred], atol=0, rtol=0)
+    torch.testing.assert_close(got.final_residual, cache[H.STOP_HOOK][rows, pred], atol=0, rtol=0)
 
 
 def test_rotated_q_k_reproduce_scores(arch, backend):

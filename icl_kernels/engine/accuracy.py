@@ -3,8 +3,8 @@
 Each class is scored by the log-probability of its full label continuation at the prediction
 position (the sum over its tokens), so multi-token label words are handled exactly. Logits are
 computed only where they are needed: the forward pass stops at the input of the unembedding
-(``unembed.hook_in``) and only the scored positions are unembedded, which matters for Gemma's 262k
-vocabulary.
+(`icl_kernels.engine.hooks.STOP_HOOK`) and only the scored positions are unembedded, which matters
+for Gemma's 262k vocabulary (`icl_kernels.engine.label_scoring`).
 
 Accuracy comes with a Wilson 95% interval. Contextual calibration (Zhao et al. 2021) divides the
 label probabilities by those the same prompt gives to a content-free query (``"N/A"``), then
@@ -22,8 +22,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from icl_kernels.data.prompts import IclPrompt, PromptBuilder, make_prompts, pad_id
-from icl_kernels.engine.capture import NonFiniteLogitsError, label_log_probs
-from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.engine.label_scoring import label_log_probs
+from icl_kernels.utils.errors import InvalidOptionError, NonFiniteLogitsError
 from icl_kernels.utils.stats import wilson_interval
 
 

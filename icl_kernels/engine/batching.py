@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from icl_kernels.data.prompts import IclPrompt, PromptBatch
-from icl_kernels.engine.capture import label_log_probs
+from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.models import backend as tl_backend
 
 __all__ = ["row_bytes", "memory_budget", "auto_batch_size", "bucketed_batches", "bucketed_label_log_probs"]
@@ -92,7 +92,7 @@ def bucketed_label_log_probs(
     budget: int | None = None,
     pad_token_id: int = 0,
 ) -> Float[Tensor, "batch n_classes"]:
-    """`icl_kernels.engine.capture.label_log_probs` over length-bucketed batches, in the prompts' order."""
+    """`icl_kernels.engine.label_scoring.label_log_probs` over length-bucketed batches, in the prompts' order."""
     out = torch.zeros(len(prompts), len(label_ids))
     for indices, batch in bucketed_batches(prompts, pad_token_id, model=model, batch_size=batch_size,
                                            budget=budget):

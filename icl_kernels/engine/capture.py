@@ -22,14 +22,15 @@ How the rows are read (``method``):
 Batches are right-padded (package convention), so a row's real tokens never see its pads; each row
 has its own prediction position. Keys after a row's prediction position get weight exactly 0.
 
-The forward pass stops at ``unembed.hook_in`` (after the final residual of the prediction
-positions has been kept): the unembedding, which for Gemma's 262k vocabulary costs about as much as
-the rest of the model, is never computed for every position. Logits of the prediction positions are
-one `unembed` call away.
+The forward pass stops at the unembedding input (`icl_kernels.engine.hooks.STOP_HOOK`, after the
+final residual of the prediction positions has been kept): the unembedding, which for Gemma's 262k
+vocabulary costs about as much as the rest of the model, is never computed for every position.
+Label scores of the prediction positions are one `icl_kernels.engine.label_scoring.label_scores`
+call away.
 
-`label_log_probs` is the package's one scorer of label words: log P(label continuation | prompt)
-for every class, summed over the label's tokens (a multi-token label word is scored as a full
-continuation), batched, without ever forming logits for the whole vocabulary at every position.
+The package's one scorer of label words, `label_log_probs`, lives in
+`icl_kernels.engine.label_scoring`; it and its helpers (`unembed`, `final_residual`,
+`check_finite`, `NonFiniteLogitsError`) are also importable from here, where they used to live.
 
 All hooks live inside `icl_kernels.engine.hooks.run_until` and are removed on exit, also when a hook or
 the model raises.
@@ -44,8 +45,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_kernels.data.prompts import IclPrompt, PromptBatch, batches
 from icl_kernels.engine.hooks import (
+    STOP_HOOK,
     act_name,
     apply_rotary,
     attention_spec,
@@ -53,8 +54,16 @@ from icl_kernels.engine.hooks import (
     rotary_hook_kinds,
     run_until,
 )
+
+# Kept importable from here (their home until the scorer got its own module).
+from icl_kernels.engine.label_scoring import (
+    NonFiniteLogitsError,
+    check_finite,
+    final_residual,
+    label_log_probs,
+    unembed,
+)
 from icl_kernels.models import backend as tl_backend
-from icl_kernels.utils.errors import IclKernelsError
 
 __all__ = [
     "NonFiniteLogitsError", "check_finite",
@@ -65,7 +74,6 @@ __all__ = [
 #: ``rotate=True`` (the vectors whose dot product is the attention score), pre-rotary otherwise.
 FEATURE_KINDS = ("q", "k", "v", "z", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 ATTENTION_METHODS = ("pattern", "qk")
-_FINAL = "unembed.hook_in"
 
 
 @dataclass
@@ -263,15 +271,15 @@ def capture(
             if kind in ("q", "k") and rotate:
                 hook_kind = rot_kinds[0] if kind == "q" else rot_kinds[1]
             hooks.append((act_name(hook_kind, layer), keep_feature(kind, layer)))
-    hooks.append((_FINAL, keep_final))
+    hooks.append((STOP_HOOK, keep_final))
 
     try:
         with torch.no_grad():
-            run_until(model, tokens, hooks, stop=_FINAL)
+            run_until(model, tokens, hooks)
     finally:
         pending.clear()
     if "final" not in kept and final_residual:
-        raise RuntimeError(f"{_FINAL} did not fire; the forward pass did not reach the unembedding.")
+        raise RuntimeError(f"{STOP_HOOK} did not fire; the forward pass did not reach the unembedding.")
 
     def stack(kind: str, dim: int) -> Tensor:
         missing = [layer for layer in layers if (kind, layer) not in store]
@@ -290,119 +298,3 @@ def capture(
         result.features[kind] = stack(kind, 2)
         result.query_features[kind] = stack("query_" + kind, 1)
     return result
-
-
-# ------------------------------------------------------------------------------------------------
-# Label scores: the one batched "run and read the label log-probabilities" of the package
-# ------------------------------------------------------------------------------------------------
-
-
-def final_residual(model, tokens: Tensor) -> Float[Tensor, "batch pos d_model"]:
-    """The input of the unembedding at every position, without computing any logits."""
-    captured: dict[str, Tensor] = {}
-
-    def grab(tensor: Tensor, hook) -> None:
-        captured["x"] = tensor
-
-    run_until(model, tokens, [("unembed.hook_in", grab)])
-    if "x" not in captured:
-        raise RuntimeError("unembed.hook_in did not fire; cannot score positions.")
-    return captured["x"]
-
-
-def unembed(
-    model, residual: Float[Tensor, "... d_model"], token_ids: Int[Tensor, " n_tokens"] | None = None
-) -> Float[Tensor, "... d_vocab"]:
-    """Logits from the unembedding input, only for ``token_ids`` when given (then the last dimension
-    is ``n_tokens``), with Gemma-style soft-capping when configured.
-
-    Multiplies by ``W_U`` directly: TransformerLens' ``Unembed`` copies the transposed ``W_U`` on
-    every call (0.7 s for Gemma's 262k x 640 on one CPU thread), and scoring a few label tokens
-    needs only their columns.
-    """
-    w_u, b_u = model.unembed.W_U, getattr(model.unembed, "b_U", None)
-    if token_ids is not None:
-        w_u = w_u[:, token_ids]
-        b_u = b_u[token_ids] if b_u is not None else None
-    logits = residual.to(w_u.dtype) @ w_u
-    if b_u is not None:
-        logits = logits + b_u
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-class NonFiniteLogitsError(IclKernelsError, FloatingPointError):
-    """The model produced NaN or infinite logits (typically float16 overflow): a prediction made from
-    them would be meaningless, so the run stops."""
-
-
-def check_finite(
-    logits: Float[Tensor, "batch ..."], *, first_index: int = 0, what: str = "prompt", model=None
-) -> None:
-    """Raise `NonFiniteLogitsError` naming the first row (``first_index`` + row) with NaN/inf logits."""
-    bad = ~torch.isfinite(logits.reshape(logits.shape[0], -1)).all(-1)
-    if not bool(bad.any()):
-        return
-    row = int(bad.nonzero()[0, 0])
-    values = logits[row]
-    kind = "NaN" if bool(torch.isnan(values).any()) else "infinite"
-    dtype = str(tl_backend.model_dtype(model)).removeprefix("torch.") if model is not None else "the model's dtype"
-    raise NonFiniteLogitsError(
-        f"{kind} logits for {what} {first_index + row} ({int(bad.sum())} of {len(bad)} in its batch) in {dtype}; "
-        "no prediction can be made from them. Rerun with --dtype float32 (float16 overflows easily)."
-    )
-
-
-def label_log_probs(
-    model, prompts: Sequence[IclPrompt], label_ids: Sequence[Sequence[int]], *, batch_size: int = 8,
-    pad_token_id: int = 0, first_index: int = 0,
-) -> Float[Tensor, "batch n_classes"]:
-    """log P(label continuation | prompt) for each prompt and class (summed over label tokens).
-
-    Raises:
-        NonFiniteLogitsError: NaN or infinite logits; the message names the prompt (its index in
-            ``prompts`` plus ``first_index``, so a caller scoring a slice can name the query).
-    """
-    device = tl_backend.model_device(model)
-    single = all(len(ids) == 1 for ids in label_ids)
-    out = []
-    done = first_index
-    with torch.no_grad():
-        if single:
-            first = torch.tensor([ids[0] for ids in label_ids], device=device)
-            for batch in batches(prompts, batch_size, pad_token_id, device):
-                resid = final_residual(model, batch.tokens)
-                rows = torch.arange(len(batch.prompts), device=device)
-                logits = unembed(model, resid[rows, batch.prediction_positions]).float()
-                check_finite(logits, first_index=done, model=model)
-                done += len(batch.prompts)
-                out.append(logits.log_softmax(-1)[:, first].cpu())
-            return torch.cat(out)
-        # Multi-token labels: append each continuation and sum its token log-probs.
-        n_classes = len(label_ids)
-        for batch in batches(prompts, max(1, batch_size // n_classes), pad_token_id, device):
-            extended = [
-                IclPrompt(
-                    tokens=p.tokens + tuple(ids), demo_input_spans=(), demo_label_spans=(),
-                    separator_spans=(), demo_labels=(), query_span=p.query_span,
-                )
-                for p in batch.prompts for ids in label_ids
-            ]
-            ext = PromptBatch.from_prompts(extended, pad_token_id, device)
-            resid = final_residual(model, ext.tokens)
-            scores = torch.zeros(len(extended))
-            for row, (prompt_index, c) in enumerate(
-                (i, c) for i in range(len(batch.prompts)) for c in range(n_classes)
-            ):
-                start = len(batch.prompts[prompt_index]) - 1
-                ids = torch.tensor(label_ids[c], device=device)
-                positions = torch.arange(start, start + len(ids), device=device)
-                logits = unembed(model, resid[row, positions]).float()
-                check_finite(logits.reshape(1, -1), first_index=done + prompt_index, model=model)
-                logp = logits.log_softmax(-1)
-                scores[row] = logp[torch.arange(len(ids)), ids].sum().cpu()
-            done += len(batch.prompts)
-            out.append(scores.view(len(batch.prompts), n_classes))
-    return torch.cat(out)

@@ -35,6 +35,11 @@ from icl_kernels.models.architectures import DEFAULT_ROPE_BASE, architecture_of,
 
 HookFn = Callable[..., Tensor | None]
 
+#: The hook point where every "run and read the prediction" forward pass stops: the input of the
+#: unembedding (the residual stream after the final normalisation, what ``W_U`` multiplies). The one
+#: place in the package that spells this name.
+STOP_HOOK = "unembed.hook_in"
+
 _ATTN_HOOKS = {"q", "k", "v", "z", "rot_q", "rot_k", "pattern", "attn_scores"}
 _BLOCK_HOOKS = {"attn_out", "mlp_out", "resid_pre", "resid_mid", "resid_post"}
 
@@ -100,12 +105,16 @@ class StopForward(Exception):
 
 
 def run_until(
-    model: tl_backend.Model, tokens: Tensor, fwd_hooks: Sequence[tuple[str, HookFn]], stop: str = "unembed.hook_in"
+    model: tl_backend.Model,
+    tokens: Tensor,
+    fwd_hooks: Sequence[tuple[str, HookFn]],
+    stop: str = STOP_HOOK,
+    **forward_kwargs,
 ) -> bool:
-    """Run ``model(tokens)`` with ``fwd_hooks`` and end it at hook point ``stop``, after the hooks
-    given there have run (by default: skip the unembedding, which a 262k vocabulary makes the
-    costliest step). Every hook is gone afterwards, also when one raises. Returns whether ``stop``
-    was reached.
+    """Run ``model(tokens, **forward_kwargs)`` with ``fwd_hooks`` and end it at hook point ``stop``,
+    after the hooks given there have run (by default `STOP_HOOK`: skip the unembedding, which a 262k
+    vocabulary makes the costliest step). Every hook is gone afterwards, also when one raises.
+    Returns whether ``stop`` was reached.
     """
 
     def halt(tensor: Tensor, hook) -> None:
@@ -113,7 +122,7 @@ def run_until(
 
     try:
         with hooks_on(model, [*fwd_hooks, (stop, halt)]):
-            model(tokens)
+            model(tokens, **forward_kwargs)
     except StopForward:
         return True
     return False

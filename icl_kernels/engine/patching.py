@@ -9,14 +9,14 @@ output on both backends (a TransformerBridge discards edits to ``hook_pattern``)
 contribution to the residual stream is ``z_h @ W_O[h]``, so zeroing ``z_h`` removes exactly that
 head's term (the output bias ``b_O`` is shared by the layer and stays).
 
-`edits_on` is the engine: a context manager that applies a list of `Edit`s to every forward pass
-inside its block (hooks live inside `icl_kernels.engine.hooks.hooks_on`, so they are removed even when a
-hook or the model raises). Edits declare the same-layer activations they need (`Edit.reads`: q, k,
-v of the same forward pass), which the engine keeps for them. `run_with_edits` runs a model over
-`icl_kernels.data.prompts.IclPrompt`s under `edits_on` and returns the log-probabilities of each
-class's label token at every prompt's prediction position; there edits see an `EditContext` with
-the global index of each batch row and its prediction position, so an edit can carry per-prompt
-tensors recorded in another run. The named variants build edits:
+The engine, `edits_on` (with `Edit`, `EditContext` and `check_edits`, importable from here too),
+lives in `icl_kernels.engine.edits`: a context manager that applies a list of `Edit`s to every
+forward pass inside its block, hooks removed even when a hook or the model raises. `run_with_edits`
+scores `icl_kernels.data.prompts.IclPrompt`s under edits with the package's one label scorer
+(`icl_kernels.engine.label_scoring.label_log_probs`): the log-probabilities of each class's label
+token at every prompt's prediction position. There edits see an `EditContext` with the global index
+of each batch row and its prediction position, so an edit can carry per-prompt tensors recorded in
+another run. The named variants build edits:
 
 * `zero_ablation`: chosen heads write nothing (``z_h = 0``);
 * `mean_ablation`: chosen heads write their mean output over reference prompts (`head_means`),
@@ -40,9 +40,7 @@ Labels are scored by their first token (as `icl_kernels.kernel.scores.analyze_he
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,17 +48,16 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from icl_kernels.engine.capture import capture, unembed
+from icl_kernels.engine.capture import capture
+from icl_kernels.engine.edits import SITES, Edit, EditContext, check_edits, edits_on
 from icl_kernels.engine.hooks import (
-    act_name,
     attention_scores,
     attention_spec,
-    hooks_on,
     repeat_kv,
     rotary_hook_kinds,
     rotated_qk,
-    run_until,
 )
+from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.stats import wilson_interval
 
@@ -86,70 +83,8 @@ __all__ = [
     "check_positions",
 ]
 
-SITES = ("z", "attn_out")
-_READABLE = ("q", "k", "v", "rot_q", "rot_k")
 EDIT_POSITIONS = ("prediction", "all")
 Head = tuple[int, int]  # (layer, head)
-
-
-@dataclass(frozen=True)
-class EditContext:
-    """What an edit knows about the batch it is editing.
-
-    Attributes:
-        layer: the layer whose hook fired.
-        rows: index of each batch row in the full list of prompts given to `run_with_edits`.
-        prediction_positions: each row's prediction position in this batch.
-        lengths: each row's real (unpadded) length.
-        activations: the activations of this layer that the edit asked for (`Edit.reads`), from the
-            same forward pass, keyed by kind (e.g. ``"v"``, ``"rot_q"``).
-
-    ``rows``, ``prediction_positions`` and ``lengths`` are None under a bare `edits_on` (any
-    forward pass, no prompts); `predictions` fails clearly there.
-    """
-
-    layer: int
-    rows: Int[Tensor, " batch"] | None = None
-    prediction_positions: Int[Tensor, " batch"] | None = None
-    lengths: Int[Tensor, " batch"] | None = None
-    activations: Mapping[str, Tensor] = field(default_factory=dict)
-
-    def predictions(self, device: torch.device | str | None = None) -> Int[Tensor, " batch"]:
-        """The prediction positions (on ``device``); an error outside `run_with_edits`."""
-        if self.prediction_positions is None:
-            raise ValueError(
-                f"An edit at layer {self.layer} acts at the prediction positions, which only run_with_edits "
-                "knows; use positions='all' under edits_on, or run the prompts with run_with_edits."
-            )
-        return self.prediction_positions.to(device) if device is not None else self.prediction_positions
-
-
-EditFn = Callable[[Tensor, EditContext], Tensor]
-
-
-@dataclass(frozen=True)
-class Edit:
-    """One intervention: ``fn(activation, context) -> replacement`` at ``site`` of ``layer``.
-
-    ``site`` is ``"z"`` (``[batch pos head_index d_head]``) or ``"attn_out"``
-    (``[batch pos d_model]``). ``fn`` must return a tensor of the same shape; it may edit a clone.
-    ``reads`` names activations of the same layer (``"q"``, ``"k"``, ``"v"``, ``"rot_q"``,
-    ``"rot_k"``) that ``fn`` needs from the same forward pass; they arrive in
-    ``context.activations``.
-    """
-
-    layer: int
-    fn: EditFn
-    site: str = "z"
-    label: str = ""
-    reads: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.site not in SITES:
-            raise ValueError(f"Edit site must be one of {SITES}, not {self.site!r}.")
-        bad = [kind for kind in self.reads if kind not in _READABLE]
-        if bad:
-            raise ValueError(f"Edit reads {bad}; an edit can read {_READABLE} of its layer.")
 
 
 def check_heads(model: tl_backend.Model, heads: Iterable[Head]) -> list[Head]:
@@ -183,89 +118,8 @@ def check_positions(positions: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The engine
+# Running prompts under edits
 # ------------------------------------------------------------------------------------------------
-
-
-def check_edits(model: tl_backend.Model, edits: Iterable[Edit]) -> list[Edit]:
-    """``edits`` as a list, after checking that each is an `Edit` on a layer of the model."""
-    edits = list(edits)
-    n_layers = model.cfg.n_layers
-    for edit in edits:
-        if not isinstance(edit, Edit):
-            raise TypeError(f"edits must be Edit objects, got {type(edit).__name__}.")
-        if not 0 <= edit.layer < n_layers:
-            raise ValueError(f"Edit {edit.label or edit.fn} targets layer {edit.layer}; the model has {n_layers}.")
-    return edits
-
-
-@contextlib.contextmanager
-def edits_on(
-    model: tl_backend.Model,
-    edits: Iterable[Edit],
-    *,
-    rows: Int[Tensor, " batch"] | None = None,
-    prediction_positions: Int[Tensor, " batch"] | None = None,
-    lengths: Int[Tensor, " batch"] | None = None,
-) -> Iterator[tl_backend.Model]:
-    """Apply ``edits`` to every forward pass inside the block; the hooks are gone afterwards, also
-    when the block, an edit or the model raises.
-
-    Several edits on the same hook are applied in the order given. The activations an edit reads
-    (`Edit.reads`) are kept from the same forward pass and released once the layer's last editing
-    hook has run. ``rows``, ``prediction_positions`` and ``lengths`` describe the batch for edits
-    that need them (`run_with_edits` passes them); other hook contexts may be nested inside.
-    """
-    edits = check_edits(model, edits)
-    seen: dict[int, dict[str, Tensor]] = {}
-    grouped: dict[tuple[str, int], list[Edit]] = {}
-    for edit in edits:
-        grouped.setdefault((edit.site, edit.layer), []).append(edit)
-    last_reader: dict[int, str] = {}  # the site whose hook releases the layer's kept activations
-    for edit in edits:
-        if edit.reads:
-            last_reader[edit.layer] = max(last_reader.get(edit.layer, edit.site), edit.site, key=SITES.index)
-
-    def keep(kind: str, layer: int):
-        def hook(tensor: Tensor, hook) -> None:
-            seen.setdefault(layer, {})[kind] = tensor
-
-        return hook
-
-    def apply(site: str, layer: int, group: list[Edit]):
-        context = EditContext(layer, rows, prediction_positions, lengths, seen.setdefault(layer, {}))
-        needed = sorted({kind for edit in group for kind in edit.reads})
-
-        def hook(tensor: Tensor, hook) -> Tensor:
-            missing = [kind for kind in needed if kind not in context.activations]
-            if missing:
-                raise RuntimeError(
-                    f"hook_{'/'.join(missing)} of layer {layer} did not fire before hook_{site}; cannot apply "
-                    f"{', '.join(edit.label or str(edit.fn) for edit in group)}."
-                )
-            for edit in group:
-                new = edit.fn(tensor, context)
-                if new.shape != tensor.shape:
-                    raise ValueError(
-                        f"An edit at layer {layer} returned shape {tuple(new.shape)} for an activation "
-                        f"of shape {tuple(tensor.shape)}."
-                    )
-                tensor = new.to(tensor.dtype)
-            if last_reader.get(layer) == site:
-                context.activations.clear()  # type: ignore[attr-defined]
-            return tensor
-
-        return hook
-
-    reads = sorted({(edit.layer, kind) for edit in edits for kind in edit.reads})
-    hooks = [(act_name(kind, layer), keep(kind, layer)) for layer, kind in reads]
-    hooks += [(act_name(site, layer), apply(site, layer, group)) for (site, layer), group in grouped.items()]
-    try:
-        with hooks_on(model, hooks):
-            yield model
-    finally:
-        for kept in seen.values():
-            kept.clear()
 
 
 def run_with_edits(
@@ -279,56 +133,27 @@ def run_with_edits(
     record: bool = False,
 ) -> Float[Tensor, "batch n_classes"] | tuple[Tensor, Tensor]:
     """Log-probabilities (over the whole vocabulary) of each class's first label token at each
-    prompt's prediction position, with ``edits`` applied (`edits_on`). CPU tensor; rows follow
-    ``prompts``.
+    prompt's prediction position, with ``edits`` applied: the package's scorer,
+    `icl_kernels.engine.label_scoring.label_log_probs`, with ``whole_label=False``. CPU tensor; rows
+    follow ``prompts``; NaN or infinite logits raise `icl_kernels.utils.errors.NonFiniteLogitsError`.
 
-    Several edits on the same hook are applied in the order given. The forward pass stops at the
-    unembedding input (`icl_kernels.engine.hooks.run_until`). With ``record=True`` the same pass also
-    returns every head's output ``z`` at the prediction positions (after any edits),
+    Several edits on the same hook are applied in the order given. With ``record=True`` the same pass
+    also returns every head's output ``z`` at the prediction positions (after any edits),
     ``[prompt layer head_index d_head]``, the values `patch_heads` writes into another run:
     ``(scores, z)``.
     """
-    from icl_kernels.data.prompts import batches, pad_id
+    from icl_kernels.data.prompts import pad_id
 
     if not prompts:
         raise ValueError("run_with_edits needs at least one prompt.")
-    if not label_ids or any(len(ids) == 0 for ids in label_ids):
-        raise ValueError("label_ids must give at least one token id per class.")
-    edits = check_edits(model, edits)
-    n_layers = model.cfg.n_layers
-    device = tl_backend.model_device(model)
-    pad_token_id = pad_id(model, pad_token_id)
-    first = torch.tensor([ids[0] for ids in label_ids], device=device)
-    out: list[Tensor] = []
-    recorded: list[Tensor] = []
-    start = 0
-    for batch in batches(list(prompts), batch_size, pad_token_id, device):
-        n = len(batch.prompts)
-        rows = torch.arange(start, start + n)
-        start += n
-        positions = batch.prediction_positions
-        kept: dict[str, Tensor] = {}
-
-        def keep_at_prediction(key: str, positions=positions):
-            def hook(tensor: Tensor, hook) -> None:
-                kept[key] = tensor.detach()[torch.arange(tensor.shape[0], device=tensor.device), positions]
-
-            return hook
-
-        # registered after the edits (an inner hook context), so they see the edited values
-        hooks = [(act_name("z", layer), keep_at_prediction(f"z{layer}")) for layer in range(n_layers)] if record else []
-        hooks.append(("unembed.hook_in", keep_at_prediction("final")))
-        with torch.no_grad(), edits_on(model, edits, rows=rows, prediction_positions=positions, lengths=batch.lengths):
-            run_until(model, batch.tokens, hooks)
-        if "final" not in kept:
-            raise RuntimeError("unembed.hook_in did not fire; cannot score the prediction positions.")
-        with torch.no_grad():
-            logits = unembed(model, kept["final"]).float()
-        out.append(logits.log_softmax(-1)[:, first].cpu())
-        if record:
-            recorded.append(torch.stack([kept[f"z{layer}"].cpu() for layer in range(n_layers)], dim=1))
-    scores = torch.cat(out)
-    return (scores, torch.cat(recorded)) if record else scores
+    scored = label_log_probs(
+        model, list(prompts), label_ids, edits=edits, whole_label=False, keep=("z",) if record else (),
+        batch_size=batch_size, pad_token_id=pad_id(model, pad_token_id),
+    )
+    if record:
+        scores, kept = scored
+        return scores, kept["z"]
+    return scored
 
 
 def record_heads(

@@ -75,13 +75,13 @@ def sequence_nll(
 ) -> Float[Tensor, " batch"]:
     """Mean next-token negative log-likelihood of each row (tokens 1..pos-1; no padding).
 
-    NaN or infinite logits raise `icl_kernels.engine.capture.NonFiniteLogitsError` naming the window
+    NaN or infinite logits raise `icl_kernels.utils.errors.NonFiniteLogitsError` naming the window
     (row + ``first_index``).
 
     Logits are formed ``chunk`` positions at a time, so a 262k vocabulary never needs a full
     ``pos x vocab`` matrix.
     """
-    from icl_kernels.engine.capture import check_finite, final_residual, unembed
+    from icl_kernels.engine.label_scoring import check_finite, final_residual, unembed
     from icl_kernels.models import backend as tl_backend
 
     tokens = tokens.to(tl_backend.model_device(model))

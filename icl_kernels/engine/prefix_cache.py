@@ -58,8 +58,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from icl_kernels.data.prompts import IclPrompt
-from icl_kernels.engine.capture import unembed
-from icl_kernels.engine.hooks import StopForward, act_name, hooks_on
+from icl_kernels.engine.hooks import STOP_HOOK, act_name, run_until
 from icl_kernels.models import backend as tl_backend
 
 __all__ = [
@@ -71,9 +70,9 @@ __all__ = [
     "prefix_forward",
     "shared_capture",
     "shared_label_log_probs",
+    "right_pad",
 ]
 
-_FINAL = "unembed.hook_in"
 _EXACT_POSITIONS = ("standard", "rotary")
 
 
@@ -144,25 +143,14 @@ def encode_prefix(model: tl_backend.Model, prefix_tokens: Sequence[int]) -> Shar
             from transformers import DynamicCache
 
             state = DynamicCache()
-            _run(model, ids, [], past_key_values=state, use_cache=True)
+            run_until(model, ids, [], past_key_values=state, use_cache=True)
         else:
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
             state = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
-            _run(model, ids, [], past_kv_cache=state, attention_mask=_ones(1, ids.shape[1], device))
+            run_until(model, ids, [], past_kv_cache=state, attention_mask=_ones(1, ids.shape[1], device))
             state.freeze()
     return SharedPrefix(tuple(int(t) for t in prefix_tokens), tl_backend.backend_of(model), state)
-
-
-def _run(model, tokens: Tensor, fwd_hooks, stop: str = _FINAL, **kwargs) -> None:
-    def halt(tensor: Tensor, hook) -> None:
-        raise StopForward
-
-    try:
-        with hooks_on(model, [*fwd_hooks, (stop, halt)]):
-            model(tokens, **kwargs)
-    except StopForward:
-        pass
 
 
 def _batch_state(prefix: SharedPrefix, batch: int):
@@ -193,7 +181,7 @@ def prefix_forward(
     prefix: SharedPrefix,
     suffix_tokens: Int[Tensor, "batch suffix_pos"],
     fwd_hooks: Sequence = (),
-    stop: str = _FINAL,
+    stop: str = STOP_HOOK,
 ) -> None:
     """Run right-padded suffixes after the cached prefix with ``fwd_hooks``, ending at ``stop``.
 
@@ -206,10 +194,10 @@ def prefix_forward(
     state = _batch_state(prefix, batch)
     with torch.no_grad():
         if prefix.backend == "bridge":
-            _run(model, suffix_tokens, fwd_hooks, stop, past_key_values=state, use_cache=True)
+            run_until(model, suffix_tokens, fwd_hooks, stop, past_key_values=state, use_cache=True)
         else:
-            _run(model, suffix_tokens, fwd_hooks, stop, past_kv_cache=state,
-                 attention_mask=_ones(batch, width, device))
+            run_until(model, suffix_tokens, fwd_hooks, stop, past_kv_cache=state,
+                      attention_mask=_ones(batch, width, device))
 
 
 @dataclass
@@ -227,7 +215,8 @@ def _groups(token_lists: Sequence[Sequence[int]], batch_size: int):
         yield list(range(start, min(start + batch_size, len(token_lists))))
 
 
-def _pad(rows: Sequence[Sequence[int]], pad: int) -> Tensor:
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> Int[Tensor, "batch pos"]:
+    """Token rows as one right-padded ``[batch, pos]`` tensor (CPU), ``pad`` after each row's end."""
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -260,7 +249,7 @@ def shared_capture(
     device = tl_backend.model_device(model)
     for group in _groups(token_lists, batch_size):
         suffixes = [token_lists[i][n_prefix:] for i in group]
-        ids = _pad(suffixes, pad_token_id).to(device)
+        ids = right_pad(suffixes, pad_token_id).to(device)
         pred = torch.tensor([len(s) - 1 for s in suffixes], device=device)
         rows = torch.arange(len(group), device=device)
         store: dict[int, Tensor] = {}
@@ -276,12 +265,12 @@ def shared_capture(
             kept["final"] = tensor.detach()[rows, pred]
 
         hooks = [(act_name("pattern", layer), keep_row(layer)) for layer in range(n_layers)] if attention else []
-        hooks.append((_FINAL, keep_final))
+        hooks.append((STOP_HOOK, keep_final))
         if reused:
             prefix_forward(model, prefix, ids, hooks)
         else:
             with torch.no_grad():
-                _run(model, ids, hooks)
+                run_until(model, ids, hooks)
         finals.append(kept["final"].cpu())
         if attention:
             att = torch.stack([store[layer] for layer in range(n_layers)], dim=1).cpu()
@@ -306,51 +295,13 @@ def shared_label_log_probs(
     pad_token_id: int = 0,
     min_prefix: int = 1,
 ) -> Float[Tensor, "batch n_classes"]:
-    """`icl_kernels.engine.capture.label_log_probs` with the prompts' common prefix run once.
+    """`icl_kernels.engine.label_scoring.label_log_probs` with the prompts' common prefix run once
+    (multi-token labels scored as full continuations, as there); the full forward where
+    `reuse_reason` says reuse cannot be exact."""
+    from icl_kernels.engine.label_scoring import label_log_probs  # the scorer builds on this module
 
-    Multi-token labels are scored as full continuations (each class's label tokens appended to the
-    suffix), as there; falls back to the full forward where `reuse_reason` says so.
-    """
     token_lists = [list(p.tokens) for p in prompts]
     n_prefix = common_prefix_length(token_lists)
     reused = reuse_reason(model, n_prefix, min_prefix) is None
     prefix = encode_prefix(model, token_lists[0][:n_prefix]) if reused else None
-    start = n_prefix if reused else 0
-    device = tl_backend.model_device(model)
-    n_classes = len(label_ids)
-    # One row per (prompt, class); the continuation's first token is read at the prediction position.
-    rows_tokens, reads = [], []
-    for p in token_lists:
-        for ids in label_ids:
-            rows_tokens.append(p[start:] + list(ids[:-1]))
-            reads.append((len(p) - 1 - start, list(ids)))
-    single = all(len(ids) == 1 for ids in label_ids)
-    if single:  # one row per prompt is enough
-        rows_tokens, reads = rows_tokens[::n_classes], reads[::n_classes]
-    scores: list[Tensor] = []
-    for group in _groups(rows_tokens, batch_size):
-        ids = _pad([rows_tokens[i] for i in group], pad_token_id).to(device)
-        kept: dict[str, Tensor] = {}
-
-        def keep_final(tensor: Tensor, hook) -> None:
-            kept["x"] = tensor.detach()
-
-        if reused:
-            prefix_forward(model, prefix, ids, [(_FINAL, keep_final)])
-        else:
-            with torch.no_grad():
-                _run(model, ids, [(_FINAL, keep_final)])
-        resid = kept["x"]
-        with torch.no_grad():
-            for row, i in enumerate(group):
-                first, label = reads[i]
-                if single:
-                    firsts = torch.tensor([x[0] for x in label_ids], device=device)
-                    logp = unembed(model, resid[row, first][None]).float().log_softmax(-1)[0, firsts]
-                    scores.append(logp.cpu())
-                else:
-                    positions = torch.arange(first, first + len(label), device=device)
-                    logp = unembed(model, resid[row, positions]).float().log_softmax(-1)
-                    scores.append(logp[torch.arange(len(label)), torch.tensor(label, device=device)].sum().cpu()[None])
-    out = torch.cat(scores) if scores else torch.zeros(0)
-    return out.view(len(prompts), n_classes)
+    return label_log_probs(model, prompts, label_ids, prefix=prefix, batch_size=batch_size, pad_token_id=pad_token_id)

@@ -30,9 +30,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from icl_kernels.engine.capture import unembed
-from icl_kernels.engine.hooks import run_until
-from icl_kernels.engine.patching import attention_edits, edits_on, run_with_edits
+from icl_kernels.engine.edits import edits_on
+from icl_kernels.engine.label_scoring import final_residual, prediction_logits
+from icl_kernels.engine.patching import attention_edits, run_with_edits
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.stats import rng, wilson_interval
 
@@ -84,16 +84,11 @@ def flow_saliency(
         length = len(prompt)
         tokens = torch.tensor([prompt.tokens], device=device)
         ones = {layer: torch.ones(1, n_heads, length, length, device=device, requires_grad=True) for layer in range(n_layers)}
-        kept: dict[str, Tensor] = {}
-
-        def keep(tensor: Tensor, hook) -> None:
-            kept["final"] = tensor[0, length - 1]
-
         q = torch.tensor([length - 1])
         with torch.enable_grad(), edits_on(model, attention_edits(model, range(n_layers), multipliers=ones),
                                            rows=torch.tensor([0]), prediction_positions=q, lengths=q + 1):
-            run_until(model, tokens, [("unembed.hook_in", keep)])
-            logits = unembed(model, kept["final"]).float()[first]
+            final = final_residual(model, tokens, q)[0]
+            logits = prediction_logits(model, final, first_index=i)[first]
             loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([prompt.query_label], device=device))
             grads = torch.autograd.grad(loss, [ones[layer] for layer in range(n_layers)])
         saliency = torch.stack([g[0].sum(0).abs() for g in grads]).detach().cpu()  # [layer q k]

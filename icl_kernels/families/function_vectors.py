@@ -31,9 +31,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from icl_kernels.engine.patching import Edit, EditContext, Head, check_heads, edits_on, mean_ablation, run_with_edits
+from icl_kernels.engine.label_scoring import label_log_probs, score_dtype
+from icl_kernels.engine.patching import Edit, EditContext, Head, check_heads, mean_ablation, run_with_edits
 from icl_kernels.families.task_vectors import run_with_residual
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.utils.errors import NonFiniteLogitsError
 from icl_kernels.utils.stats import rng, wilson_interval
 
 __all__ = [
@@ -115,8 +117,10 @@ def indirect_effects(
     tokens run once (`icl_kernels.engine.prefix_cache.encode_prefix`) and the last token runs against
     their keys and values in one batch of ``head_batch`` rows, one patched head per row plus an
     unpatched row: about two forward passes per prompt instead of one per head. It equals the
-    per-head full forward to 1e-5 in float64 (``tests/test_families.py``); where prefix reuse
+    per-head full forward to ~1e-14 relative in float64 (``tests/test_families.py``; ~5e-5 on a
+    bridge's GPT-Neo / GPT-J, whose Hugging Face attention takes q.k in float32); where prefix reuse
     cannot be exact (`icl_kernels.engine.prefix_cache.reuse_reason`) every head runs in full.
+    Effects are accumulated in the scores' dtype (`icl_kernels.engine.label_scoring.score_dtype`).
     """
     from tqdm.auto import tqdm
 
@@ -127,15 +131,15 @@ def indirect_effects(
     if reuse_prefix and reuse_reason(model, min(len(p.tokens) for p in corrupted) - 1) is None:
         if head_batch < 1:
             raise ValueError(f"head_batch must be >= 1, not {head_batch}.")
-        out = torch.zeros(n_layers * n_heads)
+        out = torch.zeros(n_layers * n_heads, dtype=score_dtype(model))
         first = [ids[0] for ids in label_ids]
-        for prompt in tqdm(corrupted, desc="indirect effects", disable=not progress):
-            out += _prompt_indirect_effects(model, prompt, first[prompt.query_label], means, heads, head_batch)
+        for index, prompt in enumerate(tqdm(corrupted, desc="indirect effects", disable=not progress)):
+            out += _prompt_indirect_effects(model, prompt, index, first[prompt.query_label], means, heads, head_batch)
         return (out / len(corrupted)).view(n_layers, n_heads)
     gold = torch.tensor([p.query_label for p in corrupted])
     rows = torch.arange(len(gold))
     base = run_with_edits(model, corrupted, label_ids, batch_size=batch_size).exp()[rows, gold]
-    out = torch.zeros(n_layers, n_heads)
+    out = torch.zeros(n_layers, n_heads, dtype=score_dtype(model))
     for layer, head in tqdm(heads, desc="indirect effects", disable=not progress):
         patched = run_with_edits(model, corrupted, label_ids, mean_ablation([(layer, head)], means),
                                  batch_size=batch_size).exp()[rows, gold]
@@ -165,28 +169,27 @@ def _row_mean_patches(row_heads: Sequence[Head | None], means: Tensor) -> list[E
     return edits
 
 
-def _prompt_indirect_effects(model, prompt, gold_token: int, means: Tensor, heads: list[Head],
+def _prompt_indirect_effects(model, prompt, index: int, gold_token: int, means: Tensor, heads: list[Head],
                              head_batch: int) -> Float[Tensor, " n_heads_total"]:
-    """P(gold | one head patched) - P(gold) for every head on one prompt, prefix run once."""
-    from icl_kernels.engine.capture import unembed
-    from icl_kernels.engine.prefix_cache import encode_prefix, prefix_forward
+    """P(gold | one head patched) - P(gold) for every head on one prompt (``corrupted[index]``),
+    prefix run once."""
+    from icl_kernels.engine.prefix_cache import encode_prefix
 
-    device = tl_backend.model_device(model)
     prefix = encode_prefix(model, prompt.tokens[:-1])
     effects = []
     for start in range(0, len(heads), head_batch):
         row_heads: list[Head | None] = [None, *heads[start:start + head_batch]]
-        suffix = torch.full((len(row_heads), 1), prompt.tokens[-1], dtype=torch.long)
-        kept: dict[str, Tensor] = {}
-
-        def keep(tensor: Tensor, hook) -> None:
-            kept["final"] = tensor.detach()[:, -1]
-
-        positions = torch.zeros(len(row_heads), dtype=torch.long, device=device)
-        with torch.no_grad(), edits_on(model, _row_mean_patches(row_heads, means), prediction_positions=positions):
-            prefix_forward(model, prefix, suffix, [("unembed.hook_in", keep)])
-        with torch.no_grad():
-            p_gold = unembed(model, kept["final"]).float().log_softmax(-1)[:, gold_token].exp().cpu()
+        try:
+            log_p = label_log_probs(
+                model, [prompt] * len(row_heads), [[gold_token]], edits=_row_mean_patches(row_heads, means),
+                prefix=prefix, whole_label=False, batch_size=len(row_heads),
+            )
+        except NonFiniteLogitsError as error:  # its rows are one prompt under different patches
+            raise NonFiniteLogitsError(
+                f"indirect effects of corrupted prompt {index} (the 'prompts' below are its batch rows: row 0 "
+                f"unpatched, then heads {heads[start]} to {row_heads[-1]} patched one per row): {error}"
+            ) from None
+        p_gold = log_p[:, 0].exp()
         effects.append(p_gold[1:] - p_gold[0])
     return torch.cat(effects)
 

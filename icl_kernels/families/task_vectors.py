@@ -8,9 +8,10 @@ the demonstrations ``S`` teach. Here ``x'`` is simply another test query: the ve
 the source prompt's own answer is a different query's and copying it is not rewarded beyond
 chance.
 
-`residual_at_prediction` records theta_l for every layer (one forward per batch); `run_with_residual`
-is the residual-stream engine (add to or replace ``hook_resid_post`` of one layer at each prompt's
-prediction position, then score the label tokens); `task_vector_sweep` gives accuracy per layer;
+`residual_at_prediction` records theta_l for every layer (one forward per batch); `residual_edits`
+adds to or replaces ``hook_resid_post`` of one layer at each prompt's prediction position (an edit
+of `icl_kernels.engine.edits`), and `run_with_residual` scores the label tokens under it with the
+package's scorer (`icl_kernels.engine.label_scoring.label_log_probs`); `task_vector_sweep` gives accuracy per layer;
 `choose_layer` takes the first (lowest) layer with the best dev accuracy, and `task_vector_study`
 reports it on a disjoint test split, next to zero-shot, ICL and a control vector from another
 task's ICL prompts (same layer). Function vectors (`icl_kernels.families.function_vectors`) add a vector with
@@ -31,14 +32,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_kernels.engine.capture import capture, unembed
-from icl_kernels.engine.hooks import act_name, hooks_on, run_until
+from icl_kernels.engine.capture import capture
+from icl_kernels.engine.edits import Edit, EditContext, edits_on
+from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.stats import split_indices, wilson_interval
 
 __all__ = [
     "RESIDUAL_MODES",
     "residual_at_prediction",
+    "residual_edits",
     "residual_edit_on",
     "run_with_residual",
     "source_order",
@@ -65,6 +68,37 @@ def residual_at_prediction(
     return torch.cat(parts)
 
 
+def _write_residual(
+    resid: Float[Tensor, "batch pos d_model"], values: Tensor, positions: Tensor, mode: str
+) -> Float[Tensor, "batch pos d_model"]:
+    """``resid`` with row ``r``'s ``positions[r]`` added to or replaced by ``values[r]``."""
+    resid = resid.clone()
+    rows = torch.arange(resid.shape[0], device=resid.device)
+    pos = positions.to(resid.device)
+    new = values.to(resid.device, resid.dtype)
+    resid[rows, pos] = new if mode == "replace" else resid[rows, pos] + new
+    return resid
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in RESIDUAL_MODES:
+        raise ValueError(f"mode must be one of {RESIDUAL_MODES}, not {mode!r}.")
+
+
+def residual_edits(
+    layer: int, values: Float[Tensor, "prompt d_model"], mode: str = "add"
+) -> list[Edit]:
+    """An edit of ``hook_resid_post`` of ``layer``: prompt ``i``'s residual at its prediction position
+    gets ``values[i]`` added (``mode="add"``) or put in its place (``"replace"``). For the scorer
+    (`icl_kernels.engine.label_scoring.label_log_probs`), which tells the edit each row's prompt."""
+    _check_mode(mode)
+
+    def fn(resid: Tensor, context: EditContext) -> Tensor:
+        return _write_residual(resid, values[context.rows.cpu()], context.predictions(), mode)
+
+    return [Edit(layer, fn, "resid_post", f"{mode} resid_post L{layer}")]
+
+
 @contextlib.contextmanager
 def residual_edit_on(
     model: tl_backend.Model,
@@ -75,20 +109,9 @@ def residual_edit_on(
 ) -> Iterator[tl_backend.Model]:
     """Add ``values`` to (or replace by them) ``hook_resid_post`` of ``layer`` at ``positions``,
     one row per batch row, for every forward pass in the block (hooks gone afterwards)."""
-    if mode not in RESIDUAL_MODES:
-        raise ValueError(f"mode must be one of {RESIDUAL_MODES}, not {mode!r}.")
-    if not 0 <= layer < model.cfg.n_layers:
-        raise ValueError(f"layer {layer} does not exist; the model has {model.cfg.n_layers} layers.")
-
-    def hook(resid: Tensor, hook) -> Tensor:
-        resid = resid.clone()
-        rows = torch.arange(resid.shape[0], device=resid.device)
-        pos = positions.to(resid.device)
-        new = values.to(resid.device, resid.dtype)
-        resid[rows, pos] = new if mode == "replace" else resid[rows, pos] + new
-        return resid
-
-    with hooks_on(model, [(act_name("resid_post", layer), hook)]):
+    _check_mode(mode)
+    edit = Edit(layer, lambda resid, context: _write_residual(resid, values, positions, mode), "resid_post")
+    with edits_on(model, [edit]):
         yield model
 
 
@@ -105,30 +128,18 @@ def run_with_residual(
 ) -> Float[Tensor, "batch n_classes"]:
     """Log-probabilities of each class's first label token at each prompt's prediction position
     with ``values`` (one row per prompt, or one vector for all) added to / replacing the residual
-    after ``layer`` there (`residual_edit_on`). CPU tensor."""
-    from icl_kernels.data.prompts import batches, pad_id
+    after ``layer`` there (`residual_edits`, scored by
+    `icl_kernels.engine.label_scoring.label_log_probs`). CPU tensor."""
+    from icl_kernels.data.prompts import pad_id
 
     if values.ndim == 1:
         values = values[None].expand(len(prompts), -1)
     if values.shape[0] != len(prompts):
         raise ValueError(f"values has {values.shape[0]} rows for {len(prompts)} prompts.")
-    device = tl_backend.model_device(model)
-    first = torch.tensor([ids[0] for ids in label_ids], device=device)
-    out, start = [], 0
-    for batch in batches(list(prompts), batch_size, pad_id(model, pad_token_id), device):
-        n = len(batch.prompts)
-        positions = batch.prediction_positions
-        kept: dict[str, Tensor] = {}
-
-        def keep(tensor: Tensor, hook, positions=positions) -> None:
-            kept["final"] = tensor.detach()[torch.arange(tensor.shape[0], device=tensor.device), positions]
-
-        with torch.no_grad(), residual_edit_on(model, layer, values[start:start + n], positions, mode):
-            run_until(model, batch.tokens, [("unembed.hook_in", keep)])
-        start += n
-        with torch.no_grad():
-            out.append(unembed(model, kept["final"]).float().log_softmax(-1)[:, first].cpu())
-    return torch.cat(out)
+    return label_log_probs(
+        model, list(prompts), label_ids, edits=residual_edits(layer, values, mode), whole_label=False,
+        batch_size=batch_size, pad_token_id=pad_id(model, pad_token_id),
+    )
 
 
 def source_order(n: int) -> np.ndarray:

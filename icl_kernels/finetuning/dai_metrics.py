@@ -65,8 +65,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from icl_kernels.data.prompts import IclPrompt
-from icl_kernels.engine.capture import final_residual, unembed
 from icl_kernels.engine.hooks import attention_spec, repeat_kv, visibility_mask
+from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.finetuning.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weights, select_lr
 from icl_kernels.finetuning.recording import POSITIONS, Record, record, recording_tokens
 from icl_kernels.finetuning.relaxation import decompose, linear_attention, stable_rank
@@ -219,21 +219,13 @@ def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], lab
     for result, episode in zip(tuned, episodes):
         with result.applied() as model:
             for prompt, gold in zip(episode.dev_prompts, episode.dev_gold):
-                rec = _prediction_log_probs(model, list(prompt.tokens), label_tokens)
+                rec = label_log_probs(model, [prompt], [[t] for t in label_tokens], dtype=torch.float64)[0]
                 right += int(int(rec.argmax()) == gold)
                 gold_lp += float(rec.log_softmax(-1)[gold])
                 total += 1
     if total == 0:
         raise ValueError("No development queries: the learning rate cannot be chosen; give lr= or dev prompts.")
     return right / total, gold_lp / total
-
-
-def _prediction_log_probs(model, tokens: Sequence[int], label_tokens) -> Tensor:
-    ids = torch.tensor([list(tokens)], dtype=torch.long, device=tl_backend.model_device(model))
-    with torch.no_grad():
-        resid = final_residual(model, ids)[0, -1]
-        logits = unembed(model, resid[None])[0].double()
-    return logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)].cpu()
 
 
 class _ModelPass:

@@ -10,8 +10,9 @@ The comparison reads every run (ZSL, ICL, FT) at one *recording position* of a p
 Predictions always come from the prediction position (the first token of each label word).
 
 `record` runs the prompt once, with hooks on the queries, keys, values and attention outputs of
-every layer, and stops at the unembedding input (`icl_kernels.engine.hooks.run_until`; only the
-prediction position is unembedded). From the hooked tensors it keeps, at the recording position:
+every layer, and stops at the unembedding input (`icl_kernels.engine.label_scoring.final_residual`;
+only the prediction position is unembedded, and its label log-probabilities are taken in float64 by
+`icl_kernels.engine.label_scoring.label_scores`, which refuses NaN or infinite logits). From the hooked tensors it keeps, at the recording position:
 the attention-module output per layer, the pre-softmax (scaled) attention score row of every head
 (recomputed from the post-rotary ``q`` and ``k``), and the query rotated back to the position-free
 frame of `icl_kernels.finetuning.relaxation` (``R(-p) q_p``), where the finetuning side's recorded training
@@ -29,7 +30,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from icl_kernels.data.prompts import IclPrompt
-from icl_kernels.engine.capture import unembed
 from icl_kernels.engine.hooks import (
     act_name,
     attention_scores,
@@ -37,8 +37,8 @@ from icl_kernels.engine.hooks import (
     rotary_hook_kinds,
     rotate_by,
     rotated_qk,
-    run_until,
 )
+from icl_kernels.engine.label_scoring import final_residual, label_scores
 from icl_kernels.models import backend as tl_backend
 
 __all__ = ["POSITIONS", "Record", "record", "recording_tokens"]
@@ -106,9 +106,6 @@ def record(
 
         return hook
 
-    def keep_final(tensor: Tensor, hook) -> None:
-        kept[("final", 0)] = tensor.detach()[0, prediction_position]
-
     hooks = []
     for layer in range(n_layers):
         hooks += [
@@ -117,16 +114,11 @@ def record(
             (act_name("v", layer), keep("v", layer)),
             (act_name("attn_out", layer), keep("attn_out", layer)),
         ]
-    hooks.append(("unembed.hook_in", keep_final))
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
     try:
-        with torch.no_grad():
-            run_until(model, ids, hooks)  # the unembedding of every position is not needed
-        if ("final", 0) not in kept:
-            raise RuntimeError("unembed.hook_in did not fire.")
-        with torch.no_grad():
-            logits = unembed(model, kept[("final", 0)][None])[0].double()
-        log_probs = logits.log_softmax(-1)[torch.as_tensor(list(label_tokens), device=logits.device)]
+        with torch.no_grad():  # stops at the unembedding input: no logits for every position
+            final = final_residual(model, ids, torch.tensor([prediction_position]), hooks=hooks)
+            log_probs = label_scores(model, final, label_tokens, dtype=torch.float64)[0]
         p = recording_position
         attn_out, scores, queries = [], [], []
         q_full, k_full, v_full = [], [], []
@@ -146,7 +138,7 @@ def record(
     finally:
         kept.clear()
     return Record(
-        label_log_probs=log_probs.cpu(),
+        label_log_probs=log_probs,
         attn_out=torch.stack(attn_out).cpu(),
         scores=torch.stack(scores).cpu(),
         q=torch.stack(queries).cpu(),

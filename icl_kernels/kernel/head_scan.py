@@ -30,7 +30,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_kernels.engine.capture import capture, unembed
+from icl_kernels.engine.capture import capture
+from icl_kernels.engine.label_scoring import label_scores, prediction_logits
 from icl_kernels.kernel.scores import (
     AGGREGATIONS,
     DemoLayout,
@@ -160,7 +161,7 @@ def analyze_heads(
         raise ValueError("analyze_heads needs at least one prompt.")
     device = tl_backend.model_device(model)
     pad_token_id = pad_id(model, pad_token_id)
-    first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
+    first_ids = [ids[0] for ids in label_ids]
     n_classes = len(label_ids)
     layers = tuple(range(model.cfg.n_layers))
     resid_layers = tuple(int(x) for x in resid_layers)
@@ -180,7 +181,7 @@ def analyze_heads(
     segments: list[Segment] = []
     meta: list[dict] = []
     bar = tqdm(total=len(prompts), desc="heads", disable=not progress)
-    for batch in batches(list(prompts), batch_size, pad_token_id, device):
+    for index, batch in enumerate(batches(list(prompts), batch_size, pad_token_id, device)):
         bp = batch.prompts
         width = batch.tokens.shape[1]
         layout = DemoLayout.from_prompts(bp, width)
@@ -210,8 +211,8 @@ def analyze_heads(
             parts.setdefault(f"w_{how}", []).append(demo_attention(attn, layout, how))
         parts.setdefault("labels", []).append(layout.demo_labels)
         with torch.no_grad():
-            logits = unembed(model, cap.final_residual.to(device)).float()
-        parts.setdefault("scores", []).append(logits.log_softmax(-1)[:, first_ids].cpu())
+            scores = label_scores(model, cap.final_residual.to(device), first_ids, first_index=index * batch_size)
+        parts.setdefault("scores", []).append(scores)
         parts.setdefault("gold", []).append(torch.tensor([p.query_label for p in bp]))
 
         def block(kind: str, name: str) -> Tensor:
@@ -371,10 +372,10 @@ def single_example_outputs(
     device = tl_backend.model_device(model)
     first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
     probs, preds = [], []
-    for batch in batches(list(prompts), batch_size, pad_token_id, device):
+    for index, batch in enumerate(batches(list(prompts), batch_size, pad_token_id, device)):
         cap = capture(model, batch.tokens, batch.prediction_positions, attention=False, out_device=None)
         with torch.no_grad():
-            logits = unembed(model, cap.final_residual).float()
+            logits = prediction_logits(model, cap.final_residual, first_index=index * batch_size)
         probs.append(logits.softmax(-1).cpu())
         preds.append(logits[:, first_ids].argmax(-1).cpu())
     return torch.cat(probs), torch.cat(preds)

@@ -101,3 +101,9 @@ class MissingTokenizerError(IclKernelsError, ValueError):
 
 class InvalidOptionError(IclKernelsError, ValueError):
     """An analysis option is out of range or inconsistent with another option."""
+
+
+class NonFiniteLogitsError(IclKernelsError, FloatingPointError):
+    """The model produced NaN or infinite logits (float16 overflow, or NaN in the weights or an edit):
+    a prediction made from them would be meaningless, so the run stops. The message names the
+    prompts."""

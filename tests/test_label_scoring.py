@@ -16,7 +16,11 @@ from icl_kernels.engine.edits import Edit, edits_on
 from icl_kernels.engine.label_scoring import check_finite, label_log_probs
 from icl_kernels.engine.patching import attention_edits, mean_ablation, run_with_edits, zero_ablation
 from icl_kernels.engine.prefix_cache import common_prefix_length, encode_prefix, shared_label_log_probs
-from icl_kernels.families.task_vectors import residual_edits
+from icl_kernels.families.anchors import anchor_isolation, flow_saliency
+from icl_kernels.families.function_vectors import indirect_effects
+from icl_kernels.families.task_vectors import residual_edits, run_with_residual
+from icl_kernels.finetuning.recording import record
+from icl_kernels.kernel.head_scan import analyze_heads, single_example_outputs
 from icl_kernels.utils.errors import NonFiniteLogitsError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,7 +48,6 @@ def _reference(model, prompts, label_ids, whole_label: bool, edits=()) -> torch.
     return out
 
 
-@pytest.mark.core
 def test_scores_equal_a_plain_forward_log_softmax(arch, backend):
     model = load_tiny(arch, backend, torch.float64)
     prompts = _shared_prompts(n=3, demo_len=12)
@@ -58,7 +61,6 @@ def test_scores_equal_a_plain_forward_log_softmax(arch, backend):
                        label_log_probs(model, prompts, SINGLE))
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("arch", ["gpt-neo", "gemma-3"])
 def test_scores_with_edits_equal_the_edits_applied_by_hand(arch, backend):
     model = load_tiny(arch, backend, torch.float64)
@@ -84,7 +86,6 @@ def test_scores_with_edits_equal_the_edits_applied_by_hand(arch, backend):
     assert (clean - label_log_probs(model, icl, labels, edits=cases["zero"], whole_label=False)).abs().max() > 1e-6
 
 
-@pytest.mark.core
 def test_scores_after_a_shared_prefix_equal_the_full_prompts(arch, backend):
     model = load_tiny(arch, backend, torch.float64)
     prompts = _shared_prompts(n=4)
@@ -108,7 +109,6 @@ def test_scores_after_a_shared_prefix_equal_the_full_prompts(arch, backend):
     assert full_z["z"].shape == (len(prompts), model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
 
 
-@pytest.mark.core
 def test_a_prefix_refuses_other_prompts_and_attention_edits():
     model = load_tiny("gpt-neo", None, torch.float64)  # the installed TransformerLens's default backend
     prompts = _shared_prompts(n=2)
@@ -134,7 +134,6 @@ def nan_model():
     return model
 
 
-@pytest.mark.core
 def test_an_edit_that_writes_nan_names_its_prompt():
     model = load_tiny("gpt-neo")
     builder, icl, _ = _task_prompts(model.tokenizer, shots=2, n=5)
@@ -149,9 +148,7 @@ def test_an_edit_that_writes_nan_names_its_prompt():
     assert torch.isfinite(run_with_edits(model, icl, builder.label_ids, batch_size=2)).all()
 
 
-@pytest.mark.core
 def test_nan_logits_stop_the_heads_paths(nan_model):
-    from icl_kernels.kernel.head_scan import analyze_heads, single_example_outputs
 
     builder, icl, zsl = _task_prompts(nan_model.tokenizer, shots=2, n=3)
     with pytest.raises(NonFiniteLogitsError, match=r"NaN logits for prompt 0 \(and 2 more: 1, 2\) in float32"):
@@ -160,7 +157,6 @@ def test_nan_logits_stop_the_heads_paths(nan_model):
         single_example_outputs(nan_model, zsl, builder.label_ids, batch_size=2)
 
 
-@pytest.mark.core
 def test_nan_logits_stop_the_patching_and_causal_paths(nan_model):
     builder, icl, _ = _task_prompts(nan_model.tokenizer, shots=2, n=3)
     for record in (False, True):
@@ -168,11 +164,7 @@ def test_nan_logits_stop_the_patching_and_causal_paths(nan_model):
             run_with_edits(nan_model, icl, builder.label_ids, zero_ablation([(0, 0)]), record=record)
 
 
-@pytest.mark.core
 def test_nan_logits_stop_the_family_paths(nan_model):
-    from icl_kernels.families.anchors import anchor_isolation, flow_saliency
-    from icl_kernels.families.function_vectors import indirect_effects
-    from icl_kernels.families.task_vectors import run_with_residual
 
     builder, icl, zsl = _task_prompts(nan_model.tokenizer, shots=2, n=2)
     labels = builder.label_ids
@@ -191,16 +183,13 @@ def test_nan_logits_stop_the_family_paths(nan_model):
             pytest.fail(f"{name} returned numbers made from NaN logits")
 
 
-@pytest.mark.core
 def test_nan_logits_stop_the_recording_of_a_prompt(nan_model):
-    from icl_kernels.finetuning.recording import record
 
     tokens = list(range(10, 20))
     with pytest.raises(NonFiniteLogitsError, match="NaN logits for prompt 0"):
         record(nan_model, tokens, 9, 9, [1, 2])
 
 
-@pytest.mark.core
 def test_the_finite_check_names_prompts_and_what_to_try():
     logits = torch.zeros(4, 6)
     logits[1, 2] = float("inf")

@@ -159,9 +159,9 @@ def test_nan_logits_stop_the_heads_paths(nan_model):
 
 def test_nan_logits_stop_the_patching_and_causal_paths(nan_model):
     builder, icl, _ = _task_prompts(nan_model.tokenizer, shots=2, n=3)
-    for record in (False, True):
+    for keep_z in (False, True):
         with pytest.raises(NonFiniteLogitsError, match="NaN logits for prompt 0"):
-            run_with_edits(nan_model, icl, builder.label_ids, zero_ablation([(0, 0)]), record=record)
+            run_with_edits(nan_model, icl, builder.label_ids, zero_ablation([(0, 0)]), record=keep_z)
 
 
 def test_nan_logits_stop_the_family_paths(nan_model):

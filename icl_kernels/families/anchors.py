@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.edits import edits_on
 from icl_kernels.engine.label_scoring import final_residual, prediction_logits
 from icl_kernels.engine.patching import attention_edits, run_with_edits
@@ -114,11 +115,7 @@ def _random_positions(prompt, count: int, seed: int, index: int) -> list[int]:
 
 
 def anchor_isolation(
-    model: tl_backend.Model,
-    prompts: Sequence,
-    label_ids: Sequence[Sequence[int]],
-    *,
-    seed: int = 0,
+    model: tl_backend.Model, prompts: Sequence[IclPrompt], label_ids: Sequence[Sequence[int]], *, seed: int = 0,
     batch_size: int = 4,
 ) -> pd.DataFrame:
     """Label loyalty and accuracy when label words (or as many random non-label positions) are

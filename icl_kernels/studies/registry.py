@@ -6,6 +6,11 @@ A study is a name, a configuration dataclass (an `icl_kernels.utils.config.Optio
 model (a notebook, a sweep job running many cells) skip loading it; without it the study loads
 ``config.model`` itself. Registering a name twice is an error, so a plugin cannot silently replace a
 built-in study.
+
+Calling a `Study` computes the run's identity (`icl_kernels.studies.identity.run_record`: it
+hashes a local model folder) once, before the run, and hands that one record to everything that
+needs it: the check of ``out``, the ``fingerprint.json`` a resumable run writes when it starts,
+and the returned report (``Report.identity``, which `Report.record` and `Report.write` use).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from icl_kernels.studies.identity import check_output, run_record, write_record
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import IclKernelsError, UnknownNameError
 
@@ -36,8 +42,8 @@ class Study:
         help: one line for ``icl-kernels --help``.
         description: a paragraph for ``icl-kernels NAME --help``.
         resumable: ``run`` takes ``out=`` and keeps finished work there, so a rerun after a crash
-            skips it (the command line passes its ``--out``). Before it runs, ``out`` is checked
-            (`icl_kernels.studies.identity.check_output`): rows of another configuration are never reused.
+            skips it (the command line passes its ``--out``). Rows of another configuration are
+            never reused: see `__call__`.
         grid_keys: options that add rows to a resumable run rather than change them (a rerun that
             only changes these may extend the run in the same ``out``).
         state_files: the files in ``out`` a resumable run reads back (deleted by ``force``).
@@ -58,22 +64,30 @@ class Study:
     ):
         """Run the study on a configuration (or a mapping of its options).
 
-        For a resumable study with ``out``: ``out`` is checked first (`check_output`; ``force``
-        deletes another run's files there) and, with ``record``, ``fingerprint.json`` is written
-        when the study starts writing rows, so that an interrupted run can only be resumed by the
-        same configuration.
+        The run's record (`identify`) is computed once, first. With ``out`` (the folder the report
+        will be written to), ``out`` is checked before any work (`check_output`: writable, and
+        holding no run of another configuration; ``force`` deletes that run's files instead). A
+        resumable study keeps its rows in ``out`` and, with ``record``, writes ``fingerprint.json``
+        when it starts writing rows, so that an interrupted run can only be resumed by the same
+        configuration. The returned report carries the record as ``identity``.
         """
         cfg = config if isinstance(config, self.config) else self.config.from_dict(config)
+        identity = self.identify(cfg)
+        if out is not None:
+            check_output(out, identity, grid_keys=self.grid_keys, state_files=self.state_files, force=force)
         if self.resumable:
-            start = None
-            if out is not None:
-                from icl_kernels.studies.identity import check_output, write_record
+            start = partial(write_record, out, identity) if out is not None and record else None
+            report = self.run(cfg, model=model, progress=progress, out=out, on_start=start)
+        else:
+            report = self.run(cfg, model=model, progress=progress)
+        if hasattr(report, "identity"):  # a Report (the registry does not import it: report.py imports us)
+            report.identity = identity
+        return report
 
-                run_record = check_output(out, self.name, cfg, force=force)
-                if record:
-                    start = partial(write_record, out, run_record)
-            return self.run(cfg, model=model, progress=progress, out=out, on_start=start)
-        return self.run(cfg, model=model, progress=progress)
+    def identify(self, config: Options) -> dict[str, Any]:
+        """The run record of ``config`` (`icl_kernels.studies.identity.run_record` with this study's
+        grid keys): fingerprint, resume key, configuration, model identity and data source."""
+        return run_record(self.name, config, grid_keys=self.grid_keys)
 
 
 _STUDIES: dict[str, Study] = {}

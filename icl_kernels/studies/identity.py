@@ -13,8 +13,10 @@ its model and the source of its data:
 `run_record` hashes these into ``fingerprint`` (everything) and ``resume_key`` (everything except
 the study's *grid keys*: options such as the momentum grid's etas that add rows rather than change
 them, so a grid can be extended in place). The study call (`icl_kernels.studies.registry.Study`)
-computes the record once, before the run, and hands it to `check_output` and to the `Report` it
-returns; `Report.write` records it in ``fingerprint.json``, ``config.json`` and the summary.
+gathers a `RunIdentity` once per run (the model identity, hashed once) and takes two records from
+it: one before the run for `check_output` (and a resumable run's first ``fingerprint.json``), one
+after it for the `Report` it returns, whose data source includes what loading the task saw;
+`Report.write` writes that one into ``fingerprint.json``, ``config.json`` and the summary.
 
 `check_output` runs before any work: ``out`` must be a folder that can be written (or created),
 and when it already holds a report or resumable rows of another configuration the run is refused
@@ -31,6 +33,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from icl_kernels.utils.errors import IclKernelsError
 
 __all__ = [
     "OutputConflictError", "OutputNotWritableError", "RECORD_FILE", "model_identity", "data_source",
-    "run_record", "read_record", "check_output", "write_record", "clear_output", "check_writable",
+    "RunIdentity", "run_record", "read_record", "check_output", "write_record", "clear_output", "check_writable",
 ]
 
 #: The file in an output folder that identifies the run whose files it holds.
@@ -137,25 +140,56 @@ def _resume_view(config: Mapping[str, Any], grid_keys: tuple[str, ...]) -> dict[
     return {k: v for k, v in config.items() if k not in grid_keys}
 
 
+@dataclass(frozen=True)
+class RunIdentity:
+    """What identifies one run, gathered once per run by the study call.
+
+    The model identity (`model_identity`: it hashes a local model folder) is computed once, when
+    this is made. The data source is read by each `record` call instead: loading a task records
+    what the load saw (rows read, rows dropped, the hub revision), so the record taken after the
+    run says more than the one taken before it (the check of ``out``, a resumable run's first
+    ``fingerprint.json``).
+
+    Attributes:
+        study: the study name.
+        config: the run's configuration (an `icl_kernels.utils.config.Options`).
+        grid_keys: the study's options left out of ``resume_key`` (`Study.grid_keys`).
+        model: `model_identity` of ``config.model`` (None for a configuration without a model).
+    """
+
+    study: str
+    config: Any
+    grid_keys: tuple[str, ...] = ()
+    model: dict[str, Any] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid_keys", tuple(self.grid_keys))
+        given = getattr(self.config, "model", None)  # ModelOptions, or a model name (theorem), or None
+        object.__setattr__(self, "model", model_identity(given) if given else None)
+
+    def record(self) -> dict[str, Any]:
+        """``{"study", "fingerprint", "resume_key", "config", "model", "data_source"}``, with the
+        data source as known now."""
+        study, config, model = self.study, self.config, self.model
+        values = config.to_dict()
+        source = data_source(config)
+        return {
+            "study": study,
+            "fingerprint": _digest([study, values, model, source]),
+            "resume_key": _digest([study, _resume_view(config.flat(), self.grid_keys), model, source]),
+            "config": values,
+            "model": model,
+            "data_source": source,
+        }
+
+
 def run_record(study: str, config: Any, grid_keys: Sequence[str] = ()) -> dict[str, Any]:
     """``{"study", "fingerprint", "resume_key", "config", "model", "data_source"}`` of a run.
 
     ``grid_keys``: the study's options left out of ``resume_key`` (`Study.grid_keys`). Hashes a local
-    model folder: compute it once per run (the study call does) and pass it on.
+    model folder each call: within a run, use the study call's one `RunIdentity` instead.
     """
-    values = config.to_dict()
-    given = getattr(config, "model", None)  # ModelOptions, or a model name (theorem), or None
-    model = model_identity(given) if given else None
-    source = data_source(config)
-    grid = tuple(grid_keys)
-    return {
-        "study": study,
-        "fingerprint": _digest([study, values, model, source]),
-        "resume_key": _digest([study, _resume_view(config.flat(), grid), model, source]),
-        "config": values,
-        "model": model,
-        "data_source": source,
-    }
+    return RunIdentity(study, config, tuple(grid_keys)).record()
 
 
 def read_record(out: str | os.PathLike) -> dict[str, Any] | None:

@@ -7,10 +7,12 @@ model (a notebook, a sweep job running many cells) skip loading it; without it t
 ``config.model`` itself. Registering a name twice is an error, so a plugin cannot silently replace a
 built-in study.
 
-Calling a `Study` computes the run's identity (`icl_kernels.studies.identity.run_record`: it
-hashes a local model folder) once, before the run, and hands that one record to everything that
-needs it: the check of ``out``, the ``fingerprint.json`` a resumable run writes when it starts,
-and the returned report (``Report.identity``, which `Report.record` and `Report.write` use).
+Calling a `Study` gathers the run's identity (`icl_kernels.studies.identity.RunIdentity`: the
+model identity hashes a local model folder) once, before the run, and hands what it records to
+everything that needs it: the record before the run to the check of ``out`` and to the
+``fingerprint.json`` a resumable run writes when it starts, the record after the run (its data
+source says what loading the task saw) to the returned report (``Report.identity``, which
+`Report.record` and `Report.write` use).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from icl_kernels.studies.identity import check_output, run_record, write_record
+from icl_kernels.studies.identity import RunIdentity, check_output, write_record
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import IclKernelsError, UnknownNameError
 
@@ -64,30 +66,33 @@ class Study:
     ):
         """Run the study on a configuration (or a mapping of its options).
 
-        The run's record (`identify`) is computed once, first. With ``out`` (the folder the report
-        will be written to), ``out`` is checked before any work (`check_output`: writable, and
-        holding no run of another configuration; ``force`` deletes that run's files instead). A
-        resumable study keeps its rows in ``out`` and, with ``record``, writes ``fingerprint.json``
+        The run's identity (`identify`) is gathered once, first. With ``out`` (the folder the
+        report will be written to), ``out`` is checked before any work (`check_output`: writable,
+        and holding no run of another configuration; ``force`` deletes that run's files instead).
+        A resumable study keeps its rows in ``out`` and, with ``record``, writes ``fingerprint.json``
         when it starts writing rows, so that an interrupted run can only be resumed by the same
-        configuration. The returned report carries the record as ``identity``.
+        configuration. The returned report carries the run's record, taken after the run, as
+        ``identity``.
         """
         cfg = config if isinstance(config, self.config) else self.config.from_dict(config)
         identity = self.identify(cfg)
+        before = identity.record()
         if out is not None:
-            check_output(out, identity, grid_keys=self.grid_keys, state_files=self.state_files, force=force)
+            check_output(out, before, grid_keys=self.grid_keys, state_files=self.state_files, force=force)
         if self.resumable:
-            start = partial(write_record, out, identity) if out is not None and record else None
+            start = partial(write_record, out, before) if out is not None and record else None
             report = self.run(cfg, model=model, progress=progress, out=out, on_start=start)
         else:
             report = self.run(cfg, model=model, progress=progress)
         if hasattr(report, "identity"):  # a Report (the registry does not import it: report.py imports us)
-            report.identity = identity
+            report.identity = identity.record()
         return report
 
-    def identify(self, config: Options) -> dict[str, Any]:
-        """The run record of ``config`` (`icl_kernels.studies.identity.run_record` with this study's
-        grid keys): fingerprint, resume key, configuration, model identity and data source."""
-        return run_record(self.name, config, grid_keys=self.grid_keys)
+    def identify(self, config: Options) -> RunIdentity:
+        """The identity of a run of ``config`` (`icl_kernels.studies.identity.RunIdentity` with this
+        study's grid keys): its ``record()`` is the fingerprint, resume key, configuration, model
+        identity and data source."""
+        return RunIdentity(self.name, config, self.grid_keys)
 
 
 _STUDIES: dict[str, Study] = {}

@@ -66,8 +66,8 @@ class Report:
         config: the configuration that produced it.
         tables: name -> tidy frame, written as ``<name>.csv``.
         summary: headline numbers (intervals and baselines beside them), written as `summary_file`.
-        identity: the run record (`icl_kernels.studies.identity.run_record`) the study call computed
-            before the run; None for a report built by hand (`record` then computes it).
+        identity: the run record (`icl_kernels.studies.identity.RunIdentity.record`) the study call
+            took after the run; None for a report built by hand (`record` then computes it).
     """
 
     study: str
@@ -108,7 +108,7 @@ class Report:
             from icl_kernels.utils.errors import UnknownNameError
 
             try:
-                self.identity = get_study(self.study).identify(self.config)
+                self.identity = get_study(self.study).identify(self.config).record()
             except UnknownNameError:  # not a registered study: no grid keys
                 from icl_kernels.studies.identity import run_record
 

@@ -21,6 +21,10 @@ input shuffled; labels kept).
 Tables: ``heads`` (split, aggregation, layer, head, agreement, accuracy, rank), ``prompts`` (one row
 per prompt), ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
 heatmaps, the averaged attention map, kernel similarity and probes.
+
+`run` is these steps in order: `_search_layers`, the prompts (`study_prompts`), `_forward`, the
+split, `_head_scores`, `_baselines`, `_similarity` (with ``similarity``) and `_report`; they pass
+typed data (`Split`, `BestHead`, `HeadScores`, `Baselines`, `Similarity`).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, parse_layer_set
 from icl_kernels.utils.errors import InvalidOptionError
-from icl_kernels.utils.stats import paired_bootstrap, rng, wilson_interval
+from icl_kernels.utils.stats import paired_bootstrap, proportion, rng
 
 __all__ = ["MomentumConfig", "MomentumReport", "run", "summarise_grid", "momentum_heatmap"]
 
@@ -280,11 +280,11 @@ def summarise_grid(
                 [correct.index.get_level_values("seed"), correct.index.get_level_values("index")]))[0]
             n_queries = int(queries.max()) + 1 if n else 0
             if n_queries == n:
-                low, high = wilson_interval(hits, n)
+                acc = proportion(hits, n)
             else:
                 acc = paired_bootstrap(np.mean, [paired[:, 0]], "queries", groups=queries, resamples=cfg.n_boot,
                                        stream="momentum_bootstrap")
-                low, high = acc["low"], acc["high"]
+            low, high = acc["low"], acc["high"]
             delta = paired_bootstrap(lambda a: a[:, 0].mean() - a[:, 1].mean(), [paired], "queries", groups=queries,
                                      resamples=cfg.n_boot, stream="momentum_bootstrap")
             d_low, d_high = delta["low"], delta["high"]

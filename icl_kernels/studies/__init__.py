@@ -6,8 +6,8 @@ the notebook calls them directly::
     report = get_study("heads")({"model": "tiny-gpt-neo", "n_test": 8, "shots": 2})
     report.tables["heads"], report.summary
 
-Importing this package registers the built-in studies (`BUILTIN`) and head scores
-(`icl_kernels.studies.head_scores`: the families the ``families`` study compares; a new one is
+Importing this package registers the built-in studies (`BUILTIN`) and head scores (the module
+`icl_kernels.studies.head_scores`: the families the ``families`` study compares; a new one is
 ``register_head_score(name, fn)``).
 """
 
@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import importlib
 
-from icl_kernels.studies.head_scores import head_scores, register_head_score
+from icl_kernels.studies.head_scores import register_head_score
 from icl_kernels.studies.registry import DuplicateStudyError, Study, get_study, list_studies, register
 from icl_kernels.studies.report import Report
 
 __all__ = [
-    "BUILTIN", "DuplicateStudyError", "Report", "Study", "get_study", "head_scores", "list_studies", "register",
-    "register_head_score",
+    "BUILTIN", "DuplicateStudyError", "Report", "Study", "get_study", "list_studies", "register", "register_head_score",
 ]
 
 #: The studies that ship with the package, registered in this order on import.

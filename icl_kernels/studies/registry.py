@@ -76,11 +76,13 @@ class Study:
         """
         cfg = config if isinstance(config, self.config) else self.config.from_dict(config)
         identity = self.identify(cfg)
-        before = identity.record()
+        start = None
         if out is not None:
+            before = identity.record()
             check_output(out, before, grid_keys=self.grid_keys, state_files=self.state_files, force=force)
+            if record:
+                start = partial(write_record, out, before)
         if self.resumable:
-            start = partial(write_record, out, before) if out is not None and record else None
             report = self.run(cfg, model=model, progress=progress, out=out, on_start=start)
         else:
             report = self.run(cfg, model=model, progress=progress)

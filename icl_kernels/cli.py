@@ -71,24 +71,20 @@ def run_study(study, args: argparse.Namespace) -> int:
 
     Everything a user can get wrong is checked before a model loads: the options (the
     configuration's ``__post_init__``), ``--threads``, and ``--out`` (writable, and holding no run of
-    another configuration: `icl_kernels.studies.identity.check_output`). ``--out`` is created only once
+    another configuration: `icl_kernels.studies.identity.check_output`, in the study call, which
+    computes the run's record once for the check and the report). ``--out`` is created only once
     the study has results (a resumable study: once it starts its first cell).
     """
-    from icl_kernels.studies.identity import check_output
     from icl_kernels.utils.errors import InvalidOptionError
 
     config = from_arguments(study.config, args)  # bad options fail here, before a model loads
     if args.threads is not None and args.threads < 1:
         raise InvalidOptionError(f"--threads must be >= 1, not {args.threads}.")
-    check_output(args.out, study.name, config, force=args.force)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    if study.resumable:
-        report = study(config, progress=True, out=args.out, record=True)
-    else:
-        report = study(config, progress=True)
+    report = study(config, progress=True, out=args.out, force=args.force, record=True)  # --out checked first
     out = report.write(args.out)
     print(f"{report.line()} ({out / report.summary_file})")
     return 0

@@ -3,8 +3,9 @@ label-word anchors side by side on the same prompts, with causal tests.
 
 One model and task (or the synthetic world the model was trained on). The ICL prompts are split
 into a selection half (heads are ranked there) and a report half (everything causal is measured
-there). Per head, five scores (`FAMILIES`): label-attention agreement (`icl_kernels.kernel.head_scan`),
-induction, previous-token and duplicate-token scores on repeated random tokens
+there). Per head, every registered head score (`icl_kernels.studies.head_scores`; the five built-in
+ones are `FAMILIES`): label-attention agreement (`icl_kernels.kernel.head_scan`), induction,
+previous-token and duplicate-token scores on repeated random tokens
 (`icl_kernels.families.induction`), and the function-vector average indirect effect on shuffled-label
 prompts (`icl_kernels.families.function_vectors`). Then:
 
@@ -27,6 +28,9 @@ Report: tables ``heads``, ``top_heads``, ``overlap``, ``ablation``, ``function_v
 ``isolation``; figures ``families`` (one heat map per family, layer x head) and ``layers`` (FV and
 task-vector accuracy per layer, saliency).
 
+`run` is these steps in order: `_prompts` (and the split), `_rank_heads`, `_ablate`, `_comparison`,
+`_function_vectors`, `_task_vectors`, `_anchors`, `_report`.
+
     icl-kernels families --model synthetic-gpt-neo --task synthetic-world --shots 8 --n-test 40 --k 3
 """
 
@@ -39,9 +43,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
+from torch import Tensor
 
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
@@ -49,6 +54,7 @@ from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = ["FAMILIES", "FamiliesConfig", "FamiliesReport", "run"]
 
+#: The built-in head families (`icl_kernels.studies.head_scores`); the study scores every registered one.
 FAMILIES = ("label_attention", "induction", "previous_token", "duplicate_token", "function_vector")
 
 
@@ -126,9 +132,10 @@ class FamiliesReport(Report):
         from plotly.subplots import make_subplots
 
         heads = self.tables["heads"]
+        families = tuple(c for c in heads.columns if c not in ("layer", "head"))
         n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
-        fig = make_subplots(rows=1, cols=len(FAMILIES), subplot_titles=FAMILIES, horizontal_spacing=0.04)
-        for i, family in enumerate(FAMILIES):
+        fig = make_subplots(rows=1, cols=len(families), subplot_titles=families, horizontal_spacing=0.04)
+        for i, family in enumerate(families):
             z = heads.sort_values(["layer", "head"])[family].to_numpy().reshape(n_layers, n_heads)
             fig.add_trace(go.Heatmap(z=z, colorscale="Viridis", showscale=False, hovertemplate=
                                      "layer %{y} head %{x}: %{z:.3f}<extra>" + family + "</extra>"), row=1, col=i + 1)
@@ -156,7 +163,7 @@ class FamiliesReport(Report):
         return figures
 
 
-def _frame(scores: dict[str, torch.Tensor]) -> pd.DataFrame:
+def _frame(scores: dict[str, Tensor]) -> pd.DataFrame:
     n_layers, n_heads = next(iter(scores.values())).shape
     frame = pd.DataFrame(dict(layer=np.repeat(np.arange(n_layers), n_heads), head=np.tile(np.arange(n_heads), n_layers)))
     for name, matrix in scores.items():
@@ -214,128 +221,213 @@ def _selected_layer_summary(model, zsl_r, label_ids, layer: int, fv, rnd, zsl_co
     )
 
 
-def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesReport:
-    """Score, compare and ablate the head families on one model and task."""
-    from icl_kernels.data.conditions import study_prompts
-    from icl_kernels.engine.patching import head_means, mean_ablation, run_with_edits
-    from icl_kernels.families.anchors import anchor_isolation, flow_saliency
-    from icl_kernels.families.function_vectors import (
-        function_vector,
-        fv_layer_sweep,
-        indirect_effects,
-        shuffled_label_prompts,
-        top_heads,
-    )
-    from icl_kernels.families.head_ablation import random_head_sets
-    from icl_kernels.families.induction import head_pattern_scores, repeated_random_tokens
-    from icl_kernels.families.task_vectors import choose_layer, task_vector_study
-    from icl_kernels.kernel.head_scan import analyze_heads
-    from icl_kernels.utils.stats import bootstrap_interval, split_indices
+# ------------------------------------------------------------------------------------------------
+# What passes between the steps
+# ------------------------------------------------------------------------------------------------
 
-    started = time.time()
-    if model is None:
-        model = cfg.model.load()
-    seed, kw = cfg.prompts.seed, dict(batch_size=cfg.batch_size)
+
+@dataclass
+class RankedHeads:
+    """Every head scored by every family on the selection prompts, and each family's top-k heads.
+
+    Attributes:
+        scores: family -> [layer, head_index] scores.
+        top: family -> its top-k (layer, head), best first.
+        frame: the ``heads`` table (one row per head, one column per family).
+    """
+
+    scores: dict[str, Tensor]
+    top: dict[str, list[tuple[int, int]]]
+    frame: pd.DataFrame
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(self.scores)
+
+    def top_table(self) -> pd.DataFrame:
+        """The ``top_heads`` table: each family's top-k heads with their rank and score."""
+        return pd.DataFrame([dict(family=f, rank=r + 1, layer=h[0], head=h[1], score=float(self.scores[f][h]))
+                             for f in self.families for r, h in enumerate(self.top[f])])
+
+
+@dataclass
+class Ablation:
+    """Each family's top-k heads mean-ablated on the report prompts, against random k-head sets.
+
+    Attributes:
+        clean, zsl_correct: per report prompt, 1.0 where the ICL / zero-shot prediction is right.
+        random_heads: the random k-head sets (the baseline; the first one also builds the
+            random-head function vector).
+        table: the ``ablation`` table.
+    """
+
+    clean: np.ndarray
+    zsl_correct: np.ndarray
+    random_heads: list[list[tuple[int, int]]]
+    table: pd.DataFrame
+
+
+# ------------------------------------------------------------------------------------------------
+# The steps of the study
+# ------------------------------------------------------------------------------------------------
+
+
+def _prompts(cfg: FamiliesConfig, model) -> tuple[Any, np.ndarray, np.ndarray]:
+    """ICL and zero-shot prompts of the task (`icl_kernels.data.conditions.StudyPrompts`) and their
+    split into selection (heads are ranked there) and report (the causal tests) indices."""
+    from icl_kernels.data.conditions import study_prompts
+    from icl_kernels.utils.stats import split_indices
+
     prompts = study_prompts(model, cfg.prompts, model_name=cfg.model.model)
-    icl, zsl, label_ids = prompts.icl, prompts.zsl, prompts.label_ids
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if cfg.k > n_layers * n_heads - 1:
         raise InvalidOptionError(f"k={cfg.k} leaves no random heads in a model of {n_layers * n_heads} heads; use a smaller k.")
-    select, report = split_indices(len(icl), cfg.select_fraction, seed)
-    icl_s, icl_r, zsl_r = [icl[i] for i in select], [icl[i] for i in report], [zsl[i] for i in report]
+    select, report = split_indices(len(prompts.icl), cfg.select_fraction, cfg.prompts.seed)
+    return prompts, select, report
 
-    # 1. per-head scores of every family (rankings on the selection split)
-    label_run = analyze_heads(model, icl_s, label_ids, aggregations=("label",), attention_map_length=None,
-                              progress=progress, **kw)
-    scores = {"label_attention": label_run.scores().agreement["label"].float()}
-    d_vocab = model.cfg.d_vocab
-    low, high = (1, d_vocab) if d_vocab < 2000 else (1000, min(d_vocab, 30000))
-    bos = icl[0].tokens[0] if icl[0].bos_position == 0 else None
-    tokens = repeated_random_tokens(cfg.induction_sequences, min(cfg.induction_length, high - low), low, high, bos, seed)
-    pattern = head_pattern_scores(model, tokens, batch_size=cfg.batch_size)
-    for kind in ("induction", "previous_token", "duplicate_token"):
-        scores[kind] = torch.tensor(pattern[kind].to_numpy()).view(n_layers, n_heads)
-    fv_means = head_means(model, icl_s, **kw)
-    scores["function_vector"] = indirect_effects(model, shuffled_label_prompts(icl_s, seed), label_ids, fv_means,
-                                                 progress=progress, **kw)
-    heads = _frame(scores)
-    tops = {family: top_heads(scores[family], cfg.k) for family in FAMILIES}
-    top_table = pd.DataFrame([dict(family=f, rank=r + 1, layer=h[0], head=h[1], score=float(scores[f][h]))
-                              for f in FAMILIES for r, h in enumerate(tops[f])])
 
-    # 2. ablation on the report split, each family's top-k vs random k-head sets
+def _rank_heads(cfg: FamiliesConfig, inputs: HeadScoreInputs) -> RankedHeads:
+    """Every registered head score (`icl_kernels.studies.head_scores`) on the selection prompts, and
+    each family's top-k heads."""
+    from icl_kernels.families.function_vectors import top_heads
+
+    scores = {score.name: score.fn(inputs) for score in head_scores()}
+    return RankedHeads(scores, {family: top_heads(s, cfg.k) for family, s in scores.items()}, _frame(scores))
+
+
+def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedHeads) -> Ablation:
+    """Each family's top-k heads mean-ablated at the prediction position of the report prompts (means
+    over those prompts) vs ``random_draws`` random k-head sets: drops with bootstrap intervals."""
+    from icl_kernels.engine.patching import mean_ablation, run_with_edits
+    from icl_kernels.families.head_ablation import random_head_sets
+    from icl_kernels.utils.stats import bootstrap_interval
+
+    kw = dict(batch_size=cfg.batch_size)
     gold = np.array([p.query_label for p in icl_r])
     clean_scores, z = run_with_edits(model, icl_r, label_ids, record=True, **kw)
     clean = (clean_scores.argmax(-1).numpy() == gold).astype(float)
     zsl_correct = (run_with_edits(model, zsl_r, label_ids, **kw).argmax(-1).numpy() == gold).astype(float)
     means = z.mean(0)
-    randoms = random_head_sets(n_layers, n_heads, cfg.k, cfg.random_draws, seed=seed)
+    randoms = random_head_sets(model.cfg.n_layers, model.cfg.n_heads, cfg.k, cfg.random_draws, seed=cfg.prompts.seed)
 
     def ablated(heads_: list) -> np.ndarray:
         pred = run_with_edits(model, icl_r, label_ids, mean_ablation(heads_, means), **kw).argmax(-1).numpy()
         return (pred == gold).astype(float)
 
     random_correct = np.stack([ablated(h) for h in randoms], axis=1)  # [prompt draw]
-    boot = dict(n=len(gold), resamples=cfg.bootstrap, seed=seed)
+    boot = dict(n=len(gold), resamples=cfg.bootstrap, seed=cfg.prompts.seed)
     rnd_drop = float(clean.mean() - random_correct.mean())
     records = []
-    for family in FAMILIES:
-        correct = ablated(tops[family])
+    for family in ranked.families:
+        top = ranked.top[family]
+        correct = ablated(top)
         lo, hi = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [clean, correct], **boot)
         dlo, dhi = bootstrap_interval(lambda a, r: r.mean() - a.mean(), [correct, random_correct], **boot)
-        records.append(dict(family=family, heads=" ".join(f"L{l}H{h}" for l, h in tops[family]), n=len(gold),
+        records.append(dict(family=family, heads=" ".join(f"L{l}H{h}" for l, h in top), n=len(gold),
                             accuracy=float(correct.mean()), drop=float(clean.mean() - correct.mean()), drop_low=lo,
                             drop_high=hi, random_drop=rnd_drop, top_minus_random=float(random_correct.mean() - correct.mean()),
                             top_minus_random_low=dlo, top_minus_random_high=dhi))
-    ablation = pd.DataFrame(records)
-    tables = dict(heads=heads, top_heads=top_table, overlap=overlap_table(heads, FAMILIES, cfg.k), ablation=ablation)
-    summary: dict[str, Any] = dict(
-        model=cfg.model.model, task=cfg.prompts.task, shots=cfg.prompts.shots, n_select=len(select),
-        n_report=len(report), icl_accuracy=float(clean.mean()), zsl_accuracy=float(zsl_correct.mean()),
-        random_heads=[[list(h) for h in s] for s in randoms], n_layers=n_layers, n_heads=n_heads,
-        top_heads={f: [list(h) for h in tops[f]] for f in FAMILIES},
-    )
+    return Ablation(clean, zsl_correct, randoms, pd.DataFrame(records))
 
-    # 3. function vector vs a random-head vector of the same norm, added after each layer
-    fv = function_vector(model, fv_means, tops["function_vector"])
-    rnd = function_vector(model, fv_means, randoms[0])
+
+def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs, zsl_r, ranked: RankedHeads,
+                      ablation: Ablation) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The top-k function-vector heads' mean outputs added after each layer to the report zero-shot
+    prompts, vs a random-head vector of the same norm; the layer chosen on the selection split."""
+    from icl_kernels.families.function_vectors import function_vector, fv_layer_sweep
+    from icl_kernels.families.task_vectors import choose_layer
+
+    kw = dict(batch_size=cfg.batch_size)
+    label_ids, fv_means = inputs.label_ids, inputs.selection_head_means
+    fv = function_vector(model, fv_means, ranked.top["function_vector"])
+    rnd = function_vector(model, fv_means, ablation.random_heads[0])
     rnd = rnd * (fv.norm() / rnd.norm().clamp_min(1e-12))
     fv_table = fv_layer_sweep(model, zsl_r, label_ids, {"function vector": fv, "random heads": rnd}, **kw)
-    tables["function_vectors"] = fv_table
     on_report = fv_table[fv_table["vector"] == "function vector"].sort_values("layer")
     best = on_report.iloc[choose_layer(on_report["accuracy"].to_numpy())]
-    summary.update(fv_best_layer=int(best["layer"]), fv_best_accuracy=float(best["accuracy"]), fv_norm=float(fv.norm()),
+    summary = dict(fv_best_layer=int(best["layer"]), fv_best_accuracy=float(best["accuracy"]), fv_norm=float(fv.norm()),
                    fv_random_best_accuracy=float(fv_table[fv_table["vector"] == "random heads"]["accuracy"].max()))
     # the layer chosen on the selection split's zero-shot prompts, reported on the report split
     # (the best layer above is chosen on the prompts it is reported on: an upper bound)
-    zsl_s = [zsl[i] for i in select]
+    zsl_s = [inputs.prompts.zsl[i] for i in inputs.select]
     fv_select = fv_layer_sweep(model, zsl_s, label_ids, {"function vector": fv}, **kw)
-    tables["function_vector_selection"] = fv_select
     per_layer = fv_select[fv_select["vector"] == "function vector"].sort_values("layer")
     layer = int(per_layer["layer"].iloc[choose_layer(per_layer["accuracy"].to_numpy())])
-    summary.update(_selected_layer_summary(model, zsl_r, label_ids, layer, fv, rnd, zsl_correct,
+    boot = dict(n=len(zsl_r), resamples=cfg.bootstrap, seed=cfg.prompts.seed)
+    summary.update(_selected_layer_summary(model, zsl_r, label_ids, layer, fv, rnd, ablation.zsl_correct,
                                            float(per_layer["accuracy"].max()), boot, kw))
+    return {"function_vectors": fv_table, "function_vector_selection": fv_select}, summary
 
-    # 4. task vectors
-    if cfg.task_vectors:
-        control_name, control = _control_prompts(cfg, model)
-        tv_layers, tv, info = task_vector_study(model, icl, zsl, label_ids, control_prompts=control,
-                                                dev_fraction=cfg.select_fraction, seed=seed, **kw)
-        tables.update(task_vector_layers=tv_layers, task_vectors=tv)
-        acc = tv.set_index("condition")["accuracy"]
-        summary.update(tv_layer=info["task_vector_layer"], tv_accuracy=float(acc["task vector"]),
-                       tv_icl_accuracy=float(acc["icl"]), tv_zsl_accuracy=float(acc["zero-shot"]),
-                       tv_control_task=control_name, n_tv_dev=info["n_dev"], n_tv_test=info["n_test"])
-        if "other-task vector" in acc:
-            summary["tv_control_accuracy"] = float(acc["other-task vector"])
 
-    # 5. label words as anchors
-    if cfg.anchors:
-        flows = flow_saliency(model, icl_r[: cfg.saliency_prompts], label_ids, progress=progress)
-        tables["saliency"] = flows.drop(columns="prompt").groupby("layer", as_index=False).mean()
-        tables["isolation"] = anchor_isolation(model, icl_r, label_ids, seed=seed, **kw)
+def _task_vectors(cfg: FamiliesConfig, model, prompts) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """ICL residuals patched into another query's zero-shot prompt, layer chosen on a dev split, vs a
+    vector from another task."""
+    from icl_kernels.families.task_vectors import task_vector_study
+
+    control_name, control = _control_prompts(cfg, model)
+    tv_layers, tv, info = task_vector_study(model, prompts.icl, prompts.zsl, prompts.label_ids, control_prompts=control,
+                                            dev_fraction=cfg.select_fraction, seed=cfg.prompts.seed,
+                                            batch_size=cfg.batch_size)
+    acc = tv.set_index("condition")["accuracy"]
+    summary = dict(tv_layer=info["task_vector_layer"], tv_accuracy=float(acc["task vector"]),
+                   tv_icl_accuracy=float(acc["icl"]), tv_zsl_accuracy=float(acc["zero-shot"]),
+                   tv_control_task=control_name, n_tv_dev=info["n_dev"], n_tv_test=info["n_test"])
+    if "other-task vector" in acc:
+        summary["tv_control_accuracy"] = float(acc["other-task vector"])
+    return {"task_vector_layers": tv_layers, "task_vectors": tv}, summary
+
+
+def _anchors(cfg: FamiliesConfig, model, icl_r, label_ids, progress: bool) -> dict[str, pd.DataFrame]:
+    """Label words as anchors: saliency flows per layer and label-word isolation."""
+    from icl_kernels.families.anchors import anchor_isolation, flow_saliency
+
+    flows = flow_saliency(model, icl_r[: cfg.saliency_prompts], label_ids, progress=progress)
+    return {"saliency": flows.drop(columns="prompt").groupby("layer", as_index=False).mean(),
+            "isolation": anchor_isolation(model, icl_r, label_ids, seed=cfg.prompts.seed, batch_size=cfg.batch_size)}
+
+
+def _comparison(cfg: FamiliesConfig, model, select, report, ranked: RankedHeads,
+                ablation: Ablation) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The families side by side: scores, top heads, overlap and ablation tables; the headline numbers."""
+    tables = dict(heads=ranked.frame, top_heads=ranked.top_table(),
+                  overlap=overlap_table(ranked.frame, ranked.families, cfg.k), ablation=ablation.table)
+    summary = dict(
+        model=cfg.model.model, task=cfg.prompts.task, shots=cfg.prompts.shots, n_select=len(select),
+        n_report=len(report), icl_accuracy=float(ablation.clean.mean()), zsl_accuracy=float(ablation.zsl_correct.mean()),
+        random_heads=[[list(h) for h in s] for s in ablation.random_heads], n_layers=model.cfg.n_layers,
+        n_heads=model.cfg.n_heads, top_heads={f: [list(h) for h in ranked.top[f]] for f in ranked.families},
+    )
+    return tables, summary
+
+
+def _report(cfg: FamiliesConfig, parts: list[tuple[dict, dict]], started: float) -> FamiliesReport:
+    """The tables and summaries of the steps, in order, as one report."""
+    tables: dict[str, pd.DataFrame] = {}
+    summary: dict[str, Any] = {}
+    for part_tables, part_summary in parts:
+        tables.update(part_tables)
+        summary.update(part_summary)
     summary["elapsed_s"] = round(time.time() - started, 1)
     return FamiliesReport("families", cfg, tables, summary)
+
+
+def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesReport:
+    """Score, compare and ablate the head families on one model and task."""
+    started = time.time()
+    if model is None:
+        model = cfg.model.load()
+    prompts, select, report = _prompts(cfg, model)
+    icl_r, zsl_r = [prompts.icl[i] for i in report], [prompts.zsl[i] for i in report]
+    inputs = HeadScoreInputs(model, cfg, prompts, select, progress)
+    ranked = _rank_heads(cfg, inputs)
+    ablation = _ablate(cfg, model, icl_r, zsl_r, prompts.label_ids, ranked)
+    parts = [_comparison(cfg, model, select, report, ranked, ablation),
+             _function_vectors(cfg, model, inputs, zsl_r, ranked, ablation)]
+    if cfg.task_vectors:
+        parts.append(_task_vectors(cfg, model, prompts))
+    if cfg.anchors:
+        parts.append((_anchors(cfg, model, icl_r, prompts.label_ids, progress), {}))
+    return _report(cfg, parts, started)
 
 
 register(

@@ -21,6 +21,10 @@ input shuffled; labels kept).
 Tables: ``heads`` (split, aggregation, layer, head, agreement, accuracy, rank), ``prompts`` (one row
 per prompt), ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
 heatmaps, the averaged attention map, kernel similarity and probes.
+
+`run` is these steps in order: `_search_layers`, the prompts (`study_prompts`), `_forward`, the
+split, `_head_scores`, `_baselines`, `_similarity` (with ``similarity``) and `_report`; they pass
+typed data (`Split`, `BestHead`, `HeadScores`, `Baselines`, `Similarity`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, PromptCondition, study_prompts, text_of
 from icl_kernels.data.prompts import pad_id
@@ -149,6 +155,100 @@ class HeadsReport(Report):
 
 
 # ------------------------------------------------------------------------------------------------
+# What passes between the steps
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Prompt indices: ``select`` chooses every best head, layer and baseline; ``report`` scores it."""
+
+    select: np.ndarray
+    report: np.ndarray
+
+
+@dataclass
+class BestHead:
+    """The head of one aggregation with the best agreement on the selection prompts.
+
+    Attributes:
+        aggregation: how a_i is read from the attention (`icl_kernels.kernel.scores.AGGREGATIONS`).
+        scores: `icl_kernels.kernel.scores.held_out_best_head`'s entry (layer, head, selection and
+            report agreement/accuracy, split sizes): the summary's ``best_head`` entry.
+        predictions: the head's reconstruction of the model's prediction on every prompt (-1: a tie).
+    """
+
+    aggregation: str
+    scores: dict[str, Any]
+    predictions: Int[Tensor, " batch"]
+
+    @property
+    def layer(self) -> int:
+        return self.scores["layer"]
+
+    @property
+    def head(self) -> int:
+        return self.scores["head"]
+
+    @property
+    def name(self) -> str:
+        """``L{layer}.H{head}``."""
+        return f"L{self.layer}.H{self.head}"
+
+    @property
+    def column(self) -> str:
+        """Its column in the ``prompts`` table."""
+        return f"head_{self.aggregation}_L{self.layer}H{self.head}"
+
+
+@dataclass
+class HeadScores:
+    """Every head scored on each split (``frame``: the ``heads`` table) and the best head per aggregation."""
+
+    by_split: dict[str, Any]
+    frame: pd.DataFrame
+    best: dict[str, BestHead]
+
+
+@dataclass
+class Baselines:
+    """Kernel-regression baselines, chosen on the selection prompts and scored on the report prompts.
+
+    Attributes:
+        scores: name -> held-out agreement/accuracy/abstain (the summary's ``kernel_regression``).
+        predictions: name -> per-prompt predictions of each baseline the best head is paired with.
+        demo_majority: the demonstrations' majority label of each prompt.
+        minilm: kernel label -> MiniLM kernel-regression predictions (empty without ``kr_minilm``).
+    """
+
+    scores: dict[str, dict]
+    predictions: dict[str, Tensor]
+    demo_majority: Int[Tensor, " batch"]
+    minilm: dict[str, Tensor]
+
+
+@dataclass
+class Similarity:
+    """Kernel similarity (Fig. 4), zero-shot predictions and key/value probes (Fig. 5).
+
+    Attributes:
+        zsl_pred: the zero-shot prediction of each prompt's query.
+        corr: aggregation -> [layer, head] Pearson correlation of a_i with P(o|x)^T P(o|x_i).
+        frame: the ``kernel_similarity`` table.
+        probe_acc: probe name -> [offset, layer, kv_head] report accuracy (empty without probes).
+        probe_frame: the ``probes`` table (None without probes).
+        probe_targets: probe name -> (``"k"`` or ``"v"``, [batch, demo] target).
+    """
+
+    zsl_pred: Int[Tensor, " batch"]
+    corr: dict[str, Tensor]
+    frame: pd.DataFrame
+    probe_acc: dict[str, Tensor] = field(default_factory=dict)
+    probe_frame: pd.DataFrame | None = None
+    probe_targets: dict[str, tuple[str, Tensor]] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
 # Scoring helpers
 # ------------------------------------------------------------------------------------------------
 
@@ -174,18 +274,21 @@ def _best_by_selection(candidates: dict, model_pred, gold, select, report) -> di
     return {"chosen": best_name, "select_agreement": best_score, **entry}
 
 
-def _best_heads(run, layers: tuple[int, ...], select, report) -> dict[str, dict]:
-    """Per aggregation: the head with the best agreement on ``select`` among ``layers``, scored on ``report``."""
-    from icl_kernels.kernel.scores import AGGREGATIONS, held_out_best_head
+def _best_heads(run, layers: tuple[int, ...], split: Split) -> dict[str, BestHead]:
+    """Per aggregation: the head with the best agreement on ``select`` among ``layers``, scored on
+    ``report``, with its reconstruction of every prompt's prediction."""
+    from icl_kernels.kernel.scores import AGGREGATIONS, class_votes, held_out_best_head, reconstruct
 
     first, last = layers[0], layers[-1] + 1
     best = {}
     for how in AGGREGATIONS:
         weights = run.demo_weights[how][:, first:last]
         entry = held_out_best_head(weights, run.demo_labels, run.model_predictions, run.gold, run.n_classes,
-                                   select, report)
+                                   split.select, split.report)
         entry["layer"] += first
-        best[how] = entry
+        layer, head = entry["layer"], entry["head"]
+        votes = class_votes(run.demo_weights[how][:, layer : layer + 1, head : head + 1], run.demo_labels, run.n_classes)
+        best[how] = BestHead(how, entry, reconstruct(votes)[:, 0, 0])
     return best
 
 
@@ -209,41 +312,6 @@ def _minilm_baselines(sp, run, task, model_pred, gold, report) -> tuple[dict, di
         preds[kernel.label] = pred
         entries[f"minilm_{kernel.label}"] = _kr_entry(pred, model_pred, gold, report)
     return entries, preds
-
-
-def _similarity_and_probes(cfg: HeadsConfig, model, sp, run, pad: int, select, progress: bool):
-    """Kernel similarity (Fig. 4), zero-shot predictions and key/value probes (Fig. 5)."""
-    from icl_kernels.kernel.head_scan import demo_output_similarity, probe_accuracies
-    from icl_kernels.kernel.scores import AGGREGATIONS, head_correlation
-
-    demo_rows = [[sp.pool[i] for i in p.demo_indices] for p in sp.icl]
-    sim, zs_demo, zsl_pred = demo_output_similarity(
-        model, sp.builder, [sp.queries[p.query_index] for p in sp.icl], demo_rows,
-        pad_token_id=pad, batch_size=max(cfg.batch_size * 4, 8), progress=progress,
-    )
-    width = min(sim.shape[1], run.demo_labels.shape[1])
-    valid = (run.demo_labels >= 0)[:, :width]
-    corr, records = {}, []
-    for how in AGGREGATIONS:
-        corr[how] = head_correlation(run.demo_weights[how][..., :width], torch.nan_to_num(sim[:, :width]), valid)
-        for li, layer in enumerate(run.layers):
-            for h in range(run.n_heads):
-                records.append({"aggregation": how, "layer": layer, "head": h, "pearson": float(corr[how][li, h])})
-    sim_frame = pd.DataFrame(records)
-    probe_frame, probe_acc, targets = None, {}, {}
-    if cfg.with_probes:
-        train = torch.as_tensor(select)
-        targets = {"keys -> zero-shot class of x_i": ("k", zs_demo[:, :width]), "values -> y_i": ("v", run.demo_labels)}
-        probe_acc = {name: probe_accuracies(run, target, train, which=which) for name, (which, target) in targets.items()}
-        records = []
-        for name, acc in probe_acc.items():
-            for oi, off in enumerate(run.probe_offsets):
-                for li, layer in enumerate(run.layers):
-                    for kv in range(acc.shape[2]):
-                        records.append({"probe": name, "offset": off, "layer": layer, "kv_head": kv,
-                                        "accuracy": float(acc[oi, li, kv])})
-        probe_frame = pd.DataFrame(records)
-    return zsl_pred, corr, sim_frame, probe_acc, probe_frame, targets
 
 
 def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[str, Any]:
@@ -335,16 +403,164 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
     return out
 
 
+
 # ------------------------------------------------------------------------------------------------
-# The study
+# The steps of the study
 # ------------------------------------------------------------------------------------------------
+
+
+def _search_layers(cfg: HeadsConfig, model) -> tuple[int, ...]:
+    """The layers the best head is chosen among: all of them, or ``cfg.layer`` (checked against the model)."""
+    n_layers = model.cfg.n_layers
+    if cfg.layer is not None and cfg.layer >= n_layers:
+        raise InvalidOptionError(f"layer={cfg.layer} but the model has {n_layers} layers (0..{n_layers - 1}).")
+    return tuple(range(n_layers)) if cfg.layer is None else (cfg.layer,)
+
+
+def _forward(cfg: HeadsConfig, model, sp, progress: bool):
+    """One forward pass per batch of ICL prompts: every head's a_i, the model's predictions, the
+    residual stream after each layer, each head's query/key vectors and, for the probes, keys and
+    values around each label (`icl_kernels.kernel.head_scan.HeadRun`)."""
+    from icl_kernels.kernel.head_scan import analyze_heads
+
+    n_layers = model.cfg.n_layers
+    return analyze_heads(
+        model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad_id(model),
+        head_features=True, resid_layers=tuple(range(n_layers)),
+        probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), progress=progress,
+    )
+
+
+def _head_scores(hrun, split: Split, search_layers: tuple[int, ...]) -> HeadScores:
+    """Agreement and accuracy of every head on each split, ranked on the selection prompts; the best
+    head per aggregation, chosen on the selection prompts and scored on the report prompts."""
+    from icl_kernels.kernel.scores import heads_frame
+
+    by_split = {"select": hrun.scores(split.select), "report": hrun.scores(split.report), "all": hrun.scores()}
+    return HeadScores(by_split, heads_frame(by_split, rank_on="select"), _best_heads(hrun, search_layers, split))
+
+
+def _baselines(cfg: HeadsConfig, sp, task, hrun, split: Split, search_layers: tuple[int, ...],
+               best: BestHead) -> Baselines:
+    """Kernel regression that the best head must beat, chosen on the selection split and scored held
+    out: the demonstrations' majority vote, cosine KR on the residual stream (best layer), on each
+    head's own query/key vectors (best head, and the best reconstruction head's), and on MiniLM."""
+    from icl_kernels.kernel.head_scan import head_kernel_regression, resid_kernel_regression
+    from icl_kernels.kernel.scores import class_votes, reconstruct
+
+    model_pred, gold, select, report = hrun.model_predictions, hrun.gold, split.select, split.report
+    scores: dict[str, Any] = {}
+    ones = torch.ones_like(hrun.demo_weights["max"][:, :1, :1])
+    majority = reconstruct(class_votes(ones, hrun.demo_labels, hrun.n_classes))[:, 0, 0]
+    scores["demo_majority"] = _kr_entry(majority, model_pred, gold, report)
+    resid = {f"layer {layer}": reconstruct(resid_kernel_regression(hrun, layer)) for layer in hrun.resid_layers}
+    scores["resid_cosine_best_layer"] = _best_by_selection(resid, model_pred, gold, select, report)
+    head_kr = {
+        f"L{layer}.H{h}": reconstruct(head_kernel_regression(hrun, layer, h))
+        for layer in search_layers for h in range(hrun.n_heads)
+    }
+    scores["head_qk_best_head"] = _best_by_selection(head_kr, model_pred, gold, select, report)
+    scores["head_qk_of_best_reconstruction_head"] = _kr_entry(head_kr[best.name], model_pred, gold, report)
+    minilm: dict[str, Tensor] = {}
+    if cfg.kr_minilm:
+        entries, minilm = _minilm_baselines(sp, hrun, task, model_pred, gold, report)
+        scores.update(entries)
+    predictions = {"demo_majority": majority, **{f"minilm_{k}": v for k, v in minilm.items()},
+                   "resid_cosine_best_layer": resid[scores["resid_cosine_best_layer"]["chosen"]],
+                   "head_qk_best_head": head_kr[scores["head_qk_best_head"]["chosen"]],
+                   "head_qk_of_best_reconstruction_head": head_kr[best.name]}
+    return Baselines(scores, predictions, majority, minilm)
+
+
+def _similarity(cfg: HeadsConfig, model, sp, run, split: Split, progress: bool) -> Similarity:
+    """Every x run alone: kernel similarity (Fig. 4), zero-shot predictions and key/value probes (Fig. 5)."""
+    from icl_kernels.kernel.head_scan import demo_output_similarity, probe_accuracies
+    from icl_kernels.kernel.scores import AGGREGATIONS, head_correlation
+
+    demo_rows = [[sp.pool[i] for i in p.demo_indices] for p in sp.icl]
+    sim, zs_demo, zsl_pred = demo_output_similarity(
+        model, sp.builder, [sp.queries[p.query_index] for p in sp.icl], demo_rows,
+        pad_token_id=pad_id(model), batch_size=max(cfg.batch_size * 4, 8), progress=progress,
+    )
+    width = min(sim.shape[1], run.demo_labels.shape[1])
+    valid = (run.demo_labels >= 0)[:, :width]
+    corr, records = {}, []
+    for how in AGGREGATIONS:
+        corr[how] = head_correlation(run.demo_weights[how][..., :width], torch.nan_to_num(sim[:, :width]), valid)
+        for li, layer in enumerate(run.layers):
+            for h in range(run.n_heads):
+                records.append({"aggregation": how, "layer": layer, "head": h, "pearson": float(corr[how][li, h])})
+    out = Similarity(zsl_pred, corr, pd.DataFrame(records))
+    if cfg.with_probes:
+        train = torch.as_tensor(split.select)
+        out.probe_targets = {"keys -> zero-shot class of x_i": ("k", zs_demo[:, :width]),
+                             "values -> y_i": ("v", run.demo_labels)}
+        out.probe_acc = {name: probe_accuracies(run, target, train, which=which)
+                         for name, (which, target) in out.probe_targets.items()}
+        records = []
+        for name, acc in out.probe_acc.items():
+            for oi, off in enumerate(run.probe_offsets):
+                for li, layer in enumerate(run.layers):
+                    for kv in range(acc.shape[2]):
+                        records.append({"probe": name, "offset": off, "layer": layer, "kv_head": kv,
+                                        "accuracy": float(acc[oi, li, kv])})
+        out.probe_frame = pd.DataFrame(records)
+    return out
+
+
+def _prompt_table(hrun, split: Split, heads: HeadScores, baselines: Baselines,
+                  similarity: Similarity | None) -> pd.DataFrame:
+    """One row per prompt: its split, size, gold label and every prediction (model, baselines, best heads)."""
+    n = hrun.n_prompts
+    split_of = np.full(n, "report", dtype=object)
+    split_of[split.select] = "select"
+    table = {
+        "prompt": np.arange(n), "split": split_of, "query_index": [m["query_index"] for m in hrun.meta],
+        "n_demos": [m["n_demos"] for m in hrun.meta], "prompt_tokens": [m["prompt_tokens"] for m in hrun.meta],
+        "gold": hrun.gold.numpy(), "icl_pred": hrun.model_predictions.numpy(),
+        "demo_majority": baselines.demo_majority.numpy(),
+    }
+    if similarity is not None:
+        table["zsl_pred"] = similarity.zsl_pred.numpy()
+    for best in heads.best.values():
+        table[best.column] = best.predictions.numpy()
+    for name, pred in baselines.minilm.items():
+        table[f"kr_minilm_{name}"] = pred.numpy()
+    return pd.DataFrame(table)
+
+
+def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, baselines: Baselines,
+            similarity: Similarity | None, started: float) -> HeadsReport:
+    """Tables, the summary (held-out rates beside their baselines) and the data of the figures."""
+    zsl_pred = similarity.zsl_pred if similarity is not None else None
+    corr = similarity.corr if similarity is not None else {}
+    probe_acc = similarity.probe_acc if similarity is not None else {}
+    summary = _summary(cfg, task, sp, hrun, split.select, split.report, heads.best, baselines.scores, zsl_pred,
+                       corr, probe_acc)
+    head_preds = {how: best.predictions for how, best in heads.best.items()}
+    summary["held_out"] = _held_out(hrun, split.report, head_preds, baselines.predictions, zsl_pred)
+    if probe_acc:
+        summary["probes_selected_layer"] = _probe_layers(cfg, hrun, split.select, split.report,
+                                                         similarity.probe_targets, probe_acc)
+    summary["seconds"] = round(time.time() - started, 1)
+    summary["note"] = (
+        "Best heads are chosen by agreement on the 'select' prompts and scored on the disjoint 'report' "
+        "prompts; kernel-regression baselines are scored on the 'report' prompts (their layer/head "
+        "chosen on 'select')."
+    )
+    tables = {"heads": heads.frame, "prompts": _prompt_table(hrun, split, heads, baselines, similarity)}
+    if similarity is not None:
+        tables["kernel_similarity"] = similarity.frame
+        if similarity.probe_frame is not None:
+            tables["probes"] = similarity.probe_frame
+    data = {"select_scores": heads.by_split["select"], "attention_map": hrun.attention_map,
+            "segments": hrun.segments, "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets}
+    return HeadsReport("heads", cfg, tables, summary, data=data)
 
 
 def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     """Run the whole heads analysis for one configuration (loads ``cfg.model`` unless given)."""
     from icl_kernels.data.tasks.registry import get_task
-    from icl_kernels.kernel.head_scan import analyze_heads, head_kernel_regression, resid_kernel_regression
-    from icl_kernels.kernel.scores import class_votes, heads_frame, reconstruct
     from icl_kernels.utils.stats import split_indices
 
     started = time.time()
@@ -352,96 +568,18 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     task = None if synthetic else get_task(cfg.prompts.task)  # a bad task name fails before a model loads
     if model is None:
         model = cfg.model.load()
-    n_layers = model.cfg.n_layers
-    if cfg.layer is not None and cfg.layer >= n_layers:
-        raise InvalidOptionError(f"layer={cfg.layer} but the model has {n_layers} layers (0..{n_layers - 1}).")
-    search_layers = tuple(range(n_layers)) if cfg.layer is None else (cfg.layer,)
+    search_layers = _search_layers(cfg, model)
     sp = study_prompts(model, cfg.prompts, cfg.condition, model_name=cfg.model.model)
-    pad = pad_id(model)
-    hrun = analyze_heads(
-        model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad,
-        head_features=True, resid_layers=tuple(range(n_layers)),
-        probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), progress=progress,
-    )
-    n = hrun.n_prompts
-    select, report = split_indices(n, cfg.select_fraction, cfg.prompts.seed)
-    model_pred, gold = hrun.model_predictions, hrun.gold
-    scores = {"select": hrun.scores(select), "report": hrun.scores(report), "all": hrun.scores()}
-    frame = heads_frame(scores, rank_on="select")
-    best = _best_heads(hrun, search_layers, select, report)
-
-    # --- kernel-regression baselines (chosen on the selection split, reported held out) --------
-    kr: dict[str, Any] = {}
-    ones = torch.ones_like(hrun.demo_weights["max"][:, :1, :1])
-    majority = reconstruct(class_votes(ones, hrun.demo_labels, hrun.n_classes))[:, 0, 0]
-    kr["demo_majority"] = _kr_entry(majority, model_pred, gold, report)
-    resid = {f"layer {layer}": reconstruct(resid_kernel_regression(hrun, layer)) for layer in hrun.resid_layers}
-    kr["resid_cosine_best_layer"] = _best_by_selection(resid, model_pred, gold, select, report)
-    head_kr = {
-        f"L{layer}.H{h}": reconstruct(head_kernel_regression(hrun, layer, h))
-        for layer in search_layers for h in range(hrun.n_heads)
-    }
-    kr["head_qk_best_head"] = _best_by_selection(head_kr, model_pred, gold, select, report)
-    b = best["max"]
-    kr["head_qk_of_best_reconstruction_head"] = _kr_entry(head_kr[f"L{b['layer']}.H{b['head']}"], model_pred, gold, report)
-    minilm_preds: dict[str, torch.Tensor] = {}
-    if cfg.kr_minilm:
-        entries, minilm_preds = _minilm_baselines(sp, hrun, task, model_pred, gold, report)
-        kr.update(entries)
-
-    # --- kernel similarity (Fig. 4), zero-shot, probes (Fig. 5) ---------------------------------
-    sim_frame = probe_frame = zsl_pred = None
-    corr: dict[str, torch.Tensor] = {}
-    probe_acc: dict[str, torch.Tensor] = {}
-    probe_targets: dict = {}
-    if cfg.similarity:
-        zsl_pred, corr, sim_frame, probe_acc, probe_frame, probe_targets = _similarity_and_probes(
-            cfg, model, sp, hrun, pad, select, progress)
-
-    # --- per-prompt table and summary ------------------------------------------------------------
-    split_of = np.full(n, "report", dtype=object)
-    split_of[select] = "select"
-    table = {
-        "prompt": np.arange(n), "split": split_of, "query_index": [m["query_index"] for m in hrun.meta],
-        "n_demos": [m["n_demos"] for m in hrun.meta], "prompt_tokens": [m["prompt_tokens"] for m in hrun.meta],
-        "gold": gold.numpy(), "icl_pred": model_pred.numpy(), "demo_majority": majority.numpy(),
-    }
-    if zsl_pred is not None:
-        table["zsl_pred"] = zsl_pred.numpy()
-    for how, entry in best.items():
-        weights = hrun.demo_weights[how][:, entry["layer"] : entry["layer"] + 1, entry["head"] : entry["head"] + 1]
-        table[f"head_{how}_L{entry['layer']}H{entry['head']}"] = reconstruct(
-            class_votes(weights, hrun.demo_labels, hrun.n_classes))[:, 0, 0].numpy()
-    for name, pred in minilm_preds.items():
-        table[f"kr_minilm_{name}"] = pred.numpy()
-    prompt_frame = pd.DataFrame(table)
-
-    summary = _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, probe_acc)
-    kr_preds = {"demo_majority": majority, **{f"minilm_{k}": v for k, v in minilm_preds.items()},
-                "resid_cosine_best_layer": resid[kr["resid_cosine_best_layer"]["chosen"]],
-                "head_qk_best_head": head_kr[kr["head_qk_best_head"]["chosen"]],
-                "head_qk_of_best_reconstruction_head": head_kr[f"L{b['layer']}.H{b['head']}"]}
-    head_preds = {how: torch.as_tensor(table[f"head_{how}_L{e['layer']}H{e['head']}"]) for how, e in best.items()}
-    summary["held_out"] = _held_out(hrun, report, head_preds, kr_preds, zsl_pred)
-    if probe_acc:
-        summary["probes_selected_layer"] = _probe_layers(cfg, hrun, select, report, probe_targets, probe_acc)
-    summary["seconds"] = round(time.time() - started, 1)
-    summary["note"] = (
-        "Best heads are chosen by agreement on the 'select' prompts and scored on the disjoint 'report' "
-        "prompts; kernel-regression baselines are scored on the 'report' prompts (their layer/head "
-        "chosen on 'select')."
-    )
-    tables = {"heads": frame, "prompts": prompt_frame}
-    if sim_frame is not None:
-        tables["kernel_similarity"] = sim_frame
-    if probe_frame is not None:
-        tables["probes"] = probe_frame
-    data = {"select_scores": scores["select"], "attention_map": hrun.attention_map, "segments": hrun.segments,
-            "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets}
-    return HeadsReport("heads", cfg, tables, summary, data=data)
+    hrun = _forward(cfg, model, sp, progress)
+    split = Split(*split_indices(hrun.n_prompts, cfg.select_fraction, cfg.prompts.seed))
+    heads = _head_scores(hrun, split, search_layers)
+    baselines = _baselines(cfg, sp, task, hrun, split, search_layers, heads.best["max"])
+    similarity = _similarity(cfg, model, sp, hrun, split, progress) if cfg.similarity else None
+    return _report(cfg, task, sp, hrun, split, heads, baselines, similarity, started)
 
 
-def _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, probe_acc) -> dict[str, Any]:
+def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr, zsl_pred, corr,
+             probe_acc) -> dict[str, Any]:
     model_pred, gold = hrun.model_predictions, hrun.gold
     summary: dict[str, Any] = {
         "model": cfg.model.model, "task": task.name if task is not None else cfg.prompts.task, "shots": cfg.prompts.shots, "n_prompts": hrun.n_prompts,
@@ -454,12 +592,12 @@ def _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, prob
         "icl_prediction_rate": np.bincount(model_pred.numpy(), minlength=hrun.n_classes).tolist(),
         "mean_demos_used": float(np.mean([m["n_demos"] for m in hrun.meta])),
         "mean_prompt_tokens": float(np.mean([m["prompt_tokens"] for m in hrun.meta])),
-        "best_head": {how: dict(entry) for how, entry in best.items()},
+        "best_head": {how: dict(b.scores) for how, b in best.items()},
         "kernel_regression": kr,
     }
     if cfg.layer is not None:
         summary["layer"] = cfg.layer
-    summary["best_head_max"] = f"L{best['max']['layer']}.H{best['max']['head']}"
+    summary["best_head_max"] = best["max"].name
     if zsl_pred is not None:
         summary["zsl_accuracy"] = float((zsl_pred == gold).float().mean())
         summary["zsl_accuracy_report"] = _rate(zsl_pred, gold, report)
@@ -469,7 +607,7 @@ def _summary(cfg, task, sp, hrun, select, report, best, kr, zsl_pred, corr, prob
         summary["kernel_similarity"] = {
             "max_pearson": float(c.flatten()[j]), "at": f"L{hrun.layers[j // hrun.n_heads]}.H{j % hrun.n_heads}",
             "median_pearson": float(torch.nanmedian(corr["max"])),
-            "pearson_of_best_reconstruction_head": float(corr["max"][best["max"]["layer"], best["max"]["head"]]),
+            "pearson_of_best_reconstruction_head": float(corr["max"][best["max"].layer, best["max"].head]),
         }
     if probe_acc:
         summary["probes_note"] = ("probes: max over layers and key/value heads of the report-split accuracy "

@@ -12,12 +12,18 @@ its model and the source of its data:
 
 `run_record` hashes these into ``fingerprint`` (everything) and ``resume_key`` (everything except
 the study's *grid keys*: options such as the momentum grid's etas that add rows rather than change
-them, so a grid can be extended in place). `Report.write` records them in ``fingerprint.json``,
-``config.json`` and the summary.
+them, so a grid can be extended in place). The study call (`icl_kernels.studies.registry.Study`)
+gathers a `RunIdentity` once per run (the model identity, hashed once) and takes two records from
+it: one before the run for `check_output` (and a resumable run's first ``fingerprint.json``), one
+after it for the `Report` it returns, whose data source includes what loading the task saw;
+`Report.write` writes that one into ``fingerprint.json``, ``config.json`` and the summary.
 
 `check_output` runs before any work: ``out`` must be a folder that can be written (or created),
 and when it already holds a report or resumable rows of another configuration the run is refused
 with an `OutputConflictError` naming the options that differ, unless ``force`` clears those files.
+
+This module knows nothing of the registry: what it needs of a study (its name, grid keys and state
+files) comes in as arguments.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,7 @@ from icl_kernels.utils.errors import IclKernelsError
 
 __all__ = [
     "OutputConflictError", "OutputNotWritableError", "RECORD_FILE", "model_identity", "data_source",
-    "run_record", "read_record", "check_output", "write_record", "clear_output", "check_writable",
+    "RunIdentity", "run_record", "read_record", "check_output", "write_record", "clear_output", "check_writable",
 ]
 
 #: The file in an output folder that identifies the run whose files it holds.
@@ -129,34 +136,60 @@ def data_source(config: Any) -> dict[str, Any] | None:
         return {"task": task_name}  # an unknown task fails in the study, with its own message
 
 
-def _grid_keys(study: str) -> tuple[str, ...]:
-    from icl_kernels.studies.registry import get_study
-
-    try:
-        return tuple(get_study(study).grid_keys)
-    except IclKernelsError:
-        return ()
-
-
 def _resume_view(config: Mapping[str, Any], grid_keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in grid_keys}
 
 
-def run_record(study: str, config: Any) -> dict[str, Any]:
-    """``{"study", "fingerprint", "resume_key", "config", "model", "data_source"}`` of a run."""
-    values = config.to_dict()
-    given = getattr(config, "model", None)  # ModelOptions, or a model name (theorem), or None
-    model = model_identity(given) if given else None
-    source = data_source(config)
-    grid = _grid_keys(study)
-    return {
-        "study": study,
-        "fingerprint": _digest([study, values, model, source]),
-        "resume_key": _digest([study, _resume_view(config.flat(), grid), model, source]),
-        "config": values,
-        "model": model,
-        "data_source": source,
-    }
+@dataclass(frozen=True)
+class RunIdentity:
+    """What identifies one run, gathered once per run by the study call.
+
+    The model identity (`model_identity`: it hashes a local model folder) is computed once, when
+    this is made. The data source is read by each `record` call instead: loading a task records
+    what the load saw (rows read, rows dropped, the hub revision), so the record taken after the
+    run says more than the one taken before it (the check of ``out``, a resumable run's first
+    ``fingerprint.json``).
+
+    Attributes:
+        study: the study name.
+        config: the run's configuration (an `icl_kernels.utils.config.Options`).
+        grid_keys: the study's options left out of ``resume_key`` (`Study.grid_keys`).
+        model: `model_identity` of ``config.model`` (None for a configuration without a model).
+    """
+
+    study: str
+    config: Any
+    grid_keys: tuple[str, ...] = ()
+    model: dict[str, Any] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid_keys", tuple(self.grid_keys))
+        given = getattr(self.config, "model", None)  # ModelOptions, or a model name (theorem), or None
+        object.__setattr__(self, "model", model_identity(given) if given else None)
+
+    def record(self) -> dict[str, Any]:
+        """``{"study", "fingerprint", "resume_key", "config", "model", "data_source"}``, with the
+        data source as known now."""
+        study, config, model = self.study, self.config, self.model
+        values = config.to_dict()
+        source = data_source(config)
+        return {
+            "study": study,
+            "fingerprint": _digest([study, values, model, source]),
+            "resume_key": _digest([study, _resume_view(config.flat(), self.grid_keys), model, source]),
+            "config": values,
+            "model": model,
+            "data_source": source,
+        }
+
+
+def run_record(study: str, config: Any, grid_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """``{"study", "fingerprint", "resume_key", "config", "model", "data_source"}`` of a run.
+
+    ``grid_keys``: the study's options left out of ``resume_key`` (`Study.grid_keys`). Hashes a local
+    model folder each call: within a run, use the study call's one `RunIdentity` instead.
+    """
+    return RunIdentity(study, config, tuple(grid_keys)).record()
 
 
 def read_record(out: str | os.PathLike) -> dict[str, Any] | None:
@@ -229,34 +262,29 @@ def check_writable(out: str | os.PathLike) -> Path:
     return out
 
 
-def _state_files(study: str) -> tuple[str, ...]:
-    from icl_kernels.studies.registry import get_study
+def check_output(
+    out: str | os.PathLike, record: Mapping[str, Any], *, grid_keys: Sequence[str] = (),
+    state_files: Sequence[str] = (), force: bool = False,
+) -> None:
+    """Refuse to mix two runs in ``out`` (see the module docstring).
 
-    try:
-        return tuple(get_study(study).state_files)
-    except IclKernelsError:
-        return ()
-
-
-def check_output(out: str | os.PathLike, study: str, config: Any, *, force: bool = False) -> dict[str, Any]:
-    """Refuse to mix two runs in ``out`` (see the module docstring); returns this run's record.
-
-    With ``force`` the files of the other run that a rerun would read or keep (record, config,
-    summary, resumable rows) are deleted instead.
+    ``record`` is this run's `run_record`; ``grid_keys`` and ``state_files`` are its study's
+    (`Study.grid_keys`, `Study.state_files`). With ``force`` the files of the other run that a
+    rerun would read or keep (record, config, summary, resumable rows) are deleted instead.
 
     Raises:
         OutputNotWritableError: see `check_writable`.
         OutputConflictError: ``out`` holds the report or rows of another configuration.
     """
     out = check_writable(out)
-    record = run_record(study, config)
     if not out.is_dir():
-        return record
+        return
+    study = record["study"]
     old = read_record(out)
-    state = [name for name in _state_files(study) if (out / name).exists()]
+    state = [name for name in state_files if (out / name).exists()]
     if old is None and not state:
-        return record
-    grid = _grid_keys(study)
+        return
+    grid = tuple(grid_keys)
     if old is None:
         problem = f"holds rows ({', '.join(state)}) of a run whose options were not recorded"
     elif "resume_key" in old:
@@ -268,10 +296,10 @@ def check_output(out: str | os.PathLike, study: str, config: Any, *, force: bool
         same = old.get("study") == study and not _differences(old, record, grid)
         problem = None if same else "holds a report of another configuration"
     if problem is None:
-        return record
+        return
     if force:
-        clear_output(out, study)
-        return record
+        clear_output(out, state_files)
+        return
     changed = _differences(old, record, grid) if old is not None else []
     detail = f" ({'; '.join(changed)})" if changed else ""
     raise OutputConflictError(
@@ -280,10 +308,11 @@ def check_output(out: str | os.PathLike, study: str, config: Any, *, force: bool
     )
 
 
-def clear_output(out: str | os.PathLike, study: str) -> None:
-    """Delete the record, configuration, summaries and resumable rows in ``out`` (other files stay)."""
+def clear_output(out: str | os.PathLike, state_files: Sequence[str] = ()) -> None:
+    """Delete the record, configuration, summaries and resumable rows (``state_files``) in ``out``
+    (other files stay)."""
     out = Path(out)
-    for name in (RECORD_FILE, "config.json", *SUMMARY_FILES, *_state_files(study)):
+    for name in (RECORD_FILE, "config.json", *SUMMARY_FILES, *state_files):
         path = out / name
         if path.is_file():
             path.unlink()

@@ -48,7 +48,7 @@ from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, parse_layer_set
 from icl_kernels.utils.errors import InvalidOptionError
-from icl_kernels.utils.stats import paired_bootstrap, rng, wilson_interval
+from icl_kernels.utils.stats import paired_bootstrap, proportion, rng
 
 __all__ = ["MomentumConfig", "MomentumReport", "run", "summarise_grid", "momentum_heatmap"]
 
@@ -175,31 +175,25 @@ class _Rows:
         return pd.DataFrame(self.rows) if self.rows else None
 
 
-def run(
-    cfg: MomentumConfig, model=None, progress: bool = True, out: str | os.PathLike | None = None, on_start=None,
-) -> MomentumReport:
-    """Measure every cell (with ``out``: keeping rows there and skipping finished cells).
-
-    ``on_start`` (no arguments) is called once every option has been checked against the model,
-    just before ``out`` is created and the first cell runs (the registry records the run there).
-    """
-    from icl_kernels.data.tasks.registry import get_task
-    from icl_kernels.engine.capture import label_log_probs
-
-    task = get_task(cfg.task)  # a bad task name fails before a model is loaded
-    if model is None:
-        model = cfg.model.load()
+def _layer_sets(cfg: MomentumConfig, model) -> dict[str, Any]:
+    """Each ``layer_sets`` spec as the model's layers; the perplexity windows checked against its context."""
     layer_sets = {spec: parse_layer_set(spec, model.cfg.n_layers) for spec in cfg.layer_sets}
     if cfg.ppl_windows and cfg.ppl_tokens > model.cfg.n_ctx:
         raise InvalidOptionError(
             f"ppl_tokens={cfg.ppl_tokens} is longer than the context of {cfg.model.model} ({model.cfg.n_ctx} tokens); "
             f"use --ppl-tokens {model.cfg.n_ctx} or less, or --ppl-windows 0 to skip perplexity."
         )
-    builder, sets = _prompt_sets(cfg, model, task)
+    return layer_sets
+
+
+def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, layer_sets: dict,
+                   out: str | os.PathLike | None, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Every cell of the grid (the baseline and each momentum setting): label log-probabilities of
+    each prompt set and the held-out windows' NLL, one unit (cell x prompt set, cell x perplexity) at a time; with ``out``
+    each finished unit's rows are kept there and a rerun skips them."""
+    from icl_kernels.engine.capture import label_log_probs
+
     pad = pad_id(model)
-    windows = heldout_windows(model.tokenizer, cfg.ppl_tokens, cfg.ppl_windows) if cfg.ppl_windows else None
-    if on_start is not None:
-        on_start()
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
     prompt_rows = _Rows(Path(out) / "prompts.csv" if out is not None else None)
@@ -240,7 +234,28 @@ def run(
                 ])
         bar.update(size)
     bar.close()
-    prompts_df, ppl_df = prompt_rows.frame(), ppl_rows.frame()
+    return prompt_rows.frame(), ppl_rows.frame()
+
+
+def run(
+    cfg: MomentumConfig, model=None, progress: bool = True, out: str | os.PathLike | None = None, on_start=None,
+) -> MomentumReport:
+    """Measure every cell (with ``out``: keeping rows there and skipping finished cells).
+
+    ``on_start`` (no arguments) is called once every option has been checked against the model,
+    just before ``out`` is created and the first cell runs (the registry records the run there).
+    """
+    from icl_kernels.data.tasks.registry import get_task
+
+    task = get_task(cfg.task)  # a bad task name fails before a model is loaded
+    if model is None:
+        model = cfg.model.load()
+    layer_sets = _layer_sets(cfg, model)
+    builder, sets = _prompt_sets(cfg, model, task)
+    windows = heldout_windows(model.tokenizer, cfg.ppl_tokens, cfg.ppl_windows) if cfg.ppl_windows else None
+    if on_start is not None:
+        on_start()
+    prompts_df, ppl_df = _measure_cells(cfg, model, builder, sets, windows, layer_sets, out, progress)
     grid, metrics = summarise_grid(cfg, prompts_df, ppl_df)
     metrics.update(model=cfg.model.model, task=cfg.task, n_layers=model.cfg.n_layers,
                    layer_sets={k: compact_layers(v) for k, v in layer_sets.items()}, ppl_corpus=PPL_CORPUS)
@@ -280,11 +295,11 @@ def summarise_grid(
                 [correct.index.get_level_values("seed"), correct.index.get_level_values("index")]))[0]
             n_queries = int(queries.max()) + 1 if n else 0
             if n_queries == n:
-                low, high = wilson_interval(hits, n)
+                acc = proportion(hits, n)
             else:
                 acc = paired_bootstrap(np.mean, [paired[:, 0]], "queries", groups=queries, resamples=cfg.n_boot,
                                        stream="momentum_bootstrap")
-                low, high = acc["low"], acc["high"]
+            low, high = acc["low"], acc["high"]
             delta = paired_bootstrap(lambda a: a[:, 0].mean() - a[:, 1].mean(), [paired], "queries", groups=queries,
                                      resamples=cfg.n_boot, stream="momentum_bootstrap")
             d_low, d_high = delta["low"], delta["high"]

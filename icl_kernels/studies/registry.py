@@ -6,6 +6,13 @@ A study is a name, a configuration dataclass (an `icl_kernels.utils.config.Optio
 model (a notebook, a sweep job running many cells) skip loading it; without it the study loads
 ``config.model`` itself. Registering a name twice is an error, so a plugin cannot silently replace a
 built-in study.
+
+Calling a `Study` gathers the run's identity (`icl_kernels.studies.identity.RunIdentity`: the
+model identity hashes a local model folder) once, before the run, and hands what it records to
+everything that needs it: the record before the run to the check of ``out`` and to the
+``fingerprint.json`` a resumable run writes when it starts, the record after the run (its data
+source says what loading the task saw) to the returned report (``Report.identity``, which
+`Report.record` and `Report.write` use).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from icl_kernels.studies.identity import RunIdentity, check_output, write_record
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import IclKernelsError, UnknownNameError
 
@@ -36,8 +44,8 @@ class Study:
         help: one line for ``icl-kernels --help``.
         description: a paragraph for ``icl-kernels NAME --help``.
         resumable: ``run`` takes ``out=`` and keeps finished work there, so a rerun after a crash
-            skips it (the command line passes its ``--out``). Before it runs, ``out`` is checked
-            (`icl_kernels.studies.identity.check_output`): rows of another configuration are never reused.
+            skips it (the command line passes its ``--out``). Rows of another configuration are
+            never reused: see `__call__`.
         grid_keys: options that add rows to a resumable run rather than change them (a rerun that
             only changes these may extend the run in the same ``out``).
         state_files: the files in ``out`` a resumable run reads back (deleted by ``force``).
@@ -58,22 +66,35 @@ class Study:
     ):
         """Run the study on a configuration (or a mapping of its options).
 
-        For a resumable study with ``out``: ``out`` is checked first (`check_output`; ``force``
-        deletes another run's files there) and, with ``record``, ``fingerprint.json`` is written
-        when the study starts writing rows, so that an interrupted run can only be resumed by the
-        same configuration.
+        The run's identity (`identify`) is gathered once, first. With ``out`` (the folder the
+        report will be written to), ``out`` is checked before any work (`check_output`: writable,
+        and holding no run of another configuration; ``force`` deletes that run's files instead).
+        A resumable study keeps its rows in ``out`` and, with ``record``, writes ``fingerprint.json``
+        when it starts writing rows, so that an interrupted run can only be resumed by the same
+        configuration. The returned report carries the run's record, taken after the run, as
+        ``identity``.
         """
         cfg = config if isinstance(config, self.config) else self.config.from_dict(config)
+        identity = self.identify(cfg)
+        start = None
+        if out is not None:
+            before = identity.record()
+            check_output(out, before, grid_keys=self.grid_keys, state_files=self.state_files, force=force)
+            if record:
+                start = partial(write_record, out, before)
         if self.resumable:
-            start = None
-            if out is not None:
-                from icl_kernels.studies.identity import check_output, write_record
+            report = self.run(cfg, model=model, progress=progress, out=out, on_start=start)
+        else:
+            report = self.run(cfg, model=model, progress=progress)
+        if hasattr(report, "identity"):  # a Report (the registry does not import it: report.py imports us)
+            report.identity = identity.record()
+        return report
 
-                run_record = check_output(out, self.name, cfg, force=force)
-                if record:
-                    start = partial(write_record, out, run_record)
-            return self.run(cfg, model=model, progress=progress, out=out, on_start=start)
-        return self.run(cfg, model=model, progress=progress)
+    def identify(self, config: Options) -> RunIdentity:
+        """The identity of a run of ``config`` (`icl_kernels.studies.identity.RunIdentity` with this
+        study's grid keys): its ``record()`` is the fingerprint, resume key, configuration, model
+        identity and data source."""
+        return RunIdentity(self.name, config, self.grid_keys)
 
 
 _STUDIES: dict[str, Study] = {}

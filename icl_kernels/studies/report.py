@@ -66,12 +66,15 @@ class Report:
         config: the configuration that produced it.
         tables: name -> tidy frame, written as ``<name>.csv``.
         summary: headline numbers (intervals and baselines beside them), written as `summary_file`.
+        identity: the run record (`icl_kernels.studies.identity.RunIdentity.record`) the study call
+            took after the run; None for a report built by hand (`record` then computes it).
     """
 
     study: str
     config: Options
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] | None = field(default=None, repr=False, compare=False, kw_only=True)
 
     #: File name of the summary (``metrics.json`` where the command documented that name first).
     summary_file: ClassVar[str] = "summary.json"
@@ -96,10 +99,21 @@ class Report:
 
     def record(self) -> dict[str, Any]:
         """What identifies this run (`icl_kernels.studies.identity.run_record`): fingerprint, resume key,
-        configuration, model identity and data source."""
-        from icl_kernels.studies.identity import run_record
+        configuration, model identity and data source.
 
-        return run_record(self.study, self.config)
+        The record the study call computed (`identity`); for a report built by hand, computed here
+        once (with the registered study's grid keys) and kept."""
+        if self.identity is None:
+            from icl_kernels.studies.registry import get_study
+            from icl_kernels.utils.errors import UnknownNameError
+
+            try:
+                self.identity = get_study(self.study).identify(self.config).record()
+            except UnknownNameError:  # not a registered study: no grid keys
+                from icl_kernels.studies.identity import run_record
+
+                self.identity = run_record(self.study, self.config)
+        return self.identity
 
     def write(self, out: str | os.PathLike, *, environment: bool = True, figures: bool = True) -> Path:
         """Write ``fingerprint.json``, tables, ``config.json``, ``environment.json``, figures and,

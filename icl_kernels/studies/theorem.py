@@ -21,7 +21,7 @@ from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import InvalidOptionError
-from icl_kernels.utils.stats import proportion
+from icl_kernels.utils.stats import Estimate, proportion
 
 __all__ = ["TheoremConfig", "TheoremReport", "run"]
 
@@ -148,7 +148,7 @@ def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
         # 95% intervals of the model's rates (all prompts) and the head's (held-out prompts), and the
         # paired bootstrap of head agreement minus the model's majority share
         summary["model_behaviour_intervals"] = {
-            int(k): {r.metric: {"value": r.value, "low": r.low, "high": r.high, "n": int(r.n), "unit": r.unit}
+            int(k): {r.metric: Estimate(value=r.value, low=r.low, high=r.high, n=int(r.n), unit=r.unit)
                      for r in g.itertuples() if not np.isnan(r.low)}
             for k, g in behaviour.groupby("shots")
         }

@@ -6,6 +6,10 @@ independent unit (prompts, demonstration draws, text windows), *paired* when two
 the unit: one resampled index vector is applied to every array, so the interval is for the
 difference on the same prompts.
 
+Summaries. Every rate or statistic with its interval is one JSON shape, `Estimate`
+``{value, low, high, n, unit}``: `proportion` (a rate k/n with its Wilson interval) and
+`paired_bootstrap` return it.
+
 Selection and report. Every "best" (head, layer, learning rate, offset) is chosen on a seeded
 selection split and reported on the disjoint rest (`split_indices`).
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -27,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 __all__ = [
+    "Estimate",
     "SEED_STREAMS",
     "rng",
     "wilson_interval",
@@ -40,6 +46,22 @@ __all__ = [
     "majority_share",
     "mean_difference",
 ]
+
+class Estimate(TypedDict):
+    """A statistic with its 95% interval over the independent unit: the one JSON shape of every
+    interval in a summary (`proportion`, `paired_bootstrap`).
+
+    Keys: ``value`` (the statistic; a rate k/n for a proportion), ``low`` and ``high`` (the interval;
+    NaN when there is nothing to resample), ``n`` (the number of independent units: prompts for a
+    proportion, so k = value * n) and ``unit`` (what the units are).
+    """
+
+    value: float
+    low: float
+    high: float
+    n: int
+    unit: str
+
 
 #: stream name -> salt appended to the seed material (None: no salt, the seed material alone).
 SEED_STREAMS: dict[str, int | None] = {
@@ -195,13 +217,17 @@ def recovery(patched: np.ndarray, zsl: np.ndarray, icl: np.ndarray) -> float:
 
 def proportion(
     successes: np.ndarray | Tensor | Sequence[bool] | int, n: int | None = None, unit: str = "prompts"
-) -> dict:
-    """A proportion as ``{value, low, high, n, unit}`` with its 95% Wilson interval.
+) -> Estimate:
+    """A rate k/n with its 95% Wilson interval, as an `Estimate` ``{value, low, high, n, unit}``.
 
-    ``successes`` is a boolean vector over the units (``n`` from its length) or a count with ``n``.
+    ``successes`` is a count k with ``n``, or a boolean vector over the units (k its sum, ``n`` its
+    length). With ``n == 0`` the value and the interval are NaN.
 
     >>> proportion(np.array([1, 1, 0, 1], bool))["value"], proportion(3, 4)["n"]
     (0.75, 4)
+    >>> p = proportion(8, 10)
+    >>> (p["value"], round(p["low"], 3), round(p["high"], 3), p["unit"])
+    (0.8, 0.49, 0.943, 'prompts')
     """
     if n is None:
         flags = np.asarray(torch.as_tensor(successes).cpu() if isinstance(successes, Tensor) else successes, dtype=bool)
@@ -209,7 +235,7 @@ def proportion(
     else:
         k, n = int(successes), int(n)
     low, high = wilson_interval(k, n)
-    return {"value": k / n if n else float("nan"), "low": low, "high": high, "n": n, "unit": unit}
+    return Estimate(value=k / n if n else float("nan"), low=low, high=high, n=n, unit=unit)
 
 
 def paired_bootstrap(
@@ -221,9 +247,9 @@ def paired_bootstrap(
     seed: int = 0,
     level: float = 0.95,
     stream: str = "bootstrap",
-) -> dict:
-    """``statistic(*arrays)`` with a percentile bootstrap interval over the independent ``unit``:
-    ``{value, low, high, n, unit}``.
+) -> Estimate:
+    """``statistic(*arrays)`` with a percentile bootstrap interval over the independent ``unit``, as
+    an `Estimate` ``{value, low, high, n, unit}``.
 
     Axis 0 of every array is one row; one resampled index vector serves all arrays (paired). With
     ``groups`` (one label per row) the rows of a unit share a label (e.g. the four prompts built on
@@ -261,7 +287,7 @@ def paired_bootstrap(
         if len(values):
             alpha = (1 - level) / 2
             low, high = float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
-    return {"value": value, "low": low, "high": high, "n": n, "unit": unit}
+    return Estimate(value=value, low=low, high=high, n=n, unit=unit)
 
 
 def mean_difference(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,189 @@
+"""The registry of head scores: one number per (layer, head) that ranks heads into a family.
+
+The ``families`` study scores every head with every registered score (in registration order),
+ranks each family's top-k heads on the selection prompts, and compares the families: overlap,
+mean ablation, and so on. A new family is one call::
+
+    from icl_kernels.studies.head_scores import register_head_score
+
+    def last_layer(inputs):  # HeadScoreInputs -> [layer, head_index]
+        n_layers, n_heads = inputs.model.cfg.n_layers, inputs.model.cfg.n_heads
+        return torch.zeros(n_layers, n_heads).index_fill_(0, torch.tensor([n_layers - 1]), 1.0)
+
+    register_head_score("last_layer", last_layer, description="1 in the last layer, else 0")
+
+The five built-in scores, registered on import in this order:
+
+* ``label_attention``: agreement of the head's attention-weighted vote over the demonstration
+  labels (a_i read at the label tokens) with the model's ICL prediction
+  (`icl_kernels.kernel.head_scan.analyze_heads`);
+* ``induction``, ``previous_token``, ``duplicate_token``: attention patterns on repeated random
+  token sequences (`icl_kernels.families.induction`);
+* ``function_vector``: average indirect effect of the head's mean output on shuffled-label prompts
+  (`icl_kernels.families.function_vectors`).
+
+Registering a name twice raises `DuplicateHeadScoreError`, so a plugin cannot silently replace a
+score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from icl_kernels.utils.errors import IclKernelsError
+
+__all__ = [
+    "DuplicateHeadScoreError", "HeadScore", "HeadScoreInputs", "head_scores", "register_head_score",
+]
+
+
+class DuplicateHeadScoreError(IclKernelsError, ValueError):
+    """A head score name is registered twice."""
+
+
+@dataclass
+class HeadScoreInputs:
+    """What a head score may use: the model, the study's options and prompts, and the selection split.
+
+    Heads are ranked on the selection prompts only; the report prompts are kept for the causal
+    tests. Work that several scores share (the repeated-token attention patterns, the heads' mean
+    outputs) is computed on first use and kept.
+
+    Attributes:
+        model: the model (TransformerLens, hooked or bridge).
+        config: the study's options (``prompts``, ``batch_size``, ``induction_sequences``,
+            ``induction_length``; `icl_kernels.studies.families.FamiliesConfig`).
+        prompts: the study's `icl_kernels.data.conditions.StudyPrompts` (ICL and zero-shot).
+        select: indices of the selection prompts.
+        progress: whether long loops show progress bars.
+    """
+
+    model: Any
+    config: Any
+    prompts: Any
+    select: np.ndarray
+    progress: bool = False
+
+    @property
+    def seed(self) -> int:
+        return self.config.prompts.seed
+
+    @property
+    def label_ids(self) -> list[list[int]]:
+        return self.prompts.label_ids
+
+    @cached_property
+    def selection(self) -> list:
+        """The selection split's ICL prompts."""
+        return [self.prompts.icl[i] for i in self.select]
+
+    @cached_property
+    def repeated_token_patterns(self):
+        """Induction, previous-token and duplicate-token scores per head on repeated random token
+        sequences (`icl_kernels.families.induction.head_pattern_scores`, one row per head)."""
+        from icl_kernels.families.induction import head_pattern_scores, repeated_random_tokens
+
+        cfg, model = self.config, self.model
+        d_vocab = model.cfg.d_vocab
+        low, high = (1, d_vocab) if d_vocab < 2000 else (1000, min(d_vocab, 30000))
+        first = self.prompts.icl[0]
+        bos = first.tokens[0] if first.bos_position == 0 else None
+        tokens = repeated_random_tokens(cfg.induction_sequences, min(cfg.induction_length, high - low), low, high,
+                                        bos, self.seed)
+        return head_pattern_scores(model, tokens, batch_size=cfg.batch_size)
+
+    @cached_property
+    def selection_head_means(self):
+        """Each head's mean output at the prediction position over the selection prompts
+        (`icl_kernels.engine.patching.head_means`): the function vectors are built from them."""
+        from icl_kernels.engine.patching import head_means
+
+        return head_means(self.model, self.selection, batch_size=self.config.batch_size)
+
+
+#: A head score: inputs -> one score per (layer, head); higher ranks a head higher in the family.
+HeadScoreFn = Callable[[HeadScoreInputs], Float[Tensor, "layer head_index"]]
+
+
+@dataclass(frozen=True)
+class HeadScore:
+    """One registered head score.
+
+    Attributes:
+        name: the family's name (a column of the ``heads`` table).
+        fn: ``fn(inputs: HeadScoreInputs) -> [layer, head_index]`` scores.
+        description: one line on what it measures.
+    """
+
+    name: str
+    fn: HeadScoreFn
+    description: str = ""
+
+
+_HEAD_SCORES: dict[str, HeadScore] = {}
+
+
+def register_head_score(name: str, fn: HeadScoreFn, *, description: str = "") -> HeadScore:
+    """Add a head score; raises `DuplicateHeadScoreError` if the name is taken."""
+    if name in _HEAD_SCORES:
+        taken = _HEAD_SCORES[name].fn
+        raise DuplicateHeadScoreError(
+            f"A head score named {name!r} is already registered ({taken.__module__}.{taken.__qualname__}); "
+            "choose another name.")
+    if not callable(fn):
+        raise TypeError(f"Head score {name!r}: fn must be callable (inputs -> [layer, head] scores), not {fn!r}.")
+    score = HeadScore(name, fn, description)
+    _HEAD_SCORES[name] = score
+    return score
+
+
+def head_scores() -> list[HeadScore]:
+    """Every registered head score, in registration order."""
+    return list(_HEAD_SCORES.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# The built-in scores
+# ------------------------------------------------------------------------------------------------
+
+
+def label_attention(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"]:
+    """Agreement of the head's label-token attention vote with the model's ICL prediction."""
+    from icl_kernels.kernel.head_scan import analyze_heads
+
+    run = analyze_heads(inputs.model, inputs.selection, inputs.label_ids, aggregations=("label",),
+                        attention_map_length=None, progress=inputs.progress, batch_size=inputs.config.batch_size)
+    return run.scores().agreement["label"].float()
+
+
+def _pattern_score(kind: str) -> HeadScoreFn:
+    def score(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"]:
+        shape = (inputs.model.cfg.n_layers, inputs.model.cfg.n_heads)
+        return torch.tensor(inputs.repeated_token_patterns[kind].to_numpy()).view(*shape)
+
+    score.__name__ = score.__qualname__ = f"{kind}_score"
+    score.__doc__ = f"The {kind.replace('_', '-')} attention score on repeated random tokens."
+    return score
+
+
+def function_vector(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"]:
+    """Average indirect effect of the head's mean output on shuffled-label prompts."""
+    from icl_kernels.families.function_vectors import indirect_effects, shuffled_label_prompts
+
+    return indirect_effects(inputs.model, shuffled_label_prompts(inputs.selection, inputs.seed), inputs.label_ids,
+                            inputs.selection_head_means, progress=inputs.progress, batch_size=inputs.config.batch_size)
+
+
+register_head_score("label_attention", label_attention, description=label_attention.__doc__)
+for _kind in ("induction", "previous_token", "duplicate_token"):
+    _fn = _pattern_score(_kind)
+    register_head_score(_kind, _fn, description=_fn.__doc__)
+register_head_score("function_vector", function_vector, description=function_vector.__doc__)

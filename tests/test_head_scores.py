@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from icl_kernels.studies import get_study
 from icl_kernels.studies import head_scores as registry
 from icl_kernels.studies.families import FAMILIES
 
@@ -40,8 +41,6 @@ def test_a_duplicate_name_raises(isolated_registry):
 def test_a_registered_score_is_reported_by_the_families_study(isolated_registry):
     """A planted score (the head index, highest in the last layer) is scored, ranked, ablated and
     compared like the built-in families, and its top-k heads are exactly the planted ones."""
-    from icl_kernels.studies import get_study
-
     seen = {}
 
     def planted(inputs):

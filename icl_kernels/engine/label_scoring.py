@@ -42,11 +42,19 @@ from torch import Tensor
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.edits import Edit, check_edits, edits_on
 from icl_kernels.engine.hooks import STOP_HOOK, act_name, run_until
-from icl_kernels.engine.prefix_cache import SharedPrefix, prefix_forward, right_pad
+from icl_kernels.engine.prefix_cache import (
+    SharedPrefix,
+    common_prefix_length,
+    encode_prefix,
+    prefix_forward,
+    reuse_reason,
+    right_pad,
+)
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.errors import NonFiniteLogitsError
 
 __all__ = [
+    "shared_label_log_probs",
     "NonFiniteLogitsError",
     "check_finite",
     "score_dtype",
@@ -345,3 +353,22 @@ def label_log_probs(
             kept_parts[kind].append(stacked[:: len(appended)])
     out = torch.cat(scores)
     return (out, {kind: torch.cat(parts) for kind, parts in kept_parts.items()}) if keep else out
+
+
+def shared_label_log_probs(
+    model: tl_backend.Model,
+    prompts: Sequence[IclPrompt],
+    label_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    min_prefix: int = 1,
+) -> Float[Tensor, "batch n_classes"]:
+    """`label_log_probs` with the prompts' common prefix run once
+    (multi-token labels scored as full continuations, as there); the full forward where
+    `reuse_reason` says reuse cannot be exact."""
+    token_lists = [list(p.tokens) for p in prompts]
+    n_prefix = common_prefix_length(token_lists)
+    reused = reuse_reason(model, n_prefix, min_prefix) is None
+    prefix = encode_prefix(model, token_lists[0][:n_prefix]) if reused else None
+    return label_log_probs(model, prompts, label_ids, prefix=prefix, batch_size=batch_size, pad_token_id=pad_token_id)

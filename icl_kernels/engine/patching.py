@@ -48,6 +48,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.engine.capture import capture
 from icl_kernels.engine.edits import SITES, Edit, EditContext, check_edits, edits_on
 from icl_kernels.engine.hooks import (
@@ -142,8 +143,6 @@ def run_with_edits(
     ``[prompt layer head_index d_head]``, the values `patch_heads` writes into another run:
     ``(scores, z)``.
     """
-    from icl_kernels.data.prompts import pad_id
-
     if not prompts:
         raise ValueError("run_with_edits needs at least one prompt.")
     scored = label_log_probs(
@@ -168,8 +167,6 @@ def record_heads(
 
     These are the values `patch_heads` writes into another run and `head_means` averages.
     """
-    from icl_kernels.data.prompts import batches, pad_id
-
     if not prompts:
         raise ValueError("record_heads needs at least one prompt.")
     device = tl_backend.model_device(model)

@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from icl_kernels.engine.label_scoring import check_finite, final_residual, unembed
+from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError
 
 __all__ = ["PPL_CORPUS", "heldout_text", "heldout_windows", "sequence_nll"]
@@ -81,9 +83,6 @@ def sequence_nll(
     Logits are formed ``chunk`` positions at a time, so a 262k vocabulary never needs a full
     ``pos x vocab`` matrix.
     """
-    from icl_kernels.engine.label_scoring import check_finite, final_residual, unembed
-    from icl_kernels.models import backend as tl_backend
-
     tokens = tokens.to(tl_backend.model_device(model))
     with torch.no_grad():
         resid = final_residual(model, tokens)

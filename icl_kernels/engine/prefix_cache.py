@@ -57,7 +57,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.hooks import STOP_HOOK, act_name, run_until
 from icl_kernels.models import backend as tl_backend
 
@@ -69,7 +68,6 @@ __all__ = [
     "encode_prefix",
     "prefix_forward",
     "shared_capture",
-    "shared_label_log_probs",
     "right_pad",
 ]
 
@@ -140,12 +138,12 @@ def encode_prefix(model: tl_backend.Model, prefix_tokens: Sequence[int]) -> Shar
     ids = torch.tensor([list(prefix_tokens)], dtype=torch.long, device=device)
     with torch.no_grad():
         if tl_backend.is_bridge(model):
-            from transformers import DynamicCache
+            from transformers import DynamicCache  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
 
             state = DynamicCache()
             run_until(model, ids, [], past_key_values=state, use_cache=True)
         else:
-            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415 - TransformerLens internals, needed only on this path
 
             state = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
             run_until(model, ids, [], past_kv_cache=state, attention_mask=_ones(1, ids.shape[1], device))
@@ -160,8 +158,8 @@ def _batch_state(prefix: SharedPrefix, batch: int):
         if batch > 1:
             state.batch_repeat_interleave(batch)
         return state
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415 - TransformerLens internals, needed only on this path
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry  # noqa: PLC0415 - TransformerLens internals, needed only on this path
 
     cache = prefix.state
     entries = [
@@ -284,24 +282,3 @@ def shared_capture(
         prediction_positions=lengths - 1,
         reused=reused,
     )
-
-
-def shared_label_log_probs(
-    model: tl_backend.Model,
-    prompts: Sequence[IclPrompt],
-    label_ids: Sequence[Sequence[int]],
-    *,
-    batch_size: int = 8,
-    pad_token_id: int = 0,
-    min_prefix: int = 1,
-) -> Float[Tensor, "batch n_classes"]:
-    """`icl_kernels.engine.label_scoring.label_log_probs` with the prompts' common prefix run once
-    (multi-token labels scored as full continuations, as there); the full forward where
-    `reuse_reason` says reuse cannot be exact."""
-    from icl_kernels.engine.label_scoring import label_log_probs  # the scorer builds on this module
-
-    token_lists = [list(p.tokens) for p in prompts]
-    n_prefix = common_prefix_length(token_lists)
-    reused = reuse_reason(model, n_prefix, min_prefix) is None
-    prefix = encode_prefix(model, token_lists[0][:n_prefix]) if reused else None
-    return label_log_probs(model, prompts, label_ids, prefix=prefix, batch_size=batch_size, pad_token_id=pad_token_id)

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.edits import edits_on
@@ -75,8 +76,6 @@ def flow_saliency(
     model: tl_backend.Model, prompts: Sequence, label_ids: Sequence[Sequence[int]], *, progress: bool = False
 ) -> pd.DataFrame:
     """Per (prompt, layer): the three mean flows of the attention x gradient saliency."""
-    from tqdm.auto import tqdm
-
     device = tl_backend.model_device(model)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     first = torch.tensor([ids[0] for ids in label_ids], device=device)

@@ -30,9 +30,18 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from icl_kernels.engine.label_scoring import label_log_probs, score_dtype
-from icl_kernels.engine.patching import Edit, EditContext, Head, check_heads, mean_ablation, run_with_edits
+from icl_kernels.engine.patching import (
+    Edit,
+    EditContext,
+    Head,
+    check_heads,
+    mean_ablation,
+    run_with_edits,
+)
+from icl_kernels.engine.prefix_cache import encode_prefix, reuse_reason
 from icl_kernels.families.task_vectors import run_with_residual
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.errors import NonFiniteLogitsError
@@ -122,9 +131,6 @@ def indirect_effects(
     cannot be exact (`icl_kernels.engine.prefix_cache.reuse_reason`) every head runs in full.
     Effects are accumulated in the scores' dtype (`icl_kernels.engine.label_scoring.score_dtype`).
     """
-    from tqdm.auto import tqdm
-
-    from icl_kernels.engine.prefix_cache import reuse_reason
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
@@ -173,8 +179,6 @@ def _prompt_indirect_effects(model, prompt, index: int, gold_token: int, means: 
                              head_batch: int) -> Float[Tensor, " n_heads_total"]:
     """P(gold | one head patched) - P(gold) for every head on one prompt (``corrupted[index]``),
     prefix run once."""
-    from icl_kernels.engine.prefix_cache import encode_prefix
-
     prefix = encode_prefix(model, prompt.tokens[:-1])
     effects = []
     for start in range(0, len(heads), head_batch):

@@ -41,10 +41,18 @@ from icl_kernels.engine.patching import (
     run_with_edits,
     zero_ablation,
 )
+from icl_kernels.kernel.head_scan import analyze_heads
+from icl_kernels.kernel.scores import AGGREGATIONS
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.config import Options, at_least, one_of
 from icl_kernels.utils.errors import InvalidOptionError
-from icl_kernels.utils.stats import bootstrap_interval, mean_difference, recovery, wilson_interval
+from icl_kernels.utils.stats import (
+    bootstrap_interval,
+    mean_difference,
+    recovery,
+    split_indices,
+    wilson_interval,
+)
 from icl_kernels.utils.stats import rng as seeded
 
 __all__ = [
@@ -77,8 +85,6 @@ class CausalConfig(Options):
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        from icl_kernels.kernel.scores import AGGREGATIONS
-
         problems = at_least("k", self.k, 1) + at_least("random_draws", self.random_draws, 0)
         problems += one_of("ablation", self.ablation, ABLATIONS) + one_of("aggregation", self.aggregation, AGGREGATIONS)
         problems += one_of("metric", self.metric, METRICS)
@@ -162,9 +168,6 @@ def causal_study(
         label_ids: token ids of each class's label word (first token scored).
         config: a `CausalConfig`.
     """
-    from icl_kernels.kernel.head_scan import analyze_heads
-    from icl_kernels.utils.stats import split_indices
-
     cfg = config or CausalConfig()
     if len(icl_prompts) != len(zsl_prompts):
         raise ValueError(f"{len(icl_prompts)} ICL prompts but {len(zsl_prompts)} zero-shot prompts; pass one of each per query.")

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.engine.capture import capture
 from icl_kernels.engine.edits import Edit, EditContext, edits_on
 from icl_kernels.engine.label_scoring import label_log_probs
@@ -57,8 +58,6 @@ def residual_at_prediction(
     model: tl_backend.Model, prompts: Sequence, *, batch_size: int = 4, pad_token_id: int | None = None
 ) -> Float[Tensor, "batch layer d_model"]:
     """``hook_resid_post`` of every layer at each prompt's prediction position (CPU)."""
-    from icl_kernels.data.prompts import batches, pad_id
-
     device = tl_backend.model_device(model)
     parts = []
     for batch in batches(list(prompts), batch_size, pad_id(model, pad_token_id), device):
@@ -130,8 +129,6 @@ def run_with_residual(
     with ``values`` (one row per prompt, or one vector for all) added to / replacing the residual
     after ``layer`` there (`residual_edits`, scored by
     `icl_kernels.engine.label_scoring.label_log_probs`). CPU tensor."""
-    from icl_kernels.data.prompts import pad_id
-
     if values.ndim == 1:
         values = values[None].expand(len(prompts), -1)
     if values.shape[0] != len(prompts):

@@ -67,12 +67,25 @@ from torch import Tensor
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.hooks import attention_spec, repeat_kv, visibility_mask
 from icl_kernels.engine.label_scoring import label_log_probs
-from icl_kernels.finetuning.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weights, select_lr
+from icl_kernels.finetuning.finetune import (
+    DEFAULT_LRS,
+    FinetuneResult,
+    finetune,
+    kv_weights,
+    select_lr,
+)
 from icl_kernels.finetuning.recording import POSITIONS, Record, record, recording_tokens
 from icl_kernels.finetuning.relaxation import decompose, linear_attention, stable_rank
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.errors import InvalidOptionError
-from icl_kernels.utils.stats import UNTRAINED_SEED_OFFSET, cosine, kendall_tau, mean_difference, paired_bootstrap, proportion
+from icl_kernels.utils.stats import (
+    UNTRAINED_SEED_OFFSET,
+    cosine,
+    kendall_tau,
+    mean_difference,
+    paired_bootstrap,
+    proportion,
+)
 
 __all__ = [
     "Episode",

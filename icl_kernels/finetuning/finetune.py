@@ -37,7 +37,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from icl_kernels.engine.hooks import act_name, apply_rotary, attention_spec, hooks_on, rotary_hook_kinds, rotate_by
+from icl_kernels.engine.hooks import (
+    act_name,
+    apply_rotary,
+    attention_spec,
+    hooks_on,
+    rotary_hook_kinds,
+    rotate_by,
+)
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.architectures import architecture_of
 

@@ -30,6 +30,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.engine.capture import capture
 from icl_kernels.engine.label_scoring import label_scores, prediction_logits
 from icl_kernels.kernel.scores import (
@@ -153,8 +154,6 @@ def analyze_heads(
             (``None``: no map). Prompts whose demonstration count differs from the first prompt's are
             left out of the map.
     """
-    from icl_kernels.data.prompts import batches, pad_id
-
     if any(p.query_label is None for p in prompts):
         raise ValueError("Every prompt needs query_label (the gold class) for head accuracy.")
     if not prompts:
@@ -367,8 +366,6 @@ def single_example_outputs(
 ) -> tuple[Float[Tensor, "batch vocab"], Int[Tensor, " batch"]]:
     """Next-token distribution P(o|x) over the whole vocabulary and the argmax label class, for
     zero-shot prompts (one example each, `PromptBuilder.build([], example)`)."""
-    from icl_kernels.data.prompts import batches
-
     device = tl_backend.model_device(model)
     first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
     probs, preds = [], []

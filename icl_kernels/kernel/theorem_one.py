@@ -47,11 +47,28 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from icl_kernels.data.synthetic_bayes import bayes_label_probs
 from icl_kernels.data.synthetic_world import SyntheticPromptBatch, SyntheticWorld
-from icl_kernels.utils.stats import rng
+from icl_kernels.engine.capture import capture, unembed
+from icl_kernels.kernel.scores import (
+    DemoLayout,
+    class_votes,
+    demo_attention,
+    head_correlation,
+    held_out_best_head,
+    reconstruct,
+)
+from icl_kernels.utils.stats import (
+    majority_share,
+    paired_bootstrap,
+    proportion,
+    rng,
+    split_indices,
+)
 
 __all__ = [
     "TheoremKernel",
@@ -228,8 +245,6 @@ def simulate(
 
 
 def _synthetic_layout(batch: SyntheticPromptBatch):
-    from icl_kernels.kernel.scores import DemoLayout
-
     k = batch.k
     spans = [(int(batch.x_positions[i, 0]), int(batch.label_positions[i]) + 1) for i in range(k)]
     labels = [(int(p), int(p) + 1) for p in batch.label_positions]
@@ -262,16 +277,6 @@ def model_behaviour(
     95% Wilson intervals (``low``, ``high``) over ``n`` prompts: all prompts for the model's own
     rates, the held-out ones for the head's; counts and choices have no interval.
     """
-    from icl_kernels.engine.capture import capture, unembed
-    from icl_kernels.kernel.scores import (
-        class_votes,
-        demo_attention,
-        head_correlation,
-        held_out_best_head,
-        reconstruct,
-    )
-    from icl_kernels.utils.stats import majority_share, paired_bootstrap, proportion, split_indices
-
     device = next(model.parameters()).device
     n_ctx = int(model.cfg.n_ctx)
     kern = theorem_kernel(world, kernel_features)
@@ -338,9 +343,6 @@ def model_behaviour(
 
 def theorem_figure(simulation: pd.DataFrame, behaviour: pd.DataFrame | None = None, title: str = ""):
     """Accuracy (left) and agreement with Bayes (right) vs number of demonstrations."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs gold", "agreement with the Bayes argmax"))
     for name, g in simulation.groupby("predictor", sort=False):
         g = g.sort_values("shots")

@@ -14,6 +14,7 @@ and keeps the local/global layer layout in the Hugging Face config rather than `
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -29,20 +30,19 @@ TRANSFORMER_LENS_MAJOR: int = int(TRANSFORMER_LENS_VERSION.split(".")[0])
 def _import_hooked_transformer() -> type | None:
     if TRANSFORMER_LENS_MAJOR >= 4:
         return None
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from transformer_lens import HookedTransformer
+        from transformer_lens import HookedTransformer  # noqa: PLC0415 - exists only in some TransformerLens versions
 
     return HookedTransformer
 
 
 def _import_bridge() -> type:
     try:
-        from transformer_lens import TransformerBridge  # 4.x
+        from transformer_lens import TransformerBridge  # noqa: PLC0415 - exists only in some TransformerLens versions
     except ImportError:
-        from transformer_lens.model_bridge import TransformerBridge  # 3.x
+        from transformer_lens.model_bridge import TransformerBridge  # noqa: PLC0415 - exists only in some TransformerLens versions
     return TransformerBridge
 
 

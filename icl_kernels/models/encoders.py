@@ -51,7 +51,7 @@ class MiniLMEncoder:
     """
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
 
         folder = minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))

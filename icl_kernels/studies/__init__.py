@@ -16,7 +16,13 @@ from __future__ import annotations
 import importlib
 
 from icl_kernels.studies.head_scores import register_head_score
-from icl_kernels.studies.registry import DuplicateStudyError, Study, get_study, list_studies, register
+from icl_kernels.studies.registry import (
+    DuplicateStudyError,
+    Study,
+    get_study,
+    list_studies,
+    register,
+)
 from icl_kernels.studies.report import Report
 
 __all__ = [

@@ -24,6 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from icl_kernels.data.conditions import study_prompts
 from icl_kernels.families.head_ablation import CausalConfig, causal_study, layer_study
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
@@ -105,9 +109,6 @@ class CausalReport(Report):
         return markdown_table(self.tables["summary"], self.summary) if "summary" in self.tables else ""
 
     def figures(self) -> dict[str, Any]:
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
         figures: dict[str, Any] = {}
         summary = self.tables.get("summary")
         if summary is not None:
@@ -171,8 +172,6 @@ def markdown_table(summary, info: dict) -> str:
 
 def run(cfg: CausalStudyConfig, model=None, progress: bool = True) -> CausalReport:
     """Rank, ablate and patch heads (or one layer's heads) on one model and task."""
-    from icl_kernels.data.conditions import study_prompts
-
     started = time.time()
     if model is None:
         model = cfg.model.load()

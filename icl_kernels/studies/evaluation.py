@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.engine.accuracy import evaluate_icl
+from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
+from icl_kernels.utils.environment import environment
 from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = ["EvalConfig", "EvalReport", "run", "run_setup"]
@@ -67,9 +71,6 @@ def run_setup(cfg: EvalConfig, model) -> dict:
     """How the numbers were made, beside them in ``metrics.json``: the dtype, device and backend the
     model actually ran with, the demonstration selector, calibration, context fitting and versions
     (`Report.write` adds the fingerprint and the data source)."""
-    from icl_kernels.models import backend as tl_backend
-    from icl_kernels.utils.environment import environment
-
     env = environment()
     return {
         "backend": cfg.model.backend or "default",
@@ -84,9 +85,6 @@ def run_setup(cfg: EvalConfig, model) -> dict:
 
 def run(cfg: EvalConfig, model=None, progress: bool = True) -> EvalReport:
     """Evaluate ``cfg.model`` (loaded unless given) on ``cfg.prompts``."""
-    from icl_kernels.data.tasks.registry import get_task
-    from icl_kernels.engine.accuracy import evaluate_icl
-
     task = get_task(cfg.prompts.task)  # a bad task name fails before the model loads
     model = model if model is not None else cfg.model.load()
     result = evaluate_icl(

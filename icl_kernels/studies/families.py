@@ -43,14 +43,37 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 from torch import Tensor
 
+from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
+from icl_kernels.engine.patching import mean_ablation, run_with_edits
+from icl_kernels.families.anchors import anchor_isolation, flow_saliency
+from icl_kernels.families.function_vectors import (
+    function_vector,
+    fv_layer_sweep,
+    top_heads,
+)
+from icl_kernels.families.head_ablation import random_head_sets
+from icl_kernels.families.task_vectors import (
+    choose_layer,
+    run_with_residual,
+    task_vector_study,
+)
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.stats import (
+    bootstrap_interval,
+    mean_difference,
+    paired_bootstrap,
+    proportion,
+    split_indices,
+)
 
 __all__ = ["FAMILIES", "FamiliesConfig", "FamiliesReport", "run"]
 
@@ -128,9 +151,6 @@ class FamiliesReport(Report):
         return "\n".join(lines)
 
     def figures(self) -> dict[str, Any]:
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
         heads = self.tables["heads"]
         families = tuple(c for c in heads.columns if c not in ("layer", "head"))
         n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
@@ -173,7 +193,7 @@ def _frame(scores: dict[str, Tensor]) -> pd.DataFrame:
 
 def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int) -> pd.DataFrame:
     """|top-k intersection| and Spearman's rho over all heads for every pair of families."""
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # noqa: PLC0415 - scipy is needed only here
 
     def top(family: str) -> set:
         order = heads.sort_values([family, "layer", "head"], ascending=[False, True, True], kind="stable")
@@ -187,8 +207,6 @@ def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int) -> pd.
 
 
 def _control_prompts(cfg: FamiliesConfig, model):
-    from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
-
     name = cfg.control_task
     if name == "none" or cfg.prompts.task in SYNTHETIC_TASKS:
         return None, None
@@ -202,9 +220,6 @@ def _selected_layer_summary(model, zsl_r, label_ids, layer: int, fv, rnd, zsl_co
                             select_accuracy: float, boot: dict, kw: dict) -> dict[str, Any]:
     """Report-split accuracy of the function vector and of the random-head vector added after the
     selection-chosen ``layer``, with the paired differences against each other and zero-shot."""
-    from icl_kernels.families.task_vectors import run_with_residual
-    from icl_kernels.utils.stats import mean_difference, paired_bootstrap, proportion
-
     gold = np.array([p.query_label for p in zsl_r])
 
     def correct(vector) -> np.ndarray:
@@ -275,9 +290,6 @@ class Ablation:
 def _prompts(cfg: FamiliesConfig, model) -> tuple[Any, np.ndarray, np.ndarray]:
     """ICL and zero-shot prompts of the task (`icl_kernels.data.conditions.StudyPrompts`) and their
     split into selection (heads are ranked there) and report (the causal tests) indices."""
-    from icl_kernels.data.conditions import study_prompts
-    from icl_kernels.utils.stats import split_indices
-
     prompts = study_prompts(model, cfg.prompts, model_name=cfg.model.model)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if cfg.k > n_layers * n_heads - 1:
@@ -289,8 +301,6 @@ def _prompts(cfg: FamiliesConfig, model) -> tuple[Any, np.ndarray, np.ndarray]:
 def _rank_heads(cfg: FamiliesConfig, inputs: HeadScoreInputs) -> RankedHeads:
     """Every registered head score (`icl_kernels.studies.head_scores`) on the selection prompts, and
     each family's top-k heads."""
-    from icl_kernels.families.function_vectors import top_heads
-
     scores = {score.name: score.fn(inputs) for score in head_scores()}
     return RankedHeads(scores, {family: top_heads(s, cfg.k) for family, s in scores.items()}, _frame(scores))
 
@@ -298,10 +308,6 @@ def _rank_heads(cfg: FamiliesConfig, inputs: HeadScoreInputs) -> RankedHeads:
 def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedHeads) -> Ablation:
     """Each family's top-k heads mean-ablated at the prediction position of the report prompts (means
     over those prompts) vs ``random_draws`` random k-head sets: drops with bootstrap intervals."""
-    from icl_kernels.engine.patching import mean_ablation, run_with_edits
-    from icl_kernels.families.head_ablation import random_head_sets
-    from icl_kernels.utils.stats import bootstrap_interval
-
     kw = dict(batch_size=cfg.batch_size)
     gold = np.array([p.query_label for p in icl_r])
     clean_scores, z = run_with_edits(model, icl_r, label_ids, record=True, **kw)
@@ -334,9 +340,6 @@ def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs, zsl_r
                       ablation: Ablation) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """The top-k function-vector heads' mean outputs added after each layer to the report zero-shot
     prompts, vs a random-head vector of the same norm; the layer chosen on the selection split."""
-    from icl_kernels.families.function_vectors import function_vector, fv_layer_sweep
-    from icl_kernels.families.task_vectors import choose_layer
-
     kw = dict(batch_size=cfg.batch_size)
     label_ids, fv_means = inputs.label_ids, inputs.selection_head_means
     fv = function_vector(model, fv_means, ranked.top["function_vector"])
@@ -362,8 +365,6 @@ def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs, zsl_r
 def _task_vectors(cfg: FamiliesConfig, model, prompts) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """ICL residuals patched into another query's zero-shot prompt, layer chosen on a dev split, vs a
     vector from another task."""
-    from icl_kernels.families.task_vectors import task_vector_study
-
     control_name, control = _control_prompts(cfg, model)
     tv_layers, tv, info = task_vector_study(model, prompts.icl, prompts.zsl, prompts.label_ids, control_prompts=control,
                                             dev_fraction=cfg.select_fraction, seed=cfg.prompts.seed,
@@ -379,8 +380,6 @@ def _task_vectors(cfg: FamiliesConfig, model, prompts) -> tuple[dict[str, pd.Dat
 
 def _anchors(cfg: FamiliesConfig, model, icl_r, label_ids, progress: bool) -> dict[str, pd.DataFrame]:
     """Label words as anchors: saliency flows per layer and label-word isolation."""
-    from icl_kernels.families.anchors import anchor_isolation, flow_saliency
-
     flows = flow_saliency(model, icl_r[: cfg.saliency_prompts], label_ids, progress=progress)
     return {"saliency": flows.drop(columns="prompt").groupby("layer", as_index=False).mean(),
             "isolation": anchor_isolation(model, icl_r, label_ids, seed=cfg.prompts.seed, batch_size=cfg.batch_size)}

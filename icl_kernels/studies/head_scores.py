@@ -38,6 +38,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from icl_kernels.engine.patching import head_means
+from icl_kernels.families.function_vectors import (
+    indirect_effects,
+    shuffled_label_prompts,
+)
+from icl_kernels.families.induction import head_pattern_scores, repeated_random_tokens
+from icl_kernels.kernel.head_scan import analyze_heads
 from icl_kernels.utils.errors import IclKernelsError
 
 __all__ = [
@@ -89,8 +96,6 @@ class HeadScoreInputs:
     def repeated_token_patterns(self):
         """Induction, previous-token and duplicate-token scores per head on repeated random token
         sequences (`icl_kernels.families.induction.head_pattern_scores`, one row per head)."""
-        from icl_kernels.families.induction import head_pattern_scores, repeated_random_tokens
-
         cfg, model = self.config, self.model
         d_vocab = model.cfg.d_vocab
         low, high = (1, d_vocab) if d_vocab < 2000 else (1000, min(d_vocab, 30000))
@@ -104,8 +109,6 @@ class HeadScoreInputs:
     def selection_head_means(self):
         """Each head's mean output at the prediction position over the selection prompts
         (`icl_kernels.engine.patching.head_means`): the function vectors are built from them."""
-        from icl_kernels.engine.patching import head_means
-
         return head_means(self.model, self.selection, batch_size=self.config.batch_size)
 
 
@@ -157,8 +160,6 @@ def head_scores() -> list[HeadScore]:
 
 def label_attention(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"]:
     """Agreement of the head's label-token attention vote with the model's ICL prediction."""
-    from icl_kernels.kernel.head_scan import analyze_heads
-
     run = analyze_heads(inputs.model, inputs.selection, inputs.label_ids, aggregations=("label",),
                         attention_map_length=None, progress=inputs.progress, batch_size=inputs.config.batch_size)
     return run.scores().agreement["label"].float()
@@ -176,8 +177,6 @@ def _pattern_score(kind: str) -> HeadScoreFn:
 
 def function_vector(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"]:
     """Average indirect effect of the head's mean output on shuffled-label prompts."""
-    from icl_kernels.families.function_vectors import indirect_effects, shuffled_label_prompts
-
     return indirect_effects(inputs.model, shuffled_label_prompts(inputs.selection, inputs.seed), inputs.label_ids,
                             inputs.selection_head_means, progress=inputs.progress, batch_size=inputs.config.batch_size)
 

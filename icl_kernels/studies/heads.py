@@ -39,13 +39,50 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from icl_kernels.data.conditions import SYNTHETIC_TASKS, PromptCondition, study_prompts, text_of
+from icl_kernels.data.conditions import (
+    SYNTHETIC_TASKS,
+    PromptCondition,
+    study_prompts,
+    text_of,
+)
 from icl_kernels.data.prompts import pad_id
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.kernel.head_scan import (
+    analyze_heads,
+    demo_output_similarity,
+    head_kernel_regression,
+    probe_accuracies,
+    probe_scored_pairs,
+    resid_kernel_regression,
+)
+from icl_kernels.kernel.scores import (
+    AGGREGATIONS,
+    Kernel,
+    class_votes,
+    head_correlation,
+    heads_frame,
+    held_out_best_head,
+    kernel_regression,
+    reconstruct,
+)
+from icl_kernels.models.encoders import minilm_encoder
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.plotting import (
+    attention_map_figure,
+    layer_head_heatmaps,
+    probe_figure,
+)
+from icl_kernels.utils.stats import (
+    majority_share,
+    mean_difference,
+    paired_bootstrap,
+    proportion,
+    split_indices,
+)
 
 __all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS"]
 
@@ -106,8 +143,6 @@ class HeadsReport(Report):
     data: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def figures(self) -> dict[str, Any]:
-        from icl_kernels.utils.plotting import attention_map_figure, layer_head_heatmaps, probe_figure
-
         summary, data = self.summary, self.data
         if not data:
             return {}
@@ -277,8 +312,6 @@ def _best_by_selection(candidates: dict, model_pred, gold, select, report) -> di
 def _best_heads(run, layers: tuple[int, ...], split: Split) -> dict[str, BestHead]:
     """Per aggregation: the head with the best agreement on ``select`` among ``layers``, scored on
     ``report``, with its reconstruction of every prompt's prediction."""
-    from icl_kernels.kernel.scores import AGGREGATIONS, class_votes, held_out_best_head, reconstruct
-
     first, last = layers[0], layers[-1] + 1
     best = {}
     for how in AGGREGATIONS:
@@ -294,9 +327,6 @@ def _best_heads(run, layers: tuple[int, ...], split: Split) -> dict[str, BestHea
 
 def _minilm_baselines(sp, run, task, model_pred, gold, report) -> tuple[dict, dict]:
     """Kernel regression on MiniLM sentence embeddings of x_test and the x_i (three kernels)."""
-    from icl_kernels.kernel.scores import Kernel, kernel_regression, reconstruct
-    from icl_kernels.models.encoders import minilm_encoder
-
     enc = minilm_encoder()
     n = run.n_prompts
     demo_rows = [[sp.pool[i] for i in p.demo_indices] for p in sp.icl]
@@ -323,8 +353,6 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
     paired bootstrap of (head agreement - baseline agreement) for every kernel-regression baseline
     (the demonstration-majority vote and MiniLM KR among them); abstentions count as disagreement.
     """
-    from icl_kernels.utils.stats import majority_share, mean_difference, paired_bootstrap, proportion
-
     rows = torch.as_tensor(report, dtype=torch.long)
     model_pred, gold = hrun.model_predictions[rows].numpy(), hrun.gold[rows].numpy()
     unit = "prompts"
@@ -365,9 +393,6 @@ def _probe_layers(cfg: HeadsConfig, hrun, select, report, targets: dict, probe_a
     prompts and scored on the report prompts (the ``probes`` table). The summary's ``probes`` key
     instead takes the max of the report accuracies (chosen on the report split).
     """
-    from icl_kernels.kernel.head_scan import probe_accuracies, probe_scored_pairs
-    from icl_kernels.utils.stats import majority_share, paired_bootstrap, split_indices
-
     select = np.asarray(select)
     fit, choose = split_indices(len(select), 0.5, cfg.prompts.seed, stream="probe_layer_split")
     out: dict[str, Any] = {}
@@ -421,8 +446,6 @@ def _forward(cfg: HeadsConfig, model, sp, progress: bool):
     """One forward pass per batch of ICL prompts: every head's a_i, the model's predictions, the
     residual stream after each layer, each head's query/key vectors and, for the probes, keys and
     values around each label (`icl_kernels.kernel.head_scan.HeadRun`)."""
-    from icl_kernels.kernel.head_scan import analyze_heads
-
     n_layers = model.cfg.n_layers
     return analyze_heads(
         model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad_id(model),
@@ -434,8 +457,6 @@ def _forward(cfg: HeadsConfig, model, sp, progress: bool):
 def _head_scores(hrun, split: Split, search_layers: tuple[int, ...]) -> HeadScores:
     """Agreement and accuracy of every head on each split, ranked on the selection prompts; the best
     head per aggregation, chosen on the selection prompts and scored on the report prompts."""
-    from icl_kernels.kernel.scores import heads_frame
-
     by_split = {"select": hrun.scores(split.select), "report": hrun.scores(split.report), "all": hrun.scores()}
     return HeadScores(by_split, heads_frame(by_split, rank_on="select"), _best_heads(hrun, search_layers, split))
 
@@ -445,9 +466,6 @@ def _baselines(cfg: HeadsConfig, sp, task, hrun, split: Split, search_layers: tu
     """Kernel regression that the best head must beat, chosen on the selection split and scored held
     out: the demonstrations' majority vote, cosine KR on the residual stream (best layer), on each
     head's own query/key vectors (best head, and the best reconstruction head's), and on MiniLM."""
-    from icl_kernels.kernel.head_scan import head_kernel_regression, resid_kernel_regression
-    from icl_kernels.kernel.scores import class_votes, reconstruct
-
     model_pred, gold, select, report = hrun.model_predictions, hrun.gold, split.select, split.report
     scores: dict[str, Any] = {}
     ones = torch.ones_like(hrun.demo_weights["max"][:, :1, :1])
@@ -474,9 +492,6 @@ def _baselines(cfg: HeadsConfig, sp, task, hrun, split: Split, search_layers: tu
 
 def _similarity(cfg: HeadsConfig, model, sp, run, split: Split, progress: bool) -> Similarity:
     """Every x run alone: kernel similarity (Fig. 4), zero-shot predictions and key/value probes (Fig. 5)."""
-    from icl_kernels.kernel.head_scan import demo_output_similarity, probe_accuracies
-    from icl_kernels.kernel.scores import AGGREGATIONS, head_correlation
-
     demo_rows = [[sp.pool[i] for i in p.demo_indices] for p in sp.icl]
     sim, zs_demo, zsl_pred = demo_output_similarity(
         model, sp.builder, [sp.queries[p.query_index] for p in sp.icl], demo_rows,
@@ -560,9 +575,6 @@ def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, b
 
 def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     """Run the whole heads analysis for one configuration (loads ``cfg.model`` unless given)."""
-    from icl_kernels.data.tasks.registry import get_task
-    from icl_kernels.utils.stats import split_indices
-
     started = time.time()
     synthetic = cfg.prompts.task in SYNTHETIC_TASKS
     task = None if synthetic else get_task(cfg.prompts.task)  # a bad task name fails before a model loads

@@ -37,7 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from icl_kernels.data.tasks import sources as task_data
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.models.loading import cache_root, get_model_spec
 from icl_kernels.utils.errors import IclKernelsError
+from icl_kernels.utils.io import write_json
 
 __all__ = [
     "OutputConflictError", "OutputNotWritableError", "RECORD_FILE", "model_identity", "data_source",
@@ -94,8 +98,6 @@ def model_identity(model: Any) -> dict[str, Any]:
         identity.update(source="folder", path=str(folder.resolve()), weights=_hash_files(files) if files else None)
         return identity
     try:
-        from icl_kernels.models.loading import cache_root, get_model_spec
-
         spec = get_model_spec(name)
     except (IclKernelsError, ImportError, KeyError):
         spec = None
@@ -123,9 +125,6 @@ def data_source(config: Any) -> dict[str, Any] | None:
     if not task_name:
         return None
     try:
-        from icl_kernels.data.tasks import sources as task_data
-        from icl_kernels.data.tasks.registry import get_task
-
         source = getattr(task_data, "task_data_source", None)
         if source is None:
             return {"task": task_name}
@@ -320,8 +319,6 @@ def clear_output(out: str | os.PathLike, state_files: Sequence[str] = ()) -> Non
 
 def write_record(out: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     """Create ``out`` and write ``fingerprint.json`` there."""
-    from icl_kernels.utils.io import write_json
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RECORD_FILE, dict(record))

@@ -40,14 +40,21 @@ import torch
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
-from icl_kernels.data.prompts import pad_id
+from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts, pad_id
+from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.engine.capture import NonFiniteLogitsError, label_log_probs
 from icl_kernels.engine.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
-from icl_kernels.finetuning.momentum_attention import check_eta, compact_layers, momentum_attention
+from icl_kernels.finetuning.momentum_attention import (
+    check_eta,
+    compact_layers,
+    momentum_attention,
+)
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, parse_layer_set
 from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.io import append_rows, finished_ids
 from icl_kernels.utils.stats import paired_bootstrap, proportion, rng
 
 __all__ = ["MomentumConfig", "MomentumReport", "run", "summarise_grid", "momentum_heatmap"]
@@ -120,8 +127,6 @@ def grid_cells(cfg: MomentumConfig) -> list[Cell]:
 
 def _prompt_sets(cfg: MomentumConfig, model, task):
     """Prompts for every (shots, seed): identical in every cell."""
-    from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts
-
     builder = PromptBuilder(task, model.tokenizer, n_ctx=model.cfg.n_ctx)
     sets = {}
     for seed in cfg.seeds:
@@ -140,8 +145,6 @@ def _prompt_sets(cfg: MomentumConfig, model, task):
 @contextmanager
 def _naming(unit_id: str, bar):
     """Non-finite logits: name the cell, shot count and seed (the prompt index is the query's)."""
-    from icl_kernels.engine.capture import NonFiniteLogitsError
-
     try:
         yield
     except NonFiniteLogitsError as error:
@@ -157,13 +160,9 @@ class _Rows:
         self.rows: list[dict] = []
 
     def finished(self) -> set[str]:
-        from icl_kernels.utils.io import finished_ids
-
         return finished_ids(self.path, key="unit_id") if self.path is not None else set()
 
     def add(self, rows: list[dict]) -> None:
-        from icl_kernels.utils.io import append_rows
-
         if self.path is not None:
             append_rows(self.path, rows, key="row_id")
         else:
@@ -191,8 +190,6 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
     """Every cell of the grid (the baseline and each momentum setting): label log-probabilities of
     each prompt set and the held-out windows' NLL, one unit (cell x prompt set, cell x perplexity) at a time; with ``out``
     each finished unit's rows are kept there and a rerun skips them."""
-    from icl_kernels.engine.capture import label_log_probs
-
     pad = pad_id(model)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -245,8 +242,6 @@ def run(
     ``on_start`` (no arguments) is called once every option has been checked against the model,
     just before ``out`` is created and the first cell runs (the registry records the run there).
     """
-    from icl_kernels.data.tasks.registry import get_task
-
     task = get_task(cfg.task)  # a bad task name fails before a model is loaded
     if model is None:
         model = cfg.model.load()

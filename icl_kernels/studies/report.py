@@ -18,8 +18,13 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
+from icl_kernels.studies.identity import run_record, write_record
+from icl_kernels.studies.registry import get_study
 from icl_kernels.utils.config import Options
+from icl_kernels.utils.environment import environment as env
+from icl_kernels.utils.errors import UnknownNameError
 from icl_kernels.utils.io import write_csv, write_json
+from icl_kernels.utils.plotting import write_html
 
 __all__ = ["Report", "finite", "flatten"]
 
@@ -104,13 +109,9 @@ class Report:
         The record the study call computed (`identity`); for a report built by hand, computed here
         once (with the registered study's grid keys) and kept."""
         if self.identity is None:
-            from icl_kernels.studies.registry import get_study
-            from icl_kernels.utils.errors import UnknownNameError
-
             try:
                 self.identity = get_study(self.study).identify(self.config).record()
             except UnknownNameError:  # not a registered study: no grid keys
-                from icl_kernels.studies.identity import run_record
 
                 self.identity = run_record(self.study, self.config)
         return self.identity
@@ -119,9 +120,6 @@ class Report:
         """Write ``fingerprint.json``, tables, ``config.json``, ``environment.json``, figures and,
         last, the summary into ``out``; the summary and ``config.json`` carry the run's
         ``fingerprint`` and ``data_source``."""
-        from icl_kernels.studies.identity import write_record
-        from icl_kernels.utils.plotting import write_html
-
         record = self.record()
         stamp = {"fingerprint": record["fingerprint"], "data_source": record["data_source"]}
         out = write_record(out, record)
@@ -130,8 +128,6 @@ class Report:
                 write_csv(out / f"{name}.csv", frame.to_dict("records"))
         write_json(out / "config.json", {"study": self.study, **self.config.to_dict(), **stamp})
         if environment:
-            from icl_kernels.utils.environment import environment as env
-
             write_json(out / "environment.json", env())
         if figures:
             for name, fig in self.figures().items():

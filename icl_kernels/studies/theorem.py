@@ -17,6 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from icl_kernels.data.synthetic_world import load_world, make_world, synthetic_world
+from icl_kernels.kernel.theorem_one import (
+    FEATURES,
+    model_behaviour,
+    simulate,
+    theorem_figure,
+)
+from icl_kernels.models.loading import load_model
+from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options
@@ -48,9 +57,6 @@ class TheoremConfig(Options):
     model_n: int = field(default=300, metadata={"help": "model prompts per demonstration count"})
 
     def __post_init__(self) -> None:
-        from icl_kernels.kernel.theorem_one import FEATURES
-        from icl_kernels.models.options import ModelOptions
-
         self.shots, self.model_shots, self.features = tuple(self.shots), tuple(self.model_shots), tuple(self.features)
         problems = []
         if not self.shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.shots):
@@ -77,8 +83,6 @@ class TheoremReport(Report):
     """Tables ``theorem`` (simulation) and ``model`` (trained model, when given); figure ``theorem``."""
 
     def figures(self) -> dict[str, Any]:
-        from icl_kernels.kernel.theorem_one import theorem_figure
-
         return {"theorem": theorem_figure(self.tables["theorem"], self.tables.get("model"))}
 
     def line(self) -> str:
@@ -95,8 +99,6 @@ class TheoremReport(Report):
 
 
 def _world(cfg: TheoremConfig):
-    from icl_kernels.data.synthetic_world import load_world, make_world, synthetic_world
-
     if cfg.world:
         return load_world(cfg.world)
     if cfg.model:
@@ -106,15 +108,11 @@ def _world(cfg: TheoremConfig):
 
 def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
     """The simulation, and the behaviour of ``model`` (or ``cfg.model``, loaded) when there is one."""
-    from icl_kernels.kernel.theorem_one import model_behaviour, simulate
-
     world = _world(cfg)
     sim = simulate(world, shots=cfg.shots, n=cfg.n, seed=cfg.seed, features=cfg.features)
     behaviour = None
     if cfg.model or model is not None:
         if model is None:
-            from icl_kernels.models.loading import load_model
-
             model = load_model(cfg.model, device=cfg.device, backend=cfg.backend)
         shots = [k for k in cfg.model_shots if world.prompt_len(k) <= model.cfg.n_ctx]
         behaviour = model_behaviour(model, world, shots=shots, n=cfg.model_n, seed=cfg.seed)

@@ -7,14 +7,14 @@ import platform
 import subprocess
 from pathlib import Path
 
+import torch
+
 
 def environment() -> dict:
     """Versions of the packages results depend on, the git commit, Python and the machine."""
-    import importlib.metadata as md
+    import importlib.metadata as md  # noqa: PLC0415 - optional package
 
-    import torch
-
-    import icl_kernels
+    import icl_kernels  # noqa: PLC0415 - the package version, read at call time
 
     def version(name: str) -> str:
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 
 def _default(value: Any):
@@ -61,8 +62,6 @@ def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    import pandas as pd
-
     atomic_write_text(path, pd.DataFrame(list(rows)).to_csv(index=False))
 
 
@@ -83,8 +82,6 @@ def append_rows(
     by name, so the file's layout does not depend on which rows were written first (rows of different
     kinds, finished by parallel workers in any order, give the same table).
     """
-    import pandas as pd
-
     path = Path(path)
     existing = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
     new = pd.DataFrame(list(rows))
@@ -102,8 +99,6 @@ def append_rows(
 
 def finished_ids(path: str | os.PathLike, key: str = "cell_id") -> set[str]:
     """The ids of rows already written to a results CSV."""
-    import pandas as pd
-
     path = Path(path)
     if not path.exists() or not path.stat().st_size:
         return set()

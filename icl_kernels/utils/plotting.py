@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs, get_plotlyjs_version
 from plotly.subplots import make_subplots
 
 from icl_kernels.utils.io import atomic_write_text
@@ -38,8 +39,6 @@ _JS_SEARCH_DEPTH = 3
 
 def plotly_js_name() -> str:
     """File name of the bundled plotly.js, versioned so that pages never load a mismatched copy."""
-    from plotly.offline import get_plotlyjs_version
-
     return f"plotly-{get_plotlyjs_version()}.min.js"
 
 
@@ -50,8 +49,6 @@ def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     `_JS_SEARCH_DEPTH` parent folders that already holds this plotly version's bundle, else from a
     copy written beside it (once per folder). No script is fetched from the network.
     """
-    from plotly.offline import get_plotlyjs
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     name = plotly_js_name()
@@ -78,7 +75,7 @@ def write_image(fig: go.Figure, path: str | os.PathLike, *, width: int = 1100, s
     chromium``); kaleido never downloads one here.
     """
     try:
-        import kaleido  # noqa: F401
+        import kaleido  # noqa: F401, PLC0415 - optional package (the figures extra)
     except ImportError as err:
         raise RuntimeError("Static figures need kaleido: pip install 'kaleido>=1' (and a local Chromium).") from err
     path = Path(path)

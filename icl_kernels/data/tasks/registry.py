@@ -41,7 +41,11 @@ Variants are one ``dataclasses.replace`` away::
 
 from __future__ import annotations
 
-from icl_kernels.data.tasks.catalog import BUILTIN_TASKS, DEFAULT_TASK, MR_MIN_ABS_RATING
+from icl_kernels.data.tasks.catalog import (
+    BUILTIN_TASKS,
+    DEFAULT_TASK,
+    MR_MIN_ABS_RATING,
+)
 from icl_kernels.data.tasks.definition import Task
 from icl_kernels.data.tasks.sources import (
     DATA_DIR_ENV,

@@ -47,8 +47,18 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from icl_kernels.data.tasks.definition import Task, check_label_range, check_seed, dataset_column, dataset_labels
-from icl_kernels.utils.errors import MissingAssetError, TaskDataError, TaskDefinitionError
+from icl_kernels.data.tasks.definition import (
+    Task,
+    check_label_range,
+    check_seed,
+    dataset_column,
+    dataset_labels,
+)
+from icl_kernels.utils.errors import (
+    MissingAssetError,
+    TaskDataError,
+    TaskDefinitionError,
+)
 
 __all__ = [
     "DATA_DIR_ENV",

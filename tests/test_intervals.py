@@ -62,6 +62,12 @@ def test_clustered_interval_uses_t_below_twenty_clusters_and_is_never_narrower_t
     # a given floor (e.g. a Wilson interval) is honoured
     out = clustered_interval(np.mean, [flat], "sets", np.repeat(np.arange(5), 20), resamples=50, floor=(0.1, 0.9))
     assert (out["low"], out["high"]) == (0.1, 0.9)
+    # a rate's t interval over two clusters (t_{0.975, 1} = 12.7) is clipped to [0, 1]
+    rate = np.r_[0.0, 0.0, 1.0, 1.0]
+    wide = clustered_interval(np.mean, [rate], "sets", np.r_[0, 0, 1, 1], resamples=50)
+    assert wide["low"] < -5 and wide["high"] > 5  # 0.5 -+ 12.706 * 0.5
+    clipped = clustered_interval(np.mean, [rate], "sets", np.r_[0, 0, 1, 1], resamples=50, bounds=(0.0, 1.0))
+    assert (clipped["low"], clipped["high"]) == (0.0, 1.0)
 
 
 def test_clustered_interval_bootstraps_clusters_from_twenty_on():

@@ -507,7 +507,8 @@ class _ModelPass:
     def head_means(self) -> dict[str, Tensor]:
         return {name: torch.stack(values).nanmean(0) for name, values in self.per_head.items()}
 
-    def _interval(self, statistic, arrays, groups: np.ndarray | None, floor: tuple[float, float] | None = None) -> dict:
+    def _interval(self, statistic, arrays, groups: np.ndarray | None, floor: tuple[float, float] | None = None,
+                  bounds: tuple[float, float] | None = None) -> dict:
         """The interval of one statistic over the queries (``groups=None``: percentile bootstrap) or
         over the demonstration sets (`icl_kernels.utils.stats.clustered_interval`: cluster bootstrap
         from 20 sets, a t(G-1) interval on the set values below, never narrower than the query-level
@@ -519,7 +520,7 @@ class _ModelPass:
                 out.update(method="percentile bootstrap", resamples=_RESAMPLES, seed=self.cfg.seed)
                 return out
             return clustered_interval(statistic, arrays, "demonstration sets", groups, seed=self.cfg.seed,
-                                      resamples=_RESAMPLES, floor=floor)
+                                      resamples=_RESAMPLES, floor=floor, bounds=bounds)
 
     def right(self, pred_key: str = "ft_pred") -> np.ndarray:
         """1.0 where a run's prediction (``zsl_pred``, ``ft_pred``, ``lr0_ft_pred`` ...) is the gold label."""
@@ -536,8 +537,8 @@ class _ModelPass:
         unit = "queries" if groups is None else "demonstration sets"
         right = {k: self.right(f"{k}_pred") for k in ("zsl", "ft", "icl")}
 
-        def boot(statistic, arrays, floor=None):
-            return self._interval(statistic, arrays, groups, floor)
+        def boot(statistic, arrays, floor=None, bounds=None):
+            return self._interval(statistic, arrays, groups, floor, bounds)
 
         out: dict = {"unit": unit}
         for k, v in right.items():
@@ -545,16 +546,16 @@ class _ModelPass:
             if groups is None:
                 out[f"{k}_accuracy"] = dict(wilson, method="wilson")
             else:
-                out[f"{k}_accuracy"] = boot(np.mean, [v], floor=(wilson["low"], wilson["high"]))
+                out[f"{k}_accuracy"] = boot(np.mean, [v], floor=(wilson["low"], wilson["high"]), bounds=(0.0, 1.0))
         for a, b in (("icl", "ft"), ("ft", "zsl"), ("icl", "zsl")):
-            out[f"{a}_minus_{b}_accuracy"] = boot(mean_difference, [right[a], right[b]])
+            out[f"{a}_minus_{b}_accuracy"] = boot(mean_difference, [right[a], right[b]], bounds=(-1.0, 1.0))
         for key in ("rec2ftp", "rec2ftp_chance"):
             out[key] = boot(lambda z, f, i, key=key: rec2ftp(z > 0, f > 0, i > 0)[key],
-                            [right["zsl"], right["ft"], right["icl"]])
+                            [right["zsl"], right["ft"], right["icl"]], bounds=(0.0, 1.0) if key == "rec2ftp" else None)
         for name, values in self.per_layer.items():
-            out[name] = boot(_layer_statistic, [torch.stack(values).numpy()])
+            out[name] = boot(_layer_statistic, [torch.stack(values).numpy()], bounds=_bounds(name))
         for name, values in self.per_head.items():
-            out[name] = boot(_head_statistic, [torch.stack(values).numpy()])
+            out[name] = boot(_head_statistic, [torch.stack(values).numpy()], bounds=_bounds(name))
         return out
 
     def control_differences(self, groups: np.ndarray | None) -> dict:
@@ -581,17 +582,17 @@ class _ModelPass:
             for name in _CONTROLLED_METRICS:
                 if name == "ft_accuracy":
                     pair, control_value = [ft, c_right], float(c_right.mean())
-                    diff = self._interval(mean_difference, pair, groups)
+                    diff = self._interval(mean_difference, pair, groups, bounds=(-1.0, 1.0))
                 elif name == "rec2ftp":
                     control_value = rec2ftp(zsl > 0, c_right > 0, icl > 0)["rec2ftp"]
                     diff = self._interval(
                         lambda z, f, c, i: rec2ftp(z > 0, f > 0, i > 0)["rec2ftp"] - rec2ftp(z > 0, c > 0, i > 0)["rec2ftp"],
-                        [zsl, ft, c_right, icl], groups)
+                        [zsl, ft, c_right, icl], groups, bounds=(-1.0, 1.0))
                 else:
                     a, b = _jointly_finite(trained_arrays[name], control_arrays[name])
                     statistic = _layer_statistic if a.ndim == 2 else _head_statistic
                     control_value = statistic(control_arrays[name])
-                    diff = self._interval(lambda x, y, s=statistic: s(x) - s(y), [a, b], groups)
+                    diff = self._interval(lambda x, y, s=statistic: s(x) - s(y), [a, b], groups, bounds=(-2.0, 2.0))
                 diff["verdict"] = _verdict(control, control_value, diff)
                 values[name] = dict(control=control_value, difference=diff)
             updates = self.control_updates.get(control, [])
@@ -638,6 +639,13 @@ def _head_statistic(x: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(np.nanmean(np.nanmean(np.nanmean(x, 0), -1)))
+
+
+def _bounds(name: str) -> tuple[float, float] | None:
+    """The range of a metric's mean: [-1, 1] for the cosines and taus, none for norms and ranks."""
+    if name.startswith(("simaou", "simam", "kendall", "dw_cosine", "dw_output_cosine")):
+        return (-1.0, 1.0)
+    return None
 
 
 def _jointly_finite(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -370,6 +370,7 @@ def clustered_interval(
     stream: str = "bootstrap",
     min_clusters: int = MIN_BOOTSTRAP_CLUSTERS,
     floor: tuple[float, float] | None = None,
+    bounds: tuple[float, float] | None = None,
 ) -> dict:
     """``statistic(*arrays)`` with an interval whose method follows the number G of independent clusters.
 
@@ -378,8 +379,9 @@ def clustered_interval(
     ``groups``); with fewer, a t(G-1) interval (`t_interval`) on the statistic of each cluster, since
     a percentile bootstrap over a handful of clusters is too narrow. Either way it is widened to hold
     ``floor``, the interval of the same statistic with rows as units (by default their percentile
-    bootstrap), so that it is never narrower than the row-level one. Returns ``{value, low, high, n,
-    unit, method, resamples, seed, level, n_rows, widened}``; ``n`` is G.
+    bootstrap), so that it is never narrower than the row-level one; ``bounds`` (the range the
+    statistic can take, e.g. ``(0, 1)`` for a rate) clips a t interval that overshoots it. Returns
+    ``{value, low, high, n, unit, method, resamples, seed, level, n_rows, widened}``; ``n`` is G.
 
     >>> x = np.r_[0.0, 1, 2, 3, 4, 5]
     >>> out = clustered_interval(np.mean, [x], "sets", groups=np.r_[0, 0, 1, 1, 2, 2], resamples=200)
@@ -413,5 +415,7 @@ def clustered_interval(
             low, high, widened = float(floor[0]), float(floor[1]), True
         elif floor[0] < low or floor[1] > high:
             low, high, widened = min(low, float(floor[0])), max(high, float(floor[1])), True
+    if bounds is not None and not (math.isnan(low) or math.isnan(high)):
+        low, high = max(low, float(bounds[0])), min(high, float(bounds[1]))
     return {"value": value, "low": low, "high": high, "n": n, "unit": unit, "method": method,
             "resamples": int(resamples), "seed": int(seed), "level": level, "n_rows": rows, "widened": widened}

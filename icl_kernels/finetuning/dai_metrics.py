@@ -228,7 +228,9 @@ def demo_token_mask(prompt: IclPrompt, width: int) -> Bool[Tensor, "1 pos"]:
 
 @dataclass
 class ComparisonSettings:
-    """How one comparison runs: recording position, learning rate (fixed or searched), noise seed."""
+    """How one comparison runs: recording position, learning rate (fixed or searched), noise seed,
+    the SimAOU/SimAM definition the unsuffixed keys hold, and whether the lr -> 0 and mismatched
+    controls run."""
 
     position: str = "prediction"
     lrs: tuple[float, ...] = DEFAULT_LRS

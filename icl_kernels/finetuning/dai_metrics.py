@@ -21,14 +21,27 @@ Metrics (papers.md part A):
   rate among *all* ZSL-wrong queries, ``b = P(ICL right | ZSL wrong)``, is what Rec2FTP would be if
   FT's successes told nothing about ICL's; ``rec2ftp_chance = (Rec2FTP - b) / (1 - b)`` (0: no
   more overlap than chance, 1: ICL recalls every FT success);
-* SimAOU per layer: ``cos(h_ICL - h_ZSL, h_FT - h_ZSL)`` with ``h`` the attention-module output
-  (``hook_attn_out``) at the recording position. Baselines: the same cosine with a zero-mean
-  isotropic Gaussian direction instead of the FT update (``simaou_random``), and the whole metric
-  on an *untrained* model of the same architecture (random weights, finetuned the same way:
+* SimAOU per layer, with ``h`` the attention-module output (``hook_attn_out``) at the recording
+  position, and SimAM per layer and head (before = cos(ICL, ZSL), after = cos(ICL, FT)), each under
+  two definitions (`icl_kernels.finetuning.dai_definitions`, which cites the official code):
+
+  - ``official`` (default): SimAOU = ``cos(n(h_ICL) - n(h_ZSL), n(h_FT) - n(h_ZSL))`` with ``n`` the
+    L2 normalisation (``understand_icl/icl_ft/compute_sim.py`` lines 63-67 and 126-136, called with
+    ``normalize=True`` on line 226); SimAM = cosine of the pre-softmax scores ``q.k/sqrt(d)`` from
+    the recording position to the query's tokens *and the recording token itself*
+    (``fairseq/fairseq/modules/multihead_attention.py``, ``MultiheadAttention.forward``: the map is
+    ``bmm(q, k^T)`` before mask and softmax; ``struprompting/criterions/fs_eval.py``,
+    ``process_attention_map_classification``: slice ``[:, :, -1, c_len:]``; ``compute_sim.py``
+    line 230: ``softmax=False``);
+  - ``softmax-weights`` (this package's earlier variant): SimAOU = ``cos(h_ICL - h_ZSL, h_FT -
+    h_ZSL)``; SimAM = cosine of the softmax weights to the query's own tokens.
+
+  The unsuffixed keys (``simaou``, ``simam_before``, ``simam_after``, ``simaou_random``) hold the
+  definition chosen by ``ComparisonSettings.definition``; ``<name>_official`` and
+  ``<name>_softmax_weights`` hold both. Baselines: the same SimAOU with a zero-mean isotropic
+  Gaussian direction instead of the FT update (``simaou_random``), and the whole metric on an
+  *untrained* model of the same architecture (random weights, finetuned the same way:
   ``simaou_untrained``; Deutch et al.'s control);
-* SimAM per layer and head: cosine between attention weights (softmax) from the recording position
-  to the query's own tokens (demonstrations and BOS excluded): before = cos(ICL, ZSL), after =
-  cos(ICL, FT);
 * Kendall tau-b per layer between the ICL side, pre-softmax scores of the recording position to
   every visible demonstration token summed over heads, and the FT side, ``sum_heads Q'^T q`` with
   ``Q'`` the queries recorded for each training token during finetuning and ``q`` the finetuned
@@ -39,6 +52,21 @@ Metrics (papers.md part A):
   ``dW_FT = W_ZSL(FT model) - W_ZSL(original)`` on the zero-shot prompt: cosine of the matrices,
   cosine of their action on the zero-shot query, and norms; plus the Frobenius norms of the actual
   updates of ``W_K`` and ``W_V``.
+
+Controls that can fail (``ComparisonSettings.controls``). Every FT-dependent metric (SimAOU and SimAM
+after under both definitions, Kendall, FT accuracy, Rec2FTP) is recomputed on the same queries with
+the finetuning replaced by (a) finetuning at learning rate exactly 0 (``lr0``: dW_FT = 0, the
+training queries recorded by the same passes) and (b) finetuning at the chosen rate on the next
+episode's demonstrations (``mismatched``; needs two episodes). The summary's ``controls`` gives,
+per control and metric, the control's value and trained minus control paired over the queries with
+its interval; a metric whose difference with ``lr0`` holds 0 is labelled "not informative here".
+At lr 0 SimAOU is undefined (h_FT = h_ZSL) and SimAM after equals SimAM before, so the lr0
+difference of SimAM after is the paired after-minus-before.
+
+Intervals: over queries (percentile bootstrap, Wilson for accuracies) and, with several episodes,
+over demonstration sets by `icl_kernels.utils.stats.clustered_interval` (cluster bootstrap from 20
+sets, a t(G-1) interval on the set values below, never narrower than the query-level interval);
+each entry records its method, resamples and seed (``interval_settings`` in the summary).
 
 Means: per layer over queries (NaN-aware), then over layers (and heads for SimAM). Each query's
 relaxed identity ``(W_ZSL + dW_ICL) q == relaxed z`` is checked on the fly; the worst error is
@@ -67,19 +95,25 @@ from torch import Tensor
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.hooks import attention_spec, repeat_kv, visibility_mask
 from icl_kernels.engine.label_scoring import label_log_probs
-from icl_kernels.finetuning.finetune import (
-    DEFAULT_LRS,
-    FinetuneResult,
-    finetune,
-    kv_weights,
-    select_lr,
+from icl_kernels.finetuning.dai_definitions import (
+    DEFINITION_TAGS,
+    DEFINITIONS,
+    check_definition,
+    kendall,
+    simam,
+    simam_span,
+    simaou,
+    simaou_update,
 )
+from icl_kernels.finetuning.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weights, select_lr
 from icl_kernels.finetuning.recording import POSITIONS, Record, record, recording_tokens
 from icl_kernels.finetuning.relaxation import decompose, linear_attention, stable_rank
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.stats import (
+    MIN_BOOTSTRAP_CLUSTERS,
     UNTRAINED_SEED_OFFSET,
+    clustered_interval,
     cosine,
     kendall_tau,
     mean_difference,
@@ -194,15 +228,20 @@ def demo_token_mask(prompt: IclPrompt, width: int) -> Bool[Tensor, "1 pos"]:
 
 @dataclass
 class ComparisonSettings:
-    """How one comparison runs: recording position, learning rate (fixed or searched), noise seed."""
+    """How one comparison runs: recording position, learning rate (fixed or searched), noise seed,
+    the SimAOU/SimAM definition the unsuffixed keys hold, and whether the lr -> 0 and mismatched
+    controls run."""
 
     position: str = "prediction"
     lrs: tuple[float, ...] = DEFAULT_LRS
     lr: float | None = None  # fixed learning rate: skip the development search
     seed: int = 0
     direct: bool = True  # the dW_ICL vs finetuning-update comparison
+    definition: str = "official"  # which SimAOU / SimAM the headline keys hold (both are always reported)
+    controls: bool = True  # the lr -> 0 and mismatched-update controls
 
     def __post_init__(self) -> None:
+        check_definition(self.definition)
         if self.position not in POSITIONS:
             raise InvalidOptionError(f"position must be one of {POSITIONS}, not {self.position!r}.")
         if self.lr is None and not self.lrs:
@@ -242,23 +281,35 @@ def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], lab
 
 
 class _ModelPass:
-    """One model's pass over the episodes: finetuning and per-query metrics (trained or untrained)."""
+    """One model's pass over the episodes: finetuning and per-query metrics (trained or untrained).
 
-    def __init__(self, model, episodes, label_tokens, cfg: ComparisonSettings, lr: float, *, direct: bool):
+    With ``controls`` every episode is also finetuned at learning rate 0 (``"lr0"``: the weights
+    stay exactly those of the original model) and, given two or more episodes, on the next episode's
+    demonstrations at the same learning rate (``"mismatched"``); each query is then scored against
+    those models exactly as against the finetuned one (`_similarities`).
+    """
+
+    def __init__(self, model, episodes, label_tokens, cfg: ComparisonSettings, lr: float, *, direct: bool,
+                 controls: bool = False):
         self.model = model
         self.episodes = episodes
         self.label_tokens = label_tokens
         self.cfg = cfg
         self.lr = lr
         self.direct = direct
+        self.controls = controls
         self.n_layers = model.cfg.n_layers
         self.n_heads = model.cfg.n_heads
         self.rows: list[dict] = []
         self.per_layer: dict[str, list[Tensor]] = {}
         self.per_head: dict[str, list[Tensor]] = {}
+        self.control_layer: dict[str, dict[str, list[Tensor]]] = {}
+        self.control_head: dict[str, dict[str, list[Tensor]]] = {}
+        self.control_updates: dict[str, list[dict]] = {}
         self.ft_update_rows: list[dict] = []
         self.identity_error = 0.0
         self.ft_seconds = 0.0
+        self.control_seconds = 0.0
 
     def add(self, store: dict, name: str, value: Tensor) -> None:
         store.setdefault(name, []).append(value.double())
@@ -269,26 +320,65 @@ class _ModelPass:
             start = time.perf_counter()
             tuned = finetune(self.model, episode.train_sequences, self.lr, record_queries=True)
             self.ft_seconds += time.perf_counter() - start
-            self._record_ft_updates(e, tuned)
+            self.ft_update_rows += self._ft_updates(e, tuned)
+            start = time.perf_counter()
+            controls = self._control_models(e) if self.controls else {}
+            self.control_seconds += time.perf_counter() - start
+            for name, control in controls.items():
+                self.control_updates.setdefault(name, []).extend(self._ft_updates(e, control))
             train_q = tuned.all_queries()  # [layer n_tok head d]
             for i, (icl_p, zsl_p, gold) in enumerate(zip(episode.icl_prompts, episode.zsl_prompts, episode.gold)):
-                self._compare_query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen)
+                self._compare_query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen, controls)
                 if progress is not None:
                     progress(1)
-            del tuned
+            del tuned, controls
 
-    def _record_ft_updates(self, episode: int, tuned: FinetuneResult) -> None:
+    def _control_models(self, e: int) -> dict[str, FinetuneResult]:
+        """The lr -> 0 model (learning rate exactly 0) and, with another episode, the mismatched one."""
+        episode = self.episodes[e]
+        out = {"lr0": finetune(self.model, episode.train_sequences, 0.0, record_queries=True)}
+        if len(self.episodes) > 1:
+            other = self.episodes[(e + 1) % len(self.episodes)]
+            out["mismatched"] = finetune(self.model, other.train_sequences, self.lr, record_queries=False)
+        return out
+
+    def _ft_updates(self, episode: int, tuned: FinetuneResult) -> list[dict]:
+        rows = []
         for layer in range(self.n_layers):
             k0, v0 = kv_weights(self.model, layer)
             with tuned.applied() as tuned_model:
                 k1, v1 = kv_weights(tuned_model, layer)
-            self.ft_update_rows.append(dict(
+            rows.append(dict(
                 episode=episode, layer=layer,
                 dwk_norm=float((k1 - k0).double().norm()), dwv_norm=float((v1 - v0).double().norm()),
                 wk_norm=float(k0.double().norm()), wv_norm=float(v0.double().norm()),
             ))
+        return rows
 
-    def _compare_query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen):
+    def _headline(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The chosen definition's values under the unsuffixed names (``simaou``, ``simam_after`` ...)."""
+        tag = DEFINITION_TAGS[self.cfg.definition]
+        return {base: values[f"{base}_{tag}"] for base in _DEFINED_METRICS if f"{base}_{tag}" in values}
+
+    def _similarities(self, icl_p: IclPrompt, zsl_p: IclPrompt, icl: Record, zsl: Record, ft: Record,
+                      train_q: Tensor, demo_positions: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The FT-dependent scores of one query: SimAOU and SimAM after (both definitions), Kendall."""
+        per_layer: dict[str, Tensor] = {}
+        per_head: dict[str, Tensor] = {}
+        for definition in DEFINITIONS:
+            tag = DEFINITION_TAGS[definition]
+            per_layer[f"simaou_{tag}"] = simaou(icl.attn_out, zsl.attn_out, ft.attn_out, definition)
+            span_icl = simam_span(icl_p, icl.recording_position, definition)
+            span_zsl = simam_span(zsl_p, zsl.recording_position, definition)
+            per_head[f"simam_after_{tag}"] = simam(icl.scores, span_icl, ft.scores, span_zsl, definition)
+        per_layer["kendall"] = torch.tensor([  # float64: the taus are exact ratios (float32 before issue 23)
+            kendall(icl.scores[layer][:, demo_positions], train_q[layer], ft.q[layer])[0]
+            for layer in range(self.n_layers)
+        ], dtype=torch.float64)
+        return per_layer, per_head
+
+    def _compare_query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen,
+                       controls: dict[str, FinetuneResult]):
         pos = self.cfg.position
         first = self.label_tokens[0]
         icl_tokens, icl_pred, icl_rec = recording_tokens(icl_p, pos, first)
@@ -301,34 +391,43 @@ class _ModelPass:
         row = dict(episode=e, index=i, gold=int(gold), zsl_pred=_predict(zsl), icl_pred=_predict(icl),
                    ft_pred=_predict(ft), n_demo_tokens=sum(b - a for a, b in icl_p.demo_spans))
         self.rows.append(row)
-        # SimAOU and its isotropic random baseline
-        d_icl = icl.attn_out - zsl.attn_out
-        self.add(self.per_layer, "simaou", cosine(d_icl, ft.attn_out - zsl.attn_out))
-        noise = torch.randn(d_icl.shape, generator=gen, dtype=torch.float64)
-        self.add(self.per_layer, "simaou_random", cosine(d_icl, noise))
-        # SimAM: attention weights to the query's own tokens
-        qi = slice(*icl_p.query_span)
-        qz = slice(*zsl_p.query_span)
-        a_icl, a_zsl, a_ft = icl.pattern[..., qi], zsl.pattern[..., qz], ft.pattern[..., qz]
-        self.add(self.per_head, "simam_before", cosine(a_icl, a_zsl))
-        self.add(self.per_head, "simam_after", cosine(a_icl, a_ft))
-        # Kendall: ICL scores to demo tokens vs the finetuned query against the training queries
         demo_positions = torch.cat([torch.arange(a, b) for a, b in icl_p.demo_spans])
         if len(demo_positions) != train_q.shape[1]:
             raise RuntimeError(
                 f"{len(demo_positions)} demonstration tokens but {train_q.shape[1]} training queries: "
                 "the finetuning sequences do not match the prompt's demonstrations."
             )
-        taus, randoms = [], []
+        per_layer, per_head = self._similarities(icl_p, zsl_p, icl, zsl, ft, train_q, demo_positions)
+        # random baselines: one isotropic direction for SimAOU (shared by both definitions), uniform
+        # noise for Kendall (drawn in this order, layer by layer)
+        noise = torch.randn((icl.attn_out - zsl.attn_out).shape, generator=gen, dtype=torch.float64)
+        for definition in DEFINITIONS:
+            tag = DEFINITION_TAGS[definition]
+            per_layer[f"simaou_random_{tag}"] = cosine(simaou_update(icl.attn_out, zsl.attn_out, definition), noise)
+            span_icl = simam_span(icl_p, icl.recording_position, definition)
+            span_zsl = simam_span(zsl_p, zsl.recording_position, definition)
+            per_head[f"simam_before_{tag}"] = simam(icl.scores, span_icl, zsl.scores, span_zsl, definition)
+        randoms = []
         for layer in range(self.n_layers):
-            icl_side = icl.scores[layer][:, demo_positions]  # [head n_tok]
-            visible = torch.isfinite(icl_side[0])
-            icl_side = icl_side[:, visible].sum(0)
-            ft_side = torch.einsum("thd,hd->t", train_q[layer][visible].double(), ft.q[layer].double())
-            taus.append(kendall_tau(icl_side, ft_side))
+            icl_side = kendall(icl.scores[layer][:, demo_positions], train_q[layer], ft.q[layer])[1]
             randoms.append(kendall_tau(icl_side, torch.rand(icl_side.shape, generator=gen, dtype=torch.float64)))
-        self.add(self.per_layer, "kendall", torch.tensor(taus))
-        self.add(self.per_layer, "kendall_random", torch.tensor(randoms))
+        per_layer["kendall_random"] = torch.tensor(randoms, dtype=torch.float64)
+        for name, value in {**self._headline(per_layer), **per_layer}.items():
+            self.add(self.per_layer, name, value)
+        for name, value in {**self._headline(per_head), **per_head}.items():
+            self.add(self.per_head, name, value)
+        for name, control in controls.items():
+            with control.applied() as control_model:
+                ft_c = record(control_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens)
+            row[f"{name}_ft_pred"] = _predict(ft_c)
+            # the lr -> 0 run recorded its own training queries; the mismatched run trained on other
+            # tokens, so its query is ranked against this episode's training queries
+            queries = control.all_queries() if name == "lr0" else train_q
+            c_layer, c_head = self._similarities(icl_p, zsl_p, icl, zsl, ft_c, queries, demo_positions)
+            for value_name, value in c_layer.items():
+                self.add(self.control_layer.setdefault(name, {}), value_name, value)
+            for value_name, value in c_head.items():
+                self.add(self.control_head.setdefault(name, {}), value_name, value)
         if direct:
             self._compare_updates(icl_p, zsl_p, icl, zsl, ft)
 
@@ -390,37 +489,114 @@ class _ModelPass:
             out[name] = torch.stack(values).nanmean(0).nanmean(-1)
         return out
 
+    def control_means(self) -> dict[str, dict[str, Tensor]]:
+        """Per-layer means of each control's metrics (heads averaged for SimAM)."""
+        out: dict[str, dict[str, Tensor]] = {}
+        for control, store in self.control_layer.items():
+            out[control] = {name: torch.stack(values).nanmean(0) for name, values in store.items()}
+            for name, values in self.control_head[control].items():
+                out[control][name] = torch.stack(values).nanmean(0).nanmean(-1)
+        return out
+
     def head_means(self) -> dict[str, Tensor]:
         return {name: torch.stack(values).nanmean(0) for name, values in self.per_head.items()}
+
+    def _interval(self, statistic, arrays, groups: np.ndarray | None, floor: tuple[float, float] | None = None,
+                  bounds: tuple[float, float] | None = None) -> dict:
+        """The interval of one statistic over the queries (``groups=None``: percentile bootstrap) or
+        over the demonstration sets (`icl_kernels.utils.stats.clustered_interval`: cluster bootstrap
+        from 20 sets, a t(G-1) interval on the set values below, never narrower than the query-level
+        interval or ``floor``)."""
+        with warnings.catch_warnings():  # resamples whose values are all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if groups is None:
+                out = paired_bootstrap(statistic, arrays, "queries", seed=self.cfg.seed, resamples=_RESAMPLES)
+                out.update(method="percentile bootstrap", resamples=_RESAMPLES, seed=self.cfg.seed)
+                return out
+            return clustered_interval(statistic, arrays, "demonstration sets", groups, seed=self.cfg.seed,
+                                      resamples=_RESAMPLES, floor=floor, bounds=bounds)
+
+    def right(self, pred_key: str = "ft_pred") -> np.ndarray:
+        """1.0 where a run's prediction (``zsl_pred``, ``ft_pred``, ``lr0_ft_pred`` ...) is the gold label."""
+        gold = np.array([r["gold"] for r in self.rows])
+        return (np.array([r[pred_key] for r in self.rows]) == gold).astype(float)
 
     def intervals(self, groups: np.ndarray | None) -> dict:
         """95% intervals of the accuracies, their paired differences, Rec2FTP and the metric means.
 
         The unit is the query (``groups=None``; accuracies get Wilson intervals) or, with one episode
-        label per query, the demonstration set (cluster bootstrap: whole episodes resampled).
+        label per query, the demonstration set (`_interval`). Every entry names its method, number of
+        resamples and seed.
         """
         unit = "queries" if groups is None else "demonstration sets"
-        gold = np.array([r["gold"] for r in self.rows])
-        right = {k: (np.array([r[f"{k}_pred"] for r in self.rows]) == gold).astype(float) for k in ("zsl", "ft", "icl")}
+        right = {k: self.right(f"{k}_pred") for k in ("zsl", "ft", "icl")}
 
-        def boot(statistic, arrays):
-            with warnings.catch_warnings():  # resamples whose values are all NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return paired_bootstrap(statistic, arrays, unit, groups=groups, seed=self.cfg.seed)
+        def boot(statistic, arrays, floor=None, bounds=None):
+            return self._interval(statistic, arrays, groups, floor, bounds)
 
         out: dict = {"unit": unit}
         for k, v in right.items():
-            out[f"{k}_accuracy"] = proportion(v.astype(bool), unit=unit) if groups is None else boot(np.mean, [v])
+            wilson = proportion(v.astype(bool), unit="queries")
+            if groups is None:
+                out[f"{k}_accuracy"] = dict(wilson, method="wilson")
+            else:
+                out[f"{k}_accuracy"] = boot(np.mean, [v], floor=(wilson["low"], wilson["high"]), bounds=(0.0, 1.0))
         for a, b in (("icl", "ft"), ("ft", "zsl"), ("icl", "zsl")):
-            out[f"{a}_minus_{b}_accuracy"] = boot(mean_difference, [right[a], right[b]])
+            out[f"{a}_minus_{b}_accuracy"] = boot(mean_difference, [right[a], right[b]], bounds=(-1.0, 1.0))
         for key in ("rec2ftp", "rec2ftp_chance"):
             out[key] = boot(lambda z, f, i, key=key: rec2ftp(z > 0, f > 0, i > 0)[key],
-                            [right["zsl"], right["ft"], right["icl"]])
+                            [right["zsl"], right["ft"], right["icl"]], bounds=(0.0, 1.0) if key == "rec2ftp" else None)
         for name, values in self.per_layer.items():
-            out[name] = boot(lambda x: float(np.nanmean(np.nanmean(x, 0))), [torch.stack(values).numpy()])
+            out[name] = boot(_layer_statistic, [torch.stack(values).numpy()], bounds=_bounds(name))
         for name, values in self.per_head.items():
-            out[name] = boot(lambda x: float(np.nanmean(np.nanmean(np.nanmean(x, 0), -1))),
-                             [torch.stack(values).numpy()])
+            out[name] = boot(_head_statistic, [torch.stack(values).numpy()], bounds=_bounds(name))
+        return out
+
+    def control_differences(self, groups: np.ndarray | None) -> dict:
+        """Trained minus each control, paired over the same queries, with a verdict per metric.
+
+        For every FT-dependent metric (`_CONTROLLED_METRICS`) and control: the value under the
+        control, the paired difference and its interval (`_interval`; a query whose value is NaN under
+        either run is left out of both), and ``verdict``. Against ``lr0``: ``"not informative here"``
+        when the interval holds 0 (the metric does not tell the finetuned model from the original),
+        ``"undefined at lr 0"`` when the control's value is NaN (SimAOU and Rec2FTP: FT == ZSL),
+        else ``"differs from the lr -> 0 control"``. Against ``mismatched``: ``"no different from
+        a mismatched update"`` or ``"differs from the mismatched update"``. SimAM after at lr 0 is
+        SimAM before, so its lr0 difference is the paired SimAM after minus before.
+        """
+        out: dict = {}
+        zsl, icl, ft = self.right("zsl_pred"), self.right("icl_pred"), self.right("ft_pred")
+        for control in self.control_layer:
+            c_right = self.right(f"{control}_ft_pred")
+            values: dict = {}
+            trained_arrays = {name: torch.stack(v).numpy() for name, v in self.per_layer.items()}
+            trained_arrays.update({name: torch.stack(v).numpy() for name, v in self.per_head.items()})
+            control_arrays = {name: torch.stack(v).numpy() for name, v in self.control_layer[control].items()}
+            control_arrays.update({name: torch.stack(v).numpy() for name, v in self.control_head[control].items()})
+            for name in _CONTROLLED_METRICS:
+                if name == "ft_accuracy":
+                    pair, control_value = [ft, c_right], float(c_right.mean())
+                    diff = self._interval(mean_difference, pair, groups, bounds=(-1.0, 1.0))
+                elif name == "rec2ftp":
+                    control_value = rec2ftp(zsl > 0, c_right > 0, icl > 0)["rec2ftp"]
+                    diff = self._interval(
+                        lambda z, f, c, i: rec2ftp(z > 0, f > 0, i > 0)["rec2ftp"] - rec2ftp(z > 0, c > 0, i > 0)["rec2ftp"],
+                        [zsl, ft, c_right, icl], groups, bounds=(-1.0, 1.0))
+                else:
+                    a, b = _jointly_finite(trained_arrays[name], control_arrays[name])
+                    statistic = _layer_statistic if a.ndim == 2 else _head_statistic
+                    control_value = statistic(control_arrays[name])
+                    diff = self._interval(lambda x, y, s=statistic: s(x) - s(y), [a, b], groups, bounds=(-2.0, 2.0))
+                diff["verdict"] = _verdict(control, control_value, diff)
+                values[name] = dict(control=control_value, difference=diff)
+            updates = self.control_updates.get(control, [])
+            out[control] = dict(
+                description=_CONTROL_DESCRIPTIONS[control],
+                lr=0.0 if control == "lr0" else self.lr,
+                ft_dwk_norm=float(np.mean([r["dwk_norm"] for r in updates])),
+                ft_dwv_norm=float(np.mean([r["dwv_norm"] for r in updates])),
+                metrics=values,
+            )
         return out
 
     def accuracies(self) -> dict:
@@ -429,6 +605,59 @@ class _ModelPass:
         out = {f"{k}_accuracy": float(v.mean()) for k, v in right.items()}
         out.update(rec2ftp(right["zsl"], right["ft"], right["icl"]))
         return out
+
+
+#: Bootstrap resamples of every compare interval.
+_RESAMPLES = 2000
+#: Metrics that depend on the finetuning, compared with the lr -> 0 and mismatched controls.
+_CONTROLLED_METRICS = (
+    "simaou_official", "simaou_softmax_weights", "simam_after_official", "simam_after_softmax_weights", "kendall",
+    "ft_accuracy", "rec2ftp",
+)
+_CONTROL_DESCRIPTIONS = {
+    "lr0": "finetuned at learning rate 0 (identity: dW_FT exactly 0), same demonstrations",
+    "mismatched": "finetuned at the chosen learning rate on the next episode's demonstrations (another set); "
+                  "Kendall ranks its query against this episode's training queries",
+}
+
+
+def _layer_statistic(x: np.ndarray) -> float:
+    """Mean over queries (NaN-aware) then over layers of a ``[query, layer]`` array (NaN if all NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(np.nanmean(x, 0)))
+
+
+def _head_statistic(x: np.ndarray) -> float:
+    """Mean over queries, heads and layers of a ``[query, layer, head]`` array (NaN-aware)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(np.nanmean(np.nanmean(x, 0), -1)))
+
+
+def _bounds(name: str) -> tuple[float, float] | None:
+    """The range of a metric's mean: [-1, 1] for the cosines and taus, none for norms and ranks."""
+    if name.startswith(("simaou", "simam", "kendall", "dw_cosine", "dw_output_cosine")):
+        return (-1.0, 1.0)
+    return None
+
+
+def _jointly_finite(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` with NaN wherever either is NaN, so that a paired difference uses the same queries."""
+    missing = np.isnan(a) | np.isnan(b)
+    return np.where(missing, np.nan, a), np.where(missing, np.nan, b)
+
+
+def _verdict(control: str, control_value: float, diff: dict) -> str:
+    low, high = diff["low"], diff["high"]
+    if control == "lr0" and (math.isnan(control_value) or math.isnan(diff["value"])):
+        return "undefined at lr 0"
+    if math.isnan(low) or math.isnan(high):
+        return "undefined"
+    holds_zero = low <= 0.0 <= high
+    if control == "lr0":
+        return "not informative here" if holds_zero else "differs from the lr -> 0 control"
+    return "no different from a mismatched update" if holds_zero else "differs from the mismatched update"
 
 
 def _visible_keys(position: int, window: int | None) -> float:
@@ -501,10 +730,11 @@ def compare_icl_with_finetuning(
     bar = tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
-    side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct)
+    side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls)
     side.run(bar.update, gen)
     timing["trained_s"] = time.perf_counter() - start
     timing["trained_finetune_s"] = side.ft_seconds
+    timing["controls_finetune_s"] = side.control_seconds
     control = None
     if untrained is not None:
         start = time.perf_counter()
@@ -518,6 +748,8 @@ def compare_icl_with_finetuning(
                          timing=timing)
 
 
+#: Metrics with an official and a variant definition (`icl_kernels.finetuning.dai_definitions`).
+_DEFINED_METRICS = ("simaou", "simaou_random", "simam_before", "simam_after")
 _METRICS = ("simaou", "simaou_random", "simam_before", "simam_after", "kendall", "kendall_random")
 _DIRECT_METRICS = ("dw_cosine", "dw_output_cosine", "dw_icl_norm", "dw_ft_norm", "w_zsl_norm", "dw_icl_stable_rank")
 #: Added beside the direct metrics: norms per visible key (dW_ICL and W_ZSL from the same ICL run), and
@@ -532,16 +764,24 @@ def _summary_metrics(
     """Accuracies, Rec2FTP and the layer means of every metric (the untrained control's beside them)."""
     layer_means = side.layer_means()
     n_queries = len(side.rows)
-    metrics: dict = dict(position=cfg.position, lr=lr, n_test=n_queries, n_episodes=n_episodes)
+    metrics: dict = dict(position=cfg.position, lr=lr, n_test=n_queries, n_episodes=n_episodes,
+                         definition=cfg.definition)
     metrics.update(side.accuracies())
     for name in _METRICS:
         metrics[name] = _mean(layer_means[name])
+    for definition in DEFINITIONS:  # both definitions side by side, whichever the headline keys hold
+        for name in _DEFINED_METRICS:
+            metrics[f"{name}_{DEFINITION_TAGS[definition]}"] = _mean(layer_means[f"{name}_{DEFINITION_TAGS[definition]}"])
     if control is not None:
         c_means = control.layer_means()
         metrics["simaou_untrained"] = _mean(c_means["simaou"])
         metrics["untrained"] = dict(control.accuracies())
         for name in _METRICS:
             metrics["untrained"][name] = _mean(c_means[name])
+        for definition in DEFINITIONS:
+            for name in _DEFINED_METRICS:
+                key = f"{name}_{DEFINITION_TAGS[definition]}"
+                metrics["untrained"][key] = _mean(c_means[key])
     else:
         metrics["simaou_untrained"] = float("nan")
     if cfg.direct:
@@ -560,8 +800,18 @@ def _summary_metrics(
     for name in ("simam_before", "simam_after", "kendall", "kendall_random"):
         metrics[f"{name}_untrained"] = metrics["untrained"][name] if control is not None else float("nan")
     metrics["intervals"] = side.intervals(None)
-    if n_episodes > 1:
-        metrics["intervals_by_episode"] = side.intervals(np.array([r["episode"] for r in side.rows]))
+    groups = np.array([r["episode"] for r in side.rows]) if n_episodes > 1 else None
+    if groups is not None:
+        metrics["intervals_by_episode"] = side.intervals(groups)
+    metrics["interval_settings"] = dict(
+        level=0.95, resamples=_RESAMPLES, seed=cfg.seed, stream="bootstrap",
+        by_episode=("none: one demonstration set" if groups is None else
+                    f"cluster bootstrap from {MIN_BOOTSTRAP_CLUSTERS} sets, else t(G-1) on the set values; "
+                    "never narrower than the query-level interval"),
+    )
+    if side.control_layer:
+        # paired over queries; with several demonstration sets, by set (the interval chooser)
+        metrics["controls"] = side.control_differences(groups)
     if control is not None:
         metrics["untrained"]["intervals"] = control.intervals(None)
     return metrics
@@ -581,6 +831,9 @@ def _rows(side: _ModelPass, control: _ModelPass | None) -> tuple[list[dict], lis
         for name in ("simaou", "kendall", "simam_before", "simam_after"):
             if name in c_means:
                 row[f"{name}_untrained"] = float(c_means[name][layer])
+        for kind, stores in side.control_means().items():
+            for name, values in stores.items():
+                row[f"{name}_{kind}"] = float(values[layer])
         upd = [r for r in updates if r["layer"] == layer]
         row["ft_dwk_norm"] = float(np.mean([r["dwk_norm"] for r in upd]))
         row["ft_dwv_norm"] = float(np.mean([r["dwv_norm"] for r in upd]))

@@ -191,11 +191,15 @@ def finetune(
     on ``model`` itself; its weights, ``requires_grad`` flags and gradients are restored on exit,
     also on error, and the finetuned weights are returned in the result.
 
+    ``lr=0`` is the identity control of `icl_kernels.finetuning.dai_metrics`: the same passes run
+    (and record the training queries) but no step is taken, so the "finetuned" weights are exactly
+    the original ones.
+
     Raises:
-        ValueError: ``lr`` not positive and finite, no sequences, or a sequence shorter than 2.
+        ValueError: ``lr`` negative or not finite, no sequences, or a sequence shorter than 2.
     """
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, not {lr!r}.")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0 (0: no step), not {lr!r}.")
     if not sequences:
         raise ValueError("finetune needs at least one training sequence (a demonstration).")
     short = [i for i, s in enumerate(sequences) if len(s) < 2]
@@ -232,7 +236,8 @@ def finetune(
                 optimiser.zero_grad(set_to_none=True)
                 loss = _lm_loss(model(tokens), tokens)
                 loss.backward()
-                optimiser.step()
+                if lr > 0:
+                    optimiser.step()
                 losses.append(float(loss.detach()))
                 if record_queries:
                     per_layer = []

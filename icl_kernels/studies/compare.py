@@ -17,6 +17,12 @@ there is one episode per concept, so the metrics average over concepts rather th
 Each episode's demonstrations are the finetuning data; `icl_kernels.finetuning.dai_metrics.compare_icl_with_finetuning`
 then compares ZSL, ICL and FT runs on the trained model and on an untrained model of the same
 architecture (`icl_kernels.finetuning.dai_metrics.untrained_copy`), finetuned with the same learning rate.
+SimAOU and SimAM are reported under both definitions of `icl_kernels.finetuning.dai_definitions`
+(``--definition`` picks the one the unsuffixed keys hold, ``official`` by default), and every
+finetuning-dependent metric is compared, paired over the same queries, with the same metric after
+finetuning at learning rate 0 and after finetuning on another demonstration set (``controls`` in
+``metrics.json``; ``--no-controls`` skips them). With several demonstration sets the intervals by
+set use a cluster bootstrap from 20 sets and a t(G-1) interval on the set values below.
 
 Writes ``metrics.json`` (``zsl_accuracy ft_accuracy icl_accuracy rec2ftp rec2ftp_chance simaou
 simaou_random simaou_untrained simam_before simam_after kendall kendall_random`` and more, with
@@ -37,6 +43,7 @@ import pandas as pd
 
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, synthetic_prompt
 from icl_kernels.data.synthetic_world import synthetic_world
+from icl_kernels.finetuning.dai_definitions import DEFINITIONS
 from icl_kernels.finetuning.dai_metrics import (
     ComparisonSettings,
     Episode,
@@ -82,6 +89,13 @@ class CompareConfig(Options):
     lr: float | None = field(default=None, metadata={"help": "fixed learning rate (skips the search)"})
     untrained: bool = field(default=True, metadata={"help": "run the untrained-model control"})
     direct: bool = field(default=True, metadata={"help": "compare dW_ICL with the finetuning update"})
+    definition: str = field(default="official", metadata={
+        "choices": DEFINITIONS,
+        "help": "SimAOU/SimAM definition of the headline keys: official (Dai et al.'s code: L2-normalised "
+                "attention outputs; pre-softmax scores incl. the recording token) or softmax-weights (raw "
+                "outputs; softmax weights on the query's tokens). Both are always reported"})
+    controls: bool = field(default=True, metadata={
+        "help": "run the lr -> 0 (identity) and mismatched-demonstration controls of every FT-dependent metric"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +104,8 @@ class CompareConfig(Options):
             problems.append(f"shots must be >= 1 (finetuning needs demonstrations), not {shots}")
         if self.position not in POSITIONS:
             problems.append(f"position must be one of {POSITIONS}, not {self.position!r}")
+        if self.definition not in DEFINITIONS:
+            problems.append(f"definition must be one of {DEFINITIONS}, not {self.definition!r}")
         if self.lr is None and self.n_dev < 1:
             problems.append("n_dev must be >= 1 to choose the learning rate (or give a fixed lr)")
         if self.episodes is not None and not 1 <= self.episodes <= n_test:
@@ -291,8 +307,24 @@ class CompareReport(Report):
             f"{m['icl_accuracy']:.3f}; Rec2FTP {m['rec2ftp']:.3f} (chance-corrected {m['rec2ftp_chance']:.3f}); "
             f"SimAOU {m['simaou']:.3f} (random {m['simaou_random']:.3f}, untrained {m['simaou_untrained']:.3f}); "
             f"SimAM {m['simam_before']:.3f} -> {m['simam_after']:.3f}; Kendall {m['kendall']:.3f} (random "
-            f"{m['kendall_random']:.3f})"
+            f"{m['kendall_random']:.3f}); headline definition {m['definition']}; "
+            f"official SimAOU {m['simaou_official']:.3f} SimAM {m['simam_before_official']:.3f} -> "
+            f"{m['simam_after_official']:.3f}; softmax-weights SimAOU {m['simaou_softmax_weights']:.3f} SimAM "
+            f"{m['simam_before_softmax_weights']:.3f} -> {m['simam_after_softmax_weights']:.3f}"
+            + "".join(control_lines(m.get("controls", {})))
         )
+
+
+def control_lines(controls: dict) -> list[str]:
+    """One clause per control and metric: trained minus control [interval] and the verdict."""
+    out = []
+    for control, entry in controls.items():
+        parts = []
+        for name, value in entry["metrics"].items():
+            d = value["difference"]
+            parts.append(f"{name} {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['verdict']})")
+        out.append(f"; trained minus {control}: " + ", ".join(parts))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +347,7 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
         untrained = untrained_copy(model, cfg.model.model, seed=cfg.prompts.seed)
         timing["untrained_build_s"] = time.perf_counter() - built
     settings = ComparisonSettings(position=cfg.position, lrs=tuple(cfg.lrs), lr=cfg.lr, seed=cfg.prompts.seed,
-                                  direct=cfg.direct)
+                                  direct=cfg.direct, definition=cfg.definition, controls=cfg.controls)
     result = compare_icl_with_finetuning(model, episodes, label_ids, settings, untrained=untrained,
                                          progress=progress, log=print if progress else None)
     if source.world is None:

@@ -45,6 +45,10 @@ __all__ = [
     "paired_bootstrap",
     "majority_share",
     "mean_difference",
+    "MIN_BOOTSTRAP_CLUSTERS",
+    "student_t_quantile",
+    "t_interval",
+    "clustered_interval",
 ]
 
 class Estimate(TypedDict):
@@ -310,3 +314,134 @@ def majority_share(predictions: np.ndarray | Tensor) -> float:
     if not values.size:
         return float("nan")
     return float(np.unique(values, return_counts=True)[1].max() / values.size)
+
+
+#: Fewest independent clusters for which `clustered_interval` resamples whole clusters; below it the
+#: interval is a Student t interval on the per-cluster values.
+MIN_BOOTSTRAP_CLUSTERS = 20
+
+
+def student_t_quantile(probability: float, df: int) -> float:
+    """Quantile of Student's t distribution with an integer number of degrees of freedom.
+
+    Uses the closed form of ``P(|T| < t)`` for integer ``df`` (a finite sum in ``theta = atan(t /
+    sqrt(df))``) and bisection on it; exact to ~1e-12.
+
+    >>> round(student_t_quantile(0.975, 4), 6), round(student_t_quantile(0.975, 1), 6)
+    (2.776445, 12.706205)
+    """
+    if not (isinstance(df, (int, np.integer)) and df >= 1):
+        raise ValueError(f"df must be a positive integer, not {df!r}.")
+    if not 0 < probability < 1:
+        raise ValueError(f"probability must be in (0, 1), not {probability}.")
+    if probability == 0.5:
+        return 0.0
+    if probability < 0.5:
+        return -student_t_quantile(1 - probability, df)
+
+    def central(t: float) -> float:  # P(|T| < t)
+        theta = math.atan(t / math.sqrt(df))
+        s, c = math.sin(theta), math.cos(theta)
+        if df % 2 == 1:
+            total, term = 0.0, s * c if df > 1 else 0.0
+            for j in range(1, (df - 1) // 2 + 1):  # cos^(2j-1) terms with ratios 2.4../1.3..
+                total += term
+                term *= c * c * (2 * j) / (2 * j + 1)
+            return 2 / math.pi * (theta + total)
+        total, term = 0.0, s
+        for j in range(df // 2):  # cos^(2j) terms with ratios 1.3../2.4..
+            total += term
+            term *= c * c * (2 * j + 1) / (2 * j + 2)
+        return total
+
+    target = 2 * probability - 1
+    low, high = 0.0, 1.0
+    while central(high) < target:
+        high *= 2
+    for _ in range(200):
+        mid = (low + high) / 2
+        if central(mid) < target:
+            low = mid
+        else:
+            high = mid
+        if high - low < 1e-13 * max(1.0, high):
+            break
+    return (low + high) / 2
+
+
+def t_interval(values: np.ndarray | Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """``mean +- t_{G-1} * sd / sqrt(G)`` over the G non-NaN values (NaN with fewer than two).
+
+    >>> [round(x, 5) for x in t_interval([1.0, 2.0, 3.0, 4.0, 5.0])]
+    [1.03676, 4.96324]
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    g = len(x)
+    if g < 2:
+        return (float("nan"), float("nan"))
+    half = student_t_quantile(1 - (1 - level) / 2, g - 1) * float(x.std(ddof=1)) / math.sqrt(g)
+    centre = float(x.mean())
+    return (centre - half, centre + half)
+
+
+def clustered_interval(
+    statistic: Callable[..., float],
+    arrays: Sequence[np.ndarray],
+    unit: str,
+    groups: np.ndarray,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    stream: str = "bootstrap",
+    min_clusters: int = MIN_BOOTSTRAP_CLUSTERS,
+    floor: tuple[float, float] | None = None,
+    bounds: tuple[float, float] | None = None,
+) -> dict:
+    """``statistic(*arrays)`` with an interval whose method follows the number G of independent clusters.
+
+    Rows that share a label of ``groups`` form one cluster (e.g. the queries of one demonstration
+    set). With ``G >= min_clusters`` the interval is a cluster bootstrap (`paired_bootstrap` with
+    ``groups``); with fewer, a t(G-1) interval (`t_interval`) on the statistic of each cluster, since
+    a percentile bootstrap over a handful of clusters is too narrow. Either way it is widened to hold
+    ``floor``, the interval of the same statistic with rows as units (by default their percentile
+    bootstrap), so that it is never narrower than the row-level one; ``bounds`` (the range the
+    statistic can take, e.g. ``(0, 1)`` for a rate) clips a t interval that overshoots it. Returns
+    ``{value, low, high, n, unit, method, resamples, seed, level, n_rows, widened}``; ``n`` is G.
+
+    >>> x = np.r_[0.0, 1, 2, 3, 4, 5]
+    >>> out = clustered_interval(np.mean, [x], "sets", groups=np.r_[0, 0, 1, 1, 2, 2], resamples=200)
+    >>> out["method"], out["n"], out["low"] <= 2.5 <= out["high"]
+    ('t(G-1) on cluster values', 3, True)
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    groups = np.asarray(groups)
+    rows = len(arrays[0])
+    if len(groups) != rows:
+        raise ValueError(f"groups has {len(groups)} labels for {rows} rows.")
+    members = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+    n = len(members)
+    if n >= min_clusters:
+        method = "cluster bootstrap"
+        out = paired_bootstrap(statistic, arrays, unit, groups=groups, resamples=resamples, seed=seed,
+                               level=level, stream=stream)
+        value, low, high = out["value"], out["low"], out["high"]
+    else:
+        method = "t(G-1) on cluster values"
+        value = float(statistic(*arrays))
+        per_cluster = [float(statistic(*[a[idx] for a in arrays])) for idx in members]
+        low, high = t_interval(per_cluster, level)
+    if floor is None:
+        row_level = paired_bootstrap(statistic, arrays, "rows", resamples=resamples, seed=seed, level=level,
+                                     stream=stream)
+        floor = (row_level["low"], row_level["high"])
+    widened = False
+    if not (math.isnan(floor[0]) or math.isnan(floor[1])):
+        if math.isnan(low) or math.isnan(high):
+            low, high, widened = float(floor[0]), float(floor[1]), True
+        elif floor[0] < low or floor[1] > high:
+            low, high, widened = min(low, float(floor[0])), max(high, float(floor[1])), True
+    if bounds is not None and not (math.isnan(low) or math.isnan(high)):
+        low, high = max(low, float(bounds[0])), min(high, float(bounds[1]))
+    return {"value": value, "low": low, "high": high, "n": n, "unit": unit, "method": method,
+            "resamples": int(resamples), "seed": int(seed), "level": level, "n_rows": rows, "widened": widened}

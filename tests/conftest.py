@@ -12,6 +12,7 @@ import torch
 
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.architectures import ARCHITECTURES
+from icl_kernels.models.loading import load_model
 
 # One tiny random model per architecture record (icl_kernels/models/architectures.py).
 TINY_ARCHS = tuple(ARCHITECTURES)
@@ -48,8 +49,6 @@ _CACHE: dict = {}
 
 def load_tiny(arch: str, backend: str | None = None, dtype=torch.float32):
     """A tiny random model, cached per (arch, backend, dtype); its size is checked."""
-    from icl_kernels.models.loading import load_model
-
     key = (arch, backend, dtype)
     if key not in _CACHE:
         model = load_model(f"tiny-{arch}", device="cpu", backend=backend, dtype=dtype)

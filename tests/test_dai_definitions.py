@@ -27,11 +27,17 @@ import pytest
 import torch
 from conftest import load_tiny
 
+from icl_kernels.cli import main
 from icl_kernels.data.prompts import IclPrompt
+from icl_kernels.data.synthetic_world import make_world
+from icl_kernels.engine import hooks as H
 from icl_kernels.finetuning import dai_metrics
+from icl_kernels.finetuning.dai_definitions import kendall, simam, simam_span, simaou
 from icl_kernels.finetuning.dai_metrics import ComparisonSettings, Episode, compare_icl_with_finetuning
-from icl_kernels.finetuning.finetune import FinetuneResult
-from icl_kernels.finetuning.recording import Record
+from icl_kernels.finetuning.finetune import FinetuneResult, finetune, kv_parameters
+from icl_kernels.finetuning.recording import Record, record, recording_tokens
+from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
+from icl_kernels.utils.errors import InvalidOptionError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -185,9 +191,6 @@ def test_both_definitions_are_reported_side_by_side(monkeypatch):
 
 
 def test_pure_definitions_on_the_toy_case():
-    from icl_kernels.finetuning.dai_definitions import kendall, simam, simam_span, simaou
-    from icl_kernels.utils.errors import InvalidOptionError
-
     icl, zsl, ft = RECORDS["icl"], RECORDS["zsl"], RECORDS["ft"]
     official = simaou(icl.attn_out, zsl.attn_out, ft.attn_out, "official")
     assert float(official[0]) == pytest.approx(OFFICIAL_SIMAOU[0], abs=TOL) and math.isnan(float(official[1]))
@@ -239,13 +242,6 @@ def test_controls_on_the_toy_case(monkeypatch):
 def test_lr0_control_equals_its_definition_on_a_tiny_model():
     """The lr -> 0 control of a real run equals the metric with FT := the original model, computed here
     from the original model's own runs (float64, 1e-10)."""
-    from icl_kernels.data.synthetic_world import make_world
-    from icl_kernels.engine import hooks as H
-    from icl_kernels.finetuning.dai_definitions import kendall, simam, simam_span
-    from icl_kernels.finetuning.finetune import finetune, kv_parameters
-    from icl_kernels.finetuning.recording import record, recording_tokens
-    from icl_kernels.studies.compare import CompareConfig, synthetic_episodes
-
     model = load_tiny("gpt-neo", "hooked", dtype=torch.float64)
     cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=4, seed=0, episodes=2, lr=0.05))
     episodes, label_ids = synthetic_episodes(make_world(), model.cfg.n_ctx, cfg)
@@ -294,10 +290,6 @@ def test_lr0_control_equals_its_definition_on_a_tiny_model():
 
 
 def test_definition_is_a_compare_option(capsys):
-    from icl_kernels.cli import main
-    from icl_kernels.studies.compare import CompareConfig
-    from icl_kernels.utils.errors import InvalidOptionError
-
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = capsys.readouterr().out

@@ -91,6 +91,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.hooks import attention_spec, repeat_kv, visibility_mask
@@ -109,6 +110,7 @@ from icl_kernels.finetuning.finetune import DEFAULT_LRS, FinetuneResult, finetun
 from icl_kernels.finetuning.recording import POSITIONS, Record, record, recording_tokens
 from icl_kernels.finetuning.relaxation import decompose, linear_attention, stable_rank
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.models.loading import hf_to_transformer_lens
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.stats import (
     MIN_BOOTSTRAP_CLUSTERS,
@@ -676,9 +678,8 @@ def untrained_copy(model: tl_backend.Model, name: str, seed: int = 0) -> tl_back
     (`icl_kernels.utils.stats.UNTRAINED_SEED_OFFSET`); ``name`` is the original model's name, and the copy
     is called ``untrained-<name>``.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
 
-    from icl_kernels.models.loading import hf_to_transformer_lens
 
     config = tl_backend.hf_config(model)
     if config is None:
@@ -708,8 +709,6 @@ def compare_icl_with_finetuning(
     ``untrained``: a random-weight model of the same architecture (`untrained_copy`) for the
     control; it is finetuned with the learning rate chosen for ``model``.
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or ComparisonSettings()
     if not episodes:
         raise ValueError("compare_icl_with_finetuning needs at least one episode.")

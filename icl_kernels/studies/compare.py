@@ -40,9 +40,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, synthetic_prompt
+from icl_kernels.data.prompts import PromptBuilder, RandomSelector
 from icl_kernels.data.synthetic_world import synthetic_world
+from icl_kernels.data.tasks.registry import DEFAULT_TASK, get_task
 from icl_kernels.finetuning.dai_definitions import DEFINITIONS
 from icl_kernels.finetuning.dai_metrics import (
     ComparisonSettings,
@@ -59,6 +62,7 @@ from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError, PromptTooLongError
+from icl_kernels.utils.plotting import layer_head_heatmaps
 from icl_kernels.utils.stats import rng
 
 __all__ = [
@@ -152,7 +156,6 @@ def episode_source(cfg: CompareConfig) -> EpisodeSource:
                 f"default for this model), not {task_name!r}."
             )
         return EpisodeSource(world=world)
-    from icl_kernels.data.tasks.registry import DEFAULT_TASK, get_task
 
     return EpisodeSource(task=get_task(task_name or DEFAULT_TASK))
 
@@ -163,8 +166,6 @@ def _split(n: int, parts: int) -> list[np.ndarray]:
 
 def text_episodes(task, tokenizer, n_ctx: int | None, cfg: CompareConfig) -> tuple[list[Episode], list[list[int]]]:
     """(episodes, label ids) for a text task: balanced demonstrations from train, queries from test."""
-    from icl_kernels.data.prompts import PromptBuilder, RandomSelector
-
     seed, shots, n_test = cfg.prompts.seed, cfg.prompts.shots, cfg.prompts.n_test
     data = task.load(seed=seed)
     pool, test = data["train"], data["test"]
@@ -243,9 +244,6 @@ def build_episodes(
 
 def compare_figures(layers: Sequence[dict], heads: Sequence[dict], title: str = "") -> dict:
     """Per-layer lines (SimAOU, Kendall, SimAM) and layer x head maps (SimAM, dW cosine)."""
-    import plotly.graph_objects as go
-
-    from icl_kernels.utils.plotting import layer_head_heatmaps
 
     layer_index = [row["layer"] for row in layers]
     figs = {}

@@ -4,7 +4,7 @@ Batches are right-padded (package convention), so each row costs the width of th
 in its batch. Sorting prompts by length before cutting batches (`bucketed_batches`) makes rows of a
 batch nearly equal in length, so padding costs almost nothing; results are scattered back to the
 caller's order. A right pad never changes a real token's result: under the causal mask a real
-token attends only to earlier positions (``tests/test_batching.py`` checks bucketed scores against
+token attends only to earlier positions (``tests/unit/test_batching.py`` checks bucketed scores against
 one-prompt-at-a-time scores).
 
 The batch size follows a memory budget (`auto_batch_size`): the peak activation memory of one row

@@ -23,7 +23,7 @@ On both backends ``hook_pattern`` of a suffix run is ``[batch head suffix_pos pr
 the prediction row over *all* keys, exactly the row of the full-prompt forward. Hooks at
 ``hook_q/k/v/z`` and residual hooks see suffix positions only.
 
-Exactness (``tests/test_prefix_cache.py``): prediction rows, label scores and the final residual
+Exactness (``tests/unit/test_prefix_cache.py``): prediction rows, label scores and the final residual
 equal the full forward to 1e-5 in float64 on tiny GPT-Neo (local and global layers), GPT-J, Gemma-3
 (sliding window 8, prompts of ~40 tokens) and Llama, on both backends, for queries of different
 lengths, single- and multi-token labels. The results are not bit-identical to the full forward in

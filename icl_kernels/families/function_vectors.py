@@ -126,7 +126,7 @@ def indirect_effects(
     tokens run once (`icl_kernels.engine.prefix_cache.encode_prefix`) and the last token runs against
     their keys and values in one batch of ``head_batch`` rows, one patched head per row plus an
     unpatched row: about two forward passes per prompt instead of one per head. It equals the
-    per-head full forward to ~1e-14 relative in float64 (``tests/test_families.py``; ~5e-5 on a
+    per-head full forward to ~1e-14 relative in float64 (``tests/unit/test_families.py``; ~5e-5 on a
     bridge's GPT-Neo / GPT-J, whose Hugging Face attention takes q.k in float32); where prefix reuse
     cannot be exact (`icl_kernels.engine.prefix_cache.reuse_reason`) every head runs in full.
     Effects are accumulated in the scores' dtype (`icl_kernels.engine.label_scoring.score_dtype`).

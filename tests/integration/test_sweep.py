@@ -22,7 +22,7 @@ from icl_kernels.models.loading import build_tiny_hf_model
 from icl_kernels.studies import get_study
 from icl_kernels.studies.identity import run_record
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Per-layer studies every sweep test runs, with their options. LEAD: after merging the heads
 #: study add ``"heads": {"batch_size": 8}`` (then N_CELLS doubles, as before the refactor).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 #: The examples' offline default model -> a tiny model of the same interface (GPT-2 tokenizer).
 SUBSTITUTIONS = {'"gemma-3-270m"': '"tiny-gpt-neo"'}
 

@@ -4,7 +4,7 @@ The records (icl_kernels/models/architectures.py) are rules for reading a Huggin
 are checked against what TransformerLens derives from the same config on its own (HookedTransformer's
 ``cfg``), against the Hugging Face modules they name, and against the attention spec the engine builds.
 That recomputing each layer's attention pattern from the spec gives the model's pattern on both
-backends is tested in tests/test_hooks.py (test_recomputed_attention_equals_model).
+backends is tested in tests/unit/test_hooks.py (test_recomputed_attention_equals_model).
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from icl_kernels.data.prompts import IclPrompt, PromptBatch
 from icl_kernels.engine.capture import capture, label_log_probs
 from icl_kernels.engine.label_scoring import shared_label_log_probs
 from icl_kernels.studies import get_study
-from tests.conftest import load_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -27,7 +27,7 @@ from experiments.train_synthetic import TrainConfig
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import InvalidOptionError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _modules(package) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 
 from icl_kernels.utils.plotting import metric_controls_figure
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
 def test_shipped_figures_load_no_remote_script():

@@ -1,12 +1,13 @@
 """CUDA paths in bf16: loading, eval, heads, compare (with finetuning), momentum, patching, prefix reuse.
 
-Marked ``gpu``: conftest skips them where CUDA is absent. Tolerances as in tests/test_dtypes.py.
+Marked ``gpu``: conftest skips them where CUDA is absent. Tolerances as in tests/integration/test_dtypes.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_dtypes import CONFIGS, _numbers, _prompts
 
 from icl_kernels.engine.capture import label_log_probs
 from icl_kernels.engine.hooks import active_hook_count
@@ -14,7 +15,6 @@ from icl_kernels.engine.label_scoring import shared_label_log_probs
 from icl_kernels.finetuning.momentum_attention import momentum_attention
 from icl_kernels.models.loading import load_model
 from icl_kernels.studies import get_study
-from tests.test_dtypes import CONFIGS, _numbers, _prompts
 
 pytestmark = pytest.mark.gpu
 

@@ -24,7 +24,7 @@ from icl_kernels.data.synthetic_bayes import (
 from icl_kernels.data.synthetic_world import SyntheticWorld, WorldConfig, load_world, make_world
 from icl_kernels.utils.stats import wilson_interval
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY_RANDOM = WorldConfig(n_concepts=3, n_states=3, vocab_size=3, x_len=2, structure="random", branching=2,
                           trans_smoothing=0.1, emit_smoothing=0.2, start_support=2, seg_len_max=4, seed=3)

@@ -238,7 +238,6 @@ def test_controls_on_the_toy_case(monkeypatch):
     assert result.examples[0]["lr0_ft_pred"] == result.examples[0]["zsl_pred"]
 
 
-@pytest.mark.core
 def test_lr0_control_equals_its_definition_on_a_tiny_model():
     """The lr -> 0 control of a real run equals the metric with FT := the original model, computed here
     from the original model's own runs (float64, 1e-10)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from icl_kernels.data.prompts import IclPrompt, PromptBatch
 from icl_kernels.engine.capture import capture, label_log_probs
@@ -16,7 +17,6 @@ from icl_kernels.engine.prefix_cache import (
 )
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.loading import load_model
-from tests.conftest import load_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,7 @@ import pytest
 
 from icl_kernels.models.loading import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "head_by_head.ipynb"
 SCRIPT = ROOT / "notebooks" / "head_by_head.py"
 #: Small sizes for CI (the notebook reads them from the environment).

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts, pad_id
 from icl_kernels.data.tasks.registry import get_task
-from icl_kernels.engine.capture import NonFiniteLogitsError, label_log_probs
+from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.engine.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
 from icl_kernels.finetuning.momentum_attention import (
     check_eta,
@@ -53,7 +53,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, parse_layer_set
-from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.errors import InvalidOptionError, NonFiniteLogitsError
 from icl_kernels.utils.io import append_rows, finished_ids
 from icl_kernels.utils.stats import paired_bootstrap, proportion, rng
 

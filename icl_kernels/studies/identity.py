@@ -120,16 +120,14 @@ def model_identity(model: Any) -> dict[str, Any]:
 
 
 def data_source(config: Any) -> dict[str, Any] | None:
-    """Where the configuration's task data comes from; None for a study without a task."""
+    """Where the configuration's task data comes from, as its load sees it (the task is loaded here when
+    this process has not loaded it yet, so a rerun's check and the first run's record agree); None
+    for a study without a task."""
     task_name = config.flat().get("task") if hasattr(config, "flat") else None
     if not task_name:
         return None
     try:
-        source = getattr(task_data, "task_data_source", None)
-        if source is None:
-            return {"task": task_name}
-        task = get_task(task_name)
-        result = source(task)
+        result = task_data.loaded_task_data_source(get_task(task_name))
         return {"task": task_name, **result} if isinstance(result, Mapping) else {"task": task_name, "source": result}
     except IclKernelsError:
         return {"task": task_name}  # an unknown task fails in the study, with its own message

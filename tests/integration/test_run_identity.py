@@ -14,6 +14,7 @@ import json
 import pytest
 
 from icl_kernels.cli import main
+from icl_kernels.data.tasks import sources as task_sources
 from icl_kernels.studies import get_study, identity
 from icl_kernels.studies.report import Report
 
@@ -117,3 +118,21 @@ def test_icl_kernels_has_no_import_cycle():
     assert graph.find_modules_directly_imported_by("icl_kernels.studies.registry")  # the graph is not empty
     assert _cycles(graph) == []
     assert not graph.find_upstream_modules("icl_kernels.studies.identity") & {"icl_kernels.studies.registry"}
+
+
+@pytest.mark.parametrize("extend", [False, True], ids=["same-options", "grid-extended"])
+def test_a_rerun_in_a_new_process_resumes_instead_of_being_refused(extend, tmp_path, monkeypatch):
+    """The record checked before a rerun equals the one the first run wrote, although a new process has
+    not loaded the task yet (before the fix the data source lacked the rows read and dropped, so an
+    identical rerun and an extended grid were refused as "another configuration")."""
+    out = tmp_path / "run"
+    assert main([*MOMENTUM, "--out", str(out)]) == 0
+    written = json.loads((out / "fingerprint.json").read_text())
+    assert written["data_source"]["rows_read"] > 0
+    monkeypatch.setattr(task_sources, "_SOURCES", {})  # what a new process knows of loaded tasks
+    argv = [*MOMENTUM, "--out", str(out)]
+    if extend:
+        argv[argv.index("--eta") + 1] = "0.3,0.1"
+    assert main(argv) == 0
+    if not extend:
+        assert json.loads((out / "fingerprint.json").read_text()) == written

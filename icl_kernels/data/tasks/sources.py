@@ -68,6 +68,7 @@ __all__ = [
     "PackageFileTask",
     "Reader",
     "seeded_split",
+    "loaded_task_data_source",
     "task_data_source",
 ]
 
@@ -230,6 +231,18 @@ def _record(task: Task, dd: dict, source: dict[str, Any]) -> dict:  # dd: a data
     _SOURCES[task.name] = (task, source)
     dd.data_source = source  # type: ignore[attr-defined]
     return dd
+
+
+def loaded_task_data_source(task: Task) -> dict[str, Any]:
+    """`task_data_source` once the task has been loaded in this process, so that the record of a run
+    made before it starts says what the run's own load will see (rows read, rows dropped) and equals
+    the record made after it. Data on the hub is not fetched for this: its record stays the one
+    computed without loading until the run loads it."""
+    known = _SOURCES.get(task.name)
+    remote = isinstance(task, HubTask) and not os.environ.get(DATA_DIR_ENV)
+    if (known is None or known[0] != task) and not remote:
+        task.load()
+    return task_data_source(task)
 
 
 def task_data_source(task: Task) -> dict[str, Any]:

@@ -80,9 +80,10 @@ The learning rate is chosen once, for all episodes, by `icl_kernels.finetuning.f
 episodes' development queries (zero-shot prompts scored after finetuning), separately for the trained
 model and for the untrained control (`choose_lr`; ``lr`` and ``lr_untrained`` in the summary). One
 *fold* is one episode: the model finetuned on its demonstrations, scored on its development queries.
-A candidate rate *collapses* when on some fold its accuracy is more than
-``ComparisonSettings.collapse_margin`` (default 0.25, absolute) below the unfinetuned model's
-zero-shot accuracy on the same queries; collapsed rates are rejected, and a search in which every
+A candidate rate *collapses* when on some fold the upper end of the 95% Wilson interval of its
+accuracy is more than ``ComparisonSettings.collapse_margin`` (default 0.25, absolute) below the
+unfinetuned model's zero-shot accuracy on the same queries (a 2-query fold collapses only at 0 of 2
+against 2 of 2); collapsed rates are rejected, and a search in which every
 rate collapses stops with `icl_kernels.utils.errors.LearningRateCollapseError` naming rates and folds. `compare_icl_with_finetuning` runs everything and returns the summary
 metrics and tidy per-layer, per-head and per-query rows (`CompareResult`); the ``compare`` study
 (`icl_kernels.studies.compare`) builds the episodes from a task or the synthetic world.
@@ -304,16 +305,17 @@ def _dev_accuracy(model, episode: Episode, label_tokens) -> tuple[int, float]:
 def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], label_tokens) -> DevScore:
     """Pooled development accuracy and gold log-probability of the finetuned models, and the accuracy
     of each fold (episode ``e``'s finetuned model on episode ``e``'s development queries)."""
-    right, total, gold_lp, folds = 0, 0, 0.0, []
+    right, total, gold_lp, fold_right, fold_size = 0, 0, 0.0, [], []
     for result, episode in zip(tuned, episodes):
         with result.applied() as model:
-            fold_right, fold_lp = _dev_accuracy(model, episode, label_tokens)
+            n_right, fold_lp = _dev_accuracy(model, episode, label_tokens)
         n = len(episode.dev_gold)
-        right, total, gold_lp = right + fold_right, total + n, gold_lp + fold_lp
-        folds.append(fold_right / n if n else float("nan"))
+        right, total, gold_lp = right + n_right, total + n, gold_lp + fold_lp
+        fold_right.append(n_right)
+        fold_size.append(n)
     if total == 0:
         raise ValueError("No development queries: the learning rate cannot be chosen; give lr= or dev prompts.")
-    return DevScore(right / total, gold_lp / total, tuple(folds))
+    return DevScore(right / total, gold_lp / total, tuple(fold_right), tuple(fold_size))
 
 
 def _zero_shot_folds(model, episodes: Sequence[Episode], label_tokens) -> tuple[float, ...]:
@@ -334,9 +336,10 @@ def choose_lr(model, episodes: Sequence[Episode], label_tokens, cfg: "Comparison
               log: Callable[[str], None] | None = None) -> LrSelection:
     """The learning rate of ``model`` (the trained one or its untrained copy): ``cfg.lr`` when fixed,
     else `icl_kernels.finetuning.finetune.select_lr` over ``cfg.lrs`` on the episodes' development
-    queries, rejecting a rate that collapses on any fold (fold = demonstration set; collapse = fold
-    accuracy more than ``cfg.collapse_margin`` below the zero-shot accuracy of the same model on that
-    fold's development queries)."""
+    queries, rejecting a rate that collapses on any fold (fold = demonstration set; collapse = the
+    upper 95% Wilson bound of the fold's finetuned accuracy more than ``cfg.collapse_margin`` below
+    the zero-shot accuracy of the same model on that fold's development queries;
+    `icl_kernels.finetuning.finetune.collapsed_folds`)."""
     if cfg.lr is not None:
         return LrSelection(lr=float(cfg.lr), table=[], margin=cfg.collapse_margin)
     return select_lr(
@@ -876,9 +879,10 @@ def _lr_selection_summary(selections: dict[str, LrSelection], cfg: ComparisonSet
                    "best pooled dev accuracy (ties: mean gold log-prob) among candidates that did not collapse, "
                    "searched separately for the trained model and for the untrained copy"),
         "collapse_rule": (f"a candidate collapses when, on some development fold (the model finetuned on one "
-                          f"demonstration set, scored on that set's development queries), its accuracy is more "
-                          f"than {cfg.collapse_margin:g} below the zero-shot accuracy of the same unfinetuned "
-                          "model on those queries; collapsed candidates are rejected"),
+                          f"demonstration set, scored on that set's development queries), the upper end of the "
+                          f"95% Wilson interval of its accuracy is more than {cfg.collapse_margin:g} below the "
+                          "zero-shot accuracy of the same unfinetuned model on those queries; collapsed "
+                          "candidates are rejected"),
         "collapse_margin": cfg.collapse_margin,
         "n_folds": len(episodes),
         "dev_queries_per_fold": [len(ep.dev_gold) for ep in episodes],

@@ -11,8 +11,9 @@ The dual form of relaxed attention says that demonstrations act on a query like 
   template (``[BOS] x_i y_i``, the exact tokens of the demonstration in the prompt, without the
   separator), and the loss is the LM loss over every token of the demonstration;
 * the learning rate is chosen on a development split disjoint from the test split (`select_lr`),
-  which the original did not do, and a rate that *collapses* on any development fold (accuracy more
-  than `COLLAPSE_MARGIN` = 0.25 below the zero-shot accuracy of that fold) is rejected.
+  which the original did not do, and a rate that *collapses* on any development fold (the upper 95%
+  Wilson bound of its accuracy there more than `COLLAPSE_MARGIN` = 0.25 below the zero-shot
+  accuracy on the same queries; `collapsed_folds`) is rejected.
 
 The model stays in eval mode (no dropout), so training is deterministic.
 
@@ -49,6 +50,7 @@ from icl_kernels.engine.hooks import (
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.architectures import architecture_of
 from icl_kernels.utils.errors import LearningRateCollapseError
+from icl_kernels.utils.stats import wilson_interval
 
 __all__ = [
     "has_kv_bias",
@@ -284,37 +286,48 @@ def _forget_graph(model: tl_backend.Model, device) -> None:
             pass
 
 
-#: How far (absolute accuracy) a learning rate may drop below zero-shot on one development fold
-#: before `select_lr` calls it collapsed and rejects it.
+#: How far (absolute accuracy) a learning rate must fall below zero-shot on one development fold
+#: before `select_lr` calls it collapsed and rejects it (see `collapsed_folds`).
 COLLAPSE_MARGIN = 0.25
 
 
 @dataclass
 class DevScore:
     """What the development split says of one learning rate: the pooled accuracy and mean gold
-    log-probability, and the accuracy on each fold (one fold per demonstration set: the model
-    finetuned on that set, scored on its development queries)."""
+    log-probability, and per fold (one fold per demonstration set: the model finetuned on that set,
+    scored on its development queries) the number right and the number of queries."""
 
     accuracy: float
     gold_log_prob: float
-    fold_accuracy: tuple[float, ...] = ()
+    fold_right: tuple[int, ...] = ()
+    fold_size: tuple[int, ...] = ()
 
 
 def collapsed_folds(
-    fold_accuracy: Sequence[float], zero_shot_accuracy: Sequence[float], margin: float = COLLAPSE_MARGIN
+    fold_right: Sequence[int], fold_size: Sequence[int], zero_shot_accuracy: Sequence[float],
+    margin: float = COLLAPSE_MARGIN,
 ) -> list[int]:
-    """The folds on which finetuning *collapsed*: its development accuracy is more than ``margin``
-    below the zero-shot accuracy of the same (unfinetuned) model on the same development queries.
+    """The folds on which finetuning *collapsed*: even the upper end of the 95% Wilson interval of the
+    finetuned development accuracy (``fold_right / fold_size``) is more than ``margin`` below the
+    zero-shot accuracy of the unfinetuned model on the same development queries.
 
-    >>> collapsed_folds([0.9, 0.1, 0.6], [0.8, 0.8, 0.8])
+    The Wilson bound keeps a fold of a few queries from calling one unlucky miss a collapse: with
+    2 queries only 0 of 2 against a zero-shot 2 of 2 collapses (upper bound 0.658 < 1 - 0.25),
+    while with 32 queries 3 right (9%, bound 0.24) against 85% zero-shot does.
+
+    >>> collapsed_folds([29, 3, 1], [32, 32, 2], [0.85, 0.85, 1.0])
     [1]
     """
-    if len(fold_accuracy) != len(zero_shot_accuracy):
+    if not len(fold_right) == len(fold_size) == len(zero_shot_accuracy):
         raise ValueError(
-            f"{len(fold_accuracy)} fold accuracies but {len(zero_shot_accuracy)} zero-shot accuracies: "
-            "give one of each per development fold."
+            f"{len(fold_right)} fold counts, {len(fold_size)} fold sizes and {len(zero_shot_accuracy)} zero-shot "
+            "accuracies: give one of each per development fold."
         )
-    return [i for i, (ft, zs) in enumerate(zip(fold_accuracy, zero_shot_accuracy)) if ft < zs - margin]
+    out = []
+    for i, (right, n, zs) in enumerate(zip(fold_right, fold_size, zero_shot_accuracy)):
+        if n and wilson_interval(int(right), int(n))[1] < zs - margin:
+            out.append(i)
+    return out
 
 
 @dataclass
@@ -349,9 +362,9 @@ def select_lr(
     `DevScore` (or ``(accuracy, mean gold log-probability)``) on the development split, which must
     be disjoint from the test split. Given ``zero_shot_fold_accuracy`` (the unfinetuned model's
     accuracy on each fold's development queries), a candidate is *collapsed*, and rejected, when on
-    any fold its accuracy is more than ``margin`` below that fold's zero-shot accuracy
-    (`collapsed_folds`): a learning rate that wrecks the model on one demonstration set is not
-    rescued by the others' average.
+    any fold even the upper 95% Wilson bound of its accuracy is more than ``margin`` below that
+    fold's zero-shot accuracy (`collapsed_folds`): a learning rate that wrecks the model on one
+    demonstration set is not rescued by the others' average.
 
     Raises:
         ValueError: no candidates, or fold accuracies missing or of the wrong number.
@@ -374,14 +387,15 @@ def select_lr(
             log_prob = -math.inf
         row = dict(lr=float(lr), dev_accuracy=float(accuracy), dev_gold_log_prob=float(log_prob))
         if baseline is not None:
-            if len(result.fold_accuracy) != len(baseline):
+            if not len(result.fold_right) == len(result.fold_size) == len(baseline):
                 raise ValueError(
-                    f"The collapse check needs one dev accuracy per fold: got {len(result.fold_accuracy)} for "
+                    f"The collapse check needs one dev count per fold: got {len(result.fold_right)} for "
                     f"{len(baseline)} zero-shot folds."
                 )
-            folds = collapsed_folds(result.fold_accuracy, baseline, margin)
-            drops = [zs - ft for ft, zs in zip(result.fold_accuracy, baseline)]
-            row.update(min_fold_accuracy=float(min(result.fold_accuracy)), worst_fold_drop=float(max(drops)),
+            folds = collapsed_folds(result.fold_right, result.fold_size, baseline, margin)
+            accuracy_by_fold = [r / n if n else math.nan for r, n in zip(result.fold_right, result.fold_size)]
+            row.update(min_fold_accuracy=float(min(accuracy_by_fold)),
+                       worst_fold_drop=float(max(zs - a for a, zs in zip(accuracy_by_fold, baseline))),
                        collapsed_folds=" ".join(str(i) for i in folds), rejected=bool(folds))
             if folds:
                 rejected[float(lr)] = folds
@@ -401,8 +415,8 @@ def select_lr(
             f"lr {lr:g} on fold(s) {fold_text(folds)}" for lr, folds in rejected.items()
         )
         raise LearningRateCollapseError(
-            f"Every candidate learning rate collapsed on some development fold (fold accuracy more than "
-            f"{margin:g} below the zero-shot accuracy of that fold): {detail}. Give smaller candidates "
+            f"Every candidate learning rate collapsed on some development fold (upper 95% Wilson bound of the "
+            f"fold's finetuned accuracy more than {margin:g} below its zero-shot accuracy): {detail}. Give smaller candidates "
             "(--lrs), more development queries (--n-dev), or a fixed --lr."
         )
     best = max(kept, key=lambda row: (row["dev_accuracy"], row["dev_gold_log_prob"]))

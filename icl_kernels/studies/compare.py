@@ -21,8 +21,9 @@ Each episode's demonstrations are the finetuning data; `icl_kernels.finetuning.d
 then compares ZSL, ICL and FT runs on the trained model and on an untrained model of the same
 architecture (`icl_kernels.finetuning.dai_metrics.untrained_copy`), which chooses its own learning rate
 by the same development search. A candidate learning rate that collapses on any development fold
-(one fold per demonstration set: accuracy more than ``--collapse-margin``, 0.25 by default, below
-the zero-shot accuracy on the same development queries) is rejected.
+(one fold per demonstration set: the upper 95% Wilson bound of its accuracy more than
+``--collapse-margin``, 0.25 by default, below the zero-shot accuracy on the same development
+queries) is rejected.
 SimAOU and SimAM are reported under both definitions of `icl_kernels.finetuning.dai_definitions`
 (``--definition`` picks the one the unsuffixed keys hold, ``official`` by default), and every
 finetuning-dependent metric is compared, paired over the same queries, with the same metric after
@@ -115,8 +116,8 @@ class CompareConfig(Options):
     controls: bool = field(default=True, metadata={
         "help": "run the lr -> 0 (identity) and mismatched-demonstration controls of every FT-dependent metric"})
     collapse_margin: float = field(default=COLLAPSE_MARGIN, metadata={
-        "help": "reject a candidate lr whose dev accuracy on any fold (demonstration set) is more than this "
-                "below the zero-shot accuracy on the same dev queries"})
+        "help": "reject a candidate lr that collapses on a dev fold (demonstration set): the upper 95%% Wilson "
+                "bound of its dev accuracy there is more than this below the zero-shot accuracy on the same queries"})
 
     def __post_init__(self) -> None:
         problems = []

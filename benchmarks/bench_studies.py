@@ -33,7 +33,7 @@ def _configs(model: str, task: str, scale: int) -> dict[str, dict]:
     return {
         "eval": dict(seeded, shots=8, n_test=10 * scale),
         "heads": dict(seeded, shots=8, n_test=10 * scale, similarity=False, kr_minilm=False),
-        "compare": dict(seeded, shots=4, n_test=4 * scale, n_dev=4, lrs=(0.01,), untrained=False),
+        "compare": dict(seeded, shots=4, n_test=4 * scale, episodes=1, n_dev=4, lrs=(0.01,), untrained=False),
         "momentum": dict(base, etas=(0.1,), shots=(4,), seeds=(0,), n_test=4 * scale, ppl_tokens=128, ppl_windows=2),
         "causal": dict(seeded, shots=4, n_test=10 * scale, k=2, random_draws=1, bootstrap=100, layer_sweep=False),
         "families": dict(seeded, shots=4, n_test=6 * scale, k=2, random_draws=1, bootstrap=100, induction_sequences=2,

@@ -13,7 +13,8 @@ model's majority-prediction share, and the paired bootstraps of the best head ag
 and against every kernel-regression baseline) and ``prompts.csv``, and adds one number no single
 run has: each condition's ICL accuracy minus the reference condition's, a paired bootstrap over
 the shared report queries. Writes ``phenomena.csv`` (tidy: condition, quantity, value, low, high,
-n, unit, detail) and ``config.json`` into ``out``, and prints the README's markdown table.
+n, unit, detail), ``config.json`` and ``summary.json`` (``interval_settings``: the method,
+resamples and seed of the bootstrap made here) into ``out``, and prints the README's markdown table.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 from icl_kernels.utils.config import Options, add_arguments, from_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
-from icl_kernels.utils.stats import mean_difference, paired_bootstrap
+from icl_kernels.utils.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, mean_difference, paired_bootstrap
 
 
 @dataclass
@@ -103,6 +104,20 @@ def condition_rows(name: str, run: Path, reference_run: Path) -> list[dict]:
                  n=v["n"], unit=v["unit"], detail=summary["best_head_max"]) for q, v in quantities.items()]
 
 
+def interval_settings(cfg: PhenomenaConfig) -> dict:
+    """How the table's intervals were drawn: the bootstrap made here (each condition minus the
+    reference), with its resamples and seed, and where the other intervals come from."""
+    return {"interval_settings": {
+        "icl_accuracy_minus_reference": {
+            "method": "paired percentile bootstrap over the shared report queries", "level": 0.95,
+            "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "stream": "bootstrap",
+            "reference": cfg.reference,
+        },
+        "other_rows": "copied from each run's heads summary.json (held_out; its interval_settings give the "
+                      "method, resamples and seed)",
+    }}
+
+
 def _fmt(x: float, sign: bool = False, digits: int = 3) -> str:
     text = f"{abs(x):.{digits}f}".lstrip("0") or "0"
     return ("-" if x < 0 else "+" if sign else "") + text
@@ -170,6 +185,7 @@ def main(argv=None) -> int:
     rows = [r for c in names for r in condition_rows(c, runs / f"{c}{cfg.suffix}", reference)]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "phenomena.csv", rows)
+    atomic_write_text(out / "summary.json", json.dumps(interval_settings(cfg), indent=2))
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     print(markdown(pd.DataFrame(rows)))
     return 0

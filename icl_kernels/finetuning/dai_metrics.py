@@ -72,9 +72,19 @@ Means: per layer over queries (NaN-aware), then over layers (and heads for SimAM
 relaxed identity ``(W_ZSL + dW_ICL) q == relaxed z`` is checked on the fly; the worst error is
 reported (``identity_max_abs_error``).
 
+Paired intervals (``paired`` in the summary): SimAM after minus before (trained and untrained, both
+definitions) and trained minus untrained (accuracies, SimAOU, SimAM before/after/after-minus-before,
+Kendall), each over the same queries, with the demonstration set as the unit when there are several.
+
 The learning rate is chosen once, for all episodes, by `icl_kernels.finetuning.finetune.select_lr` on the
-episodes' development queries (zero-shot prompts scored after finetuning); the untrained control is
-finetuned with the same rate. `compare_icl_with_finetuning` runs everything and returns the summary
+episodes' development queries (zero-shot prompts scored after finetuning), separately for the trained
+model and for the untrained control (`choose_lr`; ``lr`` and ``lr_untrained`` in the summary). One
+*fold* is one episode: the model finetuned on its demonstrations, scored on its development queries.
+A candidate rate *collapses* when on some fold the upper end of the 95% Wilson interval of its
+accuracy is more than ``ComparisonSettings.collapse_margin`` (default 0.25, absolute) below the
+unfinetuned model's zero-shot accuracy on the same queries (a 2-query fold collapses only at 0 of 2
+against 2 of 2); collapsed rates are rejected, and a search in which every
+rate collapses stops with `icl_kernels.utils.errors.LearningRateCollapseError` naming rates and folds. `compare_icl_with_finetuning` runs everything and returns the summary
 metrics and tidy per-layer, per-head and per-query rows (`CompareResult`); the ``compare`` study
 (`icl_kernels.studies.compare`) builds the episodes from a task or the synthetic world.
 """
@@ -106,7 +116,16 @@ from icl_kernels.finetuning.dai_definitions import (
     simaou,
     simaou_update,
 )
-from icl_kernels.finetuning.finetune import DEFAULT_LRS, FinetuneResult, finetune, kv_weights, select_lr
+from icl_kernels.finetuning.finetune import (
+    COLLAPSE_MARGIN,
+    DEFAULT_LRS,
+    DevScore,
+    FinetuneResult,
+    LrSelection,
+    finetune,
+    kv_weights,
+    select_lr,
+)
 from icl_kernels.finetuning.recording import POSITIONS, Record, record, recording_tokens
 from icl_kernels.finetuning.relaxation import decompose, linear_attention, stable_rank
 from icl_kernels.models import backend as tl_backend
@@ -131,6 +150,7 @@ __all__ = [
     "ComparisonSettings",
     "CompareResult",
     "compare_icl_with_finetuning",
+    "choose_lr",
     "untrained_copy",
     "demo_token_mask",
 ]
@@ -241,9 +261,13 @@ class ComparisonSettings:
     direct: bool = True  # the dW_ICL vs finetuning-update comparison
     definition: str = "official"  # which SimAOU / SimAM the headline keys hold (both are always reported)
     controls: bool = True  # the lr -> 0 and mismatched-update controls
+    #: a candidate lr is rejected when on some fold its dev accuracy is more than this below zero-shot
+    collapse_margin: float = COLLAPSE_MARGIN
 
     def __post_init__(self) -> None:
         check_definition(self.definition)
+        if not (math.isfinite(self.collapse_margin) and self.collapse_margin >= 0):
+            raise InvalidOptionError(f"collapse_margin must be a finite number >= 0, not {self.collapse_margin}.")
         if self.position not in POSITIONS:
             raise InvalidOptionError(f"position must be one of {POSITIONS}, not {self.position!r}.")
         if self.lr is None and not self.lrs:
@@ -268,18 +292,63 @@ def _predict(rec: Record) -> int:
     return int(rec.label_log_probs.argmax())
 
 
-def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], label_tokens) -> tuple[float, float]:
-    right, total, gold_lp = 0, 0, 0.0
+def _dev_accuracy(model, episode: Episode, label_tokens) -> tuple[int, float]:
+    """(right answers, summed gold log-probability) of ``model`` on one episode's development queries."""
+    right, gold_lp = 0, 0.0
+    for prompt, gold in zip(episode.dev_prompts, episode.dev_gold):
+        rec = label_log_probs(model, [prompt], [[t] for t in label_tokens], dtype=torch.float64)[0]
+        right += int(int(rec.argmax()) == gold)
+        gold_lp += float(rec.log_softmax(-1)[gold])
+    return right, gold_lp
+
+
+def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], label_tokens) -> DevScore:
+    """Pooled development accuracy and gold log-probability of the finetuned models, and the accuracy
+    of each fold (episode ``e``'s finetuned model on episode ``e``'s development queries)."""
+    right, total, gold_lp, fold_right, fold_size = 0, 0, 0.0, [], []
     for result, episode in zip(tuned, episodes):
         with result.applied() as model:
-            for prompt, gold in zip(episode.dev_prompts, episode.dev_gold):
-                rec = label_log_probs(model, [prompt], [[t] for t in label_tokens], dtype=torch.float64)[0]
-                right += int(int(rec.argmax()) == gold)
-                gold_lp += float(rec.log_softmax(-1)[gold])
-                total += 1
+            n_right, fold_lp = _dev_accuracy(model, episode, label_tokens)
+        n = len(episode.dev_gold)
+        right, total, gold_lp = right + n_right, total + n, gold_lp + fold_lp
+        fold_right.append(n_right)
+        fold_size.append(n)
     if total == 0:
         raise ValueError("No development queries: the learning rate cannot be chosen; give lr= or dev prompts.")
-    return right / total, gold_lp / total
+    return DevScore(right / total, gold_lp / total, tuple(fold_right), tuple(fold_size))
+
+
+def _zero_shot_folds(model, episodes: Sequence[Episode], label_tokens) -> tuple[float, ...]:
+    """The unfinetuned model's accuracy on each episode's development queries (the collapse baseline);
+    episodes that share their development prompts (text tasks) are scored once."""
+    seen: dict[tuple, float] = {}
+    out = []
+    for episode in episodes:
+        key = tuple(tuple(p.tokens) for p in episode.dev_prompts) + (tuple(episode.dev_gold),)
+        if key not in seen:
+            right, _ = _dev_accuracy(model, episode, label_tokens)
+            seen[key] = right / len(episode.dev_gold) if episode.dev_gold else float("nan")
+        out.append(seen[key])
+    return tuple(out)
+
+
+def choose_lr(model, episodes: Sequence[Episode], label_tokens, cfg: "ComparisonSettings",
+              log: Callable[[str], None] | None = None) -> LrSelection:
+    """The learning rate of ``model`` (the trained one or its untrained copy): ``cfg.lr`` when fixed,
+    else `icl_kernels.finetuning.finetune.select_lr` over ``cfg.lrs`` on the episodes' development
+    queries, rejecting a rate that collapses on any fold (fold = demonstration set; collapse = the
+    upper 95% Wilson bound of the fold's finetuned accuracy more than ``cfg.collapse_margin`` below
+    the zero-shot accuracy of the same model on that fold's development queries;
+    `icl_kernels.finetuning.finetune.collapsed_folds`)."""
+    if cfg.lr is not None:
+        return LrSelection(lr=float(cfg.lr), table=[], margin=cfg.collapse_margin)
+    return select_lr(
+        lambda lr: [finetune(model, ep.train_sequences, lr, record_queries=False) for ep in episodes],
+        lambda tuned: _dev_score(tuned, episodes, label_tokens),
+        cfg.lrs, progress=log,
+        zero_shot_fold_accuracy=_zero_shot_folds(model, episodes, label_tokens),
+        margin=cfg.collapse_margin, fold_names=[ep.name for ep in episodes],
+    )
 
 
 class _ModelPass:
@@ -601,6 +670,24 @@ class _ModelPass:
             )
         return out
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every per-query metric as an array (``[query, layer]`` or ``[query, layer, head]``)."""
+        out = {name: torch.stack(v).numpy() for name, v in self.per_layer.items()}
+        out.update({name: torch.stack(v).numpy() for name, v in self.per_head.items()})
+        return out
+
+    def after_minus_before(self, groups: np.ndarray | None) -> dict:
+        """SimAM after minus SimAM before under each definition, paired over the same queries (and
+        heads), with its interval (`_interval`; clusters = demonstration sets when ``groups`` is given)."""
+        arrays = self.arrays()
+        out = {}
+        for definition in DEFINITIONS:
+            tag = DEFINITION_TAGS[definition]
+            after, before = _jointly_finite(arrays[f"simam_after_{tag}"], arrays[f"simam_before_{tag}"])
+            out[tag] = self._interval(lambda a, b: _head_statistic(a) - _head_statistic(b), [after, before], groups,
+                                      bounds=(-2.0, 2.0))
+        return out
+
     def accuracies(self) -> dict:
         gold = np.array([r["gold"] for r in self.rows])
         right = {k: np.array([r[f"{k}_pred"] for r in self.rows]) == gold for k in ("zsl", "ft", "icl")}
@@ -621,6 +708,42 @@ _CONTROL_DESCRIPTIONS = {
     "mismatched": "finetuned at the chosen learning rate on the next episode's demonstrations (another set); "
                   "Kendall ranks its query against this episode's training queries",
 }
+
+
+#: Metrics compared between the trained model and its untrained copy, paired over the same queries.
+_PAIRED_WITH_UNTRAINED = (
+    "simaou_official", "simaou_softmax_weights", "simam_before_official", "simam_before_softmax_weights",
+    "simam_after_official", "simam_after_softmax_weights", "kendall",
+)
+
+
+def _trained_minus_untrained(side: "_ModelPass", control: "_ModelPass", groups: np.ndarray | None) -> dict:
+    """Trained minus untrained for the accuracies, SimAOU, SimAM (before, after and after minus before,
+    both definitions) and Kendall, paired over the same queries; the interval's unit is the
+    demonstration set when ``groups`` is given (`_ModelPass._interval`), else the query."""
+    if [(r["episode"], r["index"]) for r in side.rows] != [(r["episode"], r["index"]) for r in control.rows]:
+        raise RuntimeError("The trained and untrained passes scored different queries; they cannot be paired.")
+    out: dict = {}
+    for run in ("zsl", "ft", "icl"):
+        pair = [side.right(f"{run}_pred"), control.right(f"{run}_pred")]
+        out[f"{run}_accuracy"] = side._interval(mean_difference, pair, groups, bounds=(-1.0, 1.0))
+    trained, untrained = side.arrays(), control.arrays()
+    for name in _PAIRED_WITH_UNTRAINED:
+        a, b = _jointly_finite(trained[name], untrained[name])
+        statistic = _layer_statistic if a.ndim == 2 else _head_statistic
+        out[name] = side._interval(lambda x, y, s=statistic: s(x) - s(y), [a, b], groups, bounds=(-2.0, 2.0))
+    for definition in DEFINITIONS:
+        tag = DEFINITION_TAGS[definition]
+        arrays = [trained[f"simam_after_{tag}"], trained[f"simam_before_{tag}"],
+                  untrained[f"simam_after_{tag}"], untrained[f"simam_before_{tag}"]]
+        missing = np.any([np.isnan(x) for x in arrays], axis=0)
+        arrays = [np.where(missing, np.nan, x) for x in arrays]
+
+        def change_gap(ta, tb, ua, ub):
+            return (_head_statistic(ta) - _head_statistic(tb)) - (_head_statistic(ua) - _head_statistic(ub))
+
+        out[f"simam_after_minus_before_{tag}"] = side._interval(change_gap, arrays, groups, bounds=(-4.0, 4.0))
+    return out
 
 
 def _layer_statistic(x: np.ndarray) -> float:
@@ -707,7 +830,8 @@ def compare_icl_with_finetuning(
     """Run ZSL, ICL and FT on every query of every episode and compute all metrics.
 
     ``untrained``: a random-weight model of the same architecture (`untrained_copy`) for the
-    control; it is finetuned with the learning rate chosen for ``model``.
+    control; it chooses its own learning rate by the same search on the same development queries
+    (`choose_lr`), or takes ``cfg.lr`` when that is fixed.
     """
     cfg = cfg or ComparisonSettings()
     if not episodes:
@@ -715,16 +839,14 @@ def compare_icl_with_finetuning(
     label_tokens = first_label_tokens(label_ids)
     timing: dict[str, float] = {}
     start = time.perf_counter()
-    if cfg.lr is not None:
-        lr, lr_table = float(cfg.lr), []
-    else:
-        selection = select_lr(
-            lambda lr: [finetune(model, ep.train_sequences, lr, record_queries=False) for ep in episodes],
-            lambda tuned: _dev_score(tuned, episodes, label_tokens),
-            cfg.lrs, progress=log,
-        )
-        lr, lr_table = selection.lr, selection.table
+    selections = {"trained": choose_lr(model, episodes, label_tokens, cfg, log)}
     timing["lr_search_s"] = time.perf_counter() - start
+    if untrained is not None:
+        start = time.perf_counter()
+        selections["untrained"] = choose_lr(
+            untrained, episodes, label_tokens, cfg, (lambda text: log(f"untrained {text}")) if log else None)
+        timing["untrained_lr_search_s"] = time.perf_counter() - start
+    lr = selections["trained"].lr
     n_queries = sum(len(ep.gold) for ep in episodes)
     bar = tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -737,14 +859,42 @@ def compare_icl_with_finetuning(
     control = None
     if untrained is not None:
         start = time.perf_counter()
-        control = _ModelPass(untrained, episodes, label_tokens, cfg, lr, direct=False)
+        control = _ModelPass(untrained, episodes, label_tokens, cfg, selections["untrained"].lr, direct=False)
         control.run(bar.update, gen)
         timing["untrained_s"] = time.perf_counter() - start
     bar.close()
     metrics = _summary_metrics(side, control, cfg, lr, n_episodes=len(episodes))
+    metrics["lr_selection"] = _lr_selection_summary(selections, cfg, episodes)
     layers, heads, examples = _rows(side, control)
+    lr_table = [dict(model=name, **row) for name, selection in selections.items() for row in selection.table]
     return CompareResult(metrics=metrics, layers=layers, heads=heads, examples=examples, lr_table=lr_table,
                          timing=timing)
+
+
+def _lr_selection_summary(selections: dict[str, LrSelection], cfg: ComparisonSettings,
+                          episodes: Sequence[Episode]) -> dict:
+    """Each model's chosen learning rate, the rejected (collapsed) candidates and the collapse rule."""
+    out: dict = {
+        "method": ("fixed (--lr)" if cfg.lr is not None else
+                   "best pooled dev accuracy (ties: mean gold log-prob) among candidates that did not collapse, "
+                   "searched separately for the trained model and for the untrained copy"),
+        "collapse_rule": (f"a candidate collapses when, on some development fold (the model finetuned on one "
+                          f"demonstration set, scored on that set's development queries), the upper end of the "
+                          f"95% Wilson interval of its accuracy is more than {cfg.collapse_margin:g} below the "
+                          "zero-shot accuracy of the same unfinetuned model on those queries; collapsed "
+                          "candidates are rejected"),
+        "collapse_margin": cfg.collapse_margin,
+        "n_folds": len(episodes),
+        "dev_queries_per_fold": [len(ep.dev_gold) for ep in episodes],
+    }
+    for name, selection in selections.items():
+        out[name] = dict(
+            lr=selection.lr,
+            candidates=[row["lr"] for row in selection.table],
+            rejected={f"{lr:g}": folds for lr, folds in selection.rejected.items()},
+            zero_shot_fold_accuracy=list(selection.zero_shot_fold_accuracy),
+        )
+    return out
 
 
 #: Metrics with an official and a variant definition (`icl_kernels.finetuning.dai_definitions`).
@@ -774,7 +924,8 @@ def _summary_metrics(
     if control is not None:
         c_means = control.layer_means()
         metrics["simaou_untrained"] = _mean(c_means["simaou"])
-        metrics["untrained"] = dict(control.accuracies())
+        metrics["lr_untrained"] = control.lr
+        metrics["untrained"] = dict(lr=control.lr, **control.accuracies())
         for name in _METRICS:
             metrics["untrained"][name] = _mean(c_means[name])
         for definition in DEFINITIONS:
@@ -802,17 +953,32 @@ def _summary_metrics(
     groups = np.array([r["episode"] for r in side.rows]) if n_episodes > 1 else None
     if groups is not None:
         metrics["intervals_by_episode"] = side.intervals(groups)
+    by_set = (f"cluster bootstrap ({n_episodes} >= {MIN_BOOTSTRAP_CLUSTERS} sets)" if n_episodes >= MIN_BOOTSTRAP_CLUSTERS
+              else f"t({n_episodes - 1}) on the {n_episodes} set values")
     metrics["interval_settings"] = dict(
         level=0.95, resamples=_RESAMPLES, seed=cfg.seed, stream="bootstrap",
         by_episode=("none: one demonstration set" if groups is None else
                     f"cluster bootstrap from {MIN_BOOTSTRAP_CLUSTERS} sets, else t(G-1) on the set values; "
                     "never narrower than the query-level interval"),
+        method=("percentile bootstrap over queries (Wilson for accuracies)" if groups is None else
+                f"{by_set}, never narrower than the query-level interval"),
+        n_clusters=n_episodes,
     )
     if side.control_layer:
         # paired over queries; with several demonstration sets, by set (the interval chooser)
         metrics["controls"] = side.control_differences(groups)
     if control is not None:
         metrics["untrained"]["intervals"] = control.intervals(None)
+    # paired intervals (issue 23): SimAM after minus before, trained minus untrained; same queries, and
+    # the demonstration set as the unit when there are several
+    paired: dict = {
+        "unit": "queries" if groups is None else "demonstration sets",
+        "simam_after_minus_before": side.after_minus_before(groups),
+    }
+    if control is not None:
+        paired["untrained_simam_after_minus_before"] = control.after_minus_before(groups)
+        paired["trained_minus_untrained"] = _trained_minus_untrained(side, control, groups)
+    metrics["paired"] = paired
     return metrics
 
 

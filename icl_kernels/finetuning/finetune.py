@@ -11,7 +11,9 @@ The dual form of relaxed attention says that demonstrations act on a query like 
   template (``[BOS] x_i y_i``, the exact tokens of the demonstration in the prompt, without the
   separator), and the loss is the LM loss over every token of the demonstration;
 * the learning rate is chosen on a development split disjoint from the test split (`select_lr`),
-  which the original did not do.
+  which the original did not do, and a rate that *collapses* on any development fold (the upper 95%
+  Wilson bound of its accuracy there more than `COLLAPSE_MARGIN` = 0.25 below the zero-shot
+  accuracy on the same queries; `collapsed_folds`) is rejected.
 
 The model stays in eval mode (no dropout), so training is deterministic.
 
@@ -47,6 +49,8 @@ from icl_kernels.engine.hooks import (
 )
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.architectures import architecture_of
+from icl_kernels.utils.errors import LearningRateCollapseError
+from icl_kernels.utils.stats import wilson_interval
 
 __all__ = [
     "has_kv_bias",
@@ -54,6 +58,9 @@ __all__ = [
     "kv_weights",
     "FinetuneResult",
     "finetune",
+    "COLLAPSE_MARGIN",
+    "DevScore",
+    "collapsed_folds",
     "LrSelection",
     "select_lr",
     "DEFAULT_LRS",
@@ -279,36 +286,139 @@ def _forget_graph(model: tl_backend.Model, device) -> None:
             pass
 
 
+#: How far (absolute accuracy) a learning rate must fall below zero-shot on one development fold
+#: before `select_lr` calls it collapsed and rejects it (see `collapsed_folds`).
+COLLAPSE_MARGIN = 0.25
+
+
+@dataclass
+class DevScore:
+    """What the development split says of one learning rate: the pooled accuracy and mean gold
+    log-probability, and per fold (one fold per demonstration set: the model finetuned on that set,
+    scored on its development queries) the number right and the number of queries."""
+
+    accuracy: float
+    gold_log_prob: float
+    fold_right: tuple[int, ...] = ()
+    fold_size: tuple[int, ...] = ()
+
+
+def collapsed_folds(
+    fold_right: Sequence[int], fold_size: Sequence[int], zero_shot_accuracy: Sequence[float],
+    margin: float = COLLAPSE_MARGIN,
+) -> list[int]:
+    """The folds on which finetuning *collapsed*: even the upper end of the 95% Wilson interval of the
+    finetuned development accuracy (``fold_right / fold_size``) is more than ``margin`` below the
+    zero-shot accuracy of the unfinetuned model on the same development queries.
+
+    The Wilson bound keeps a fold of a few queries from calling one unlucky miss a collapse: with
+    2 queries only 0 of 2 against a zero-shot 2 of 2 collapses (upper bound 0.658 < 1 - 0.25),
+    while with 32 queries 3 right (9%, bound 0.24) against 85% zero-shot does.
+
+    >>> collapsed_folds([29, 3, 1], [32, 32, 2], [0.85, 0.85, 1.0])
+    [1]
+    """
+    if not len(fold_right) == len(fold_size) == len(zero_shot_accuracy):
+        raise ValueError(
+            f"{len(fold_right)} fold counts, {len(fold_size)} fold sizes and {len(zero_shot_accuracy)} zero-shot "
+            "accuracies: give one of each per development fold."
+        )
+    out = []
+    for i, (right, n, zs) in enumerate(zip(fold_right, fold_size, zero_shot_accuracy)):
+        if n and wilson_interval(int(right), int(n))[1] < zs - margin:
+            out.append(i)
+    return out
+
+
 @dataclass
 class LrSelection:
-    """The learning rate chosen on the development split, with every candidate's score."""
+    """The learning rate chosen on the development split, with every candidate's score.
+
+    ``rejected`` maps each collapsed candidate to its collapsed folds (`collapsed_folds`);
+    ``zero_shot_fold_accuracy`` is the baseline they were judged against (empty: no check).
+    """
 
     lr: float
     table: list[dict]
+    rejected: dict[float, list[int]] = field(default_factory=dict)
+    zero_shot_fold_accuracy: tuple[float, ...] = ()
+    margin: float = COLLAPSE_MARGIN
 
 
 def select_lr(
     train: Callable[[float], Sequence[FinetuneResult]],
-    score: Callable[[Sequence[FinetuneResult]], tuple[float, float]],
+    score: Callable[[Sequence[FinetuneResult]], DevScore | tuple[float, float]],
     lrs: Sequence[float] = DEFAULT_LRS,
     progress: Callable[[str], None] | None = None,
+    *,
+    zero_shot_fold_accuracy: Sequence[float] | None = None,
+    margin: float = COLLAPSE_MARGIN,
+    fold_names: Sequence[str] | None = None,
 ) -> LrSelection:
-    """Pick the learning rate with the best development accuracy (ties: higher mean gold log-prob).
+    """Pick the learning rate with the best development accuracy (ties: higher mean gold log-prob),
+    among those that did not collapse.
 
-    ``train(lr)`` returns finetuning results (one per episode); ``score(results)`` returns (accuracy,
-    mean gold log-probability) on the development split, which must be disjoint from the test split.
+    ``train(lr)`` returns finetuning results (one per episode); ``score(results)`` returns a
+    `DevScore` (or ``(accuracy, mean gold log-probability)``) on the development split, which must
+    be disjoint from the test split. Given ``zero_shot_fold_accuracy`` (the unfinetuned model's
+    accuracy on each fold's development queries), a candidate is *collapsed*, and rejected, when on
+    any fold even the upper 95% Wilson bound of its accuracy is more than ``margin`` below that
+    fold's zero-shot accuracy (`collapsed_folds`): a learning rate that wrecks the model on one
+    demonstration set is not rescued by the others' average.
+
+    Raises:
+        ValueError: no candidates, or fold accuracies missing or of the wrong number.
+        LearningRateCollapseError: every candidate collapsed (the message names each lr and its folds).
     """
     if not lrs:
         raise ValueError("select_lr needs at least one learning rate.")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be a finite number >= 0, not {margin!r}.")
+    baseline = None if zero_shot_fold_accuracy is None else tuple(float(x) for x in zero_shot_fold_accuracy)
     table = []
+    rejected: dict[float, list[int]] = {}
     for lr in lrs:
         models = train(float(lr))
-        accuracy, log_prob = score(models)
+        result = score(models)
+        if not isinstance(result, DevScore):
+            result = DevScore(*result)
+        accuracy, log_prob = result.accuracy, result.gold_log_prob
         if not math.isfinite(log_prob):
             log_prob = -math.inf
-        table.append(dict(lr=float(lr), dev_accuracy=float(accuracy), dev_gold_log_prob=float(log_prob)))
+        row = dict(lr=float(lr), dev_accuracy=float(accuracy), dev_gold_log_prob=float(log_prob))
+        if baseline is not None:
+            if not len(result.fold_right) == len(result.fold_size) == len(baseline):
+                raise ValueError(
+                    f"The collapse check needs one dev count per fold: got {len(result.fold_right)} for "
+                    f"{len(baseline)} zero-shot folds."
+                )
+            folds = collapsed_folds(result.fold_right, result.fold_size, baseline, margin)
+            accuracy_by_fold = [r / n if n else math.nan for r, n in zip(result.fold_right, result.fold_size)]
+            row.update(min_fold_accuracy=float(min(accuracy_by_fold)),
+                       worst_fold_drop=float(max(zs - a for a, zs in zip(accuracy_by_fold, baseline))),
+                       collapsed_folds=" ".join(str(i) for i in folds), rejected=bool(folds))
+            if folds:
+                rejected[float(lr)] = folds
+        table.append(row)
         if progress is not None:
-            progress(f"lr {lr:g}: dev accuracy {accuracy:.3f}")
+            note = f" (collapsed on folds {rejected[float(lr)]})" if float(lr) in rejected else ""
+            progress(f"lr {lr:g}: dev accuracy {accuracy:.3f}{note}")
         del models
-    best = max(table, key=lambda row: (row["dev_accuracy"], row["dev_gold_log_prob"]))
-    return LrSelection(lr=best["lr"], table=table)
+    kept = [row for row in table if row["lr"] not in rejected]
+    if not kept:
+        names = list(fold_names) if fold_names is not None else None
+
+        def fold_text(folds: list[int]) -> str:
+            return ", ".join(f"{i} ({names[i]})" if names else str(i) for i in folds)
+
+        detail = "; ".join(
+            f"lr {lr:g} on fold(s) {fold_text(folds)}" for lr, folds in rejected.items()
+        )
+        raise LearningRateCollapseError(
+            f"Every candidate learning rate collapsed on some development fold (upper 95% Wilson bound of the "
+            f"fold's finetuned accuracy more than {margin:g} below its zero-shot accuracy): {detail}. Give smaller candidates "
+            "(--lrs), more development queries (--n-dev), or a fixed --lr."
+        )
+    best = max(kept, key=lambda row: (row["dev_accuracy"], row["dev_gold_log_prob"]))
+    return LrSelection(lr=best["lr"], table=table, rejected=rejected, zero_shot_fold_accuracy=baseline or (),
+                       margin=margin)

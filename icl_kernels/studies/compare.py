@@ -1,8 +1,11 @@
 """The ``compare`` study: ICL vs finetuning of the key/value projections (Dai et al.) with controls.
 
-Episodes. Text tasks: one set of K class-balanced demonstrations from the task's train split
-(stream ``episode_demos``) shared by the first N test queries, as in the original; ``episodes=E``
-draws E sets, each for a consecutive share of the queries. The learning rate is chosen on
+Episodes. Text tasks: E sets of K class-balanced demonstrations from the task's train split
+(stream ``episode_demos``), each shared by a consecutive share of the N test queries. The original
+used one set for all queries; here E defaults to ``TEXT_EPISODES`` = 20, so that the intervals by
+demonstration set rest on 20 independent units (a cluster bootstrap; 100 queries make 20 sets x 5
+queries, the same number of queries as before). ``episodes=E`` sets E; a configuration that would
+leave a set without a query (E > N) is refused. The learning rate is chosen on
 ``n_dev`` development queries taken from the train split outside every demonstration set (stream
 ``dev_queries``; never the test split).
 
@@ -16,7 +19,11 @@ there is one episode per concept, so the metrics average over concepts rather th
 
 Each episode's demonstrations are the finetuning data; `icl_kernels.finetuning.dai_metrics.compare_icl_with_finetuning`
 then compares ZSL, ICL and FT runs on the trained model and on an untrained model of the same
-architecture (`icl_kernels.finetuning.dai_metrics.untrained_copy`), finetuned with the same learning rate.
+architecture (`icl_kernels.finetuning.dai_metrics.untrained_copy`), which chooses its own learning rate
+by the same development search. A candidate learning rate that collapses on any development fold
+(one fold per demonstration set: the upper 95% Wilson bound of its accuracy more than
+``--collapse-margin``, 0.25 by default, below the zero-shot accuracy on the same development
+queries) is rejected.
 SimAOU and SimAM are reported under both definitions of `icl_kernels.finetuning.dai_definitions`
 (``--definition`` picks the one the unsuffixed keys hold, ``official`` by default), and every
 finetuning-dependent metric is compared, paired over the same queries, with the same metric after
@@ -54,7 +61,7 @@ from icl_kernels.finetuning.dai_metrics import (
     training_sequences,
     untrained_copy,
 )
-from icl_kernels.finetuning.finetune import DEFAULT_LRS
+from icl_kernels.finetuning.finetune import COLLAPSE_MARGIN, DEFAULT_LRS
 from icl_kernels.finetuning.recording import POSITIONS
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.options import ModelOptions
@@ -63,13 +70,19 @@ from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError, PromptTooLongError
 from icl_kernels.utils.plotting import layer_head_heatmaps
-from icl_kernels.utils.stats import rng
+from icl_kernels.utils.stats import MIN_BOOTSTRAP_CLUSTERS, rng
+
+#: Demonstration sets of a text-task run by default: enough independent units for a cluster bootstrap
+#: (`icl_kernels.utils.stats.MIN_BOOTSTRAP_CLUSTERS`).
+TEXT_EPISODES = MIN_BOOTSTRAP_CLUSTERS
 
 __all__ = [
+    "TEXT_EPISODES",
     "CompareConfig",
     "CompareReport",
     "EpisodeSource",
     "episode_source",
+    "episode_count",
     "build_episodes",
     "text_episodes",
     "synthetic_episodes",
@@ -88,7 +101,9 @@ class CompareConfig(Options):
         "choices": POSITIONS, "help": "recording position: last prompt token, or the first label token appended"})
     n_dev: int = field(default=32, metadata={"help": "development queries for the learning-rate search"})
     episodes: int | None = field(default=None, metadata={
-        "help": "demonstration sets (default: 1 for text tasks, one per concept for the synthetic world)"})
+        "help": f"demonstration sets, each shared by n_test / episodes queries (default: {TEXT_EPISODES} for text "
+                "tasks, so intervals by set have 20 independent units, i.e. a cluster bootstrap: 20 sets x 5 "
+                "queries at n_test 100; one per concept for the synthetic world). Must be <= n_test"})
     lrs: tuple[float, ...] = field(default=DEFAULT_LRS, metadata={"help": "candidate learning rates"})
     lr: float | None = field(default=None, metadata={"help": "fixed learning rate (skips the search)"})
     untrained: bool = field(default=True, metadata={"help": "run the untrained-model control"})
@@ -100,6 +115,9 @@ class CompareConfig(Options):
                 "outputs; softmax weights on the query's tokens). Both are always reported"})
     controls: bool = field(default=True, metadata={
         "help": "run the lr -> 0 (identity) and mismatched-demonstration controls of every FT-dependent metric"})
+    collapse_margin: float = field(default=COLLAPSE_MARGIN, metadata={
+        "help": "reject a candidate lr that collapses on a dev fold (demonstration set): the upper 95%% Wilson "
+                "bound of its dev accuracy there is more than this below the zero-shot accuracy on the same queries"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -113,7 +131,10 @@ class CompareConfig(Options):
         if self.lr is None and self.n_dev < 1:
             problems.append("n_dev must be >= 1 to choose the learning rate (or give a fixed lr)")
         if self.episodes is not None and not 1 <= self.episodes <= n_test:
-            problems.append(f"episodes must be in [1, n_test={n_test}], not {self.episodes}")
+            problems.append(f"episodes must be in [1, n_test={n_test}] (every demonstration set needs at least one "
+                            f"query), not {self.episodes}")
+        if not (math.isfinite(self.collapse_margin) and self.collapse_margin >= 0):
+            problems.append(f"collapse_margin must be a finite number >= 0, not {self.collapse_margin}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr must be positive, not {self.lr}")
         if not self.lrs or any(not (math.isfinite(x) and x > 0) for x in self.lrs):
@@ -160,6 +181,30 @@ def episode_source(cfg: CompareConfig) -> EpisodeSource:
     return EpisodeSource(task=get_task(task_name or DEFAULT_TASK))
 
 
+def episode_count(cfg: CompareConfig, source: EpisodeSource) -> int:
+    """The number of demonstration sets of a run: ``cfg.episodes``, else `TEXT_EPISODES` for a text
+    task and one per concept (at most ``n_test``) for the synthetic world.
+
+    Raises:
+        InvalidOptionError: the sets would not all get a query (more sets than test queries).
+    """
+    n_test = cfg.prompts.n_test
+    if cfg.episodes is not None:
+        n_episodes = cfg.episodes
+    elif source.world is not None:
+        n_episodes = min(source.world.n_concepts, n_test)
+    else:
+        n_episodes = TEXT_EPISODES
+    if not 1 <= n_episodes <= n_test:
+        default = "" if cfg.episodes is not None else f" (the default for text tasks, {TEXT_EPISODES})"
+        raise InvalidOptionError(
+            f"{n_episodes} demonstration sets{default} for n_test={n_test} queries would leave a set with fewer "
+            f"than 1 query: use --n-test >= {n_episodes} (e.g. {5 * n_episodes} for {n_episodes} sets x 5 "
+            "queries) or fewer --episodes."
+        )
+    return n_episodes
+
+
 def _split(n: int, parts: int) -> list[np.ndarray]:
     return list(np.array_split(np.arange(n), parts))
 
@@ -171,7 +216,7 @@ def text_episodes(task, tokenizer, n_ctx: int | None, cfg: CompareConfig) -> tup
     pool, test = data["train"], data["test"]
     if n_test > len(test):
         raise InvalidOptionError(f"n_test={n_test} but task {task.name!r} has {len(test)} test examples; use fewer.")
-    n_episodes = cfg.episodes or 1
+    n_episodes = episode_count(cfg, EpisodeSource(task=task))
     pool_labels = np.asarray(pool["label"])
     selector = RandomSelector(balanced=True)
     demo_sets = [selector.select(pool_labels, None, shots, rng("episode_demos", seed, e)) for e in range(n_episodes)]
@@ -207,7 +252,7 @@ def synthetic_episodes(world, n_ctx: int | None, cfg: CompareConfig) -> tuple[li
             f"A {shots}-shot synthetic prompt is {world.prompt_len(shots)} tokens, longer than the "
             f"model's context {n_ctx}; use fewer shots."
         )
-    n_episodes = cfg.episodes or min(world.n_concepts, n_test)
+    n_episodes = episode_count(cfg, EpisodeSource(world=world))
     n_dev = 0 if cfg.lr is not None else max(1, math.ceil(cfg.n_dev / n_episodes))
     length = world.config.x_len
     episodes = []
@@ -300,7 +345,8 @@ class CompareReport(Report):
     def line(self) -> str:
         m = self.summary
         return (
-            f"{m['model']} on {m['task']} ({m['shots']} shots, n={m['n_test']}, lr {m['lr']:g}, position "
+            f"{m['model']} on {m['task']} ({m['shots']} shots, n={m['n_test']}, {m['n_episodes']} demonstration sets, "
+            f"lr {m['lr']:g}{_untrained_lr(m)}, position "
             f"{m['position']}): accuracy ZSL {m['zsl_accuracy']:.3f} FT {m['ft_accuracy']:.3f} ICL "
             f"{m['icl_accuracy']:.3f}; Rec2FTP {m['rec2ftp']:.3f} (chance-corrected {m['rec2ftp_chance']:.3f}); "
             f"SimAOU {m['simaou']:.3f} (random {m['simaou_random']:.3f}, untrained {m['simaou_untrained']:.3f}); "
@@ -310,7 +356,34 @@ class CompareReport(Report):
             f"{m['simam_after_official']:.3f}; softmax-weights SimAOU {m['simaou_softmax_weights']:.3f} SimAM "
             f"{m['simam_before_softmax_weights']:.3f} -> {m['simam_after_softmax_weights']:.3f}"
             + "".join(control_lines(m.get("controls", {})))
+            + "".join(paired_lines(m))
         )
+
+
+def _untrained_lr(m: dict) -> str:
+    return f" (untrained {m['lr_untrained']:g})" if "lr_untrained" in m else ""
+
+
+def _interval_text(d: dict) -> str:
+    return f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def paired_lines(m: dict) -> list[str]:
+    """SimAM after minus before and trained minus untrained (paired), and the interval method."""
+    paired = m.get("paired")
+    if not paired:
+        return []
+    out = ["; SimAM after minus before " + ", ".join(
+        f"{tag} {_interval_text(d)}" for tag, d in paired["simam_after_minus_before"].items())]
+    gap = paired.get("trained_minus_untrained")
+    if gap:
+        names = ("simaou_official", "simaou_softmax_weights", "simam_after_minus_before_official",
+                 "simam_after_minus_before_softmax_weights", "kendall", "icl_accuracy")
+        out.append("; trained minus untrained " + ", ".join(f"{n} {_interval_text(gap[n])}" for n in names))
+    settings = m.get("interval_settings", {})
+    out.append(f"; intervals over {paired['unit']}: {settings.get('method')} ({settings.get('resamples')} resamples, "
+               f"seed {settings.get('seed')})")
+    return out
 
 
 def control_lines(controls: dict) -> list[str]:
@@ -335,6 +408,7 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
     and on its untrained copy, and return the report."""
     start = time.perf_counter()
     source = episode_source(cfg)  # a bad task or model/task pair fails before the model loads
+    episode_count(cfg, source)  # and so does a set without a query
     if model is None:
         model = cfg.model.load()
     episodes, label_ids = build_episodes(cfg, model, source)
@@ -345,7 +419,8 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
         untrained = untrained_copy(model, cfg.model.model, seed=cfg.prompts.seed)
         timing["untrained_build_s"] = time.perf_counter() - built
     settings = ComparisonSettings(position=cfg.position, lrs=tuple(cfg.lrs), lr=cfg.lr, seed=cfg.prompts.seed,
-                                  direct=cfg.direct, definition=cfg.definition, controls=cfg.controls)
+                                  direct=cfg.direct, definition=cfg.definition, controls=cfg.controls,
+                                  collapse_margin=cfg.collapse_margin)
     result = compare_icl_with_finetuning(model, episodes, label_ids, settings, untrained=untrained,
                                          progress=progress, log=print if progress else None)
     if source.world is None:

@@ -77,6 +77,8 @@ from icl_kernels.utils.plotting import (
     probe_figure,
 )
 from icl_kernels.utils.stats import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
     majority_share,
     mean_difference,
     paired_bootstrap,
@@ -563,6 +565,13 @@ def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, b
         "prompts; kernel-regression baselines are scored on the 'report' prompts (their layer/head "
         "chosen on 'select')."
     )
+    # added after the existing keys (issue 23): how every bootstrap interval above was drawn
+    summary["interval_settings"] = {
+        "rates": "wilson (95%)",
+        "bootstrap": ("percentile bootstrap over the report prompts, paired (*_minus_*); probes_selected_layer: "
+                      "cluster bootstrap with a report prompt's pairs as one cluster"),
+        "level": 0.95, "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "stream": "bootstrap",
+    }
     tables = {"heads": heads.frame, "prompts": _prompt_table(hrun, split, heads, baselines, similarity)}
     if similarity is not None:
         tables["kernel_similarity"] = similarity.frame

@@ -107,3 +107,8 @@ class NonFiniteLogitsError(IclKernelsError, FloatingPointError):
     """The model produced NaN or infinite logits (float16 overflow, or NaN in the weights or an edit):
     a prediction made from them would be meaningless, so the run stops. The message names the
     prompts."""
+
+
+class LearningRateCollapseError(IclKernelsError, ValueError):
+    """Every candidate learning rate of a development search made the finetuned model collapse on at
+    least one development fold; the message names each rate and its folds."""

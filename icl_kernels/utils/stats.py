@@ -242,13 +242,18 @@ def proportion(
     return Estimate(value=k / n if n else float("nan"), low=low, high=high, n=n, unit=unit)
 
 
+#: Resamples and seed of `paired_bootstrap` unless a caller gives its own (studies record them).
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
 def paired_bootstrap(
     statistic: Callable[..., float],
     arrays: Sequence[np.ndarray],
     unit: str,
     groups: np.ndarray | None = None,
-    resamples: int = 2000,
-    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
     level: float = 0.95,
     stream: str = "bootstrap",
 ) -> Estimate:

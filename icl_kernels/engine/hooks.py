@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
 
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.architectures import (
@@ -74,8 +75,6 @@ def active_hook_count(model: tl_backend.Model) -> int:
     A TransformerBridge registers its own permanent hooks on wrapped normalisation modules during
     its first forward; those are not hook points and are not counted.
     """
-    from transformer_lens.hook_points import HookPoint  # noqa: PLC0415 - TransformerLens internals, needed only on this path
-
     count = 0
     for module in model.modules():
         if isinstance(module, HookPoint):

@@ -56,6 +56,9 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformers import DynamicCache
 
 from icl_kernels.engine.hooks import STOP_HOOK, act_name, run_until
 from icl_kernels.models import backend as tl_backend
@@ -138,13 +141,9 @@ def encode_prefix(model: tl_backend.Model, prefix_tokens: Sequence[int]) -> Shar
     ids = torch.tensor([list(prefix_tokens)], dtype=torch.long, device=device)
     with torch.no_grad():
         if tl_backend.is_bridge(model):
-            from transformers import DynamicCache  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
             state = DynamicCache()
             run_until(model, ids, [], past_key_values=state, use_cache=True)
         else:
-            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415 - TransformerLens internals, needed only on this path
-
             state = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
             run_until(model, ids, [], past_kv_cache=state, attention_mask=_ones(1, ids.shape[1], device))
             state.freeze()
@@ -158,8 +157,6 @@ def _batch_state(prefix: SharedPrefix, batch: int):
         if batch > 1:
             state.batch_repeat_interleave(batch)
         return state
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache  # noqa: PLC0415 - TransformerLens internals, needed only on this path
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry  # noqa: PLC0415 - TransformerLens internals, needed only on this path
 
     cache = prefix.state
     entries = [

@@ -14,7 +14,7 @@ of the first class's label word appended after the prompt: what the original cod
 Predictions always come from the prediction position (the first token of each label word).
 Each run is one forward pass recorded by `icl_kernels.finetuning.recording.record`.
 
-Metrics (papers.md part A):
+Metrics (the definitions collected in the project's shared reference `papers.md`, part A):
 
 * accuracy of ZSL, FT and ICL;
 * Rec2FTP = N(FT right, ZSL wrong, ICL right) / N(FT right, ZSL wrong). Chance correction: the same
@@ -102,6 +102,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.hooks import attention_spec, repeat_kv, visibility_mask
@@ -132,6 +133,7 @@ from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.loading import hf_to_transformer_lens
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.stats import (
+    BOOTSTRAP_RESAMPLES,
     MIN_BOOTSTRAP_CLUSTERS,
     UNTRAINED_SEED_OFFSET,
     clustered_interval,
@@ -664,8 +666,8 @@ class _ModelPass:
             out[control] = dict(
                 description=_CONTROL_DESCRIPTIONS[control],
                 lr=0.0 if control == "lr0" else self.lr,
-                ft_dwk_norm=float(np.mean([r["dwk_norm"] for r in updates])),
-                ft_dwv_norm=float(np.mean([r["dwv_norm"] for r in updates])),
+                ft_dwk_norm=float(np.mean([r["dwk_norm"] for r in updates])) if updates else None,
+                ft_dwv_norm=float(np.mean([r["dwv_norm"] for r in updates])) if updates else None,
                 metrics=values,
             )
         return out
@@ -697,7 +699,7 @@ class _ModelPass:
 
 
 #: Bootstrap resamples of every compare interval.
-_RESAMPLES = 2000
+_RESAMPLES = BOOTSTRAP_RESAMPLES
 #: Metrics that depend on the finetuning, compared with the lr -> 0 and mismatched controls.
 _CONTROLLED_METRICS = (
     "simaou_official", "simaou_softmax_weights", "simam_after_official", "simam_after_softmax_weights", "kendall",
@@ -775,7 +777,7 @@ def _jointly_finite(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def _verdict(control: str, control_value: float, diff: dict) -> str:
     low, high = diff["low"], diff["high"]
-    if control == "lr0" and (math.isnan(control_value) or math.isnan(diff["value"])):
+    if control == "lr0" and math.isnan(control_value):
         return "undefined at lr 0"
     if math.isnan(low) or math.isnan(high):
         return "undefined"
@@ -801,8 +803,6 @@ def untrained_copy(model: tl_backend.Model, name: str, seed: int = 0) -> tl_back
     (`icl_kernels.utils.stats.UNTRAINED_SEED_OFFSET`); ``name`` is the original model's name, and the copy
     is called ``untrained-<name>``.
     """
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
 
     config = tl_backend.hf_config(model)
     if config is None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 __all__ = [
     "MARKER",
@@ -199,8 +200,6 @@ def remove_stale_staging(root: Path | None = None, names: Sequence[str] = ()) ->
 
 def dequantise_gguf(gguf_path: Path):
     """(Hugging Face model in float32, tokenizer) from a GGUF file, without its quantisation config."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
     hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     if hasattr(hf.config, "quantization_config"):

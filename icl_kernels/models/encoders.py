@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 from icl_kernels.utils.errors import MissingAssetError
 
@@ -51,8 +52,6 @@ class MiniLMEncoder:
     """
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
         folder = minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()

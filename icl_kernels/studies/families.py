@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from scipy.stats import spearmanr
 from torch import Tensor
 
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
@@ -193,8 +194,6 @@ def _frame(scores: dict[str, Tensor]) -> pd.DataFrame:
 
 def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int) -> pd.DataFrame:
     """|top-k intersection| and Spearman's rho over all heads for every pair of families."""
-    from scipy.stats import spearmanr  # noqa: PLC0415 - scipy is needed only here
-
     def top(family: str) -> set:
         order = heads.sort_values([family, "layer", "head"], ascending=[False, True, True], kind="stable")
         return set(map(tuple, order[["layer", "head"]].head(k).to_numpy().tolist()))

@@ -7,8 +7,10 @@ its model and the source of its data:
   over its ``config.json`` and weight files (contents when they are small, name/size/mtime
   otherwise); for a converted offline model the marker file its cache records at conversion; for a
   hub id the cached revision when the Hugging Face cache has one;
-* data source (`data_source`): `icl_kernels.data.tasks.sources.task_data_source` of the task when that
-  function exists (package file, local path with content hash or hub revision), else the task name.
+* data source (`data_source`): `icl_kernels.data.tasks.sources.loaded_task_data_source` of the task
+  (package file with its rows read and dropped, local path with content hash, or hub revision), the
+  task loaded first unless its data is on the hub, so that the record before a run equals the one
+  after it; the task name alone when the task cannot be loaded (the study then says why).
 
 `run_record` hashes these into ``fingerprint`` (everything) and ``resume_key`` (everything except
 the study's *grid keys*: options such as the momentum grid's etas that add rows rather than change
@@ -129,7 +131,7 @@ def data_source(config: Any) -> dict[str, Any] | None:
     try:
         result = task_data.loaded_task_data_source(get_task(task_name))
         return {"task": task_name, **result} if isinstance(result, Mapping) else {"task": task_name, "source": result}
-    except IclKernelsError:
+    except (IclKernelsError, OSError, ValueError):
         return {"task": task_name}  # an unknown task fails in the study, with its own message
 
 

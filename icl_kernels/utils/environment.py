@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import os
 import platform
 import subprocess
@@ -9,12 +10,11 @@ from pathlib import Path
 
 import torch
 
+import icl_kernels
+
 
 def environment() -> dict:
     """Versions of the packages results depend on, the git commit, Python and the machine."""
-    import importlib.metadata as md  # noqa: PLC0415 - optional package
-
-    import icl_kernels  # noqa: PLC0415 - the package version, read at call time
 
     def version(name: str) -> str:
         try:

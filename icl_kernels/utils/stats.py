@@ -32,6 +32,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 __all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "BOOTSTRAP_SEED",
     "Estimate",
     "SEED_STREAMS",
     "rng",
@@ -395,8 +397,8 @@ def clustered_interval(
     arrays: Sequence[np.ndarray],
     unit: str,
     groups: np.ndarray,
-    resamples: int = 2000,
-    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
     level: float = 0.95,
     stream: str = "bootstrap",
     min_clusters: int = MIN_BOOTSTRAP_CLUSTERS,
@@ -412,7 +414,8 @@ def clustered_interval(
     ``floor``, the interval of the same statistic with rows as units (by default their percentile
     bootstrap), so that it is never narrower than the row-level one; ``bounds`` (the range the
     statistic can take, e.g. ``(0, 1)`` for a rate) clips a t interval that overshoots it. Returns
-    ``{value, low, high, n, unit, method, resamples, seed, level, n_rows, widened}``; ``n`` is G.
+    ``{value, low, high, n, unit, method, resamples, seed, level, n_rows, widened}``; ``n`` is G (for the
+    t interval, the clusters whose statistic is defined). The interval always holds ``value``.
 
     >>> x = np.r_[0.0, 1, 2, 3, 4, 5]
     >>> out = clustered_interval(np.mean, [x], "sets", groups=np.r_[0, 0, 1, 1, 2, 2], resamples=200)
@@ -435,7 +438,11 @@ def clustered_interval(
         method = "t(G-1) on cluster values"
         value = float(statistic(*arrays))
         per_cluster = [float(statistic(*[a[idx] for a in arrays])) for idx in members]
+        per_cluster = [v for v in per_cluster if not math.isnan(v)]  # a cluster with no defined value
+        n = len(per_cluster)
         low, high = t_interval(per_cluster, level)
+        if not (math.isnan(low) or math.isnan(value)):  # centred on the cluster mean: keep the estimate inside
+            low, high = min(low, value), max(high, value)
     if floor is None:
         row_level = paired_bootstrap(statistic, arrays, "rows", resamples=resamples, seed=seed, level=level,
                                      stream=stream)

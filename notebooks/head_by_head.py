@@ -159,7 +159,8 @@ if COMPARE_N:
     from icl_kernels.studies import get_study
 
     comparison = get_study("compare")(
-        dict(model=MODEL, task=TASK, shots=SHOTS, n_test=COMPARE_N, seed=SEED, lr=1e-3, untrained=False, direct=False),
+        dict(model=MODEL, task=TASK, shots=SHOTS, n_test=COMPARE_N, episodes=min(2, COMPARE_N), seed=SEED, lr=1e-3,
+             untrained=False, direct=False),
         model=model, progress=False,
     )
     keys = ["zsl_accuracy", "ft_accuracy", "icl_accuracy", "rec2ftp", "rec2ftp_chance", "simaou", "simaou_random",

@@ -39,8 +39,9 @@ import torch
 
 from icl_kernels.data.prompts import PromptBuilder, make_prompts
 from icl_kernels.data.tasks.registry import get_task
-from icl_kernels.engine.capture import capture, unembed
+from icl_kernels.engine.capture import capture
 from icl_kernels.engine.hooks import act_name
+from icl_kernels.engine.label_scoring import unembed
 from icl_kernels.kernel.scores import AGGREGATIONS, DemoLayout, class_votes, demo_attention, reconstruct
 from icl_kernels.models.loading import load_model
 

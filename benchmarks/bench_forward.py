@@ -7,7 +7,7 @@ Prompts: the first ``--prompts`` test queries of ``--task`` as ``--shots``-shot 
 (`icl_kernels.data.conditions.study_prompts`, the eval study's prompts). Timed, interleaved, best of
 ``--repeats``, each batched (``--batch-size``, right padding) and at batch 1:
 
-* (a) ours: `icl_kernels.engine.capture.label_log_probs` (TransformerLens forward stopped at
+* (a) ours: `icl_kernels.engine.label_scoring.label_log_probs` (TransformerLens forward stopped at
   ``unembed.hook_in``, the unembedding of the prediction positions, log-softmax, label columns);
 * (b) transformers: the same Hugging Face model the package converts
   (`icl_kernels.models.loading.load_hf_model`, as loaded: eager attention), its base model with the
@@ -42,7 +42,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from icl_kernels.data.conditions import study_prompts
 from icl_kernels.data.prompts import PromptBatch, batches
-from icl_kernels.engine.capture import capture, final_residual, label_log_probs, nbytes
+from icl_kernels.engine.capture import capture, nbytes
+from icl_kernels.engine.label_scoring import final_residual, label_log_probs
 from icl_kernels.models.loading import load_hf_model
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.utils.config import PromptOptions

@@ -26,7 +26,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, GPTJConfig
 
-from icl_kernels.engine.capture import capture, nbytes, unembed
+from icl_kernels.engine.capture import capture, nbytes
+from icl_kernels.engine.label_scoring import unembed
 from icl_kernels.finetuning.momentum_attention import momentum_attention
 from icl_kernels.models.loading import gpt2_tokenizer, hf_to_transformer_lens, parse_dtype
 

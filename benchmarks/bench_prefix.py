@@ -5,7 +5,7 @@
 
 The prompts are the compare study's ICL prompts of one episode (one balanced demonstration set
 from the task's train split, the first N test queries), at each ``--shots``. Timed, interleaved,
-best of ``--repeats``: (a) `icl_kernels.engine.capture.label_log_probs` (every prompt in full) and (b)
+best of ``--repeats``: (a) `icl_kernels.engine.label_scoring.label_log_probs` (every prompt in full) and (b)
 `icl_kernels.engine.label_scoring.shared_label_log_probs` (demonstrations once, then the queries' suffixes;
 the prefix encoding is inside the timing), both with ``--batch-size``; and the same pair for the
 prediction-row capture of every layer (`capture` vs `shared_capture`). Printed per shot count:
@@ -21,8 +21,8 @@ import time
 import torch
 
 from icl_kernels.data.prompts import PromptBatch
-from icl_kernels.engine.capture import capture, label_log_probs
-from icl_kernels.engine.label_scoring import shared_label_log_probs
+from icl_kernels.engine.capture import capture
+from icl_kernels.engine.label_scoring import label_log_probs, shared_label_log_probs
 from icl_kernels.engine.prefix_cache import common_prefix_length, shared_capture
 from icl_kernels.studies import get_study
 from icl_kernels.studies.compare import build_episodes

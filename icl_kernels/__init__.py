@@ -33,7 +33,7 @@ _EXPORTS = {
     "momentum_attention": "icl_kernels.finetuning.momentum_attention",
     "relaxed_attention": "icl_kernels.finetuning.relaxation",
     "capture": "icl_kernels.engine.capture",
-    "label_log_probs": "icl_kernels.engine.capture",
+    "label_log_probs": "icl_kernels.engine.label_scoring",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

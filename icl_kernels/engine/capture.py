@@ -54,21 +54,9 @@ from icl_kernels.engine.hooks import (
     rotary_hook_kinds,
     run_until,
 )
-
-# Kept importable from here (their home until the scorer got its own module).
-from icl_kernels.engine.label_scoring import (
-    NonFiniteLogitsError,
-    check_finite,
-    final_residual,
-    label_log_probs,
-    unembed,
-)
 from icl_kernels.models import backend as tl_backend
 
-__all__ = [
-    "NonFiniteLogitsError", "check_finite",
-    "Capture", "capture", "FEATURE_KINDS", "ATTENTION_METHODS", "nbytes", "final_residual", "unembed", "label_log_probs",
-]
+__all__ = ["Capture", "capture", "FEATURE_KINDS", "ATTENTION_METHODS", "nbytes"]
 
 #: Activations that can be captured at chosen positions. ``q``/``k`` are post-rotary when
 #: ``rotate=True`` (the vectors whose dot product is the attention score), pre-rotary otherwise.

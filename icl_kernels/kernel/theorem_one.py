@@ -53,7 +53,8 @@ from plotly.subplots import make_subplots
 
 from icl_kernels.data.synthetic_bayes import bayes_label_probs
 from icl_kernels.data.synthetic_world import SyntheticPromptBatch, SyntheticWorld
-from icl_kernels.engine.capture import capture, unembed
+from icl_kernels.engine.capture import capture
+from icl_kernels.engine.label_scoring import unembed
 from icl_kernels.kernel.scores import (
     DemoLayout,
     class_votes,

@@ -18,12 +18,12 @@ from conftest import load_tiny
 import icl_kernels.studies.momentum as momentum_study
 from icl_kernels.cli import main
 from icl_kernels.data.prompts import IclPrompt
-from icl_kernels.engine.capture import NonFiniteLogitsError, label_log_probs
+from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.engine.perplexity import sequence_nll
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies import get_study
 from icl_kernels.studies.report import Report
-from icl_kernels.utils.errors import IclKernelsError
+from icl_kernels.utils.errors import IclKernelsError, NonFiniteLogitsError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 from test_dtypes import CONFIGS, _numbers, _prompts
 
-from icl_kernels.engine.capture import label_log_probs
 from icl_kernels.engine.hooks import active_hook_count
-from icl_kernels.engine.label_scoring import shared_label_log_probs
+from icl_kernels.engine.label_scoring import label_log_probs, shared_label_log_probs
 from icl_kernels.finetuning.momentum_attention import momentum_attention
 from icl_kernels.models.loading import load_model
 from icl_kernels.studies import get_study

@@ -8,7 +8,7 @@ from conftest import load_tiny
 
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.batching import auto_batch_size, bucketed_batches, bucketed_label_log_probs, row_bytes
-from icl_kernels.engine.capture import label_log_probs
+from icl_kernels.engine.label_scoring import label_log_probs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,7 +8,8 @@ from conftest import load_tiny
 
 from icl_kernels.engine import capture as capture_module
 from icl_kernels.engine import hooks as H
-from icl_kernels.engine.capture import capture, unembed
+from icl_kernels.engine.capture import capture
+from icl_kernels.engine.label_scoring import unembed
 
 LENGTHS = (20, 13, 17)  # right-padded rows of different lengths; local windows (8) hide early keys
 

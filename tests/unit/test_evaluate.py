@@ -11,8 +11,8 @@ from conftest import load_tiny
 from icl_kernels.data.prompts import PromptBuilder
 from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.engine.accuracy import calibrate, evaluate_icl
-from icl_kernels.engine.capture import final_residual, label_log_probs
 from icl_kernels.engine.hooks import active_hook_count
+from icl_kernels.engine.label_scoring import final_residual, label_log_probs
 from icl_kernels.utils.stats import wilson_interval
 
 POOL = [

@@ -15,7 +15,7 @@ import icl_kernels.studies.momentum as momentum_study
 from experiments import momentum_from_scratch
 from icl_kernels.cli import main
 from icl_kernels.engine import hooks as H
-from icl_kernels.engine.capture import final_residual
+from icl_kernels.engine.label_scoring import final_residual
 from icl_kernels.finetuning.momentum_attention import (
     MomentumConfigError,
     compact_layers,

@@ -7,8 +7,8 @@ import torch
 from conftest import load_tiny
 
 from icl_kernels.data.prompts import IclPrompt, PromptBatch
-from icl_kernels.engine.capture import capture, label_log_probs
-from icl_kernels.engine.label_scoring import shared_label_log_probs
+from icl_kernels.engine.capture import capture
+from icl_kernels.engine.label_scoring import label_log_probs, shared_label_log_probs
 from icl_kernels.engine.prefix_cache import (
     common_prefix_length,
     encode_prefix,

@@ -22,10 +22,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from experiments.command_line import parse_config
 from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
 from icl_kernels.data.synthetic_world import SYNTHETIC_MODEL_DIR, load_world
 from icl_kernels.models.loading import load_hf_model, load_model
-from icl_kernels.utils.config import Options, add_arguments, at_least, from_arguments, one_of, parse_list
+from icl_kernels.utils.config import Options, add_arguments, at_least, one_of, parse_list
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.plotting import write_html
 
@@ -69,11 +70,7 @@ def parse_args(argv: list[str] | None) -> EvalConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser, EvalConfig)
-    args = parser.parse_args(argv)
-    try:
-        return from_arguments(EvalConfig, args)
-    except InvalidOptionError as error:
-        parser.error(str(error))
+    return parse_config(parser, EvalConfig, argv)
 
 
 def logits_fn_for(cfg: EvalConfig):

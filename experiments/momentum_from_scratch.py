@@ -31,11 +31,12 @@ import pandas as pd
 import torch
 from transformers import GPTNeoForCausalLM
 
+from experiments.command_line import parse_config
 from experiments.train_synthetic import TrainConfig, train
 from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
 from icl_kernels.data.synthetic_world import load_world
 from icl_kernels.finetuning.momentum_attention import check_eta, hf_momentum_attention
-from icl_kernels.utils.config import Options, add_arguments, at_least, from_arguments, parse_list
+from icl_kernels.utils.config import Options, add_arguments, at_least, parse_list
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import append_rows, finished_ids, write_csv, write_json
 from icl_kernels.utils.plotting import write_html
@@ -99,11 +100,7 @@ def parse_args(argv: list[str] | None) -> ScratchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser, ScratchConfig)
-    args = parser.parse_args(argv)
-    try:
-        return from_arguments(ScratchConfig, args)
-    except InvalidOptionError as error:
-        parser.error(str(error))
+    return parse_config(parser, ScratchConfig, argv)
 
 
 def validation_loss(model, world, cfg: ScratchConfig) -> float:

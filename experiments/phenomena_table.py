@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icl_kernels.utils.config import Options, add_arguments, from_arguments
+from experiments.command_line import parse_config
+from icl_kernels.utils.config import Options, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
 from icl_kernels.utils.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, mean_difference, paired_bootstrap
@@ -166,11 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> PhenomenaConfig:
     """The table's configuration from a command line; a bad value is a usage error (exit 2)."""
     parser = parser or build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return from_arguments(PhenomenaConfig, args)
-    except InvalidOptionError as error:
-        parser.error(str(error))
+    return parse_config(parser, PhenomenaConfig, argv)
 
 
 def main(argv=None) -> int:

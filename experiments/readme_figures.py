@@ -30,8 +30,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from experiments.command_line import parse_config
 from icl_kernels.studies.momentum import momentum_heatmap
-from icl_kernels.utils.config import Options, add_arguments, from_arguments
+from icl_kernels.utils.config import Options, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text
 from icl_kernels.utils.plotting import accuracy_vs_shots_figure, layer_head_heatmaps, metric_controls_figure, write_image
@@ -126,11 +127,7 @@ def parse_args(argv=None) -> FiguresConfig:
     """The figures' configuration from a command line (one flag per `FiguresConfig` field)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, FiguresConfig)
-    args = parser.parse_args(argv)
-    try:
-        return from_arguments(FiguresConfig, args)
-    except InvalidOptionError as error:
-        parser.error(str(error))
+    return parse_config(parser, FiguresConfig, argv)
 
 
 def main(argv=None) -> int:

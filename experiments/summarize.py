@@ -26,7 +26,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from icl_kernels.utils.config import Options, add_arguments, from_arguments
+from experiments.command_line import parse_config
+from icl_kernels.utils.config import Options, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
 
@@ -139,11 +140,7 @@ def parse_args(argv: Sequence[str] | None) -> SummarizeArgs:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="a sweep output folder (holding results.csv)")
     add_arguments(parser, SummarizeArgs, defaults=SummarizeArgs(sweep="<sweep>"))
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        return from_arguments(SummarizeArgs, args)
-    except InvalidOptionError as error:
-        parser.error(str(error))
+    return parse_config(parser, SummarizeArgs, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

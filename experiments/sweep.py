@@ -77,6 +77,7 @@ from typing import Any
 import submitit
 import torch
 
+from experiments.command_line import parse_config
 from experiments.sweep_shards import (
     CRASH_ENV,
     FAILURES,
@@ -95,7 +96,7 @@ from experiments.sweep_shards import (
     status_lines,
 )
 from icl_kernels.studies import get_study, list_studies
-from icl_kernels.utils.config import Options, add_arguments, at_least, from_arguments, one_of
+from icl_kernels.utils.config import Options, add_arguments, at_least, one_of
 from icl_kernels.utils.environment import environment
 from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, read_json, write_json
@@ -360,11 +361,7 @@ def parse_args(argv: Sequence[str] | None) -> SweepArgs:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="sweep config (.toml or .json)")
     add_arguments(parser, SweepArgs, defaults=SweepArgs(config="<config>"))
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        return from_arguments(SweepArgs, args)
-    except InvalidOptionError as error:
-        parser.error(str(error))
+    return parse_config(parser, SweepArgs, argv)
 
 
 def _record_config(out: Path, cfg: SweepConfig, cells: list[Cell], source: str) -> None:

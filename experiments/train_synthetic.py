@@ -37,10 +37,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
+from experiments.command_line import parse_config
 from icl_kernels.data.synthetic_bayes import accuracy_vs_shots
 from icl_kernels.data.synthetic_world import SyntheticWorld, WorldConfig, make_world
 from icl_kernels.finetuning.momentum_attention import check_eta, hf_momentum_attention
-from icl_kernels.utils.config import Options, add_arguments, at_least, from_arguments, parse_list
+from icl_kernels.utils.config import Options, add_arguments, at_least, parse_list
 from icl_kernels.utils.errors import InvalidOptionError
 
 
@@ -156,11 +157,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser, TrainConfig)
-    args = parser.parse_args(argv)
-    try:
-        return from_arguments(TrainConfig, args)
-    except InvalidOptionError as error:
-        parser.error(str(error))
+    return parse_config(parser, TrainConfig, argv)
 
 
 def gpt_neo_config(cfg: TrainConfig, world: SyntheticWorld) -> GPTNeoConfig:

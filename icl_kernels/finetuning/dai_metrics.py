@@ -83,7 +83,10 @@ model and for the untrained control (`choose_lr`; ``lr`` and ``lr_untrained`` in
 A candidate rate *collapses* when on some fold the upper end of the 95% Wilson interval of its
 accuracy is more than ``ComparisonSettings.collapse_margin`` (default 0.25, absolute) below the
 unfinetuned model's zero-shot accuracy on the same queries (a 2-query fold collapses only at 0 of 2
-against 2 of 2); collapsed rates are rejected, and a search in which every
+against 2 of 2), or when on some fold it gives one label to every development query while the gold
+labels and the unfinetuned model's answers there take two or more (a constant classifier; the
+smollm2 SMS run at lr 0.1 answered one label on 17 of 20 sets); collapsed rates are rejected, and a
+search in which every
 rate collapses stops with `icl_kernels.utils.errors.LearningRateCollapseError` naming rates and folds. `compare_icl_with_finetuning` runs everything and returns the summary
 metrics and tidy per-layer, per-head and per-query rows (`CompareResult`); the ``compare`` study
 (`icl_kernels.studies.compare`) builds the episodes from a task or the synthetic world.
@@ -294,44 +297,57 @@ def _predict(rec: Record) -> int:
     return int(rec.label_log_probs.argmax())
 
 
-def _dev_accuracy(model, episode: Episode, label_tokens) -> tuple[int, float]:
-    """(right answers, summed gold log-probability) of ``model`` on one episode's development queries."""
-    right, gold_lp = 0, 0.0
-    for prompt, gold in zip(episode.dev_prompts, episode.dev_gold):
-        rec = label_log_probs(model, [prompt], [[t] for t in label_tokens], dtype=torch.float64)[0]
-        right += int(int(rec.argmax()) == gold)
+#: Development prompts per forward pass: zero-shot prompts are short, so a fold's queries go in one
+#: or two padded batches (right padding: the scored positions never see a pad).
+_DEV_BATCH = 16
+
+
+def _dev_accuracy(model, episode: Episode, label_tokens) -> tuple[int, float, int]:
+    """(right answers, summed gold log-probability, number of distinct labels answered) of ``model``
+    on one episode's development queries."""
+    right, gold_lp, answers = 0, 0.0, set()
+    if not episode.dev_prompts:
+        return right, gold_lp, 0
+    records = label_log_probs(model, list(episode.dev_prompts), [[t] for t in label_tokens], dtype=torch.float64,
+                              batch_size=_DEV_BATCH)
+    for rec, gold in zip(records, episode.dev_gold):
+        answer = int(rec.argmax())
+        answers.add(answer)
+        right += int(answer == gold)
         gold_lp += float(rec.log_softmax(-1)[gold])
-    return right, gold_lp
+    return right, gold_lp, len(answers)
 
 
 def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], label_tokens) -> DevScore:
     """Pooled development accuracy and gold log-probability of the finetuned models, and the accuracy
     of each fold (episode ``e``'s finetuned model on episode ``e``'s development queries)."""
-    right, total, gold_lp, fold_right, fold_size = 0, 0, 0.0, [], []
+    right, total, gold_lp, fold_right, fold_size, fold_labels = 0, 0, 0.0, [], [], []
     for result, episode in zip(tuned, episodes):
         with result.applied() as model:
-            n_right, fold_lp = _dev_accuracy(model, episode, label_tokens)
+            n_right, fold_lp, n_labels = _dev_accuracy(model, episode, label_tokens)
         n = len(episode.dev_gold)
         right, total, gold_lp = right + n_right, total + n, gold_lp + fold_lp
         fold_right.append(n_right)
         fold_size.append(n)
+        fold_labels.append(n_labels)
     if total == 0:
         raise ValueError("No development queries: the learning rate cannot be chosen; give lr= or dev prompts.")
-    return DevScore(right / total, gold_lp / total, tuple(fold_right), tuple(fold_size))
+    return DevScore(right / total, gold_lp / total, tuple(fold_right), tuple(fold_size), tuple(fold_labels))
 
 
-def _zero_shot_folds(model, episodes: Sequence[Episode], label_tokens) -> tuple[float, ...]:
-    """The unfinetuned model's accuracy on each episode's development queries (the collapse baseline);
-    episodes that share their development prompts (text tasks) are scored once."""
-    seen: dict[tuple, float] = {}
+def _zero_shot_folds(model, episodes: Sequence[Episode], label_tokens) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The unfinetuned model's accuracy on each episode's development queries and the number of
+    distinct labels it answered there (the collapse baselines); episodes that share their development
+    prompts (text tasks) are scored once."""
+    seen: dict[tuple, tuple[float, int]] = {}
     out = []
     for episode in episodes:
         key = tuple(tuple(p.tokens) for p in episode.dev_prompts) + (tuple(episode.dev_gold),)
         if key not in seen:
-            right, _ = _dev_accuracy(model, episode, label_tokens)
-            seen[key] = right / len(episode.dev_gold) if episode.dev_gold else float("nan")
+            right, _, n_labels = _dev_accuracy(model, episode, label_tokens)
+            seen[key] = (right / len(episode.dev_gold) if episode.dev_gold else float("nan"), n_labels)
         out.append(seen[key])
-    return tuple(out)
+    return tuple(a for a, _ in out), tuple(n for _, n in out)
 
 
 def choose_lr(model, episodes: Sequence[Episode], label_tokens, cfg: "ComparisonSettings",
@@ -341,14 +357,18 @@ def choose_lr(model, episodes: Sequence[Episode], label_tokens, cfg: "Comparison
     queries, rejecting a rate that collapses on any fold (fold = demonstration set; collapse = the
     upper 95% Wilson bound of the fold's finetuned accuracy more than ``cfg.collapse_margin`` below
     the zero-shot accuracy of the same model on that fold's development queries;
-    `icl_kernels.finetuning.finetune.collapsed_folds`)."""
+    `icl_kernels.finetuning.finetune.collapsed_folds`; or one label answered to every development query
+    of a fold whose gold labels and zero-shot answers take two or more,
+    `icl_kernels.finetuning.finetune.single_label_folds`)."""
     if cfg.lr is not None:
         return LrSelection(lr=float(cfg.lr), table=[], margin=cfg.collapse_margin)
+    zero_shot_accuracy, zero_shot_labels = _zero_shot_folds(model, episodes, label_tokens)
     return select_lr(
         lambda lr: [finetune(model, ep.train_sequences, lr, record_queries=False) for ep in episodes],
         lambda tuned: _dev_score(tuned, episodes, label_tokens),
         cfg.lrs, progress=log,
-        zero_shot_fold_accuracy=_zero_shot_folds(model, episodes, label_tokens),
+        zero_shot_fold_accuracy=zero_shot_accuracy, zero_shot_fold_labels=zero_shot_labels,
+        gold_fold_labels=[len(set(ep.dev_gold)) for ep in episodes],
         margin=cfg.collapse_margin, fold_names=[ep.name for ep in episodes],
     )
 
@@ -881,8 +901,9 @@ def _lr_selection_summary(selections: dict[str, LrSelection], cfg: ComparisonSet
         "collapse_rule": (f"a candidate collapses when, on some development fold (the model finetuned on one "
                           f"demonstration set, scored on that set's development queries), the upper end of the "
                           f"95% Wilson interval of its accuracy is more than {cfg.collapse_margin:g} below the "
-                          "zero-shot accuracy of the same unfinetuned model on those queries; collapsed "
-                          "candidates are rejected"),
+                          "zero-shot accuracy of the same unfinetuned model on those queries, or it gives one "
+                          "label to every one of those queries while their gold labels and the unfinetuned "
+                          "model's answers take two or more; collapsed candidates are rejected"),
         "collapse_margin": cfg.collapse_margin,
         "n_folds": len(episodes),
         "dev_queries_per_fold": [len(ep.dev_gold) for ep in episodes],

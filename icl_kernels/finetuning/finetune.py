@@ -11,9 +11,12 @@ The dual form of relaxed attention says that demonstrations act on a query like 
   template (``[BOS] x_i y_i``, the exact tokens of the demonstration in the prompt, without the
   separator), and the loss is the LM loss over every token of the demonstration;
 * the learning rate is chosen on a development split disjoint from the test split (`select_lr`),
-  which the original did not do, and a rate that *collapses* on any development fold (the upper 95%
-  Wilson bound of its accuracy there more than `COLLAPSE_MARGIN` = 0.25 below the zero-shot
-  accuracy on the same queries; `collapsed_folds`) is rejected.
+  which the original did not do, and a rate that *collapses* on any development fold is rejected:
+  either the upper 95% Wilson bound of its accuracy there is more than `COLLAPSE_MARGIN` = 0.25
+  below the zero-shot accuracy on the same queries (`collapsed_folds`), or it answers every query
+  of the fold with one label where the gold labels and the zero-shot answers there take two or
+  more (`single_label_folds`: a constant classifier is no finetuned model to compare with ICL,
+  however often the majority label happens to be right).
 
 The model stays in eval mode (no dropout), so training is deterministic.
 
@@ -61,6 +64,7 @@ __all__ = [
     "COLLAPSE_MARGIN",
     "DevScore",
     "collapsed_folds",
+    "single_label_folds",
     "LrSelection",
     "select_lr",
     "DEFAULT_LRS",
@@ -295,12 +299,14 @@ COLLAPSE_MARGIN = 0.25
 class DevScore:
     """What the development split says of one learning rate: the pooled accuracy and mean gold
     log-probability, and per fold (one fold per demonstration set: the model finetuned on that set,
-    scored on its development queries) the number right and the number of queries."""
+    scored on its development queries) the number right, the number of queries and the number of
+    distinct labels the model answered (empty: not recorded, no single-label check)."""
 
     accuracy: float
     gold_log_prob: float
     fold_right: tuple[int, ...] = ()
     fold_size: tuple[int, ...] = ()
+    fold_labels: tuple[int, ...] = ()
 
 
 def collapsed_folds(
@@ -330,11 +336,35 @@ def collapsed_folds(
     return out
 
 
+def single_label_folds(
+    fold_labels: Sequence[int], zero_shot_fold_labels: Sequence[int], gold_fold_labels: Sequence[int],
+) -> list[int]:
+    """The folds on which finetuning collapsed to a *constant answer*: the finetuned model gives one
+    label to every development query of the fold, while the gold labels of those queries and the
+    unfinetuned model's answers to them each take two or more values.
+
+    Each argument holds, per fold, a number of distinct labels. A fold whose gold labels are all one
+    class, or on which the unfinetuned model already gave one answer, is never flagged: the
+    finetuning did not take a distinction away there.
+
+    >>> single_label_folds([1, 2, 1, 1], [2, 2, 1, 2], [2, 2, 2, 1])
+    [0]
+    """
+    if not len(fold_labels) == len(zero_shot_fold_labels) == len(gold_fold_labels):
+        raise ValueError(
+            f"{len(fold_labels)} finetuned, {len(zero_shot_fold_labels)} zero-shot and {len(gold_fold_labels)} gold "
+            "label counts: give one of each per development fold."
+        )
+    return [i for i, (ft, zs, gold) in enumerate(zip(fold_labels, zero_shot_fold_labels, gold_fold_labels))
+            if ft == 1 and zs >= 2 and gold >= 2]
+
+
 @dataclass
 class LrSelection:
     """The learning rate chosen on the development split, with every candidate's score.
 
-    ``rejected`` maps each collapsed candidate to its collapsed folds (`collapsed_folds`);
+    ``rejected`` maps each collapsed candidate to its collapsed folds (`collapsed_folds` and
+    `single_label_folds` together);
     ``zero_shot_fold_accuracy`` is the baseline they were judged against (empty: no check).
     """
 
@@ -354,6 +384,8 @@ def select_lr(
     zero_shot_fold_accuracy: Sequence[float] | None = None,
     margin: float = COLLAPSE_MARGIN,
     fold_names: Sequence[str] | None = None,
+    zero_shot_fold_labels: Sequence[int] | None = None,
+    gold_fold_labels: Sequence[int] | None = None,
 ) -> LrSelection:
     """Pick the learning rate with the best development accuracy (ties: higher mean gold log-prob),
     among those that did not collapse.
@@ -363,8 +395,11 @@ def select_lr(
     be disjoint from the test split. Given ``zero_shot_fold_accuracy`` (the unfinetuned model's
     accuracy on each fold's development queries), a candidate is *collapsed*, and rejected, when on
     any fold even the upper 95% Wilson bound of its accuracy is more than ``margin`` below that
-    fold's zero-shot accuracy (`collapsed_folds`): a learning rate that wrecks the model on one
-    demonstration set is not rescued by the others' average.
+    fold's zero-shot accuracy (`collapsed_folds`); given also ``zero_shot_fold_labels`` and
+    ``gold_fold_labels`` (distinct labels per fold) and a `DevScore` with ``fold_labels``, also when
+    on some fold it answers one label where both the gold and the zero-shot answers had two or more
+    (`single_label_folds`). A learning rate that wrecks the model on one demonstration set is not
+    rescued by the others' average.
 
     Raises:
         ValueError: no candidates, or fold accuracies missing or of the wrong number.
@@ -393,9 +428,14 @@ def select_lr(
                     f"{len(baseline)} zero-shot folds."
                 )
             folds = collapsed_folds(result.fold_right, result.fold_size, baseline, margin)
+            constant: list[int] = []
+            if zero_shot_fold_labels is not None and gold_fold_labels is not None and result.fold_labels:
+                constant = single_label_folds(result.fold_labels, zero_shot_fold_labels, gold_fold_labels)
+                folds = sorted(set(folds) | set(constant))
             accuracy_by_fold = [r / n if n else math.nan for r, n in zip(result.fold_right, result.fold_size)]
             row.update(min_fold_accuracy=float(min(accuracy_by_fold)),
                        worst_fold_drop=float(max(zs - a for a, zs in zip(accuracy_by_fold, baseline))),
+                       single_label_folds=" ".join(str(i) for i in constant),
                        collapsed_folds=" ".join(str(i) for i in folds), rejected=bool(folds))
             if folds:
                 rejected[float(lr)] = folds
@@ -416,7 +456,8 @@ def select_lr(
         )
         raise LearningRateCollapseError(
             f"Every candidate learning rate collapsed on some development fold (upper 95% Wilson bound of the "
-            f"fold's finetuned accuracy more than {margin:g} below its zero-shot accuracy): {detail}. Give smaller candidates "
+            f"fold's finetuned accuracy more than {margin:g} below its zero-shot accuracy, or one label answered to "
+            f"every query where gold and zero-shot answers took two or more): {detail}. Give smaller candidates "
             "(--lrs), more development queries (--n-dev), or a fixed --lr."
         )
     best = max(kept, key=lambda row: (row["dev_accuracy"], row["dev_gold_log_prob"]))

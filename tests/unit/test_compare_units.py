@@ -23,7 +23,7 @@ from icl_kernels.data.synthetic_world import make_world
 from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.finetuning import dai_metrics
 from icl_kernels.finetuning.dai_metrics import ComparisonSettings, compare_icl_with_finetuning, untrained_copy
-from icl_kernels.finetuning.finetune import DevScore, collapsed_folds, select_lr
+from icl_kernels.finetuning.finetune import DevScore, collapsed_folds, select_lr, single_label_folds
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.compare import (
     TEXT_EPISODES,
@@ -148,6 +148,31 @@ def test_a_search_in_which_every_rate_collapses_names_rates_and_folds():
     assert "--lrs" in text and "--lr" in text
 
 
+def test_a_constant_answer_is_a_collapse_only_where_gold_and_zero_shot_answers_varied():
+    # fold 0: one label answered, gold and zero-shot both took two -> collapsed
+    # fold 1: two labels answered; fold 2: zero-shot already answered one label; fold 3: gold all one class
+    assert single_label_folds([1, 2, 1, 1], [2, 2, 1, 2], [2, 2, 2, 1]) == [0]
+    with pytest.raises(ValueError, match="one of each per development fold"):
+        single_label_folds([1], [2, 2], [2])
+
+
+def test_a_rate_that_answers_one_label_is_rejected_even_when_its_accuracy_is_best():
+    """The smollm2 SMS case: a rate that answers the majority label everywhere scores well on pooled dev
+    accuracy (and passes the accuracy rule) yet is no classifier; the single-label rule rejects it."""
+    def score(models):
+        lr = models[0]
+        right, labels = {1e-3: ((6, 6), (2, 2)), 1e-1: ((9, 9), (1, 2))}[lr]
+        return DevScore(sum(right) / 20, -1.0, right, (10, 10), labels)
+
+    search = dict(zero_shot_fold_accuracy=(0.6, 0.6), zero_shot_fold_labels=(2, 2))
+    assert select_lr(lambda lr: [lr], score, lrs=(1e-3, 1e-1), **search).lr == 0.1  # no gold counts: no check
+    picked = select_lr(lambda lr: [lr], score, lrs=(1e-3, 1e-1), gold_fold_labels=(2, 2), **search)
+    assert picked.lr == 1e-3 and picked.rejected == {0.1: [0]}
+    assert picked.table[1]["single_label_folds"] == "0" and picked.table[1]["collapsed_folds"] == "0"
+    # gold of fold 0 all one class: answering it is no collapse
+    assert select_lr(lambda lr: [lr], score, lrs=(1e-3, 1e-1), gold_fold_labels=(1, 2), **search).lr == 0.1
+
+
 # -- 2 and 4: own learning rate of the untrained copy, paired intervals -------------------------------
 
 
@@ -176,7 +201,7 @@ def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(m
         return real_finetune(base, sequences, lr, record_queries=record_queries)
 
     monkeypatch.setattr(dai_metrics, "_dev_score", dev_score)
-    monkeypatch.setattr(dai_metrics, "_zero_shot_folds", lambda m, eps, tokens: (1.0, 1.0))
+    monkeypatch.setattr(dai_metrics, "_zero_shot_folds", lambda m, eps, tokens: ((1.0, 1.0), (2, 2)))
     monkeypatch.setattr(dai_metrics, "finetune", finetune)
     result = compare_icl_with_finetuning(model, episodes, label_ids,
                                          ComparisonSettings(lrs=(1e-3, 0.3), direct=False, controls=False),

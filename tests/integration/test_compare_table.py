@@ -34,6 +34,9 @@ def test_verdicts_agree_only_when_every_control_is_excluded_on_the_papers_side()
 def test_fmt_scales_signs_and_marks_undefined():
     assert fmt(_iv(0.4, 0.2, 0.57), 100, 1, sign=True) == "+40.0 [+20.0, +57.0]"
     assert fmt(_iv(float("nan"), None, None)) == "undefined"
+    # a t interval past the quantity's range is clipped to it (0.915 [0.721, 1.089] over 8 sets)
+    assert fmt(_iv(0.915, 0.721, 1.089)) == "0.915 [0.721, 1.000]"
+    assert fmt(_iv(0.05, -0.02, 0.12), 100, 1, bounds=(0.0, 1.0)) == "5.0 [0.0, 12.0]"
 
 
 def test_main_writes_the_tidy_table_and_verdicts(tmp_path, capsys):

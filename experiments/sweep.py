@@ -45,7 +45,11 @@ without a row; a cell whose configuration changed has a new fingerprint and is r
 its old row is never mixed into the table. ``--status`` prints done / running / failed per shard;
 ``--merge-only`` rebuilds the tables from the record files; ``--dry-run`` lists the cells.
 ``<out>/config.json`` holds the sweep config and its cells, ``<out>/environment.json`` versions and
-machine; rows carry the package version.
+machine; rows carry the package version. While it writes, the sweep holds ``<out>/.sweep.lock``
+(`icl_kernels.utils.locking.folder_lock`: a second sweep into the folder stops with one line naming
+this one; a symbolic link at the lock path is refused, never followed). A config value of the wrong
+type is an error naming the key (a quoted ``"false"`` is no bool), and ``name`` is one plain folder
+name (the default ``--out`` is ``runs/<name>``).
 
     .venv/bin/python -m experiments.sweep experiments/configs/example.toml --out runs/example
     .venv/bin/python -m experiments.sweep experiments/configs/example.toml --executor local --max-jobs 2
@@ -59,18 +63,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
 import math
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +98,11 @@ from experiments.sweep_shards import (
     status_lines,
 )
 from icl_kernels.studies import get_study, list_studies
-from icl_kernels.utils.config import Options, add_arguments, at_least, one_of
+from icl_kernels.utils.config import Options, add_arguments, at_least, one_of, type_problems
 from icl_kernels.utils.environment import environment
-from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
+from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError, OutputLockedError
 from icl_kernels.utils.io import atomic_write_text, read_json, write_json
+from icl_kernels.utils.locking import folder_lock
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,6 +158,18 @@ class Cell:
         return get_study(self.analysis).config.from_dict(json.loads(self.values))
 
 
+def name_problems(name: Any) -> list[str]:
+    """``[]``, or why ``name`` cannot be a sweep's name: it names the folder ``runs/<name>``, so it
+    is one plain folder name (no path separator, not absolute, not ``.`` or ``..``)."""
+    if not isinstance(name, str):
+        return []  # reported by the type check
+    separators = [sep for sep in {"/", "\\", os.sep, os.altsep} if sep]
+    if name.strip() in ("", ".", "..") or any(sep in name for sep in separators) or "\0" in name:
+        return [f"name must be a plain folder name (the sweep writes runs/<name>), not {name!r}: no path "
+                "separators, not absolute, not '.' or '..'; pass --out to write somewhere else"]
+    return []
+
+
 #: The axes of a sweep: each a non-empty list of distinct values.
 AXES = ("models", "tasks", "shots", "seeds", "layers", "analyses")
 
@@ -191,7 +206,9 @@ class SweepConfig(Options):
             if isinstance(getattr(self, axis), list):
                 setattr(self, axis, tuple(getattr(self, axis)))
         self._rename_aliases()
-        problems = []
+        problems = self._type_problems() + name_problems(self.name)
+        if problems:  # the checks below assume the types are right
+            raise InvalidOptionError("Invalid sweep config: " + "; ".join(problems) + ".")
         for axis in AXES:
             value = getattr(self, axis)
             if not isinstance(value, tuple) or not value:
@@ -234,6 +251,17 @@ class SweepConfig(Options):
         if problems:
             raise InvalidOptionError("Invalid sweep config: " + "; ".join(problems) + ".")
         self._cells = self._build_cells()
+
+    def _type_problems(self) -> list[str]:
+        """A line per key, the sweep's own or in ``[options.<study>]``, whose value has the wrong type
+        (a quoted ``"false"`` is a string, not a bool: never read as true)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self)}
+        problems = type_problems(type(self), own)
+        known = {s.name: s for s in list_studies()}
+        for name, opts in self.options.items() if isinstance(self.options, dict) else ():
+            if name in known and isinstance(opts, dict):
+                problems += type_problems(known[name].config, opts, f"options.{name}.")
+        return problems
 
     def _rename_aliases(self) -> None:
         if not isinstance(self.analyses, tuple) or not isinstance(self.options, dict):
@@ -524,32 +552,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, cfg, cells, out, records, rows)
 
 
-class SweepLockedError(IclKernelsError):
+class SweepLockedError(OutputLockedError):
     """Another sweep process is writing the same output folder."""
 
 
 @contextlib.contextmanager
 def sweep_lock(out: Path):
-    """Hold an exclusive lock on ``out`` (``.sweep.lock``) while this process writes there; a second
-    sweep into the same folder stops at once with a `SweepLockedError` naming the holder."""
-    path = out / LOCK_FILE
-    handle = open(path, "a+", encoding="utf-8")  # held for the whole block
+    """Hold an exclusive lock on ``out`` (``.sweep.lock``, `icl_kernels.utils.locking.folder_lock`)
+    while this process writes there; a second sweep into the same folder stops at once with a
+    `SweepLockedError` naming the holder. A symbolic link at the lock path is refused
+    (`UnsafePathError`), never followed; a lock left by a sweep that died is taken over with a warning."""
+    lock = folder_lock(out, LOCK_FILE)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise SweepLockedError(
-                f"another sweep is writing {out} ({holder}); wait for it to finish, or use another --out."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
+        lock.__enter__()
+    except OutputLockedError as error:
+        raise SweepLockedError(f"another sweep is writing {out} ({error.holder}); "
+                               "wait for it to finish, or use another --out.") from None
+    with contextlib.ExitStack() as stack:
+        stack.push(lock)  # released when the block ends, also when it raises
         yield
-    finally:
-        handle.close()
 
 
 def _run(args, cfg, cells, out: Path, records, rows) -> int:

@@ -43,6 +43,7 @@ import icl_kernels
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies import get_study
 from icl_kernels.utils.io import atomic_write_text, read_json, write_json
+from icl_kernels.utils.locking import open_no_follow
 
 RESULTS = "results.csv"
 PARQUET = "results.parquet"
@@ -86,17 +87,19 @@ def _plain(value: Any) -> Any:
 
 
 def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line to a record file in a single write, repairing a torn last line first."""
+    """Append one JSON line to a record file in a single write, repairing a torn last line first.
+
+    A symbolic link at ``path`` is refused (`UnsafePathError`), never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(_plain(record), sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_no_follow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
     try:
         size = os.fstat(fd).st_size
         if size:
             os.lseek(fd, size - 1, os.SEEK_SET)
             if os.read(fd, 1) != b"\n":  # a write cut by a kill: drop the partial line
-                with open(path, "rb") as handle:
-                    data = handle.read()
+                os.lseek(fd, 0, os.SEEK_SET)
+                data = os.read(fd, size)
                 os.ftruncate(fd, data.rfind(b"\n") + 1)
         os.write(fd, line)
         os.fsync(fd)

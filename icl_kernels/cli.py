@@ -3,7 +3,8 @@
 Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), and one
 subcommand per registered study in `icl_kernels.studies` (``eval``, ``heads``, ``theorem``,
 ``compare``, ``momentum``, ``causal``, ``families``): its options are the fields of the study's configuration dataclass, plus
-``--out`` (where `Report.write` puts tables, summary, configuration and figures) and ``--threads``.
+``--out`` (where `Report.write` puts tables, summary, configuration and figures; the run holds a lock
+on it, ``.icl-kernels.lock``, while it runs) and ``--threads``.
 This module is the only place that parses arguments, sets torch threads or picks the output folder.
 """
 
@@ -19,8 +20,10 @@ import torch
 from icl_kernels.data.tasks.registry import list_tasks
 from icl_kernels.models.loading import list_models
 from icl_kernels.studies import list_studies
+from icl_kernels.studies.identity import check_writable
 from icl_kernels.utils.config import add_arguments, from_arguments
 from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
+from icl_kernels.utils.locking import folder_lock
 
 
 def _models(args) -> int:
@@ -72,16 +75,20 @@ def run_study(study, args: argparse.Namespace) -> int:
     Everything a user can get wrong is checked before a model loads: the options (the
     configuration's ``__post_init__``), ``--threads``, and ``--out`` (writable, and holding no run of
     another configuration: `icl_kernels.studies.identity.check_output`, in the study call, which
-    computes the run's record once for the check and the report). ``--out`` is created only once
-    the study has results (a resumable study: once it starts its first cell).
+    computes the run's record once for the check and the report). From the check of ``--out`` to
+    the written report the run holds the lock on ``--out`` (`icl_kernels.utils.locking.folder_lock`):
+    a second run into the same folder stops with an `OutputLockedError` naming this one. A refused
+    or failed run leaves no empty ``--out`` behind.
     """
     config = from_arguments(study.config, args)  # bad options fail here, before a model loads
     if args.threads is not None and args.threads < 1:
         raise InvalidOptionError(f"--threads must be >= 1, not {args.threads}.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = study(config, progress=True, out=args.out, force=args.force, record=True)  # --out checked first
-    out = report.write(args.out)
+    check_writable(args.out)  # a file at --out: its own message, before the lock makes the folder
+    with folder_lock(args.out):
+        report = study(config, progress=True, out=args.out, force=args.force, record=True)  # --out checked first
+        out = report.write(args.out)
     print(f"{report.line()} ({out / report.summary_file})")
     return 0
 

@@ -112,3 +112,13 @@ class NonFiniteLogitsError(IclKernelsError, FloatingPointError):
 class LearningRateCollapseError(IclKernelsError, ValueError):
     """Every candidate learning rate of a development search made the finetuned model collapse on at
     least one development fold; the message names each rate and its folds."""
+
+
+class OutputLockedError(IclKernelsError, RuntimeError):
+    """Another run holds the lock on an output folder (`icl_kernels.utils.locking.folder_lock`); the
+    message names it (pid, host, start time, command)."""
+
+
+class UnsafePathError(IclKernelsError, OSError):
+    """A lock or state file is a symbolic link (or not a regular file): the run refuses to follow it,
+    so that a planted link cannot make it overwrite the file the link points to."""

@@ -3,10 +3,13 @@ duplicated rows; the summary step."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +24,8 @@ from experiments.sweep_shards import plan_shards
 from icl_kernels.models.loading import build_tiny_hf_model
 from icl_kernels.studies import get_study
 from icl_kernels.studies.identity import run_record
+from icl_kernels.utils.errors import InvalidOptionError, UnsafePathError
+from icl_kernels.utils.locking import Holder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -369,6 +374,71 @@ def test_two_sweeps_never_write_one_folder(tmp_path):
         with pytest.raises(sweep.SweepLockedError, match=r"another sweep is writing .*\(pid"):
             sweep.main([str(path), "--out", str(out), "--executor", "inline"])
     assert not (out / "results.csv").exists()
+
+
+def test_a_symlink_at_the_sweep_lock_is_refused_and_its_target_left_alone(tmp_path):
+    """A symbolic link planted at ``<out>/.sweep.lock`` is never followed: the sweep stops with one
+    clear error and the file the link points to keeps its contents."""
+    path = _write_config(tmp_path, shots=[2], seeds=[0], analyses=["causal"], options={"causal": STUDY_OPTIONS["causal"]})
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / sweep.LOCK_FILE).symlink_to(victim)
+    with pytest.raises(UnsafePathError, match=r"\.sweep\.lock' is a symbolic link .*Remove it"):
+        sweep.main([str(path), "--out", str(out), "--executor", "inline", "--no-progress"])
+    assert victim.read_text() == "precious\n"
+    assert (out / sweep.LOCK_FILE).is_symlink() and not (out / "results.csv").exists()
+
+
+def test_a_symlink_at_a_shard_record_file_is_not_written_through(tmp_path):
+    """The shards' record files are opened without following a link: a planted one is refused."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    record_file = tmp_path / "out" / "shards" / "s000.jsonl"
+    record_file.parent.mkdir(parents=True)
+    record_file.symlink_to(victim)
+    with pytest.raises(UnsafePathError, match="is a symbolic link"):
+        sweep_shards.append_record(record_file, dict(kind="row", cell_id="c"))
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_lock_left_by_a_dead_sweep_is_taken_over_with_a_warning(tmp_path):
+    """A ``.sweep.lock`` whose process has ended does not block the folder: the next sweep warns and
+    takes it; a clean end deletes the lock file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Holder(dead.pid, socket.gethostname(), "2000-01-01 00:00:00 +0000", "python -m experiments.sweep old.toml")
+    (out / sweep.LOCK_FILE).write_text(json.dumps(dataclasses.asdict(stale)))
+    with pytest.warns(UserWarning, match=rf"Taking over the lock .*pid {dead.pid} .*no longer running"):
+        with sweep.sweep_lock(out):
+            assert json.loads((out / sweep.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (out / sweep.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("key, toml, expected", [
+    ("options.causal.layer_sweep", '[options.causal]\nlayer_sweep = "false"', "a bool"),
+    ("n_test", 'n_test = "8"', "an int"),
+    ("threads", "threads = true", "an int"),
+    ("models", "models = [1]", "a list of string"),
+])
+def test_sweep_config_values_of_the_wrong_type_are_errors(tmp_path, key, toml, expected):
+    """A TOML value of the wrong type (a quoted "false" is a string, and a string is true) is an error
+    naming the key, the value and the type expected; never read as something else."""
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'analyses = ["causal"]\n{toml}\n')
+    with pytest.raises(InvalidOptionError, match=rf"Invalid sweep config: {re.escape(key)} = .* expected {expected}"):
+        sweep.SweepConfig.from_file(path)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/absolute", "a/b", ".", "..", "a\\b", ""])
+def test_a_sweep_name_is_one_plain_folder_name(tmp_path, name):
+    """``name`` makes ``runs/<name>``: a path separator, an absolute path, ``.`` or ``..`` is a one-line error."""
+    with pytest.raises(InvalidOptionError, match="name must be a plain folder name") as caught:
+        sweep.SweepConfig.from_dict({**CONFIG, "name": name})
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.tl3_only(reason="the sweep's cells use backend='hooked', gone in TL 4")

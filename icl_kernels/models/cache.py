@@ -84,7 +84,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _files_of(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+    """The recorded files of a cache folder: all but the marker and its temporary file while it is written."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.name != MARKER and not p.name.startswith(f".{MARKER}."))
 
 
 def _signature(folder: Path) -> tuple:

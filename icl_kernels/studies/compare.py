@@ -65,6 +65,7 @@ from icl_kernels.finetuning.finetune import COLLAPSE_MARGIN, DEFAULT_LRS
 from icl_kernels.finetuning.recording import POSITIONS
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
@@ -444,6 +445,6 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
 
 register(
     "compare", CompareConfig, run,
-    help="ICL vs finetuning of key/value projections (Dai et al.) with controls",
+    help=builtin_help("compare"),
     description="\n\n".join(__doc__.split("\n\n")[:3]),
 )

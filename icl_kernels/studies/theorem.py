@@ -26,6 +26,7 @@ from icl_kernels.kernel.theorem_one import (
     theorem_figure,
 )
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options
@@ -157,6 +158,6 @@ def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
 
 register(
     "theorem", TheoremConfig, run,
-    help="Theorem 1 simulation on the synthetic mixture-of-HMMs world",
+    help=builtin_help("theorem"),
     description=__doc__.split("\n\n")[1],
 )

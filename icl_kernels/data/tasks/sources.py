@@ -45,9 +45,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
-import pandas as pd
 
 from icl_kernels.data.tasks.definition import (
     Task,
@@ -61,6 +59,11 @@ from icl_kernels.utils.errors import (
     TaskDataError,
     TaskDefinitionError,
 )
+from icl_kernels.utils.lazy import lazy_module
+
+# imported when a task's data is read, not when the registry is (``icl-kernels tasks`` lists tasks without them)
+datasets = lazy_module("datasets")
+pd = lazy_module("pandas")
 
 __all__ = [
     "DATA_DIR_ENV",

@@ -37,7 +37,8 @@ skip the cells they finished. ``--device auto`` lets each job use CUDA where it 
 
 Every shard appends one record per finished (or failed) cell to ``<out>/shards/<shard>.jsonl``; the
 parent merges them, while the jobs run and at the end, into ``<out>/results.csv`` (cells in config
-order, fixed columns; ``results.parquet`` too when pyarrow is installed), ``timings.csv`` and
+order, fixed columns; ``results.parquet`` too when pyarrow is installed, rewritten whenever it was
+not made from the current results.csv), ``timings.csv`` and
 ``failures.csv`` (error type, message, traceback file under ``<out>/tracebacks/``). A failed cell
 does not stop the sweep; the exit code is 1 when any cell of the config has failed and has no row.
 Rerunning the command (after a kill of the parent, a lost job, a failure) runs only the cells

@@ -16,12 +16,14 @@ raised, and submitit requeues it; the requeued job skips the cells it already fi
 
 `merge` turns all record files into ``results.csv`` (cells in the sweep config's order; columns
 ``cell_id``, the coordinates, then the metrics sorted by name), ``results.parquet`` when pyarrow is
-installed, ``timings.csv`` (elapsed time, finish time, process, host and shard of each row) and
+installed (it records the sha256 of the results.csv it was made from, and every merge rewrites it
+when that differs, so a copy left behind by a failed write is repaired), ``timings.csv`` (elapsed time, finish time, process, host and shard of each row) and
 ``failures.csv`` (cells whose last record is a failure: error type, message, traceback file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -47,6 +49,8 @@ from icl_kernels.utils.locking import open_no_follow
 
 RESULTS = "results.csv"
 PARQUET = "results.parquet"
+#: Key of the parquet schema metadata that holds the sha256 of the results.csv it was made from.
+PARQUET_SOURCE_KEY = b"icl_kernels.source_sha256"
 FAILURES = "failures.csv"
 TIMINGS = "timings.csv"
 SHARDS = "shards"
@@ -338,7 +342,7 @@ def merge(out: Path, cells: Sequence) -> tuple[int, list[dict]]:
         path = out / RESULTS
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             atomic_write_text(path, text)
-            _write_parquet(out / PARQUET, frame)
+        _refresh_parquet(out / PARQUET, frame, hashlib.sha256(text.encode("utf-8")).hexdigest())
         timings = pd.DataFrame([dict(cell_id=c.cell_id, shard=rows[c.cell_id].get("shard"),
                                      attempt=rows[c.cell_id].get("attempt"), **rows[c.cell_id].get("timing", {}))
                                 for c in cells if c.cell_id in rows])
@@ -355,21 +359,72 @@ def merge(out: Path, cells: Sequence) -> tuple[int, list[dict]]:
 _PARQUET_NOTE = []
 
 
-def _write_parquet(path: Path, frame) -> None:
+def _parquet_tmp(path: Path) -> Path:
+    """The temporary file a parquet write goes through (left behind only by a killed process)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _parquet_source(path: Path) -> str | None:
+    """The results.csv sha256 recorded in the parquet at ``path``; None if absent, unreadable or
+    written before it was recorded."""
+    import pyarrow  # noqa: PLC0415 - optional, checked by the caller
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, ValueError, pyarrow.ArrowException):
+        return None
+    value = metadata.get(PARQUET_SOURCE_KEY)
+    return value.decode("ascii", "replace") if value else None
+
+
+def _refresh_parquet(path: Path, frame, source_sha256: str) -> None:
+    """Make ``path`` the parquet copy of the results.csv whose sha256 is ``source_sha256``.
+
+    A partial temporary file is removed first. A parquet that records this sha256 is kept; any
+    other is rewritten, so one left stale by a failed or killed write is repaired by the next merge
+    (a rerun or ``--merge-only``). Without pyarrow an existing parquet is removed (it cannot be
+    checked against the table); a write that fails removes the stale copy and says so.
+    """
+    _parquet_tmp(path).unlink(missing_ok=True)
     try:
         import pyarrow  # noqa: F401, PLC0415 - optional: the parquet copy is written only where it is installed
     except ImportError:
         if not _PARQUET_NOTE:
             _PARQUET_NOTE.append(1)
             print("note: pyarrow is not installed; results.parquet skipped (results.csv has every row).", file=sys.stderr)
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            print(f"note: removed {path}: without pyarrow it cannot be checked against results.csv.", file=sys.stderr)
         return
+    if path.is_file() and not path.is_symlink() and _parquet_source(path) == source_sha256:
+        return
+    _write_parquet(path, frame, source_sha256)
+
+
+def _write_parquet(path: Path, frame, source_sha256: str) -> None:
+    """Write ``frame`` to ``path`` through a temporary file, recording ``source_sha256`` in the
+    schema metadata. On failure the temporary file and the stale ``path`` are removed, with a
+    warning: results.csv holds every row, and the next merge tries again."""
+    import pyarrow  # noqa: PLC0415 - optional, checked by the caller
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
     frame = frame.copy()
     for column in frame.columns:  # mixed columns (layer "all" and 3, shots "-" and 4) as text
         if frame[column].dtype == object:
             frame[column] = frame[column].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    tmp = _parquet_tmp(path)
+    try:
+        table = pyarrow.Table.from_pandas(frame, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_SOURCE_KEY: source_sha256.encode()})
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except (OSError, ValueError, TypeError, pyarrow.ArrowException) as error:
+        path.unlink(missing_ok=True)
+        print(f"warning: could not write {path} ({type(error).__name__}: {error}); removed the stale copy. "
+              "results.csv has every row; a rerun or --merge-only writes the parquet again.", file=sys.stderr)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def status_lines(out: Path, cells: Sequence) -> list[str]:

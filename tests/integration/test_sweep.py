@@ -453,3 +453,70 @@ def test_rows_say_which_run_made_them(inline_small):
     cell = next(c for c in sweep.SweepConfig.from_file(path).cells() if c.analysis == "eval")
     want = run_record("eval", cell.config())["fingerprint"]
     assert want in set(eval_rows["run_fingerprint"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The parquet copy follows results.csv
+# ------------------------------------------------------------------------------------------------
+
+
+def _record_rows(out: Path, cells, value: float) -> None:
+    """One finished record per cell (metric ``accuracy`` = ``value``), as a shard would append it."""
+    for cell in cells:
+        sweep_shards.append_record(out / sweep_shards.SHARDS / "test.jsonl", dict(
+            kind="row", cell_id=cell.cell_id, row=dict(model=cell.model, accuracy=value), timing={},
+            shard="test", attempt=0))
+
+
+def _assert_parquet_matches_csv(out: Path) -> None:
+    pytest.importorskip("pyarrow")
+    csv = pd.read_csv(out / sweep.RESULTS)
+    parquet = pd.read_parquet(out / sweep_shards.PARQUET)
+    assert parquet["cell_id"].tolist() == csv["cell_id"].tolist()
+    assert parquet["accuracy"].tolist() == csv["accuracy"].tolist()
+    assert not list(out.glob(".*parquet*tmp*"))
+
+
+def test_a_parquet_left_stale_by_a_failed_write_is_rewritten_by_the_next_merge(tmp_path, monkeypatch, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    cells = sweep.SweepConfig.from_dict(CONFIG).cells()
+    out = tmp_path / "out"
+    _record_rows(out, cells[:2], 0.5)
+    assert sweep_shards.merge(out, cells)[0] == 2
+    _assert_parquet_matches_csv(out)
+
+    def disk_full(table, where, **kwargs):
+        if hasattr(where, "write"):
+            where.write(b"PAR1 partial")
+        else:
+            Path(where).write_bytes(b"PAR1 partial")
+        raise OSError(28, "No space left on device")
+
+    _record_rows(out, cells[2:4], 0.25)
+    with monkeypatch.context() as patch:
+        patch.setattr(pq, "write_table", disk_full)
+        capsys.readouterr()
+        assert sweep_shards.merge(out, cells)[0] == 4  # results.csv is written; the parquet write fails
+    assert "could not write" in capsys.readouterr().err
+    assert len(pd.read_csv(out / sweep.RESULTS)) == 4
+    assert not (out / sweep_shards.PARQUET).exists() and not list(out.glob(".*tmp*"))  # no stale copy poses as current
+    sweep_shards.merge(out, cells)  # results.csv unchanged: the parquet is still rewritten
+    _assert_parquet_matches_csv(out)
+
+
+def test_merge_only_repairs_a_stale_parquet_and_removes_a_partial_one(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = _write_config(tmp_path)
+    cells = sweep.SweepConfig.from_dict(CONFIG).cells()
+    out = tmp_path / "out"
+    _record_rows(out, cells[:2], 0.5)
+    sweep_shards.merge(out, cells)
+    stale = (out / sweep_shards.PARQUET).read_bytes()  # as a killed write leaves it: the old copy and a partial one
+    _record_rows(out, cells[2:], 0.25)
+    sweep_shards.merge(out, cells)
+    (out / sweep_shards.PARQUET).write_bytes(stale)
+    (out / f".{sweep_shards.PARQUET}.tmp").write_bytes(b"PAR1 partial")
+    assert len(pd.read_parquet(out / sweep_shards.PARQUET)) == 2 < len(pd.read_csv(out / sweep.RESULTS))
+    assert sweep.main([str(path), "--out", str(out), "--merge-only"]) == 0
+    _assert_parquet_matches_csv(out)
+    assert len(pd.read_parquet(out / sweep_shards.PARQUET)) == N_CELLS

@@ -119,6 +119,12 @@ class NonFiniteLogitsError(IclKernelsError, FloatingPointError):
     prompts."""
 
 
+class NonFiniteActivationsError(IclKernelsError, FloatingPointError):
+    """A recorded run holds NaN or infinite activations (queries, keys, values, attention outputs or
+    scores) although its prediction logits are finite: the comparison's linear algebra cannot use
+    them, so the run stops. The message names the run, the layer and the tensor."""
+
+
 class LearningRateCollapseError(IclKernelsError, ValueError):
     """Every candidate learning rate of a development search made the finetuned model collapse on at
     least one development fold; the message names each rate and its folds."""

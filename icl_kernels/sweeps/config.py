@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -176,12 +177,16 @@ class SweepConfig(Options):
         self._cells = self._build_cells()
 
     def _type_problems(self) -> list[str]:
+        return self.value_type_problems({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def value_type_problems(cls, values: Mapping[str, Any]) -> list[str]:
         """A line per key, the sweep's own or in ``[options.<study>]``, whose value has the wrong type
         (a quoted ``"false"`` is a string, not a bool: never read as true)."""
-        own = {f.name: getattr(self, f.name) for f in fields(self)}
-        problems = type_problems(type(self), own)
+        problems = type_problems(cls, values)
         known = {s.name: s for s in list_studies()}
-        for name, opts in self.options.items() if isinstance(self.options, dict) else ():
+        options = values.get("options")
+        for name, opts in options.items() if isinstance(options, dict) else ():
             if name in known and isinstance(opts, dict):
                 problems += type_problems(known[name].config, opts, f"options.{name}.")
         return problems
@@ -217,6 +222,11 @@ class SweepConfig(Options):
         unknown = sorted(set(values) - cls.field_names())
         if unknown:
             raise InvalidOptionError(f"Unknown sweep config key(s) {unknown}; known: {sorted(cls.field_names())}.")
+        problems = cls.value_type_problems(values)  # also checked after construction; here first, so that
+        if problems:  # a value of the wrong type is this message even where the constructor checks types
+            raise InvalidOptionError("Invalid sweep config: " + "; ".join(problems) + ".")
+        numbers = {name for name, tp in typing.get_type_hints(cls).items() if tp is float}
+        values = {k: float(v) if k in numbers and type(v) is int else v for k, v in values.items()}  # TOML 120 -> 120.0
         return super().from_dict(values)
 
     def cells(self) -> list[Cell]:

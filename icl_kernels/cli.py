@@ -1,6 +1,8 @@
 """The ``icl-kernels`` command line.
 
-Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), and one
+Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), ``sweep`` and
+``summarize`` (`icl_kernels.sweeps`: run registered studies over a grid from a TOML config, and turn
+sweep folders into tables, figures, a report and one tidy table of headline numbers), and one
 subcommand per registered study in `icl_kernels.studies` (``eval``, ``heads``, ``theorem``,
 ``compare``, ``momentum``, ``causal``, ``families``): its options are the fields of the study's configuration dataclass, plus
 ``--out`` (where `Report.write` puts tables, summary, configuration and figures; the run holds a lock
@@ -10,7 +12,9 @@ This module is the only place that parses arguments, sets torch threads or picks
 The command line starts fast: building the parser imports no torch, TransformerLens, transformers,
 datasets, plotly or pandas. Studies are listed from `icl_kernels.studies.catalog`, and only the
 study a command names is imported (with its configuration, for its options and ``--help``), so
-``icl-kernels --help``, ``--version``, ``models`` and ``tasks`` never load them.
+``icl-kernels --help``, ``--version``, ``models`` and ``tasks`` never load them. ``sweep`` and
+``summarize`` hand their arguments to their own parser (`icl_kernels.sweeps.command`,
+`icl_kernels.sweeps.summary`), imported only when the subcommand runs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
 from icl_kernels.utils.locking import folder_lock
 
 REGISTRY = "icl_kernels.studies.registry"
+#: Subcommands with a parser of their own: name -> (module with ``command(argv, prog)``, help line).
+DELEGATED = {
+    "sweep": ("icl_kernels.sweeps.command", "run registered studies over a grid from a sweep config (CONFIG.toml)"),
+    "summarize": ("icl_kernels.sweeps.summary", "tables, figures, report and headline table of sweep folders (RUN ...)"),
+}
 
 
 def version() -> str:
@@ -78,6 +87,10 @@ def build_parser(studies: Iterable[str] = ()) -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list models, one per line").set_defaults(func=_models)
     sub.add_parser("tasks", help="list tasks, one per line").set_defaults(func=_tasks)
+    for name, (_, help_line) in DELEGATED.items():  # their options: `icl-kernels sweep --help`
+        delegated = sub.add_parser(name, help=help_line, add_help=False)
+        delegated.add_argument("arguments", nargs=argparse.REMAINDER)
+        delegated.set_defaults(func=partial(_delegate, name))
 
     full = set(studies)
     for name, help_line in _study_helps().items():
@@ -135,6 +148,17 @@ def run_study(study, args: argparse.Namespace) -> int:
     return 0
 
 
+def _delegate(name: str, args: argparse.Namespace) -> int:
+    return run_delegated(name, args.arguments)
+
+
+def run_delegated(name: str, argv: Sequence[str]) -> int:
+    """Run the subcommand ``name`` of `DELEGATED` on ``argv`` (its module's ``command``: a bad
+    config or folder is one line on stderr and exit code 2)."""
+    module = importlib.import_module(DELEGATED[name][0])
+    return module.command(list(argv), prog=f"icl-kernels {name}")
+
+
 def _command(argv: Sequence[str]) -> str | None:
     """The subcommand ``argv`` names: its first word that is not an option (the top-level options,
     ``--help`` and ``--version``, take no value)."""
@@ -143,6 +167,8 @@ def _command(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # its own parser reads every argument after the name, --help too
+        return run_delegated(argv[0], argv[1:])
     command = _command(argv)
     parser = build_parser(studies=[command] if command else [])  # only the study run gets its options
     args = parser.parse_args(argv)

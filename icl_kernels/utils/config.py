@@ -21,7 +21,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ __all__ = [
     "PromptOptions",
     "add_arguments",
     "from_arguments",
+    "parse_config",
     "parse_layer_set",
     "parse_list",
     "type_problems",
@@ -338,6 +339,17 @@ def from_arguments(cls: type[T], namespace: argparse.Namespace | Mapping[str, An
     values = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
     unset = _repeat_fields(cls)  # an append flag never given leaves None: keep the dataclass default
     return cls.from_dict({k: v for k, v in values.items() if k in cls.field_names() and not (k in unset and v is None)})
+
+
+def parse_config(parser: argparse.ArgumentParser, config: type[T], argv: Sequence[str] | None) -> T:
+    """``config`` from ``argv`` (None: ``sys.argv``) through ``parser`` (built with `add_arguments`,
+    plus any positional argument of its own); a value the configuration's ``__post_init__`` refuses
+    becomes a usage error (exit 2, with the configuration's message), as argparse's own errors are."""
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        return from_arguments(config, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
 
 
 def _repeat_fields(cls: type[Options]) -> set[str]:

@@ -63,6 +63,18 @@ def test_parser_help_version_models_and_tasks_import_no_heavy_library():
     assert loaded == {step: [] for step in loaded}
 
 
+def test_sweep_and_summarize_are_listed_without_importing_their_modules():
+    """``icl-kernels --help`` lists ``sweep`` and ``summarize``; their modules (submitit, torch, pandas,
+    plotly) load only when the subcommand runs."""
+    loaded = _probe(
+        "import contextlib, io, json, sys\nimport icl_kernels.cli as cli\nout = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n    try:\n        cli.main(['--help'])\n    except SystemExit:\n        pass\n"
+        "print(json.dumps({'help': out.getvalue(), 'sweeps': sorted(m for m in sys.modules if m.startswith('icl_kernels.sweeps'))}))"
+    )
+    assert "sweep" in loaded["help"] and "summarize" in loaded["help"]
+    assert loaded["sweeps"] == []
+
+
 def test_import_icl_kernels_and_studies_is_cheap():
     loaded = _probe(
         "import json, sys, icl_kernels, icl_kernels.studies, icl_kernels.models.options, icl_kernels.utils.config\n"

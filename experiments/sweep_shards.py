@@ -7,7 +7,9 @@ from icl_kernels.sweeps.shards import (
     CRASH_ENV,
     FAILURES,
     LEADING_COLUMNS,
+    PARQUET,
     RESULTS,
+    SHARDS,
     TIME_LIMIT_ENV,
     TIMINGS,
     VOLATILE_COLUMNS,
@@ -24,5 +26,5 @@ from icl_kernels.sweeps.shards import (
 )
 
 __all__ = ["ShardJob", "plan_shards", "run_cell", "model_for", "merge", "status_lines", "read_records", "finished_rows",
-           "append_record", "import_legacy_results", "RESULTS", "FAILURES", "TIMINGS", "LEADING_COLUMNS",
+           "append_record", "import_legacy_results", "RESULTS", "PARQUET", "SHARDS", "FAILURES", "TIMINGS", "LEADING_COLUMNS",
            "VOLATILE_COLUMNS", "CRASH_ENV", "COUNT_ENV", "TIME_LIMIT_ENV"]

@@ -30,6 +30,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from experiments.command_line import parse_config
 from icl_kernels.utils.config import Options, add_arguments
@@ -66,8 +67,7 @@ class CompareTableConfig(Options):
                 raise InvalidOptionError(f"{run} holds no metrics.json: give folders written by `icl-kernels compare --out`.")
 
 
-@dataclass
-class Run:
+class Run(NamedTuple):
     """One compare run: its folder name and summary."""
 
     name: str

@@ -1,194 +1,27 @@
-"""Turn a sweep folder (`experiments.sweep`) into tables, figures and one HTML report.
-
-Writes into ``<sweep>/summary/``: one CSV and one markdown table per study (``heads``, ``causal``
-whole-model cells, ``causal_layers`` per-layer cells, and any other study as it is; rows of
-sweeps from before the rename, analysis ``patching``, count as ``causal``), plotly figures as
-standalone HTML (and PNG when a static renderer such as kaleido works offline; otherwise PNGs are
-skipped and the report says so), and ``report.html``: config,
-environment, tables and figures in one file that opens without network access (plotly.js is
-embedded once).
+"""``python -m experiments.summarize``: the same command as ``icl-kernels summarize`` (`icl_kernels.sweeps.summary`).
 
     .venv/bin/python -m experiments.summarize runs/example
 """
 
 from __future__ import annotations
 
-import argparse
-import html
-import importlib.util
-import json
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
+from icl_kernels.sweeps.summary import (
+    FIGURES,
+    RESULTS,
+    NoResultsError,
+    SummarizeArgs,
+    command,
+    main,
+    parse_args,
+    read_results,
+    tables,
+    write_summary,
+)
 
-from experiments.command_line import parse_config
-from icl_kernels.utils.config import Options, add_arguments
-from icl_kernels.utils.errors import InvalidOptionError
-from icl_kernels.utils.io import atomic_write_text, write_csv
-
-RESULTS = "results.csv"
-ID_COLUMNS = ["model", "task", "shots", "seed", "layer"]
-
-
-@dataclass
-class SummarizeArgs(Options):
-    """Which sweep folder to summarise, where to write, and whether to try PNG figures."""
-
-    sweep: str = field(default="", metadata={"cli": False})  # the positional argument
-    out: str | None = field(default=None, metadata={"help": "where to write (default: <sweep>/summary)"})
-    png: bool = field(default=True, metadata={"help": "try to write PNG figures (--no-png: do not)"})
-
-    def __post_init__(self) -> None:
-        if not self.sweep:
-            raise InvalidOptionError("Invalid SummarizeArgs: sweep must name a sweep output folder (holding results.csv).")
-
-
-def _label(frame: pd.DataFrame) -> pd.Series:
-    return frame["model"] + " / " + frame["task"] + " / k=" + frame["shots"].astype(str) + " / seed " + frame["seed"].astype(str)
-
-
-def tables(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """One tidy table per study (per-layer causal cells separately), metric columns only."""
-    out = {}
-    results = results.assign(analysis=results["analysis"].replace({"patching": "causal"}))
-    for analysis, g in results.groupby("analysis", sort=True):
-        g = g.dropna(axis=1, how="all")
-        drop = [c for c in ("cell_id", "analysis", "status", "package_version", "elapsed_s", "finished_at", "worker_pid") if c in g]
-        g = g.drop(columns=drop)
-        if analysis == "causal" and "layer" in g:
-            whole = g[g["layer"].astype(str) == "all"].dropna(axis=1, how="all")
-            per_layer = g[g["layer"].astype(str) != "all"].dropna(axis=1, how="all")
-            if not whole.empty:
-                out["causal"] = whole.sort_values(ID_COLUMNS).reset_index(drop=True)
-            if not per_layer.empty:
-                per_layer = per_layer.assign(layer=per_layer["layer"].astype(int))
-                out["causal_layers"] = per_layer.sort_values(ID_COLUMNS).reset_index(drop=True)
-            continue
-        out[analysis] = g.sort_values([c for c in ID_COLUMNS if c in g], key=lambda s: s.astype(str)).reset_index(drop=True)
-    return out
-
-
-def _err(frame: pd.DataFrame, value: str, low: str, high: str) -> dict:
-    if low not in frame or high not in frame:
-        return {}
-    return dict(error_y=dict(type="data", symmetric=False, array=frame[high] - frame[value],
-                             arrayminus=frame[value] - frame[low]))
-
-
-def causal_figure(frame: pd.DataFrame) -> go.Figure:
-    """ICL accuracy drop from ablating the top-k label-attention heads vs k random heads (95% CIs)."""
-    labels = _label(frame)
-    fig = go.Figure()
-    fig.add_bar(name="top-k heads", x=labels, y=frame["top_drop"], **_err(frame, "top_drop", "top_drop_low", "top_drop_high"))
-    if "random_drop" in frame:
-        fig.add_bar(name="random k heads (mean of draws)", x=labels, y=frame["random_drop"],
-                    **_err(frame, "random_drop", "random_drop_low", "random_drop_high"))
-    fig.update_layout(barmode="group", title="ICL accuracy drop when heads are ablated (report split)",
-                      yaxis_title="accuracy drop", xaxis_title="")
-    return fig
-
-
-def layers_figure(frame: pd.DataFrame) -> go.Figure:
-    """Per layer: accuracy drop when all its heads are ablated, and recovery when they are patched
-    from the ICL run into the zero-shot run."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("ablate all heads of the layer: accuracy drop",
-                                                        "patch the layer's ICL outputs into zero-shot: recovery"))
-    frame = frame.assign(label=_label(frame))
-    for label, g in frame.groupby("label", sort=True):
-        g = g.sort_values("layer")
-        fig.add_scatter(x=g["layer"], y=g["accuracy_drop"], mode="lines+markers", name=label, legendgroup=label,
-                        row=1, col=1, **_err(g, "accuracy_drop", "drop_low", "drop_high"))
-        if "recovery" in g:
-            fig.add_scatter(x=g["layer"], y=g["recovery"], mode="lines+markers", name=label, legendgroup=label,
-                            showlegend=False, row=1, col=2)
-    fig.update_xaxes(title_text="layer")
-    return fig
-
-
-def heads_figure(frame: pd.DataFrame) -> go.Figure:
-    """Best label-attention head (chosen on the selection split): held-out agreement and accuracy."""
-    labels = _label(frame) + " / layer " + frame["layer"].astype(str)
-    fig = go.Figure()
-    fig.add_bar(name="agreement with the model (held out)", x=labels, y=frame["report_agreement"])
-    fig.add_bar(name="accuracy vs gold (held out)", x=labels, y=frame["report_accuracy"])
-    if "icl_accuracy" in frame:
-        fig.add_scatter(name="ICL accuracy", x=labels, y=frame["icl_accuracy"], mode="markers")
-    fig.update_layout(barmode="group", title="Best label-attention head", yaxis_range=[0, 1])
-    return fig
-
-
-FIGURES = {"causal": causal_figure, "causal_layers": layers_figure, "heads": heads_figure}
-
-
-def _png(fig: go.Figure, path: Path) -> str | None:
-    """Write a PNG if a static renderer works here; return why not otherwise."""
-    try:
-        fig.write_image(str(path))
-        return None
-    except Exception as error:  # noqa: BLE001 - kaleido missing, or it needs a browser it cannot get
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
-
-
-def parse_args(argv: Sequence[str] | None) -> SummarizeArgs:
-    """The summary's options from a command line: the sweep folder, then one flag per `SummarizeArgs` field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", help="a sweep output folder (holding results.csv)")
-    add_arguments(parser, SummarizeArgs, defaults=SummarizeArgs(sweep="<sweep>"))
-    return parse_config(parser, SummarizeArgs, argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    folder = Path(args.sweep)
-    path = folder / RESULTS
-    if not path.exists():
-        raise FileNotFoundError(f"No {RESULTS} in {folder}; run `python -m experiments.sweep CONFIG` with --out {folder} first.")
-    results = pd.read_csv(path)
-    if results.empty:
-        raise ValueError(f"{path} has no rows yet.")
-    out = Path(args.out) if args.out else folder / "summary"
-    out.mkdir(parents=True, exist_ok=True)
-    parts = [f"<h1>Sweep report: {html.escape(folder.name)}</h1>",
-             f"<p>{len(results)} finished cells from <code>{html.escape(str(path))}</code>.</p>"]
-    for name in ("config.json", "environment.json"):
-        if (folder / name).exists():
-            record = json.loads((folder / name).read_text())
-            record.pop("cells", None)
-            parts.append(f"<h2>{name}</h2><pre>{html.escape(json.dumps(record, indent=1))}</pre>")
-    png_problem = None
-    first_figure = True
-    for name, table in tables(results).items():
-        write_csv(out / f"{name}.csv", table.to_dict("records"))
-        atomic_write_text(out / f"{name}.md", table.to_markdown(index=False, floatfmt=".3f") + "\n"
-                          if _has_tabulate() else table.to_string(index=False) + "\n")
-        parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
-        if name in FIGURES:
-            fig = FIGURES[name](table)
-            fig.write_html(str(out / f"{name}.html"), include_plotlyjs=True)
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first_figure else False))
-            first_figure = False
-            if args.png and png_problem is None:
-                png_problem = _png(fig, out / f"{name}.png")
-    if args.png and png_problem:
-        parts.append(f"<p><em>PNG figures skipped: {html.escape(png_problem)}</em></p>")
-    style = "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;font-size:12px} td,th{padding:2px 6px;border-bottom:1px solid #ddd}</style>"
-    atomic_write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>"
-                      + "\n".join(parts) + "</body></html>\n")
-    print(f"summary of {len(results)} cells -> {out / 'report.html'}"
-          + (f" (PNG skipped: {png_problem})" if args.png and png_problem else ""))
-    return 0
-
-
-def _has_tabulate() -> bool:
-    return importlib.util.find_spec("tabulate") is not None
-
+__all__ = ["FIGURES", "RESULTS", "NoResultsError", "SummarizeArgs", "command", "main", "parse_args", "read_results",
+           "tables", "write_summary"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

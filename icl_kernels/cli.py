@@ -1,26 +1,53 @@
 """The ``icl-kernels`` command line.
 
-Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), and one
+Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), ``sweep`` and
+``summarize`` (`icl_kernels.sweeps`: run registered studies over a grid from a TOML config, and turn
+sweep folders into tables, figures, a report and one tidy table of headline numbers), and one
 subcommand per registered study in `icl_kernels.studies` (``eval``, ``heads``, ``theorem``,
 ``compare``, ``momentum``, ``causal``, ``families``): its options are the fields of the study's configuration dataclass, plus
-``--out`` (where `Report.write` puts tables, summary, configuration and figures) and ``--threads``.
+``--out`` (where `Report.write` puts tables, summary, configuration and figures; the run holds a lock
+on it, ``.icl-kernels.lock``, while it runs) and ``--threads``.
 This module is the only place that parses arguments, sets torch threads or picks the output folder.
+
+The command line starts fast: building the parser imports no torch, TransformerLens, transformers,
+datasets, plotly or pandas. Studies are listed from `icl_kernels.studies.catalog`, and only the
+study a command names is imported (with its configuration, for its options and ``--help``), so
+``icl-kernels --help``, ``--version``, ``models`` and ``tasks`` never load them. ``sweep`` and
+``summarize`` hand their arguments to their own parser (`icl_kernels.sweeps.command`,
+`icl_kernels.sweeps.summary`), imported only when the subcommand runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 
-import torch
-
-from icl_kernels.data.tasks.registry import list_tasks
-from icl_kernels.models.loading import list_models
-from icl_kernels.studies import list_studies
+import icl_kernels
+from icl_kernels.data.tasks.registry import SYNTHETIC_TASK_DESCRIPTION, SYNTHETIC_TASKS, list_tasks
+from icl_kernels.models.registry import list_models
+from icl_kernels.studies.catalog import BUILTIN_STUDIES
 from icl_kernels.utils.config import add_arguments, from_arguments
 from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
+from icl_kernels.utils.locking import folder_lock
+
+REGISTRY = "icl_kernels.studies.registry"
+#: Subcommands with a parser of their own: name -> (module with ``command(argv, prog)``, help line).
+DELEGATED = {
+    "sweep": ("icl_kernels.sweeps.command", "run registered studies over a grid from a sweep config (CONFIG.toml)"),
+    "summarize": ("icl_kernels.sweeps.summary", "tables, figures, report and headline table of sweep folders (RUN ...)"),
+}
+
+
+def version() -> str:
+    """The installed distribution's version; the package's ``__version__`` when it is not installed."""
+    try:
+        return importlib.metadata.version("icl-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return icl_kernels.__version__
 
 
 def _models(args) -> int:
@@ -32,23 +59,50 @@ def _models(args) -> int:
 def _tasks(args) -> int:
     for task in list_tasks():
         print(f"{task.name}\t{task.n_classes} classes\t{task.description}")
+    print(f"{SYNTHETIC_TASKS[0]}\tper world\t{SYNTHETIC_TASK_DESCRIPTION}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _study_helps() -> dict[str, str]:
+    """Every study's one-line help, by name: the built-in ones from the catalog (nothing imported),
+    then any other study registered before the parser is built (a plugin's)."""
+    helps = {study.name: study.help for study in BUILTIN_STUDIES}
+    registry = sys.modules.get(REGISTRY)  # imported only if something registered or ran a study already
+    if registry is not None:
+        for name in registry.registered_names():
+            if name not in helps:
+                helps[name] = registry.get_study(name).help
+    return helps
+
+
+def build_parser(studies: Iterable[str] = ()) -> argparse.ArgumentParser:
+    """The parser; the studies named in ``studies`` get their options (the others are listed with
+    their help line only, their modules not imported)."""
     parser = argparse.ArgumentParser(
         prog="icl-kernels",
         description="Head-by-head tests of in-context learning as kernel regression and as implicit finetuning.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list models, one per line").set_defaults(func=_models)
     sub.add_parser("tasks", help="list tasks, one per line").set_defaults(func=_tasks)
+    for name, (_, help_line) in DELEGATED.items():  # their options: `icl-kernels sweep --help`
+        delegated = sub.add_parser(name, help=help_line, add_help=False)
+        delegated.add_argument("arguments", nargs=argparse.REMAINDER)
+        delegated.set_defaults(func=partial(_delegate, name))
 
-
-    for study in list_studies():
-        add_study_parser(sub, study)
+    full = set(studies)
+    for name, help_line in _study_helps().items():
+        if name in full:
+            add_study_parser(sub, _get_study(name))
+        else:
+            sub.add_parser(name, help=help_line)
     return parser
+
+
+def _get_study(name: str):
+    return importlib.import_module(REGISTRY).get_study(name)
 
 
 def add_study_parser(subparsers, study) -> argparse.ArgumentParser:
@@ -72,22 +126,51 @@ def run_study(study, args: argparse.Namespace) -> int:
     Everything a user can get wrong is checked before a model loads: the options (the
     configuration's ``__post_init__``), ``--threads``, and ``--out`` (writable, and holding no run of
     another configuration: `icl_kernels.studies.identity.check_output`, in the study call, which
-    computes the run's record once for the check and the report). ``--out`` is created only once
-    the study has results (a resumable study: once it starts its first cell).
+    computes the run's record once for the check and the report). From the check of ``--out`` to
+    the written report the run holds the lock on ``--out`` (`icl_kernels.utils.locking.folder_lock`):
+    a second run into the same folder stops with an `OutputLockedError` naming this one. A refused
+    or failed run leaves no empty ``--out`` behind.
     """
     config = from_arguments(study.config, args)  # bad options fail here, before a model loads
     if args.threads is not None and args.threads < 1:
         raise InvalidOptionError(f"--threads must be >= 1, not {args.threads}.")
     if args.threads:
+        import torch  # noqa: PLC0415 - only a study run needs torch; `--help`, `models` and `tasks` start without it
+
         torch.set_num_threads(args.threads)
-    report = study(config, progress=True, out=args.out, force=args.force, record=True)  # --out checked first
-    out = report.write(args.out)
+    from icl_kernels.studies.identity import check_writable  # noqa: PLC0415 - a study run only; the parser starts without the model loader
+
+    check_writable(args.out)  # a file at --out: its own message, before the lock makes the folder
+    with folder_lock(args.out):
+        report = study(config, progress=True, out=args.out, force=args.force, record=True)  # --out checked first
+        out = report.write(args.out)
     print(f"{report.line()} ({out / report.summary_file})")
     return 0
 
 
+def _delegate(name: str, args: argparse.Namespace) -> int:
+    return run_delegated(name, args.arguments)
+
+
+def run_delegated(name: str, argv: Sequence[str]) -> int:
+    """Run the subcommand ``name`` of `DELEGATED` on ``argv`` (its module's ``command``: a bad
+    config or folder is one line on stderr and exit code 2)."""
+    module = importlib.import_module(DELEGATED[name][0])
+    return module.command(list(argv), prog=f"icl-kernels {name}")
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the top-level options,
+    ``--help`` and ``--version``, take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # its own parser reads every argument after the name, --help too
+        return run_delegated(argv[0], argv[1:])
+    command = _command(argv)
+    parser = build_parser(studies=[command] if command else [])  # only the study run gets its options
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

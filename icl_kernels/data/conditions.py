@@ -36,7 +36,7 @@ from icl_kernels.data.prompts import (
     make_prompts,
 )
 from icl_kernels.data.synthetic_world import synthetic_world
-from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.data.tasks.registry import SYNTHETIC_TASKS, get_task
 from icl_kernels.models.encoders import minilm_encoder
 from icl_kernels.utils.config import Options, PromptOptions, at_least, one_of
 from icl_kernels.utils.errors import InvalidOptionError, PromptTooLongError
@@ -59,8 +59,6 @@ __all__ = [
     "text_of",
 ]
 
-#: Task names that mean "the synthetic world the model was trained on".
-SYNTHETIC_TASKS = ("synthetic-world", "synthetic")
 LABEL_FORMATS = ("original", "swapped", "arbitrary", "flipped")
 CONTROLS = ("none", "input-permutation")
 SELECTORS = ("random", "retrieval")

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from icl_kernels.data.tasks.registry import Task
 from icl_kernels.utils.errors import (
+    InvalidOptionError,
     LabelTokenizationError,
     MissingClassError,
     MissingTokenizerError,
@@ -176,6 +177,26 @@ class PromptBuilder:
     def max_label_length(self) -> int:
         return max(len(ids) for ids in self.label_ids)
 
+    def min_prompt_length(self, shots: int) -> int:
+        """A lower bound on the tokens of any ``shots``-shot prompt: BOS, per demonstration its
+        shortest label and the separator (its input counted as empty), the longest label after the
+        query (whose text is also counted as empty)."""
+        per_demo = min(len(ids) for ids in self.label_ids) + len(self.separator_ids)
+        return (self.bos_id is not None) + shots * max(per_demo, 1) + self.max_label_length
+
+    def check_shots_fit(self, shots: int) -> None:
+        """Raise `PromptTooLongError` when even the shortest ``shots``-shot prompt would exceed the
+        model's context (``n_ctx``), before any data is drawn or any model runs. Not checked without
+        ``n_ctx`` or with ``drop_demos_to_fit`` (which drops demonstrations instead)."""
+        if self.n_ctx is None or self.drop_demos_to_fit:
+            return
+        least = self.min_prompt_length(shots)
+        if least > self.n_ctx:
+            raise PromptTooLongError(
+                f"--shots {shots} would make every prompt at least {least} tokens (labels and separators alone), "
+                f"more than the model's context of {self.n_ctx}; use fewer shots."
+            )
+
     def format_input(self, example: Mapping[str, Any]) -> str:
         fields = {name: example[name] for name in self.task.text_fields}
         return self.template.format(**fields)
@@ -298,7 +319,8 @@ class RandomSelector:
     def select(self, pool_labels, query, k, rng) -> list[int]:
         n = len(pool_labels)
         if k > n:
-            raise ValueError(f"{k} shots requested but the demonstration pool has only {n} examples.")
+            raise InvalidOptionError(f"{k} shots requested but the demonstration pool has only {n} examples; "
+                                     "use fewer shots.")
         if not self.balanced:
             return [int(i) for i in rng.choice(n, size=k, replace=False)]
         classes = np.unique(pool_labels)
@@ -404,8 +426,9 @@ def make_prompts(
     pool_labels = np.asarray(pool["label"] if hasattr(pool, "column_names") else [p["label"] for p in pool])
     if k < 0:
         raise ValueError(f"shots must be >= 0, not {k}.")
+    builder.check_shots_fit(k)
     if k > len(pool_labels):
-        raise ValueError(
+        raise InvalidOptionError(
             f"{k} shots requested but the demonstration pool has only {len(pool_labels)} examples; "
             "use fewer shots."
         )

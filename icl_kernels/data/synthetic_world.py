@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_kernels.utils.errors import MissingAssetError
+from icl_kernels.utils.errors import MissingAssetError, WorldFileError
 
 __all__ = [
     "synthetic_world",
@@ -393,18 +393,26 @@ def make_world(config: WorldConfig | None = None, **overrides: Any) -> Synthetic
 
 def load_world(path: str | Path) -> SyntheticWorld:
     """Rebuild the world from a ``world.json`` (or a folder holding one) and check its SHA-256."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         path = path / "world.json"
     if not path.is_file():
-        raise FileNotFoundError(f"No world.json at {path}; pass a world.json file or the folder holding it.")
-    d = json.loads(path.read_text())
-    if "config" not in d:
-        raise ValueError(f"{path} has no 'config' entry; it was not written by SyntheticWorld.to_json.")
-    world = make_world(WorldConfig.from_dict(d["config"]))
+        raise MissingAssetError(f"No world.json at {path}; pass a world.json file or the folder holding it.")
+    written_by = "pass a world.json written by SyntheticWorld.to_json (e.g. the one next to synthetic-gpt-neo)"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WorldFileError(f"The world file {path} is not JSON ({error}); {written_by}.") from None
+    if not isinstance(d, dict) or not isinstance(d.get("config"), dict):
+        raise WorldFileError(f"The world file {path} has no 'config' object; it was not written by "
+                             f"SyntheticWorld.to_json; {written_by}.")
+    try:
+        world = make_world(WorldConfig.from_dict(d["config"]))
+    except (TypeError, ValueError) as error:
+        raise WorldFileError(f"The world file {path} has an invalid 'config' ({error}); {written_by}.") from None
     want = d.get("sha256_float64_arrays")
     if want is not None and world.checksum() != want:
-        raise ValueError(
+        raise WorldFileError(
             f"Rebuilding the world from {path} gave different parameters (sha256 {world.checksum()[:12]} != "
             f"{want[:12]}); the numpy random streams changed. Use the numpy version recorded with the model."
         )
@@ -414,15 +422,20 @@ def load_world(path: str | Path) -> SyntheticWorld:
 def synthetic_world(name_or_path: str | None, *, required: bool = False):
     """The `SyntheticWorld` a model was trained on (``world.json`` in its folder), or None.
 
-    ``name_or_path`` is a registered name (looked up in the shipped assets) or a model folder.
+    ``name_or_path`` is a registered name (looked up in the shipped assets) or a model folder, read
+    as `icl_kernels.models.loading.model_folder` reads it: a folder of the current directory named like
+    a registered model is not that model's folder unless written as a path (``./synthetic-gpt-neo``).
 
     Raises:
         MissingAssetError: ``required`` and the model has no world.
     """
+    from icl_kernels.models.loading import model_folder  # noqa: PLC0415 - transformers only where a model is named
+
     name = str(name_or_path or "")
-    for folder in (Path(name).expanduser(), SYNTHETIC_MODEL_DIR.parent / name):
-        if name and (folder / "world.json").is_file():
-            return load_world(folder)
+    folder = model_folder(name) if name else None
+    for candidate in ([folder] if folder is not None else [SYNTHETIC_MODEL_DIR.parent / name]):
+        if name and (candidate / "world.json").is_file():
+            return load_world(candidate)
     if required:
         raise MissingAssetError(
             f"This analysis needs the synthetic world the model was trained on, but there is no world.json next to "

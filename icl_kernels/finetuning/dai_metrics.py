@@ -477,10 +477,14 @@ class _ModelPass:
         icl_tokens, icl_pred, icl_rec = recording_tokens(icl_p, pos, first)
         zsl_tokens, zsl_pred, zsl_rec = recording_tokens(zsl_p, pos, first)
         direct = self.direct
-        icl = record(self.model, icl_tokens, icl_pred, icl_rec, self.label_tokens, with_kv=direct)
-        zsl = record(self.model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct)
+        query = f"query {i} of demonstration set {e}"
+        icl = record(self.model, icl_tokens, icl_pred, icl_rec, self.label_tokens, with_kv=direct,
+                     what=f"the ICL run of {query}")
+        zsl = record(self.model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct,
+                     what=f"the zero-shot run of {query}")
         with tuned.applied() as tuned_model:
-            ft = record(tuned_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct)
+            ft = record(tuned_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct,
+                        what=f"the finetuned (lr {self.lr:g}) run of {query}")
         row = dict(episode=e, index=i, gold=int(gold), zsl_pred=_predict(zsl), icl_pred=_predict(icl),
                    ft_pred=_predict(ft), n_demo_tokens=sum(b - a for a, b in icl_p.demo_spans))
         self.rows.append(row)
@@ -511,7 +515,8 @@ class _ModelPass:
             self.add(self.per_head, name, value)
         for name, control in controls.items():
             with control.applied() as control_model:
-                ft_c = record(control_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens)
+                ft_c = record(control_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens,
+                              what=f"the {name} control run of {query}")
             row[f"{name}_ft_pred"] = _predict(ft_c)
             # the lr -> 0 run recorded its own training queries; the mismatched run trained on other
             # tokens, so its query is ranked against this episode's training queries
@@ -868,21 +873,21 @@ def compare_icl_with_finetuning(
         timing["untrained_lr_search_s"] = time.perf_counter() - start
     lr = selections["trained"].lr
     n_queries = sum(len(ep.gold) for ep in episodes)
-    bar = tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = time.perf_counter()
-    side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls)
-    side.run(bar.update, gen)
-    timing["trained_s"] = time.perf_counter() - start
-    timing["trained_finetune_s"] = side.ft_seconds
-    timing["controls_finetune_s"] = side.control_seconds
-    control = None
-    if untrained is not None:
+    # closed also when a run raises, so that an error starts its own line after the bar
+    with tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress) as bar:
+        gen = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
-        control = _ModelPass(untrained, episodes, label_tokens, cfg, selections["untrained"].lr, direct=False)
-        control.run(bar.update, gen)
-        timing["untrained_s"] = time.perf_counter() - start
-    bar.close()
+        side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls)
+        side.run(bar.update, gen)
+        timing["trained_s"] = time.perf_counter() - start
+        timing["trained_finetune_s"] = side.ft_seconds
+        timing["controls_finetune_s"] = side.control_seconds
+        control = None
+        if untrained is not None:
+            start = time.perf_counter()
+            control = _ModelPass(untrained, episodes, label_tokens, cfg, selections["untrained"].lr, direct=False)
+            control.run(bar.update, gen)
+            timing["untrained_s"] = time.perf_counter() - start
     metrics = _summary_metrics(side, control, cfg, lr, n_episodes=len(episodes))
     metrics["lr_selection"] = _lr_selection_summary(selections, cfg, episodes)
     layers, heads, examples = _rows(side, control)

@@ -12,7 +12,9 @@ Predictions always come from the prediction position (the first token of each la
 `record` runs the prompt once, with hooks on the queries, keys, values and attention outputs of
 every layer, and stops at the unembedding input (`icl_kernels.engine.label_scoring.final_residual`;
 only the prediction position is unembedded, and its label log-probabilities are taken in float64 by
-`icl_kernels.engine.label_scoring.label_scores`, which refuses NaN or infinite logits). From the hooked tensors it keeps, at the recording position:
+`icl_kernels.engine.label_scoring.label_scores`, which refuses NaN or infinite logits; the kept
+tensors are then checked too, `check_recorded_finite`, so that NaN never reaches the comparison's
+linear algebra). From the hooked tensors it keeps, at the recording position:
 the attention-module output per layer, the pre-softmax (scaled) attention score row of every head
 (recomputed from the post-rotary ``q`` and ``k``), and the query rotated back to the position-free
 frame of `icl_kernels.finetuning.relaxation` (``R(-p) q_p``), where the finetuning side's recorded training
@@ -22,7 +24,7 @@ layer for the ``W_ZSL`` / ``dW_ICL`` split of `icl_kernels.finetuning.relaxation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +42,9 @@ from icl_kernels.engine.hooks import (
 )
 from icl_kernels.engine.label_scoring import final_residual, label_scores
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.utils.errors import NonFiniteActivationsError, NonFiniteLogitsError
 
-__all__ = ["POSITIONS", "Record", "record", "recording_tokens"]
+__all__ = ["POSITIONS", "Record", "check_recorded_finite", "record", "recording_tokens"]
 
 #: Recording positions (see the module docstring).
 POSITIONS = ("prediction", "first-label")
@@ -80,6 +83,32 @@ class Record:
         return self.scores.softmax(-1)
 
 
+def check_recorded_finite(
+    tensors: Mapping[str, Sequence[Tensor]], *, what: str = "the prompt", model: tl_backend.Model | None = None
+) -> None:
+    """Raise `NonFiniteActivationsError` if a recorded tensor holds NaN or inf.
+
+    ``tensors``: name (``"keys"``, ``"attention scores"`` ...) -> one tensor per layer. Attention
+    scores are ``-inf`` where masked, so there only NaN and ``+inf`` count. The message names
+    ``what`` (the run), the first layer and tensor found, the dtype and what to try.
+    """
+    for name, per_layer in tensors.items():
+        for layer, tensor in enumerate(per_layer):
+            bad = tensor.isnan() | (tensor == float("inf")) if name == "attention scores" else ~tensor.isfinite()
+            if not bool(bad.any()):
+                continue
+            kind = "NaN" if bool(tensor.isnan().any()) else "infinite"
+            dtype = tl_backend.model_dtype(model) if model is not None else tensor.dtype
+            dtype_name = str(dtype).removeprefix("torch.")
+            hint = ("Rerun with --dtype float32 (float16 and bfloat16 overflow easily)."
+                    if dtype in (torch.float16, torch.bfloat16) else
+                    "Look for NaN or inf in the model's weights, or a learning rate so large that finetuning diverged.")
+            raise NonFiniteActivationsError(
+                f"{kind} {name} in layer {layer} of {what} in {dtype_name} (the prediction logits are finite); "
+                f"the comparison cannot use them. {hint}"
+            )
+
+
 def record(
     model: tl_backend.Model,
     tokens: Sequence[int],
@@ -88,8 +117,13 @@ def record(
     label_tokens: Sequence[int],
     *,
     with_kv: bool = False,
+    what: str = "the prompt",
 ) -> Record:
-    """Run one prompt and keep attention outputs, score rows and queries at the recording position."""
+    """Run one prompt and keep attention outputs, score rows and queries at the recording position.
+
+    ``what`` names the run in errors: NaN or infinite logits raise `NonFiniteLogitsError`, NaN or
+    infinite kept tensors `NonFiniteActivationsError` (`check_recorded_finite`).
+    """
     width = len(tokens)
     if not (0 <= prediction_position < width and 0 <= recording_position < width):
         raise ValueError(
@@ -118,7 +152,10 @@ def record(
     try:
         with torch.no_grad():  # stops at the unembedding input: no logits for every position
             final = final_residual(model, ids, torch.tensor([prediction_position]), hooks=hooks)
-            log_probs = label_scores(model, final, label_tokens, dtype=torch.float64)[0]
+            try:
+                log_probs = label_scores(model, final, label_tokens, dtype=torch.float64)[0]
+            except NonFiniteLogitsError as error:
+                raise NonFiniteLogitsError(f"{what}: {error}") from None
         p = recording_position
         attn_out, scores, queries = [], [], []
         q_full, k_full, v_full = [], [], []
@@ -137,6 +174,9 @@ def record(
                 v_full.append(v[0])
     finally:
         kept.clear()
+    kept_tensors = {"queries": q_full, "keys": k_full, "values": v_full} if with_kv else {"queries": queries}
+    kept_tensors.update({"attention scores": scores, "attention outputs": attn_out})
+    check_recorded_finite(kept_tensors, what=what, model=model)
     return Record(
         label_log_probs=log_probs,
         attn_out=torch.stack(attn_out).cpu(),

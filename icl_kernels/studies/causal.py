@@ -30,6 +30,7 @@ from plotly.subplots import make_subplots
 from icl_kernels.data.conditions import study_prompts
 from icl_kernels.families.head_ablation import CausalConfig, causal_study, layer_study
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
@@ -197,6 +198,6 @@ def run(cfg: CausalStudyConfig, model=None, progress: bool = True) -> CausalRepo
 
 register(
     "causal", CausalStudyConfig, run,
-    help="ablate / patch the top label-attention heads (vs random heads), and layer by layer",
+    help=builtin_help("causal"),
     description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
 )

@@ -65,6 +65,7 @@ from icl_kernels.finetuning.finetune import COLLAPSE_MARGIN, DEFAULT_LRS
 from icl_kernels.finetuning.recording import POSITIONS
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
@@ -217,13 +218,14 @@ def text_episodes(task, tokenizer, n_ctx: int | None, cfg: CompareConfig) -> tup
     if n_test > len(test):
         raise InvalidOptionError(f"n_test={n_test} but task {task.name!r} has {len(test)} test examples; use fewer.")
     n_episodes = episode_count(cfg, EpisodeSource(task=task))
+    builder = PromptBuilder(task, tokenizer, n_ctx=n_ctx)
+    builder.check_shots_fit(shots)  # before drawing demonstrations or running the model
     pool_labels = np.asarray(pool["label"])
     selector = RandomSelector(balanced=True)
     demo_sets = [selector.select(pool_labels, None, shots, rng("episode_demos", seed, e)) for e in range(n_episodes)]
     used = {i for s in demo_sets for i in s}
     rest = [i for i in rng("dev_queries", seed).permutation(len(pool)).tolist() if i not in used]
     dev_indices = rest[: cfg.n_dev] if cfg.lr is None else []
-    builder = PromptBuilder(task, tokenizer, n_ctx=n_ctx)
     if builder.bos_id is None:
         raise InvalidOptionError(
             "This tokenizer has no BOS token; the comparison aligns demonstrations through it. Use another model."
@@ -444,6 +446,6 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
 
 register(
     "compare", CompareConfig, run,
-    help="ICL vs finetuning of key/value projections (Dai et al.) with controls",
+    help=builtin_help("compare"),
     description="\n\n".join(__doc__.split("\n\n")[:3]),
 )

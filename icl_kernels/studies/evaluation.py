@@ -21,6 +21,7 @@ from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.engine.accuracy import evaluate_icl
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
@@ -96,5 +97,5 @@ def run(cfg: EvalConfig, model=None, progress: bool = True) -> EvalReport:
     return EvalReport("eval", cfg, {"predictions": pd.DataFrame(result.rows)}, summary)
 
 
-register("eval", EvalConfig, run, help="zero-shot and k-shot accuracy of a model on a task",
+register("eval", EvalConfig, run, help=builtin_help("eval"),
          description=__doc__.split("\n\n")[1])

@@ -63,6 +63,7 @@ from icl_kernels.families.task_vectors import (
     task_vector_study,
 )
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
@@ -430,6 +431,6 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
 
 register(
     "families", FamiliesConfig, run,
-    help="label-attention, induction and function-vector heads, task vectors and anchors side by side",
+    help=builtin_help("families"),
     description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
 )

@@ -67,6 +67,7 @@ from icl_kernels.kernel.scores import (
 )
 from icl_kernels.models.encoders import minilm_encoder
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, PromptOptions
@@ -643,6 +644,6 @@ def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr,
 
 register(
     "heads", HeadsConfig, run,
-    help="label-attention heads as kernel regression (Han et al.)",
+    help=builtin_help("heads"),
     description=__doc__.split("\n\n")[1],
 )

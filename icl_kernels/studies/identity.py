@@ -3,7 +3,9 @@
 A run is identified by its study, its full configuration (``config.to_dict()``), the identity of
 its model and the source of its data:
 
-* model identity (`model_identity`): the name as given; for a local Hugging Face folder a SHA-256
+* model identity (`model_identity`): the name as given, and ``source``, which says what loading reads
+  (``folder`` for a local folder, as `icl_kernels.models.loading.model_folder` decides; else the
+  registered model's source or ``hub``); for a local Hugging Face folder a SHA-256
   over its ``config.json`` and weight files (contents when they are small, name/size/mtime
   otherwise); for a converted offline model the marker file its cache records at conversion; for a
   hub id the cached revision when the Hugging Face cache has one;
@@ -41,7 +43,7 @@ from typing import Any
 
 from icl_kernels.data.tasks import sources as task_data
 from icl_kernels.data.tasks.registry import get_task
-from icl_kernels.models.loading import cache_root, get_model_spec
+from icl_kernels.models.loading import cache_root, get_model_spec, model_folder
 from icl_kernels.utils.errors import IclKernelsError
 from icl_kernels.utils.io import write_json
 
@@ -93,8 +95,8 @@ def model_identity(model: Any) -> dict[str, Any]:
     """
     name = model if isinstance(model, str) else model.model  # backend, device, dtype: in the config
     identity: dict[str, Any] = {"model": name}
-    folder = Path(name).expanduser()
-    if folder.is_dir():
+    folder = model_folder(name)  # the folder loading reads: registered names win over same-named folders
+    if folder is not None and folder.is_dir():
         files = [f for f in folder.iterdir() if f.is_file() and (
             f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".gguf", ".json"))]
         identity.update(source="folder", path=str(folder.resolve()), weights=_hash_files(files) if files else None)

@@ -50,6 +50,7 @@ from icl_kernels.finetuning.momentum_attention import (
     momentum_attention,
 )
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, parse_layer_set
@@ -394,6 +395,6 @@ class MomentumReport(Report):
 register(
     "momentum", MomentumConfig, run, resumable=True,
     grid_keys=("etas", "layer_sets", "shots", "seeds", "n_boot"), state_files=("prompts.csv", "perplexity.csv"),
-    help="momentum attention (Dai et al. sec. 5), training-free: ICL accuracy and perplexity over a grid",
+    help=builtin_help("momentum"),
     description=__doc__.split("\n\n")[1],
 )

@@ -17,16 +17,18 @@ source says what loading the task saw) to the returned report (``Report.identity
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from icl_kernels.studies.catalog import BUILTIN_STUDIES
 from icl_kernels.studies.identity import RunIdentity, check_output, write_record
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import IclKernelsError, UnknownNameError
 
-__all__ = ["Study", "register", "get_study", "list_studies", "DuplicateStudyError"]
+__all__ = ["Study", "register", "get_study", "list_studies", "registered_names", "DuplicateStudyError"]
 
 
 class DuplicateStudyError(IclKernelsError, ValueError):
@@ -98,6 +100,19 @@ class Study:
 
 
 _STUDIES: dict[str, Study] = {}
+_BUILTINS_LOADED = False
+
+
+def _load_builtins() -> None:
+    """Import the built-in studies' modules (`icl_kernels.studies.catalog`), which register them,
+    once, before the first lookup or registration: built-in studies come first, and a plugin cannot
+    take a built-in name."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True  # set first: each module registers itself through `register`
+    for study in BUILTIN_STUDIES:
+        importlib.import_module(f"icl_kernels.studies.{study.module}")
 
 
 def register(
@@ -105,6 +120,7 @@ def register(
     resumable: bool = False, grid_keys: tuple[str, ...] = (), state_files: tuple[str, ...] = (),
 ) -> Study:
     """Add a study; raises `DuplicateStudyError` if the name is taken."""
+    _load_builtins()
     if name in _STUDIES:
         raise DuplicateStudyError(f"A study named {name!r} is already registered ({_STUDIES[name].run.__module__}).")
     if not (isinstance(config, type) and issubclass(config, Options)):
@@ -116,11 +132,21 @@ def register(
 
 def get_study(name: str) -> Study:
     """The registered study ``name``; an `UnknownNameError` listing the known ones otherwise."""
+    _load_builtins()
     if name not in _STUDIES:
         raise UnknownNameError("study", name, _STUDIES, hint="`icl-kernels --help` lists them.")
     return _STUDIES[name]
 
 
 def list_studies() -> list[Study]:
-    """Every registered study, in registration order."""
-    return list(_STUDIES.values())
+    """Every registered study: the built-in ones in their order (`BUILTIN_STUDIES`), then the others
+    in registration order."""
+    _load_builtins()
+    order = {study.name: i for i, study in enumerate(BUILTIN_STUDIES)}
+    return sorted(_STUDIES.values(), key=lambda study: order.get(study.name, len(order)))
+
+
+def registered_names() -> list[str]:
+    """The names registered so far, without importing the built-in studies (the command line
+    adds a plugin study that was registered before it ran)."""
+    return list(_STUDIES)

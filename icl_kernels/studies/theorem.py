@@ -6,7 +6,8 @@ predictive, the concept-knowing oracle, the theorem's kernel regression (``featu
 trained on the synthetic world, e.g. ``synthetic-gpt-neo``), `icl_kernels.kernel.theorem_one.model_behaviour`
 asks the same of the model and of its best label-attention head (table ``model``; shot counts whose
 prompts exceed the model's context are left out). The world is ``world`` (a ``world.json``), else
-the one next to the model, else the default world. Figure ``theorem``: accuracy and agreement with
+the one next to the model, else the default world; a world file that is not a ``world.json`` is
+refused with one line naming it. Figure ``theorem``: accuracy and agreement with
 Bayes against the number of demonstrations.
 """
 
@@ -25,6 +26,7 @@ from icl_kernels.kernel.theorem_one import (
     theorem_figure,
 )
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options
@@ -39,7 +41,7 @@ class TheoremConfig(Options):
     """Options of the Theorem 1 simulation (and of the optional trained model's behaviour)."""
 
     shots: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64, 128, 256), metadata={
-        "help": "demonstration counts of the simulation"})
+        "help": "demonstration counts (>= 1) of the simulation"})
     n: int = field(default=1000, metadata={"help": "prompts per demonstration count"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
     features: tuple[str, ...] = field(default=("forward", "operator"), metadata={
@@ -58,8 +60,9 @@ class TheoremConfig(Options):
     def __post_init__(self) -> None:
         self.shots, self.model_shots, self.features = tuple(self.shots), tuple(self.model_shots), tuple(self.features)
         problems = []
-        if not self.shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.shots):
-            problems.append(f"shots must be demonstration counts >= 0, not {self.shots!r}")
+        if not self.shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.shots):
+            problems.append(f"shots must be demonstration counts >= 1 (with no demonstrations every kernel "
+                            f"abstains: it averages over the demonstrations), not {self.shots!r}")
         if not self.model_shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.model_shots):
             problems.append(f"model_shots must be demonstration counts >= 0, not {self.model_shots!r}")
         bad = [f for f in self.features if f not in FEATURES]
@@ -155,6 +158,6 @@ def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
 
 register(
     "theorem", TheoremConfig, run,
-    help="Theorem 1 simulation on the synthetic mixture-of-HMMs world",
+    help=builtin_help("theorem"),
     description=__doc__.split("\n\n")[1],
 )

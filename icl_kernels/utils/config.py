@@ -21,7 +21,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -33,8 +33,10 @@ __all__ = [
     "PromptOptions",
     "add_arguments",
     "from_arguments",
+    "parse_config",
     "parse_layer_set",
     "parse_list",
+    "type_problems",
     "DTYPES",
     "BACKENDS",
 ]
@@ -135,6 +137,76 @@ class Options:
             else:
                 out[f.name] = value
         return out
+
+
+def _type_name(tp: Any) -> str:
+    """How an expected type reads in a message: ``a bool (true or false, no quotes)``, ``a list of int``."""
+    inner, optional = _unwrap_optional(tp)
+    if typing.get_origin(inner) is tuple:
+        name = f"a list of {_type_name(typing.get_args(inner)[0]).removeprefix('a ').removeprefix('an ')}"
+    else:
+        name = {bool: "a bool (true or false, no quotes)", int: "an int", float: "a number", str: "a string",
+                dict: "a table"}.get(typing.get_origin(inner) or inner, str(inner))
+    return f"{name} or null" if optional else name
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of the field type ``tp`` (a bool is no number; an int is a float)."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        return optional or inner is Any
+    origin = typing.get_origin(inner)
+    if inner is Any:
+        return True
+    if origin is tuple:  # a list, or one value (`Options.from_dict` reads it as a list of one)
+        item = typing.get_args(inner)[0]
+        return all(_has_type(v, item) for v in value) if isinstance(value, (list, tuple)) else _has_type(value, item)
+    if inner is bool:
+        return isinstance(value, bool)
+    if inner is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if inner is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if inner is str:
+        return isinstance(value, str)
+    check = origin or inner
+    return not isinstance(check, type) or isinstance(value, check)
+
+
+def _leaf_types(cls: type[Options]) -> dict[str, Any]:
+    """Every plain (non-nested) key `Options.from_dict` accepts -> its type; own fields first."""
+    hints = _hints(cls)
+    types_of: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        nested = _nested_options(hints[f.name])
+        if nested is not None:
+            types_of.update({k: v for k, v in _leaf_types(nested).items() if k not in types_of})
+        else:
+            types_of[f.name] = hints[f.name]
+    return types_of
+
+
+def type_problems(cls: type[Options], values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """One line per value of ``values`` whose type is not its field's in ``cls``: the key (after
+    ``prefix``), the value and the type expected. Nested options may be given flat or as tables;
+    unknown keys are left to `Options.from_dict`. A TOML or JSON config needs this check: a
+    ``"false"`` in quotes is a string, and a string is true.
+
+    >>> type_problems(PromptOptions, {"shots": "4", "seed": 1})
+    ["shots = '4' (str); expected an int"]
+    """
+    hints = _hints(cls)
+    nested = {f.name: n for f in dataclasses.fields(cls) if (n := _nested_options(hints[f.name])) is not None}
+    leaves = _leaf_types(cls)
+    problems: list[str] = []
+    for key, value in values.items():
+        if key in nested and isinstance(value, Mapping):
+            problems += type_problems(nested[key], value, f"{prefix}{key}.")
+        elif key in nested and isinstance(value, nested[key]):
+            continue
+        elif key in leaves and not _has_type(value, leaves[key]):
+            problems.append(f"{prefix}{key} = {value!r} ({type(value).__name__}); expected {_type_name(leaves[key])}")
+    return problems
 
 
 def _default_of(cls, f: dataclasses.Field) -> Any:
@@ -267,6 +339,17 @@ def from_arguments(cls: type[T], namespace: argparse.Namespace | Mapping[str, An
     values = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
     unset = _repeat_fields(cls)  # an append flag never given leaves None: keep the dataclass default
     return cls.from_dict({k: v for k, v in values.items() if k in cls.field_names() and not (k in unset and v is None)})
+
+
+def parse_config(parser: argparse.ArgumentParser, config: type[T], argv: Sequence[str] | None) -> T:
+    """``config`` from ``argv`` (None: ``sys.argv``) through ``parser`` (built with `add_arguments`,
+    plus any positional argument of its own); a value the configuration's ``__post_init__`` refuses
+    becomes a usage error (exit 2, with the configuration's message), as argparse's own errors are."""
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        return from_arguments(config, args)
+    except InvalidOptionError as error:
+        parser.error(str(error))
 
 
 def _repeat_fields(cls: type[Options]) -> set[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from icl_kernels.utils.paths import is_explicit_path
+
 
 class IclKernelsError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -64,7 +66,11 @@ class UnknownTaskError(UnknownNameError):
     """`get_task` was given a name that is not registered."""
 
     def __init__(self, name: str, known: Iterable[str]):
-        super().__init__("task", name, known, hint="`icl-kernels tasks` lists them.")
+        hint = "`icl-kernels tasks` lists them."
+        if isinstance(name, str) and is_explicit_path(name):
+            hint += (" A task is a registered name, not a path: to read a hub task's data from local files, set "
+                     "ICL_KERNELS_DATA_DIR to a folder holding <task name>/train.csv and test.csv.")
+        super().__init__("task", name, known, hint=hint)
 
 
 class LabelTokenizationError(IclKernelsError, ValueError):
@@ -99,6 +105,10 @@ class MissingTokenizerError(IclKernelsError, ValueError):
     """A text task was asked of a model that has no text tokenizer (e.g. synthetic-gpt-neo)."""
 
 
+class WorldFileError(IclKernelsError, ValueError):
+    """A ``world.json`` that is not JSON, or not a world written by ``SyntheticWorld.to_json``."""
+
+
 class InvalidOptionError(IclKernelsError, ValueError):
     """An analysis option is out of range or inconsistent with another option."""
 
@@ -109,6 +119,22 @@ class NonFiniteLogitsError(IclKernelsError, FloatingPointError):
     prompts."""
 
 
+class NonFiniteActivationsError(IclKernelsError, FloatingPointError):
+    """A recorded run holds NaN or infinite activations (queries, keys, values, attention outputs or
+    scores) although its prediction logits are finite: the comparison's linear algebra cannot use
+    them, so the run stops. The message names the run, the layer and the tensor."""
+
+
 class LearningRateCollapseError(IclKernelsError, ValueError):
     """Every candidate learning rate of a development search made the finetuned model collapse on at
     least one development fold; the message names each rate and its folds."""
+
+
+class OutputLockedError(IclKernelsError, RuntimeError):
+    """Another run holds the lock on an output folder (`icl_kernels.utils.locking.folder_lock`); the
+    message names it (pid, host, start time, command)."""
+
+
+class UnsafePathError(IclKernelsError, OSError):
+    """A lock or state file is a symbolic link (or not a regular file): the run refuses to follow it,
+    so that a planted link cannot make it overwrite the file the link points to."""

@@ -1,7 +1,8 @@
 """Figures. Every function takes plain data (tensors, arrays, tidy DataFrames) and returns a
 ``plotly.graph_objects.Figure``; none calls ``.show()``. Save with `write_html`, which writes pages
-that open without internet: plotly.js is written once beside them (or found in a parent folder)
-and referenced by a relative path, never loaded from a CDN.
+that open without internet: each page loads plotly.js by its plain file name from its own folder,
+where one copy is kept (`ensure_plotly_js`, checked by sha256 against plotly's bundled script before
+it is reused), never from a parent folder or a CDN; a folder copied elsewhere still shows its pages.
 
 Conventions: layer x head maps put layers on the y axis (layer 0 at the bottom) and heads on the x
 axis; maps of signed quantities (correlations) use a diverging scale centred at 0, maps of rates
@@ -10,8 +11,11 @@ axis; maps of signed quantities (correlations) use a diverging scale centred at 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +35,8 @@ __all__ = [
     "write_html",
     "write_image",
     "plotly_js_name",
+    "ensure_plotly_js",
 ]
-
-#: How far up from an output folder `write_html` looks for a plotly.js it can share.
-_JS_SEARCH_DEPTH = 3
 
 
 def plotly_js_name() -> str:
@@ -42,28 +44,55 @@ def plotly_js_name() -> str:
     return f"plotly-{get_plotlyjs_version()}.min.js"
 
 
+@lru_cache(maxsize=1)
+def _plotly_js() -> tuple[bytes, str]:
+    """Plotly's bundled ``plotly.min.js`` as UTF-8 bytes, and their sha256 (computed once)."""
+    data = get_plotlyjs().encode("utf-8")
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_plotly_js(folder: str | os.PathLike) -> Path:
+    """The verified copy of plotly.js in ``folder`` (named `plotly_js_name`), written if needed.
+
+    An existing file is reused only if it is a regular file (not a link) whose sha256 equals that of
+    plotly's bundled script; anything else of that name is replaced, with a warning, so a tampered
+    or planted copy never runs. Parent folders are never consulted.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    js = folder / plotly_js_name()
+    data, expected = _plotly_js()
+    if js.is_dir() and not js.is_symlink():
+        raise IsADirectoryError(f"{js} is a folder: remove it so that the figures' plotly.js can be written there.")
+    if js.is_symlink() or js.exists():
+        if not js.is_symlink() and js.is_file() and _sha256(js) == expected:
+            return js
+        warnings.warn(f"{js} is not plotly's bundled plotly.min.js (its sha256 differs, or it is a link or not a "
+                      "regular file): replacing it with the bundled copy.", stacklevel=2)
+    atomic_write_text(js, data.decode("utf-8"))
+    return js
+
+
 def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a page that opens offline.
 
-    The page loads plotly.js by a relative path: from the nearest of its folder and up to
-    `_JS_SEARCH_DEPTH` parent folders that already holds this plotly version's bundle, else from a
-    copy written beside it (once per folder). No script is fetched from the network.
+    The page loads plotly.js by its plain file name from its own folder, where `ensure_plotly_js`
+    keeps one verified copy shared by every page in that folder; no script is loaded from a parent
+    folder or fetched from the network, so the folder copied elsewhere still shows the page.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = plotly_js_name()
-    js = None
-    folder = path.parent.resolve()
-    for candidate in [folder, *folder.parents][: _JS_SEARCH_DEPTH + 1]:
-        if (candidate / name).is_file():
-            js = candidate / name
-            break
-    if js is None:
-        js = folder / name
-        atomic_write_text(js, get_plotlyjs())
-    src = os.path.relpath(js, folder).replace(os.sep, "/")
+    js = ensure_plotly_js(path.parent)
     html = fig.to_html(include_plotlyjs=False, full_html=True)
-    html = html.replace("<head>", f'<head><meta charset="utf-8" /><script src="{src}"></script>', 1)
+    html = html.replace("<head>", f'<head><meta charset="utf-8" /><script src="{js.name}"></script>', 1)
     atomic_write_text(path, html)
     return path
 

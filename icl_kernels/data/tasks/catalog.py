@@ -20,11 +20,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from icl_kernels.data.tasks.definition import Task
 from icl_kernels.data.tasks.sources import HubTask, PackageFileTask
 from icl_kernels.utils.errors import TaskDataError
+from icl_kernels.utils.lazy import lazy_module
+
+pd = lazy_module("pandas")  # imported when a shipped file is read, not when the tasks are registered
 
 __all__ = ["BUILTIN_TASKS", "DEFAULT_TASK", "MR_MIN_ABS_RATING"]
 

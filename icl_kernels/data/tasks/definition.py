@@ -22,14 +22,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import numpy as np
 
 from icl_kernels.utils.errors import TaskDataError, TaskDefinitionError
+from icl_kernels.utils.lazy import lazy_module
+
+# imported when a task is loaded, not when the registry is (``icl-kernels tasks`` lists tasks without it)
+datasets = lazy_module("datasets")
 
 __all__ = ["Loader", "Task", "check_label_range", "check_seed", "dataset_column", "dataset_labels"]
 
-Loader = Callable[..., datasets.DatasetDict]
+Loader = Callable[..., "datasets.DatasetDict"]
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ __all__ = [
     "DEFAULT_TASK",
     "MAX_TEST_SIZE",
     "MR_MIN_ABS_RATING",
+    "SYNTHETIC_TASKS",
+    "SYNTHETIC_TASK_DESCRIPTION",
     "TEST_FRACTION",
     "HubTask",
     "PackageFileTask",
@@ -74,6 +76,15 @@ __all__ = [
     "task_data_source",
     "unregister_task",
 ]
+
+#: Task names that mean "the synthetic world the model was trained on" (no registered `Task`: its
+#: prompts are drawn from the ``world.json`` next to the model, `icl_kernels.data.conditions.study_prompts`).
+SYNTHETIC_TASKS = ("synthetic-world", "synthetic")
+#: The line ``icl-kernels tasks`` prints for them.
+SYNTHETIC_TASK_DESCRIPTION = (
+    "prompts drawn from the mixture-of-HMMs world a synthetic model was trained on (its world.json; "
+    "the shipped synthetic-gpt-neo's has 8 labels); alias 'synthetic'"
+)
 
 # --------------------------------------------------------------------------------------------------
 # Registry

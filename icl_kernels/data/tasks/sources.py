@@ -17,7 +17,9 @@ The same seed gives the same split; train and test never share a text.
 
 Hub tasks (:class:`HubTask`) keep the dataset's published train / evaluation splits in their
 published order (``seed`` is accepted and unused) and drop unlabelled rows (label ``-1``). Their
-source is ``datasets.load_dataset(hub_path, hub_config)``. Without hub access the *same* code path
+source is ``datasets.load_dataset(hub_path, hub_config)``; the hub's, even when the current
+directory has a folder named like ``hub_path`` (``./fancyzhx/ag_news``), which ``datasets`` would
+otherwise read in its place (``hf://datasets/<hub_path>`` is passed then). Without hub access the *same* code path
 reads local files: ``task.load(data_files={"train": ..., "test": ...})``, or a folder named by
 ``data_dir=`` or the ``ICL_KERNELS_DATA_DIR`` environment variable (:data:`DATA_DIR_ENV`) that holds
 ``<task name>/<split>.<ext>`` (split ``train``/``test`` or the hub's split name, e.g.
@@ -43,9 +45,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
-import pandas as pd
 
 from icl_kernels.data.tasks.definition import (
     Task,
@@ -59,6 +59,11 @@ from icl_kernels.utils.errors import (
     TaskDataError,
     TaskDefinitionError,
 )
+from icl_kernels.utils.lazy import lazy_module
+
+# imported when a task's data is read, not when the registry is (``icl-kernels tasks`` lists tasks without them)
+datasets = lazy_module("datasets")
+pd = lazy_module("pandas")
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -75,6 +80,7 @@ __all__ = [
 TEST_FRACTION = 0.2
 MAX_TEST_SIZE = 1000
 DATA_DIR_ENV = "ICL_KERNELS_DATA_DIR"
+HUB_URL_PREFIX = "hf://datasets/"  # load_dataset reads the hub for this prefix, never a local folder
 _LOCAL_EXTENSIONS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 
 
@@ -384,12 +390,19 @@ class HubTask(Task):
         source["dropped"] = dropped
         return _record(self, self._checked(datasets.DatasetDict(prepared)), source)
 
+    def hub_load_path(self) -> str:
+        """The path given to ``datasets.load_dataset``: ``hub_path``, or ``hf://datasets/<hub_path>`` when
+        a file or folder of the current directory has that name (``datasets`` would read it in place
+        of the hub dataset, and the run would record data it did not read)."""
+        return HUB_URL_PREFIX + self.hub_path if Path(self.hub_path).exists() else self.hub_path
+
     def _load_hub(self, cache_dir: str | os.PathLike | None) -> dict[str, datasets.Dataset]:
         out = {}
         for ours, theirs in (("train", self.train_split), ("test", self.test_split)):
             try:
                 out[ours] = datasets.load_dataset(
-                    self.hub_path, self.hub_config, split=theirs, cache_dir=None if cache_dir is None else str(cache_dir)
+                    self.hub_load_path(), self.hub_config, split=theirs,
+                    cache_dir=None if cache_dir is None else str(cache_dir),
                 )
             except Exception as err:  # connection, offline mode, missing dataset: all need the same advice
                 fields = sorted({*self.text_fields, "label"})
@@ -399,6 +412,9 @@ class HubTask(Task):
                     f"<dir>/{self.name}/train.csv and <dir>/{self.name}/test.csv (or .jsonl / .parquet) with "
                     f"columns {fields} and set {DATA_DIR_ENV}=<dir>, or pass "
                     "data_files={'train': ..., 'test': ...}."
+                    + (f" The folder {Path(self.hub_path).resolve()} of the current directory has the dataset's "
+                       "name and was not read (datasets are named, not found in the current directory)."
+                       if Path(self.hub_path).exists() else "")
                 ) from err
         return out
 

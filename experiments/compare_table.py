@@ -153,6 +153,23 @@ def _rec2ftp(run: Run) -> str:
     return f"{round(m['rec2ftp'] * n)} of {n} ({100 * m['rec2ftp']:.1f}%)"
 
 
+def _norm_ratio(run: Run) -> str:
+    m = run.metrics
+    if not _finite(m.get("dw_icl_to_w_zsl_per_token")):
+        return "undefined"
+    return f"{m['dw_icl_to_w_zsl_per_token']:.2f} ({m['mean_demo_tokens']:.0f})"
+
+
+def _wall_time(run: Run) -> str:
+    seconds = (run.metrics.get("timing") or {}).get("total_s")
+    return "not recorded" if not _finite(seconds) else f"{seconds:.0f}"
+
+
+def _identity(run: Run) -> str:
+    value = run.metrics.get("identity_max_abs_error")
+    return "not measured" if not _finite(value) else f"{value:.1e}"
+
+
 def _simam(run: Run, definition: str, who: str = "trained") -> str:
     if who == "trained":
         before, after = run.interval(f"simam_before_{definition}"), run.interval(f"simam_after_{definition}")
@@ -206,6 +223,9 @@ def rows(runs: list[Run]) -> list[tuple[str, str, list[str]]]:
         ("... minus untrained copy", "not reported", each(lambda r: fmt(r.trained_minus_untrained("kendall"), sign=True))),
         ("... uniform random", PAPER["kendall_random"], each(lambda r: fmt(r.interval("kendall_random")))),
         ("cos(dW_ICL, actual dW_FT)", "not reported", each(lambda r: fmt(r.interval("dw_cosine")))),
+        ("per-token norm dW_ICL / W_ZSL, same run (mean demonstration tokens)", "not reported", each(_norm_ratio)),
+        ("relaxed identity (W_ZSL + dW_ICL) q, max abs error", "not reported", each(_identity)),
+        ("wall time (s, one thread, two runs side by side)", "", each(_wall_time)),
     ]
 
 

@@ -106,7 +106,9 @@ def fmt(entry: dict | None, scale: float = 1.0, digits: int = 3, sign: bool = Fa
     """
     if entry is None or not _finite(entry.get("value")):
         return "undefined"
-    spec = f"{'+' if sign else ''}.{digits}f"
+    ends = [entry[k] * scale for k in ("value", "low", "high") if _finite(entry.get(k))]
+    tiny = 0 < max(abs(x) for x in ends) < 0.5 * 10 ** -digits  # would print as +-0.000: show its size
+    spec = f"{'+' if sign else ''}.1e" if tiny else f"{'+' if sign else ''}.{digits}f"
     value = format(entry["value"] * scale, spec)
     if not (_finite(entry.get("low")) and _finite(entry.get("high"))):
         return value
@@ -225,7 +227,7 @@ def rows(runs: list[Run]) -> list[tuple[str, str, list[str]]]:
         ("cos(dW_ICL, actual dW_FT)", "not reported", each(lambda r: fmt(r.interval("dw_cosine")))),
         ("per-token norm dW_ICL / W_ZSL, same run (mean demonstration tokens)", "not reported", each(_norm_ratio)),
         ("relaxed identity (W_ZSL + dW_ICL) q, max abs error", "not reported", each(_identity)),
-        ("wall time (s, one thread, two runs side by side)", "", each(_wall_time)),
+        ("wall time (s, one thread; two to four runs shared the 2-core CPU)", "", each(_wall_time)),
     ]
 
 

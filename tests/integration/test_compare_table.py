@@ -37,6 +37,8 @@ def test_fmt_scales_signs_and_marks_undefined():
     # a t interval past the quantity's range is clipped to it (0.915 [0.721, 1.089] over 8 sets)
     assert fmt(_iv(0.915, 0.721, 1.089)) == "0.915 [0.721, 1.000]"
     assert fmt(_iv(0.05, -0.02, 0.12), 100, 1, bounds=(0.0, 1.0)) == "5.0 [0.0, 12.0]"
+    # an effect that would print as -0.000 [-0.000, -0.000] shows its size
+    assert fmt(_iv(-2.1e-5, -3.04e-5, -1.2e-5), sign=True) == "-2.1e-05 [-3.0e-05, -1.2e-05]"
 
 
 def test_main_writes_the_tidy_table_and_verdicts(tmp_path, capsys):

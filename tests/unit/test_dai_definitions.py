@@ -141,7 +141,7 @@ class _FakeTuned(FinetuneResult):
 def _toy_pipeline(monkeypatch, **settings):
     model = SimpleNamespace(cfg=SimpleNamespace(n_layers=2, n_heads=2))
 
-    def fake_record(run_model, tokens, prediction_position, recording_position, label_tokens, with_kv=False):
+    def fake_record(run_model, tokens, prediction_position, recording_position, label_tokens, with_kv=False, what="the run"):
         if run_model == "finetuned":
             return RECORDS["ft"]
         return RECORDS["icl" if len(tokens) == 9 else "zsl"]

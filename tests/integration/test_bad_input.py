@@ -310,13 +310,18 @@ def test_nan_recorded_keys_stop_compare_before_its_linear_algebra(tmp_path, caps
 def test_huge_shots_are_refused_before_any_forward(argv, tmp_path, capsys, monkeypatch):
     model = load_tiny("gpt-neo")
 
-    def no_forward(*args, **kwargs):
+    def no_forward(module, inputs):
         raise AssertionError("the model ran before --shots was refused")
 
     monkeypatch.setattr(ModelOptions, "load", lambda self: model)
-    monkeypatch.setattr(model.embed, "forward", no_forward)
+    # a pre-hook, removed below, rather than a patched `forward`: the tiny model is shared by the
+    # session, and a bridge's embedding has no instance `forward` to restore
+    handle = model.embed.register_forward_pre_hook(no_forward)
     out = tmp_path / "out"
-    code, _, err = _run([*argv, "--shots", "100000", "--out", str(out)], capsys)
+    try:
+        code, _, err = _run([*argv, "--shots", "100000", "--out", str(out)], capsys)
+    finally:
+        handle.remove()
     line = _assert_one_error(code, err, "--shots 100000 would make every prompt at least")
     assert f"more than the model's context of {model.cfg.n_ctx}" in line
     _assert_not_posing_as_complete(out)

@@ -289,6 +289,7 @@ def metric_controls_figure(frame: pd.DataFrame, title: str = "") -> go.Figure:
     conditions = list(dict.fromkeys(frame["condition"]))
     colours = dict(zip(conditions, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"] * 2))
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.06)
+    in_legend: set[str] = set()  # each condition once, in the first panel that has it
     for j, metric in enumerate(metrics):
         part = frame[frame["metric"] == metric]
         for condition in conditions:
@@ -300,8 +301,10 @@ def metric_controls_figure(frame: pd.DataFrame, title: str = "") -> go.Figure:
                 err = dict(type="data", symmetric=False, array=(rows["high"] - rows["value"]).to_numpy(),
                            arrayminus=(rows["value"] - rows["low"]).to_numpy())
             fig.add_trace(go.Bar(x=rows["run"], y=rows["value"], name=condition, error_y=err,
-                                 marker_color=colours[condition], legendgroup=condition, showlegend=j == 0),
+                                 marker_color=colours[condition], legendgroup=condition,
+                                 showlegend=condition not in in_legend),
                           row=1, col=j + 1)
+            in_legend.add(condition)
     fig.update_layout(title=title, template="plotly_white", barmode="group", height=460,
                       legend=dict(orientation="h", y=-0.25))
     return fig

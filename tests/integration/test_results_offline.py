@@ -39,3 +39,13 @@ def test_metric_controls_figure_draws_each_interval_around_its_bar():
     assert list(untrained.error_y.array) == pytest.approx([0.2]) and list(untrained.error_y.arrayminus) == pytest.approx([0.1])
     with pytest.raises(ValueError, match="condition"):
         metric_controls_figure(frame.drop(columns="condition"))
+
+
+def test_metric_controls_figure_lists_each_condition_once_even_when_a_later_panel_brings_it():
+    frame = pd.DataFrame([
+        dict(run="a", metric="SimAOU", condition="trained", value=0.4),
+        dict(run="a", metric="Kendall tau", condition="trained", value=0.15),
+        dict(run="a", metric="Kendall tau", condition="lr -> 0", value=0.14),
+    ])
+    shown = [t.name for t in metric_controls_figure(frame).data if t.showlegend]
+    assert shown == ["trained", "lr -> 0"]

@@ -38,7 +38,7 @@ from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
 
 #: Dai et al.'s numbers (fairseq GPT 1.3B / 2.7B; MR for accuracies, the six-task averages otherwise;
-#: ../shared/reference/papers.md). None: the paper reports no such number.
+#: ../shared/reference/papers.md); rows the paper has no number for say "not reported".
 PAPER = {
     "zsl_accuracy": "65.9 / 60.9 (MR)",
     "ft_accuracy": "73.0 / 80.0 (MR)",
@@ -86,9 +86,6 @@ class Run(NamedTuple):
 
     def trained_minus_untrained(self, key: str) -> dict | None:
         return self.metrics.get("paired", {}).get("trained_minus_untrained", {}).get(key)
-
-    def untrained_interval(self, key: str) -> dict | None:
-        return self.metrics.get("untrained", {}).get("intervals", {}).get(key)
 
 
 def _finite(x) -> bool:
@@ -172,12 +169,8 @@ def _identity(run: Run) -> str:
     return "not measured" if not _finite(value) else f"{value:.1e}"
 
 
-def _simam(run: Run, definition: str, who: str = "trained") -> str:
-    if who == "trained":
-        before, after = run.interval(f"simam_before_{definition}"), run.interval(f"simam_after_{definition}")
-    else:
-        before = run.untrained_interval(f"simam_before_{definition}")
-        after = run.untrained_interval(f"simam_after_{definition}")
+def _simam(run: Run, definition: str) -> str:
+    before, after = run.interval(f"simam_before_{definition}"), run.interval(f"simam_after_{definition}")
     return f"{fmt(before)} -> {fmt(after)}"
 
 

@@ -96,12 +96,19 @@ def _control_value(metrics: dict, control: str, key: str) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _official_rise(block: dict | None) -> tuple[float, float, float]:
+    """(value, low, high) of a paired SimAM after-minus-before entry under the official definition."""
+    entry = (block or {}).get("official") or {}
+    value = entry.get("value")
+    return (float("nan") if value is None else value, entry.get("low", float("nan")), entry.get("high", float("nan")))
+
+
 def compare_table(results: Path) -> pd.DataFrame:
     """Tidy rows: run, metric, condition, value, low, high (intervals from the runs' metrics.json).
 
-    SimAOU and SimAM under the official definitions (``*_official``), each next to the same metric
-    with finetuning at lr -> 0 and on another demonstration set (mismatched), on the untrained copy and
-    for a random direction; a control's value is drawn without an interval (the paired difference's
+    SimAOU (official definition) next to the same metric after finetuning on another demonstration set
+    (mismatched), on the untrained copy and for a random direction; Kendall tau next to those and to
+    finetuning at lr -> 0; the paired official SimAM rise of the trained model and its untrained copy; a control's value is drawn without an interval (the paired difference's
     interval is in the README table, `experiments.compare_table`).
     """
     rows = []
@@ -111,12 +118,6 @@ def compare_table(results: Path) -> pd.DataFrame:
             continue
         run, untrained = path.parent.name, m.get("untrained") or {}
         paired = m.get("paired") or {}
-
-        def simam_rise(block: dict) -> tuple[float, float, float]:
-            entry = (block or {}).get("official") or {}
-            value = entry.get("value")
-            return (float("nan") if value is None else value, entry.get("low", float("nan")),
-                    entry.get("high", float("nan")))
 
         panels = {
             "SimAOU": [("trained", m, "simaou_official"), ("mismatched update", None, ("mismatched", "simaou_official")),
@@ -136,7 +137,7 @@ def compare_table(results: Path) -> pd.DataFrame:
                 rows.append(dict(run=run, metric=metric, condition=condition, value=value, low=low, high=high))
         for condition, block in (("trained", paired.get("simam_after_minus_before")),
                                  ("untrained model", paired.get("untrained_simam_after_minus_before"))):
-            value, low, high = simam_rise(block)
+            value, low, high = _official_rise(block)
             rows.append(dict(run=run, metric="SimAM after - before", condition=condition, value=value, low=low, high=high))
     return pd.DataFrame(rows)
 

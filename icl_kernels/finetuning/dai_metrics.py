@@ -84,8 +84,8 @@ A candidate rate *collapses* when on some fold the upper end of the 95% Wilson i
 accuracy is more than ``ComparisonSettings.collapse_margin`` (default 0.25, absolute) below the
 unfinetuned model's zero-shot accuracy on the same queries (a 2-query fold collapses only at 0 of 2
 against 2 of 2), or when on some fold it gives one label to every development query while the gold
-labels and the unfinetuned model's answers there take two or more (a constant classifier; the
-smollm2 SMS run at lr 0.1 answered one label on 17 of 20 sets); collapsed rates are rejected, and a
+labels and the unfinetuned model's answers there take two or more (a constant classifier: at lr 0.1
+smollm2 answered one label to every development query on 15 of its 20 SMS sets); collapsed rates are rejected, and a
 search in which every
 rate collapses stops with `icl_kernels.utils.errors.LearningRateCollapseError` naming rates and folds. `compare_icl_with_finetuning` runs everything and returns the summary
 metrics and tidy per-layer, per-head and per-query rows (`CompareResult`); the ``compare`` study

@@ -20,9 +20,13 @@ study a command names is imported (with its configuration, for its options and `
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import importlib.metadata
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from functools import partial
 
@@ -172,11 +176,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _command(argv)
     parser = build_parser(studies=[command] if command else [])  # only the study run gets its options
     args = parser.parse_args(argv)
+    with _sigterm_as_interrupt():
+        try:
+            return int(args.func(args) or 0)
+        except IclKernelsError as error:
+            print(f"icl-kernels: error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:
+            if error.errno not in _NO_SPACE:
+                raise
+            where = f" writing {error.filename}" if error.filename else ""
+            print(f"icl-kernels: error: no space left on the device{where} ({error.strerror}); free some space "
+                  "and rerun the same command (finished work in --out is kept, caches are checked and rebuilt).",
+                  file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, _Terminated) as error:
+            name = "SIGTERM" if isinstance(error, _Terminated) else "SIGINT"
+            print(f"icl-kernels: interrupted ({name}); rerun the same command to continue "
+                  "(a resumable study keeps its finished units in --out).", file=sys.stderr)
+            return 143 if isinstance(error, _Terminated) else 130
+
+
+#: errno values of a full disk or quota: one error line, not a traceback.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (a scheduler or ``kill``): unwinds like Ctrl-C, so locks and partial files are released."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a command runs, SIGTERM raises `_Terminated` (when it would otherwise end the process at once)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
-        return int(args.func(args) or 0)
-    except IclKernelsError as error:
-        print(f"icl-kernels: error: {error}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

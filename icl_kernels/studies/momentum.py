@@ -55,6 +55,7 @@ from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, parse_layer_set
 from icl_kernels.utils.errors import InvalidOptionError, NonFiniteLogitsError
+from icl_kernels.utils.faults import unit_done
 from icl_kernels.utils.io import append_rows, finished_ids
 from icl_kernels.utils.stats import paired_bootstrap, proportion, rng
 
@@ -231,6 +232,8 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
                     for w in range(len(windows))
                 ])
         bar.update(size)
+        if out is not None:
+            unit_done()  # a test seam: ICL_KERNELS_FAULT_AFTER interrupts the run here (icl_kernels.utils.faults)
     bar.close()
     return prompt_rows.frame(), ppl_rows.frame()
 

@@ -342,6 +342,8 @@ class HubTask(Task):
         found: dict[str, Path] = {}
         for ours, theirs in (("train", self.train_split), ("test", self.test_split)):
             candidates = [folder / f"{stem}.{ext}" for stem in dict.fromkeys((ours, theirs)) for ext in _LOCAL_EXTENSIONS]
+            for path in candidates:
+                _check_regular(self, path)
             present = [p for p in candidates if p.is_file()]
             if len(present) != 1:
                 what = "none" if not present else ", ".join(p.name for p in present)
@@ -523,6 +525,22 @@ _LOCAL_CACHE: dict[tuple[str, str], datasets.Dataset] = {}
 _LOCAL_CACHE_SIZE = 32
 
 
+def _check_regular(task: Task, path: Path) -> None:
+    """A data file that exists must be a regular file (or a link to one): a folder, a device such as
+    ``/dev/zero`` or a FIFO would be read forever or not at all.
+
+    Raises:
+        TaskDataError: ``path`` exists and is no regular file.
+    """
+    if not (path.exists() or path.is_symlink()) or path.is_file():
+        return
+    kind = ("a folder" if path.is_dir() else "a broken link" if not path.exists()
+            else "a device, FIFO or socket")
+    target = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+    raise TaskDataError(f"Task {task.name!r}: {path}{target} is not a regular file but {kind}; "
+                        "a data split must be a plain .csv/.tsv/.json/.jsonl/.parquet file.")
+
+
 def _load_local(task: HubTask, path: Path) -> datasets.Dataset:
     """A local file as a Dataset, parsed from its bytes and cached per process by their sha256.
 
@@ -533,6 +551,7 @@ def _load_local(task: HubTask, path: Path) -> datasets.Dataset:
     ext = path.name.rsplit(".", 1)[-1].lower() if "." in path.name else ""
     if ext not in _LOCAL_EXTENSIONS:
         raise TaskDataError(f"Task {task.name!r}: {path} must end in one of {sorted(_LOCAL_EXTENSIONS)}.")
+    _check_regular(task, path)
     if not path.is_file():
         raise TaskDataError(f"Task {task.name!r}: local data file {path} does not exist.")
     data = path.read_bytes()

@@ -204,36 +204,40 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
     )
     sizes = {(c.cell_id, kind, key): (len(sets[key][0]) if kind == "icl" else cfg.ppl_windows) for c, kind, key in units}
     bar = tqdm(total=sum(sizes.values()), desc="momentum grid", disable=not progress, dynamic_ncols=True)
-    for cell, kind, key in units:
-        unit_id = f"{cell.cell_id}|{kind}" + (f"|k={key[0]}|seed={key[1]}" if key else "")
-        size = sizes[(cell.cell_id, kind, key)]
-        if unit_id in done:
+    try:
+        for cell, kind, key in units:
+            unit_id = f"{cell.cell_id}|{kind}" + (f"|k={key[0]}|seed={key[1]}" if key else "")
+            size = sizes[(cell.cell_id, kind, key)]
+            if unit_id in done:
+                bar.update(size)
+                continue
+            bar.set_postfix_str(unit_id)
+            layers = layer_sets.get(cell.layers)
+            with momentum_attention(model, cell.eta, layers if cell.eta else None), _naming(unit_id, bar):
+                if kind == "icl":
+                    prompts, gold = sets[key]
+                    scores = label_log_probs(model, prompts, builder.label_ids, batch_size=cfg.batch_size, pad_token_id=pad)
+                    pred = scores.argmax(-1).tolist()
+                    prompt_rows.add([
+                        dict(row_id=f"{unit_id}|{i}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
+                             layers=cell.layers, shots=key[0], seed=key[1], index=i, gold=gold[i], pred=pred[i],
+                             correct=int(pred[i] == gold[i]), n_tokens=len(prompts[i]),
+                             **{f"logp_{c}": float(scores[i, c]) for c in range(scores.shape[1])})
+                        for i in range(len(prompts))
+                    ])
+                else:
+                    nll = torch.cat([sequence_nll(model, windows[i : i + 1], first_index=i) for i in range(len(windows))])
+                    ppl_rows.add([
+                        dict(row_id=f"{unit_id}|{w}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
+                             layers=cell.layers, window=w, n_tokens=cfg.ppl_tokens, nll=float(nll[w]))
+                        for w in range(len(windows))
+                    ])
             bar.update(size)
-            continue
-        bar.set_postfix_str(unit_id)
-        layers = layer_sets.get(cell.layers)
-        with momentum_attention(model, cell.eta, layers if cell.eta else None), _naming(unit_id, bar):
-            if kind == "icl":
-                prompts, gold = sets[key]
-                scores = label_log_probs(model, prompts, builder.label_ids, batch_size=cfg.batch_size, pad_token_id=pad)
-                pred = scores.argmax(-1).tolist()
-                prompt_rows.add([
-                    dict(row_id=f"{unit_id}|{i}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
-                         layers=cell.layers, shots=key[0], seed=key[1], index=i, gold=gold[i], pred=pred[i],
-                         correct=int(pred[i] == gold[i]), n_tokens=len(prompts[i]),
-                         **{f"logp_{c}": float(scores[i, c]) for c in range(scores.shape[1])})
-                    for i in range(len(prompts))
-                ])
-            else:
-                nll = torch.cat([sequence_nll(model, windows[i : i + 1], first_index=i) for i in range(len(windows))])
-                ppl_rows.add([
-                    dict(row_id=f"{unit_id}|{w}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
-                         layers=cell.layers, window=w, n_tokens=cfg.ppl_tokens, nll=float(nll[w]))
-                    for w in range(len(windows))
-                ])
-        bar.update(size)
-        if out is not None:
-            unit_done()  # a test seam: ICL_KERNELS_FAULT_AFTER interrupts the run here (icl_kernels.utils.faults)
+            if out is not None:
+                unit_done()  # a test seam: ICL_KERNELS_FAULT_AFTER interrupts the run here (icl_kernels.utils.faults)
+    except BaseException:
+        bar.close()  # an error or interruption line starts on a line of its own
+        raise
     bar.close()
     return prompt_rows.frame(), ppl_rows.frame()
 

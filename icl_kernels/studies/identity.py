@@ -288,6 +288,8 @@ def check_output(
     grid = tuple(grid_keys)
     if old is None:
         problem = f"holds rows ({', '.join(state)}) of a run whose options were not recorded"
+    elif "unreadable" in old:  # truncated or overwritten: which run made the files cannot be told
+        problem = f"holds a damaged run record ({old['unreadable']} is not valid JSON), so its run cannot be identified"
     elif "resume_key" in old:
         same = old.get("resume_key") == record["resume_key"] and old.get("study") == study
         if same and not grid:
@@ -301,7 +303,7 @@ def check_output(
     if force:
         clear_output(out, state_files)
         return
-    changed = _differences(old, record, grid) if old is not None else []
+    changed = _differences(old, record, grid) if old is not None and "unreadable" not in old else []
     detail = f" ({'; '.join(changed)})" if changed else ""
     raise OutputConflictError(
         f"--out {str(out)!r} {problem}{detail}; its results would be mixed with or replaced by this run's. "

@@ -18,7 +18,9 @@ momentum, with intervals), tables ``grid`` (tidy: one row per cell and shot coun
 ``shots = "all"`` pooled), ``prompts`` and ``perplexity`` (per prompt / per window), figure
 ``grid`` (heat maps of the changes). Resumable: with ``out`` the per-prompt and per-window rows are
 kept in ``out/prompts.csv`` and ``out/perplexity.csv`` as each cell finishes, and a rerun with the
-same options skips finished cells.
+same options skips finished cells. A row file damaged by hand or by a copy cut short (torn rows, a
+unit with too few rows, bytes that are no CSV) is repaired with a warning and the affected units are
+computed again; a number edited by hand is not detected (the rows carry no checksum).
 
     icl-kernels momentum --model gemma-3-270m --eta 0.1,0.3 --layers all --layers 12-17 \\
         --shots 4,8 --seed 0,1 --out results/momentum-gemma
@@ -26,8 +28,10 @@ same options skips finished cells.
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +60,7 @@ from icl_kernels.studies.report import Report
 from icl_kernels.utils.config import Options, parse_layer_set
 from icl_kernels.utils.errors import InvalidOptionError, NonFiniteLogitsError
 from icl_kernels.utils.faults import unit_done
-from icl_kernels.utils.io import append_rows, finished_ids
+from icl_kernels.utils.io import append_rows, atomic_write_text
 from icl_kernels.utils.stats import paired_bootstrap, proportion, rng
 
 __all__ = ["MomentumConfig", "MomentumReport", "run", "summarise_grid", "momentum_heatmap"]
@@ -161,8 +165,40 @@ class _Rows:
         self.path = path
         self.rows: list[dict] = []
 
-    def finished(self) -> set[str]:
-        return finished_ids(self.path, key="unit_id") if self.path is not None else set()
+    def finished(self, sizes: dict[str, int]) -> set[str]:
+        """The units whose rows are all in the file (``sizes``: unit id -> its number of rows).
+
+        A damaged file is repaired first, with a warning naming it: rows torn by a truncation (the
+        last line without its newline, missing values), and every row of a unit that has too few or
+        too many rows, are removed, so those units are computed again; a file that cannot be read
+        as this table at all is moved aside (``<name>.damaged``) and every unit is computed again.
+        """
+        if self.path is None or not self.path.exists() or not self.path.stat().st_size:
+            return set()
+        data = self.path.read_bytes()
+        try:
+            frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+            if not {"row_id", "unit_id"} <= set(frame.columns):
+                raise ValueError(f"no row_id and unit_id columns (has {list(frame.columns)[:5]})")
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+            aside = self.path.with_name(self.path.name + ".damaged")
+            os.replace(self.path, aside)
+            warnings.warn(f"{self.path} is damaged and cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+                          f"moved it to {aside.name} and computing its units again.", UserWarning, stacklevel=3)
+            return set()
+        units = frame["row_id"].str.rsplit("|", n=1).str[0]
+        torn = frame.isna().any(axis=1) | (frame == "").any(axis=1)
+        if len(frame) and not data.endswith(b"\n"):
+            torn.iloc[-1] = True
+        counts = units.value_counts()
+        bad = set(units[torn]) | {u for u, n in counts.items() if u in sizes and n != sizes[u]}
+        if bad:
+            kept = frame[~units.isin(bad)]
+            atomic_write_text(self.path, kept.to_csv(index=False))
+            warnings.warn(f"{self.path} is damaged: {int(torn.sum())} torn row(s), {len(bad)} unit(s) incomplete "
+                          f"({', '.join(sorted(bad)[:3])}{', ...' if len(bad) > 3 else ''}); removed their rows and "
+                          "computing them again.", UserWarning, stacklevel=3)
+        return {u for u, n in units[~units.isin(bad)].value_counts().items() if sizes.get(u) == n}
 
     def add(self, rows: list[dict]) -> None:
         if self.path is not None:
@@ -187,6 +223,11 @@ def _layer_sets(cfg: MomentumConfig, model) -> dict[str, Any]:
     return layer_sets
 
 
+def _unit_id(cell: Cell, kind: str, key) -> str:
+    """One unit of the grid: a cell's prompt set (shot count, seed) or its perplexity windows."""
+    return f"{cell.cell_id}|{kind}" + (f"|k={key[0]}|seed={key[1]}" if key else "")
+
+
 def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, layer_sets: dict,
                    out: str | os.PathLike | None, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Every cell of the grid (the baseline and each momentum setting): label log-probabilities of
@@ -197,16 +238,17 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
         Path(out).mkdir(parents=True, exist_ok=True)
     prompt_rows = _Rows(Path(out) / "prompts.csv" if out is not None else None)
     ppl_rows = _Rows(Path(out) / "perplexity.csv" if out is not None else None)
-    done = prompt_rows.finished() | ppl_rows.finished()
     cells = grid_cells(cfg)
     units = [(c, "icl", key) for c in cells for key in sets] + (
         [(c, "ppl", None) for c in cells] if windows is not None else []
     )
     sizes = {(c.cell_id, kind, key): (len(sets[key][0]) if kind == "icl" else cfg.ppl_windows) for c, kind, key in units}
+    unit_sizes = {_unit_id(c, kind, key): sizes[(c.cell_id, kind, key)] for c, kind, key in units}
+    done = prompt_rows.finished(unit_sizes) | ppl_rows.finished(unit_sizes)
     bar = tqdm(total=sum(sizes.values()), desc="momentum grid", disable=not progress, dynamic_ncols=True)
     try:
         for cell, kind, key in units:
-            unit_id = f"{cell.cell_id}|{kind}" + (f"|k={key[0]}|seed={key[1]}" if key else "")
+            unit_id = _unit_id(cell, kind, key)
             size = sizes[(cell.cell_id, kind, key)]
             if unit_id in done:
                 bar.update(size)

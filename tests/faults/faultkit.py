@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,14 @@ def child_env(**extra: str) -> dict[str, str]:
 def cli_child(argv: Sequence[str], **extra_env: str) -> subprocess.Popen:
     """``python -m icl_kernels.cli argv`` in a child process (its own session), output captured."""
     return subprocess.Popen([sys.executable, "-m", "icl_kernels.cli", *argv], env=child_env(**extra_env), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt in the child even where pytest itself runs with SIGINT ignored
+    (a background job of a non-interactive shell), which the child would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def same_files(a: Path, b: Path, names: Sequence[str]) -> None:

@@ -52,6 +52,16 @@ this one; a symbolic link at the lock path is refused, never followed). A config
 type is an error naming the key (a quoted ``"false"`` is no bool), and ``name`` is one plain folder
 name (the default ``--out`` is ``runs/<name>``).
 
+Workers that outlive their parent: every job writes its pid, host and submitit job id to its
+``shards/<shard>.state.json`` when it starts, and ``shards/plan.json`` records the job ids of each
+submission. A rerun (under the lock) first looks for jobs of earlier runs that still run: local
+workers whose process is alive, SLURM jobs ``squeue`` still lists (queued ones too). It refuses
+with one line naming them (`SweepWorkersError`, exit 2), or with ``--wait-for-workers`` waits for
+them and then runs what is left; ``--cancel`` ends them (``scancel``; locally SIGINT, then SIGKILL)
+and runs nothing. Each cell is claimed before it runs (`icl_kernels.sweeps.shards.claim_cell`), so
+even a job started while another still runs never computes a cell twice. More than 10,000 cells
+to run need ``--yes``.
+
     icl-kernels sweep experiments/configs/example.toml --out runs/example
     icl-kernels sweep experiments/configs/example.toml --executor local --max-jobs 2
     icl-kernels sweep experiments/configs/example.toml --executor slurm --partition gpu \\
@@ -69,6 +79,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -84,6 +97,7 @@ from icl_kernels.sweeps.shards import (
     CRASH_ENV,
     FAILURES,
     LEADING_COLUMNS,
+    PLAN,
     RESULTS,
     SHARDS,
     VOLATILE_COLUMNS,
@@ -93,6 +107,7 @@ from icl_kernels.sweeps.shards import (
     import_legacy_results,
     merge,
     plan_shards,
+    process_alive,
     read_records,
     run_cell,
     status_lines,
@@ -144,6 +159,10 @@ class SweepArgs(Options):
         "slurm/local: wait for the jobs (--no-wait: submit and return, then --status, and --merge-only or a rerun)"))
     allow_config_change: bool = field(default=False, metadata=_flag(argparse.SUPPRESS))  # changed cells always rerun now
     progress: bool = field(default=True, metadata=_flag("print progress while jobs run"))
+    wait_for_workers: bool = field(default=False, metadata=_flag(
+        "when jobs of an earlier run of this sweep still run (a killed parent's workers), wait for them, then run"))
+    cancel: bool = field(default=False, metadata=_flag("end the jobs of earlier runs of this sweep that still run; run nothing"))
+    yes: bool = field(default=False, metadata=_flag("start a sweep with more than 10,000 cells to run"))
 
     def __post_init__(self) -> None:
         problems = [] if self.config else ["config must name a sweep config file (.toml or .json)"]
@@ -328,7 +347,143 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     with sweep_lock(out):
+        workers = live_workers(out)
+        if args.cancel:
+            return _cancel(workers, out)
+        if workers and not args.merge_only:
+            if not args.wait_for_workers:
+                raise SweepWorkersError(
+                    f"{len(workers)} job(s) of an earlier run of this sweep still run in {out}: "
+                    + "; ".join(w.describe() for w in workers)
+                    + ". Wait for them (--wait-for-workers), end them (--cancel), or follow them (--status).")
+            _wait_for_workers(out, workers, args.progress)
+            records = read_records(out)
+            rows = finished_rows(records)
+        n_todo = sum(c.cell_id not in rows for c in cells)
+        if n_todo > LARGE_SWEEP and not args.yes and not args.merge_only:
+            raise InvalidOptionError(f"{n_todo:,} cells to run (more than {LARGE_SWEEP:,}); check the grid with --dry-run, "
+                                     "then pass --yes to start them.")
         return _run(args, cfg, cells, out, records, rows)
+
+
+#: More cells to run than this need ``--yes`` (a grid typed wrong can be weeks of compute).
+LARGE_SWEEP = 10_000
+
+
+class SweepWorkersError(IclKernelsError):
+    """Jobs of an earlier run of the sweep still run (their parent was killed): rerunning now would race them."""
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A job of an earlier run of a sweep that still runs: its shard, job id, process and current cell."""
+
+    shard: str
+    job_id: str | None
+    pid: int | None
+    host: str | None
+    cell: str | None
+    slurm: bool = False
+
+    def describe(self) -> str:
+        where = f"SLURM job {self.job_id}" if self.slurm else f"job {self.job_id or '-'} (pid {self.pid} on {self.host})"
+        return f"{where}, shard {self.shard}" + (f", running {self.cell}" if self.cell else "")
+
+
+def _squeue(job_ids: Sequence[str]) -> set[str] | None:
+    """The ids among ``job_ids`` that SLURM still knows as pending or running; None without squeue."""
+    if not job_ids or shutil.which("squeue") is None:
+        return None
+    done = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(sorted(set(job_ids)))],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:  # squeue fails on ids it no longer knows: ask one at a time
+        alive = set()
+        for job in sorted(set(job_ids)):
+            one = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job], capture_output=True, text=True, timeout=60, check=False)
+            alive |= set(one.stdout.split()) if one.returncode == 0 else set()
+        return {j for j in job_ids if j in alive}
+    listed = set(done.stdout.split())
+    return {j for j in job_ids if j in listed}
+
+
+def _local_controller_alive(job_id: str | None, host: str | None) -> bool:
+    """Whether the submitit controller of a local job (its job id is the controller's pid) still runs
+    on this host: between a requeue and the next start the job has no worker process."""
+    if not job_id or not job_id.isdigit() or process_alive(int(job_id), host) is not True:
+        return False
+    try:
+        return b"submitit" in Path(f"/proc/{job_id}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def live_workers(out: Path) -> list[Worker]:
+    """The jobs of earlier runs of the sweep in ``out`` that still run: local workers whose process is
+    alive (``shards/*.state.json``: pid, host, job id, written by each job), and SLURM jobs that
+    ``squeue`` still lists (the job ids of ``shards/plan.json``, queued ones too)."""
+    out = Path(out)
+    workers: dict[str, Worker] = {}
+    slurm_ids: dict[str, str] = {}
+    plan = read_json(out / SHARDS / PLAN) if (out / SHARDS / PLAN).exists() else {}
+    if plan.get("executor") == "slurm":
+        slurm_ids = {str(info["job_id"]): name for name, info in plan.get("shards", {}).items() if info.get("job_id")}
+    for path in sorted((out / SHARDS).glob("*.state.json")):
+        try:
+            state = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if state.get("state") in ("finished", "interrupted"):
+            continue
+        name = path.name.removesuffix(".state.json")
+        job = str(state["job_id"]) if state.get("job_id") else None
+        if job and (job in slurm_ids or "SLURM" in str(state.get("scheduler", ""))):
+            slurm_ids.setdefault(job, name)
+            continue
+        if process_alive(state.get("pid"), state.get("host")) is False and not _local_controller_alive(job, state.get("host")):
+            continue
+        workers[name] = Worker(name, job, state.get("pid"), state.get("host"), state.get("current"))
+    alive = _squeue(list(slurm_ids))
+    for job, name in slurm_ids.items():
+        if alive is not None and job in alive:
+            workers[name] = Worker(name, job, None, None, None, slurm=True)
+    return list(workers.values())
+
+
+def _wait_for_workers(out: Path, workers: list[Worker], progress: bool) -> None:
+    print(f"waiting for {len(workers)} job(s) of an earlier run: " + "; ".join(w.describe() for w in workers), file=sys.stderr)
+    while workers:
+        time.sleep(2.0)
+        workers = live_workers(out)
+    print("the earlier run's jobs have ended.", file=sys.stderr)
+
+
+def _cancel(workers: list[Worker], out: Path) -> int:
+    """End ``workers``: ``scancel`` for SLURM jobs; for local jobs SIGINT to the submitit controller
+    (the job id: it ends its task) and to the worker, then SIGKILL for what still runs after 10 s."""
+    if not workers:
+        print(f"no job of this sweep runs ({out}).")
+        return 0
+    slurm = [w.job_id for w in workers if w.slurm and w.job_id]
+    if slurm:
+        subprocess.run(["scancel", *slurm], check=False)
+    local = [w for w in workers if not w.slurm]
+    pids = {int(p) for w in local for p in (w.pid, w.job_id) if p is not None and str(p).isdigit()}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGINT)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(process_alive(pid, None) for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if process_alive(pid, None):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(process_alive(pid, None) for pid in pids):
+        time.sleep(0.1)  # SIGKILL is delivered asynchronously
+    for w in workers:
+        print(f"cancelled {w.describe()}")
+    return 0
 
 
 class SweepLockedError(OutputLockedError):
@@ -401,6 +556,6 @@ def command(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 2
 
 
-__all__ = ["SweepArgs", "SweepConfig", "SweepLockedError", "Cell", "main", "command", "parse_args", "run_cell",
+__all__ = ["SweepArgs", "SweepConfig", "SweepLockedError", "SweepWorkersError", "Worker", "live_workers", "Cell", "main", "command", "parse_args", "run_cell",
            "slurm_executor", "sweep_lock", "RESULTS", "FAILURES", "CRASH_ENV", "VOLATILE_COLUMNS", "LEADING_COLUMNS",
            "EXECUTORS", "LOCK_FILE"]

@@ -10,6 +10,13 @@ torn last line, which readers skip and the next append repairs). Each record car
 (its coordinates and its configuration fingerprint), the fingerprint, and the row; timings go to a
 separate ``timing`` field so that the merged table does not depend on the run.
 
+Claims: before a job runs a cell it creates ``<out>/claims/<hash of the cell id>.claim``
+(``O_EXCL``: one creator wins) naming its process (pid, start time, host, job id); it deletes the
+claim once the cell's record is written. A job skips a cell claimed by a live process (another job
+of this or an earlier run of the sweep, e.g. a worker left running by a killed parent), and takes
+over, with a note, a claim whose process has ended (a job killed mid-cell). So no cell is computed
+by two processes at once.
+
 Preemption and time limits: submitit sends the job a signal shortly before its time limit (or on
 preemption); it calls `ShardJob.checkpoint`, which returns the same shard with its attempt counter
 raised, and submitit requeues it; the requeued job skips the cells it already finished.
@@ -44,6 +51,7 @@ from submitit.helpers import DelayedSubmission
 import icl_kernels
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies import get_study
+from icl_kernels.utils.faults import unit_done
 from icl_kernels.utils.io import atomic_write_text, read_json, write_json
 from icl_kernels.utils.locking import open_no_follow
 
@@ -70,6 +78,10 @@ COUNT_ENV = "ICL_SWEEP_COUNT_FILE"
 #: on a shard's first attempt, after this many cells, send the job the signal submitit's controller
 #: sends at the time limit (SIGUSR2), at a point that does not depend on the machine's speed.
 TIME_LIMIT_ENV = "ICL_SWEEP_TIME_LIMIT_AFTER"
+#: sleep this many seconds before each cell (a slow cell whose worker outlives a killed parent).
+CELL_SLEEP_ENV = "ICL_SWEEP_CELL_SLEEP_S"
+#: The folder of the cells' claims.
+CLAIMS = "claims"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,6 +160,119 @@ def import_legacy_results(out: Path) -> int:
                                                            fingerprint=cell_id.rsplit("|", 1)[-1], row=row,
                                                            timing=timing, shard="imported", attempt=0))
     return len(frame)
+
+
+# ------------------------------------------------------------------------------------------------
+# Claims: one process per cell
+# ------------------------------------------------------------------------------------------------
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (``/proc/<pid>/stat``, clock ticks since boot), which tells
+    a process from a later one given the same pid; None where it cannot be read (no /proc, ended)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[-1].split()[19]
+
+
+def process_alive(pid: int, host: str | None, started: str | None = None) -> bool | None:
+    """Whether the process ``pid`` of ``host`` (started at ``started``, `process_start`) still runs;
+    None on another host (unknown here)."""
+    if host is not None and host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except (OSError, ValueError, TypeError):
+        return False
+    try:
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return True  # no /proc: the signal test above is all there is
+    if fields[0] in ("Z", "X"):  # a zombie: ended, not yet reaped (a container's init may never reap it)
+        return False
+    return started is None or fields[19] == started
+
+
+def claim_path(out: str | os.PathLike, cell_id: str) -> Path:
+    return Path(out) / CLAIMS / f"{hashlib.sha256(cell_id.encode()).hexdigest()[:32]}.claim"
+
+
+def _read_claim(path: Path) -> dict:
+    try:
+        fd = open_no_follow(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    try:
+        data = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    try:
+        claim = json.loads(data.decode("utf-8", "replace"))
+    except json.JSONDecodeError:
+        return {}  # torn by a kill while it was written: its owner is gone
+    return claim if isinstance(claim, dict) else {}
+
+
+def _claim_owner_alive(claim: dict) -> bool:
+    if not claim:
+        return False
+    alive = process_alive(claim.get("pid"), claim.get("host"), claim.get("started"))
+    return alive is not False  # another host: assumed alive
+
+
+def claim_cell(out: str | os.PathLike, cell_id: str) -> dict | None:
+    """Claim ``cell_id`` for this process. Returns None when claimed, else the claim of the live
+    process that holds it. A claim whose process has ended is taken over (a note on stderr)."""
+    path = claim_path(out, cell_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = dict(cell_id=cell_id, pid=os.getpid(), started=process_start(os.getpid()), host=socket.gethostname(),
+              job_id=_job_id(), at=time.time())
+    for _ in range(100):
+        try:
+            fd = open_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            claim = _read_claim(path)
+            if claim.get("pid") == os.getpid() and claim.get("host") == me["host"]:
+                return None  # left by this process (an earlier call that was interrupted): ours
+            if _claim_owner_alive(claim):
+                return claim
+            stale = path.with_name(f"{path.name}.stale-{os.getpid()}")
+            try:
+                os.rename(path, stale)  # one process wins the take-over
+            except FileNotFoundError:
+                continue
+            stale.unlink(missing_ok=True)
+            print(f"note: cell {cell_id}: its claim by pid {claim.get('pid')} on {claim.get('host')} was left by a "
+                  "process that has ended; running the cell again.", file=sys.stderr)
+            continue
+        try:
+            os.write(fd, json.dumps(me).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return None
+    raise RuntimeError(f"could not claim cell {cell_id} ({path})")
+
+
+def release_cell(out: str | os.PathLike, cell_id: str) -> None:
+    """Delete this process's claim of ``cell_id`` (a claim of another process is left alone)."""
+    path = claim_path(out, cell_id)
+    claim = _read_claim(path)
+    if claim.get("pid") == os.getpid() and claim.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def live_claims(out: str | os.PathLike) -> list[dict]:
+    """The claims of ``out`` whose process still runs (or runs on another host)."""
+    folder = Path(out) / CLAIMS
+    claims = [_read_claim(p) for p in sorted(folder.glob("*.claim"))] if folder.is_dir() else []
+    return [c for c in claims if _claim_owner_alive(c)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,15 +393,27 @@ class ShardJob:
         crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
         limit_after = int(os.environ.get(TIME_LIMIT_ENV, "0") or 0)
         count_file = os.environ.get(COUNT_ENV)
+        sleep_s = float(os.environ.get(CELL_SLEEP_ENV, "0") or 0)
         done = finished_rows(read_records(Path(self.out)))
         todo = [c for c in self.cells if c.cell_id not in done]
-        written = failed = 0
+        written = failed = skipped = 0
         try:
             for i, cell in enumerate(todo):
                 if limit_after and self.attempt == 0 and i == limit_after:
                     os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler checkpoints and requeues
                     time.sleep(60)
+                holder = claim_cell(self.out, cell.cell_id)
+                if holder is not None:  # a live process runs it (a worker of an earlier run): not twice
+                    print(f"cell {cell.cell_id} is being run by pid {holder.get('pid')} on {holder.get('host')} "
+                          f"(job {holder.get('job_id')}); skipped here.", file=sys.stderr)
+                    skipped += 1
+                    continue
+                if cell.cell_id in finished_rows(read_records(Path(self.out))):  # finished since this job started
+                    release_cell(self.out, cell.cell_id)
+                    continue
                 self._state("running", cell.cell_id)
+                if sleep_s:
+                    time.sleep(sleep_s)
                 if count_file:
                     with open(count_file, "a", encoding="utf-8") as handle:
                         handle.write(f"{cell.cell_id}\t{os.getpid()}\t{self.attempt}\n")
@@ -298,15 +435,20 @@ class ShardJob:
                     timing = row.pop("timing")
                     append_record(self.record_file, dict(base, kind="row", row=row, timing=timing))
                     written += 1
+                release_cell(self.out, cell.cell_id)
+                unit_done()  # a test seam: ICL_KERNELS_FAULT_AFTER interrupts the job here (icl_kernels.utils.faults)
                 if self.on_record is not None:
                     self.on_record()
                 if crash_after and written >= crash_after:
                     os._exit(3)  # as if killed: no cleanup, no further rows
         except BaseException:
             self._state("interrupted")
+            for cell in todo:
+                release_cell(self.out, cell.cell_id)
             raise
         self._state("finished")
-        return dict(shard=self.name, written=written, failed=failed, skipped=len(self.cells) - len(todo))
+        return dict(shard=self.name, written=written, failed=failed, skipped=len(self.cells) - len(todo),
+                    claimed_elsewhere=skipped)
 
 
 def _job_id() -> str | None:
@@ -470,4 +612,5 @@ def _alive(state: dict) -> bool:
 
 __all__ = ["ShardJob", "plan_shards", "run_cell", "model_for", "merge", "status_lines", "read_records", "finished_rows",
            "append_record", "import_legacy_results", "RESULTS", "FAILURES", "TIMINGS", "LEADING_COLUMNS",
-           "VOLATILE_COLUMNS", "CRASH_ENV", "COUNT_ENV", "TIME_LIMIT_ENV"]
+           "VOLATILE_COLUMNS", "CRASH_ENV", "COUNT_ENV", "TIME_LIMIT_ENV", "CELL_SLEEP_ENV", "CLAIMS", "claim_cell",
+           "release_cell", "live_claims", "process_alive", "process_start"]

@@ -67,10 +67,10 @@ def cli_child(argv: Sequence[str], **extra_env: str) -> subprocess.Popen:
     """``python -m icl_kernels.cli argv`` in a child process (its own session), output captured."""
     return subprocess.Popen([sys.executable, "-m", "icl_kernels.cli", *argv], env=child_env(**extra_env), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_default_sigint)
+                            preexec_fn=default_sigint)
 
 
-def _default_sigint() -> None:
+def default_sigint() -> None:
     """Ctrl-C raises KeyboardInterrupt in the child even where pytest itself runs with SIGINT ignored
     (a background job of a non-interactive shell), which the child would inherit."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)

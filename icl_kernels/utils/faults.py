@@ -6,7 +6,8 @@ after each cell's record is appended. Normally that call does nothing. With the 
 variable ``ICL_KERNELS_FAULT_AFTER=N`` (read here and nowhere else), the N-th call in a process
 sends that process the signal named by ``ICL_KERNELS_FAULT_SIGNAL`` (``KILL``, the default,
 ``INT`` or ``TERM``), exactly as a user's Ctrl-C, a scheduler's ``kill`` or an OOM killer would
-arrive between two units. The fault-injection tests (``tests/faults``) use it to interrupt runs at
+arrive between two units; ``STOP`` pauses the process there (holding its locks) until it gets
+SIGCONT, so that a test can start a second run while the first one is mid-run. The fault-injection tests (``tests/faults``) use it to interrupt runs at
 several points and check that a rerun ends with the table of an uninterrupted run.
 """
 
@@ -23,7 +24,7 @@ FAULT_AFTER_ENV = "ICL_KERNELS_FAULT_AFTER"
 #: The signal sent: KILL (default), INT or TERM.
 FAULT_SIGNAL_ENV = "ICL_KERNELS_FAULT_SIGNAL"
 
-_SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
+_SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP}
 _count = [0]
 
 
@@ -39,4 +40,5 @@ def unit_done() -> None:
     if name not in _SIGNALS:
         raise ValueError(f"{FAULT_SIGNAL_ENV}={name!r}: use one of {sorted(_SIGNALS)}.")
     os.kill(os.getpid(), _SIGNALS[name])
-    time.sleep(5)  # a handled signal (INT) raises in this call; the others end the process first
+    if name != "STOP":
+        time.sleep(5)  # a handled signal (INT, TERM in the CLI) raises in this call; KILL ends the process first

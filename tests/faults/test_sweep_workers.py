@@ -118,8 +118,9 @@ def _kill_parent_once_cells_start(parent: subprocess.Popen, count: Path, n: int 
 
 
 @pytest.mark.slow
-def test_a_killed_parents_workers_are_found_waited_for_and_no_cell_runs_twice(reference, tmp_path, capsys):
+def test_a_killed_parents_workers_are_found_waited_for_and_no_cell_runs_twice(reference, tmp_path, capsys, monkeypatch):
     path, out, count = _config(tmp_path), tmp_path / "out", tmp_path / "starts.tsv"
+    monkeypatch.setenv(shards.COUNT_ENV, str(count))  # the reruns' jobs count their starts too
     _kill_parent_once_cells_start(_start_parent(path, out, count), count)
     assert sweep.live_workers(out)
     code, _, err = run_cli(["sweep", str(path), "--out", str(out), "--executor", "local", "--max-jobs", "2"], capsys)
@@ -133,8 +134,9 @@ def test_a_killed_parents_workers_are_found_waited_for_and_no_cell_runs_twice(re
 
 
 @pytest.mark.slow
-def test_cancel_ends_a_killed_parents_workers_and_a_rerun_completes(reference, tmp_path, capsys):
+def test_cancel_ends_a_killed_parents_workers_and_a_rerun_completes(reference, tmp_path, capsys, monkeypatch):
     path, out, count = _config(tmp_path), tmp_path / "out", tmp_path / "starts.tsv"
+    monkeypatch.setenv(shards.COUNT_ENV, str(count))
     _kill_parent_once_cells_start(_start_parent(path, out, count), count)
     workers = sweep.live_workers(out)
     assert workers

@@ -11,11 +11,13 @@ torn last line, which readers skip and the next append repairs). Each record car
 separate ``timing`` field so that the merged table does not depend on the run.
 
 Claims: before a job runs a cell it creates ``<out>/claims/<hash of the cell id>.claim``
-(``O_EXCL``: one creator wins) naming its process (pid, start time, host, job id); it deletes the
-claim once the cell's record is written. A job skips a cell claimed by a live process (another job
-of this or an earlier run of the sweep, e.g. a worker left running by a killed parent), and takes
-over, with a note, a claim whose process has ended (a job killed mid-cell). So no cell is computed
-by two processes at once.
+(``O_EXCL``: one creator wins) naming its process (pid, start time, host, job id); once the cell's
+row is written the claim is marked done (a failed cell's claim is deleted, so a rerun retries it).
+A job skips a cell claimed by a live process (another job of this or an earlier run of the sweep,
+e.g. a worker left running by a killed parent) or marked done (it reads the records again only
+then, to tell a row written since it started from a row lost with a damaged record file), and
+takes over, with a note, a claim whose process has ended before the cell was done (a job killed
+mid-cell). So no cell is computed by two processes.
 
 Preemption and time limits: submitit sends the job a signal shortly before its time limit (or on
 preemption); it calls `ShardJob.checkpoint`, which returns the same shard with its attempt counter
@@ -226,9 +228,10 @@ def _claim_owner_alive(claim: dict) -> bool:
     return alive is not False  # another host: assumed alive
 
 
-def claim_cell(out: str | os.PathLike, cell_id: str) -> dict | None:
-    """Claim ``cell_id`` for this process. Returns None when claimed, else the claim of the live
-    process that holds it. A claim whose process has ended is taken over (a note on stderr)."""
+def claim_cell(out: str | os.PathLike, cell_id: str, take_done: bool = False) -> dict | None:
+    """Claim ``cell_id`` for this process. Returns None when claimed, else the claim that stands: of
+    a live process, or marked done (taken over only with ``take_done``: its row was lost). A claim
+    whose process ended before the cell was done is taken over (a note on stderr)."""
     path = claim_path(out, cell_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     me = dict(cell_id=cell_id, pid=os.getpid(), started=process_start(os.getpid()), host=socket.gethostname(),
@@ -238,9 +241,11 @@ def claim_cell(out: str | os.PathLike, cell_id: str) -> dict | None:
             fd = open_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         except FileExistsError:
             claim = _read_claim(path)
-            if claim.get("pid") == os.getpid() and claim.get("host") == me["host"]:
+            if claim.get("done") and not take_done:
+                return claim
+            if claim.get("pid") == os.getpid() and claim.get("host") == me["host"] and not claim.get("done"):
                 return None  # left by this process (an earlier call that was interrupted): ours
-            if _claim_owner_alive(claim):
+            if _claim_owner_alive(claim) and not claim.get("done"):
                 return claim
             stale = path.with_name(f"{path.name}.stale-{os.getpid()}")
             try:
@@ -248,8 +253,9 @@ def claim_cell(out: str | os.PathLike, cell_id: str) -> dict | None:
             except FileNotFoundError:
                 continue
             stale.unlink(missing_ok=True)
-            print(f"note: cell {cell_id}: its claim by pid {claim.get('pid')} on {claim.get('host')} was left by a "
-                  "process that has ended; running the cell again.", file=sys.stderr)
+            if not claim.get("done"):
+                print(f"note: cell {cell_id}: its claim by pid {claim.get('pid')} on {claim.get('host')} was left by a "
+                      "process that has ended; running the cell again.", file=sys.stderr)
             continue
         try:
             os.write(fd, json.dumps(me).encode())
@@ -258,6 +264,14 @@ def claim_cell(out: str | os.PathLike, cell_id: str) -> dict | None:
             os.close(fd)
         return None
     raise RuntimeError(f"could not claim cell {cell_id} ({path})")
+
+
+def mark_done(out: str | os.PathLike, cell_id: str) -> None:
+    """Mark this process's claim of ``cell_id`` done (its row is written)."""
+    path = claim_path(out, cell_id)
+    claim = _read_claim(path)
+    if claim.get("pid") == os.getpid() and claim.get("host") == socket.gethostname():
+        atomic_write_text(path, json.dumps(dict(claim, done=True)))
 
 
 def release_cell(out: str | os.PathLike, cell_id: str) -> None:
@@ -269,10 +283,10 @@ def release_cell(out: str | os.PathLike, cell_id: str) -> None:
 
 
 def live_claims(out: str | os.PathLike) -> list[dict]:
-    """The claims of ``out`` whose process still runs (or runs on another host)."""
+    """The claims of ``out`` of cells not done whose process still runs (or runs on another host)."""
     folder = Path(out) / CLAIMS
     claims = [_read_claim(p) for p in sorted(folder.glob("*.claim"))] if folder.is_dir() else []
-    return [c for c in claims if _claim_owner_alive(c)]
+    return [c for c in claims if not c.get("done") and _claim_owner_alive(c)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,13 +417,14 @@ class ShardJob:
                     os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler checkpoints and requeues
                     time.sleep(60)
                 holder = claim_cell(self.out, cell.cell_id)
+                if holder is not None and holder.get("done"):
+                    if cell.cell_id in finished_rows(read_records(Path(self.out))):
+                        continue  # finished by another job since this one started
+                    holder = claim_cell(self.out, cell.cell_id, take_done=True)  # its row was lost: run it again
                 if holder is not None:  # a live process runs it (a worker of an earlier run): not twice
                     print(f"cell {cell.cell_id} is being run by pid {holder.get('pid')} on {holder.get('host')} "
                           f"(job {holder.get('job_id')}); skipped here.", file=sys.stderr)
                     skipped += 1
-                    continue
-                if cell.cell_id in finished_rows(read_records(Path(self.out))):  # finished since this job started
-                    release_cell(self.out, cell.cell_id)
                     continue
                 self._state("running", cell.cell_id)
                 if sleep_s:
@@ -431,11 +446,12 @@ class ShardJob:
                                                          message=str(error).splitlines()[0] if str(error) else "",
                                                          traceback_file=str(tb_file.relative_to(self.out)), at=time.time()))
                     print(f"cell failed: {cell.cell_id}: {type(error).__name__}: {error}", file=sys.stderr)
+                    release_cell(self.out, cell.cell_id)
                 else:
                     timing = row.pop("timing")
                     append_record(self.record_file, dict(base, kind="row", row=row, timing=timing))
                     written += 1
-                release_cell(self.out, cell.cell_id)
+                    mark_done(self.out, cell.cell_id)
                 unit_done()  # a test seam: ICL_KERNELS_FAULT_AFTER interrupts the job here (icl_kernels.utils.faults)
                 if self.on_record is not None:
                     self.on_record()
@@ -613,4 +629,4 @@ def _alive(state: dict) -> bool:
 __all__ = ["ShardJob", "plan_shards", "run_cell", "model_for", "merge", "status_lines", "read_records", "finished_rows",
            "append_record", "import_legacy_results", "RESULTS", "FAILURES", "TIMINGS", "LEADING_COLUMNS",
            "VOLATILE_COLUMNS", "CRASH_ENV", "COUNT_ENV", "TIME_LIMIT_ENV", "CELL_SLEEP_ENV", "CLAIMS", "claim_cell",
-           "release_cell", "live_claims", "process_alive", "process_start"]
+           "release_cell", "mark_done", "live_claims", "process_alive", "process_start"]

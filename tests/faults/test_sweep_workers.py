@@ -83,7 +83,8 @@ def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_dead_claim_retaken(re
     starts = _starts(count)
     assert len(starts) == N_CELLS and (starts == 1).all()
     pd.testing.assert_frame_equal(_table(out), reference)
-    assert not list((out / shards.CLAIMS).glob("*.claim"))  # every claim released
+    assert shards.live_claims(out) == []
+    assert all(json.loads(p.read_text())["done"] for p in (out / shards.CLAIMS).glob("*.claim"))
 
 
 def test_a_huge_grid_needs_yes(tmp_path, capsys, monkeypatch):

@@ -598,7 +598,10 @@ def status_lines(out: Path, cells: Sequence) -> list[str]:
     for name, info in plan["shards"].items():
         ids = [i for i in info["cells"] if i in current]
         state_path = out / SHARDS / f"{name}.state.json"
-        state = read_json(state_path) if state_path.exists() else {}
+        try:
+            state = read_json(state_path) if state_path.exists() else {}
+        except (OSError, ValueError):  # torn or overwritten: the job's progress is unknown, its records still count
+            state = {"state": "unreadable"}
         alive = _alive(state)
         running = {state.get("current")} if state.get("state") == "running" and alive else set()
         n_done = sum(i in rows for i in ids)
@@ -615,7 +618,7 @@ def status_lines(out: Path, cells: Sequence) -> list[str]:
 
 def _alive(state: dict) -> bool:
     """Whether the process in a state file still runs (unknown on another host: assumed alive)."""
-    if not state or state.get("state") in ("finished", "interrupted"):
+    if not state or state.get("state") in ("finished", "interrupted", "unreadable"):
         return False
     if state.get("host") != socket.gethostname():
         return True

@@ -424,7 +424,10 @@ def live_workers(out: Path) -> list[Worker]:
     out = Path(out)
     workers: dict[str, Worker] = {}
     slurm_ids: dict[str, str] = {}
-    plan = read_json(out / SHARDS / PLAN) if (out / SHARDS / PLAN).exists() else {}
+    try:
+        plan = read_json(out / SHARDS / PLAN) if (out / SHARDS / PLAN).exists() else {}
+    except (OSError, ValueError):  # torn: the state files still name the jobs that started
+        plan = {}
     if plan.get("executor") == "slurm":
         slurm_ids = {str(info["job_id"]): name for name, info in plan.get("shards", {}).items() if info.get("job_id")}
     for path in sorted((out / SHARDS).glob("*.state.json")):

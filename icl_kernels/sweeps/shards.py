@@ -592,7 +592,10 @@ def status_lines(out: Path, cells: Sequence) -> list[str]:
     rows = finished_rows(records)
     failed = {r["cell_id"] for r in records if r.get("kind") == "failure"} - set(rows)
     current = {c.cell_id for c in cells}
-    plan = read_json(out / SHARDS / PLAN) if (out / SHARDS / PLAN).exists() else dict(shards={})
+    try:
+        plan = read_json(out / SHARDS / PLAN) if (out / SHARDS / PLAN).exists() else dict(shards={})
+    except (OSError, ValueError):  # torn or overwritten: per-shard lines are unknown, the totals below still hold
+        plan = dict(run="(plan.json unreadable)", shards={})
     lines = [f"run {plan.get('run', '-')} ({plan.get('executor', '-')}):",
              f"{'shard':<28} {'job':<14} {'state':<16} {'cells':>5} {'done':>5} {'running':>7} {'failed':>6} {'pending':>7}"]
     for name, info in plan["shards"].items():

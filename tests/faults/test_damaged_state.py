@@ -129,6 +129,7 @@ def test_a_sweep_with_torn_records_and_state_files_reruns_only_what_is_lost(tmp_
     records[0].write_text("".join(lines))
     for state in (out / "shards").glob("*.state.json"):
         state.write_text("{not json")
+    (out / "shards" / "plan.json").write_text('{"run": "cut sh')
     (out / "results.csv").write_text("cell_id\n")
     assert sweep.main([str(path), "--out", str(out), "--status"]) == 0
     assert sweep.main([str(path), "--out", str(out), "--executor", "inline", "--no-progress"]) == 0

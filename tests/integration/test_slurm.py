@@ -27,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments import sweep, sweep_shards
+from experiments import sweep
+from icl_kernels.sweeps import shards as sweep_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slurm, pytest.mark.tl3_only(reason="the sweep's cells use backend='hooked', gone in TL 4")]

@@ -2,14 +2,17 @@
 
 Needs a running cluster: `bash scripts/slurm_cluster.sh start` (root) sets up a one-node one on
 localhost, and `bash scripts/test.sh` does so when it runs as root. Without one, the test skips and
-says why (pytest -ra). The sweep (4 cells of the tiny model, 2 shards) runs as one SLURM array
-job of 2 tasks. Each task, on its first attempt, waits after its first cell (the `HOLD_ENV` aid);
-the test then shortens that task's time limit with `scontrol update`, so that SLURM's time-limit
-signal (USR2, `--signal-delay-s` before the limit) arrives while the task waits between two cells;
-submitit checkpoints the shard and requeues the task (`scontrol requeue`), and the restarted task
-runs the cells left. The test gives the time limit back once SLURM counts the restart. It checks
-that every cell started exactly once, that SLURM restarted each task once and submitit logged the
-requeue, and that results.csv is byte-identical to the inline run of the same config.
+says why (pytest -ra); so it does on any other cluster (a login node of a real one) unless
+``ICL_KERNELS_SLURM_ANY_CLUSTER=1``, since it submits jobs and changes their time limits.
+
+The sweep (4 cells of the tiny model, 2 shards) runs as one SLURM array job of 2 tasks. Each task,
+on its first attempt, waits after its first cell (the `HOLD_ENV` aid); the test then shortens that
+task's time limit with `scontrol update`, so that SLURM's time-limit signal (USR2,
+`--signal-delay-s` before the limit) arrives while the task waits between two cells; submitit
+checkpoints the shard and requeues the task (`scontrol requeue`), and the restarted task runs the
+cells left. The test gives the time limit back once SLURM counts the restart. It checks that every
+cell started exactly once, that SLURM restarted each task once and submitit logged the requeue, and
+that results.csv is byte-identical to the inline run of the same config.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ N_CELLS = 4
 TIME_MIN = 10  # the tasks' time limit, until the test shortens it
 SIGNAL_DELAY_S = 90  # the time-limit signal comes this long before the limit
 DEADLINE_S = 480  # the whole sweep, at most
+CLUSTER_NAME = "icl-kernels"  # the ClusterName scripts/slurm_cluster.sh writes
+ANY_CLUSTER_ENV = "ICL_KERNELS_SLURM_ANY_CLUSTER"  # "1": run on another cluster too
 
 
 def _run(*command: str) -> str:
@@ -56,6 +61,11 @@ def _cluster_problem() -> str | None:
         return f"no SLURM controller answers (sinfo: {detail.strip().splitlines()[-1] if detail.strip() else error})"
     if not any(s.rstrip("*~#!%$@^-").startswith(("idle", "mix", "alloc", "comp")) for s in states):
         return f"no SLURM node takes jobs (sinfo node states: {', '.join(states) or 'none'})"
+    cluster = re.search(r"^ClusterName\s*=\s*(\S+)", _run("scontrol", "show", "config"), re.MULTILINE)
+    name = cluster.group(1) if cluster else "?"
+    if name != CLUSTER_NAME and os.environ.get(ANY_CLUSTER_ENV) != "1":
+        return (f"the SLURM cluster here is {name!r}, not the test cluster of scripts/slurm_cluster.sh "
+                f"({CLUSTER_NAME!r}); {ANY_CLUSTER_ENV}=1 runs the test on it (it submits jobs and changes their time limits)")
     return None
 
 

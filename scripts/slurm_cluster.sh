@@ -3,7 +3,7 @@
 #
 #   bash scripts/slurm_cluster.sh start    # install (Debian packages) if needed, configure, start; prints one status line
 #   bash scripts/slurm_cluster.sh status   # one line: up (node state) or down (why); exit 0 only when the node takes jobs
-#   bash scripts/slurm_cluster.sh stop     # stop the daemons this script started
+#   bash scripts/slurm_cluster.sh stop     # stop the daemons this script started (munged too, if it started it)
 #
 # Needs root (it installs slurmctld, slurmd, slurm-client and munge with apt-get when they are
 # missing, and writes /etc/slurm/slurm.conf). The cluster: one node (`hostname -s`, address
@@ -113,7 +113,10 @@ start_munge() {
     chmod 0400 /etc/munge/munge.key
     timeout 20 runuser -u munge -- munged >/dev/null 2>&1 || timeout 20 munged --force >/dev/null 2>&1
     for _ in $(seq 20); do
-        if timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; then return 0; fi
+        if timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; then
+            mkdir -p "$DIR" && cp /run/munge/munged.pid "$DIR/munged.pid" 2>/dev/null  # ours: `stop` ends it
+            return 0
+        fi
         sleep 0.5
     done
     fail "munged did not start (munge -n | unmunge fails)"
@@ -149,7 +152,9 @@ start() {
 
 stop_daemons() {  # stop_daemons [quiet]: SIGTERM the daemons in this script's pid files, wait for them
     local name pid
-    for name in slurmd slurmctld; do
+    local names=(slurmd slurmctld)
+    [[ -n "${1:-}" ]] || names+=(munged)  # a restart for a new config keeps munged
+    for name in "${names[@]}"; do
         pid=$(cat "$DIR/$name.pid" 2>/dev/null) || continue
         [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || continue
         kill "$pid" 2>/dev/null

@@ -266,8 +266,11 @@ def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path
     per_job = cfg.gpus_per_job if cfg.gpus_per_job is not None else (1 if gpus else 0)
     if per_job > len(gpus):
         if per_job:
-            print(f"note: {per_job} GPU(s) per job asked, {len(gpus)} visible; jobs run without GPUs pinned.", file=sys.stderr)
+            print(f"note: {per_job} GPU(s) per job asked, {len(gpus)} visible; jobs run without GPUs (CUDA_VISIBLE_DEVICES empty).", file=sys.stderr)
         per_job = 0
+    if per_job and len(shards) * per_job > len(gpus):
+        print(f"note: {len(shards)} job(s) x {per_job} GPU(s) on {len(gpus)} visible GPU(s): jobs share GPUs "
+              "(--max-jobs to avoid).", file=sys.stderr)
     jobs = []
     for shard, pins in zip(shards, local_gpu_pins(len(shards), gpus, per_job)):
         executor.update_parameters(timeout_min=cfg.time_min, signal_delay_s=delay, **pins)

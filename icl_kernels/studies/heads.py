@@ -652,7 +652,7 @@ register_quantities('heads', (
     ('held_out\\.best_head\\.\\w+\\.accuracy', "best head's label vote against the gold label, report prompts"),
     ('held_out\\.best_head\\.\\w+\\.abstain', "share of report prompts where the best head's vote is a tie (no prediction)"),
     ('held_out\\.best_head\\.\\w+\\.agreement_minus_majority_share', "best head's agreement minus the model's majority share (paired bootstrap)"),
-    ('held_out\\.kernel_regression\\.[^.]+\\.\\w+', "a kernel-regression baseline (MiniLM embeddings, residual stream, the head's own query/key vectors, demonstration majority) on the report prompts: agreement, accuracy, abstain"),
+    ('held_out\\.kernel_regression\\..+\\.\\w+', "a kernel-regression baseline (MiniLM embeddings, residual stream, the head's own query/key vectors, demonstration majority) on the report prompts: agreement, accuracy, abstain"),
     ('held_out\\.best_head_minus_baseline\\..*', "best head's agreement minus a baseline's, report prompts (paired bootstrap)"),
     ('best_head\\.\\w+\\.(select|report)_(agreement|accuracy)', "best head's agreement / accuracy on the selection or report split (numbers without intervals; `held_out` has the intervals)"),
     ('best_head\\.\\w+\\.(layer|head|n_select|n_report)', "the best head's position and the split sizes"),

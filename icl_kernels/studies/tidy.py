@@ -45,8 +45,6 @@ from typing import Any
 
 import pandas as pd
 
-from icl_kernels.studies.registry import get_study, list_studies
-
 __all__ = ["COLUMNS", "INTERVAL_ALIASES", "QUANTITIES", "columns_markdown", "describe", "numeric_leaves", "register_quantities",
            "split_name", "tidy", "tidy_frame", "unflatten"]
 
@@ -275,6 +273,13 @@ def unflatten(row: Mapping[str, Any]) -> dict[str, Any]:
 QUANTITIES: dict[str, tuple[tuple[str, str], ...]] = {}
 
 
+#: Quantities every run may have, described after the study's own (`describe`).
+COMMON_QUANTITIES: tuple[tuple[str, str], ...] = (
+    (r"data_source\..*", "the task data the run read: bytes, rows read, rows dropped (empty, duplicate, conflicting labels)"),
+    (r"seconds|elapsed_s|timing\..*", "seconds the run (or a stage) took: differs between reruns"),
+)
+
+
 def register_quantities(study: str, entries: tuple[tuple[str, str], ...]) -> None:
     """Describe ``study``'s quantities: (pattern, description) pairs, first match wins (each study's
     module calls this next to its report code)."""
@@ -285,8 +290,10 @@ def register_quantities(study: str, entries: tuple[tuple[str, str], ...]) -> Non
 
 def describe(study: str, name: str) -> str:
     """The description of quantity ``name`` of ``study`` from `QUANTITIES` (first match), or ''."""
+    from icl_kernels.studies.registry import get_study  # noqa: PLC0415 - imports torch; reading runs must not
+
     get_study(study)  # registers the built-in studies, and with them their descriptions
-    for pattern, text in QUANTITIES.get(study, ()):
+    for pattern, text in (*QUANTITIES.get(study, ()), *COMMON_QUANTITIES):
         if re.fullmatch(pattern, name):
             return text
     return ""
@@ -299,6 +306,8 @@ def _shown(pattern: str) -> str:
 
 def columns_markdown() -> str:
     """``docs/columns.md``: the long table's columns, then each registered study's quantities."""
+    from icl_kernels.studies.registry import list_studies  # noqa: PLC0415 - imports torch; reading runs must not
+
     studies = list_studies()
     lines = [
         "# Column dictionary",
@@ -333,5 +342,7 @@ def columns_markdown() -> str:
             lines.append("(no descriptions registered)")
             continue
         lines += ["| quantity (regular expression, first match) | description |", "|---|---|"]
-        lines += [f"| `{_shown(pattern)}` | {text} |" for pattern, text in entries]
+        lines += [f"| `{_shown(pattern)}` | {_shown(text)} |" for pattern, text in entries]
+    lines += ["", "## every study", "", "After a study's own patterns:", "", "| quantity | description |", "|---|---|"]
+    lines += [f"| `{_shown(pattern)}` | {_shown(text)} |" for pattern, text in COMMON_QUANTITIES]
     return "\n".join(lines) + "\n"

@@ -39,6 +39,7 @@ column dictionary (``docs/columns.md``, written by ``python -m experiments.colum
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -63,8 +64,18 @@ Path = tuple[str, ...]
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-        isinstance(value, float) and math.isnan(value))
+    """A real number that is not a bool and not NaN (numpy scalars included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(float(value))
+
+
+def _str_keys(node: Any) -> Any:
+    """``node`` with every mapping key a string (an in-memory summary may key shot counts by int,
+    its JSON by string: both give the same names)."""
+    if isinstance(node, Mapping):
+        return {str(k): _str_keys(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_str_keys(v) for v in node]
+    return node
 
 
 def _is_record(value: Any) -> bool:
@@ -76,7 +87,7 @@ def _list_key(key: str, item: Mapping, i: int) -> str:
     return f"{key}[{item.get('cell_id', i)}]"
 
 
-def _walk(node: Mapping[str, Any], path: Path, out: dict[Path, Any]) -> None:
+def _walk(node: Mapping[Any, Any], path: Path, out: dict[Path, Any]) -> None:
     """Fill ``out`` with path -> number, interval record or ``[low, high]`` list, in summary order."""
     for key, value in node.items():
         key = str(key)
@@ -99,7 +110,7 @@ def _walk(node: Mapping[str, Any], path: Path, out: dict[Path, Any]) -> None:
             out[here] = value
 
 
-def numeric_leaves(summary: Mapping[str, Any]) -> set[str]:
+def numeric_leaves(summary: Mapping[Any, Any]) -> set[str]:
     """The dotted path of every number in ``summary`` that `tidy` must account for (list elements
     as ``key[i]``, records of a list by ``cell_id``; lists of lists and non-numbers excluded)."""
     out: set[str] = set()
@@ -119,7 +130,7 @@ def numeric_leaves(summary: Mapping[str, Any]) -> set[str]:
         elif _is_number(node):
             out.add(".".join(path))
 
-    visit(summary, ())
+    visit(_str_keys(summary), ())
     return out
 
 
@@ -164,13 +175,14 @@ def _bare_leaf(key: str) -> str:
     return re.sub(r"\[[^\]]*\]$", "", key)
 
 
-def tidy(summary: Mapping[str, Any], *, sources: bool = False) -> list[dict[str, Any]]:
+def tidy(summary: Mapping[Any, Any], *, sources: bool = False) -> list[dict[str, Any]]:
     """One row per quantity of ``summary`` (`COLUMNS`), in the summary's order.
 
     With ``sources``, each row also has ``sources``: the `numeric_leaves` paths it accounts for
     (its value, its bounds, its ``n``, a mirrored number), so that a test can check that every
     number of a summary is in exactly one row.
     """
+    summary = _str_keys(summary)
     items: dict[Path, Any] = {}
     _walk(summary, (), items)
     used: set[Path] = set()
@@ -236,7 +248,7 @@ def tidy(summary: Mapping[str, Any], *, sources: bool = False) -> list[dict[str,
     return rows
 
 
-def tidy_frame(summary: Mapping[str, Any]):
+def tidy_frame(summary: Mapping[Any, Any]) -> pd.DataFrame:
     """`tidy` as a ``pandas`` frame with `COLUMNS`."""
     return pd.DataFrame(tidy(summary), columns=COLUMNS)
 
@@ -244,7 +256,7 @@ def tidy_frame(summary: Mapping[str, Any]):
 _SEGMENT = re.compile(r"(?:[^.\[(]|\[[^\]]*\]|\([^)]*\))+")
 
 
-def unflatten(row: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten(row: Mapping[Any, Any]) -> dict[str, Any]:
     """A flat row (``{"a.b": 1}``, `icl_kernels.studies.report.flatten`) back into nested mappings;
     dots inside ``[...]`` or ``(...)`` do not split. A key that is both a number and a prefix of
     other keys stays whole."""

@@ -39,7 +39,7 @@ class ColumnsDocConfig(Options):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.columns_doc", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser, ColumnsDocConfig)
     return parser
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     text, out = columns_markdown(), Path(cfg.out)
     if cfg.check:
         same = out.is_file() and out.read_text(encoding="utf-8") == text
-        print(f"{out} is {'up to date' if same else 'out of date: run python -m experiments.columns_doc'}")
+        print(f"{out} is " + ("up to date" if same else "out of date: run this command without --check"))
         return 0 if same else 1
     atomic_write_text(out, text)
     print(f"wrote {out} ({len(text.splitlines())} lines)")

@@ -38,7 +38,8 @@ REGISTRY = "icl_kernels.studies.registry"
 #: Subcommands with a parser of their own: name -> (module with ``command(argv, prog)``, help line).
 DELEGATED = {
     "sweep": ("icl_kernels.sweeps.command", "run registered studies over a grid from a sweep config (CONFIG.toml)"),
-    "summarize": ("icl_kernels.sweeps.summary", "tables, figures, report and headline table of sweep folders (RUN ...)"),
+    "summarize": ("icl_kernels.sweeps.summary",
+                  "tables, figures, report and headline table of sweep folders; study runs side by side (RUN ...)"),
 }
 
 

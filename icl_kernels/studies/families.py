@@ -67,6 +67,7 @@ from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.stats import (
@@ -428,6 +429,17 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
         parts.append((_anchors(cfg, model, icl_r, prompts.label_ids, progress), {}))
     return _report(cfg, parts, started)
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('families', (
+    ('icl_accuracy|zsl_accuracy', 'ICL and zero-shot accuracy on the report prompts'),
+    ('fv_selected_accuracy', 'accuracy of the function vector at the layer chosen on the selection split, added to report zero-shot prompts (Wilson interval)'),
+    ('fv_selected_random_accuracy', 'the same with a random-head vector of the same norm'),
+    ('fv_selected_minus_(random|zero_shot)', 'function vector minus random-head vector / minus zero-shot (paired bootstrap)'),
+    ('fv_\\w+', 'function-vector layer search: best layer and accuracy, vector norm, random-head best accuracy'),
+    ('tv_\\w+|n_tv_\\w+', 'task vectors: chosen layer, test accuracy, ICL and zero-shot accuracy on those queries, control-task accuracy, split sizes'),
+    ('n_select|n_report|n_layers|n_heads|shots|seed', 'sizes: split sizes, layers, heads, demonstrations'),
+))
 
 register(
     "families", FamiliesConfig, run,

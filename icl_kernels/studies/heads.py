@@ -70,6 +70,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.plotting import (
@@ -641,6 +642,28 @@ def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr,
     summary["attention_map_prompts"] = hrun.attention_map_n
     return summary
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('heads', (
+    ('held_out\\.icl_accuracy', 'ICL accuracy of the model on the report (held-out) prompts'),
+    ('held_out\\.zsl_accuracy', 'zero-shot accuracy on the report prompts (with `similarity`)'),
+    ('held_out\\.(model|gold)_majority_share', 'share of the most frequent model prediction / gold label on the report prompts (the chance level of agreement / accuracy)'),
+    ('held_out\\.best_head\\.\\w+\\.agreement', "best head (chosen on the selection split, per aggregation max/mean/label): how often its a-weighted label vote equals the model's prediction, report prompts"),
+    ('held_out\\.best_head\\.\\w+\\.accuracy', "best head's label vote against the gold label, report prompts"),
+    ('held_out\\.best_head\\.\\w+\\.abstain', "share of report prompts where the best head's vote is a tie (no prediction)"),
+    ('held_out\\.best_head\\.\\w+\\.agreement_minus_majority_share', "best head's agreement minus the model's majority share (paired bootstrap)"),
+    ('held_out\\.kernel_regression\\..+\\.\\w+', "a kernel-regression baseline (MiniLM embeddings, residual stream, the head's own query/key vectors, demonstration majority) on the report prompts: agreement, accuracy, abstain"),
+    ('held_out\\.best_head_minus_baseline\\..*', "best head's agreement minus a baseline's, report prompts (paired bootstrap)"),
+    ('best_head\\.\\w+\\.(select|report)_(agreement|accuracy)', "best head's agreement / accuracy on the selection or report split (numbers without intervals; `held_out` has the intervals)"),
+    ('best_head\\.\\w+\\.(layer|head|n_select|n_report)', "the best head's position and the split sizes"),
+    ('kernel_regression\\..*', 'kernel-regression baselines over all prompts (numbers without intervals)'),
+    ('kernel_similarity\\..*', 'correlation of a_i with P(o|x_test)^T P(o|x_i) over heads (Figure 4; with `similarity`)'),
+    ('probes(_selected_layer)?\\..*', 'ridge probes of keys (target: zero-shot class of x_i) and values (target: y_i) around the label position (Figure 5; with `similarity`)'),
+    ('icl_accuracy(_report)?|zsl_accuracy(_report)?', 'ICL / zero-shot accuracy over all prompts (`_report`: report prompts only)'),
+    ('(held_out\\.)?icl_prediction_rate\\[\\d+\\]', 'how often the model predicts label word i'),
+    ('n_prompts|n_select|n_report|n_layers|n_heads|shots|seed|held_out\\.n|attention_map_prompts', 'sizes: prompts, split sizes, layers, heads, demonstrations'),
+    ('mean_demos_used|mean_prompt_tokens', 'mean demonstrations and tokens per prompt'),
+))
 
 register(
     "heads", HeadsConfig, run,

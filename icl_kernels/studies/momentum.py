@@ -53,6 +53,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options, parse_layer_set
 from icl_kernels.utils.errors import InvalidOptionError, NonFiniteLogitsError
 from icl_kernels.utils.io import append_rows, finished_ids
@@ -391,6 +392,18 @@ class MomentumReport(Report):
             line += f", perplexity {best['perplexity']:.2f}"
         return line
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('momentum', (
+    ('without_momentum\\.accuracy', 'ICL accuracy of the unpatched model (pooled over shots and seeds; bootstrap over queries)'),
+    ('with_momentum\\[[^\\]]*\\]\\.accuracy', 'ICL accuracy with momentum attention in cell <eta|layers>'),
+    ('with_momentum\\[[^\\]]*\\]\\.delta_accuracy', 'change in accuracy against the unpatched model (paired bootstrap over queries)'),
+    ('(without_momentum|with_momentum\\[[^\\]]*\\])\\.perplexity', 'perplexity on held-out text windows (bootstrap over windows)'),
+    ('with_momentum\\[[^\\]]*\\]\\.delta_perplexity', 'change in perplexity (paired bootstrap over windows)'),
+    ('(without_momentum|with_momentum\\[[^\\]]*\\])\\.accuracy_by_shots\\.\\d+', 'accuracy at <k> demonstrations'),
+    ('(without_momentum|with_momentum\\[[^\\]]*\\])\\.\\w+', "the cell's settings and sizes (eta, prompts, queries, windows, tokens)"),
+    ('n_test|n_layers|shots\\[\\d+\\]|seeds\\[\\d+\\]', "sizes and the grid's shot counts and seeds"),
+))
 
 register(
     "momentum", MomentumConfig, run, resumable=True,

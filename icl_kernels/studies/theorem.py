@@ -29,6 +29,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.stats import Estimate, proportion
@@ -155,6 +156,17 @@ def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
         tables["model"] = behaviour
     return TheoremReport("theorem", cfg, tables, summary)
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('theorem', (
+    ('(bayes|oracle|kr_\\w+|label_\\w+)\\.\\d+\\.accuracy', "accuracy of a predictor with <k> demonstrations: exact Bayes predictive, concept-knowing oracle, the theorem's kernel regression (forward / operator features), label frequencies (Wilson interval)"),
+    ('(bayes|oracle|kr_\\w+|label_\\w+)\\.\\d+\\.agree_bayes', 'how often that predictor agrees with the Bayes predictive'),
+    ('intervals\\.[^.]+\\.\\d+\\.(abstain|accuracy_when_answering)', 'share of prompts with no prediction (a tie), and accuracy on the others'),
+    ('abstain\\.[^.]+\\.\\d+', 'share of prompts where the predictor abstains (a tie)'),
+    ('kernel_rank\\.\\w+', "rank of the kernel's feature matrix"),
+    ('model_behaviour\\.\\d+\\.\\w+', 'the model trained on the world and its best label-attention head at <k> demonstrations: accuracy, agreement with Bayes / the model, majority share, best layer/head, kernel correlation'),
+    ('world\\.\\w+|n|seed', "the synthetic world's parameters, prompts per shot count, seed"),
+))
 
 register(
     "theorem", TheoremConfig, run,

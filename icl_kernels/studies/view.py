@@ -50,6 +50,8 @@ __all__ = ["RunView", "RunFolderError", "view_run", "view_html", "view_record", 
 VIEW_FILE = "view.html"
 #: Rows of a non-head table shown in the page (the rest are counted).
 MAX_TABLE_ROWS = 60
+#: Tables shown first (the causal summary, the families' ablation effects and overlap); the rest by name.
+FIRST_TABLES = ("summary", "ablation", "overlap")
 
 
 class RunFolderError(IclKernelsError, FileNotFoundError):
@@ -119,10 +121,15 @@ def _heads_maps(folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
     return {"n_layers": n_layers, "n_heads": n_heads, "maps": maps, "baselines": baselines, "best": best}
 
 
-def _head_tables(folder: Path, skip: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Other studies' per-head tables as maps (one per numeric column), and their other tables."""
+def _head_tables(folder: Path, skip: set[str], summary: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Other studies' per-head tables as maps (one per numeric column), and their other tables.
+
+    Outlined heads: a families run's top heads of the column's family (``top_heads.csv``); a causal
+    run's ablated and patched top heads (``top_heads`` of its summary) on every column."""
     maps, tables = [], []
     top = _read_csv(folder / "top_heads.csv") if (folder / "top_heads.csv").is_file() else []
+    ablated = summary.get("top_heads") if isinstance(summary.get("top_heads"), list) else []
+    ablated = [[int(h[0]), int(h[1])] for h in ablated if isinstance(h, (list, tuple)) and len(h) == 2]
     for path in sorted(folder.glob("*.csv")):
         if path.name in skip:
             continue
@@ -141,11 +148,12 @@ def _head_tables(folder: Path, skip: set[str]) -> tuple[list[dict[str, Any]], li
                 for r in rows:
                     v = float(r[column])
                     cells[int(r["layer"])][int(r["head"])] = v if math.isfinite(v) else None
-                marked = [[int(t["layer"]), int(t["head"])] for t in top if t.get("family") == column]
+                marked = [[int(t["layer"]), int(t["head"])] for t in top if t.get("family") == column] or ablated
                 maps.append({"table": path.stem, "column": column, "cells": cells, "marked": marked})
         else:
             tables.append({"name": path.stem, "columns": columns, "rows": [[r[c] for c in columns] for r in rows[:MAX_TABLE_ROWS]],
                            "more": max(0, len(rows) - MAX_TABLE_ROWS)})
+    tables.sort(key=lambda t: (FIRST_TABLES.index(t["name"]) if t["name"] in FIRST_TABLES else len(FIRST_TABLES), t["name"]))
     return maps, tables
 
 
@@ -169,7 +177,9 @@ def view_record(run_dir: str | os.PathLike) -> dict[str, Any]:
         if (folder / VIEW_DATA_FILE).is_file():
             record["view"] = _read_json(folder / VIEW_DATA_FILE)
         skip |= {"kernel_similarity.csv", "probes.csv"}  # per-aggregation / per-probe tables: the figures show them
-    record["maps"], record["tables"] = _head_tables(folder, skip)
+    record["maps"], record["tables"] = _head_tables(folder, skip, summary)
+    record["map_note"] = {"families": "outlined: the family's top heads (top_heads.csv)",
+                          "causal": "outlined: the top heads the run ablated and patched (summary.json top_heads)"}.get(study, "")
     if record["heads"] is None and not record["maps"]:
         raise RunFolderError(f"{folder} ({study} run) has no per-head table (heads.csv with layer and head columns): "
                              "nothing to show head by head.")

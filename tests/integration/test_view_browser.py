@@ -7,7 +7,8 @@ hovering a head shows its interval and baseline, that clicking a head colours th
 head's attention row from ``view_data.json`` (the colours are compared with the saved weights), that
 a second click and another prompt change the view, and that no request left the page: the page's
 resource timing is empty and Chromium's network log holds only the ``file:`` page itself (while a
-control page that asks for a remote image does show that request in the same log).
+control page that asks for a remote image does show that request in the same log). Last, what Jupyter
+shows of `view_run` (an ``iframe`` with the page as ``srcdoc``) renders and clicks the same way.
 
 A screenshot goes to the test's tmp folder; with ``ICL_KERNELS_VIEW_SCREENSHOT=1`` also to
 ``results/figures/view_screenshot.png``. Skipped, saying why, without chromium, chromedriver or selenium.
@@ -26,6 +27,7 @@ import numpy as np
 import pytest
 
 from icl_kernels.cli import main
+from icl_kernels.studies.view import view_run
 from icl_kernels.studies.view_data import VIEW_DATA_FILE, decode_q16
 
 pytestmark = pytest.mark.browser
@@ -157,6 +159,17 @@ def test_view_page_renders_and_clicks_offline_in_headless_chromium(tmp_path):
         control.write_text('<!DOCTYPE html><html><body><img src="http://example.com/pixel.png"></body></html>')
         driver.get(control.as_uri())
         assert "http://example.com/pixel.png" in _requests(driver)
+
+        # in a notebook: what Jupyter shows of view_run (an iframe with the page as srcdoc) works too
+        cell_output = tmp_path / "notebook_output.html"
+        cell_output.write_text("<!DOCTYPE html><html><body>" + view_run(run)._repr_html_() + "</body></html>")
+        driver.get(cell_output.as_uri())
+        driver.switch_to.frame(driver.find_element(by.TAG_NAME, "iframe"))
+        assert len(driver.find_elements(by.CSS_SELECTOR, "#head-map td.cell")) == n_layers * n_heads
+        cell(0, 1).click()
+        assert driver.find_element(by.ID, "head-label").text.startswith("Head L0.H1 on prompt #0")
+        driver.switch_to.default_content()
+        assert all(u.startswith(("file:", "data:", "about:")) for u in _requests(driver))
     finally:
         driver.quit()
     if os.environ.get("ICL_KERNELS_VIEW_SCREENSHOT"):

@@ -89,7 +89,11 @@ def test_view_page_is_self_contained_and_holds_the_run(heads_run, tmp_path, caps
     base = heads["baselines"]["select"]["demo_majority_agreement"]
     assert base["value"] == pytest.approx(float((select["demo_majority"] == select["icl_pred"]).mean()))
     assert len(embedded["view"]["prompts"]) == 3
-    assert "<iframe srcdoc=" in view_run(out)._repr_html_()
+    shown = view_run(out)
+    assert shown.html == page  # the page the command line wrote
+    ipython = pytest.importorskip("IPython.core.formatters")
+    bundle, _ = ipython.DisplayFormatter().format(shown)  # what a notebook cell displays
+    assert bundle["text/html"] == shown._repr_html_() and bundle["text/html"].startswith("<iframe srcdoc=")
 
 
 def test_view_of_a_folder_without_a_run_is_one_clear_line(tmp_path, capsys):

@@ -92,7 +92,8 @@ class Report:
         return {}
 
     def attachments(self) -> dict[str, Any]:
-        """file name -> JSON record written with the figures (data for `icl-kernels view`). None by default."""
+        """file name -> JSON record written with the figures (data for `icl-kernels view`), with the run's
+        ``fingerprint`` and ``data_source`` added. None by default."""
         return {}
 
     def line(self) -> str:
@@ -137,7 +138,7 @@ class Report:
         if figures:
             for name, fig in self.figures().items():
                 write_html(fig, out / f"{name}.html")
-            for name, record in self.attachments().items():
-                write_json(out / name, finite(record))
+            for name, attachment in self.attachments().items():
+                write_json(out / name, finite({**attachment, **stamp}))
         write_json(out / self.summary_file, finite({**self.summary, **stamp}))
         return out

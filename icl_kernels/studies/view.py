@@ -175,7 +175,9 @@ def view_record(run_dir: str | os.PathLike) -> dict[str, Any]:
         record["heads"] = _heads_maps(folder, summary)
         skip.add("heads.csv")
         if (folder / VIEW_DATA_FILE).is_file():
-            record["view"] = _read_json(folder / VIEW_DATA_FILE)
+            view = _read_json(folder / VIEW_DATA_FILE)
+            # a view_data.json left by an earlier run of another configuration (--force keeps it) is not shown
+            record["view"] = view if view.get("fingerprint") == summary.get("fingerprint") else None
         skip |= {"kernel_similarity.csv", "probes.csv"}  # per-aggregation / per-probe tables: the figures show them
     record["maps"], record["tables"] = _head_tables(folder, skip, summary)
     record["map_note"] = {"families": "outlined: the family's top heads (top_heads.csv)",

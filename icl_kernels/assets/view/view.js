@@ -196,6 +196,8 @@
       return el("span", attrs, [shown]);
     });
     box.replaceChildren(...spans);
+    // tokens without text (a model without a tokenizer: "#<id>") are spaced apart
+    box.classList.toggle("symbols", p.tokens.every((t) => /^#\d+$/.test(t)));
     const label = document.getElementById("head-label"), votes = document.getElementById("votes");
     const answer = `model's answer: ${words[p.model_answer]} (gold: ${words[p.gold]}; log-probabilities ` +
       p.model_log_probs.map((x, c) => `${words[c]} ${fmt(x, 2)}`).join(", ") + ")";

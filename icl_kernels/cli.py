@@ -1,6 +1,7 @@
 """The ``icl-kernels`` command line.
 
-Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), ``sweep`` and
+Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), ``view``
+(`icl_kernels.studies.view`: one HTML page that explores a run head by head, offline), ``sweep`` and
 ``summarize`` (`icl_kernels.sweeps`: run registered studies over a grid from a TOML config, and turn
 sweep folders into tables, figures, a report and one tidy table of headline numbers), and one
 subcommand per registered study in `icl_kernels.studies` (``eval``, ``heads``, ``theorem``,
@@ -25,6 +26,7 @@ import importlib.metadata
 import sys
 from collections.abc import Iterable, Sequence
 from functools import partial
+from pathlib import Path
 
 import icl_kernels
 from icl_kernels.data.tasks.registry import SYNTHETIC_TASK_DESCRIPTION, SYNTHETIC_TASKS, list_tasks
@@ -64,6 +66,20 @@ def _tasks(args) -> int:
     return 0
 
 
+def _view(args) -> int:
+    """Write the run's head explorer (`icl_kernels.studies.view`) and print where it is."""
+    from icl_kernels.studies.view import VIEW_FILE, view_html  # noqa: PLC0415 - only this command needs the view (and its imports)
+    from icl_kernels.utils.io import atomic_write_text  # noqa: PLC0415 - as above
+
+    page = view_html(args.run_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir) / VIEW_FILE
+    if out.is_dir():
+        raise InvalidOptionError(f"--out {out} is a folder; give the page's file name (e.g. {out / VIEW_FILE}).")
+    atomic_write_text(out, page)
+    print(f"{out} ({len(page) / 1024:.0f} KiB; opens offline)")
+    return 0
+
+
 def _study_helps() -> dict[str, str]:
     """Every study's one-line help, by name: the built-in ones from the catalog (nothing imported),
     then any other study registered before the parser is built (a plugin's)."""
@@ -88,6 +104,12 @@ def build_parser(studies: Iterable[str] = ()) -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list models, one per line").set_defaults(func=_models)
     sub.add_parser("tasks", help="list tasks, one per line").set_defaults(func=_tasks)
+    view = sub.add_parser("view", help="one self-contained HTML page exploring a run head by head (RUN_DIR)",
+                          description="Write a page that opens offline: the layer x head map of the run's score "
+                                      "(hover: interval and baseline; click: the head's attention over a prompt's tokens).")
+    view.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a heads, families or causal run")
+    view.add_argument("--out", default=None, help="the page's file (default: RUN_DIR/view.html)")
+    view.set_defaults(func=_view)
     for name, (_, help_line) in DELEGATED.items():  # their options: `icl-kernels sweep --help`
         delegated = sub.add_parser(name, help=help_line, add_help=False)
         delegated.add_argument("arguments", nargs=argparse.REMAINDER)

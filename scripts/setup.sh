@@ -39,6 +39,14 @@ if [[ ! -f "$VENV/.icl-kernels-setup-$stamp" ]]; then
   touch "$VENV/.icl-kernels-setup-$stamp"
 fi
 
+# Headless Chromium for the browser test of `icl-kernels view` (tests/integration/test_view_browser.py,
+# which skips without it) and kaleido's static figures: Debian's chromium and chromium-driver, when
+# missing and this runs as root with apt-get.
+if ! command -v chromedriver >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; } >/dev/null 2>&1 \
+    || echo "setup: could not install chromium and chromium-driver; the browser test will be skipped"
+fi
+
 if [[ $want_tl4 == 1 && ! -f .tl4-site/.complete ]]; then
   # TransformerLens 4.x goes in front of .venv's site-packages (PYTHONPATH=.tl4-site);
   # every dependency it needs is already in .venv.

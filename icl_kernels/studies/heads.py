@@ -20,7 +20,9 @@ input shuffled; labels kept).
 
 Tables: ``heads`` (split, aggregation, layer, head, agreement, accuracy, rank), ``prompts`` (one row
 per prompt), ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
-heatmaps, the averaged attention map, kernel similarity and probes.
+heatmaps, the averaged attention map, kernel similarity and probes; ``view_data.json``: tokens, spans,
+every head's attention row and vote for the first ``view_prompts`` prompts, which `icl-kernels view`
+shows token by token (`icl_kernels.studies.view_data`).
 
 `run` is these steps in order: `_search_layers`, the prompts (`study_prompts`), `_forward`, the
 split, `_head_scores`, `_baselines`, `_similarity` (with ``similarity``) and `_report`; they pass
@@ -71,6 +73,7 @@ from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.studies.tidy import register_quantities
+from icl_kernels.studies.view_data import VIEW_DATA_FILE, view_data
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.plotting import (
@@ -111,6 +114,8 @@ class HeadsConfig(Options):
         "flag": "minilm", "help": "the MiniLM kernel-regression baseline"})
     layer: int | None = field(default=None, metadata={
         "help": "restrict the best-head search to one layer (default: all layers)"})
+    view_prompts: int = field(default=8, metadata={
+        "help": "prompts whose token-level attention goes to view_data.json for `icl-kernels view` (0: none)"})
 
     def __post_init__(self) -> None:
         problems = self.prompts.split_problems("head scores")
@@ -128,6 +133,8 @@ class HeadsConfig(Options):
             problems.append("probes need the single-example runs of similarity=True (key targets)")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             problems.append(f"layer must be a layer index >= 0 or None (all layers), not {self.layer!r}")
+        if isinstance(self.view_prompts, bool) or not isinstance(self.view_prompts, int) or self.view_prompts < 0:
+            problems.append(f"view_prompts must be an integer >= 0, not {self.view_prompts!r}")
         if problems:
             raise InvalidOptionError("Invalid heads options: " + "; ".join(problems) + ".")
 
@@ -141,10 +148,15 @@ class HeadsConfig(Options):
 class HeadsReport(Report):
     """Tables ``heads``, ``prompts``, ``kernel_similarity``, ``probes``; the summary of `run`.
 
-    ``data`` holds the tensors the figures are drawn from (score matrices, the attention map).
+    ``data`` holds the tensors the figures are drawn from (score matrices, the attention map) and
+    ``view``, the token-level record of the first prompts (`icl_kernels.studies.view_data`).
     """
 
     data: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def attachments(self) -> dict[str, Any]:
+        view = self.data.get("view")
+        return {VIEW_DATA_FILE: view} if view and view["prompts"] else {}
 
     def figures(self) -> dict[str, Any]:
         summary, data = self.summary, self.data
@@ -454,7 +466,7 @@ def _forward(cfg: HeadsConfig, model, sp, progress: bool):
     return analyze_heads(
         model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad_id(model),
         head_features=True, resid_layers=tuple(range(n_layers)),
-        probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), progress=progress,
+        probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), keep_rows=cfg.view_prompts, progress=progress,
     )
 
 
@@ -549,7 +561,7 @@ def _prompt_table(hrun, split: Split, heads: HeadScores, baselines: Baselines,
 
 
 def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, baselines: Baselines,
-            similarity: Similarity | None, started: float) -> HeadsReport:
+            similarity: Similarity | None, started: float, tokenizer=None) -> HeadsReport:
     """Tables, the summary (held-out rates beside their baselines) and the data of the figures."""
     zsl_pred = similarity.zsl_pred if similarity is not None else None
     corr = similarity.corr if similarity is not None else {}
@@ -580,7 +592,9 @@ def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, b
         if similarity.probe_frame is not None:
             tables["probes"] = similarity.probe_frame
     data = {"select_scores": heads.by_split["select"], "attention_map": hrun.attention_map,
-            "segments": hrun.segments, "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets}
+            "segments": hrun.segments, "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets,
+            "view": view_data(sp.icl, hrun, tables["prompts"]["split"].tolist(), tokenizer, summary["label_words"],
+                              summary["model"], summary["task"])}
     return HeadsReport("heads", cfg, tables, summary, data=data)
 
 
@@ -598,7 +612,8 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     heads = _head_scores(hrun, split, search_layers)
     baselines = _baselines(cfg, sp, task, hrun, split, search_layers, heads.best["max"])
     similarity = _similarity(cfg, model, sp, hrun, split, progress) if cfg.similarity else None
-    return _report(cfg, task, sp, hrun, split, heads, baselines, similarity, started)
+    return _report(cfg, task, sp, hrun, split, heads, baselines, similarity, started,
+                   tokenizer=getattr(model, "tokenizer", None))
 
 
 def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr, zsl_pred, corr,

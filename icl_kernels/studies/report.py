@@ -5,7 +5,8 @@ numbers with their intervals, one JSON file, and the same numbers as a long tabl
 one row per quantity, `icl_kernels.studies.tidy`) and the configuration that produced them. Figures are
 built from that data only when asked for (`Report.figures`), so a sweep that keeps one row per cell
 never pays for them. `Report.write` is the only place a study touches the file system: tables,
-``summary.csv``, summary, ``config.json``, ``environment.json`` and figures that open offline.
+``summary.csv``, summary, ``config.json``, ``environment.json``, figures that open offline and a study's
+attachments (JSON records for `icl-kernels view`, `Report.attachments`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ class Report:
         """name -> ``plotly`` figure, built from the tables and summary. None by default."""
         return {}
 
+    def attachments(self) -> dict[str, Any]:
+        """file name -> JSON record written with the figures (data for `icl-kernels view`), with the run's
+        ``fingerprint`` and ``data_source`` added. None by default."""
+        return {}
+
     def line(self) -> str:
         """One line for the terminal: the headline numbers."""
         return f"{self.study}: " + ", ".join(
@@ -146,6 +152,8 @@ class Report:
         if figures:
             for name, fig in self.figures().items():
                 write_html(fig, out / f"{name}.html")
+            for name, attachment in self.attachments().items():
+                write_json(out / name, finite({**attachment, **stamp}))
         summary = finite({**self.summary, **stamp})
         rows = self.quantities(summary)
         atomic_write_text(out / SUMMARY_TABLE, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))

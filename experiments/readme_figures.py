@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from experiments.command_line import parse_config
 from icl_kernels.studies.heads import head_matrix
 from icl_kernels.studies.momentum import momentum_heatmap
-from icl_kernels.utils.config import Options, add_arguments
+from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text
 from icl_kernels.utils.plotting import accuracy_vs_shots_figure, layer_head_heatmaps, metric_controls_figure, write_image
@@ -162,7 +162,7 @@ def momentum_figure(results: Path, run: str):
 
 def parse_args(argv=None) -> FiguresConfig:
     """The figures' configuration from a command line (one flag per `FiguresConfig` field)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=OptionsHelpFormatter)
     add_arguments(parser, FiguresConfig)
     return parse_config(parser, FiguresConfig, argv)
 

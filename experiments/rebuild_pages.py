@@ -28,7 +28,7 @@ from icl_kernels.studies.heads import HeadsReport
 from icl_kernels.studies.momentum import MomentumReport
 from icl_kernels.studies.registry import get_study
 from icl_kernels.studies.theorem import TheoremReport
-from icl_kernels.utils.config import Options, add_arguments
+from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.plotting import write_html
 
@@ -82,7 +82,7 @@ def rebuild(run: Path) -> list[Path] | str:
 
 def parse_args(argv=None) -> PagesConfig:
     """The configuration from a command line (one flag per `PagesConfig` field)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=OptionsHelpFormatter)
     add_arguments(parser, PagesConfig)
     return parse_config(parser, PagesConfig, argv)
 

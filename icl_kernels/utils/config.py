@@ -362,6 +362,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *, defaul
                 kwargs["choices"] = f.metadata["choices"]
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp!r}.")
+        if not kwargs["help"] and value is not None:  # argparse shows no help line, so no default, without one
+            kwargs["help"] = f"default: {show_default(value)}".replace("%", "%%")
         if aliases:
             kwargs["help"] = (kwargs["help"] or "") + f" ({', '.join(aliases)}: its former name, still accepted)"
         parser.add_argument(flag, *aliases, **kwargs)

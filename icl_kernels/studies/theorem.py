@@ -112,13 +112,13 @@ def _world(cfg: TheoremConfig):
 def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
     """The simulation, and the behaviour of ``model`` (or ``cfg.model``, loaded) when there is one."""
     world = _world(cfg)
-    sim = simulate(world, shots=cfg.shots, n=cfg.n, seed=cfg.seed, features=cfg.features)
+    sim = simulate(world, shots=cfg.shots, n=cfg.n, seed=cfg.seed, features=cfg.features, progress=progress)
     behaviour = None
     if cfg.model or model is not None:
         if model is None:
             model = ModelOptions(model=cfg.model, device=cfg.device, backend=cfg.backend).load()
         shots = [k for k in cfg.model_shots if world.prompt_len(k) <= model.cfg.n_ctx]
-        behaviour = model_behaviour(model, world, shots=shots, n=cfg.model_n, seed=cfg.seed)
+        behaviour = model_behaviour(model, world, shots=shots, n=cfg.model_n, seed=cfg.seed, progress=progress)
     summary: dict[str, Any] = {"world": world.config.to_dict(), "n": cfg.n, "seed": cfg.seed}
     for name, g in sim.groupby("predictor", sort=False):
         g = g.sort_values("shots")

@@ -79,6 +79,7 @@ from pathlib import Path
 
 import submitit
 import torch
+from tqdm.auto import tqdm
 
 import icl_kernels
 from icl_kernels.sweeps.config import EXECUTORS, Cell, SweepConfig
@@ -394,9 +395,12 @@ def _run(args, cfg, cells, out: Path, records, rows) -> int:
         print(f"{len(todo)} of {len(cells)} cells to run in {len(shards)} shard(s) ({cfg.executor}); "
               f"{len(cells) - len(todo)} already done", file=sys.stderr)
     if shards and cfg.executor == "inline":
-        for shard in shards:
-            shard.on_record = lambda: merge(out, cells)
-            shard()
+        # one bar over the cells this run does (each shard loads its model once, then runs its cells)
+        with tqdm(total=sum(len(s.cells) for s in shards), desc="sweep (inline): cells", unit="cell",
+                  disable=not args.progress) as bar:
+            for shard in shards:
+                shard.on_record = lambda: (merge(out, cells), bar.update(1))
+                shard()
     elif shards:
         jobs = _submit(cfg, args, shards, out)
         for shard, job in zip(shards, jobs):

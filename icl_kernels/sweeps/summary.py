@@ -127,7 +127,7 @@ def causal_figure(frame: pd.DataFrame) -> go.Figure:
         fig.add_bar(name="random k heads (mean of draws)", x=labels, y=frame["random_drop"],
                     **_err(frame, "random_drop", "random_drop_low", "random_drop_high"))
     fig.update_layout(barmode="group", title="ICL accuracy drop when heads are ablated (report split)",
-                      yaxis_title="accuracy drop", xaxis_title="")
+                      yaxis_title="accuracy drop", xaxis_title="sweep cell")
     return fig
 
 
@@ -145,6 +145,9 @@ def layers_figure(frame: pd.DataFrame) -> go.Figure:
             fig.add_scatter(x=g["layer"], y=g["recovery"], mode="lines+markers", name=label, legendgroup=label,
                             showlegend=False, row=1, col=2)
     fig.update_xaxes(title_text="layer")
+    fig.update_yaxes(title_text="accuracy drop", row=1, col=1)
+    fig.update_yaxes(title_text="recovery", row=1, col=2)
+    fig.update_layout(title="Per layer: ablation and patching (report split, 95% CI)")
     return fig
 
 
@@ -179,7 +182,8 @@ def heads_figure(frame: pd.DataFrame) -> go.Figure:
             fig.add_bar(name=name, x=labels, y=frame[found[0]], **found[1])
     if "icl_accuracy" in frame:
         fig.add_scatter(name="ICL accuracy", x=labels, y=frame["icl_accuracy"], mode="markers")
-    fig.update_layout(barmode="group", title="Best label-attention head", yaxis_range=[0, 1])
+    fig.update_layout(barmode="group", title="Best label-attention head (held out, 95% CI)", yaxis_range=[0, 1],
+                      xaxis_title="sweep cell / layer / head", yaxis_title="rate")
     return fig
 
 

@@ -11,6 +11,10 @@ One run measures, on the same prompts:
   full, (b) each demonstration set's shared tokens once (`encode_recording_prefix`, inside the
   timing) and every query's suffix after them; interleaved per set, with the speed-up (a)/(b) and
   the largest difference of the recorded tensors (rounding only);
+* the trained side of the comparison (per demonstration set: finetuning and its two controls; per
+  query: the ICL, ZSL, FT and control recordings, the dW split and the metrics) at the first
+  candidate learning rate, with ``prefix_reuse`` off and on: the share of the work that reuse can
+  shorten (the learning-rate search and the bootstrap intervals are not part of it);
 
 * the plain forward: ``model(tokens)`` (full logits) on each query's k-shot prompt, the median
   over the queries (the unit of every ratio);
@@ -42,6 +46,7 @@ import torch  # noqa: E402
 from icl_kernels.data.synthetic_world import synthetic_world  # noqa: E402
 from icl_kernels.engine.hooks import attention_spec  # noqa: E402
 from icl_kernels.engine.prefix_cache import common_prefix_length  # noqa: E402
+from icl_kernels.finetuning.dai_metrics import ComparisonSettings, _ModelPass  # noqa: E402
 from icl_kernels.finetuning.recording import encode_recording_prefix, record, recording_tokens  # noqa: E402
 from icl_kernels.finetuning.relaxation import decompose  # noqa: E402
 from icl_kernels.studies import get_study  # noqa: E402
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", default="1e-3,1e-2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-study", action="store_true",
-                        help="time only the plain forward and the ICL recordings, not the whole comparison")
+                        help="time the plain forward, the ICL recordings and the trained side, not the whole comparison")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -106,6 +111,17 @@ def main(argv=None) -> int:
     print(f"ICL recordings, full recompute (before): {icl_full:.2f} s = {icl_full / n / unit:.1f}x plain forward per query")
     print(f"ICL recordings, shared prefix per set (after): {icl_shared:.2f} s = {icl_shared / n / unit:.1f}x plain "
           f"forward per query; speed-up {icl_full / icl_shared:.2f}x (largest difference {diff:.1e})")
+    for reuse in (False, True):
+        settings = ComparisonSettings(lr=lrs[0], seed=cfg.prompts.seed, prefix_reuse=reuse)
+        side = _ModelPass(model, episodes, label_tokens, settings, lrs[0], direct=True, controls=True)
+        start = time.perf_counter()
+        side.run()
+        seconds = time.perf_counter() - start
+        if not reuse:
+            before = seconds
+        print(f"trained side, prefix reuse {'on' if reuse else 'off'}: {seconds:.2f} s (ICL recordings "
+              f"{side.icl_record_seconds + side.prefix_seconds:.2f} s, finetuning {side.ft_seconds + side.control_seconds:.2f} s)"
+              + (f"; speed-up {before / seconds:.2f}x" if reuse else ""))
     if args.no_study:
         return 0
     report = study(cfg, model=model, progress=False)

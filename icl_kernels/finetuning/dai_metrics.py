@@ -16,7 +16,7 @@ Each run is one forward pass recorded by `icl_kernels.finetuning.recording.recor
 prompts of one demonstration set share everything before the query, which is run once per set
 (`icl_kernels.finetuning.recording.encode_recording_prefix`) and reused by each query's recording
 (``ComparisonSettings.prefix_reuse``, on by default; the records equal the full forward's to
-1e-10 in float64, ``tests/unit/test_recording_prefix.py``).
+1e-10 in float64 where the model computes in float64, ``tests/unit/test_recording_prefix.py``).
 
 Metrics (the definitions collected in the project's shared reference `papers.md`, part A):
 

@@ -29,7 +29,9 @@ suffix's, so that every kept tensor (score rows over all keys, full ``q``/``k``/
 dW_ICL split) is the one the full prompt gives. Where a hook already sees prefix and suffix
 (HookedTransformer's ``hook_rot_k`` rotates the whole cached key sequence) it is taken as it is.
 Equal to the full forward to 1e-10 in float64 on tiny models of every architecture and backend
-(``tests/unit/test_recording_prefix.py``); float32 differs by rounding (matrix shapes differ).
+(``tests/unit/test_recording_prefix.py``), except the bridge's GPT-Neo and GPT-J, whose Hugging Face
+attention computes its scores in float32 even in a float64 model (equal there to 1e-5); float32
+differs by rounding (matrix shapes differ).
 """
 
 from __future__ import annotations

@@ -121,6 +121,10 @@ class CompareConfig(Options):
         "help": "reject a candidate lr that collapses on a dev fold (demonstration set): the upper 95%% Wilson "
                 "bound of its dev accuracy there is more than this below the zero-shot accuracy on the same queries"})
 
+    prefix_reuse: bool = field(default=True, metadata={
+        "help": "run each demonstration set once and record its queries' ICL prompts after it (exact); "
+                "off: every ICL prompt in full"})
+
     def __post_init__(self) -> None:
         problems = []
         shots, n_test = self.prompts.shots, self.prompts.n_test
@@ -423,7 +427,7 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
         timing["untrained_build_s"] = time.perf_counter() - built
     settings = ComparisonSettings(position=cfg.position, lrs=tuple(cfg.lrs), lr=cfg.lr, seed=cfg.prompts.seed,
                                   direct=cfg.direct, definition=cfg.definition, controls=cfg.controls,
-                                  collapse_margin=cfg.collapse_margin)
+                                  collapse_margin=cfg.collapse_margin, prefix_reuse=cfg.prefix_reuse)
     result = compare_icl_with_finetuning(model, episodes, label_ids, settings, untrained=untrained,
                                          progress=progress, log=print if progress else None)
     if source.world is None:

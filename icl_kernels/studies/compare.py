@@ -122,6 +122,7 @@ class CompareConfig(Options):
                 "bound of its dev accuracy there is more than this below the zero-shot accuracy on the same queries"})
 
     prefix_reuse: bool = field(default=True, metadata={
+        "identity": False,  # changes what is kept for display / how fast, not a number: not in the fingerprint
         "help": "run each demonstration set once and record its queries' ICL prompts after it (exact); "
                 "off: every ICL prompt in full"})
 

@@ -116,6 +116,7 @@ class HeadsConfig(Options):
     layer: int | None = field(default=None, metadata={
         "help": "restrict the best-head search to one layer (default: all layers)"})
     view_prompts: int = field(default=8, metadata={
+        "identity": False,  # changes what is kept for display / how fast, not a number: not in the fingerprint
         "help": "prompts whose token-level attention goes to view_data.json for `icl-kernels view` (0: none)"})
 
     def __post_init__(self) -> None:

@@ -129,6 +129,17 @@ class Options:
         """Nested plain dictionary (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
 
+    def identity_dict(self) -> dict[str, Any]:
+        """`to_dict` without the options that cannot change a number (metadata ``identity=False``:
+        what the report keeps for display, an exact speed-up's switch), which a run's fingerprint
+        leaves out, so adding such an option leaves earlier runs' fingerprints as they were."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.display_only_fields()}
+
+    @classmethod
+    def display_only_fields(cls) -> frozenset[str]:
+        """Top-level fields marked ``identity=False`` (see `identity_dict`)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity") is False)
+
     def flat(self) -> dict[str, Any]:
         """One level: nested options' fields at top level (what a sweep row's coordinates are)."""
         out: dict[str, Any] = {}

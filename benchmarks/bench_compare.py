@@ -2,8 +2,19 @@
 
     nice -n 10 .venv/bin/python -m benchmarks.bench_compare                          # gemma-3-270m, MR, 4 shots
     nice -n 10 .venv/bin/python -m benchmarks.bench_compare --model tiny-gpt-neo --n-test 8
+    nice -n 10 .venv/bin/python -m benchmarks.bench_compare --model tiny-gpt-neo --episodes 20 --n-test 100 --no-study
 
 One run measures, on the same prompts:
+
+* the ICL recordings of every query (`icl_kernels.finetuning.recording.record` with keys and
+  values, as the trained side runs them), before and after prefix reuse: (a) every ICL prompt in
+  full, (b) each demonstration set's shared tokens once (`encode_recording_prefix`, inside the
+  timing) and every query's suffix after them; interleaved per set, with the speed-up (a)/(b) and
+  the largest difference of the recorded tensors (rounding only);
+* the trained side of the comparison (per demonstration set: finetuning and its two controls; per
+  query: the ICL, ZSL, FT and control recordings, the dW split and the metrics) at the first
+  candidate learning rate, with ``prefix_reuse`` off and on: the share of the work that reuse can
+  shorten (the learning-rate search and the bootstrap intervals are not part of it);
 
 * the plain forward: ``model(tokens)`` (full logits) on each query's k-shot prompt, the median
   over the queries (the unit of every ratio);
@@ -34,7 +45,9 @@ import torch  # noqa: E402
 
 from icl_kernels.data.synthetic_world import synthetic_world  # noqa: E402
 from icl_kernels.engine.hooks import attention_spec  # noqa: E402
-from icl_kernels.finetuning.recording import record  # noqa: E402
+from icl_kernels.engine.prefix_cache import common_prefix_length  # noqa: E402
+from icl_kernels.finetuning.dai_metrics import ComparisonSettings, _ModelPass  # noqa: E402
+from icl_kernels.finetuning.recording import encode_recording_prefix, record, recording_tokens  # noqa: E402
 from icl_kernels.finetuning.relaxation import decompose  # noqa: E402
 from icl_kernels.studies import get_study  # noqa: E402
 from icl_kernels.studies.compare import build_episodes  # noqa: E402
@@ -52,6 +65,8 @@ def main(argv=None) -> int:
                              "before the study's default became 20; one per concept for the synthetic world)")
     parser.add_argument("--lrs", default="1e-3,1e-2")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-study", action="store_true",
+                        help="time the plain forward, the ICL recordings and the trained side, not the whole comparison")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -87,8 +102,29 @@ def main(argv=None) -> int:
                       torch.tensor([len(prompt) - 1]), mask)
         split_times.append(time.perf_counter() - start)
 
-    report = study(cfg, model=model, progress=False)
+    icl_full, icl_shared, diff = _icl_recordings(model, episodes, label_tokens)
     n = len(prompts)
+    print(f"{args.model}: {len(episodes)} demonstration sets x {n / len(episodes):g} queries, {args.shots} shots, "
+          f"mean ICL prompt {sum(map(len, prompts)) / n:.0f} tokens of which {_mean_query(prompts):.0f} after the "
+          f"demonstrations, threads {args.threads}")
+    print(f"plain forward (median over queries): {unit * 1000:.1f} ms")
+    print(f"ICL recordings, full recompute (before): {icl_full:.2f} s = {icl_full / n / unit:.1f}x plain forward per query")
+    print(f"ICL recordings, shared prefix per set (after): {icl_shared:.2f} s = {icl_shared / n / unit:.1f}x plain "
+          f"forward per query; speed-up {icl_full / icl_shared:.2f}x (largest difference {diff:.1e})")
+    for reuse in (False, True):
+        settings = ComparisonSettings(lr=lrs[0], seed=cfg.prompts.seed, prefix_reuse=reuse)
+        side = _ModelPass(model, episodes, label_tokens, settings, lrs[0], direct=True, controls=True)
+        start = time.perf_counter()
+        side.run()
+        seconds = time.perf_counter() - start
+        if not reuse:
+            before = seconds
+        print(f"trained side, prefix reuse {'on' if reuse else 'off'}: {seconds:.2f} s (ICL recordings "
+              f"{side.icl_record_seconds + side.prefix_seconds:.2f} s, finetuning {side.ft_seconds + side.control_seconds:.2f} s)"
+              + (f"; speed-up {before / seconds:.2f}x" if reuse else ""))
+    if args.no_study:
+        return 0
+    report = study(cfg, model=model, progress=False)
     t = report.summary["timing"]
     build_untrained = t["untrained_build_s"]
     total = t["lr_search_s"] + t["trained_s"] + t["untrained_s"] + build_untrained
@@ -102,6 +138,7 @@ def main(argv=None) -> int:
         ("  lr search per query", t["lr_search_s"] / n),
         ("  trained side per query (ZSL + ICL + FT recordings, dW split, metrics)", t["trained_s"] / n),
         ("    of which finetuning per query", t["trained_finetune_s"] / n),
+        ("    of which ICL recordings per query (shared prefix, prefix passes included)", t["trained_icl_record_s"] / n),
         ("  untrained control per query (incl. building it)", (t["untrained_s"] + build_untrained) / n),
         ("  dW_ICL / W_ZSL split alone, all layers, per query", statistics.median(split_times)),
     ]
@@ -110,6 +147,34 @@ def main(argv=None) -> int:
     print(f"per-layer dW memory: d_head x d_head form {heads * d_head * d_head * 4 / 2**20:.2f} MiB vs "
           f"d_model x d_model per head {heads * d_model * d_model * 4 / 2**20:.2f} MiB (float32)")
     return 0
+
+
+def _mean_query(prompts) -> float:
+    """Mean number of tokens from the query's start to the end of the prompt (what reuse still runs)."""
+    return sum(len(p) - p.query_span[0] for p in prompts) / len(prompts)
+
+
+def _icl_recordings(model, episodes, label_tokens) -> tuple[float, float, float]:
+    """Seconds of every ICL recording in full and after a shared prefix per set (interleaved per
+    set), and the largest difference between the two records."""
+    full_s = shared_s = diff = 0.0
+    for episode in episodes:
+        runs = [recording_tokens(p, "prediction", label_tokens[0]) for p in episode.icl_prompts]
+        start = time.perf_counter()
+        full = [record(model, tokens, pred, rec, label_tokens, with_kv=True) for tokens, pred, rec in runs]
+        full_s += time.perf_counter() - start
+        start = time.perf_counter()
+        n_prefix = min(common_prefix_length([tokens for tokens, _, _ in runs]),
+                       min(p.query_span[0] for p in episode.icl_prompts))
+        prefix = encode_recording_prefix(model, runs[0][0][:n_prefix])
+        shared = [record(model, tokens, pred, rec, label_tokens, with_kv=True, prefix=prefix)
+                  for tokens, pred, rec in runs]
+        shared_s += time.perf_counter() - start
+        for a, b in zip(full, shared):
+            diff = max(diff, float((a.attn_out - b.attn_out).abs().max()),
+                       float((a.label_log_probs - b.label_log_probs).abs().max()),
+                       max(float((x - y).abs().max()) for x, y in zip(a.k, b.k)))
+    return full_s, shared_s, diff
 
 
 if __name__ == "__main__":

@@ -12,11 +12,18 @@ regression, bootstraps, finetuning steps). Printed per study: wall time, forward
 tokens/s, and the study's tokens/s relative to a plain batched forward of its own kind of prompt
 (the eval study's prompts through ``model(tokens, return_type=None)``, measured in the same run):
 the share of a study's time that is model compute.
+
+Before and after prefix reuse, in the same run: a study with a ``prefix_reuse`` option (compare)
+runs twice, first with it off (``compare[full]``: every ICL prompt in full, the path before
+reuse) and then on. Reuse feeds fewer tokens to the model for the same work, so both rows count
+the tokens of the full-recompute run (work done per second, comparable across the two), and the
+last column is the wall-time speed-up of reuse.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -85,15 +92,23 @@ def main(argv=None) -> None:
     plain_rate = plain.tokens / plain_s
     print(f"model {args.model}, {args.threads} thread(s), device {args.device}")
     print(f"plain forward (8-shot prompts, batch 4): {plain.tokens} tokens in {plain_s:.1f} s = {plain_rate:.0f} tokens/s")
-    print(f"{'study':<10} {'wall s':>8} {'passes':>7} {'tokens':>9} {'tokens/s':>9} {'/ plain':>8}")
+    print(f"{'study':<14} {'wall s':>8} {'passes':>7} {'tokens':>9} {'tokens/s':>9} {'/ plain':>8} {'speed-up':>9}")
     for name in args.studies.split(","):
         study = get_study(name)
-        with TokenCounter(model) as counter:
-            start = time.perf_counter()
-            study.run(study.config.from_dict(configs[name]), model=model, progress=False)
-            wall = time.perf_counter() - start
-        rate = counter.tokens / wall
-        print(f"{name:<10} {wall:8.1f} {counter.passes:7d} {counter.tokens:9d} {rate:9.0f} {rate / plain_rate:8.2f}")
+        variants = [(f"{name}[full]", dict(prefix_reuse=False)), (name, dict(prefix_reuse=True))] if any(
+            f.name == "prefix_reuse" for f in dataclasses.fields(study.config)) else [(name, {})]
+        work, before = None, None
+        for label, extra in variants:
+            with TokenCounter(model) as counter:
+                start = time.perf_counter()
+                study.run(study.config.from_dict({**configs[name], **extra}), model=model, progress=False)
+                wall = time.perf_counter() - start
+            work = work or counter.tokens  # the full-recompute run's tokens: the work both runs do
+            rate = work / wall
+            gain = f"{before / wall:8.2f}x" if before else ""
+            before = before or (wall if len(variants) > 1 else None)
+            print(f"{label:<14} {wall:8.1f} {counter.passes:7d} {counter.tokens:9d} {rate:9.0f} "
+                  f"{rate / plain_rate:8.2f} {gain:>9}")
 
 
 if __name__ == "__main__":

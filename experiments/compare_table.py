@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from experiments.command_line import parse_config
-from icl_kernels.utils.config import Options, add_arguments
+from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
 
@@ -272,7 +272,7 @@ def markdown(runs: list[Run]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: the run folders, then one flag per other `CompareTableConfig` field."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=OptionsHelpFormatter)
     parser.add_argument("runs", nargs="+", help="compare run folders, in column order")
     add_arguments(parser, CompareTableConfig)
     return parser

@@ -26,7 +26,7 @@ from experiments.command_line import parse_config
 from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
 from icl_kernels.data.synthetic_world import SYNTHETIC_MODEL_DIR, load_world
 from icl_kernels.models.loading import load_hf_model, load_model
-from icl_kernels.utils.config import Options, add_arguments, at_least, one_of, parse_list
+from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments, at_least, one_of, parse_list
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.plotting import write_html
 
@@ -68,7 +68,7 @@ class EvalConfig(Options):
 def parse_args(argv: list[str] | None) -> EvalConfig:
     """The evaluation's configuration from a command line (one flag per `EvalConfig` field)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=OptionsHelpFormatter)
     add_arguments(parser, EvalConfig)
     return parse_config(parser, EvalConfig, argv)
 

@@ -36,7 +36,7 @@ from experiments.train_synthetic import TrainConfig, train
 from icl_kernels.data.synthetic_bayes import accuracy_vs_shots, plot_accuracy_vs_shots
 from icl_kernels.data.synthetic_world import load_world
 from icl_kernels.finetuning.momentum_attention import check_eta, hf_momentum_attention
-from icl_kernels.utils.config import Options, add_arguments, at_least, parse_list
+from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments, at_least, parse_list
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import append_rows, finished_ids, write_csv, write_json
 from icl_kernels.utils.plotting import write_html
@@ -98,7 +98,7 @@ class ScratchConfig(Options):
 def parse_args(argv: list[str] | None) -> ScratchConfig:
     """The experiment's configuration from a command line (one flag per `ScratchConfig` field)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=OptionsHelpFormatter)
     add_arguments(parser, ScratchConfig)
     return parse_config(parser, ScratchConfig, argv)
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.command_line import parse_config
-from icl_kernels.utils.config import Options, add_arguments
+from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
 from icl_kernels.utils.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, mean_difference, paired_bootstrap
@@ -159,7 +159,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per `PhenomenaConfig` field, with its default."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=OptionsHelpFormatter)
     add_arguments(parser, PhenomenaConfig)
     return parser
 

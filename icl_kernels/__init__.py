@@ -34,6 +34,9 @@ _EXPORTS = {
     "relaxed_attention": "icl_kernels.finetuning.relaxation",
     "capture": "icl_kernels.engine.capture",
     "label_log_probs": "icl_kernels.engine.label_scoring",
+    "load_run": "icl_kernels.studies.runs",
+    "Run": "icl_kernels.studies.runs",
+    "view_run": "icl_kernels.studies.view",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,12 +1,15 @@
 """The ``icl-kernels`` command line.
 
-Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), ``sweep`` and
+Subcommands: ``models`` and ``tasks`` (what is available, one per line, name first), ``view``
+(`icl_kernels.studies.view`: one HTML page that explores a run head by head, offline), ``sweep`` and
 ``summarize`` (`icl_kernels.sweeps`: run registered studies over a grid from a TOML config, and turn
 sweep folders into tables, figures, a report and one tidy table of headline numbers), and one
 subcommand per registered study in `icl_kernels.studies` (``eval``, ``heads``, ``theorem``,
 ``compare``, ``momentum``, ``causal``, ``families``): its options are the fields of the study's configuration dataclass, plus
 ``--out`` (where `Report.write` puts tables, summary, configuration and figures; the run holds a lock
-on it, ``.icl-kernels.lock``, while it runs) and ``--threads``.
+on it, ``.icl-kernels.lock``, while it runs), ``--threads`` and ``--verbose`` (let TransformerLens's
+device/dtype lines through; `icl_kernels.utils.quiet`). Every option is the configuration field's
+name with dashes (a former spelling still works, named in ``--help``), each default shown once, as typed.
 This module is the only place that parses arguments, sets torch threads or picks the output folder.
 
 The command line starts fast: building the parser imports no torch, TransformerLens, transformers,
@@ -29,20 +32,23 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 from functools import partial
+from pathlib import Path
 
 import icl_kernels
 from icl_kernels.data.tasks.registry import SYNTHETIC_TASK_DESCRIPTION, SYNTHETIC_TASKS, list_tasks
 from icl_kernels.models.registry import list_models
 from icl_kernels.studies.catalog import BUILTIN_STUDIES
-from icl_kernels.utils.config import add_arguments, from_arguments
+from icl_kernels.utils.config import OptionsHelpFormatter, add_arguments, from_arguments
 from icl_kernels.utils.errors import IclKernelsError, InvalidOptionError
 from icl_kernels.utils.locking import folder_lock
+from icl_kernels.utils.quiet import set_verbose
 
 REGISTRY = "icl_kernels.studies.registry"
 #: Subcommands with a parser of their own: name -> (module with ``command(argv, prog)``, help line).
 DELEGATED = {
     "sweep": ("icl_kernels.sweeps.command", "run registered studies over a grid from a sweep config (CONFIG.toml)"),
-    "summarize": ("icl_kernels.sweeps.summary", "tables, figures, report and headline table of sweep folders (RUN ...)"),
+    "summarize": ("icl_kernels.sweeps.summary",
+                  "tables, figures, report and headline table of sweep folders; study runs side by side (RUN ...)"),
 }
 
 
@@ -64,6 +70,20 @@ def _tasks(args) -> int:
     for task in list_tasks():
         print(f"{task.name}\t{task.n_classes} classes\t{task.description}")
     print(f"{SYNTHETIC_TASKS[0]}\tper world\t{SYNTHETIC_TASK_DESCRIPTION}")
+    return 0
+
+
+def _view(args) -> int:
+    """Write the run's head explorer (`icl_kernels.studies.view`) and print where it is."""
+    from icl_kernels.studies.view import VIEW_FILE, view_html  # noqa: PLC0415 - only this command needs the view (and its imports)
+    from icl_kernels.utils.io import atomic_write_text  # noqa: PLC0415 - as above
+
+    page = view_html(args.run_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir) / VIEW_FILE
+    if out.is_dir():
+        raise InvalidOptionError(f"--out {out} is a folder; give the page's file name (e.g. {out / VIEW_FILE}).")
+    atomic_write_text(out, page)
+    print(f"{out} ({len(page) / 1024:.0f} KiB; opens offline)")
     return 0
 
 
@@ -91,6 +111,12 @@ def build_parser(studies: Iterable[str] = ()) -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list models, one per line").set_defaults(func=_models)
     sub.add_parser("tasks", help="list tasks, one per line").set_defaults(func=_tasks)
+    view = sub.add_parser("view", help="one self-contained HTML page exploring a run head by head (RUN_DIR)",
+                          description="Write a page that opens offline: the layer x head map of the run's score "
+                                      "(hover: interval and baseline; click: the head's attention over a prompt's tokens).")
+    view.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a heads, families or causal run")
+    view.add_argument("--out", default=None, help="the page's file (default: RUN_DIR/view.html)")
+    view.set_defaults(func=_view)
     for name, (_, help_line) in DELEGATED.items():  # their options: `icl-kernels sweep --help`
         delegated = sub.add_parser(name, help=help_line, add_help=False)
         delegated.add_argument("arguments", nargs=argparse.REMAINDER)
@@ -113,13 +139,15 @@ def add_study_parser(subparsers, study) -> argparse.ArgumentParser:
     """One subcommand for a registered study: its configuration fields, ``--out`` and ``--threads``."""
     parser = subparsers.add_parser(
         study.name, help=study.help, description=study.description or study.help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=OptionsHelpFormatter,
     )
     add_arguments(parser, study.config)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--force", action="store_true",
                         help="if --out holds a run of another configuration, delete its files and rerun")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show what TransformerLens and transformers print while a model loads (quiet by default)")
     parser.set_defaults(func=partial(run_study, study))
     return parser
 
@@ -136,6 +164,7 @@ def run_study(study, args: argparse.Namespace) -> int:
     or failed run leaves no empty ``--out`` behind.
     """
     config = from_arguments(study.config, args)  # bad options fail here, before a model loads
+    set_verbose(args.verbose)
     if args.threads is not None and args.threads < 1:
         raise InvalidOptionError(f"--threads must be >= 1, not {args.threads}.")
     if args.threads:

@@ -45,11 +45,12 @@ import pandas as pd
 import torch
 
 from icl_kernels import PromptOptions, study_prompts
+from icl_kernels.engine.capture import capture
 from icl_kernels.families.head_ablation import CausalConfig, causal_study
 from icl_kernels.kernel.head_scan import analyze_heads
 from icl_kernels.kernel.scores import heads_frame
 from icl_kernels.models.loading import load_model
-from icl_kernels.utils.plotting import attention_map_figure, layer_head_heatmaps
+from icl_kernels.utils.plotting import attention_map_figure, layer_head_heatmaps, token_attention_figure
 from icl_kernels.utils.stats import split_indices
 
 MODEL = os.environ.get("ICL_NOTEBOOK_MODEL", "gemma-3-270m")
@@ -98,11 +99,47 @@ print(f"ICL accuracy {icl_accuracy:.3f} on {run.n_prompts} prompts; selection {l
 # the ten heads ranked best on the selection split, with their held-out scores
 heads[(heads.split == "report") & (heads.aggregation == "label")].head(10)
 
+# %% [markdown]
+# Each map is drawn against its baseline: a head that always votes the model's most frequent answer
+# agrees with the model on that answer's share of the prompts, so only cells above that share (in
+# colour; greys at or below it) say more than "this head votes the majority class".
+
 # %%
 best = scores["select"].best("label")
+
+
+def majority_share(rows) -> float:
+    """Share of the prompts ``rows`` on which the model gives its most frequent answer there."""
+    predictions = run.model_predictions[torch.as_tensor(rows)]
+    return float(torch.bincount(predictions).max()) / len(predictions)
+
+
+maps = {f"agreement (selection, n={len(select)})": scores["select"].agreement["label"],
+        f"agreement (held out, n={len(report)})": scores["report"].agreement["label"]}
 layer_head_heatmaps(
-    {"agreement (selection)": scores["select"].agreement["label"], "agreement (held out)": scores["report"].agreement["label"]},
-    title="Label-token attention: agreement of each head's vote with the model", mark=best,
+    maps, title="Label-token attention: agreement of each head's vote with the model", mark=best,
+    colorbar_title="agreement", baselines=dict(zip(maps, (majority_share(select), majority_share(report)))),
+    baseline_name="baseline: always the model's majority answer",
+)
+
+# %% [markdown]
+# One prompt, token by token: the attention the best head's prediction position pays to each token
+# of prompt 0, coloured by what the token belongs to (x_i: demonstration input, y_i: its label
+# word, sep: separator, query). A kernel-regression head puts its mass on the y_i tokens; the
+# dotted line is uniform attention.
+
+# %%
+layer, head = best
+one = capture(model, torch.tensor([first.tokens]), torch.tensor([first.prediction_position]), layers=[layer],
+              final_residual=False)
+pieces = ["other"] * len(first)
+for kind, spans in (("x", first.demo_input_spans), ("y", first.demo_label_spans), ("sep", first.separator_spans)):
+    for i, (start, end) in enumerate(spans):
+        pieces[start:end] = [f"{kind}_{i + 1}"] * (end - start)
+pieces[first.query_span[0]:first.query_span[1]] = ["query"] * (first.query_span[1] - first.query_span[0])
+token_attention_figure(
+    [model.tokenizer.decode([t]) for t in first.tokens], one.attention[0, 0, head, : len(first)], pieces,
+    baseline=1 / len(first), title=f"L{layer}.H{head} (best on the selection split) on prompt 0, gold label {first.query_label}",
 )
 
 # %% [markdown]

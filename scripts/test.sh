@@ -3,6 +3,10 @@
 #   1. TransformerLens 3.9: every test (HookedTransformer and TransformerBridge, real offline models).
 #   2. TransformerLens 4.x: every test not marked `tl3_only`, on TransformerBridge, except the `slow`
 #      ones (real offline models, minutes each): 4.5 to 7 min on the shared, loaded 2-core CPU.
+# As root (CI runs as root), first a one-node SLURM cluster on localhost (scripts/slurm_cluster.sh: Debian
+# packages installed if missing, seconds when installed) for the `slurm` test of run 1, which
+# otherwise skips and says why; ICL_KERNELS_SLURM=0 leaves SLURM alone. A cluster that does not
+# start never fails this script.
 # Extra arguments go to the first pytest run (e.g. `-m "not slow"`). Both runs always run; each prints
 # its 25 slowest tests. The script fails if either run fails, including pytest's exit code 5 (no test
 # collected, e.g. a marker expression that selects nothing).
@@ -10,6 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --tl4
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [[ $(id -u) == 0 && "${ICL_KERNELS_SLURM:-1}" != 0 ]]; then
+    timeout 900 bash scripts/slurm_cluster.sh start || echo "== SLURM cluster not started; the slurm test skips"
+fi
 start=$(date +%s)
 failed=()
 

@@ -129,7 +129,9 @@ class PromptBuilder:
     Args:
         task: the task (template, label words, separator).
         tokenizer: a Hugging Face tokenizer.
-        template, label_words, separator: override the task's.
+        template: overrides the task's template.
+        label_words: override the task's label words.
+        separator: overrides the task's separator between demonstrations.
         prepend_bos: put the tokenizer's BOS token first (default: when the tokenizer has one).
         n_ctx: the model's context length; longer prompts raise `PromptTooLongError`.
         drop_demos_to_fit: instead of raising, drop the earliest demonstrations until the prompt

@@ -237,7 +237,7 @@ def accuracy_vs_shots(
     rows = []
     it: Any = shots
     if progress:
-        it = tqdm(list(shots), desc="shots")
+        it = tqdm(list(shots), desc=f"accuracy vs shots: demonstration counts ({n} prompts each)", unit="count")
     for k in it:
         batch = world.sample_prompts(n, int(k), np.random.default_rng([seed, int(k)]))
         pb = bayes_label_probs(world, batch)

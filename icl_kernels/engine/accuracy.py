@@ -137,8 +137,12 @@ def evaluate_icl(
     if calibrated:
         to_score.append(("cf", [_content_free(builder, p, pool) for p in icl_prompts]))
     scores = {}
-    bar = tqdm(total=sum(len(p) for _, p in to_score), desc=f"{task.name} {shots}-shot", disable=not progress)
     what = {"zsl": "zero-shot", "icl": f"{shots}-shot", "cf": "content-free (calibration)"}
+    # one bar over every prompt scored: each query is scored once per pass (zero-shot, k-shot, and the
+    # content-free prompt of calibration), so the bar says how many passes make up its total
+    passes = ", ".join(what[name] for name, _ in to_score)
+    bar = tqdm(total=sum(len(p) for _, p in to_score), unit="prompt", disable=not progress,
+               desc=f"{task.name}: prompts ({len(to_score)} per query: {passes})")
     for name, prompts in to_score:
         parts = []
         for start in range(0, len(prompts), batch_size):

@@ -128,8 +128,11 @@ def _ones(batch: int, width: int, device) -> Tensor:
     return torch.ones((batch, width), dtype=torch.long, device=device)
 
 
-def encode_prefix(model: tl_backend.Model, prefix_tokens: Sequence[int]) -> SharedPrefix:
+def encode_prefix(model: tl_backend.Model, prefix_tokens: Sequence[int], fwd_hooks: Sequence = ()) -> SharedPrefix:
     """Run ``prefix_tokens`` once and keep every layer's keys and values (no logits are formed).
+
+    ``fwd_hooks`` run in that pass (batch of one, prefix positions), e.g. to keep the prefix's own
+    activations beside its cache (`icl_kernels.finetuning.recording.encode_recording_prefix`).
 
     Raises:
         ValueError: reuse is impossible for this model (see `reuse_reason`).
@@ -142,10 +145,10 @@ def encode_prefix(model: tl_backend.Model, prefix_tokens: Sequence[int]) -> Shar
     with torch.no_grad():
         if tl_backend.is_bridge(model):
             state = DynamicCache()
-            run_until(model, ids, [], past_key_values=state, use_cache=True)
+            run_until(model, ids, fwd_hooks, past_key_values=state, use_cache=True)
         else:
             state = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
-            run_until(model, ids, [], past_kv_cache=state, attention_mask=_ones(1, ids.shape[1], device))
+            run_until(model, ids, fwd_hooks, past_kv_cache=state, attention_mask=_ones(1, ids.shape[1], device))
             state.freeze()
     return SharedPrefix(tuple(int(t) for t in prefix_tokens), tl_backend.backend_of(model), state)
 

@@ -80,7 +80,7 @@ def flow_saliency(
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     first = torch.tensor([ids[0] for ids in label_ids], device=device)
     frames = []
-    for i, prompt in enumerate(tqdm(prompts, desc="saliency", disable=not progress)):
+    for i, prompt in enumerate(tqdm(prompts, desc="saliency: prompts", unit="prompt", disable=not progress)):
         length = len(prompt)
         tokens = torch.tensor([prompt.tokens], device=device)
         ones = {layer: torch.ones(1, n_heads, length, length, device=device, requires_grad=True) for layer in range(n_layers)}

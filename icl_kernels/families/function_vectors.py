@@ -139,14 +139,14 @@ def indirect_effects(
             raise ValueError(f"head_batch must be >= 1, not {head_batch}.")
         out = torch.zeros(n_layers * n_heads, dtype=score_dtype(model))
         first = [ids[0] for ids in label_ids]
-        for index, prompt in enumerate(tqdm(corrupted, desc="indirect effects", disable=not progress)):
+        for index, prompt in enumerate(tqdm(corrupted, desc="indirect effects: corrupted prompts", unit="prompt", disable=not progress)):
             out += _prompt_indirect_effects(model, prompt, index, first[prompt.query_label], means, heads, head_batch)
         return (out / len(corrupted)).view(n_layers, n_heads)
     gold = torch.tensor([p.query_label for p in corrupted])
     rows = torch.arange(len(gold))
     base = run_with_edits(model, corrupted, label_ids, batch_size=batch_size).exp()[rows, gold]
     out = torch.zeros(n_layers, n_heads, dtype=score_dtype(model))
-    for layer, head in tqdm(heads, desc="indirect effects", disable=not progress):
+    for layer, head in tqdm(heads, desc="indirect effects: heads", unit="head", disable=not progress):
         patched = run_with_edits(model, corrupted, label_ids, mean_ablation([(layer, head)], means),
                                  batch_size=batch_size).exp()[rows, gold]
         out[layer, head] = (patched - base).mean()

@@ -221,7 +221,7 @@ def causal_study(
 
     edited = {"icl": {}, "zsl": {}}
     meta = {}
-    for name, which, group, draw, layer, edits in tqdm(conditions, desc="causal", disable=not progress):
+    for name, which, group, draw, layer, edits in tqdm(conditions, desc="causal: ablation and patching conditions", unit="condition", disable=not progress):
         prompts = icl_r if which == "icl" else zsl_r
         edited[which][name] = run_with_edits(model, prompts, label_ids, edits, **kw)
         meta[name] = dict(group=group, draw=draw, layer=layer)

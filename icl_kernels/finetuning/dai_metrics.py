@@ -12,7 +12,11 @@ Everything is read at an explicit *recording position*: ``"prediction"`` (the la
 whose next-token distribution is the prediction; the default) or ``"first-label"`` (the first token
 of the first class's label word appended after the prompt: what the original code recorded).
 Predictions always come from the prediction position (the first token of each label word).
-Each run is one forward pass recorded by `icl_kernels.finetuning.recording.record`.
+Each run is one forward pass recorded by `icl_kernels.finetuning.recording.record`; the ICL
+prompts of one demonstration set share everything before the query, which is run once per set
+(`icl_kernels.finetuning.recording.encode_recording_prefix`) and reused by each query's recording
+(``ComparisonSettings.prefix_reuse``, on by default; the records equal the full forward's to
+1e-10 in float64 where the model computes in float64, ``tests/unit/test_recording_prefix.py``).
 
 Metrics (the definitions collected in the project's shared reference `papers.md`, part A):
 
@@ -110,6 +114,7 @@ from transformers import AutoModelForCausalLM
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.hooks import attention_spec, repeat_kv, visibility_mask
 from icl_kernels.engine.label_scoring import label_log_probs
+from icl_kernels.engine.prefix_cache import common_prefix_length, reuse_reason
 from icl_kernels.finetuning.dai_definitions import (
     DEFINITION_TAGS,
     DEFINITIONS,
@@ -130,7 +135,14 @@ from icl_kernels.finetuning.finetune import (
     kv_weights,
     select_lr,
 )
-from icl_kernels.finetuning.recording import POSITIONS, Record, record, recording_tokens
+from icl_kernels.finetuning.recording import (
+    POSITIONS,
+    Record,
+    RecordingPrefix,
+    encode_recording_prefix,
+    record,
+    recording_tokens,
+)
 from icl_kernels.finetuning.relaxation import decompose, linear_attention, stable_rank
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.loading import hf_to_transformer_lens
@@ -268,6 +280,9 @@ class ComparisonSettings:
     controls: bool = True  # the lr -> 0 and mismatched-update controls
     #: a candidate lr is rejected when on some fold its dev accuracy is more than this below zero-shot
     collapse_margin: float = COLLAPSE_MARGIN
+    #: record each demonstration set's ICL prompts after one shared pass over the demonstrations
+    #: (`icl_kernels.finetuning.recording.encode_recording_prefix`); False: every ICL prompt in full
+    prefix_reuse: bool = True
 
     def __post_init__(self) -> None:
         check_definition(self.definition)
@@ -403,6 +418,8 @@ class _ModelPass:
         self.identity_error = 0.0
         self.ft_seconds = 0.0
         self.control_seconds = 0.0
+        self.prefix_seconds = 0.0
+        self.icl_record_seconds = 0.0
 
     def add(self, store: dict, name: str, value: Tensor) -> None:
         store.setdefault(name, []).append(value.double())
@@ -420,11 +437,27 @@ class _ModelPass:
             for name, control in controls.items():
                 self.control_updates.setdefault(name, []).extend(self._ft_updates(e, control))
             train_q = tuned.all_queries()  # [layer n_tok head d]
+            start = time.perf_counter()
+            prefix = self._demonstration_prefix(episode)
+            self.prefix_seconds += time.perf_counter() - start
             for i, (icl_p, zsl_p, gold) in enumerate(zip(episode.icl_prompts, episode.zsl_prompts, episode.gold)):
-                self._compare_query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen, controls)
+                self._compare_query(e, i, icl_p, zsl_p, gold, tuned, train_q, gen, controls, prefix)
                 if progress is not None:
                     progress(1)
-            del tuned, controls
+            del tuned, controls, prefix
+
+    def _demonstration_prefix(self, episode: Episode) -> RecordingPrefix | None:
+        """The tokens every ICL recording of the episode starts with (BOS, the demonstrations and
+        whatever the template puts before the query) run once, or None (``prefix_reuse`` off, no
+        common prefix, or a model on which reuse is not exact: every ICL prompt is then run in full)."""
+        if not self.cfg.prefix_reuse:
+            return None
+        first = self.label_tokens[0]
+        tokens = [recording_tokens(p, self.cfg.position, first)[0] for p in episode.icl_prompts]
+        n_prefix = min(common_prefix_length(tokens), min(p.query_span[0] for p in episode.icl_prompts))
+        if reuse_reason(self.model, n_prefix) is not None:
+            return None
+        return encode_recording_prefix(self.model, tokens[0][:n_prefix])
 
     def _control_models(self, e: int) -> dict[str, FinetuneResult]:
         """The lr -> 0 model (learning rate exactly 0) and, with another episode, the mismatched one."""
@@ -471,15 +504,17 @@ class _ModelPass:
         return per_layer, per_head
 
     def _compare_query(self, e, i, icl_p: IclPrompt, zsl_p: IclPrompt, gold, tuned: FinetuneResult, train_q, gen,
-                       controls: dict[str, FinetuneResult]):
+                       controls: dict[str, FinetuneResult], prefix: RecordingPrefix | None = None):
         pos = self.cfg.position
         first = self.label_tokens[0]
         icl_tokens, icl_pred, icl_rec = recording_tokens(icl_p, pos, first)
         zsl_tokens, zsl_pred, zsl_rec = recording_tokens(zsl_p, pos, first)
         direct = self.direct
         query = f"query {i} of demonstration set {e}"
+        start = time.perf_counter()
         icl = record(self.model, icl_tokens, icl_pred, icl_rec, self.label_tokens, with_kv=direct,
-                     what=f"the ICL run of {query}")
+                     what=f"the ICL run of {query}", prefix=prefix)
+        self.icl_record_seconds += time.perf_counter() - start
         zsl = record(self.model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens, with_kv=direct,
                      what=f"the zero-shot run of {query}")
         with tuned.applied() as tuned_model:
@@ -874,7 +909,9 @@ def compare_icl_with_finetuning(
     lr = selections["trained"].lr
     n_queries = sum(len(ep.gold) for ep in episodes)
     # closed also when a run raises, so that an error starts its own line after the bar
-    with tqdm(total=n_queries * (2 if untrained is not None else 1), desc="compare", disable=not progress) as bar:
+    with tqdm(total=n_queries * (2 if untrained is not None else 1), unit="query",
+              desc="compare: test queries" + (" (twice: trained model, untrained copy)" if untrained is not None else ""),
+              disable=not progress) as bar:
         gen = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
         side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls)
@@ -882,6 +919,7 @@ def compare_icl_with_finetuning(
         timing["trained_s"] = time.perf_counter() - start
         timing["trained_finetune_s"] = side.ft_seconds
         timing["controls_finetune_s"] = side.control_seconds
+        timing["trained_icl_record_s"] = side.icl_record_seconds + side.prefix_seconds  # prefix passes included
         control = None
         if untrained is not None:
             start = time.perf_counter()

@@ -20,6 +20,18 @@ the attention-module output per layer, the pre-softmax (scaled) attention score 
 frame of `icl_kernels.finetuning.relaxation` (``R(-p) q_p``), where the finetuning side's recorded training
 queries live. With ``with_kv`` it also keeps the full post-rotary ``q``, ``k`` and ``v`` of every
 layer for the ``W_ZSL`` / ``dW_ICL`` split of `icl_kernels.finetuning.relaxation.decompose`.
+
+Shared demonstrations (``prefix=``). The ICL prompts of one demonstration set share their tokens up
+to the query: `encode_recording_prefix` runs that prefix once (`icl_kernels.engine.prefix_cache`),
+keeping its keys and values for reuse and the hooked ``q``, ``k``, ``v`` of its positions; `record`
+then runs only the query's suffix against it and joins the prefix's hooked tensors to the
+suffix's, so that every kept tensor (score rows over all keys, full ``q``/``k``/``v`` for the
+dW_ICL split) is the one the full prompt gives. Where a hook already sees prefix and suffix
+(HookedTransformer's ``hook_rot_k`` rotates the whole cached key sequence) it is taken as it is.
+Equal to the full forward to 1e-10 in float64 on tiny models of every architecture and backend
+(``tests/unit/test_recording_prefix.py``), except the bridge's GPT-Neo and GPT-J, whose Hugging Face
+attention computes its scores in float32 even in a float64 model (equal there to 1e-5); float32
+differs by rounding (matrix shapes differ).
 """
 
 from __future__ import annotations
@@ -41,10 +53,19 @@ from icl_kernels.engine.hooks import (
     rotated_qk,
 )
 from icl_kernels.engine.label_scoring import final_residual, label_scores
+from icl_kernels.engine.prefix_cache import SharedPrefix, encode_prefix, reuse_reason
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.errors import NonFiniteActivationsError, NonFiniteLogitsError
 
-__all__ = ["POSITIONS", "Record", "check_recorded_finite", "record", "recording_tokens"]
+__all__ = [
+    "POSITIONS",
+    "Record",
+    "RecordingPrefix",
+    "check_recorded_finite",
+    "encode_recording_prefix",
+    "record",
+    "recording_tokens",
+]
 
 #: Recording positions (see the module docstring).
 POSITIONS = ("prediction", "first-label")
@@ -109,6 +130,72 @@ def check_recorded_finite(
             )
 
 
+@dataclass
+class RecordingPrefix:
+    """Demonstration tokens run once for `record`: their keys and values for reuse
+    (`icl_kernels.engine.prefix_cache.SharedPrefix`) and the hooked ``q``, ``k``, ``v`` of their
+    positions, ``(kind, layer) -> [1, prefix_pos, head, d_head]``."""
+
+    shared: SharedPrefix
+    acts: dict[tuple[str, int], Tensor]
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.shared.tokens
+
+    def __len__(self) -> int:
+        return len(self.shared)
+
+
+def _qkv_hooks(model: tl_backend.Model, store: dict[tuple[str, int], Tensor], attn_out: bool) -> list:
+    """Hooks keeping ``q``, ``k`` (at the hooks `rotary_hook_kinds` names), ``v`` and optionally
+    ``attn_out`` of every layer in ``store``, detached."""
+    q_kind, k_kind = rotary_hook_kinds(model)
+
+    def keep(kind: str, layer: int):
+        def hook(tensor: Tensor, hook) -> None:
+            store[(kind, layer)] = tensor.detach()
+
+        return hook
+
+    hooks = []
+    for layer in range(model.cfg.n_layers):
+        hooks += [
+            (act_name(q_kind, layer), keep("q", layer)),
+            (act_name(k_kind, layer), keep("k", layer)),
+            (act_name("v", layer), keep("v", layer)),
+        ]
+        if attn_out:
+            hooks.append((act_name("attn_out", layer), keep("attn_out", layer)))
+    return hooks
+
+
+def encode_recording_prefix(model: tl_backend.Model, tokens: Sequence[int]) -> RecordingPrefix:
+    """Run the shared ``tokens`` (BOS and the demonstrations) once for `record` (module docstring).
+
+    Raises:
+        ValueError: prefix reuse cannot be exact for this model (`icl_kernels.engine.prefix_cache.reuse_reason`).
+    """
+    reason = reuse_reason(model, len(tokens))
+    if reason is not None:
+        raise ValueError(f"Cannot reuse a shared prefix: {reason}.")
+    acts: dict[tuple[str, int], Tensor] = {}
+    shared = encode_prefix(model, tokens, _qkv_hooks(model, acts, attn_out=False))
+    return RecordingPrefix(shared, acts)
+
+
+def _joined(prefix: RecordingPrefix | None, kept: Tensor, key: tuple[str, int], width: int) -> Tensor:
+    """A hooked tensor over all ``width`` positions: as it is when the hook saw them all, else the
+    prefix's positions before the suffix's."""
+    if prefix is None or kept.shape[1] == width:
+        return kept
+    joined = torch.cat([prefix.acts[key].to(kept.device), kept], dim=1)
+    if joined.shape[1] != width:
+        raise RuntimeError(f"Hook {key} saw {kept.shape[1]} suffix positions after a prefix of {len(prefix)}; "
+                           f"the prompt has {width}.")
+    return joined
+
+
 def record(
     model: tl_backend.Model,
     tokens: Sequence[int],
@@ -118,40 +205,36 @@ def record(
     *,
     with_kv: bool = False,
     what: str = "the prompt",
+    prefix: RecordingPrefix | None = None,
 ) -> Record:
     """Run one prompt and keep attention outputs, score rows and queries at the recording position.
 
     ``what`` names the run in errors: NaN or infinite logits raise `NonFiniteLogitsError`, NaN or
-    infinite kept tensors `NonFiniteActivationsError` (`check_recorded_finite`).
+    infinite kept tensors `NonFiniteActivationsError` (`check_recorded_finite`). With ``prefix``
+    (`encode_recording_prefix` of the prompt's first tokens) only the rest of the prompt is run;
+    the record is the same (module docstring).
     """
     width = len(tokens)
     if not (0 <= prediction_position < width and 0 <= recording_position < width):
         raise ValueError(
             f"Positions {prediction_position}, {recording_position} outside a prompt of {width} tokens."
         )
+    n_prefix = 0 if prefix is None else len(prefix)
+    if prefix is not None and (tuple(int(t) for t in tokens[:n_prefix]) != prefix.tokens
+                               or min(prediction_position, recording_position) < n_prefix):
+        raise ValueError(
+            f"The shared prefix ({n_prefix} tokens) is not the start of this {width}-token prompt, or the "
+            f"prediction/recording position ({prediction_position}, {recording_position}) lies inside it."
+        )
     device = tl_backend.model_device(model)
     n_layers = model.cfg.n_layers
-    q_kind, k_kind = rotary_hook_kinds(model)
     kept: dict[tuple[str, int], Tensor] = {}
-
-    def keep(kind: str, layer: int):
-        def hook(tensor: Tensor, hook) -> None:
-            kept[(kind, layer)] = tensor.detach()
-
-        return hook
-
-    hooks = []
-    for layer in range(n_layers):
-        hooks += [
-            (act_name(q_kind, layer), keep("q", layer)),
-            (act_name(k_kind, layer), keep("k", layer)),
-            (act_name("v", layer), keep("v", layer)),
-            (act_name("attn_out", layer), keep("attn_out", layer)),
-        ]
-    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    hooks = _qkv_hooks(model, kept, attn_out=True)
+    ids = torch.tensor([list(tokens)[n_prefix:]], dtype=torch.long, device=device)
     try:
         with torch.no_grad():  # stops at the unembedding input: no logits for every position
-            final = final_residual(model, ids, torch.tensor([prediction_position]), hooks=hooks)
+            final = final_residual(model, ids, torch.tensor([prediction_position - n_prefix]), hooks=hooks,
+                                   prefix=None if prefix is None else prefix.shared)
             try:
                 log_probs = label_scores(model, final, label_tokens, dtype=torch.float64)[0]
             except NonFiniteLogitsError as error:
@@ -161,9 +244,10 @@ def record(
         q_full, k_full, v_full = [], [], []
         for layer in range(n_layers):
             spec = attention_spec(model, layer)
-            q, k = rotated_qk(model, layer, kept.pop(("q", layer)), kept.pop(("k", layer)))
-            v = kept.pop(("v", layer))
-            attn_out.append(kept.pop(("attn_out", layer))[0, p])
+            q, k = rotated_qk(model, layer, _joined(prefix, kept.pop(("q", layer)), ("q", layer), width),
+                              _joined(prefix, kept.pop(("k", layer)), ("k", layer), width))
+            v = _joined(prefix, kept.pop(("v", layer)), ("v", layer), width)
+            attn_out.append(kept.pop(("attn_out", layer))[0, p - n_prefix])
             compute = torch.float64 if q.dtype == torch.float64 else torch.float32
             row = attention_scores(q[:, p : p + 1].to(compute), k.to(compute), spec, query_offset=p)
             scores.append(row[0, :, 0])

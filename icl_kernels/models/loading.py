@@ -71,6 +71,7 @@ from icl_kernels.models.registry import (  # noqa: F401 - the registry lives in 
 )
 from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError, UnknownModelError
 from icl_kernels.utils.paths import is_explicit_path
+from icl_kernels.utils.quiet import library_quiet
 
 # TransformerLens allocates an n_ctx x n_ctx mask per layer; Gemma-3 advertises 32k. Prompts here are
 # far shorter, so the default context is capped (pass n_ctx= to load_model for more).
@@ -418,10 +419,11 @@ def load_model(
     """
     torch_dtype = parse_dtype(dtype)
     hf_model, tokenizer = load_hf_model(name_or_path, torch.float32 if torch_dtype != torch.float64 else torch_dtype)
-    return hf_to_transformer_lens(
-        hf_model, tokenizer, backend=backend, device=device, dtype=torch_dtype, n_ctx=n_ctx,
-        name=name_or_path,
-    )
+    with library_quiet():  # TransformerLens's device/dtype prints (`icl_kernels.utils.quiet`; --verbose shows them)
+        return hf_to_transformer_lens(
+            hf_model, tokenizer, backend=backend, device=device, dtype=torch_dtype, n_ctx=n_ctx,
+            name=name_or_path,
+        )
 
 
 def model_card(name: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ is the one call from options to a TransformerLens model (`icl_kernels.models.loa
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from dataclasses import dataclass, field
 
@@ -13,6 +14,14 @@ from icl_kernels.utils.config import BACKENDS, DTYPES, Options
 from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = ["ModelOptions"]
+
+
+def _transformer_lens_major() -> int:
+    """The installed TransformerLens's major version, from its metadata (nothing imported); 0 if absent."""
+    try:
+        return int(importlib.metadata.version("transformer-lens").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 0
 
 
 @dataclass
@@ -32,6 +41,9 @@ class ModelOptions(Options):
             problems.append(f"model must be a model name or folder, not {self.model!r}")
         if self.backend not in BACKENDS:
             problems.append(f"backend must be 'hooked' or 'bridge', not {self.backend!r}")
+        elif self.backend == "hooked" and _transformer_lens_major() >= 4:
+            problems.append(f"backend 'hooked' (HookedTransformer) needs TransformerLens < 4, and "
+                            f"{_transformer_lens_major()}.x is installed: use --backend bridge (or leave it unset)")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.device is not None and not re.fullmatch(r"(cpu|cuda|mps|meta)(:\d+)?", str(self.device)):

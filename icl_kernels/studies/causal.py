@@ -8,8 +8,10 @@ the zero-shot run; with ``layer_sweep`` the same for every layer's heads, one la
 head of that one layer is ablated and patched on all prompts (`icl_kernels.families.head_ablation.layer_study`).
 
 Report: tables ``ranking`` (heads on the selection split), ``effects`` (one row per prompt and
-condition), ``summary`` (one row per condition, Wilson and bootstrap intervals) and ``layers``
-(the per-layer sweep); ``summary.json`` (sizes, clean accuracies, chosen heads, configuration);
+condition), ``conditions`` (one row per condition, Wilson and bootstrap intervals; named ``summary``,
+``summary.csv``, in runs written before the long ``summary.csv``) and ``layers`` (the per-layer
+sweep); ``summary.json`` (sizes, clean accuracies, chosen heads, configuration) and ``summary.csv``
+(its numbers and each condition's accuracy, agreement, drop and recovery, one row each);
 figures of the accuracy drop (top-k vs random heads) and of the per-layer sweep.
 
     icl-kernels causal --model synthetic-gpt-neo --task synthetic-world --shots 16 --n-test 600 \\
@@ -33,6 +35,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError
 
@@ -60,7 +63,7 @@ class CausalStudyConfig(Options):
 
 @dataclass
 class CausalReport(Report):
-    """Tables ``ranking``, ``effects``, ``summary``, ``layers``; ``summary.json`` as described above."""
+    """Tables ``ranking``, ``effects``, ``conditions``, ``layers``; ``summary.json`` as described above."""
 
     volatile_keys: ClassVar[tuple[str, ...]] = ("elapsed_s",)
 
@@ -80,7 +83,7 @@ class CausalReport(Report):
             skip = {"model", "task", "shots", "layer", *self.volatile_keys}
             return {k: v for k, v in self.summary.items() if k not in skip}
         info = self.summary
-        s = self.tables["summary"].set_index("condition")
+        s = self.tables["conditions"].set_index("condition")
         draws = self.config.causal.random_draws
         top = s.loc["ablate top"]
         out = dict(
@@ -107,17 +110,36 @@ class CausalReport(Report):
 
     def markdown(self) -> str:
         """The headline rows of the whole-model study as a markdown table (3 decimals)."""
-        return markdown_table(self.tables["summary"], self.summary) if "summary" in self.tables else ""
+        return markdown_table(self.tables["conditions"], self.summary) if "conditions" in self.tables else ""
+
+    def quantities(self, summary=None) -> list[dict[str, Any]]:
+        """The summary's numbers, then accuracy, agreement with ICL, drop and recovery of each
+        condition but the single random draws (`CONDITION_QUANTITIES`), with their intervals."""
+        rows = super().quantities(summary)
+        conditions = self.tables.get("conditions")
+        if conditions is None:
+            return rows
+        for record in conditions[conditions["group"] != "random"].to_dict("records"):
+            for column, (low, high, method) in CONDITION_QUANTITIES.items():
+                value = record.get(column)
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    continue
+                bounds = [record.get(low), record.get(high)]
+                bounds = [None if b is None or (isinstance(b, float) and math.isnan(b)) else float(b) for b in bounds]
+                rows.append(dict(name=f"{record['run']}: {record['condition']}.{column}", value=float(value),
+                                 low=bounds[0], high=bounds[1], n=int(record["n"]), unit="prompts", split="report",
+                                 method=method if bounds[0] is not None else None))
+        return rows
 
     def figures(self) -> dict[str, Any]:
         figures: dict[str, Any] = {}
-        summary = self.tables.get("summary")
+        summary = self.tables.get("conditions")
         if summary is not None:
             icl = summary[(summary["run"] == "icl") & summary["group"].isin(["top", "random_mean", "reverse"])]
             fig = go.Figure()
             fig.add_bar(x=icl["condition"], y=icl["accuracy_drop"], **_error_bars(icl, "accuracy_drop", "drop_low", "drop_high"))
             fig.update_layout(title="ICL accuracy drop when heads are ablated (report split, 95% CI)",
-                              yaxis_title="accuracy drop", template="plotly_white")
+                              xaxis_title="heads ablated", yaxis_title="accuracy drop", template="plotly_white")
             figures["ablation"] = fig
         layers = self.tables.get("layers")
         if layers is not None and not layers.empty:
@@ -130,9 +152,21 @@ class CausalReport(Report):
             fig.add_scatter(x=pat["layer"], y=pat["recovery"], mode="lines+markers", name="recovery",
                             row=1, col=2, **_error_bars(pat, "recovery", "recovery_low", "recovery_high"))
             fig.update_xaxes(title_text="layer")
-            fig.update_layout(template="plotly_white")
+            fig.update_yaxes(title_text="accuracy drop", row=1, col=1)
+            fig.update_yaxes(title_text="recovery", row=1, col=2)
+            fig.update_layout(template="plotly_white", title="Per layer: ablation and patching (report split, 95% CI)")
             figures["layers"] = fig
         return figures
+
+
+#: Columns of the ``conditions`` table that are quantities: column -> (low column, high column,
+#: interval method), as `icl_kernels.families.head_ablation` computes them.
+CONDITION_QUANTITIES = {
+    "accuracy": ("accuracy_low", "accuracy_high", "wilson"),
+    "agreement_icl": ("agreement_low", "agreement_high", "wilson"),
+    "accuracy_drop": ("drop_low", "drop_high", "percentile bootstrap"),
+    "recovery": ("recovery_low", "recovery_high", "percentile bootstrap"),
+}
 
 
 def _error_bars(frame, value: str, low: str, high: str) -> dict:
@@ -190,11 +224,27 @@ def run(cfg: CausalStudyConfig, model=None, progress: bool = True) -> CausalRepo
                    mean_demos=float(sum(p.n_demos for p in icl) / len(icl)),
                    mean_prompt_tokens=float(sum(len(p) for p in icl) / len(icl)),
                    elapsed_s=round(time.time() - started, 1))
-    tables = dict(summary=result.summary, ranking=result.ranking, effects=result.effects)
+    tables = dict(conditions=result.summary, ranking=result.ranking, effects=result.effects)
     if result.layers is not None:
         tables["layers"] = result.layers
     return CausalReport("causal", cfg, tables, summary)
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('causal', (
+    ('icl: clean\\.accuracy|zsl: clean\\.accuracy', 'ICL / zero-shot accuracy on the report prompts (Wilson interval)'),
+    ('icl: ablate top\\.\\w+', 'the top-k label-attention heads mean-ablated: accuracy, agreement with ICL (Wilson), accuracy drop (paired bootstrap)'),
+    ('icl: ablate random \\(mean of \\d+\\)\\.\\w+', 'k random heads ablated, mean over the draws'),
+    ('(icl|zsl): top minus random \\(\\w+\\)\\.\\w+', 'top-k minus random drop (or recovery), paired bootstrap'),
+    ('zsl: patch top into zsl\\.\\w+', "the top heads' ICL outputs patched into the zero-shot run: accuracy, recovery"),
+    ('zsl: patch random \\(mean of \\d+\\)\\.\\w+', 'random heads patched into the zero-shot run, mean over the draws'),
+    ('icl: patch top from zsl into icl\\.\\w+', "reverse patch: the top heads' zero-shot outputs patched into the ICL run"),
+    ('(icl: ablate|zsl: patch) layer \\d+\\.\\w+', 'all heads of layer <l> ablated / patched (with `layer_sweep`)'),
+    ('icl_accuracy|zsl_accuracy|ablated_accuracy', "clean ICL / zero-shot accuracy and, in a one-layer run, the accuracy with the layer's heads ablated"),
+    ('accuracy_drop|recovery|agreement\\w*', 'one-layer run: accuracy drop (paired bootstrap), recovery of the zero-shot run when the layer is patched in, agreement'),
+    ('n_select|n_report|n|n_layers|n_heads|shots|layer|mean_demos|mean_prompt_tokens|config\\.\\w+', 'sizes and the causal options'),
+    ('elapsed_s', 'seconds the run took (volatile)'),
+))
 
 register(
     "causal", CausalStudyConfig, run,

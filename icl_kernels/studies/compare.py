@@ -68,6 +68,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError, PromptTooLongError
 from icl_kernels.utils.plotting import layer_head_heatmaps
@@ -119,6 +120,11 @@ class CompareConfig(Options):
     collapse_margin: float = field(default=COLLAPSE_MARGIN, metadata={
         "help": "reject a candidate lr that collapses on a dev fold (demonstration set): the upper 95%% Wilson "
                 "bound of its dev accuracy there is more than this below the zero-shot accuracy on the same queries"})
+
+    prefix_reuse: bool = field(default=True, metadata={
+        "identity": False,  # changes what is kept for display / how fast, not a number: not in the fingerprint
+        "help": "run each demonstration set once and record its queries' ICL prompts after it (exact); "
+                "off: every ICL prompt in full"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -422,7 +428,7 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
         timing["untrained_build_s"] = time.perf_counter() - built
     settings = ComparisonSettings(position=cfg.position, lrs=tuple(cfg.lrs), lr=cfg.lr, seed=cfg.prompts.seed,
                                   direct=cfg.direct, definition=cfg.definition, controls=cfg.controls,
-                                  collapse_margin=cfg.collapse_margin)
+                                  collapse_margin=cfg.collapse_margin, prefix_reuse=cfg.prefix_reuse)
     result = compare_icl_with_finetuning(model, episodes, label_ids, settings, untrained=untrained,
                                          progress=progress, log=print if progress else None)
     if source.world is None:
@@ -443,6 +449,25 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
     )
     return CompareReport(study="compare", config=cfg, tables=tables, summary=summary)
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('compare', (
+    ('(untrained\\.)?(zsl|ft|icl)_accuracy', 'zero-shot, finetuned (key/value projections on the demonstrations) and ICL accuracy on the test queries (Wilson interval; `untrained.`: the untrained model)'),
+    ('(untrained\\.)?(intervals\\.)?rec2ftp(_chance|_baseline)?', 'Rec2FTP = N(FT right, ZSL wrong, ICL right) / N(FT right, ZSL wrong) (`_baseline`: P(ICL right | ZSL wrong); `_chance`: (Rec2FTP - baseline) / (1 - baseline))'),
+    ('(untrained\\.)?simaou(_random)?(_official|_softmax_weights)?', 'SimAOU: cosine of the ICL and finetuning changes of the attention output against zero-shot, mean over layers (`_random`: a random direction instead of the FT change; suffix: the definition, unsuffixed: the chosen one)'),
+    ('(untrained\\.)?simam_(before|after)(_official|_softmax_weights)?', 'SimAM: cosine of the ICL attention map with the zero-shot (before) and finetuned (after) maps, mean over layers and heads'),
+    ('(untrained\\.)?kendall(_random)?', "Kendall tau-b between ICL attention scores to the demonstration tokens and the finetuning side's scores, mean over layers (`_random`: against uniform noise)"),
+    ('(untrained\\.)?intervals\\.\\w+_minus_\\w+', 'paired differences (ICL minus FT, FT minus ZSL, ICL minus ZSL), bootstrap over queries'),
+    ('intervals_by_episode\\..*', 'the same quantities with intervals by demonstration set (cluster bootstrap)'),
+    ('paired\\..*', 'paired differences by demonstration set: SimAM after minus before, trained minus untrained model'),
+    ('controls\\.\\w+\\..*', 'each finetuning-dependent metric against a control (finetuning at lr 0, or on another demonstration set): control value and difference'),
+    ('(untrained\\.)?(intervals\\.)?(dw_|w_zsl|ft_dw|identity_max_abs_error|mean_demo_tokens).*', 'norms and cosines of the ICL update (dW) and the finetuning update, per token; the identity check'),
+    ('lr_selection\\..*|lr|lr_untrained|(untrained\\.)?lr', 'the learning-rate search on development queries and the chosen rates'),
+    ('(simaou|simam_before|simam_after|kendall|kendall_random)_untrained', 'the untrained model\'s value (as under `untrained.`)'),
+    ('interval_settings\\..*', 'how the intervals were drawn: level, number of demonstration sets, resamples, seed'),
+    ('timing\\..*', 'seconds spent per stage (volatile)'),
+    ('n_test|n_episodes|n_dev|n_ftp|shots|seed|(untrained\\.)?n_ftp', 'sizes: test queries, demonstration sets, development queries, queries finetuning fixes'),
+))
 
 register(
     "compare", CompareConfig, run,

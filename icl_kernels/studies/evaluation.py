@@ -24,6 +24,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.environment import environment
 from icl_kernels.utils.errors import InvalidOptionError
@@ -96,6 +97,16 @@ def run(cfg: EvalConfig, model=None, progress: bool = True) -> EvalReport:
     summary = result.metrics() | {"model": cfg.model.model} | run_setup(cfg, model)
     return EvalReport("eval", cfg, {"predictions": pd.DataFrame(result.rows)}, summary)
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('eval', (
+    ('zsl_accuracy', 'zero-shot accuracy on the test queries (Wilson 95% interval from `zsl_ci95`)'),
+    ('icl_accuracy', 'k-shot (ICL) accuracy on the same queries (Wilson 95% interval from `icl_ci95`)'),
+    ('icl_calibrated_accuracy', 'k-shot accuracy after contextual calibration (Zhao et al. 2021; Wilson interval)'),
+    ('(zsl|icl|icl_calibrated)_prediction_rate\\[\\d+\\]', 'how often the prediction is label word i (queries)'),
+    ('mean_demos_used', 'mean number of demonstrations in a prompt (fewer when prompts are cut to fit)'),
+    ('n_test|shots|seed', "the run's settings: test queries, demonstrations per prompt, seed"),
+))
 
 register("eval", EvalConfig, run, help=builtin_help("eval"),
          description=__doc__.split("\n\n")[1])

@@ -43,7 +43,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from scipy.stats import spearmanr
 from torch import Tensor
@@ -67,8 +66,10 @@ from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError
+from icl_kernels.utils.plotting import colour_of, layer_head_heatmaps
 from icl_kernels.utils.stats import (
     bootstrap_interval,
     mean_difference,
@@ -153,34 +154,46 @@ class FamiliesReport(Report):
         return "\n".join(lines)
 
     def figures(self) -> dict[str, Any]:
-        heads = self.tables["heads"]
+        heads = self.tables["heads"].sort_values(["layer", "head"])
         families = tuple(c for c in heads.columns if c not in ("layer", "head"))
         n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
-        fig = make_subplots(rows=1, cols=len(families), subplot_titles=families, horizontal_spacing=0.04)
-        for i, family in enumerate(families):
-            z = heads.sort_values(["layer", "head"])[family].to_numpy().reshape(n_layers, n_heads)
-            fig.add_trace(go.Heatmap(z=z, colorscale="Viridis", showscale=False, hovertemplate=
-                                     "layer %{y} head %{x}: %{z:.3f}<extra>" + family + "</extra>"), row=1, col=i + 1)
-        fig.update_xaxes(title_text="head")
-        fig.update_yaxes(title_text="layer", col=1)
-        fig.update_layout(title="Head families (layer x head; each heat map on its own scale)", template="plotly_white")
-        figures = {"families": fig}
+        s = self.summary
+        run = f" - {s['model']} on {s['task']}, {s['shots']} shots" if {"model", "task", "shots"} <= set(s) else ""
+        figures = {"families": layer_head_heatmaps(
+            {family: heads[family].to_numpy().reshape(n_layers, n_heads) for family in families},
+            "Head families (layer x head; each map on its own scale, its colour bar beside it)" + run,
+            own_scale=True, colorbar_title="score")}
         layers = make_subplots(rows=1, cols=3, subplot_titles=(
             "function vector added after layer l", "task vector patched after layer l", "saliency flows"))
         fv = self.tables.get("function_vectors")
         if fv is not None:
-            for name, g in fv[fv["layer"] >= 0].groupby("vector"):
-                layers.add_scatter(x=g["layer"], y=g["accuracy"], name=f"FV: {name}", row=1, col=1)
+            for i, (name, g) in enumerate(fv[fv["layer"] >= 0].groupby("vector")):
+                err = None
+                if {"accuracy_low", "accuracy_high"} <= set(g.columns):
+                    err = dict(type="data", symmetric=False, array=g["accuracy_high"] - g["accuracy"],
+                               arrayminus=g["accuracy"] - g["accuracy_low"])
+                layers.add_scatter(x=g["layer"], y=g["accuracy"], error_y=err, name=f"FV: {name} (95% CI)",
+                                   line=dict(color=colour_of(i)), row=1, col=1)
         tv = self.tables.get("task_vector_layers")
         if tv is not None:
-            for split, g in tv.groupby("split"):
-                layers.add_scatter(x=g["layer"], y=g["accuracy"], name=f"TV: {split}", row=1, col=2)
+            for i, (split, g) in enumerate(tv.groupby("split")):
+                layers.add_scatter(x=g["layer"], y=g["accuracy"], name=f"TV: {split}", line=dict(color=colour_of(3 + i)),
+                                   row=1, col=2)
+        for col, key, table in ((1, "zsl_accuracy", fv), (2, "tv_zsl_accuracy", tv)):
+            if table is not None and isinstance(s.get(key), (int, float)):
+                x = [int(table["layer"].clip(lower=0).min()), int(table["layer"].max())]
+                layers.add_scatter(x=x, y=[s[key]] * 2, mode="lines", name=f"baseline: zero-shot accuracy {s[key]:.3f}",
+                                   line=dict(dash="dot", color="gray"), legendgroup="baseline", showlegend=col == 1 or fv is None,
+                                   row=1, col=col)
         sal = self.tables.get("saliency")
         if sal is not None:
-            for column in ("text_to_label", "label_to_prediction", "other"):
-                layers.add_scatter(x=sal["layer"], y=sal[column], name=column, row=1, col=3)
-        layers.update_xaxes(title_text="layer")
-        layers.update_layout(template="plotly_white")
+            for i, column in enumerate(("text_to_label", "label_to_prediction", "other")):
+                layers.add_scatter(x=sal["layer"], y=sal[column], name=f"saliency: {column}", line=dict(color=colour_of(5 + i)),
+                                   row=1, col=3)
+        layers.update_xaxes(title_text="layer l")
+        for col, y_title in ((1, "accuracy (report split)"), (2, "accuracy"), (3, "mean saliency flow (attention x gradient)")):
+            layers.update_yaxes(title_text=y_title, row=1, col=col)
+        layers.update_layout(template="plotly_white", title="Function vectors, task vectors and saliency by layer" + run)
         figures["layers"] = layers
         return figures
 
@@ -428,6 +441,17 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
         parts.append((_anchors(cfg, model, icl_r, prompts.label_ids, progress), {}))
     return _report(cfg, parts, started)
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('families', (
+    ('icl_accuracy|zsl_accuracy', 'ICL and zero-shot accuracy on the report prompts'),
+    ('fv_selected_accuracy', 'accuracy of the function vector at the layer chosen on the selection split, added to report zero-shot prompts (Wilson interval)'),
+    ('fv_selected_random_accuracy', 'the same with a random-head vector of the same norm'),
+    ('fv_selected_minus_(random|zero_shot)', 'function vector minus random-head vector / minus zero-shot (paired bootstrap)'),
+    ('fv_\\w+', 'function-vector layer search: best layer and accuracy, vector norm, random-head best accuracy'),
+    ('tv_\\w+|n_tv_\\w+', 'task vectors: chosen layer, test accuracy, ICL and zero-shot accuracy on those queries, control-task accuracy, split sizes'),
+    ('n_select|n_report|n_layers|n_heads|shots|seed', 'sizes: split sizes, layers, heads, demonstrations'),
+))
 
 register(
     "families", FamiliesConfig, run,

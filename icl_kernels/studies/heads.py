@@ -20,7 +20,9 @@ input shuffled; labels kept).
 
 Tables: ``heads`` (split, aggregation, layer, head, agreement, accuracy, rank), ``prompts`` (one row
 per prompt), ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
-heatmaps, the averaged attention map, kernel similarity and probes.
+heatmaps, the averaged attention map, kernel similarity and probes; ``view_data.json``: tokens, spans,
+every head's attention row and vote for the first ``view_prompts`` prompts, which `icl-kernels view`
+shows token by token (`icl_kernels.studies.view_data`).
 
 `run` is these steps in order: `_search_layers`, the prompts (`study_prompts`), `_forward`, the
 split, `_head_scores`, `_baselines`, `_similarity` (with ``similarity``) and `_report`; they pass
@@ -70,6 +72,8 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
+from icl_kernels.studies.view_data import VIEW_DATA_FILE, view_data
 from icl_kernels.utils.config import Options, PromptOptions
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.plotting import (
@@ -85,6 +89,7 @@ from icl_kernels.utils.stats import (
     paired_bootstrap,
     proportion,
     split_indices,
+    wilson_interval,
 )
 
 __all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS"]
@@ -107,16 +112,19 @@ class HeadsConfig(Options):
     probes: bool | None = field(default=None, metadata={
         "help": "key/value probes (need --similarity; default: on with it)"})
     kr_minilm: bool = field(default=True, metadata={
-        "flag": "minilm", "help": "the MiniLM kernel-regression baseline"})
+        "alias": "minilm", "help": "the MiniLM kernel-regression baseline"})
     layer: int | None = field(default=None, metadata={
         "help": "restrict the best-head search to one layer (default: all layers)"})
+    view_prompts: int = field(default=8, metadata={
+        "identity": False,  # changes what is kept for display / how fast, not a number: not in the fingerprint
+        "help": "prompts whose token-level attention goes to view_data.json for `icl-kernels view` (0: none)"})
 
     def __post_init__(self) -> None:
         problems = self.prompts.split_problems("head scores")
         if self.prompts.task in SYNTHETIC_TASKS:
             if self.similarity or self.kr_minilm:
                 problems.append("the synthetic world has no text for single-example runs or MiniLM: pass "
-                                "--no-similarity --no-minilm (similarity=false, kr_minilm=false)")
+                                "--no-similarity --no-kr-minilm (similarity=false, kr_minilm=false)")
             if self.condition != PromptCondition():
                 problems.append("prompt conditions (selector, label format, controls) apply to text tasks only")
         if not 0 < self.select_fraction < 1:
@@ -127,6 +135,8 @@ class HeadsConfig(Options):
             problems.append("probes need the single-example runs of similarity=True (key targets)")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             problems.append(f"layer must be a layer index >= 0 or None (all layers), not {self.layer!r}")
+        if isinstance(self.view_prompts, bool) or not isinstance(self.view_prompts, int) or self.view_prompts < 0:
+            problems.append(f"view_prompts must be an integer >= 0, not {self.view_prompts!r}")
         if problems:
             raise InvalidOptionError("Invalid heads options: " + "; ".join(problems) + ".")
 
@@ -136,40 +146,83 @@ class HeadsConfig(Options):
         return bool(self.similarity) if self.probes is None else bool(self.probes)
 
 
+def head_matrix(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[int], tuple[np.ndarray, np.ndarray]]:
+    """``column`` of a heads table (one split and aggregation) as a [layer, head] matrix, its layer
+    ids, and the 95% Wilson interval of each rate (from its ``n``)."""
+    pivot = frame.pivot(index="layer", columns="head", values=column).sort_index()
+    n = frame.pivot(index="layer", columns="head", values="n").sort_index().to_numpy()
+    values = pivot.to_numpy()
+    low, high = np.full(values.shape, np.nan), np.full(values.shape, np.nan)
+    for idx in np.ndindex(values.shape):
+        if np.isfinite(values[idx]) and n[idx] > 0:
+            low[idx], high[idx] = wilson_interval(int(round(values[idx] * n[idx])), int(n[idx]))
+    return values, [int(v) for v in pivot.index], (low, high)
+
+
 @dataclass
 class HeadsReport(Report):
     """Tables ``heads``, ``prompts``, ``kernel_similarity``, ``probes``; the summary of `run`.
 
-    ``data`` holds the tensors the figures are drawn from (score matrices, the attention map).
+    ``data`` holds the tensors the figures are drawn from (score matrices, the attention map) and
+    ``view``, the token-level record of the first prompts (`icl_kernels.studies.view_data`).
     """
 
     data: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def attachments(self) -> dict[str, Any]:
+        view = self.data.get("view")
+        return {VIEW_DATA_FILE: view} if view and view["prompts"] else {}
+
     def figures(self) -> dict[str, Any]:
+        """Head maps on the report split (the held-out prompts the summary's rates are on), each next
+        to its baseline, with 95% Wilson intervals on hover; the kernel-similarity and probe figures;
+        the attention map when the run's tensors are at hand (``data``; not kept on disk)."""
         summary, data = self.summary, self.data
-        if not data:
+        heads = self.tables.get("heads")
+        if heads is None or heads.empty:
             return {}
         b = summary["best_head"]["max"]
         mark = (b["layer"], b["head"])
         title = f"{summary['model']} on {summary['task']}, {summary['shots']} shots"
-        sel = data["select_scores"]
-        figs = {
-            "heads_agreement": layer_head_heatmaps(
-                sel.agreement, f"Head reconstruction agreement with the model (selection split, n={sel.n}) - {title}",
-                mark=mark),
-            "heads_accuracy": layer_head_heatmaps(
-                sel.accuracy, f"Head reconstruction accuracy vs gold (selection split, n={sel.n}) - {title}", mark=mark),
-        }
-        if data["attention_map"] is not None:
+        held_out = summary.get("held_out") or {}
+        figs = {}
+        report = heads[(heads["split"] == "report") & (heads["aggregation"] == "max")]
+        for column, share, what in (("agreement", "model_majority_share", "agreement with the model"),
+                                    ("accuracy", "gold_majority_share", "accuracy vs gold")):
+            matrix, layers, interval = head_matrix(report, column)
+            baseline = (held_out.get(share) or {}).get("value")
+            name = f"report split, n={summary.get('n_report', '?')}"
+            figs[f"heads_{column}"] = layer_head_heatmaps(
+                {name: matrix}, f"Head reconstruction {what} (best head marked; chosen on the selection split) - {title}",
+                layers=layers, mark=mark, colorbar_title=column, intervals={name: interval},
+                baselines=None if baseline is None else {name: baseline},
+                baseline_name=f"baseline: always the {'model' if column == 'agreement' else 'gold'} majority label")
+        if data.get("attention_map") is not None:
             figs["attention_map"] = attention_map_figure(
                 data["attention_map"], data["segments"], title=f"Prediction-row attention, each x resampled - {title}",
                 n_prompts=summary["attention_map_prompts"],
             )
-        if data["corr"]:
+        similarity = self.tables.get("kernel_similarity")
+        if similarity is not None and not similarity.empty:
+            corr, layers = {}, None
+            for how, g in similarity.groupby("aggregation", sort=False):
+                pivot = g.pivot(index="layer", columns="head", values="pearson").sort_index()
+                corr[how], layers = pivot.to_numpy(), list(pivot.index)
             figs["kernel_similarity"] = layer_head_heatmaps(
-                data["corr"], f"Pearson(a_i, P(o|x)^T P(o|x_i)) per head - {title}", diverging=True, mark=mark)
-        if data["probe_acc"]:
-            figs["probes"] = probe_figure(data["probe_acc"], data["probe_offsets"], chance=None,
+                corr, f"Pearson(a_i, P(o|x)^T P(o|x_i)) per head (baseline 0: no relation) - {title}", diverging=True,
+                mark=mark, layers=layers, colorbar_title="Pearson r")
+        probes = self.tables.get("probes")
+        if probes is not None and not probes.empty:
+            offsets = sorted(int(o) for o in probes["offset"].unique())
+            layers = sorted(int(v) for v in probes["layer"].unique())
+            n_kv = int(probes["kv_head"].max()) + 1
+            acc = {}
+            for name, g in probes.groupby("probe", sort=False):
+                arr = np.full((len(offsets), len(layers), n_kv), np.nan)
+                for r in g.itertuples():
+                    arr[offsets.index(int(r.offset)), layers.index(int(r.layer)), int(r.kv_head)] = r.accuracy
+                acc[name] = arr
+            figs["probes"] = probe_figure(acc, offsets, layers=layers, chance=None,
                                           title=f"Ridge probes (lambda 0.01) around the label position - {title}")
         return figs
 
@@ -453,7 +506,7 @@ def _forward(cfg: HeadsConfig, model, sp, progress: bool):
     return analyze_heads(
         model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad_id(model),
         head_features=True, resid_layers=tuple(range(n_layers)),
-        probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), progress=progress,
+        probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), keep_rows=cfg.view_prompts, progress=progress,
     )
 
 
@@ -548,7 +601,7 @@ def _prompt_table(hrun, split: Split, heads: HeadScores, baselines: Baselines,
 
 
 def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, baselines: Baselines,
-            similarity: Similarity | None, started: float) -> HeadsReport:
+            similarity: Similarity | None, started: float, tokenizer=None) -> HeadsReport:
     """Tables, the summary (held-out rates beside their baselines) and the data of the figures."""
     zsl_pred = similarity.zsl_pred if similarity is not None else None
     corr = similarity.corr if similarity is not None else {}
@@ -579,7 +632,9 @@ def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, b
         if similarity.probe_frame is not None:
             tables["probes"] = similarity.probe_frame
     data = {"select_scores": heads.by_split["select"], "attention_map": hrun.attention_map,
-            "segments": hrun.segments, "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets}
+            "segments": hrun.segments, "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets,
+            "view": view_data(sp.icl, hrun, tables["prompts"]["split"].tolist(), tokenizer, summary["label_words"],
+                              summary["model"], summary["task"])}
     return HeadsReport("heads", cfg, tables, summary, data=data)
 
 
@@ -597,7 +652,8 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     heads = _head_scores(hrun, split, search_layers)
     baselines = _baselines(cfg, sp, task, hrun, split, search_layers, heads.best["max"])
     similarity = _similarity(cfg, model, sp, hrun, split, progress) if cfg.similarity else None
-    return _report(cfg, task, sp, hrun, split, heads, baselines, similarity, started)
+    return _report(cfg, task, sp, hrun, split, heads, baselines, similarity, started,
+                   tokenizer=getattr(model, "tokenizer", None))
 
 
 def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr, zsl_pred, corr,
@@ -641,6 +697,28 @@ def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr,
     summary["attention_map_prompts"] = hrun.attention_map_n
     return summary
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('heads', (
+    ('held_out\\.icl_accuracy', 'ICL accuracy of the model on the report (held-out) prompts'),
+    ('held_out\\.zsl_accuracy', 'zero-shot accuracy on the report prompts (with `similarity`)'),
+    ('held_out\\.(model|gold)_majority_share', 'share of the most frequent model prediction / gold label on the report prompts (the chance level of agreement / accuracy)'),
+    ('held_out\\.best_head\\.\\w+\\.agreement', "best head (chosen on the selection split, per aggregation max/mean/label): how often its a-weighted label vote equals the model's prediction, report prompts"),
+    ('held_out\\.best_head\\.\\w+\\.accuracy', "best head's label vote against the gold label, report prompts"),
+    ('held_out\\.best_head\\.\\w+\\.abstain', "share of report prompts where the best head's vote is a tie (no prediction)"),
+    ('held_out\\.best_head\\.\\w+\\.agreement_minus_majority_share', "best head's agreement minus the model's majority share (paired bootstrap)"),
+    ('held_out\\.kernel_regression\\..+\\.\\w+', "a kernel-regression baseline (MiniLM embeddings, residual stream, the head's own query/key vectors, demonstration majority) on the report prompts: agreement, accuracy, abstain"),
+    ('held_out\\.best_head_minus_baseline\\..*', "best head's agreement minus a baseline's, report prompts (paired bootstrap)"),
+    ('best_head\\.\\w+\\.(select|report)_(agreement|accuracy)', "best head's agreement / accuracy on the selection or report split (numbers without intervals; `held_out` has the intervals)"),
+    ('best_head\\.\\w+\\.(layer|head|n_select|n_report)', "the best head's position and the split sizes"),
+    ('kernel_regression\\..*', 'kernel-regression baselines over all prompts (numbers without intervals)'),
+    ('kernel_similarity\\..*', 'correlation of a_i with P(o|x_test)^T P(o|x_i) over heads (Figure 4; with `similarity`)'),
+    ('probes(_selected_layer)?\\..*', 'ridge probes of keys (target: zero-shot class of x_i) and values (target: y_i) around the label position (Figure 5; with `similarity`)'),
+    ('icl_accuracy(_report)?|zsl_accuracy(_report)?', 'ICL / zero-shot accuracy over all prompts (`_report`: report prompts only)'),
+    ('(held_out\\.)?icl_prediction_rate\\[\\d+\\]', 'how often the model predicts label word i'),
+    ('n_prompts|n_select|n_report|n_layers|n_heads|shots|seed|held_out\\.n|attention_map_prompts', 'sizes: prompts, split sizes, layers, heads, demonstrations'),
+    ('mean_demos_used|mean_prompt_tokens', 'mean demonstrations and tokens per prompt'),
+))
 
 register(
     "heads", HeadsConfig, run,

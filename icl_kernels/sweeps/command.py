@@ -30,7 +30,8 @@ Execution (``--executor``, or the ``executor`` key): the cells still to run are 
 at most ``--max-jobs`` shards (`icl_kernels.sweeps.shards.plan_shards`), so that each job loads its
 model once and runs its cells in order. ``inline`` runs the shards one after another in this
 process; ``local`` submits them through submitit's local executor (one process per shard on this
-machine; with GPUs, one GPU per job through ``CUDA_VISIBLE_DEVICES``); ``slurm`` submits one SLURM
+machine; with GPUs, one GPU per job through ``CUDA_VISIBLE_DEVICES``, distinct GPUs while there are
+enough, `local_gpu_pins`); ``slurm`` submits one SLURM
 array job (``--partition``, ``--gpus-per-job``, ``--time-min``; ``--max-jobs`` shards, all allowed
 to run at once). Jobs that are preempted or reach their time limit are requeued by submitit and
 skip the cells they finished. ``--device auto`` lets each job use CUDA where it has one.
@@ -79,6 +80,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -90,6 +92,7 @@ from pathlib import Path
 
 import submitit
 import torch
+from tqdm.auto import tqdm
 
 import icl_kernels
 from icl_kernels.sweeps.config import EXECUTORS, Cell, SweepConfig
@@ -210,17 +213,37 @@ def _config_changes(cells: list[Cell], records: list[dict]) -> list[str]:
             for c in cells if c.cell_id not in rows and c.key in old]
 
 
-def _visible_gpus() -> list[int]:
-    """Physical ids of the GPUs this process may use (CUDA_VISIBLE_DEVICES when it lists ids)."""
+def _visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries for its jobs: the entries
+    of this process's ``CUDA_VISIBLE_DEVICES`` (physical ids, or GPU / MIG UUIDs) that CUDA counts,
+    else ``0 .. device_count - 1``; none without usable CUDA."""
     try:
         count = torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - no usable CUDA
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is None:
-        return list(range(count))
-    ids = [x.strip() for x in listed.split(",") if x.strip()]
-    return [int(x) for x in ids[:count]] if all(x.isdigit() for x in ids) else list(range(count))
+        return [str(i) for i in range(count)]
+    return [x.strip() for x in listed.split(",") if x.strip()][:count]
+
+
+def local_gpu_pins(n_jobs: int, gpus: Sequence[str], per_job: int) -> list[dict]:
+    """submitit local-executor parameters that pin job ``i`` of ``n_jobs`` to ``per_job`` of ``gpus``
+    (`_visible_gpus` entries), dealt out in turn: distinct GPUs while ``n_jobs * per_job <= len(gpus)``,
+    then shared round-robin. Numeric ids go through submitit's ``visible_gpus``; UUIDs (which it does
+    not take) through a ``setup`` line that exports ``CUDA_VISIBLE_DEVICES`` before the job starts.
+    ``per_job == 0``: the jobs see no GPU (``CUDA_VISIBLE_DEVICES`` empty)."""
+    if per_job and not gpus:
+        raise InvalidOptionError(f"{per_job} GPU(s) per job asked, but no GPU is visible.")
+    pins = []
+    for i in range(n_jobs):
+        mine = [gpus[(i * per_job + j) % len(gpus)] for j in range(per_job)]
+        if all(g.isdigit() for g in mine):
+            pins.append(dict(gpus_per_node=len(mine), visible_gpus=tuple(int(g) for g in mine), setup=[]))
+        else:
+            pins.append(dict(gpus_per_node=0, visible_gpus=(),
+                             setup=[f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(mine))}"]))
+    return pins
 
 
 def _job_environment(threads: int) -> None:
@@ -263,13 +286,14 @@ def _submit(cfg: SweepConfig, args: SweepArgs, shards: list[ShardJob], out: Path
     per_job = cfg.gpus_per_job if cfg.gpus_per_job is not None else (1 if gpus else 0)
     if per_job > len(gpus):
         if per_job:
-            print(f"note: {per_job} GPU(s) per job asked, {len(gpus)} visible; jobs run without GPUs pinned.", file=sys.stderr)
+            print(f"note: {per_job} GPU(s) per job asked, {len(gpus)} visible; jobs run without GPUs (CUDA_VISIBLE_DEVICES empty).", file=sys.stderr)
         per_job = 0
+    if per_job and len(shards) * per_job > len(gpus):
+        print(f"note: {len(shards)} job(s) x {per_job} GPU(s) on {len(gpus)} visible GPU(s): jobs share GPUs "
+              "(--max-jobs to avoid).", file=sys.stderr)
     jobs = []
-    for i, shard in enumerate(shards):
-        mine = [gpus[(i * per_job + j) % len(gpus)] for j in range(per_job)] if per_job else []
-        executor.update_parameters(timeout_min=cfg.time_min, signal_delay_s=delay, gpus_per_node=len(mine),
-                                   visible_gpus=tuple(mine))
+    for shard, pins in zip(shards, local_gpu_pins(len(shards), gpus, per_job)):
+        executor.update_parameters(timeout_min=cfg.time_min, signal_delay_s=delay, **pins)
         jobs.append(executor.submit(shard))
     return jobs
 
@@ -529,9 +553,12 @@ def _run(args, cfg, cells, out: Path, records, rows) -> int:
         print(f"{len(todo)} of {len(cells)} cells to run in {len(shards)} shard(s) ({cfg.executor}); "
               f"{len(cells) - len(todo)} already done", file=sys.stderr)
     if shards and cfg.executor == "inline":
-        for shard in shards:
-            shard.on_record = lambda: merge(out, cells)
-            shard()
+        # one bar over the cells this run does (each shard loads its model once, then runs its cells)
+        with tqdm(total=sum(len(s.cells) for s in shards), desc="sweep (inline): cells", unit="cell",
+                  disable=not args.progress) as bar:
+            for shard in shards:
+                shard.on_record = lambda: (merge(out, cells), bar.update(1))
+                shard()
     elif shards:
         jobs = _submit(cfg, args, shards, out)
         for shard, job in zip(shards, jobs):
@@ -559,6 +586,7 @@ def command(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 2
 
 
-__all__ = ["SweepArgs", "SweepConfig", "SweepLockedError", "SweepWorkersError", "Worker", "live_workers", "Cell", "main", "command", "parse_args", "run_cell",
-           "slurm_executor", "sweep_lock", "RESULTS", "FAILURES", "CRASH_ENV", "VOLATILE_COLUMNS", "LEADING_COLUMNS",
+__all__ = ["SweepArgs", "SweepConfig", "SweepLockedError", "SweepWorkersError", "Worker", "live_workers", "Cell",
+           "main", "command", "parse_args", "run_cell",
+           "slurm_executor", "local_gpu_pins", "sweep_lock", "RESULTS", "FAILURES", "CRASH_ENV", "VOLATILE_COLUMNS", "LEADING_COLUMNS",
            "EXECUTORS", "LOCK_FILE"]

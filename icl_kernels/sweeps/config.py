@@ -254,7 +254,7 @@ class SweepConfig(Options):
             except (IclKernelsError, ValueError, TypeError) as error:
                 raise InvalidOptionError(f"Invalid sweep config: study {analysis!r} on {model} / {task} / "
                                          f"{shots} shots / seed {seed} / layer {layer}: {error}") from error
-            full = json.dumps(dict(study=analysis, config=config.to_dict()), sort_keys=True, default=str)
+            full = json.dumps(dict(study=analysis, config=config.identity_dict()), sort_keys=True, default=str)
             shown = {k: (v if k in fields or k == "layer" else NOT_USED) for k, v in coords.items()}
             cell = Cell(shown["model"], shown["task"], shown["shots"], shown["seed"], shown["layer"], analysis,
                         shown["n_test"], hashlib.sha256(full.encode()).hexdigest()[:8],

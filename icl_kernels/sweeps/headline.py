@@ -16,7 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["COLUMNS", "HEADLINES", "ID_COLUMNS", "INTERVALS", "headline", "text"]
+from icl_kernels.studies.tidy import INTERVAL_ALIASES
+
+__all__ = ["BOOKKEEPING", "COLUMNS", "HEADLINES", "ID_COLUMNS", "INTERVALS", "headline", "text"]
 
 #: A cell's coordinates (``-``: an axis its study has no field for).
 ID_COLUMNS = ["model", "task", "shots", "seed", "layer"]
@@ -48,11 +50,10 @@ HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 #: Metrics whose interval columns are named otherwise: metric -> (low column, high column).
-INTERVALS = {"top_minus_random_drop": ("top_minus_random_low", "top_minus_random_high"),
-             "accuracy_drop": ("drop_low", "drop_high")}
+INTERVALS = INTERVAL_ALIASES
 
 #: Columns that are never metrics of a plugin study's fallback rows.
-_BOOKKEEPING = {"cell_id", "analysis", "status", "n_test", "package_version", "run_fingerprint", "data_source",
+BOOKKEEPING = {"cell_id", "analysis", "status", "n_test", "package_version", "run_fingerprint", "data_source",
                 "elapsed_s", "finished_at", "worker_pid", *ID_COLUMNS}
 _INTERVAL_PARTS = re.compile(r"(^intervals\.|\.(low|high|n|unit|method|resamples|seed)$|_(low|high)$)")
 
@@ -97,7 +98,7 @@ def _metrics(study: str, row: dict[str, Any]) -> list[tuple[str, float, float | 
     specs = HEADLINES.get(study)
     if specs is None:  # a study without headlines here: every number of its row
         specs = tuple(("{match}", re.escape(name)) for name in names
-                      if name not in _BOOKKEEPING and not _INTERVAL_PARTS.search(name))
+                      if name not in BOOKKEEPING and not _INTERVAL_PARTS.search(name))
     out = []
     for label, pattern in specs:
         for name in names:

@@ -26,7 +26,7 @@ raised, and submitit requeues it; the requeued job skips the cells it already fi
 `merge` turns all record files into ``results.csv`` (cells in the sweep config's order; columns
 ``cell_id``, the coordinates, then the metrics sorted by name), ``results.parquet`` when pyarrow is
 installed (it records the sha256 of the results.csv it was made from, and every merge rewrites it
-when that differs, so a copy left behind by a failed write is repaired), ``timings.csv`` (elapsed time, finish time, process, host and shard of each row) and
+when that differs, so a copy left behind by a failed write is repaired), ``timings.csv`` (elapsed time, finish time, process, host, ``CUDA_VISIBLE_DEVICES`` and shard of each row) and
 ``failures.csv`` (cells whose last record is a failure: error type, message, traceback file).
 """
 
@@ -84,6 +84,11 @@ TIME_LIMIT_ENV = "ICL_SWEEP_TIME_LIMIT_AFTER"
 CELL_SLEEP_ENV = "ICL_SWEEP_CELL_SLEEP_S"
 #: The folder of the cells' claims.
 CLAIMS = "claims"
+#: on a shard's first attempt, after this many cells, write the state ``holding`` and wait (at most
+#: `HOLD_MAX_S`) before the next cell: a test then shortens the job's time limit on the cluster, so
+#: that the scheduler's own time-limit signal comes between two cells, not inside one.
+HOLD_ENV = "ICL_SWEEP_HOLD_AFTER"
+HOLD_MAX_S = 600
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,7 +365,7 @@ def run_cell(cell, threads: int = 1) -> dict:
         raise RuntimeError(f"study {cell.analysis!r} returned metrics named like coordinates: {clash}")
     metrics = {k: v for k, v in metrics.items() if k not in coordinates}
     timing = dict(elapsed_s=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  worker_pid=os.getpid(), host=socket.gethostname())
+                  worker_pid=os.getpid(), host=socket.gethostname(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     return dict(coordinates, **metrics, status="ok", package_version=icl_kernels.__version__, timing=timing)
 
 
@@ -406,6 +411,7 @@ class ShardJob:
             os.environ.setdefault(var, "1")
         crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
         limit_after = int(os.environ.get(TIME_LIMIT_ENV, "0") or 0)
+        hold_after = int(os.environ.get(HOLD_ENV, "0") or 0)
         count_file = os.environ.get(COUNT_ENV)
         sleep_s = float(os.environ.get(CELL_SLEEP_ENV, "0") or 0)
         done = finished_rows(read_records(Path(self.out)))
@@ -416,6 +422,11 @@ class ShardJob:
                 if limit_after and self.attempt == 0 and i == limit_after:
                     os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler checkpoints and requeues
                     time.sleep(60)
+                if hold_after and self.attempt == 0 and i == hold_after:
+                    self._state("holding", cell.cell_id)  # the time-limit signal ends the wait (see HOLD_ENV)
+                    deadline = time.time() + HOLD_MAX_S
+                    while time.time() < deadline:
+                        time.sleep(0.5)
                 holder = claim_cell(self.out, cell.cell_id)
                 if holder is not None and holder.get("done"):
                     if cell.cell_id in finished_rows(read_records(Path(self.out))):
@@ -634,5 +645,5 @@ def _alive(state: dict) -> bool:
 
 __all__ = ["ShardJob", "plan_shards", "run_cell", "model_for", "merge", "status_lines", "read_records", "finished_rows",
            "append_record", "import_legacy_results", "RESULTS", "FAILURES", "TIMINGS", "LEADING_COLUMNS",
-           "VOLATILE_COLUMNS", "CRASH_ENV", "COUNT_ENV", "TIME_LIMIT_ENV", "CELL_SLEEP_ENV", "CLAIMS", "claim_cell",
-           "release_cell", "mark_done", "live_claims", "process_alive", "process_start"]
+           "VOLATILE_COLUMNS", "CRASH_ENV", "COUNT_ENV", "TIME_LIMIT_ENV", "HOLD_ENV", "CELL_SLEEP_ENV", "CLAIMS",
+           "claim_cell", "release_cell", "mark_done", "live_claims", "process_alive", "process_start"]

@@ -32,6 +32,8 @@ __all__ = [
     "Options",
     "PromptOptions",
     "add_arguments",
+    "OptionsHelpFormatter",
+    "show_default",
     "from_arguments",
     "parse_config",
     "parse_layer_set",
@@ -126,6 +128,17 @@ class Options:
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dictionary (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
+
+    def identity_dict(self) -> dict[str, Any]:
+        """`to_dict` without the options that cannot change a number (metadata ``identity=False``:
+        what the report keeps for display, an exact speed-up's switch), which a run's fingerprint
+        leaves out, so adding such an option leaves earlier runs' fingerprints as they were."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.display_only_fields()}
+
+    @classmethod
+    def display_only_fields(cls) -> frozenset[str]:
+        """Top-level fields marked ``identity=False`` (see `identity_dict`)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity") is False)
 
     def flat(self) -> dict[str, Any]:
         """One level: nested options' fields at top level (what a sweep row's coordinates are)."""
@@ -292,13 +305,41 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def show_default(value: Any) -> str:
+    """A default as it is typed on the command line: a list as ``1,2,4``, a bool as on/off.
+
+    >>> show_default((1, 2, 4)), show_default(True), show_default("all")
+    ('1,2,4', 'on', 'all')
+    """
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return ",".join(show_default(v) for v in value)
+    return str(value)
+
+
+class OptionsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of `add_arguments` options: each default said once, as it is typed (``1,2,4``, not
+    a Python tuple); none for an option whose default is unset (its help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        text = re.sub(r" \(default: %\(default\)s\)", "", text)  # BooleanOptionalAction's own
+        default = action.default
+        if (default in (None, argparse.SUPPRESS) or not action.option_strings or "default" in text
+                or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction))):
+            return text
+        return f"{text} (default: {show_default(default)})".replace("%", "%%").replace("%%(", "%(").strip()
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *, defaults: Options | None = None) -> None:
     """Add one option per field of ``cls`` (nested options flattened) with the dataclass defaults.
 
-    Flag names are the field names with dashes (metadata ``flag`` overrides); ``bool`` fields get
-    ``--x/--no-x``; ``tuple[X, ...]`` fields take a comma list, or with metadata ``repeat`` one item
-    per repeated flag; metadata ``choices`` and ``help`` are passed on; metadata ``cli=False`` keeps a
-    field off the command line.
+    Flag names are the field names with dashes, so a flag, a TOML key and a Python keyword are one
+    name (metadata ``alias``: a former flag, still accepted and named in the help); ``bool`` fields
+    get ``--x/--no-x``; ``tuple[X, ...]`` fields take a comma list, or with metadata ``repeat`` one
+    item per repeated flag; metadata ``choices`` and ``help`` are passed on; metadata ``cli=False``
+    keeps a field off the command line. Use `OptionsHelpFormatter` to show each default once.
     """
     defaults = defaults if defaults is not None else cls()
     hints = _hints(cls)
@@ -311,14 +352,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *, defaul
             continue
         if f.metadata.get("cli") is False:
             continue
-        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        flag = "--" + f.name.replace("_", "-")
+        aliases = ["--" + a.replace("_", "-") for a in ([f.metadata["alias"]] if "alias" in f.metadata else [])]
         kwargs: dict[str, Any] = dict(dest=f.name, default=value, help=f.metadata.get("help"))
         inner, optional = _unwrap_optional(tp)
         origin = typing.get_origin(inner)
         if f.metadata.get("repeat"):
             item = typing.get_args(inner)[0] if origin is tuple else str
             kwargs.update(action="append", type=item, default=None)
-            kwargs["help"] = (kwargs["help"] or "") + f" (repeat the flag for several; default {value!r})"
+            kwargs["help"] = (kwargs["help"] or "") + f" (repeat the flag for several; default {show_default(value)})"
         elif inner is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
@@ -331,7 +373,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *, defaul
                 kwargs["choices"] = f.metadata["choices"]
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp!r}.")
-        parser.add_argument(flag, **kwargs)
+        if not kwargs["help"] and value is not None:  # argparse shows no help line, so no default, without one
+            kwargs["help"] = f"default: {show_default(value)}".replace("%", "%%")
+        if aliases:
+            kwargs["help"] = (kwargs["help"] or "") + f" ({', '.join(aliases)}: its former name, still accepted)"
+        parser.add_argument(flag, *aliases, **kwargs)
 
 
 def from_arguments(cls: type[T], namespace: argparse.Namespace | Mapping[str, Any]) -> T:

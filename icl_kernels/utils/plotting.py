@@ -32,6 +32,8 @@ __all__ = [
     "probe_figure",
     "accuracy_vs_shots_figure",
     "metric_controls_figure",
+    "colour_of",
+    "token_attention_figure",
     "write_html",
     "write_image",
     "plotly_js_name",
@@ -128,6 +130,26 @@ def _np(x) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
+#: One colour per series, reused by every panel of a figure so that the legend names each colour once.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+
+
+def colour_of(i: int) -> str:
+    """The ``i``-th colour of `PALETTE` (cycled)."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def _graded_scale(zmin: float, zmax: float, baseline: float) -> list:
+    """Viridis above ``baseline``, greys at or below it, on [zmin, zmax] (a colour scale with a cut)."""
+    cut = float(np.clip((baseline - zmin) / ((zmax - zmin) or 1.0), 0.0, 1.0))
+    viridis = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"]
+    scale = [[0.0, "#f0f0f0"], [cut, "#bdbdbd"]]
+    if cut < 1.0:
+        scale += [[cut + (1.0 - cut) * i / (len(viridis) - 1), c] for i, c in enumerate(viridis)]
+    return scale
+
+
 def layer_head_heatmaps(
     matrices: Mapping[str, object],
     title: str = "",
@@ -136,11 +158,23 @@ def layer_head_heatmaps(
     zrange: tuple[float, float] | None = None,
     layers: Sequence[int] | None = None,
     mark: tuple[int, int] | None = None,
+    colorbar_title: str = "",
+    baselines: Mapping[str, float] | None = None,
+    baseline_name: str = "baseline",
+    intervals: Mapping[str, tuple[object, object]] | None = None,
+    own_scale: bool = False,
 ) -> go.Figure:
-    """One layer x head heat map per entry of ``matrices`` (name -> [layer, head]), side by side.
+    """One layer x head heat map per entry of ``matrices`` (name -> [layer, head]), side by side,
+    each with its own colour bar (titled ``colorbar_title``).
 
     ``diverging``: a red-blue scale symmetric around 0 (for correlations); otherwise viridis on
-    ``zrange`` (default [0, 1]). ``mark`` circles one (layer, head) in every panel.
+    ``zrange`` (default [0, 1]), or with ``own_scale`` on each panel's own [min, max] (scores of
+    different units side by side). ``mark`` circles one (layer, head) in every panel.
+
+    ``baselines`` (panel name -> value, e.g. the agreement of always answering the model's majority
+    label): cells at or below the panel's baseline are drawn in greys, cells above it in viridis, the
+    colour bar carries a tick at the baseline, and a legend entry named ``baseline_name`` says so.
+    ``intervals`` (panel name -> (low, high) matrices) are shown on hover.
     """
     if not matrices:
         raise ValueError("layer_head_heatmaps needs at least one matrix.")
@@ -149,32 +183,64 @@ def layer_head_heatmaps(
     for name, arr in zip(names, arrays):
         if arr.ndim != 2:
             raise ValueError(f"Matrix {name!r} must be [layer, head], got shape {arr.shape}.")
+    baselines = dict(baselines or {})
+    intervals = dict(intervals or {})
+    unknown = sorted((set(baselines) | set(intervals)) - set(names))
+    if unknown:
+        raise ValueError(f"baselines / intervals name panels {unknown} that are not among {names}.")
     if diverging:
         bound = np.nanmax([np.nanmax(np.abs(a)) if np.isfinite(a).any() else 0 for a in arrays]) or 1.0
         zmin, zmax, scale = -bound, bound, "RdBu_r"
     else:
         zmin, zmax = zrange or (0.0, 1.0)
         scale = "Viridis"
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, shared_yaxes=True, horizontal_spacing=0.04)
+    n = len(names)
+    spacing = min(0.2, 0.6 / (n - 1)) if n > 1 else 0.0  # room for each panel's colour bar
+    fig = make_subplots(rows=1, cols=n, subplot_titles=names, horizontal_spacing=spacing)
+    width = (1.0 - spacing * (n - 1)) / n
     for j, arr in enumerate(arrays):
+        name = names[j]
         y = list(layers) if layers is not None else list(range(arr.shape[0]))
+        right = j * (width + spacing) + width
+        colorbar = dict(title=dict(text=colorbar_title, side="top"), x=right + 0.01, xanchor="left", thickness=10,
+                        len=0.9)
+        panel_scale = scale
+        if own_scale and not diverging and np.isfinite(arr).any():
+            zmin, zmax = float(np.nanmin(arr)), float(np.nanmax(arr))
+            zmax = zmax if zmax > zmin else zmin + 1.0
+        if name in baselines and not diverging:
+            b = float(baselines[name])
+            panel_scale = _graded_scale(zmin, zmax, b)
+            ticks = [t for t in np.linspace(zmin, zmax, 5).round(3).tolist() if abs(t - b) > 0.06 * (zmax - zmin)]
+            colorbar.update(tickvals=[*ticks, b], ticktext=[f"{t:g}" for t in ticks] + [f"baseline {b:.3f}"])
+        hover = "layer %{y}, head %{x}: %{z:.3f}"
+        custom = None
+        if name in intervals:
+            low, high = (_np(a) for a in intervals[name])
+            custom = np.stack([low, high], axis=-1)
+            hover += " [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
         fig.add_trace(
             go.Heatmap(
-                z=arr, x=list(range(arr.shape[1])), y=y, zmin=zmin, zmax=zmax, colorscale=scale,
-                zmid=0 if diverging else None, showscale=j == len(names) - 1,
-                hovertemplate="layer %{y}, head %{x}: %{z:.3f}<extra>" + names[j] + "</extra>",
+                z=arr, x=list(range(arr.shape[1])), y=y, zmin=zmin, zmax=zmax, colorscale=panel_scale,
+                zmid=0 if diverging else None, showscale=True, colorbar=colorbar, customdata=custom,
+                hovertemplate=hover + "<extra>" + name + "</extra>",
             ),
             row=1, col=j + 1,
         )
         if mark is not None:
             fig.add_trace(
-                go.Scatter(x=[mark[1]], y=[mark[0]], mode="markers", showlegend=False,
+                go.Scatter(x=[mark[1]], y=[mark[0]], mode="markers", showlegend=False, name="marked head",
                            marker=dict(symbol="circle-open", size=14, color="red", line=dict(width=2))),
                 row=1, col=j + 1,
             )
         fig.update_xaxes(title_text="head", row=1, col=j + 1)
-    fig.update_yaxes(title_text="layer", row=1, col=1)
-    fig.update_layout(title=title, template="plotly_white", height=max(320, 22 * arrays[0].shape[0] + 140))
+        fig.update_yaxes(title_text="layer", row=1, col=j + 1)
+    if baselines:
+        listed = ", ".join(f"{name} {float(b):.3f}" for name, b in baselines.items())
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{baseline_name} (grey at or below: {listed})",
+                                 marker=dict(symbol="square", size=12, color="#bdbdbd")))
+        fig.update_layout(showlegend=True, legend=dict(orientation="h", x=0, y=-0.18))
+    fig.update_layout(title=title, template="plotly_white", height=max(340, 22 * arrays[0].shape[0] + 160))
     return fig
 
 
@@ -213,12 +279,46 @@ def attention_map_figure(
             hovertemplate="%{y}, point %{x}: %{z:.4f}<extra></extra>",
         )
     )
-    fig.update_xaxes(tickmode="array", tickvals=starts, ticktext=[s.name for s in segments], tickangle=-60)
+    fig.update_xaxes(tickmode="array", tickvals=starts, ticktext=[s.name for s in segments], tickangle=-60,
+                     title_text="position in the prompt (each piece resampled to a fixed length)")
+    fig.update_yaxes(title_text="head")
     suffix = f" (mean over {n_prompts} prompts)" if n_prompts else ""
     fig.update_layout(
         title=(title or "Attention of the prediction position, each x resampled") + suffix,
         template="plotly_white", height=max(320, 14 * len(pairs) + 160), yaxis=dict(autorange="reversed"),
     )
+    return fig
+
+
+def token_attention_figure(
+    tokens: Sequence[str], weights, pieces: Sequence[str], *, title: str = "", baseline: float | None = None,
+) -> go.Figure:
+    """One prompt, token by token: the attention one head's prediction position pays to each token.
+
+    ``tokens``: the tokens as text; ``weights``: one attention weight per token; ``pieces``: what each
+    token belongs to (e.g. ``x_1``, ``y_1``, ``query``), one bar colour per kind of piece (the text
+    before the first underscore). ``baseline`` (e.g. uniform attention, 1 / number of tokens) is drawn
+    as a dotted line.
+    """
+    w = _np(weights).reshape(-1)
+    if not len(tokens) == len(w) == len(pieces):
+        raise ValueError(f"tokens, weights and pieces must have one entry per token: {len(tokens)}, {len(w)}, {len(pieces)}.")
+    kinds = list(dict.fromkeys(p.split("_")[0] for p in pieces))
+    fig = go.Figure()
+    x = list(range(len(tokens)))
+    for i, kind in enumerate(kinds):
+        idx = [j for j, p in enumerate(pieces) if p.split("_")[0] == kind]
+        fig.add_trace(go.Bar(x=[x[j] for j in idx], y=w[idx], name=kind, marker_color=colour_of(i),
+                             customdata=[[tokens[j], pieces[j]] for j in idx],
+                             hovertemplate="%{customdata[0]!r} (%{customdata[1]}): %{y:.4f}<extra></extra>"))
+    if baseline is not None:
+        fig.add_trace(go.Scatter(x=[x[0], x[-1]], y=[baseline, baseline], mode="lines", line=dict(dash="dot", color="gray"),
+                                 name=f"baseline: uniform attention {baseline:.4f}"))
+    fig.update_xaxes(title_text="token", tickmode="array", tickvals=x, ticktext=[t.replace("\n", "\\n") for t in tokens],
+                     tickangle=-70)
+    fig.update_yaxes(title_text="attention of the prediction position")
+    fig.update_layout(title=title or "Attention of one head, token by token", template="plotly_white", height=420,
+                      bargap=0.05)
     return fig
 
 
@@ -243,13 +343,16 @@ def probe_figure(
         for oi, offset in enumerate(offsets):
             fig.add_trace(
                 go.Scatter(x=x, y=best[oi], mode="lines+markers", name=f"offset {offset:+d}",
+                           line=dict(color=colour_of(oi)), marker=dict(color=colour_of(oi)),
                            legendgroup=str(offset), showlegend=j == 0),
                 row=1, col=j + 1,
             )
         if chance is not None:
-            fig.add_hline(y=chance, line_dash="dot", line_color="gray", row=1, col=j + 1)
+            fig.add_trace(go.Scatter(x=[x[0], x[-1]], y=[chance, chance], mode="lines", name=f"baseline: chance {chance:.3f}",
+                                     line=dict(dash="dot", color="gray"), legendgroup="baseline", showlegend=j == 0),
+                          row=1, col=j + 1)
         fig.update_xaxes(title_text="layer", row=1, col=j + 1)
-    fig.update_yaxes(title_text="held-out accuracy (best head of the layer)", range=[0, 1.02], row=1, col=1)
+        fig.update_yaxes(title_text="held-out accuracy (best head of the layer)", range=[0, 1.02], row=1, col=j + 1)
     fig.update_layout(title=title or "Ridge probes around the label position", template="plotly_white")
     return fig
 
@@ -269,7 +372,7 @@ def accuracy_vs_shots_figure(
         fig.add_trace(go.Scatter(x=g[x], y=g[y], error_y=err, mode="lines+markers", name=str(name)))
     log_x = bool((frame[x] > 0).all())
     fig.update_layout(
-        title=title, template="plotly_white", xaxis=dict(title=x, type="log" if log_x else "linear"),
+        title=title or f"{y_title or y} vs {x}", template="plotly_white", xaxis=dict(title=x, type="log" if log_x else "linear"),
         yaxis=dict(title=y_title or y, range=[0, 1.02]),
     )
     return fig
@@ -287,7 +390,7 @@ def metric_controls_figure(frame: pd.DataFrame, title: str = "") -> go.Figure:
         raise ValueError(f"metric_controls_figure needs columns {sorted(missing)}.")
     metrics = list(dict.fromkeys(frame["metric"]))
     conditions = list(dict.fromkeys(frame["condition"]))
-    colours = dict(zip(conditions, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"] * 2))
+    colours = {condition: colour_of(i) for i, condition in enumerate(conditions)}
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.06)
     in_legend: set[str] = set()  # each condition once, in the first panel that has it
     for j, metric in enumerate(metrics):
@@ -305,6 +408,8 @@ def metric_controls_figure(frame: pd.DataFrame, title: str = "") -> go.Figure:
                                  showlegend=condition not in in_legend),
                           row=1, col=j + 1)
             in_legend.add(condition)
-    fig.update_layout(title=title, template="plotly_white", barmode="group", height=460,
+        fig.update_xaxes(title_text="run", row=1, col=j + 1)
+        fig.update_yaxes(title_text=metric, row=1, col=j + 1)
+    fig.update_layout(title=title or "Metrics next to their controls", template="plotly_white", barmode="group", height=460,
                       legend=dict(orientation="h", y=-0.25))
     return fig

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 import numpy as np
+import scipy.stats
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -112,6 +113,9 @@ def rng(stream: str, *keys: int) -> np.random.Generator:
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (95% by default).
 
+    Ours rather than ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")`` (the same interval,
+    tested): a closed form of four lines that takes ``z`` directly and builds no test object per call.
+
     >>> [round(x, 3) for x in wilson_interval(8, 10)]
     [0.49, 0.943]
     >>> wilson_interval(0, 6)[0], wilson_interval(6, 6)[1]
@@ -139,6 +143,10 @@ def bootstrap_interval(
     """Percentile interval of ``statistic(*[a[idx] for a in arrays])`` over units resampled with
     replacement (axis 0 of every array is the unit; one index vector for all arrays, so the interval
     is paired). NaN samples are dropped.
+
+    Ours rather than ``scipy.stats.bootstrap``: the indices come from the package's named random
+    stream (`rng`), so shipped intervals reproduce, and `paired_bootstrap` extends the same loop to
+    whole clusters, which scipy does not resample.
 
     >>> lo, hi = bootstrap_interval(np.mean, [np.arange(100.0)], 100, resamples=500)
     >>> bool(lo < 49.5 < hi)
@@ -191,24 +199,22 @@ def cosine(a: Float[Tensor, "... d"], b: Float[Tensor, "... d"]) -> Float[Tensor
 
 
 def kendall_tau(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
-    """Kendall's tau-b (ties handled); NaN with fewer than two items or a constant input.
+    """Kendall's tau-b (ties in either input handled), by ``scipy.stats.kendalltau`` (its default
+    ``variant="b"``); NaN with fewer than two items, a constant input or a NaN in either input.
+
+    tau-b = (concordant - discordant) / sqrt((pairs - ties in x) * (pairs - ties in y)); scipy counts
+    the pairs by sorting (O(n log n) time, O(n) memory) where a pairwise sign matrix takes O(n^2).
 
     >>> kendall_tau(torch.tensor([1.0, 2, 3]), torch.tensor([1.0, 3, 2]))  # doctest: +ELLIPSIS
     0.333...
     """
-    x, y = torch.as_tensor(x).double().flatten(), torch.as_tensor(y).double().flatten()
+    x = torch.as_tensor(x).detach().double().flatten().cpu().numpy()
+    y = torch.as_tensor(y).detach().double().flatten().cpu().numpy()
     if x.shape != y.shape:
         raise ValueError(f"kendall_tau needs equal lengths, got {tuple(x.shape)} and {tuple(y.shape)}.")
-    if x.numel() < 2:
+    if x.size < 2 or np.isnan(x).any() or np.isnan(y).any() or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    dx = torch.sign(x[:, None] - x[None, :])
-    dy = torch.sign(y[:, None] - y[None, :])
-    upper = torch.triu(torch.ones_like(dx, dtype=torch.bool), diagonal=1)
-    concordance = (dx * dy)[upper].sum()
-    nx, ny = (dx[upper] != 0).sum(), (dy[upper] != 0).sum()
-    if nx == 0 or ny == 0:
-        return float("nan")
-    return float(concordance / torch.sqrt(nx.double() * ny.double()))
+    return float(scipy.stats.kendalltau(x, y, variant="b").statistic)
 
 
 def recovery(patched: np.ndarray, zsl: np.ndarray, icl: np.ndarray) -> float:
@@ -266,6 +272,9 @@ def paired_bootstrap(
     ``groups`` (one label per row) the rows of a unit share a label (e.g. the four prompts built on
     one query) and whole groups are resampled (cluster bootstrap); ``n`` is then the number of
     groups, else the number of rows. NaN resamples are dropped.
+
+    Ours because ``scipy.stats.bootstrap`` resamples rows only: it has no cluster (group) resampling,
+    and it could not draw from the package's named random streams that make shipped intervals reproduce.
 
     >>> a, b = np.r_[1.0, 1, 1, 0], np.r_[0.0, 1, 0, 0]
     >>> out = paired_bootstrap(lambda x, y: float((x - y).mean()), [a, b], "queries", resamples=200)
@@ -329,10 +338,8 @@ MIN_BOOTSTRAP_CLUSTERS = 20
 
 
 def student_t_quantile(probability: float, df: int) -> float:
-    """Quantile of Student's t distribution with an integer number of degrees of freedom.
-
-    Uses the closed form of ``P(|T| < t)`` for integer ``df`` (a finite sum in ``theta = atan(t /
-    sqrt(df))``) and bisection on it; exact to ~1e-12.
+    """Quantile of Student's t distribution with a positive integer number of degrees of freedom
+    (``scipy.stats.t.ppf``), with a one-line error for a bad ``df`` or ``probability``.
 
     >>> round(student_t_quantile(0.975, 4), 6), round(student_t_quantile(0.975, 1), 6)
     (2.776445, 12.706205)
@@ -341,39 +348,7 @@ def student_t_quantile(probability: float, df: int) -> float:
         raise ValueError(f"df must be a positive integer, not {df!r}.")
     if not 0 < probability < 1:
         raise ValueError(f"probability must be in (0, 1), not {probability}.")
-    if probability == 0.5:
-        return 0.0
-    if probability < 0.5:
-        return -student_t_quantile(1 - probability, df)
-
-    def central(t: float) -> float:  # P(|T| < t)
-        theta = math.atan(t / math.sqrt(df))
-        s, c = math.sin(theta), math.cos(theta)
-        if df % 2 == 1:
-            total, term = 0.0, s * c if df > 1 else 0.0
-            for j in range(1, (df - 1) // 2 + 1):  # cos^(2j-1) terms with ratios 2.4../1.3..
-                total += term
-                term *= c * c * (2 * j) / (2 * j + 1)
-            return 2 / math.pi * (theta + total)
-        total, term = 0.0, s
-        for j in range(df // 2):  # cos^(2j) terms with ratios 1.3../2.4..
-            total += term
-            term *= c * c * (2 * j + 1) / (2 * j + 2)
-        return total
-
-    target = 2 * probability - 1
-    low, high = 0.0, 1.0
-    while central(high) < target:
-        high *= 2
-    for _ in range(200):
-        mid = (low + high) / 2
-        if central(mid) < target:
-            low = mid
-        else:
-            high = mid
-        if high - low < 1e-13 * max(1.0, high):
-            break
-    return (low + high) / 2
+    return float(scipy.stats.t.ppf(probability, df))
 
 
 def t_interval(values: np.ndarray | Sequence[float], level: float = 0.95) -> tuple[float, float]:

@@ -17,11 +17,13 @@ import pytest
 import benchmarks
 import experiments
 from experiments import train_synthetic
+from experiments.columns_doc import ColumnsDocConfig
 from experiments.compare_table import CompareTableConfig
 from experiments.eval_synthetic import EvalConfig
 from experiments.momentum_from_scratch import ScratchConfig
 from experiments.phenomena_table import PhenomenaConfig
 from experiments.readme_figures import FiguresConfig
+from experiments.rebuild_pages import PagesConfig
 from experiments.summarize import SummarizeArgs
 from experiments.sweep import SweepArgs, SweepConfig
 from experiments.train_synthetic import TrainConfig
@@ -47,7 +49,9 @@ BAD_VALUES = {
     EvalConfig: (dict(backend="jax"), "backend must be one of ('hf', 'tl'), not 'jax'"),
     PhenomenaConfig: (dict(conditions=","), "conditions must name at least one condition"),
     CompareTableConfig: (dict(runs=("no-such-run",)), "holds no metrics.json"),
+    ColumnsDocConfig: (dict(out="columns.txt"), "out must be a .md file"),
     FiguresConfig: (dict(out=""), "out must not be empty"),
+    PagesConfig: (dict(results=""), "results must not be empty"),
     SummarizeArgs: (dict(), "sweeps must name one or more sweep output folders"),
     SweepArgs: (dict(config="sweep.toml", max_jobs=0), "max_jobs must be >= 1, not 0"),
     SweepConfig: (dict(threads=0), "threads must be >= 1, not 0"),

@@ -75,6 +75,22 @@ def test_a_hand_made_report_computes_its_record_with_the_studys_grid_keys():
     assert without_grid["resume_key"] != b["resume_key"]
 
 
+@pytest.mark.parametrize("study_name, option, other", [("heads", "view_prompts", 0), ("compare", "prefix_reuse", False)])
+def test_a_display_or_speed_option_leaves_the_fingerprint_as_it_was(study_name, option, other):
+    """Options marked identity=False (what is kept for `icl-kernels view`, an exact speed-up) are not
+    in the fingerprint, the resume key or a sweep cell's id, so runs made before they existed keep
+    theirs; an option that changes numbers (shots) still changes the fingerprint."""
+    study = get_study(study_name)
+    assert option in study.config.display_only_fields()
+    base = {"model": "tiny-gpt-neo", "shots": 2, "n_test": 4}
+    a = identity.run_record(study_name, study.config.from_dict(base))
+    b = identity.run_record(study_name, study.config.from_dict({**base, option: other}))
+    c = identity.run_record(study_name, study.config.from_dict({**base, "shots": 3}))
+    assert b["config"][option] == other != a["config"][option]  # the option is still recorded
+    assert (a["fingerprint"], a["resume_key"]) == (b["fingerprint"], b["resume_key"])
+    assert a["fingerprint"] != c["fingerprint"]
+
+
 def _cycles(graph) -> list[list[str]]:
     """Every back edge of a depth-first search over direct imports, as the cycle it closes."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done

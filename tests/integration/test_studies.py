@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
+import pandas as pd
 import pytest
 
 from icl_kernels.cli import main
@@ -14,6 +16,8 @@ from icl_kernels.models import loading as model_loading
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies import get_study, list_studies, register
 from icl_kernels.studies.registry import DuplicateStudyError
+from icl_kernels.studies.runs import load_run
+from icl_kernels.studies.tidy import COLUMNS, numeric_leaves, tidy, tidy_frame
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,7 +62,7 @@ def test_every_registered_study_has_tiny_options():
 
 
 @pytest.mark.parametrize("name", sorted(TINY_ARGS))
-def test_study_writes_its_report_and_leaves_no_hook(name, tmp_path, shared_models):
+def test_study_writes_its_report_and_leaves_no_hook(name, tmp_path, shared_models, capsys):
     out = tmp_path / name
     assert main([name, *TINY_ARGS[name], "--out", str(out)]) == 0
     summaries = [f for f in ("summary.json", "metrics.json") if (out / f).exists()]
@@ -79,6 +83,31 @@ def test_study_writes_its_report_and_leaves_no_hook(name, tmp_path, shared_model
         assert src and (page.parent / src.group(1)).is_file(), f"{page.name}: plotly.js not beside it"
     for model in shared_models.values():
         assert H.active_hook_count(model) == 0
+    _check_long_summary(name, out, summary, capsys)
+
+
+def _check_long_summary(name, out, summary, capsys):
+    """summary.csv is the summary JSON as long rows (every number in one row), `load_run` reads the
+    run back, and `icl-kernels summarize` prints it alone and side by side with a copy."""
+    run = load_run(out)
+    assert run.study == name and run.summary == summary and run.fingerprint == summary["fingerprint"]
+    table = pd.read_csv(out / "summary.csv")
+    assert list(table.columns) == COLUMNS and len(table) == len(run.summary_table) > 0
+    covered = {source for row in tidy(summary, sources=True) for source in row["sources"]}
+    assert covered == numeric_leaves(summary)
+    assert set(tidy_frame(summary)["name"]) <= set(table["name"])  # a study may add rows (causal: its conditions)
+    assert "summary" not in run.tables and set(run.tables) == {p.stem for p in out.glob("*.csv")} - {"summary"}
+    intervals = table.dropna(subset=["low", "high"])
+    assert ((intervals["low"] <= intervals["value"] + 1e-9) & (intervals["value"] <= intervals["high"] + 1e-9)).all()
+    capsys.readouterr()
+    assert main(["summarize", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"{name} run ") and len(printed) == 2 + len(table)
+    copy = out.parent / f"{name}-copy"
+    shutil.copytree(out, copy)
+    assert main(["summarize", str(out), str(copy)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[2].split() == ["quantity", name, f"{name}-copy"] and len(printed) == 3 + table["name"].nunique()
 
 
 @pytest.mark.tl3_only(reason="patches a block's `forward`: a bridge sets it on its HF module, monkeypatch cannot undo it")

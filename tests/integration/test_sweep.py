@@ -644,12 +644,36 @@ def test_every_registered_study_has_its_summary_rows(tmp_path, capsys):
             assert (got["low"], got["high"]) == (pytest.approx(low), pytest.approx(high)), (study, metric)
     printed = capsys.readouterr().out
     assert printed.count("metric") == 1  # one table, one header
+    long = pd.read_csv(summary / "long.csv")
+    assert list(long.columns) == ["cell", "model", "task", "shots", "seed", "layer", "study", "quantity", "value", "low",
+                                  "high", "n"]
+    assert set(long["study"]) == {study for study, _ in SUMMARIES}
+    for (study, layer), (quantity, value, low, high) in LONG_ROWS.items():
+        found = long[(long["cell"] == f"tiny|{study}|{layer}|0") & (long["quantity"] == quantity)]
+        assert len(found) == 1, (study, layer, quantity)
+        assert tuple(found.iloc[0][["value", "low", "high"]]) == (pytest.approx(value), pytest.approx(low), pytest.approx(high))
+    # a quantity with an interval is one row: no row of a bound or of a mirrored interval record
+    assert not long["quantity"].str.contains(r"(?:\.low|\.high|_low|_high)$|^intervals\.simaou").any()
+
+
+#: (study, layer) -> (quantity, value, low, high) the sweep's long table must hold for the cell.
+LONG_ROWS = {
+    ("heads", "all"): ("held_out.best_head.max.agreement", 0.75, 0.4, 0.93),
+    ("theorem", "all"): ("kr_forward.2.accuracy", 0.1, 0.03, 0.3),
+    ("compare", "all"): ("simaou", 0.01, -0.09, 0.11),
+    ("causal", "all"): ("top_minus_random_drop", 0.25, 0.05, 0.45),
+    ("causal", "1"): ("accuracy_drop", 0.125, 0.0, 0.25),
+    ("families", "all"): ("fv_selected_accuracy", 0.625, 0.3, 0.86),
+}
 
 
 def test_summarize_names_a_folder_without_results_in_one_line(tmp_path, capsys):
     assert summarize.command([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [f"summarize: error: No results.csv in {tmp_path}; run `icl-kernels sweep CONFIG --out {tmp_path}` first."]
+    assert err.splitlines() == [
+        f"summarize: error: {tmp_path} holds neither a sweep (no results.csv) nor a study run (no config.json with "
+        f"summary.json or metrics.json); run `icl-kernels sweep CONFIG --out {tmp_path}` or `icl-kernels STUDY ... "
+        f"--out {tmp_path}` first."]
     with pytest.raises(SystemExit):  # --out is for one sweep
         summarize.parse_args([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "x")])
 
@@ -682,6 +706,13 @@ def test_icl_kernels_summarize_prints_one_tidy_table_for_the_example_sweep(tmp_p
     assert printed[0].split() == COLUMNS
     assert len(printed) == 1 + len(headline) and len(headline) == 2 * (3 + 5 + 3 * (3 + 4))  # seeds x (heads, causal whole, 3 layers x (heads, causal layer))
     assert set(headline["study"]) == {"heads", "causal"} and headline["seed"].nunique() == 2
+    assert main(["summarize", str(run), "--no-png", "--wide"]) == 0  # one row per cell, a column per metric
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:6] == [*COLUMNS[:5], "study"] and len(printed) == 1 + len(frame)
+    assert "ICL accuracy" in printed[0] and "drop, top minus random" in printed[0]
+    assert main(["summarize", str(run), "--no-png", "--match", "^ICL accuracy$"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 + len(headline[headline["metric"] == "ICL accuracy"]) == 1 + len(frame)
 
 
 def test_icl_kernels_sweep_is_the_sweep_command(tmp_path, capsys):

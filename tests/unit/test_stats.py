@@ -84,3 +84,35 @@ def test_majority_share_recovery_and_split():
     assert sorted(np.r_[s, r].tolist()) == list(range(20)) and len(s) == 14
     s2, _ = split_indices(20, 0.7, seed=1, stream="probe_layer_split")
     assert s2.tolist() != s.tolist()  # a different stream gives a different split
+
+
+def _pairwise_tau_b(x: np.ndarray, y: np.ndarray) -> float:
+    """The O(n^2) definition kendall_tau used before it called scipy: signs of every pair, tie-corrected."""
+    dx, dy = np.sign(x[:, None] - x[None, :]), np.sign(y[:, None] - y[None, :])
+    upper = np.triu(np.ones_like(dx, dtype=bool), k=1)
+    nx, ny = (dx[upper] != 0).sum(), (dy[upper] != 0).sum()
+    return float((dx * dy)[upper].sum() / math.sqrt(nx * ny))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_kendall_tau_equals_the_pairwise_tau_b(ties):
+    gen = np.random.default_rng(3)
+    for n in (2, 3, 9, 50, 301):
+        if ties:  # few distinct values: many ties in x, in y and in both
+            x, y = gen.integers(0, 4, n).astype(float), gen.integers(0, 3, n).astype(float)
+            if np.ptp(x) == 0 or np.ptp(y) == 0:
+                continue
+        else:
+            x, y = gen.normal(size=n), gen.normal(size=n)
+        y = y + 0.5 * x  # some correlation, so the sign is checked too
+        got = kendall_tau(torch.from_numpy(x), torch.from_numpy(y))
+        assert got == pytest.approx(_pairwise_tau_b(x, y), abs=1e-12), (n, ties)
+    assert np.isnan(kendall_tau(torch.tensor([1.0, float("nan"), 3.0]), torch.tensor([1.0, 2.0, 3.0])))
+    assert np.isnan(kendall_tau(torch.tensor([1.0]), torch.tensor([2.0])))
+
+
+def test_wilson_interval_equals_scipy():
+    binomtest = pytest.importorskip("scipy.stats").binomtest
+    for k, n in ((0, 6), (1, 6), (8, 10), (37, 100), (100, 100), (3, 1000)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12), (k, n)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from icl_kernels.models.architectures import architecture_of
+from icl_kernels.utils.errors import InvalidOptionError
 
 Backend = Literal["hooked", "bridge"]
 
@@ -62,13 +63,15 @@ def default_backend() -> Backend:
 
 
 def resolve_backend(backend: str | None) -> Backend:
-    """Check a backend name against what the installed TransformerLens offers."""
+    """Check a backend name against what the installed TransformerLens offers: ``None`` and ``"auto"``
+    are `default_backend`; an impossible choice is an `InvalidOptionError` (a ``ValueError``) that says
+    what to install or choose instead."""
     if backend is None or backend == "auto":
         return default_backend()
     if backend not in ("hooked", "bridge"):
-        raise ValueError(f"backend must be 'hooked', 'bridge' or 'auto', not {backend!r}.")
+        raise InvalidOptionError(f"backend must be 'hooked', 'bridge' or 'auto', not {backend!r}.")
     if backend not in AVAILABLE_BACKENDS:
-        raise ValueError(
+        raise InvalidOptionError(
             f"backend={backend!r} needs TransformerLens < 4 (installed: {TRANSFORMER_LENS_VERSION}); "
             "HookedTransformer was removed in 4.0. Use backend='bridge', or "
             "`pip install 'transformer-lens>=3.9,<4'`."

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,9 +69,17 @@ def _torch_spec() -> str:
     return os.environ.get("ICL_KERNELS_TORCH_SPEC") or f"torch=={importlib.metadata.version('torch').split('+')[0]}"
 
 
-def test_the_built_wheel_installs_in_a_fresh_virtualenv_and_runs_the_eval_command(tmp_path_factory):
-    base = tmp_path_factory.mktemp("wheel")
-    assert ROOT not in base.parents, "the virtualenv must be outside the checkout"
+@pytest.fixture
+def base():
+    """A folder of this test's own, removed afterwards (not under pytest's shared base folder, whose
+    older entries a concurrent pytest run may delete while this test still uses them)."""
+    with tempfile.TemporaryDirectory(prefix="icl-kernels-wheel-") as folder:
+        path = Path(folder).resolve()
+        assert ROOT not in path.parents, "the virtualenv must be outside the checkout"
+        yield path
+
+
+def test_the_built_wheel_installs_in_a_fresh_virtualenv_and_runs_the_eval_command(base):
     reason = _index_unreachable(base / "probe")
     if reason:
         pytest.skip(reason)

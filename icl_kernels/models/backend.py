@@ -63,7 +63,9 @@ def default_backend() -> Backend:
 
 
 def resolve_backend(backend: str | None) -> Backend:
-    """Check a backend name against what the installed TransformerLens offers."""
+    """Check a backend name against what the installed TransformerLens offers: ``None`` and ``"auto"``
+    are `default_backend`; an impossible choice is an `InvalidOptionError` (a ``ValueError``) that says
+    what to install or choose instead."""
     if backend is None or backend == "auto":
         return default_backend()
     if backend not in ("hooked", "bridge"):

@@ -417,6 +417,7 @@ def load_model(
         >>> model.cfg.n_layers
         4
     """
+    backend = tl_backend.resolve_backend(backend)  # an impossible backend fails before the weights load
     torch_dtype = parse_dtype(dtype)
     hf_model, tokenizer = load_hf_model(name_or_path, torch.float32 if torch_dtype != torch.float64 else torch_dtype)
     with library_quiet():  # TransformerLens's device/dtype prints (`icl_kernels.utils.quiet`; --verbose shows them)

@@ -87,7 +87,8 @@ def run_setup(cfg: EvalConfig, model) -> dict:
 
 def run(cfg: EvalConfig, model=None, progress: bool = True) -> EvalReport:
     """Evaluate ``cfg.model`` (loaded unless given) on ``cfg.prompts``."""
-    task = get_task(cfg.prompts.task)  # a bad task name fails before the model loads
+    task = get_task(cfg.prompts.task)  # a bad task name or a missing data package fails before the model loads
+    task.check_data()
     model = model if model is not None else cfg.model.load()
     result = evaluate_icl(
         model, task, shots=cfg.prompts.shots, n_test=cfg.prompts.n_test, seed=cfg.prompts.seed,

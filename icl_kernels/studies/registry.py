@@ -25,6 +25,7 @@ from typing import Any
 
 from icl_kernels.studies.catalog import BUILTIN_STUDIES
 from icl_kernels.studies.identity import RunIdentity, check_output, write_record
+from icl_kernels.studies.preflight import check_installed
 from icl_kernels.utils.config import Options
 from icl_kernels.utils.errors import IclKernelsError, UnknownNameError
 
@@ -68,7 +69,8 @@ class Study:
     ):
         """Run the study on a configuration (or a mapping of its options).
 
-        The run's identity (`identify`) is gathered once, first. With ``out`` (the folder the
+        What the run needs installed (its tasks' data packages, its backend) is checked first
+        (`icl_kernels.studies.preflight.check_installed`). The run's identity (`identify`) is gathered once, then. With ``out`` (the folder the
         report will be written to), ``out`` is checked before any work (`check_output`: writable,
         and holding no run of another configuration; ``force`` deletes that run's files instead).
         A resumable study keeps its rows in ``out`` and, with ``record``, writes ``fingerprint.json``
@@ -77,6 +79,7 @@ class Study:
         ``identity``.
         """
         cfg = config if isinstance(config, self.config) else self.config.from_dict(config)
+        check_installed(cfg, loads_model=model is None)  # a missing data package or backend: one line, before any load
         identity = self.identify(cfg)
         start = None
         if out is not None:

@@ -1,6 +1,7 @@
 """Scripted sweeps: models x tasks x shots x seeds x layers x studies, resumable, one row per cell.
 
-A sweep is described by one TOML (or JSON) file (see ``experiments/configs/example.toml``)::
+A sweep is described by one TOML (or JSON) file (``icl-kernels sweep --example`` prints the example
+shipped with the package, `EXAMPLE_CONFIG`; in a checkout it is ``experiments/configs/example.toml``)::
 
     name = "example"
     models = ["gemma-3-270m"]
@@ -77,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.resources
 import json
 import math
 import os
@@ -123,6 +125,13 @@ from icl_kernels.utils.locking import folder_lock
 
 #: Held by the process that writes an output folder (two sweeps never write one folder).
 LOCK_FILE = ".sweep.lock"
+#: The example sweep config, package data (`example_config` reads it; ``--example`` prints it).
+EXAMPLE_CONFIG = "example.toml"
+
+
+def example_config() -> str:
+    """The text of the example sweep config shipped with the package."""
+    return importlib.resources.files("icl_kernels.sweeps").joinpath(EXAMPLE_CONFIG).read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,7 +192,11 @@ class SweepArgs(Options):
 
 def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> SweepArgs:
     """The sweep's command line: the config file, then one flag per `SweepArgs` field."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0],
+        epilog=f"{prog or 'sweep'} --example prints the example config shipped with the package "
+               f"(`{prog or 'sweep'} --example > example.toml`).",
+    )
     parser.add_argument("config", help="sweep config (.toml or .json)")
     add_arguments(parser, SweepArgs, defaults=SweepArgs(config="<config>"))
     return parse_config(parser, SweepArgs, argv)
@@ -578,7 +591,12 @@ def _run(args, cfg, cells, out: Path, records, rows) -> int:
 
 
 def command(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """`main`, with a bad sweep config (or a missing config file) as one line on stderr and exit code 2."""
+    """`main`, with a bad sweep config (or a missing config file) as one line on stderr and exit code 2;
+    ``--example`` alone prints the example config (`example_config`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--example"]:
+        print(example_config(), end="")
+        return 0
     try:
         return main(argv, prog)
     except (IclKernelsError, FileNotFoundError) as error:
@@ -589,4 +607,4 @@ def command(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 __all__ = ["SweepArgs", "SweepConfig", "SweepLockedError", "SweepWorkersError", "Worker", "live_workers", "Cell",
            "main", "command", "parse_args", "run_cell",
            "slurm_executor", "local_gpu_pins", "sweep_lock", "RESULTS", "FAILURES", "CRASH_ENV", "VOLATILE_COLUMNS", "LEADING_COLUMNS",
-           "EXECUTORS", "LOCK_FILE"]
+           "EXECUTORS", "LOCK_FILE", "EXAMPLE_CONFIG", "example_config"]

@@ -86,6 +86,11 @@ class Task:
             )
         return self.template.format(**{f: example[f] for f in self.text_fields})
 
+    def check_data(self) -> None:
+        """Raise `MissingAssetError`, naming what to install, when this task's data cannot be read
+        here. Cheap (reads no data): studies call it before a model loads. A task whose data is
+        fetched when it loads (hub, ``loader``) has nothing to check here."""
+
     def load(self, *, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> datasets.DatasetDict:
         """Splits ``train`` and ``test``; columns ``text_fields + ("label",)``; deterministic per seed."""
         if self.loader is None:

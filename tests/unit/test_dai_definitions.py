@@ -246,7 +246,7 @@ def test_lr0_control_equals_its_definition_on_a_tiny_model():
     model = load_tiny("gpt-neo", dtype=torch.float64)
     cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=4, seed=0, episodes=2, lr=0.05))
     episodes, label_ids = synthetic_episodes(make_world(), model.cfg.n_ctx, cfg)
-    result = compare_icl_with_finetuning(model, episodes, label_ids, ComparisonSettings(lr=0.05, direct=False),
+    result = compare_icl_with_finetuning(model, episodes, label_ids, ComparisonSettings(lr=0.05, direct=False, prefix_reuse=False),
                                          progress=False)
     lr0 = result.metrics["controls"]["lr0"]
     # learning rate 0 leaves every key/value weight exactly as it was

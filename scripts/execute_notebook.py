@@ -6,11 +6,15 @@ GitHub and an offline Jupyter show without plotly's JavaScript. The notebook's s
 re-run changes only what the notebook shows.
 
     PYTHONPATH=. python scripts/execute_notebook.py            # then commit notebooks/head_by_head.ipynb
+
+PNG figures need the ``figures`` extra (``pip install -e ".[figures]"``: kaleido) and a Chromium
+(``scripts/setup.sh`` installs Debian's as root).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -29,6 +33,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args()
     os.environ.setdefault("ICL_NOTEBOOK_RENDERER", "png")
+    if "png" in os.environ["ICL_NOTEBOOK_RENDERER"] and importlib.util.find_spec("kaleido") is None:
+        parser.error('PNG figures need kaleido: pip install -e ".[figures]" (or set ICL_NOTEBOOK_RENDERER)')
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     path = Path(args.notebook)

@@ -28,11 +28,15 @@
 # 4. look at the top heads' attention, averaged over prompts;
 # 5. ablate the top heads, and k random heads for comparison; patch their ICL outputs into the
 #    zero-shot run;
-# 6. compare ICL with finetuning the key/value projections on the same demonstrations (Dai et al.).
+# 6. patch every head on its own: a layer x head map of what each head's output carries;
+# 7. the head families side by side (label attention, induction, previous-token, duplicate-token,
+#    function vector) and how much they overlap;
+# 8. compare ICL with finetuning the key/value projections on the same demonstrations (Dai et al.).
 #
 # Sizes come from environment variables so CI can run it small: `ICL_NOTEBOOK_N` (prompts),
 # `ICL_NOTEBOOK_SHOTS`, `ICL_NOTEBOOK_MODEL`, `ICL_NOTEBOOK_TASK`, `ICL_NOTEBOOK_DRAWS` (random head
-# sets in the ablation), `ICL_NOTEBOOK_COMPARE_N` (0 skips the finetuning comparison). Everything
+# sets in the ablation), `ICL_NOTEBOOK_COMPARE_N` (0 skips the finetuning comparison), `ICL_NOTEBOOK_INDUCTION_SEQUENCES` (repeated
+# random-token sequences for the induction-type families). Everything
 # runs offline on CPU.
 
 # %%
@@ -41,15 +45,22 @@ import os
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 
+import numpy as np
 import pandas as pd
+import plotly.io as pio
 import torch
+from IPython.display import display
 
 from icl_kernels import PromptOptions, study_prompts
 from icl_kernels.engine.capture import capture
+from icl_kernels.engine.patching import patch_heads, run_with_edits
+from icl_kernels.families.function_vectors import indirect_effects, shuffled_label_prompts
 from icl_kernels.families.head_ablation import CausalConfig, causal_study
 from icl_kernels.kernel.head_scan import analyze_heads
 from icl_kernels.kernel.scores import heads_frame
 from icl_kernels.models.loading import load_model
+from icl_kernels.studies.families import FamiliesConfig, overlap_table
+from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
 from icl_kernels.utils.plotting import attention_map_figure, layer_head_heatmaps, token_attention_figure
 from icl_kernels.utils.stats import split_indices
 
@@ -59,9 +70,16 @@ N = int(os.environ.get("ICL_NOTEBOOK_N", "60"))
 SHOTS = int(os.environ.get("ICL_NOTEBOOK_SHOTS", "4"))
 COMPARE_N = int(os.environ.get("ICL_NOTEBOOK_COMPARE_N", "16"))
 DRAWS = int(os.environ.get("ICL_NOTEBOOK_DRAWS", "3"))
+INDUCTION_SEQUENCES = int(os.environ.get("ICL_NOTEBOOK_INDUCTION_SEQUENCES", "8"))
 SEED = 0
 torch.set_num_threads(int(os.environ.get("ICL_NOTEBOOK_THREADS", str(torch.get_num_threads()))))
 pd.set_option("display.precision", 3)
+# ICL_NOTEBOOK_RENDERER=png draws every figure as a static image (how the committed outputs were made, so that
+# they show on GitHub and offline without plotly's JavaScript); unset, plotly picks the front end's renderer.
+if os.environ.get("ICL_NOTEBOOK_RENDERER"):
+    pio.renderers.default = os.environ["ICL_NOTEBOOK_RENDERER"]
+    if "png" in pio.renderers.default:
+        pio.renderers["png"].width = 1100
 print(f"{MODEL} on {TASK}: {N} prompts, {SHOTS} shots")
 
 # %% [markdown]
@@ -104,7 +122,7 @@ heads[(heads.split == "report") & (heads.aggregation == "label")].head(10)
 # agrees with the model on that answer's share of the prompts, so only cells above that share (in
 # colour; greys at or below it) say more than "this head votes the majority class".
 
-# %%
+# %% tags=["figure"]
 best = scores["select"].best("label")
 
 
@@ -128,7 +146,7 @@ layer_head_heatmaps(
 # word, sep: separator, query). A kernel-regression head puts its mass on the y_i tokens; the
 # dotted line is uniform attention.
 
-# %%
+# %% tags=["figure"]
 layer, head = best
 one = capture(model, torch.tensor([first.tokens]), torch.tensor([first.prediction_position]), layers=[layer],
               final_residual=False)
@@ -150,7 +168,7 @@ token_attention_figure(
 # lengths line up (Han et al.'s Figure 2). A head that implements the kernel-regression vote puts
 # its mass on the y_i points.
 
-# %%
+# %% tags=["figure"]
 top = [tuple(map(int, r)) for r in heads[(heads.split == "select") & (heads.aggregation == "label")][["layer", "head"]].head(3).to_numpy()]
 print("top heads on the selection split:", top)
 if run.attention_map is not None:
@@ -182,7 +200,80 @@ columns = ["run", "condition", "accuracy", "accuracy_low", "accuracy_high", "agr
 study.summary[[c for c in columns if c in study.summary]]
 
 # %% [markdown]
-# ## 5. ICL vs finetuning (Dai et al.)
+# ## 6. Patching map: one head at a time
+#
+# Two patching experiments, each a layer x head map of the change in P(gold label) (first label
+# token, softmax over the whole vocabulary) at the prediction position, on the report split:
+#
+# * **ICL -> zero-shot**: the head's output z at the prediction position of the k-shot prompt is
+#   written into the zero-shot run of the same query (`patch_heads`). A head that carries what the
+#   demonstrations taught moves the zero-shot answer toward gold.
+# * **mean -> shuffled labels** (Todd et al.'s average indirect effect, `indirect_effects`): the
+#   head's mean output over the selection prompts is written into k-shot prompts whose demonstration
+#   labels were permuted. This is the score that ranks the function-vector family below.
+#
+# The baseline of both is 0 (the unpatched run): red cells help the gold label, blue cells hurt it.
+# The circled head is the best label-attention head from section 2.
+
+# %% tags=["figure"]
+report_icl, report_zsl = [icl[i] for i in report], [zsl[i] for i in report]
+rows, gold = torch.arange(len(report)), torch.tensor([p.query_label for p in report_icl])
+icl_scores, icl_z = run_with_edits(model, report_icl, label_ids, record=True, batch_size=8)
+icl_p = icl_scores.exp()[rows, gold]
+zsl_p = run_with_edits(model, report_zsl, label_ids, batch_size=8).exp()[rows, gold]
+icl_to_zsl = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+for patched_layer in range(model.cfg.n_layers):
+    for patched_head in range(model.cfg.n_heads):
+        patched = run_with_edits(model, report_zsl, label_ids, patch_heads([(patched_layer, patched_head)], icl_z),
+                                 batch_size=8).exp()[rows, gold]
+        icl_to_zsl[patched_layer, patched_head] = (patched - zsl_p).mean()
+
+selection = [icl[i] for i in select]
+inputs = HeadScoreInputs(
+    model, FamiliesConfig(prompts=PromptOptions(task=TASK, shots=SHOTS, n_test=N, seed=SEED), k=3,
+                          induction_sequences=INDUCTION_SEQUENCES, batch_size=4),
+    prompts, np.asarray(select),
+)
+aie = indirect_effects(model, shuffled_label_prompts(selection, SEED), label_ids, inputs.selection_head_means)
+print(f"mean P(gold) on the report split: zero-shot {float(zsl_p.mean()):.4f}, ICL {float(icl_p.mean()):.4f}")
+for name, matrix in (("ICL -> zero-shot", icl_to_zsl), ("mean -> shuffled labels", aie)):
+    flat = int(matrix.flatten().argmax())
+    print(f"{name}: largest effect L{flat // model.cfg.n_heads}.H{flat % model.cfg.n_heads} "
+          f"{float(matrix.flatten()[flat]):+.4f}, mean over heads {float(matrix.mean()):+.4f}")
+layer_head_heatmaps(
+    {f"ICL head output -> zero-shot prompt (report, n={len(report)})": icl_to_zsl,
+     f"mean head output -> shuffled-label prompt (selection, n={len(select)})": aie.float()},
+    title="Patching one head at a time: change in P(gold label); baseline 0 = unpatched", diverging=True, mark=best,
+    colorbar_title="delta P(gold)",
+)
+
+# %% [markdown]
+# ## 7. The head families side by side
+#
+# Every head scored by every registered family (`icl_kernels.studies.head_scores`, the scores the
+# `families` study ranks) on the selection prompts: label-attention agreement (section 2; its
+# baseline is the majority-answer share, greys at or below), induction, previous-token and
+# duplicate-token attention on repeated random tokens, and the function-vector indirect effect
+# (the right panel above). Each map has its own scale. Below, for every pair of families, how many
+# of their top-3 heads they share and Spearman's rho over all heads: are these one set of heads
+# seen from different sides, or different heads?
+
+# %% tags=["figure"]
+family_scores = {score.name: aie.float() if score.name == "function_vector" else score.fn(inputs).float()
+                 for score in head_scores()}
+family_frame = pd.DataFrame(
+    [dict(layer=layer_, head=head_, **{f: float(s[layer_, head_]) for f, s in family_scores.items()})
+     for layer_ in range(model.cfg.n_layers) for head_ in range(model.cfg.n_heads)]
+)
+display(overlap_table(family_frame, tuple(family_scores), k=3))
+layer_head_heatmaps(
+    family_scores, title=f"Head families on the selection split (n={len(select)}); each map on its own scale",
+    own_scale=True, colorbar_title="score", mark=best, baselines={"label_attention": majority_share(select)},
+    baseline_name="label attention: baseline = the model's majority answer",
+)
+
+# %% [markdown]
+# ## 8. ICL vs finetuning (Dai et al.)
 #
 # The same demonstrations used as training data: one epoch of plain SGD on the key and value
 # projections only. Accuracy of zero-shot, finetuned and ICL runs, and the paper's similarity
@@ -205,4 +296,5 @@ if COMPARE_N:
     display_frame = pd.Series({k: comparison.summary.get(k) for k in keys}, name="value").to_frame()
 else:
     display_frame = None
+    print("ICL_NOTEBOOK_COMPARE_N=0: the finetuning comparison is skipped")
 display_frame

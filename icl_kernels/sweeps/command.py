@@ -587,7 +587,9 @@ def _run(args, cfg, cells, out: Path, records, rows) -> int:
         print(line, file=sys.stderr)
     print(f"{n}/{len(cells)} cells in {out / RESULTS} ({len(cells) - len(todo)} were already done), "
           f"{len(failures)} failed" + (f" -> {out / FAILURES}" if failures else ""))
-    return 1 if failures or errors else 0
+    # a job error counts only while a cell lacks its row: on SLURM a requeue can kill the failing
+    # attempt's own `scontrol requeue` call, and the requeued attempt then finishes its cells
+    return 1 if failures or (errors and n < len(cells)) else 0
 
 
 def command(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -152,7 +152,10 @@ def test_a_sweep_on_slurm_is_requeued_at_its_time_limit_and_matches_inline(tmp_p
     assert len(job_ids) == 2 and all(re.fullmatch(r"\d+_[01]", j) for j in job_ids)  # one array job of 2 tasks
     assert set(shortened) == set(job_ids) == set(restored)
     assert all(jobs[j]["JobState"] == "COMPLETED" and jobs[j]["Restarts"] == "1" for j in job_ids), jobs
-    assert requeued == sorted(job_ids), "submitit did not log the requeue of every task"
+    # SLURM's Restarts=1 above is the proof of the requeue; submitit's own "Requeued job" line can be lost
+    # when SLURM's requeue kills the `scontrol requeue` call that asked for it (seen once in five runs)
+    signalled = sorted(j for j, text in logs.items() if "Caught signal SIGUSR2" in text)
+    assert signalled == sorted(job_ids), "the time-limit signal did not reach every task"
     # every cell started exactly once: its first cell on the first attempt, the other after the requeue
     assert sorted(seen["cell_id"]) == sorted(pd.read_csv(reference / sweep.RESULTS)["cell_id"]) and len(seen) == N_CELLS
     assert sorted(seen["attempt"]) == [0, 0, 1, 1] and seen["pid"].nunique() == 4

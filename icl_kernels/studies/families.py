@@ -20,8 +20,10 @@ prompts (`icl_kernels.families.function_vectors`). Then:
   accuracy there is compared with the random-head vector and zero-shot (paired bootstrap);
 * **task vectors**: ICL residuals after each layer patched into another query's zero-shot prompt,
   layer chosen on a dev split, test accuracy vs a vector from another task (`control_task`);
-* **anchors**: per-layer saliency flows and label-word isolation in the first vs last third of
-  the layers vs random non-label positions (`icl_kernels.families.anchors`).
+* **anchors** (Wang et al.): per-layer saliency flows with bootstrap intervals over up to
+  ``saliency_prompts`` report prompts, and label-word isolation in the first vs last k layers
+  (k = max(1, round(5/48 * n_layers)) unless ``anchor_layers``) vs as many random non-label
+  positions: label and word loyalty, McNemar test (`icl_kernels.families.anchors`).
 
 Report: tables ``heads``, ``top_heads``, ``overlap``, ``ablation``, ``function_vectors``,
 ``function_vector_selection``, ``task_vector_layers``, ``task_vectors``, ``saliency``,
@@ -49,7 +51,7 @@ from torch import Tensor
 
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
 from icl_kernels.engine.patching import mean_ablation, run_with_edits
-from icl_kernels.families.anchors import anchor_isolation, flow_saliency
+from icl_kernels.families.anchors import anchor_isolation, flow_saliency, isolation_layers, saliency_summary
 from icl_kernels.families.function_vectors import (
     function_vector,
     fv_layer_sweep,
@@ -96,7 +98,10 @@ class FamiliesConfig(Options):
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples of each interval"})
     induction_sequences: int = field(default=8, metadata={"help": "repeated random-token sequences"})
     induction_length: int = field(default=25, metadata={"help": "random tokens per half of a sequence"})
-    saliency_prompts: int = field(default=8, metadata={"help": "report prompts for attention x gradient saliency"})
+    saliency_prompts: int = field(default=100, metadata={
+        "help": "report prompts for attention x gradient saliency (Wang et al.: 1000; all report prompts when fewer)"})
+    anchor_layers: int | None = field(default=None, metadata={
+        "help": "isolate the first / last this many layers (default: max(1, round(5/48 * n_layers)), Wang's 5 of 48)"})
     control_task: str = field(default="auto", metadata={
         "help": "task of the task-vector control ('auto': another text task; 'none': no control)"})
     task_vectors: bool = field(default=True, metadata={"help": "run the task-vector sweep"})
@@ -111,6 +116,8 @@ class FamiliesConfig(Options):
                 problems.append(f"{name} must be >= {low}, not {getattr(self, name)}")
         if not 0 < self.select_fraction < 1:
             problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
+        if self.anchor_layers is not None and (isinstance(self.anchor_layers, bool) or self.anchor_layers < 1):
+            problems.append(f"anchor_layers must be >= 1 or None (scaled from Wang's 5 of 48), not {self.anchor_layers!r}")
         if problems:
             raise InvalidOptionError("Invalid families-study options: " + "; ".join(problems) + ".")
 
@@ -149,8 +156,10 @@ class FamiliesReport(Report):
                          f"zero-shot {s['tv_zsl_accuracy']:.3f}, other-task vector {s.get('tv_control_accuracy', float('nan')):.3f})")
         if "isolation" in self.tables:
             iso = self.tables["isolation"]
-            lines.append("anchors (label loyalty / accuracy): " + "; ".join(
-                f"{r['condition']} {r['label_loyalty']:.2f}/{r['accuracy']:.2f}" for _, r in iso.iterrows()))
+            lines.append("anchors (label loyalty / word loyalty / accuracy; McNemar p vs random isolation): " + "; ".join(
+                f"{r['condition']} {r['label_loyalty']:.2f}/{r.get('word_loyalty', float('nan')):.2f}/{r['accuracy']:.2f}"
+                + (f" p={r['mcnemar_p']:.3g}" if pd.notna(r.get("mcnemar_p", float("nan"))) else "")
+                for _, r in iso.iterrows()))
         return "\n".join(lines)
 
     def figures(self) -> dict[str, Any]:
@@ -392,10 +401,16 @@ def _task_vectors(cfg: FamiliesConfig, model, prompts) -> tuple[dict[str, pd.Dat
 
 
 def _anchors(cfg: FamiliesConfig, model, icl_r, label_ids, progress: bool) -> dict[str, pd.DataFrame]:
-    """Label words as anchors: saliency flows per layer and label-word isolation."""
+    """Label words as anchors (Wang et al.): saliency flows per layer with bootstrap intervals over
+    prompts, and label-word vs random isolation in the first / last k layers with label and word
+    loyalty and the paired McNemar test (`icl_kernels.families.anchors`)."""
+    n_layers = model.cfg.n_layers
+    if cfg.anchor_layers is not None and cfg.anchor_layers > n_layers:
+        raise InvalidOptionError(f"anchor_layers={cfg.anchor_layers} but the model has {n_layers} layers.")
     flows = flow_saliency(model, icl_r[: cfg.saliency_prompts], label_ids, progress=progress)
-    return {"saliency": flows.drop(columns="prompt").groupby("layer", as_index=False).mean(),
-            "isolation": anchor_isolation(model, icl_r, label_ids, seed=cfg.prompts.seed, batch_size=cfg.batch_size)}
+    isolation = anchor_isolation(model, icl_r, label_ids, seed=cfg.prompts.seed, batch_size=cfg.batch_size,
+                                 layers=isolation_layers(n_layers, cfg.anchor_layers), resamples=cfg.bootstrap)
+    return {"saliency": saliency_summary(flows, resamples=cfg.bootstrap, seed=cfg.prompts.seed), "isolation": isolation}
 
 
 def _comparison(cfg: FamiliesConfig, model, select, report, ranked: RankedHeads,

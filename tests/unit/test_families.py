@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,12 +15,18 @@ from test_patching import _prompts
 from icl_kernels.cli import main
 from icl_kernels.engine import hooks as H
 from icl_kernels.engine.patching import attention_edits, edits_on, head_means, record_heads, run_with_edits
+from icl_kernels.engine.edits import Edit
 from icl_kernels.families.anchors import (
     anchor_isolation,
+    flow_masks,
     flow_saliency,
+    isolation_layers,
     isolation_mask,
     label_positions,
+    mcnemar_exact,
     saliency_flows,
+    saliency_summary,
+    word_loyalty,
 )
 from icl_kernels.families.function_vectors import (
     function_vector,
@@ -232,9 +239,10 @@ def test_all_allowed_mask_changes_nothing(arch, backend):
     assert H.active_hook_count(model) == 0
 
 
-@pytest.mark.tl3_only(reason="HookedTransformer (backend='hooked') is gone in TL 4")
-def test_isolated_label_positions_ignore_earlier_tokens():
-    model = load_tiny("gpt-neo", "hooked")
+def test_isolated_label_positions_ignore_earlier_tokens(backend):
+    """Wang's isolation in every layer: a label position's residual does not change when earlier
+    tokens change (peers.md 5, anchors (a)); without the mask it does."""
+    model = load_tiny("gpt-neo", backend)
     _, icl, _ = _prompts(model.tokenizer, shots=2, n=1)
     prompt = icl[0]
     p = label_positions(prompt)[0]
@@ -252,31 +260,116 @@ def test_isolated_label_positions_ignore_earlier_tokens():
             model(t)
         outs.append(cache["x"][0, p])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    plain = []
+    for t in (tokens, other):
+        cache = {}
+        with torch.no_grad(), H.hooks_on(
+            model, [(H.act_name("resid_post", model.cfg.n_layers - 1), lambda x, hook: cache.setdefault("x", x.clone()))]
+        ):
+            model(t)
+        plain.append(cache["x"][0, p])
+    assert (plain[0] - plain[1]).abs().max() > 1e-3
 
 
-def test_saliency_flow_counts_partition_the_lower_triangle():
-    sal = torch.rand(2, 12, 12)
-    frame = saliency_flows(sal, [3, 7], 11)
-    assert list(frame.columns) == ["layer", "text_to_label", "label_to_prediction", "other"]
-    assert frame["label_to_prediction"].iloc[0] == pytest.approx(float((sal[0, 11, 3] + sal[0, 11, 7]) / 2))
-    n_wp, n_pq = 3 + 7, 2
-    n_ww = 11 * 12 // 2 - n_wp - n_pq
-    assert n_wp + n_pq + n_ww == 11 * 12 // 2
+def test_saliency_masks_cell_by_cell_on_a_hand_built_pattern():
+    """q = 6, label words at 2 and 4: Wang's three cell sets listed by hand, and each flow equals
+    the mean of its hand-listed cells of a pattern whose every cell has its own value."""
+    q, labels = 6, [2, 4]
+    wp = {(2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)}
+    pq = {(6, 2), (6, 4)}
+    ww = {(1, 0), (3, 0), (3, 1), (3, 2), (5, 0), (5, 1), (5, 2), (5, 3), (5, 4), (6, 0), (6, 1), (6, 3), (6, 5)}
+    masks = flow_masks(labels, q)
+    for name, cells in (("wp", wp), ("pq", pq), ("ww", ww)):
+        for i in range(q + 1):
+            for j in range(q + 1):
+                assert bool(masks[name][i, j]) == ((i, j) in cells), (name, i, j)
+    assert len(wp) + len(pq) + len(ww) == q * (q + 1) // 2
+    # a pattern with a distinct value in every cell; the diagonal, the upper triangle and cells beyond
+    # q (a longer prompt's rows) hold huge values that no flow may touch
+    n = q + 3
+    layers = torch.arange(2, dtype=torch.float64)[:, None, None]
+    pattern = 1000 * layers + 10 * torch.arange(n, dtype=torch.float64)[None, :, None] + torch.arange(n)[None, None, :]
+    pattern = torch.where(torch.tril(torch.ones(n, n, dtype=torch.bool), -1)[None], pattern, torch.tensor(1e9, dtype=torch.float64))
+    pattern[:, q + 1:] = 1e9
+    frame = saliency_flows(pattern, labels, q)
+    for layer in range(2):
+        for column, cells in (("text_to_label", wp), ("label_to_prediction", pq), ("other", ww)):
+            expected = sum(1000 * layer + 10 * i + j for i, j in cells) / len(cells)
+            assert frame[column].iloc[layer] == pytest.approx(expected, abs=1e-10), (column, layer)
+    with pytest.raises(ValueError, match="Label positions"):
+        flow_masks([2, 6], q)
+
+
+def test_saliency_of_a_real_run_has_intervals_over_prompts():
     model = load_tiny("gpt-neo", "bridge")
-    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=2)
+    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=3)
     flows = flow_saliency(model, icl, builder.label_ids)
-    assert len(flows) == 2 * model.cfg.n_layers and (flows[["text_to_label", "label_to_prediction"]] >= 0).all().all()
+    assert len(flows) == 3 * model.cfg.n_layers and (flows[["text_to_label", "label_to_prediction"]] >= 0).all().all()
     assert flows["label_to_prediction"].max() > 0
     assert H.active_hook_count(model) == 0
+    summary = saliency_summary(flows, resamples=200)
+    assert (summary["n"] == 3).all()
+    for column in ("text_to_label", "label_to_prediction", "other"):
+        means = flows.groupby("layer")[column].mean().to_numpy()
+        assert summary[column].to_numpy() == pytest.approx(means, rel=1e-6)  # float32 flows
+        assert (summary[f"{column}_low"] <= summary[column] + 1e-12).all() and (summary[column] <= summary[f"{column}_high"] + 1e-12).all()
 
 
-@pytest.mark.tl3_only(reason="HookedTransformer (backend='hooked') is gone in TL 4")
-def test_anchor_isolation_table():
-    model = load_tiny("gpt-neo", "hooked")
-    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=4)
-    table = anchor_isolation(model, icl, builder.label_ids, seed=0)
-    assert table["condition"].tolist()[0] == "clean" and table["label_loyalty"].iloc[0] == 1.0
-    assert len(table) == 5 and table["label_loyalty"].between(0, 1).all()
+def test_isolation_layers_scale_wang_five_of_forty_eight():
+    assert isolation_layers(48) == {"first 5": [0, 1, 2, 3, 4], "last 5": [43, 44, 45, 46, 47]}
+    assert isolation_layers(30)["first 3"] == [0, 1, 2] and isolation_layers(18)["last 2"] == [16, 17]
+    assert isolation_layers(4) == {"first 1": [0], "last 1": [3]}
+    assert isolation_layers(6, 2) == {"first 2": [0, 1], "last 2": [4, 5]}
+
+
+def test_word_loyalty_and_mcnemar_by_hand():
+    clean = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]])
+    edited = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 9, 8]])
+    assert word_loyalty(clean, edited).tolist() == [1.0, 3 / 7]
+    a = np.array([1, 1, 1, 1, 1, 0, 1, 0], dtype=bool)
+    b = np.array([0, 0, 0, 0, 1, 0, 1, 1], dtype=bool)
+    test = mcnemar_exact(a, b)
+    assert (test["a_only"], test["b_only"]) == (4, 1)
+    assert test["p_value"] == pytest.approx(2 * (1 + 5) / 32)  # two-sided exact binomial, 5 discordant pairs
+    assert mcnemar_exact(a, a)["p_value"] == 1.0
+
+
+def _read_position(model, prompts, which: str) -> Edit:
+    """Plants a read-out: the prediction position's final residual becomes that of the last label
+    word (``which="label"``: the model uses label positions) or of the token before the first
+    label word (``"before"``: a causal model cannot be affected by anything at a label position)."""
+    def fn(x, context):
+        x = x.clone()
+        for b, row in enumerate(context.rows.tolist()):
+            positions = label_positions(prompts[row])
+            source = positions[-1] if which == "label" else positions[0] - 1
+            x[b, context.prediction_positions[b]] = x[b, source]
+        return x
+
+    return Edit(model.cfg.n_layers - 1, fn, "resid_post", f"read {which}")
+
+
+def test_isolation_changes_a_model_that_uses_label_positions_and_not_one_that_does_not(backend):
+    model = load_tiny("gpt-neo", backend)
+    builder, icl, _ = _prompts(model.tokenizer, shots=4, n=12)
+    uses, per_prompt = anchor_isolation(model, icl, builder.label_ids, seed=0, resamples=200, per_prompt=True,
+                                        base_edits=[_read_position(model, icl, "label")])
+    by = uses.set_index("condition")
+    assert by.loc["clean", "label_loyalty"] == 1.0 and by.loc["clean", "word_loyalty"] == 1.0
+    label_first = by.loc["isolate label words, first 1"]
+    assert label_first["label_loyalty"] < 0.8 and label_first["word_loyalty"] < 0.8
+    assert by.loc["isolate random non-label, first 1", "label_loyalty"] == 1.0
+    # McNemar: every discordant prompt is loyal under random isolation only
+    assert label_first["mcnemar_label_only_loyal"] == 0 and label_first["mcnemar_random_only_loyal"] >= 6
+    assert label_first["mcnemar_p"] < 0.05
+    loyal = per_prompt[per_prompt["condition"] == "isolate label words, first 1"]["loyal"]
+    assert loyal.mean() == pytest.approx(label_first["label_loyalty"])
+    everywhere = {"all": list(range(model.cfg.n_layers))}
+    ignores = anchor_isolation(model, icl, builder.label_ids, seed=0, resamples=200, layers=everywhere,
+                               base_edits=[_read_position(model, icl, "before")]).set_index("condition")
+    row = ignores.loc["isolate label words, all"]
+    assert row["label_loyalty"] == 1.0 and row["word_loyalty"] == 1.0 and row["mcnemar_p"] == 1.0
+    assert H.active_hook_count(model) == 0
 
 
 def test_function_vector_layer_is_chosen_on_the_selection_split_and_reported_on_the_other(tmp_path):

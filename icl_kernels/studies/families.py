@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import torch
 from plotly.subplots import make_subplots
 from scipy.stats import spearmanr
 from torch import Tensor
@@ -98,6 +99,10 @@ class FamiliesConfig(Options):
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples of each interval"})
     induction_sequences: int = field(default=8, metadata={"help": "repeated random-token sequences"})
     induction_length: int = field(default=25, metadata={"help": "random tokens per half of a sequence"})
+    induction_exclude_bos: bool = field(default=False, metadata={
+        "help": "pattern scores ignore attention on the first token (TransformerLens head_detector default: counted)"})
+    min_attention_off_first_token: float = field(default=0.05, metadata={
+        "help": "heads with less attention off the first token are not ranked as induction / previous / duplicate heads"})
     saliency_prompts: int = field(default=100, metadata={
         "help": "report prompts for attention x gradient saliency (Wang et al.: 1000; all report prompts when fewer)"})
     anchor_layers: int | None = field(default=None, metadata={
@@ -116,6 +121,8 @@ class FamiliesConfig(Options):
                 problems.append(f"{name} must be >= {low}, not {getattr(self, name)}")
         if not 0 < self.select_fraction < 1:
             problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
+        if not 0 <= self.min_attention_off_first_token <= 1:
+            problems.append(f"min_attention_off_first_token must be in [0, 1], not {self.min_attention_off_first_token}")
         if self.anchor_layers is not None and (isinstance(self.anchor_layers, bool) or self.anchor_layers < 1):
             problems.append(f"anchor_layers must be >= 1 or None (scaled from Wang's 5 of 48), not {self.anchor_layers!r}")
         if problems:
@@ -215,16 +222,21 @@ def _frame(scores: dict[str, Tensor]) -> pd.DataFrame:
     return frame
 
 
-def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int) -> pd.DataFrame:
-    """|top-k intersection| and Spearman's rho over all heads for every pair of families."""
-    def top(family: str) -> set:
+def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int,
+                  top: dict[str, list[tuple[int, int]]] | None = None) -> pd.DataFrame:
+    """|top-k intersection| and Spearman's rho over all heads for every pair of families (``top``:
+    each family's top-k as ranked by the study, which skips heads a family does not rank; default:
+    the k highest scores)."""
+    def top_of(family: str) -> set:
+        if top is not None:
+            return set(map(tuple, top[family][:k]))
         order = heads.sort_values([family, "layer", "head"], ascending=[False, True, True], kind="stable")
         return set(map(tuple, order[["layer", "head"]].head(k).to_numpy().tolist()))
 
     records = []
     for a, b in itertools.combinations(families, 2):
         rho = spearmanr(heads[a], heads[b]).statistic
-        records.append(dict(a=a, b=b, k=k, top_k_shared=len(top(a) & top(b)), spearman=float(rho)))
+        records.append(dict(a=a, b=b, k=k, top_k_shared=len(top_of(a) & top_of(b)), spearman=float(rho)))
     return pd.DataFrame(records)
 
 
@@ -269,22 +281,35 @@ class RankedHeads:
 
     Attributes:
         scores: family -> [layer, head_index] scores.
-        top: family -> its top-k (layer, head), best first.
-        frame: the ``heads`` table (one row per head, one column per family).
+        top: family -> its top-k (layer, head) among the heads it ranks, best first.
+        frame: the ``heads`` table (one row per head, one column per family, ``first_token_share``).
+        not_ranked: family -> heads it does not rank (`icl_kernels.studies.head_scores.HeadScore.ranked`:
+            the pattern families leave out heads that attend almost only to the first token).
+        first_token_share: [layer, head_index] mean attention on the first token of the repeated
+            random-token sequences (None when no pattern score ran).
     """
 
     scores: dict[str, Tensor]
     top: dict[str, list[tuple[int, int]]]
     frame: pd.DataFrame
+    not_ranked: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    first_token_share: Tensor | None = None
 
     @property
     def families(self) -> tuple[str, ...]:
         return tuple(self.scores)
 
     def top_table(self) -> pd.DataFrame:
-        """The ``top_heads`` table: each family's top-k heads with their rank and score."""
-        return pd.DataFrame([dict(family=f, rank=r + 1, layer=h[0], head=h[1], score=float(self.scores[f][h]))
-                             for f in self.families for r, h in enumerate(self.top[f])])
+        """The ``top_heads`` table: each family's top-k heads with their rank and score, then the heads
+        it does not rank (rank NaN, ``ranked`` False), each with its first-token share."""
+        share = self.first_token_share
+
+        def row(f: str, rank: int | float, h: tuple[int, int], ranked: bool) -> dict:
+            return dict(family=f, rank=rank, layer=h[0], head=h[1], score=float(self.scores[f][h]), ranked=ranked,
+                        first_token_share=float(share[h]) if share is not None else float("nan"))
+
+        return pd.DataFrame([row(f, r + 1, h, True) for f in self.families for r, h in enumerate(self.top[f])]
+                            + [row(f, float("nan"), h, False) for f in self.families for h in self.not_ranked.get(f, [])])
 
 
 @dataclass
@@ -322,9 +347,23 @@ def _prompts(cfg: FamiliesConfig, model) -> tuple[Any, np.ndarray, np.ndarray]:
 
 def _rank_heads(cfg: FamiliesConfig, inputs: HeadScoreInputs) -> RankedHeads:
     """Every registered head score (`icl_kernels.studies.head_scores`) on the selection prompts, and
-    each family's top-k heads."""
-    scores = {score.name: score.fn(inputs) for score in head_scores()}
-    return RankedHeads(scores, {family: top_heads(s, cfg.k) for family, s in scores.items()}, _frame(scores))
+    each family's top-k among the heads it ranks (the pattern families skip heads with less than
+    ``min_attention_off_first_token`` of their attention off the first token)."""
+    scores, top, not_ranked = {}, {}, {}
+    for score in head_scores():
+        s = score.fn(inputs)
+        mask = score.ranked(inputs) if score.ranked is not None else torch.ones(s.shape, dtype=torch.bool)
+        order = [h for h in top_heads(s, s.numel()) if bool(mask[h])]
+        scores[score.name], top[score.name] = s, order[: cfg.k]
+        not_ranked[score.name] = [tuple(int(x) for x in h) for h in torch.nonzero(~mask).tolist()]
+        if len(top[score.name]) < cfg.k:
+            raise InvalidOptionError(
+                f"Family {score.name!r} ranks only {len(order)} heads, fewer than k={cfg.k}; lower k or "
+                "min_attention_off_first_token.")
+    share = inputs.first_token_share
+    frame = _frame(scores)
+    frame["first_token_share"] = share.flatten().numpy()
+    return RankedHeads(scores, top, frame, not_ranked, share)
 
 
 def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedHeads) -> Ablation:
@@ -417,7 +456,7 @@ def _comparison(cfg: FamiliesConfig, model, select, report, ranked: RankedHeads,
                 ablation: Ablation) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """The families side by side: scores, top heads, overlap and ablation tables; the headline numbers."""
     tables = dict(heads=ranked.frame, top_heads=ranked.top_table(),
-                  overlap=overlap_table(ranked.frame, ranked.families, cfg.k), ablation=ablation.table)
+                  overlap=overlap_table(ranked.frame, ranked.families, cfg.k, ranked.top), ablation=ablation.table)
     summary = dict(
         model=cfg.model.model, task=cfg.prompts.task, shots=cfg.prompts.shots, n_select=len(select),
         n_report=len(report), icl_accuracy=float(ablation.clean.mean()), zsl_accuracy=float(ablation.zsl_correct.mean()),

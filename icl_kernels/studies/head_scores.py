@@ -18,9 +18,15 @@ The five built-in scores, registered on import in this order:
   labels (a_i read at the label tokens) with the model's ICL prediction
   (`icl_kernels.kernel.head_scan.analyze_heads`);
 * ``induction``, ``previous_token``, ``duplicate_token``: attention patterns on repeated random
-  token sequences (`icl_kernels.families.induction`);
+  token sequences (`icl_kernels.families.induction`), TransformerLens ``head_detector``'s default
+  (first token counted) unless the config's ``induction_exclude_bos``; a head with less than the
+  config's ``min_attention_off_first_token`` (default 0.05) of its attention off the first token is
+  not ranked in these three families (`HeadScore.ranked`);
 * ``function_vector``: average indirect effect of the head's mean output on shuffled-label prompts
   (`icl_kernels.families.function_vectors`).
+
+A score may also say which heads it ranks (``ranked``: inputs -> a [layer, head_index] bool mask);
+the others keep their score in the ``heads`` table but never enter the family's top-k.
 
 Registering a name twice raises `DuplicateHeadScoreError`, so a plugin cannot silently replace a
 score.
@@ -35,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from icl_kernels.engine.patching import head_means
@@ -43,7 +49,12 @@ from icl_kernels.families.function_vectors import (
     indirect_effects,
     shuffled_label_prompts,
 )
-from icl_kernels.families.induction import head_pattern_scores, repeated_random_tokens
+from icl_kernels.families.induction import (
+    MIN_ATTENTION_OFF_FIRST_TOKEN,
+    head_pattern_scores,
+    ranked_heads,
+    repeated_random_tokens,
+)
 from icl_kernels.kernel.head_scan import analyze_heads
 from icl_kernels.utils.errors import IclKernelsError
 
@@ -103,7 +114,14 @@ class HeadScoreInputs:
         bos = first.tokens[0] if first.bos_position == 0 else None
         tokens = repeated_random_tokens(cfg.induction_sequences, min(cfg.induction_length, high - low), low, high,
                                         bos, self.seed)
-        return head_pattern_scores(model, tokens, batch_size=cfg.batch_size)
+        return head_pattern_scores(model, tokens, batch_size=cfg.batch_size,
+                                   exclude_bos=bool(getattr(cfg, "induction_exclude_bos", False)))
+
+    @property
+    def first_token_share(self) -> Float[Tensor, "layer head_index"]:
+        """Each head's mean attention on the first token of the repeated random-token sequences."""
+        shape = (self.model.cfg.n_layers, self.model.cfg.n_heads)
+        return torch.tensor(self.repeated_token_patterns["first_token_share"].to_numpy()).view(*shape)
 
     @cached_property
     def selection_head_means(self):
@@ -114,6 +132,8 @@ class HeadScoreInputs:
 
 #: A head score: inputs -> one score per (layer, head); higher ranks a head higher in the family.
 HeadScoreFn = Callable[[HeadScoreInputs], Float[Tensor, "layer head_index"]]
+#: Which heads a score ranks: inputs -> True where a head may enter the family's top-k.
+RankedFn = Callable[[HeadScoreInputs], Bool[Tensor, "layer head_index"]]
 
 
 @dataclass(frozen=True)
@@ -124,17 +144,19 @@ class HeadScore:
         name: the family's name (a column of the ``heads`` table).
         fn: ``fn(inputs: HeadScoreInputs) -> [layer, head_index]`` scores.
         description: one line on what it measures.
+        ranked: ``ranked(inputs)`` -> True where a head may be ranked (None: every head).
     """
 
     name: str
     fn: HeadScoreFn
     description: str = ""
+    ranked: RankedFn | None = None
 
 
 _HEAD_SCORES: dict[str, HeadScore] = {}
 
 
-def register_head_score(name: str, fn: HeadScoreFn, *, description: str = "") -> HeadScore:
+def register_head_score(name: str, fn: HeadScoreFn, *, description: str = "", ranked: RankedFn | None = None) -> HeadScore:
     """Add a head score; raises `DuplicateHeadScoreError` if the name is taken."""
     if name in _HEAD_SCORES:
         taken = _HEAD_SCORES[name].fn
@@ -143,7 +165,9 @@ def register_head_score(name: str, fn: HeadScoreFn, *, description: str = "") ->
             "choose another name.")
     if not callable(fn):
         raise TypeError(f"Head score {name!r}: fn must be callable (inputs -> [layer, head] scores), not {fn!r}.")
-    score = HeadScore(name, fn, description)
+    if ranked is not None and not callable(ranked):
+        raise TypeError(f"Head score {name!r}: ranked must be callable (inputs -> [layer, head] bool mask), not {ranked!r}.")
+    score = HeadScore(name, fn, description, ranked)
     _HEAD_SCORES[name] = score
     return score
 
@@ -175,6 +199,13 @@ def _pattern_score(kind: str) -> HeadScoreFn:
     return score
 
 
+def attends_off_first_token(inputs: HeadScoreInputs) -> Bool[Tensor, "layer head_index"]:
+    """Heads with at least ``min_attention_off_first_token`` of their attention off the first token
+    (`icl_kernels.families.induction.ranked_heads`)."""
+    threshold = getattr(inputs.config, "min_attention_off_first_token", MIN_ATTENTION_OFF_FIRST_TOKEN)
+    return ranked_heads(inputs.first_token_share, threshold)
+
+
 def function_vector(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"]:
     """Average indirect effect of the head's mean output on shuffled-label prompts."""
     return indirect_effects(inputs.model, shuffled_label_prompts(inputs.selection, inputs.seed), inputs.label_ids,
@@ -184,5 +215,5 @@ def function_vector(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"
 register_head_score("label_attention", label_attention, description=label_attention.__doc__)
 for _kind in ("induction", "previous_token", "duplicate_token"):
     _fn = _pattern_score(_kind)
-    register_head_score(_kind, _fn, description=_fn.__doc__)
+    register_head_score(_kind, _fn, description=_fn.__doc__, ranked=attends_off_first_token)
 register_head_score("function_vector", function_vector, description=function_vector.__doc__)

@@ -148,7 +148,8 @@ def _head_tables(folder: Path, skip: set[str], summary: dict[str, Any]) -> tuple
                 for r in rows:
                     v = float(r[column])
                     cells[int(r["layer"])][int(r["head"])] = v if math.isfinite(v) else None
-                marked = [[int(t["layer"]), int(t["head"])] for t in top if t.get("family") == column] or ablated
+                marked = [[int(t["layer"]), int(t["head"])] for t in top if t.get("family") == column
+                          and str(t.get("ranked", True)).lower() not in ("false", "0")] or ablated
                 maps.append({"table": path.stem, "column": column, "cells": cells, "marked": marked})
         else:
             tables.append({"name": path.stem, "columns": columns, "rows": [[r[c] for c in columns] for r in rows[:MAX_TABLE_ROWS]],

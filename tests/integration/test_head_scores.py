@@ -52,7 +52,8 @@ def test_a_registered_score_is_reported_by_the_families_study(isolated_registry)
     report = get_study("families")(TINY_FAMILIES, progress=False)
     families = (*FAMILIES, "planted")
     heads, summary = report.tables["heads"], report.summary
-    assert tuple(c for c in heads.columns if c not in ("layer", "head")) == families
+    assert tuple(c for c in heads.columns if c not in ("layer", "head", "first_token_share")) == families
+    assert heads["first_token_share"].between(0, 1).all()
     n_layers, n_heads = summary["n_layers"], summary["n_heads"]
     assert heads["planted"].tolist() == list(range(n_layers * n_heads))
     last = n_layers - 1
@@ -65,4 +66,4 @@ def test_a_registered_score_is_reported_by_the_families_study(isolated_registry)
     assert pairs == set(itertools.combinations(families, 2))
     top = report.tables["top_heads"]
     assert top[top["family"] == "planted"]["score"].tolist() == [n_layers * n_heads - 1, n_layers * n_heads - 2]
-    assert "planted" in report.figures()["families"].layout.annotations[-1].text
+    assert "planted" in [a.text for a in report.figures()["families"].layout.annotations]

@@ -35,7 +35,14 @@ from icl_kernels.families.function_vectors import (
     shuffled_label_prompts,
     top_heads,
 )
-from icl_kernels.families.induction import head_pattern_scores, ideal_pattern, pattern_scores, repeated_random_tokens
+from icl_kernels.families.induction import (
+    first_token_share,
+    head_pattern_scores,
+    ideal_pattern,
+    pattern_scores,
+    ranked_heads,
+    repeated_random_tokens,
+)
 from icl_kernels.families.task_vectors import choose_layer, residual_at_prediction, run_with_residual
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,24 +65,67 @@ def _perfect(tokens: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def test_perfect_induction_pattern_scores_one_and_uniform_scores_low():
+    """peers.md 5 (a)-(b): on [BOS, r, r] a perfect induction head scores n/(2n+1) under "mul" with
+    the first token counted (TransformerLens's default, ours too) and 1 without it; a planted
+    previous-token head (T-1)/T and 1."""
     n = 10
     tokens = repeated_random_tokens(3, n, 100, 1000, bos=0, seed=1)
     perfect = torch.stack([_perfect(t, "induction") for t in tokens])[:, None]
-    assert torch.allclose(pattern_scores(perfect, tokens, "induction"), torch.ones(1))
-    diluted = pattern_scores(perfect, tokens, "induction", exclude_bos=False)
-    assert diluted.item() == pytest.approx(n / (2 * n + 1))
+    assert pattern_scores(perfect, tokens, "induction").item() == pytest.approx(n / (2 * n + 1))
+    assert torch.allclose(pattern_scores(perfect, tokens, "induction", exclude_bos=True), torch.ones(1))
     width = tokens.shape[1]
     uniform = torch.tril(torch.ones(width, width))
     uniform = (uniform / uniform.sum(-1, keepdim=True))[None, None].expand(3, 1, -1, -1)
-    assert pattern_scores(uniform, tokens, "induction").item() < 0.2
+    assert pattern_scores(uniform, tokens, "induction", exclude_bos=True).item() < 0.2
     # a previous-token head is not an induction head, and vice versa
     previous = torch.stack([_perfect(t, "previous_token") for t in tokens])[:, None]
-    assert pattern_scores(previous, tokens, "previous_token").item() == pytest.approx(1.0)
-    assert pattern_scores(previous, tokens, "previous_token", exclude_bos=False).item() == pytest.approx((width - 1) / width)
-    assert pattern_scores(previous, tokens, "induction").item() < 0.1
-    assert pattern_scores(perfect, tokens, "previous_token").item() < 0.1
+    assert pattern_scores(previous, tokens, "previous_token", exclude_bos=True).item() == pytest.approx(1.0)
+    assert pattern_scores(previous, tokens, "previous_token").item() == pytest.approx((width - 1) / width)
+    assert pattern_scores(previous, tokens, "induction", exclude_bos=True).item() < 0.1
+    assert pattern_scores(perfect, tokens, "previous_token", exclude_bos=True).item() < 0.1
     duplicate = torch.stack([_perfect(t, "duplicate_token") for t in tokens])[:, None]
-    assert pattern_scores(duplicate, tokens, "duplicate_token").item() == pytest.approx(1.0)
+    assert pattern_scores(duplicate, tokens, "duplicate_token", exclude_bos=True).item() == pytest.approx(1.0)
+    # first-token share: row 0 left out; the perfect induction head parks its n first-half rows
+    # (after row 0) on BOS, the previous-token head only row 1
+    assert first_token_share(perfect).item() == pytest.approx(n / (width - 1))
+    assert first_token_share(previous).item() == pytest.approx(1 / (width - 1))
+
+
+def test_an_idle_head_wins_without_the_first_token_but_is_not_ranked():
+    """A head with 99.99% of its attention on the first token and the rest on the induction target
+    scores 1 when the first token is excluded, ~0 when it is counted, and is not ranked."""
+    n = 10
+    tokens = repeated_random_tokens(2, n, 100, 1000, bos=0, seed=2)
+    ideal = torch.stack([ideal_pattern(t, "induction") for t in tokens])
+    idle = 1e-4 * ideal
+    idle[..., 0] += 1 - idle.sum(-1)
+    working = torch.stack([_perfect(t, "induction") for t in tokens])
+    pattern = torch.stack([idle, working], dim=1)  # [batch head q k]
+    assert pattern_scores(pattern, tokens, "induction", exclude_bos=True).tolist() == pytest.approx([1.0, 1.0])
+    assert pattern_scores(pattern, tokens, "induction")[0].item() < 1e-3
+    share = first_token_share(pattern)
+    assert share[0].item() > 0.9999 and share[1].item() < 0.6
+    assert ranked_heads(share).tolist() == [False, True]
+    assert ranked_heads(share, 0.0).tolist() == [True, True]
+
+
+@pytest.mark.parametrize("exclude_bos", [False, True])
+def test_pattern_scores_equal_transformer_lens_detect_head(backend, exclude_bos):
+    """Same tokens, same options: our scores equal TransformerLens's head_detector (3.9 and 4.3)."""
+    from transformer_lens.head_detector import detect_head
+
+    model = load_tiny("gpt-neo", backend)
+    texts = ["The cat sat on the mat and the dog ran. The cat sat on the mat and the dog ran.",
+             "one two three four five one two three four five one two"]
+    names = {"induction": "induction_head", "previous_token": "previous_token_head",
+             "duplicate_token": "duplicate_token_head"}
+    for text in texts:
+        tokens = model.to_tokens(text)
+        ours = head_pattern_scores(model, tokens, exclude_bos=exclude_bos)
+        for kind, name in names.items():
+            theirs = detect_head(model, text, name, exclude_bos=exclude_bos).flatten()
+            torch.testing.assert_close(torch.tensor(ours[kind].to_numpy()), theirs.float(), atol=1e-6, rtol=1e-5)
+    assert H.active_hook_count(model) == 0
 
 
 @pytest.mark.tl3_only(reason="HookedTransformer (backend='hooked') is gone in TL 4")

@@ -11,6 +11,8 @@ module runs the model to get those tensors:
   prediction is their argmax) and the gold labels. Every score of `icl_kernels.kernel.scores` is then a
   function of the run (`HeadRun.scores`, `head_kernel_regression`, `resid_kernel_regression`,
   `probe_accuracies`).
+* `permute_demonstrations` reorders a prompt's demonstrations token by token (each demonstration
+  moves as one block: input, label, separator), for the order control of the heads study.
 * `demo_output_similarity` (with `single_example_outputs`) runs every input x alone as a zero-shot
   prompt, for the kernel similarity P(o|x_test)^T P(o|x_i) of Han et al.'s Figure 4 and the
   zero-shot class of each x.
@@ -21,6 +23,7 @@ forward pass, also when the model or a hook raises.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +61,8 @@ __all__ = [
     "probe_scored_pairs",
     "single_example_outputs",
     "demo_output_similarity",
+    "permute_demonstrations",
+    "rotated_demonstrations",
 ]
 
 
@@ -430,3 +435,63 @@ def demo_output_similarity(
                 sim[r, i] = float(probs[query_at[r]].double() @ probs[j].double())
                 demo_pred[r, i] = preds[j]
     return sim, demo_pred, query_pred
+
+
+# ------------------------------------------------------------------------------------------------
+# Reordered demonstrations (the order control)
+# ------------------------------------------------------------------------------------------------
+
+
+def permute_demonstrations(prompt, order: Sequence[int]):
+    """The prompt with its demonstrations in ``order`` (new position j holds old demonstration
+    ``order[j]``): the same tokens, each demonstration (input, label, separator) moved as one block,
+    every span moved with it; the query and what precedes the first demonstration stay in place."""
+    n = prompt.n_demos
+    order = [int(i) for i in order]
+    if sorted(order) != list(range(n)):
+        raise ValueError(f"order must reorder the {n} demonstrations, not {order}.")
+    if n == 0:
+        return prompt
+    blocks = [(x[0], sep[1]) for x, sep in zip(prompt.demo_input_spans, prompt.separator_spans)]
+    for (a, b), (c, _) in zip(blocks, blocks[1:]):
+        if b != c:
+            raise ValueError(f"Demonstrations are not contiguous blocks (one ends at {b}, the next starts at {c}); "
+                             "cannot reorder them.")
+    tokens = list(prompt.tokens)
+    start, end = blocks[0][0], blocks[-1][1]
+    new_tokens = tokens[:start]
+    shift = {}
+    for i in order:
+        a, b = blocks[i]
+        shift[i] = len(new_tokens) - a
+        new_tokens.extend(tokens[a:b])
+    new_tokens.extend(tokens[end:])
+
+    def moved(span, i):
+        return (span[0] + shift[i], span[1] + shift[i])
+
+    return dataclasses.replace(
+        prompt, tokens=tuple(new_tokens),
+        demo_input_spans=tuple(moved(prompt.demo_input_spans[i], i) for i in order),
+        demo_label_spans=tuple(moved(prompt.demo_label_spans[i], i) for i in order),
+        separator_spans=tuple(moved(prompt.separator_spans[i], i) for i in order),
+        demo_labels=tuple(prompt.demo_labels[i] for i in order),
+        demo_indices=tuple(prompt.demo_indices[i] for i in order) if len(prompt.demo_indices) == n else prompt.demo_indices,
+    )
+
+
+def rotated_demonstrations(prompts: Sequence) -> tuple[list, Int[Tensor, "batch demo"]]:
+    """Each prompt with its demonstrations rotated by one (the first becomes the last, so every
+    demonstration moves when there are at least two), and ``moved_to[b, i]``, the new position of
+    demonstration i (-1: padding, or a prompt with fewer than two demonstrations)."""
+    width = max([p.n_demos for p in prompts] + [1])
+    moved_to = torch.full((len(prompts), width), -1, dtype=torch.long)
+    out = []
+    for b, p in enumerate(prompts):
+        n = p.n_demos
+        if n < 2:
+            out.append(p)
+            continue
+        out.append(permute_demonstrations(p, [*range(1, n), 0]))
+        moved_to[b, :n] = torch.tensor([(i - 1) % n for i in range(n)])
+    return out, moved_to

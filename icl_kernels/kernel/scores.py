@@ -17,6 +17,12 @@ the pieces of that test, each a pure function of tensors:
   an exact tie at the top (e.g. a local head that sees no demonstration) is an abstention (-1), which
   counts as wrong. Per head, **agreement** is the fraction of prompts where the reconstruction equals
   the model's own ICL prediction, **accuracy** the fraction where it equals the gold label.
+* **Trivial baselines** (`trivial_baselines`, `agreement_minus_baseline`): rules that read only the
+  demonstration labels (the last demonstration's label: recency; the first's: primacy; their
+  majority) and the constant model-majority predictor; every head's agreement minus the best of them,
+  with a paired bootstrap interval over prompts, vectorised over heads.
+* **Order control** (`order_following`): the demonstrations rotated by one; whether the demonstration
+  a head attends to most moves with its content or stays at its position.
 * **Held-out selection** (`select_best_head`, `held_out_best_head`): the best head is chosen on
   one split of the prompts (the paper: 700; `icl_kernels.utils.stats.split_indices`) and reported on the
   disjoint rest (300).
@@ -46,6 +52,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from icl_kernels.utils.stats import rng
+
 __all__ = [
     "AGGREGATIONS",
     "DemoLayout",
@@ -67,6 +75,10 @@ __all__ = [
     "resample_rows",
     "Segment",
     "held_out_best_head",
+    "TRIVIAL_BASELINES",
+    "trivial_baselines",
+    "agreement_minus_baseline",
+    "order_following",
 ]
 
 Aggregation = Literal["max", "mean", "label"]
@@ -314,6 +326,91 @@ def heads_frame(
     ranks = ranked.assign(rank=ranked.groupby("aggregation")["agreement"].rank(ascending=False, method="min").astype(int))
     frame = frame.merge(ranks[["aggregation", "layer", "head", "rank"]], on=["aggregation", "layer", "head"])
     return frame.sort_values(["split", "aggregation", "rank", "layer", "head"], kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trivial baselines and the order control
+# ------------------------------------------------------------------------------------------------
+
+#: Rules that read only the demonstration labels (`trivial_baselines`), then the constant predictor.
+TRIVIAL_BASELINES: tuple[str, ...] = ("last_label", "first_label", "demo_majority", "model_majority")
+
+
+def trivial_baselines(demo_labels: Int[Tensor, "batch demo"], n_classes: int) -> dict[str, Int[Tensor, " batch"]]:
+    """Per prompt: the last demonstration's label (``last_label``, recency), the first's
+    (``first_label``, primacy) and the demonstrations' majority label (``demo_majority``; -1, an
+    abstention, on a tie). Padding demonstrations (label -1) are skipped; a prompt without
+    demonstrations gets -1.
+
+    >>> labels = torch.tensor([[0, 1, 1], [1, 0, -1]])
+    >>> {k: v.tolist() for k, v in trivial_baselines(labels, 2).items()}
+    {'last_label': [1, 0], 'first_label': [0, 1], 'demo_majority': [1, -1]}
+    """
+    valid = demo_labels >= 0
+    count = valid.sum(-1)
+    rows = torch.arange(demo_labels.shape[0])
+    last = torch.where(count > 0, demo_labels[rows, (count - 1).clamp(min=0)], -1)
+    first = torch.where(count > 0, demo_labels[:, 0] if demo_labels.shape[1] else -1, -1)
+    ones = valid.to(torch.float64)[:, None, None, :]
+    majority = reconstruct(class_votes(ones, demo_labels, n_classes))[:, 0, 0]
+    return {"last_label": last, "first_label": first, "demo_majority": majority}
+
+
+def agreement_minus_baseline(
+    head_agree: Bool[Tensor, "batch head"] | np.ndarray,
+    baseline_agree: Bool[Tensor, " batch"] | np.ndarray,
+    *,
+    resamples: int,
+    seed: int,
+    level: float = 0.95,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each column's agreement minus the baseline's (paired: the same prompts), with a percentile
+    bootstrap interval over prompts: ``(value, low, high)``, one entry per column. One resampled
+    prompt set (stream ``bootstrap``, as `icl_kernels.utils.stats.paired_bootstrap` draws it) serves
+    every column, as a resample count matrix, so thousands of heads cost one matrix product."""
+    a = np.asarray(head_agree, dtype=np.float64)
+    b = np.asarray(baseline_agree, dtype=np.float64)
+    if a.ndim != 2 or b.shape != (a.shape[0],):
+        raise ValueError(f"head_agree must be [prompt, head] and baseline_agree [prompt], not {a.shape} and {b.shape}.")
+    n = a.shape[0]
+    if n == 0:
+        raise ValueError("agreement_minus_baseline needs at least one prompt.")
+    diff = a - b[:, None]
+    value = diff.mean(0)
+    generator = rng("bootstrap", seed)
+    counts = np.stack([np.bincount(generator.integers(0, n, size=n), minlength=n) for _ in range(resamples)])
+    boot = counts @ diff / n  # [resample head]
+    alpha = (1 - level) / 2
+    return value, np.quantile(boot, alpha, axis=0), np.quantile(boot, 1 - alpha, axis=0)
+
+
+def order_following(
+    weights: Float[Tensor, "batch layer head_index demo"],
+    permuted_weights: Float[Tensor, "batch layer head_index demo"],
+    moved_to: Int[Tensor, "batch demo"],
+) -> dict[str, Float[Tensor, "layer head_index"]]:
+    """Where a head's most-attended demonstration goes when the demonstrations are reordered.
+
+    ``moved_to[b, i]`` is the position demonstration i of prompt b takes in the permuted prompt
+    (-1: padding). With i* the head's argmax demonstration in the original prompt and j* in the
+    permuted one: ``follows_content`` is the share of prompts with j* = moved_to[i*] (the head
+    tracks that demonstration's content), ``follows_position`` the share with j* = i* (it tracks the
+    position, e.g. a recency head). Only prompts where demonstration i* moved count (``n``, per head).
+    """
+    valid = moved_to >= 0
+    neg = torch.tensor(float("-inf"))
+    w = weights.masked_fill(~valid[:, None, None, :], neg)
+    wp = permuted_weights.masked_fill(~valid[:, None, None, :], neg)
+    i_star = w.argmax(-1)  # [batch layer head]
+    j_star = wp.argmax(-1)
+    target = torch.gather(moved_to[:, None, None, :].expand_as(w), -1, i_star[..., None])[..., 0]
+    moved = target != i_star
+    n = moved.sum(0)
+    content = ((j_star == target) & moved).sum(0) / n.clamp(min=1)
+    position = ((j_star == i_star) & moved).sum(0) / n.clamp(min=1)
+    nan = torch.tensor(float("nan"))
+    return {"follows_content": torch.where(n > 0, content.float(), nan),
+            "follows_position": torch.where(n > 0, position.float(), nan), "n": n}
 
 
 # ------------------------------------------------------------------------------------------------

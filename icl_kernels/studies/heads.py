@@ -8,7 +8,12 @@ label tokens). The best head is chosen on a seeded ``select_fraction`` of the pr
 on the rest (``layer`` restricts that search to one layer). Baselines, on the same held-out prompts:
 kernel regression on MiniLM sentence embeddings of the inputs (Han et al.'s Table 2 baseline), on
 the residual stream at the best layer, on the best head's own query/key vectors, and the
-demonstrations' majority label. With ``similarity`` every x is also run alone, for the correlation
+demonstrations' majority label. Beside every head row, the **trivial baselines** that read only
+the demonstration labels (last demonstration's label: recency; first: primacy; their majority) and
+the constant model-majority predictor, and the head's agreement minus the best of them (chosen on
+the selection split) with a paired bootstrap interval over prompts. The **order control**
+(``order_control``) reruns every prompt with its demonstrations rotated by one and reports, per
+head, whether its most-attended demonstration moves with its content or stays at its position. With ``similarity`` every x is also run alone, for the correlation
 of a_i with P(o|x_test)^T P(o|x_i) (Figure 4), zero-shot accuracy, and ridge probes of keys
 (target: the zero-shot class of x_i) and values (target: y_i) around the label position (Figure 5).
 
@@ -18,14 +23,15 @@ neighbours as demonstrations), ``label_format`` ``swapped`` (label words permute
 and label words unchanged), and ``control=input-permutation`` (the words of every demonstration
 input shuffled; labels kept).
 
-Tables: ``heads`` (split, aggregation, layer, head, agreement, accuracy, rank), ``prompts`` (one row
-per prompt), ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
+Tables: ``heads`` (split, aggregation, layer, head, agreement, accuracy, rank, the trivial
+baselines' agreement and the head's margin over the best: ``agreement_minus_best_trivial`` with
+``_low``/``_high``), ``prompts`` (one row per prompt), ``order_control``, ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
 heatmaps, the averaged attention map, kernel similarity and probes; ``view_data.json``: tokens, spans,
 every head's attention row and vote for the first ``view_prompts`` prompts, which `icl-kernels view`
 shows token by token (`icl_kernels.studies.view_data`).
 
 `run` is these steps in order: `_search_layers`, the prompts (`study_prompts`), `_forward`, the
-split, `_head_scores`, `_baselines`, `_similarity` (with ``similarity``) and `_report`; they pass
+split, `_head_scores`, `_baselines`, `_trivial`, `_order_control` (with ``order_control``), `_similarity` (with ``similarity``) and `_report`; they pass
 typed data (`Split`, `BestHead`, `HeadScores`, `Baselines`, `Similarity`).
 """
 
@@ -56,16 +62,21 @@ from icl_kernels.kernel.head_scan import (
     probe_accuracies,
     probe_scored_pairs,
     resid_kernel_regression,
+    rotated_demonstrations,
 )
 from icl_kernels.kernel.scores import (
     AGGREGATIONS,
+    TRIVIAL_BASELINES,
     Kernel,
+    agreement_minus_baseline,
     class_votes,
     head_correlation,
     heads_frame,
     held_out_best_head,
     kernel_regression,
+    order_following,
     reconstruct,
+    trivial_baselines,
 )
 from icl_kernels.models.encoders import minilm_encoder
 from icl_kernels.models.options import ModelOptions
@@ -115,6 +126,8 @@ class HeadsConfig(Options):
         "alias": "minilm", "help": "the MiniLM kernel-regression baseline"})
     layer: int | None = field(default=None, metadata={
         "help": "restrict the best-head search to one layer (default: all layers)"})
+    order_control: bool = field(default=True, metadata={
+        "help": "rerun with the demonstrations rotated by one: does each head follow content or position"})
     view_prompts: int = field(default=8, metadata={
         "identity": False,  # changes what is kept for display / how fast, not a number: not in the fingerprint
         "help": "prompts whose token-level attention goes to view_data.json for `icl-kernels view` (0: none)"})
@@ -242,6 +255,20 @@ class HeadsReport(Report):
                          f"agreement {kr['minilm_cosine']['agreement']:.3f}")
         if "zsl_accuracy" in summary:
             parts.append(f"zero-shot {summary['zsl_accuracy']:.3f}")
+        held_out = summary.get("held_out") or {}
+        if "trivial_baselines" in held_out:
+            tb = held_out["trivial_baselines"]
+            parts.append("trivial baselines (report agreement with the model): " + ", ".join(
+                f"{name} {tb[name]['agreement']['value']:.3f}" for name in tb))
+            d = held_out["best_head_minus_best_trivial"]["max"]
+            parts.append(f"best head minus {held_out['best_trivial_baseline']} (chosen on select): "
+                         f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        order = summary.get("order_control")
+        if order:
+            o = order["max"]
+            parts.append(f"order control (demonstrations rotated, n={o['n']}): {o['head']} follows content "
+                         f"{o['follows_content']:.2f}, position {o['follows_position']:.2f}, vote unchanged "
+                         f"{o['vote_unchanged']:.2f}; model prediction unchanged {order['model_prediction_unchanged']:.2f}")
         return "; ".join(parts)
 
 
@@ -337,6 +364,39 @@ class Similarity:
     probe_acc: dict[str, Tensor] = field(default_factory=dict)
     probe_frame: pd.DataFrame | None = None
     probe_targets: dict[str, tuple[str, Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class Trivial:
+    """Rules that read only the demonstration labels, and the constant model-majority predictor.
+
+    Attributes:
+        predictions: name (`icl_kernels.kernel.scores.TRIVIAL_BASELINES`) -> per-prompt prediction
+            (-1: an abstention); ``model_majority`` is the model's most frequent prediction on the
+            selection split, on every prompt.
+        best: the baseline with the highest agreement with the model on the selection split (the
+            one each head must beat).
+    """
+
+    predictions: dict[str, Tensor]
+    best: str
+
+
+@dataclass
+class OrderControl:
+    """The demonstrations rotated by one (`icl_kernels.kernel.head_scan.rotated_demonstrations`).
+
+    Attributes:
+        frame: the ``order_control`` table: per aggregation and head, on the report prompts, the
+            share whose most-attended demonstration follows its content / stays at its position, and
+            the share whose vote is unchanged.
+        model_unchanged: share of report prompts whose model prediction is unchanged.
+        votes: aggregation -> [prompt layer head] votes on the rotated prompts.
+    """
+
+    frame: pd.DataFrame
+    model_unchanged: float
+    votes: dict[str, Tensor]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,6 +498,112 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
         how: {name: paired_bootstrap(mean_difference, [agrees(pred), agrees(kr)], unit) for name, kr in kr_preds.items()}
         for how, pred in head_preds.items()
     }
+    return out
+
+
+def _trivial(hrun, split: Split) -> Trivial:
+    """The trivial baselines of every prompt; the best one chosen on the selection split."""
+    model_pred = hrun.model_predictions
+    preds = trivial_baselines(hrun.demo_labels, hrun.n_classes)
+    select = torch.as_tensor(split.select, dtype=torch.long)
+    counts = np.bincount(model_pred[select].numpy(), minlength=hrun.n_classes)
+    preds["model_majority"] = torch.full_like(model_pred, int(counts.argmax()))
+    best = max(TRIVIAL_BASELINES, key=lambda name: (_rate(preds[name], model_pred, select), -TRIVIAL_BASELINES.index(name)))
+    return Trivial(preds, best)
+
+
+def _head_predictions(hrun) -> dict[str, Tensor]:
+    """Every head's vote on every prompt, per aggregation: [prompt layer head] (-1: a tie)."""
+    return {how: reconstruct(class_votes(w, hrun.demo_labels, hrun.n_classes)) for how, w in hrun.demo_weights.items()}
+
+
+def _with_trivial(frame: pd.DataFrame, hrun, split: Split, trivial: Trivial, votes: dict[str, Tensor]) -> pd.DataFrame:
+    """The ``heads`` table with, on every row, the trivial baselines' agreement on the row's split
+    (``model_majority_share``: always the model's most frequent selection-split prediction) and the
+    head's agreement minus the best baseline's (chosen on the selection split; paired percentile
+    bootstrap over the split's prompts)."""
+    model_pred = hrun.model_predictions
+    rows_of = {"select": split.select, "report": split.report, "all": np.arange(hrun.n_prompts)}
+    n_heads = hrun.n_heads
+    parts = []
+    for (name, how), g in frame.groupby(["split", "aggregation"], sort=False):
+        rows = torch.as_tensor(rows_of[name], dtype=torch.long)
+        g = g.copy()
+        for baseline in TRIVIAL_BASELINES:
+            column = "model_majority_share" if baseline == "model_majority" else f"{baseline}_agreement"
+            g[column] = _rate(trivial.predictions[baseline], model_pred, rows)
+        g["best_trivial_baseline"] = trivial.best
+        head_agree = (votes[how][rows] == model_pred[rows][:, None, None]).flatten(1).numpy()
+        base_agree = (trivial.predictions[trivial.best][rows] == model_pred[rows]).numpy()
+        value, low, high = agreement_minus_baseline(head_agree, base_agree, resamples=BOOTSTRAP_RESAMPLES,
+                                                    seed=BOOTSTRAP_SEED)
+        flat = (g["layer"].to_numpy() - hrun.layers[0]) * n_heads + g["head"].to_numpy()
+        g["agreement_minus_best_trivial"] = value[flat]
+        g["agreement_minus_best_trivial_low"] = low[flat]
+        g["agreement_minus_best_trivial_high"] = high[flat]
+        parts.append(g)
+    return pd.concat(parts).loc[frame.index]
+
+
+def _order_control(cfg: HeadsConfig, model, sp, hrun, split: Split, votes: dict[str, Tensor],
+                   progress: bool) -> OrderControl:
+    """Every prompt rerun with its demonstrations rotated by one: per head (report prompts), does its
+    most-attended demonstration follow the content or stay at the position, and is its vote unchanged."""
+    rotated, moved_to = rotated_demonstrations(sp.icl)
+    prun = analyze_heads(model, rotated, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad_id(model),
+                         attention_map_length=None, progress=progress)
+    report = torch.as_tensor(split.report, dtype=torch.long)
+    width = min(hrun.demo_labels.shape[1], prun.demo_labels.shape[1], moved_to.shape[1])
+    pvotes = _head_predictions(prun)
+    records = []
+    for how in hrun.demo_weights:
+        follow = order_following(hrun.demo_weights[how][report][..., :width], prun.demo_weights[how][report][..., :width],
+                                 moved_to[report][:, :width])
+        unchanged = (pvotes[how][report] == votes[how][report]).float().mean(0)
+        for li, layer in enumerate(hrun.layers):
+            for h in range(hrun.n_heads):
+                records.append(dict(aggregation=how, layer=layer, head=h, n=int(follow["n"][li, h]),
+                                    follows_content=float(follow["follows_content"][li, h]),
+                                    follows_position=float(follow["follows_position"][li, h]),
+                                    vote_unchanged=float(unchanged[li, h]), n_report=len(report)))
+    model_unchanged = float((prun.model_predictions[report] == hrun.model_predictions[report]).float().mean())
+    return OrderControl(pd.DataFrame(records), model_unchanged, pvotes)
+
+
+def _held_out_trivial(hrun, report, head_preds: dict, trivial: Trivial) -> dict[str, Any]:
+    """The trivial baselines on the report prompts (Wilson intervals) and each best head's agreement
+    minus the best of them (chosen on the selection split; paired bootstrap over report prompts)."""
+    rows = torch.as_tensor(report, dtype=torch.long)
+    model_pred, gold = hrun.model_predictions[rows].numpy(), hrun.gold[rows].numpy()
+    unit = "prompts"
+
+    def agrees(pred: torch.Tensor) -> np.ndarray:
+        return (pred[rows].numpy() == model_pred).astype(float)
+
+    rates = {name: {"agreement": proportion(agrees(pred) > 0, unit=unit),
+                    "accuracy": proportion(pred[rows].numpy() == gold, unit=unit),
+                    "abstain": proportion(pred[rows].numpy() < 0, unit=unit)}
+             for name, pred in trivial.predictions.items()}
+    best = agrees(trivial.predictions[trivial.best])
+    return {
+        "trivial_baselines": rates,
+        "best_trivial_baseline": trivial.best,
+        "best_head_minus_best_trivial": {
+            how: paired_bootstrap(mean_difference, [agrees(pred), best], unit) for how, pred in head_preds.items()},
+    }
+
+
+def _order_summary(order: OrderControl, best: dict[str, BestHead]) -> dict[str, Any]:
+    """The order control of each aggregation's best head, and how often the model's prediction survives."""
+    out: dict[str, Any] = {"model_prediction_unchanged": order.model_unchanged}
+    frame = order.frame
+    for how, b in best.items():
+        row = frame[(frame["aggregation"] == how) & (frame["layer"] == b.layer) & (frame["head"] == b.head)].iloc[0]
+        out[how] = {"head": b.name, "n": int(row["n"]), "follows_content": float(row["follows_content"]),
+                    "follows_position": float(row["follows_position"]), "vote_unchanged": float(row["vote_unchanged"])}
+    out["note"] = ("demonstrations rotated by one (the first becomes the last), report prompts; follows_content: the "
+                   "head's most-attended demonstration moves with its content, follows_position: it stays at its "
+                   "position (only prompts where it moved count, n)")
     return out
 
 
@@ -580,7 +746,7 @@ def _similarity(cfg: HeadsConfig, model, sp, run, split: Split, progress: bool) 
 
 
 def _prompt_table(hrun, split: Split, heads: HeadScores, baselines: Baselines,
-                  similarity: Similarity | None) -> pd.DataFrame:
+                  similarity: Similarity | None, trivial: Trivial | None = None) -> pd.DataFrame:
     """One row per prompt: its split, size, gold label and every prediction (model, baselines, best heads)."""
     n = hrun.n_prompts
     split_of = np.full(n, "report", dtype=object)
@@ -591,6 +757,9 @@ def _prompt_table(hrun, split: Split, heads: HeadScores, baselines: Baselines,
         "gold": hrun.gold.numpy(), "icl_pred": hrun.model_predictions.numpy(),
         "demo_majority": baselines.demo_majority.numpy(),
     }
+    if trivial is not None:
+        table["last_label"] = trivial.predictions["last_label"].numpy()
+        table["first_label"] = trivial.predictions["first_label"].numpy()
     if similarity is not None:
         table["zsl_pred"] = similarity.zsl_pred.numpy()
     for best in heads.best.values():
@@ -601,7 +770,8 @@ def _prompt_table(hrun, split: Split, heads: HeadScores, baselines: Baselines,
 
 
 def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, baselines: Baselines,
-            similarity: Similarity | None, started: float, tokenizer=None) -> HeadsReport:
+            similarity: Similarity | None, started: float, tokenizer=None, trivial: Trivial | None = None,
+            order: OrderControl | None = None) -> HeadsReport:
     """Tables, the summary (held-out rates beside their baselines) and the data of the figures."""
     zsl_pred = similarity.zsl_pred if similarity is not None else None
     corr = similarity.corr if similarity is not None else {}
@@ -610,6 +780,10 @@ def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, b
                        corr, probe_acc)
     head_preds = {how: best.predictions for how, best in heads.best.items()}
     summary["held_out"] = _held_out(hrun, split.report, head_preds, baselines.predictions, zsl_pred)
+    if trivial is not None:
+        summary["held_out"].update(_held_out_trivial(hrun, split.report, head_preds, trivial))
+    if order is not None:
+        summary["order_control"] = _order_summary(order, heads.best)
     if probe_acc:
         summary["probes_selected_layer"] = _probe_layers(cfg, hrun, split.select, split.report,
                                                          similarity.probe_targets, probe_acc)
@@ -626,7 +800,9 @@ def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, b
                       "cluster bootstrap with a report prompt's pairs as one cluster"),
         "level": 0.95, "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "stream": "bootstrap",
     }
-    tables = {"heads": heads.frame, "prompts": _prompt_table(hrun, split, heads, baselines, similarity)}
+    tables = {"heads": heads.frame, "prompts": _prompt_table(hrun, split, heads, baselines, similarity, trivial)}
+    if order is not None:
+        tables["order_control"] = order.frame
     if similarity is not None:
         tables["kernel_similarity"] = similarity.frame
         if similarity.probe_frame is not None:
@@ -651,9 +827,13 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     split = Split(*split_indices(hrun.n_prompts, cfg.select_fraction, cfg.prompts.seed))
     heads = _head_scores(hrun, split, search_layers)
     baselines = _baselines(cfg, sp, task, hrun, split, search_layers, heads.best["max"])
+    trivial = _trivial(hrun, split)
+    votes = _head_predictions(hrun)
+    heads.frame = _with_trivial(heads.frame, hrun, split, trivial, votes)
+    order = _order_control(cfg, model, sp, hrun, split, votes, progress) if cfg.order_control else None
     similarity = _similarity(cfg, model, sp, hrun, split, progress) if cfg.similarity else None
     return _report(cfg, task, sp, hrun, split, heads, baselines, similarity, started,
-                   tokenizer=getattr(model, "tokenizer", None))
+                   tokenizer=getattr(model, "tokenizer", None), trivial=trivial, order=order)
 
 
 def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr, zsl_pred, corr,
@@ -709,6 +889,10 @@ register_quantities('heads', (
     ('held_out\\.best_head\\.\\w+\\.agreement_minus_majority_share', "best head's agreement minus the model's majority share (paired bootstrap)"),
     ('held_out\\.kernel_regression\\..+\\.\\w+', "a kernel-regression baseline (MiniLM embeddings, residual stream, the head's own query/key vectors, demonstration majority) on the report prompts: agreement, accuracy, abstain"),
     ('held_out\\.best_head_minus_baseline\\..*', "best head's agreement minus a baseline's, report prompts (paired bootstrap)"),
+    ('held_out\\.trivial_baselines\\.\\w+\\.\\w+', "a trivial baseline on the report prompts (last_label: the last demonstration's label, first_label: the first's, demo_majority: their majority, model_majority: always the model's most frequent selection-split prediction): agreement with the model, accuracy, abstain (Wilson)"),
+    ('held_out\\.best_head_minus_best_trivial\\.\\w+', "best head's agreement minus the best trivial baseline's (chosen on the selection split), report prompts (paired bootstrap)"),
+    ('order_control\\.model_prediction_unchanged', "share of report prompts whose model prediction survives rotating the demonstrations by one"),
+    ('order_control\\.\\w+\\.(follows_content|follows_position|vote_unchanged|n)', "best head under rotated demonstrations: share whose most-attended demonstration moves with its content / stays at its position (prompts where it moved, n), share with an unchanged vote"),
     ('best_head\\.\\w+\\.(select|report)_(agreement|accuracy)', "best head's agreement / accuracy on the selection or report split (numbers without intervals; `held_out` has the intervals)"),
     ('best_head\\.\\w+\\.(layer|head|n_select|n_report)', "the best head's position and the split sizes"),
     ('kernel_regression\\..*', 'kernel-regression baselines over all prompts (numbers without intervals)'),

@@ -453,7 +453,7 @@ def permute_demonstrations(prompt, order: Sequence[int]):
     if n == 0:
         return prompt
     blocks = [(x[0], sep[1]) for x, sep in zip(prompt.demo_input_spans, prompt.separator_spans)]
-    for (a, b), (c, _) in zip(blocks, blocks[1:]):
+    for (_, b), (c, _) in zip(blocks, blocks[1:]):
         if b != c:
             raise ValueError(f"Demonstrations are not contiguous blocks (one ends at {b}, the next starts at {c}); "
                              "cannot reorder them.")

@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import load_tiny
 from test_patching import _prompts
+from transformer_lens.head_detector import detect_head
 
 from icl_kernels.cli import main
 from icl_kernels.engine import hooks as H
-from icl_kernels.engine.patching import attention_edits, edits_on, head_means, record_heads, run_with_edits
 from icl_kernels.engine.edits import Edit
+from icl_kernels.engine.patching import attention_edits, edits_on, head_means, record_heads, run_with_edits
 from icl_kernels.families.anchors import (
     anchor_isolation,
     flow_masks,
@@ -112,8 +113,6 @@ def test_an_idle_head_wins_without_the_first_token_but_is_not_ranked():
 @pytest.mark.parametrize("exclude_bos", [False, True])
 def test_pattern_scores_equal_transformer_lens_detect_head(backend, exclude_bos):
     """Same tokens, same options: our scores equal TransformerLens's head_detector (3.9 and 4.3)."""
-    from transformer_lens.head_detector import detect_head
-
     model = load_tiny("gpt-neo", backend)
     texts = ["The cat sat on the mat and the dog ran. The cat sat on the mat and the dog ran.",
              "one two three four five one two three four five one two"]

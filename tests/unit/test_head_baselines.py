@@ -104,6 +104,11 @@ def test_recency_baseline_equals_a_hand_count(tmp_path):
     assert rows["agreement_minus_best_trivial"].to_numpy() == pytest.approx(
         (rows["agreement"] - rows[column]).to_numpy(), abs=1e-6)
     assert (rows["agreement_minus_best_trivial_low"] <= rows["agreement_minus_best_trivial"] + 1e-9).all()
+    best_head = summary["best_head"]["max"]
+    row = rows[(rows["aggregation"] == "max") & (rows["layer"] == best_head["layer"]) & (rows["head"] == best_head["head"])]
+    column = f"head_max_L{best_head['layer']}H{best_head['head']}"
+    by_hand = np.mean([vote == sp.icl[i].demo_labels[-1] for i, vote in zip(report["prompt"], report[column])])
+    assert row["votes_last_label"].item() == pytest.approx(by_hand, abs=1e-6)
     order = pd.read_csv(out / "order_control.csv")
     assert len(order) == 3 * len(heads) // 9 and (order["n_report"] == len(report)).all()
     assert "order_control" in summary and summary["order_control"]["max"]["head"] == summary["best_head_max"]

@@ -65,7 +65,7 @@ from icl_kernels.utils.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_
 
 __all__ = [
     "WANG_LAYERS", "WANG_DEPTH", "WORD_LOYALTY_TOP", "label_positions", "isolation_mask", "flow_masks",
-    "saliency_flows", "flow_saliency", "saliency_summary", "isolation_layers", "layer_thirds",
+    "saliency_flows", "prompt_saliency", "flow_saliency", "saliency_summary", "isolation_layers", "layer_thirds",
     "IsolationRun", "isolated_predictions", "word_loyalty", "mcnemar_exact", "anchor_isolation",
 ]
 
@@ -120,28 +120,37 @@ def saliency_flows(saliency: Float[Tensor, "layer query_pos key_pos"], labels: S
     ))
 
 
+def prompt_saliency(
+    model: tl_backend.Model, prompt: IclPrompt, label_ids: Sequence[Sequence[int]], *, index: int = 0
+) -> Float[Tensor, "layer query_pos key_pos"]:
+    """Wang's I_l of one prompt: | sum_h A_h * dL/dA_h | per layer (diagonal zeroed; CPU), through a
+    ones multiplier on the recomputed pattern whose gradient is A * dL/dA."""
+    device = tl_backend.model_device(model)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    first = torch.tensor([ids[0] for ids in label_ids], device=device)
+    length = len(prompt)
+    tokens = torch.tensor([prompt.tokens], device=device)
+    dtype = torch.float64 if model.unembed.W_U.dtype == torch.float64 else torch.float32
+    ones = {layer: torch.ones(1, n_heads, length, length, device=device, dtype=dtype, requires_grad=True)
+            for layer in range(n_layers)}
+    q = torch.tensor([length - 1])
+    with torch.enable_grad(), edits_on(model, attention_edits(model, range(n_layers), multipliers=ones),
+                                       rows=torch.tensor([0]), prediction_positions=q, lengths=q + 1):
+        final = final_residual(model, tokens, q)[0]
+        logits = prediction_logits(model, final, first_index=index)[first]
+        loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([prompt.query_label], device=device))
+        grads = torch.autograd.grad(loss, [ones[layer] for layer in range(n_layers)])
+    saliency = torch.stack([g[0].sum(0).abs() for g in grads]).detach().cpu()  # [layer q k]
+    return saliency * (1 - torch.eye(length, dtype=saliency.dtype))[None]
+
+
 def flow_saliency(
     model: tl_backend.Model, prompts: Sequence, label_ids: Sequence[Sequence[int]], *, progress: bool = False
 ) -> pd.DataFrame:
     """Per (prompt, layer): the three mean flows of the attention x gradient saliency."""
-    device = tl_backend.model_device(model)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    first = torch.tensor([ids[0] for ids in label_ids], device=device)
     frames = []
     for i, prompt in enumerate(tqdm(prompts, desc="saliency: prompts", unit="prompt", disable=not progress)):
-        length = len(prompt)
-        tokens = torch.tensor([prompt.tokens], device=device)
-        ones = {layer: torch.ones(1, n_heads, length, length, device=device, requires_grad=True) for layer in range(n_layers)}
-        q = torch.tensor([length - 1])
-        with torch.enable_grad(), edits_on(model, attention_edits(model, range(n_layers), multipliers=ones),
-                                           rows=torch.tensor([0]), prediction_positions=q, lengths=q + 1):
-            final = final_residual(model, tokens, q)[0]
-            logits = prediction_logits(model, final, first_index=i)[first]
-            loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([prompt.query_label], device=device))
-            grads = torch.autograd.grad(loss, [ones[layer] for layer in range(n_layers)])
-        saliency = torch.stack([g[0].sum(0).abs() for g in grads]).detach().cpu()  # [layer q k]
-        saliency = saliency * (1 - torch.eye(length))[None]
-        frame = saliency_flows(saliency, label_positions(prompt), length - 1)
+        frame = saliency_flows(prompt_saliency(model, prompt, label_ids, index=i), label_positions(prompt), len(prompt) - 1)
         frame.insert(0, "prompt", i)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)

@@ -25,6 +25,7 @@ from icl_kernels.families.anchors import (
     isolation_mask,
     label_positions,
     mcnemar_exact,
+    prompt_saliency,
     saliency_flows,
     saliency_summary,
     word_loyalty,
@@ -362,6 +363,33 @@ def test_saliency_of_a_real_run_has_intervals_over_prompts():
         means = flows.groupby("layer")[column].mean().to_numpy()
         assert summary[column].to_numpy() == pytest.approx(means, rel=1e-6)  # float32 flows
         assert (summary[f"{column}_low"] <= summary[column] + 1e-12).all() and (summary[column] <= summary[f"{column}_high"] + 1e-12).all()
+
+
+@pytest.mark.tl3_only(reason="reads the gradient of hook_pattern itself, which only a HookedTransformer computes from")
+def test_ones_multiplier_gradient_equals_pattern_times_its_autograd_gradient():
+    """peers.md 5, anchors (c): our I_l (ones multiplier on the recomputed pattern) equals
+    | sum_h A * dL/dA | from autograd on the model's own retained hook_pattern (Wang's definition)."""
+    model = load_tiny("gpt-neo", "hooked", torch.float64)
+    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=1)
+    prompt = icl[0]
+    ours = prompt_saliency(model, prompt, builder.label_ids)
+    kept = {}
+
+    def keep(pattern, hook):
+        pattern.retain_grad()
+        kept[hook.layer()] = pattern
+
+    tokens = torch.tensor([prompt.tokens])
+    with torch.enable_grad(), H.hooks_on(model, [(H.act_name("pattern", layer), keep) for layer in range(model.cfg.n_layers)]):
+        logits = model(tokens)[0, -1]
+        first = torch.tensor([ids[0] for ids in builder.label_ids])
+        loss = torch.nn.functional.cross_entropy(logits[first][None], torch.tensor([prompt.query_label]))
+        loss.backward()
+    reference = torch.stack([(kept[layer] * kept[layer].grad)[0].sum(0).abs() for layer in range(model.cfg.n_layers)])
+    reference = reference * (1 - torch.eye(len(prompt), dtype=reference.dtype))[None]
+    assert reference.abs().max() > 0
+    torch.testing.assert_close(ours, reference.detach(), atol=1e-12, rtol=1e-8)
+    model.zero_grad(set_to_none=True)
 
 
 def test_isolation_layers_scale_wang_five_of_forty_eight():

@@ -52,17 +52,35 @@ def test_open_split_sizes_and_determinism():
     assert (open_split(5000, 1)[1] == test).all() and not (open_split(5000, 2)[1] == test).all()
 
 
-@pytest.mark.parametrize("name", ["capitalize", "next-item", "previous-item", "last-letter"])
+ALL_OPEN = ["capitalize", "capitalize-first-letter", "capitalize-last-letter", "lowercase-first-letter",
+            "lowercase-last-letter", "next-item", "previous-item", "singular-plural", "present-past", "country-capital",
+            "antonym"]
+KNOWN = {  # pairs each task must hold (in either split)
+    "capitalize": ("house", "House"), "capitalize-first-letter": ("house", "H"), "lowercase-first-letter": ("HOUSE", "h"),
+    "capitalize-last-letter": ("house", "E"), "lowercase-last-letter": ("HOUSE", "e"), "next-item": ("Monday", "Tuesday"), "previous-item": ("January", "December"),
+    "singular-plural": ("child", "children"), "present-past": ("run", "ran"), "country-capital": ("France", "Paris"),
+    "antonym": ("cold", "hot"),
+}
+
+
+def test_every_builtin_open_task_is_listed_with_its_source():
+    open_names = sorted(t.name for t in list_tasks() if t.kind == "open")
+    assert open_names == sorted(ALL_OPEN)
+    for name in ALL_OPEN:
+        task = get_task(name)
+        assert task.source.startswith(("pypi:", "generated", "asset:")) and "Todd" in task.description
+
+
+@pytest.mark.parametrize("name", ALL_OPEN)
 def test_builtin_open_tasks_load(name):
     task = get_task(name)
     assert isinstance(task, OpenVocabTask) and task.kind == "open" and task.template == "Q: {input}\nA:"
     dd = task.load(seed=0)
     assert len(dd["test"]) >= 20 and task.n_classes >= 20
     assert not set(dd["train"]["input"]) & set(dd["test"]["input"])
-    first = dd["test"][0]
-    expected = {"capitalize": first["input"].capitalize(), "last-letter": first["input"][-1]}.get(name)
-    assert expected is None or first["answer"] == expected
-    assert name in [t.name for t in list_tasks()]
+    pairs = set(zip(dd["train"]["input"], dd["train"]["answer"])) | set(zip(dd["test"]["input"], dd["test"]["answer"]))
+    assert KNOWN[name] in pairs and len(pairs) == len(dd["train"]) + len(dd["test"])
+    assert len({x for x, _ in pairs}) == len(pairs)  # one answer per input
 
 
 def test_prompts_use_todds_format_and_the_zero_shot_form_has_no_cue():
@@ -107,6 +125,14 @@ def test_a_users_csv_is_an_open_task_by_name(tmp_path, monkeypatch):
         get_task("two")
     with pytest.raises(UnknownTaskError):
         get_task("nothing-here")
+
+
+def test_antonyms_go_both_ways_and_words_with_two_antonyms_are_dropped():
+    task = get_task("antonym")
+    pairs = dict(task.pairs())
+    assert pairs["hot"] == "cold" and pairs["cold"] == "hot"
+    assert "light" not in pairs  # dark and heavy
+    assert len(pairs) >= 300
 
 
 def test_a_missing_data_package_names_the_install_command():

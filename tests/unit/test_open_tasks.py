@@ -10,12 +10,18 @@ import pytest
 import torch
 from conftest import load_tiny
 
+from icl_kernels.cli import main
 from icl_kernels.data.prompts import PromptBuilder, RandomSelector, gold_answer_ids, make_prompts
 from icl_kernels.data.tasks.open_vocab import OpenVocabTask, find_user_open_tasks, open_split, open_task
 from icl_kernels.data.tasks.registry import get_task, list_tasks
 from icl_kernels.data.tasks.sources import task_data_source
+from icl_kernels.engine.accuracy import CALIBRATION_NOT_APPLICABLE, evaluate_icl, evaluate_open
 from icl_kernels.engine.vocab_scoring import answer_scores
-from icl_kernels.utils.errors import MissingAssetError, TaskDataError, UnknownTaskError
+from icl_kernels.models.loading import load_model
+from icl_kernels.studies.preflight import check_installed
+from icl_kernels.studies.registry import get_study
+from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError, TaskDataError, UnknownTaskError
+from icl_kernels.utils.stats import wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -160,9 +166,6 @@ def test_scoring_a_builtin_open_task_on_a_tiny_model():
 
 
 def test_evaluate_open_scores_each_prompt_with_answer_scores():
-    from icl_kernels.engine.accuracy import CALIBRATION_NOT_APPLICABLE, evaluate_icl, evaluate_open
-    from icl_kernels.utils.errors import InvalidOptionError
-    from icl_kernels.utils.stats import wilson_interval
 
     model = load_tiny("llama")
     task = get_task("next-item")
@@ -191,7 +194,6 @@ def test_evaluate_open_scores_each_prompt_with_answer_scores():
 
 
 def test_the_eval_study_runs_an_open_task_and_says_calibration_does_not_apply(tmp_path):
-    from icl_kernels.studies.registry import get_study
 
     study = get_study("eval")
     cfg = study.config.from_dict({"model": "tiny-gpt-neo", "device": "cpu", "task": "country-capital", "shots": 2,
@@ -205,9 +207,6 @@ def test_the_eval_study_runs_an_open_task_and_says_calibration_does_not_apply(tm
 
 @pytest.mark.parametrize("study_name", ["heads", "causal", "families", "compare", "momentum"])
 def test_studies_without_open_task_support_refuse_them_before_loading_a_model(study_name):
-    from icl_kernels.studies.preflight import check_installed
-    from icl_kernels.studies.registry import get_study
-    from icl_kernels.utils.errors import InvalidOptionError
 
     study = get_study(study_name)
     cfg = study.config.from_dict({"model": "tiny-gpt-neo", "task": "capitalize"})
@@ -220,9 +219,6 @@ def test_studies_without_open_task_support_refuse_them_before_loading_a_model(st
 def test_gemma_answers_country_capital_in_context_not_zero_shot():
     """Gemma-3-270M on 20 country-capital queries: the cue-free zero-shot prompt ``Q: France\\nA:`` does
     not say what is asked, 5 demonstrations do (see the numbers in the test's output)."""
-    from icl_kernels.engine.accuracy import evaluate_open
-    from icl_kernels.models.loading import load_model
-
     model = load_model("gemma-3-270m", device="cpu")
     result = evaluate_open(model, get_task("country-capital"), shots=5, n_test=20, seed=0, progress=False)
     print(result.metrics())
@@ -231,7 +227,6 @@ def test_gemma_answers_country_capital_in_context_not_zero_shot():
 
 
 def test_the_tasks_command_marks_open_tasks_and_lists_a_users_task(tmp_path, monkeypatch, capsys):
-    from icl_kernels.cli import main
 
     monkeypatch.setenv("ICL_KERNELS_DATA_DIR", str(tmp_path))
     (tmp_path / "my-pairs").mkdir()

@@ -59,7 +59,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from icl_kernels.data.tasks.definition import Task, _check_definition, check_label_range, check_label_words, check_seed
-from icl_kernels.data.tasks.sources import DATA_DIR_ENV, MAX_TEST_SIZE, TEST_FRACTION, _file_identity, _record, _version, package_file
+from icl_kernels.data.tasks.sources import (
+    DATA_DIR_ENV,
+    MAX_TEST_SIZE,
+    TEST_FRACTION,
+    _file_identity,
+    _record,
+    _version,
+    package_file,
+)
 from icl_kernels.utils.errors import TaskDataError, TaskDefinitionError
 from icl_kernels.utils.lazy import lazy_module
 

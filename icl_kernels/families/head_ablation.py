@@ -157,11 +157,12 @@ class CausalResult:
         top_heads: the k heads ablated and patched.
         random_heads: one list of k heads per random draw.
         effects: one row per (run, condition, prompt) on the report split (`patching.effects_frame`
-            columns plus ``run`` "icl"/"zsl", ``group``, ``draw``, ``layer``, ``intervention``).
+            columns plus ``run`` "icl"/"zsl", ``group``, ``draw``, ``layer``, ``intervention`` and
+            ``resample_source``, the prompt whose head outputs a resample-ablated prompt received).
         summary: one row per condition, and aggregated rows for the random draws (groups
             ``random_mean``, ``reverse_random_mean``) and for top-k minus random (``top_minus_random``).
         layers: the per-layer sweep (one row per layer and kind), or None.
-        info: sizes, clean accuracies, the resample pairing and the configuration.
+        info: sizes, clean accuracies and the configuration.
     """
 
     ranking: pd.DataFrame
@@ -379,6 +380,9 @@ def causal_study(
     effects = pd.concat(frames, ignore_index=True)
     for column, default in (("group", "clean"), ("draw", -1), ("layer", -1), ("intervention", "clean")):
         effects[column] = effects["condition"].map(lambda c, column=column, default=default: meta.get(c, {}).get(column, default))
+    # resample ablation: the prompt whose head outputs each prompt received (-1 elsewhere)
+    source_of = dict(zip(ids, [ids[int(j)] for j in sources])) if sources is not None else {}
+    effects["resample_source"] = np.where(effects["intervention"] == "resample", effects["prompt"].map(source_of).fillna(-1), -1).astype(int)
 
     summary, layers = _summaries(effects, cfg, [c[0] for c in conditions], len(randoms))
     icl_acc = float((icl_pred == gold).float().mean())
@@ -388,8 +392,6 @@ def causal_study(
         top_heads=[list(h) for h in top], random_heads=[[list(h) for h in s] for s in randoms],
         config=asdict(cfg), n_layers=n_layers, n_heads=n_heads,
     )
-    if sources is not None:
-        info["resample_sources"] = [ids[int(j)] for j in sources]  # prompt id whose outputs each report prompt took
     return CausalResult(ranking, top, randoms, effects, summary, layers if cfg.layer_sweep else None, info)
 
 

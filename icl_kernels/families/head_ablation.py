@@ -50,6 +50,7 @@ when the gain's interval reaches 0, the recovery is printed as uninformative ins
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -191,17 +192,29 @@ def rank_heads(scores, aggregation: str = "label", metric: str = "agreement") ->
 def random_head_sets(
     n_layers: int, n_heads: int, k: int, draws: int, exclude: Sequence[Head] = (), seed: int = 0
 ) -> list[list[Head]]:
-    """``draws`` sets of ``k`` distinct heads, uniformly from the heads not in ``exclude`` (seeded:
-    draw d comes from the ``random_heads`` stream at (seed, d), so the first draws do not change
-    when more are asked for)."""
+    """``draws`` distinct sets of ``k`` distinct heads, uniformly from the heads not in ``exclude``
+    (seeded: draw d comes from the ``random_heads`` stream at (seed, d), so the first draws do not
+    change when more are asked for; a set equal to an earlier one is drawn again from (seed, d,
+    attempt), so no two draws are the same set)."""
     excluded = {tuple(map(int, h)) for h in exclude}
     pool = [(layer, head) for layer in range(n_layers) for head in range(n_heads) if (layer, head) not in excluded]
     if draws and k > len(pool):
         raise ValueError(f"Cannot draw {k} random heads from {len(pool)} heads outside the top-k; use a smaller k.")
-    out = []
+    if draws > math.comb(len(pool), k):
+        raise ValueError(f"Only {math.comb(len(pool), k)} distinct sets of {k} heads exist outside the top-k; "
+                         f"ask for at most that many random draws, not {draws}.")
+    out: list[list[Head]] = []
+    seen: set[tuple[Head, ...]] = set()
     for d in range(draws):
-        rng = seeded('random_heads', seed, d)
-        out.append(sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False)))
+        attempt = 0
+        while True:
+            rng = seeded('random_heads', seed, d) if attempt == 0 else seeded('random_heads', seed, d, attempt)
+            heads = sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False))
+            if tuple(heads) not in seen:
+                break
+            attempt += 1
+        seen.add(tuple(heads))
+        out.append(heads)
     return out
 
 

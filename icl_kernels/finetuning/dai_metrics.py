@@ -17,6 +17,11 @@ prompts of one demonstration set share everything before the query, which is run
 (`icl_kernels.finetuning.recording.encode_recording_prefix`) and reused by each query's recording
 (``ComparisonSettings.prefix_reuse``, on by default; the records equal the full forward's to
 1e-10 in float64 where the model computes in float64, ``tests/unit/test_recording_prefix.py``).
+Work that several runs share is done once (``ComparisonSettings.shared_finetuning``: each set's
+first SGD step across the candidate rates, the chosen rate's runs kept from the search, each set's
+run reused as the previous set's mismatched control, the lr-0 control's recording taken from the
+zero-shot one) and the bootstrap resamples are computed together (``vectorised_intervals``); both
+give the same numbers bit for bit (``tests/unit/test_compare_shared.py``).
 
 Metrics (the definitions collected in the project's shared reference `papers.md`, part A):
 
@@ -130,8 +135,10 @@ from icl_kernels.finetuning.finetune import (
     DEFAULT_LRS,
     DevScore,
     FinetuneResult,
+    FirstStep,
     LrSelection,
     finetune,
+    first_step,
     kv_weights,
     select_lr,
 )
@@ -287,6 +294,12 @@ class ComparisonSettings:
     #: compute the bootstrap resamples of every interval at once (`icl_kernels.utils.stats.batched_statistic`;
     #: the same draws and values bit for bit); False: one statistic call per resample
     vectorised_intervals: bool = True
+    #: compute once what several finetuning runs share (`icl_kernels.finetuning.finetune.first_step`: the
+    #: first SGD step of each demonstration set at every candidate rate; the chosen rate's runs kept from
+    #: the search for the trained side; each set's run reused as the previous set's mismatched control;
+    #: the lr-0 control's recording taken from the zero-shot one, its weights being the original);
+    #: the same numbers bit for bit. False: every run trained and recorded on its own
+    shared_finetuning: bool = True
 
     def __post_init__(self) -> None:
         check_definition(self.definition)
@@ -382,13 +395,25 @@ def choose_lr(model, episodes: Sequence[Episode], label_tokens, cfg: "Comparison
     if cfg.lr is not None:
         return LrSelection(lr=float(cfg.lr), table=[], margin=cfg.collapse_margin)
     zero_shot_accuracy, zero_shot_labels = _zero_shot_folds(model, episodes, label_tokens)
+    shared = cfg.shared_finetuning
+    starts: dict[int, FirstStep] = {}
+
+    def train(lr: float) -> list[FinetuneResult]:
+        out = []
+        for e, ep in enumerate(episodes):
+            if shared and e not in starts:
+                starts[e] = first_step(model, ep.train_sequences)
+            # with shared work the chosen rate's runs are kept for the comparison, which needs their queries
+            out.append(finetune(model, ep.train_sequences, lr, record_queries=shared, first=starts.get(e)))
+        return out
+
     return select_lr(
-        lambda lr: [finetune(model, ep.train_sequences, lr, record_queries=False) for ep in episodes],
+        train,
         lambda tuned: _dev_score(tuned, episodes, label_tokens),
         cfg.lrs, progress=log,
         zero_shot_fold_accuracy=zero_shot_accuracy, zero_shot_fold_labels=zero_shot_labels,
         gold_fold_labels=[len(set(ep.dev_gold)) for ep in episodes],
-        margin=cfg.collapse_margin, fold_names=[ep.name for ep in episodes],
+        margin=cfg.collapse_margin, fold_names=[ep.name for ep in episodes], keep_best=shared,
     )
 
 
@@ -402,8 +427,11 @@ class _ModelPass:
     """
 
     def __init__(self, model, episodes, label_tokens, cfg: ComparisonSettings, lr: float, *, direct: bool,
-                 controls: bool = False):
+                 controls: bool = False, tuned: Sequence[FinetuneResult] | None = None):
         self.model = model
+        # the search's runs at ``lr`` (queries recorded), one per episode, reused when work is shared
+        self._tuned_cache: dict[int, FinetuneResult] = (
+            dict(enumerate(tuned)) if tuned is not None and cfg.shared_finetuning else {})
         self.episodes = episodes
         self.label_tokens = label_tokens
         self.cfg = cfg
@@ -432,7 +460,7 @@ class _ModelPass:
         gen = generator or torch.Generator().manual_seed(self.cfg.seed)
         for e, episode in enumerate(self.episodes):
             start = time.perf_counter()
-            tuned = finetune(self.model, episode.train_sequences, self.lr, record_queries=True)
+            tuned = self._tuned(e)
             self.ft_seconds += time.perf_counter() - start
             self.ft_update_rows += self._ft_updates(e, tuned)
             start = time.perf_counter()
@@ -449,6 +477,18 @@ class _ModelPass:
                 if progress is not None:
                     progress(1)
             del tuned, controls, prefix
+            if e > 0:  # episode 0's run is the last episode's mismatched control
+                self._tuned_cache.pop(e, None)
+        self._tuned_cache.clear()
+
+    def _tuned(self, e: int) -> FinetuneResult:
+        """Episode ``e`` finetuned at ``self.lr`` with its training queries: kept from the search or an
+        earlier episode's mismatched control when work is shared, else trained now."""
+        if not self.cfg.shared_finetuning:
+            return finetune(self.model, self.episodes[e].train_sequences, self.lr, record_queries=True)
+        if e not in self._tuned_cache:
+            self._tuned_cache[e] = finetune(self.model, self.episodes[e].train_sequences, self.lr, record_queries=True)
+        return self._tuned_cache[e]
 
     def _demonstration_prefix(self, episode: Episode) -> RecordingPrefix | None:
         """The tokens every ICL recording of the episode starts with (BOS, the demonstrations and
@@ -468,8 +508,12 @@ class _ModelPass:
         episode = self.episodes[e]
         out = {"lr0": finetune(self.model, episode.train_sequences, 0.0, record_queries=True)}
         if len(self.episodes) > 1:
-            other = self.episodes[(e + 1) % len(self.episodes)]
-            out["mismatched"] = finetune(self.model, other.train_sequences, self.lr, record_queries=False)
+            other = (e + 1) % len(self.episodes)
+            if self.cfg.shared_finetuning:  # the next episode's own run (the same weights: queries only added)
+                out["mismatched"] = self._tuned(other)
+            else:
+                out["mismatched"] = finetune(self.model, self.episodes[other].train_sequences, self.lr,
+                                             record_queries=False)
         return out
 
     def _ft_updates(self, episode: int, tuned: FinetuneResult) -> list[dict]:
@@ -553,9 +597,12 @@ class _ModelPass:
         for name, value in {**self._headline(per_head), **per_head}.items():
             self.add(self.per_head, name, value)
         for name, control in controls.items():
-            with control.applied() as control_model:
-                ft_c = record(control_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens,
-                              what=f"the {name} control run of {query}")
+            if name == "lr0" and self.cfg.shared_finetuning:
+                ft_c = zsl  # lr 0: the original weights, so the zero-shot recording itself
+            else:
+                with control.applied() as control_model:
+                    ft_c = record(control_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens,
+                                  what=f"the {name} control run of {query}")
             row[f"{name}_ft_pred"] = _predict(ft_c)
             # the lr -> 0 run recorded its own training queries; the mismatched run trained on other
             # tokens, so its query is ranked against this episode's training queries
@@ -978,7 +1025,9 @@ def compare_icl_with_finetuning(
               disable=not progress) as bar:
         gen = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
-        side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls)
+        side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls,
+                          tuned=selections["trained"].models)
+        selections["trained"].models = None  # held by the pass until each is used
         side.run(bar.update, gen)
         timing["trained_s"] = time.perf_counter() - start
         timing["trained_finetune_s"] = side.ft_seconds
@@ -987,7 +1036,9 @@ def compare_icl_with_finetuning(
         control = None
         if untrained is not None:
             start = time.perf_counter()
-            control = _ModelPass(untrained, episodes, label_tokens, cfg, selections["untrained"].lr, direct=False)
+            control = _ModelPass(untrained, episodes, label_tokens, cfg, selections["untrained"].lr, direct=False,
+                                 tuned=selections["untrained"].models)
+            selections["untrained"].models = None
             control.run(bar.update, gen)
             timing["untrained_s"] = time.perf_counter() - start
     metrics = _summary_metrics(side, control, cfg, lr, n_episodes=len(episodes))

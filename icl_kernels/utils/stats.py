@@ -336,6 +336,29 @@ def batched_statistic(statistic: Callable[..., float], batched: Callable[..., np
     return wrapped
 
 
+#: The index draws of recent bootstraps: (generator state, units, resamples) -> [resample, unit]. Every
+#: interval of a study draws from the same seeded stream, so the draws repeat; kept read-only.
+_DRAWS: dict[tuple, tuple[np.ndarray, dict]] = {}
+
+
+def _draws(generator: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """``generator.integers(0, n, size=n)`` per resample, stacked, from a fresh generator (the state it
+    is in decides the draws: a known state gives the stored draws, and the generator is moved on as
+    the draws would have moved it)."""
+    state = generator.bit_generator.state
+    key = (repr(state), n, resamples)
+    if key in _DRAWS:
+        picks, after = _DRAWS[key]
+        generator.bit_generator.state = after
+        return picks
+    picks = np.stack([generator.integers(0, n, size=n) for _ in range(resamples)]) if resamples else np.zeros((0, n), np.int64)
+    picks.setflags(write=False)
+    if len(_DRAWS) >= 8:
+        _DRAWS.pop(next(iter(_DRAWS)))
+    _DRAWS[key] = (picks, generator.bit_generator.state)
+    return picks
+
+
 def _resample_values(
     statistic: Callable[..., float],
     batched: Callable[..., np.ndarray] | None,
@@ -361,7 +384,7 @@ def _resample_values(
             values.append(statistic(*[a[idx] for a in arrays]))
         return np.asarray(values, dtype=float)
     table = np.stack(members)  # [cluster, size]
-    picks = np.stack([generator.integers(0, n, size=n) for _ in range(resamples)]) if resamples else np.zeros((0, n), int)
+    picks = _draws(generator, n, resamples)
     rows = n * len(members[0])
     per_resample = max(1, rows * max(int(np.prod(a.shape[1:], dtype=np.int64)) for a in arrays))
     chunk = max(1, _BATCH_ELEMENTS // per_resample)

@@ -185,3 +185,16 @@ def test_select_lr_keeps_the_chosen_rates_models():
                        lrs=tuple(scores), keep_best=True)
     assert picked.lr == 1e-2 and picked.models == ["model at 0.01"]
     assert select_lr(lambda lr: [lr], lambda models: scores[models[0]], lrs=tuple(scores)).models is None
+
+
+def test_unembedding_copied_once_gives_the_same_run(arch, backend, monkeypatch):
+    """A run that copies the frozen ``W_U.T`` once (HookedTransformer) trains the same weights and
+    losses bit for bit as TransformerLens' own forward, which copies it on every pass."""
+    from icl_kernels.finetuning import finetune as ft
+
+    model = load_tiny(arch, backend)
+    fast = finetune(model, SEQUENCES, lr=0.2)
+    monkeypatch.setattr(ft, "_COPY_UNEMBED_ONCE", False)
+    _equal_results(finetune(model, SEQUENCES, lr=0.2), fast)
+    if backend == "hooked":  # the copy is made once only where TransformerLens 3's forward is the known line
+        assert ft._known_unembed(type(model.unembed))

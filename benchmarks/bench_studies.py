@@ -33,7 +33,6 @@ from icl_kernels import PromptOptions, load_model, study_prompts
 from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.studies import get_study
 
-
 #: Options that change only how fast a study runs, not its numbers: off in the "before" row.
 SPEED_OPTIONS = ("prefix_reuse", "shared_work")
 

@@ -11,7 +11,15 @@ from test_relaxation import assert_tiny
 
 from icl_kernels.engine import hooks as H
 from icl_kernels.engine.capture import capture
-from icl_kernels.finetuning.finetune import finetune, has_kv_bias, kv_parameters, kv_weights, select_lr
+from icl_kernels.finetuning import finetune as finetune_module
+from icl_kernels.finetuning.finetune import (
+    finetune,
+    first_step,
+    has_kv_bias,
+    kv_parameters,
+    kv_weights,
+    select_lr,
+)
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.loading import load_model
 
@@ -156,8 +164,6 @@ def _equal_results(a, b) -> None:
 def test_shared_first_step_gives_the_same_run_bit_for_bit(arch, backend):
     """`first_step` computed once stands in for every learning rate's first pass: weights, losses and
     queries equal a run from scratch exactly; with or without recorded queries the weights are the same."""
-    from icl_kernels.finetuning.finetune import first_step
-
     model = load_tiny(arch, backend)
     assert_tiny(arch, model)
     first = first_step(model, SEQUENCES)
@@ -190,11 +196,9 @@ def test_select_lr_keeps_the_chosen_rates_models():
 def test_unembedding_copied_once_gives_the_same_run(arch, backend, monkeypatch):
     """A run that copies the frozen ``W_U.T`` once (HookedTransformer) trains the same weights and
     losses bit for bit as TransformerLens' own forward, which copies it on every pass."""
-    from icl_kernels.finetuning import finetune as ft
-
     model = load_tiny(arch, backend)
     fast = finetune(model, SEQUENCES, lr=0.2)
-    monkeypatch.setattr(ft, "_COPY_UNEMBED_ONCE", False)
+    monkeypatch.setattr(finetune_module, "_COPY_UNEMBED_ONCE", False)
     _equal_results(finetune(model, SEQUENCES, lr=0.2), fast)
     if backend == "hooked":  # the copy is made once only where TransformerLens 3's forward is the known line
-        assert ft._known_unembed(type(model.unembed))
+        assert finetune_module._known_unembed(type(model.unembed))

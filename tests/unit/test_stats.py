@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from icl_kernels.finetuning import dai_metrics as dm
 from icl_kernels.utils.stats import (
+    _resample_values,
+    clustered_interval,
     cosine,
     kendall_tau,
     majority_share,
     paired_bootstrap,
     proportion,
     recovery,
+    rng,
     split_indices,
     wilson_interval,
 )
@@ -120,8 +124,6 @@ def test_wilson_interval_equals_scipy():
 
 def _old_loop_values(statistic, arrays, groups, resamples, seed):
     """The bootstrap loop before vectorisation (issue 26), verbatim: one statistic call per resample."""
-    from icl_kernels.utils.stats import rng
-
     rows = len(arrays[0])
     if groups is None:
         members = [np.array([i]) for i in range(rows)]
@@ -142,9 +144,6 @@ def _old_loop_values(statistic, arrays, groups, resamples, seed):
 def test_vectorised_bootstrap_equals_the_loop_bit_for_bit(shape, grouping):
     """The compare statistics' stacked forms give every resample the value the old loop gave, bit
     for bit (same draws, same order), on random data with NaNs (whole queries, single cells)."""
-    from icl_kernels.finetuning import dai_metrics as dm
-    from icl_kernels.utils.stats import _resample_values, clustered_interval, rng
-
     gen = np.random.default_rng(sum(shape) + len(grouping))
     rows = shape[0]
     a, b = gen.normal(size=shape), gen.normal(size=shape) * 1e3

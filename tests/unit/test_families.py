@@ -22,7 +22,7 @@ from icl_kernels.families.anchors import (
     saliency_flows,
 )
 from icl_kernels.families.function_vectors import (
-    function_vector,
+    projected_function_vector,
     indirect_effects,
     shuffle_demo_labels,
     shuffled_label_prompts,
@@ -142,7 +142,7 @@ def test_planted_head_is_the_only_one_with_an_indirect_effect_and_ranks_first():
             patched.append(model(torch.tensor([p.tokens]))[0, -1].softmax(-1)[builder.label_ids[int(g)][0]])
     assert cie[planted].item() == pytest.approx(float((torch.stack(patched) - base).mean()), abs=1e-5)
     # the function vector of the planted head is its mean output through W_O
-    fv = function_vector(model, means, [planted])
+    fv = projected_function_vector(model, means, [planted])
     assert torch.allclose(fv, means[planted] @ model.blocks[2].attn.W_O[1], atol=1e-6)
 
 

@@ -22,8 +22,8 @@ from icl_kernels.families.anchors import (
     saliency_flows,
 )
 from icl_kernels.families.function_vectors import (
-    projected_function_vector,
     indirect_effects,
+    projected_function_vector,
     shuffle_demo_labels,
     shuffled_label_prompts,
     top_heads,

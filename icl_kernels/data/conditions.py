@@ -128,7 +128,7 @@ def permute_words(text: str, generator: np.random.Generator) -> str:
 def condition_words_and_map(task, label_format: str) -> tuple[tuple[str, ...], Callable[[int], int] | None]:
     """(label words, demonstration label map or None) for a label format."""
     n = task.n_classes
-    words = tuple(task.label_words)
+    words = tuple(task.answer_words)  # an open task's answer vocabulary stands for its label words
     if label_format == "swapped":
         return tuple(words[(c + 1) % n] for c in range(n)), None
     if label_format == "arbitrary":
@@ -174,8 +174,8 @@ def text_prompts(tokenizer, n_ctx: int | None, prompts: PromptOptions, condition
         selector = RetrievalSelector(
             embed=minilm_encoder(), pool_texts=[text_of(task, r) for r in pool], text_of=lambda q: text_of(task, q)
         )
-    else:
-        selector = RandomSelector(balanced=condition.balanced)
+    else:  # most answers of an open task occur once: no class balancing there
+        selector = RandomSelector(balanced=condition.balanced and task.kind == "classification")
     icl = make_prompts(builder, pool, queries, prompts.shots, seed=prompts.seed, selector=selector, label_map=label_map)
     zsl = make_prompts(builder, pool, queries, 0, seed=prompts.seed)
     return StudyPrompts(icl, zsl, [list(ids) for ids in builder.label_ids], builder, pool, queries)

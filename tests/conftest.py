@@ -21,6 +21,11 @@ TINY_ARCHS = tuple(ARCHITECTURES)
 TINY_PARAMS = {name: record.tiny_params for name, record in ARCHITECTURES.items()}
 BACKENDS = tl_backend.AVAILABLE_BACKENDS
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist (`pytest -n 2`, scripts/test.sh) runs a worker per core: one torch thread each, as
+    # threads beyond the cores are many times slower on a shared CPU (see `one_torch_thread`).
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     """Every test runs on TransformerLens 3.9 and 4.x unless marked ``tl3_only(reason=...)``.

@@ -5,6 +5,7 @@ ones included."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _lint_imports(config: Path) -> subprocess.CompletedProcess:
+def _lint_imports(config: Path, root: Path = ROOT) -> subprocess.CompletedProcess:
     script = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
     return subprocess.run(
         [sys.executable, "-c", script, "--config", str(config), "--no-cache"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        cwd=root, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
     )
 
 
@@ -29,17 +30,16 @@ def test_layers_contract_is_kept():
 
 
 def test_contract_catches_an_upward_import(tmp_path):
-    """The same contract breaks when utils/ imports a study: the check can fail."""
+    """The same contract breaks when utils/ imports a study: the check can fail. The probe goes into a
+    copy of the package, never the checkout, which concurrent test runs (lint, docs, this contract) read."""
     text = (ROOT / "pyproject.toml").read_text()
     layers = text[text.index("[tool.importlinter]"):]
     config = tmp_path / "importlinter.toml"
     config.write_text(layers)
-    probe = ROOT / "icl_kernels" / "utils" / "_upward_probe.py"
-    probe.write_text("from icl_kernels.studies import get_study  # deliberately upward\n")
-    try:
-        result = _lint_imports(config)
-    finally:
-        probe.unlink()
+    shutil.copytree(ROOT / "icl_kernels", tmp_path / "icl_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "icl_kernels" / "utils" / "_upward_probe.py").write_text(
+        "from icl_kernels.studies import get_study  # deliberately upward\n")
+    result = _lint_imports(config, root=tmp_path)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout and "icl_kernels.utils._upward_probe" in result.stdout
 

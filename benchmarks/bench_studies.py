@@ -13,11 +13,12 @@ tokens/s, and the study's tokens/s relative to a plain batched forward of its ow
 (the eval study's prompts through ``model(tokens, return_type=None)``, measured in the same run):
 the share of a study's time that is model compute.
 
-Before and after prefix reuse, in the same run: a study with a ``prefix_reuse`` option (compare)
-runs twice, first with it off (``compare[full]``: every ICL prompt in full, the path before
-reuse) and then on. Reuse feeds fewer tokens to the model for the same work, so both rows count
-the tokens of the full-recompute run (work done per second, comparable across the two), and the
-last column is the wall-time speed-up of reuse.
+Before and after, in the same run: a study with a speed option (`SPEED_OPTIONS`: compare's
+``prefix_reuse`` and ``shared_work``) runs twice, first with every such option off
+(``compare[full]``: every ICL prompt in full, every finetuning run and bootstrap resample on its
+own: the path before issue 26) and then on. Reuse feeds fewer tokens to the model for the same
+work, so both rows count the tokens of the full-recompute run (work done per second, comparable
+across the two), and the last column is the wall-time speed-up.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ import torch
 from icl_kernels import PromptOptions, load_model, study_prompts
 from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.studies import get_study
+
+#: Options that change only how fast a study runs, not its numbers: off in the "before" row.
+SPEED_OPTIONS = ("prefix_reuse", "shared_work")
 
 
 def _configs(model: str, task: str, scale: int) -> dict[str, dict]:
@@ -95,8 +99,9 @@ def main(argv=None) -> None:
     print(f"{'study':<14} {'wall s':>8} {'passes':>7} {'tokens':>9} {'tokens/s':>9} {'/ plain':>8} {'speed-up':>9}")
     for name in args.studies.split(","):
         study = get_study(name)
-        variants = [(f"{name}[full]", dict(prefix_reuse=False)), (name, dict(prefix_reuse=True))] if any(
-            f.name == "prefix_reuse" for f in dataclasses.fields(study.config)) else [(name, {})]
+        speed = [f.name for f in dataclasses.fields(study.config) if f.name in SPEED_OPTIONS]
+        variants = ([(f"{name}[full]", dict.fromkeys(speed, False)), (name, dict.fromkeys(speed, True))] if speed
+                    else [(name, {})])
         work, before = None, None
         for label, extra in variants:
             with TokenCounter(model) as counter:

@@ -17,6 +17,11 @@ prompts of one demonstration set share everything before the query, which is run
 (`icl_kernels.finetuning.recording.encode_recording_prefix`) and reused by each query's recording
 (``ComparisonSettings.prefix_reuse``, on by default; the records equal the full forward's to
 1e-10 in float64 where the model computes in float64, ``tests/unit/test_recording_prefix.py``).
+Work that several runs share is done once (``ComparisonSettings.shared_finetuning``: each set's
+first SGD step across the candidate rates, the chosen rate's runs kept from the search, each set's
+run reused as the previous set's mismatched control, the lr-0 control's recording taken from the
+zero-shot one) and the bootstrap resamples are computed together (``vectorised_intervals``); both
+give the same numbers bit for bit (``tests/unit/test_compare_shared.py``).
 
 Metrics (the definitions collected in the project's shared reference `papers.md`, part A):
 
@@ -130,8 +135,10 @@ from icl_kernels.finetuning.finetune import (
     DEFAULT_LRS,
     DevScore,
     FinetuneResult,
+    FirstStep,
     LrSelection,
     finetune,
+    first_step,
     kv_weights,
     select_lr,
 )
@@ -151,6 +158,7 @@ from icl_kernels.utils.stats import (
     BOOTSTRAP_RESAMPLES,
     MIN_BOOTSTRAP_CLUSTERS,
     UNTRAINED_SEED_OFFSET,
+    batched_statistic,
     clustered_interval,
     cosine,
     kendall_tau,
@@ -283,6 +291,15 @@ class ComparisonSettings:
     #: record each demonstration set's ICL prompts after one shared pass over the demonstrations
     #: (`icl_kernels.finetuning.recording.encode_recording_prefix`); False: every ICL prompt in full
     prefix_reuse: bool = True
+    #: compute the bootstrap resamples of every interval at once (`icl_kernels.utils.stats.batched_statistic`;
+    #: the same draws and values bit for bit); False: one statistic call per resample
+    vectorised_intervals: bool = True
+    #: compute once what several finetuning runs share (`icl_kernels.finetuning.finetune.first_step`: the
+    #: first SGD step of each demonstration set at every candidate rate; the chosen rate's runs kept from
+    #: the search for the trained side; each set's run reused as the previous set's mismatched control;
+    #: the lr-0 control's recording taken from the zero-shot one, its weights being the original);
+    #: the same numbers bit for bit. False: every run trained and recorded on its own
+    shared_finetuning: bool = True
 
     def __post_init__(self) -> None:
         check_definition(self.definition)
@@ -378,13 +395,25 @@ def choose_lr(model, episodes: Sequence[Episode], label_tokens, cfg: "Comparison
     if cfg.lr is not None:
         return LrSelection(lr=float(cfg.lr), table=[], margin=cfg.collapse_margin)
     zero_shot_accuracy, zero_shot_labels = _zero_shot_folds(model, episodes, label_tokens)
+    shared = cfg.shared_finetuning
+    starts: dict[int, FirstStep] = {}
+
+    def train(lr: float) -> list[FinetuneResult]:
+        out = []
+        for e, ep in enumerate(episodes):
+            if shared and e not in starts:
+                starts[e] = first_step(model, ep.train_sequences)
+            # with shared work the chosen rate's runs are kept for the comparison, which needs their queries
+            out.append(finetune(model, ep.train_sequences, lr, record_queries=shared, first=starts.get(e)))
+        return out
+
     return select_lr(
-        lambda lr: [finetune(model, ep.train_sequences, lr, record_queries=False) for ep in episodes],
+        train,
         lambda tuned: _dev_score(tuned, episodes, label_tokens),
         cfg.lrs, progress=log,
         zero_shot_fold_accuracy=zero_shot_accuracy, zero_shot_fold_labels=zero_shot_labels,
         gold_fold_labels=[len(set(ep.dev_gold)) for ep in episodes],
-        margin=cfg.collapse_margin, fold_names=[ep.name for ep in episodes],
+        margin=cfg.collapse_margin, fold_names=[ep.name for ep in episodes], keep_best=shared,
     )
 
 
@@ -398,8 +427,11 @@ class _ModelPass:
     """
 
     def __init__(self, model, episodes, label_tokens, cfg: ComparisonSettings, lr: float, *, direct: bool,
-                 controls: bool = False):
+                 controls: bool = False, tuned: Sequence[FinetuneResult] | None = None):
         self.model = model
+        # the search's runs at ``lr`` (queries recorded), one per episode, reused when work is shared
+        self._tuned_cache: dict[int, FinetuneResult] = (
+            dict(enumerate(tuned)) if tuned is not None and cfg.shared_finetuning else {})
         self.episodes = episodes
         self.label_tokens = label_tokens
         self.cfg = cfg
@@ -428,7 +460,7 @@ class _ModelPass:
         gen = generator or torch.Generator().manual_seed(self.cfg.seed)
         for e, episode in enumerate(self.episodes):
             start = time.perf_counter()
-            tuned = finetune(self.model, episode.train_sequences, self.lr, record_queries=True)
+            tuned = self._tuned(e)
             self.ft_seconds += time.perf_counter() - start
             self.ft_update_rows += self._ft_updates(e, tuned)
             start = time.perf_counter()
@@ -445,6 +477,18 @@ class _ModelPass:
                 if progress is not None:
                     progress(1)
             del tuned, controls, prefix
+            if e > 0:  # episode 0's run is the last episode's mismatched control
+                self._tuned_cache.pop(e, None)
+        self._tuned_cache.clear()
+
+    def _tuned(self, e: int) -> FinetuneResult:
+        """Episode ``e`` finetuned at ``self.lr`` with its training queries: kept from the search or an
+        earlier episode's mismatched control when work is shared, else trained now."""
+        if not self.cfg.shared_finetuning:
+            return finetune(self.model, self.episodes[e].train_sequences, self.lr, record_queries=True)
+        if e not in self._tuned_cache:
+            self._tuned_cache[e] = finetune(self.model, self.episodes[e].train_sequences, self.lr, record_queries=True)
+        return self._tuned_cache[e]
 
     def _demonstration_prefix(self, episode: Episode) -> RecordingPrefix | None:
         """The tokens every ICL recording of the episode starts with (BOS, the demonstrations and
@@ -464,8 +508,12 @@ class _ModelPass:
         episode = self.episodes[e]
         out = {"lr0": finetune(self.model, episode.train_sequences, 0.0, record_queries=True)}
         if len(self.episodes) > 1:
-            other = self.episodes[(e + 1) % len(self.episodes)]
-            out["mismatched"] = finetune(self.model, other.train_sequences, self.lr, record_queries=False)
+            other = (e + 1) % len(self.episodes)
+            if self.cfg.shared_finetuning:  # the next episode's own run (the same weights: queries only added)
+                out["mismatched"] = self._tuned(other)
+            else:
+                out["mismatched"] = finetune(self.model, self.episodes[other].train_sequences, self.lr,
+                                             record_queries=False)
         return out
 
     def _ft_updates(self, episode: int, tuned: FinetuneResult) -> list[dict]:
@@ -549,9 +597,12 @@ class _ModelPass:
         for name, value in {**self._headline(per_head), **per_head}.items():
             self.add(self.per_head, name, value)
         for name, control in controls.items():
-            with control.applied() as control_model:
-                ft_c = record(control_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens,
-                              what=f"the {name} control run of {query}")
+            if name == "lr0" and self.cfg.shared_finetuning:
+                ft_c = zsl  # lr 0: the original weights, so the zero-shot recording itself
+            else:
+                with control.applied() as control_model:
+                    ft_c = record(control_model, zsl_tokens, zsl_pred, zsl_rec, self.label_tokens,
+                                  what=f"the {name} control run of {query}")
             row[f"{name}_ft_pred"] = _predict(ft_c)
             # the lr -> 0 run recorded its own training queries; the mismatched run trained on other
             # tokens, so its query is ranked against this episode's training queries
@@ -640,6 +691,8 @@ class _ModelPass:
         over the demonstration sets (`icl_kernels.utils.stats.clustered_interval`: cluster bootstrap
         from 20 sets, a t(G-1) interval on the set values below, never narrower than the query-level
         interval or ``floor``)."""
+        if not self.cfg.vectorised_intervals:  # one call per resample (the path before; same numbers)
+            statistic = _one_at_a_time(statistic)
         with warnings.catch_warnings():  # resamples whose values are all NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             if groups is None:
@@ -673,12 +726,13 @@ class _ModelPass:
             if groups is None:
                 out[f"{k}_accuracy"] = dict(wilson, method="wilson")
             else:
-                out[f"{k}_accuracy"] = boot(np.mean, [v], floor=(wilson["low"], wilson["high"]), bounds=(0.0, 1.0))
+                out[f"{k}_accuracy"] = boot(_accuracy_statistic, [v], floor=(wilson["low"], wilson["high"]),
+                                            bounds=(0.0, 1.0))
         for a, b in (("icl", "ft"), ("ft", "zsl"), ("icl", "zsl")):
-            out[f"{a}_minus_{b}_accuracy"] = boot(mean_difference, [right[a], right[b]], bounds=(-1.0, 1.0))
+            out[f"{a}_minus_{b}_accuracy"] = boot(_difference_of_means, [right[a], right[b]], bounds=(-1.0, 1.0))
         for key in ("rec2ftp", "rec2ftp_chance"):
-            out[key] = boot(lambda z, f, i, key=key: rec2ftp(z > 0, f > 0, i > 0)[key],
-                            [right["zsl"], right["ft"], right["icl"]], bounds=(0.0, 1.0) if key == "rec2ftp" else None)
+            out[key] = boot(_rec2ftp_statistic(key), [right["zsl"], right["ft"], right["icl"]],
+                            bounds=(0.0, 1.0) if key == "rec2ftp" else None)
         for name, values in self.per_layer.items():
             out[name] = boot(_layer_statistic, [torch.stack(values).numpy()], bounds=_bounds(name))
         for name, values in self.per_head.items():
@@ -709,17 +763,15 @@ class _ModelPass:
             for name in _CONTROLLED_METRICS:
                 if name == "ft_accuracy":
                     pair, control_value = [ft, c_right], float(c_right.mean())
-                    diff = self._interval(mean_difference, pair, groups, bounds=(-1.0, 1.0))
+                    diff = self._interval(_difference_of_means, pair, groups, bounds=(-1.0, 1.0))
                 elif name == "rec2ftp":
                     control_value = rec2ftp(zsl > 0, c_right > 0, icl > 0)["rec2ftp"]
-                    diff = self._interval(
-                        lambda z, f, c, i: rec2ftp(z > 0, f > 0, i > 0)["rec2ftp"] - rec2ftp(z > 0, c > 0, i > 0)["rec2ftp"],
-                        [zsl, ft, c_right, icl], groups, bounds=(-1.0, 1.0))
+                    diff = self._interval(_REC2FTP_GAP, [zsl, ft, c_right, icl], groups, bounds=(-1.0, 1.0))
                 else:
                     a, b = _jointly_finite(trained_arrays[name], control_arrays[name])
                     statistic = _layer_statistic if a.ndim == 2 else _head_statistic
                     control_value = statistic(control_arrays[name])
-                    diff = self._interval(lambda x, y, s=statistic: s(x) - s(y), [a, b], groups, bounds=(-2.0, 2.0))
+                    diff = self._interval(_difference(statistic), [a, b], groups, bounds=(-2.0, 2.0))
                 diff["verdict"] = _verdict(control, control_value, diff)
                 values[name] = dict(control=control_value, difference=diff)
             updates = self.control_updates.get(control, [])
@@ -746,8 +798,7 @@ class _ModelPass:
         for definition in DEFINITIONS:
             tag = DEFINITION_TAGS[definition]
             after, before = _jointly_finite(arrays[f"simam_after_{tag}"], arrays[f"simam_before_{tag}"])
-            out[tag] = self._interval(lambda a, b: _head_statistic(a) - _head_statistic(b), [after, before], groups,
-                                      bounds=(-2.0, 2.0))
+            out[tag] = self._interval(_difference(_head_statistic), [after, before], groups, bounds=(-2.0, 2.0))
         return out
 
     def accuracies(self) -> dict:
@@ -788,12 +839,12 @@ def _trained_minus_untrained(side: "_ModelPass", control: "_ModelPass", groups: 
     out: dict = {}
     for run in ("zsl", "ft", "icl"):
         pair = [side.right(f"{run}_pred"), control.right(f"{run}_pred")]
-        out[f"{run}_accuracy"] = side._interval(mean_difference, pair, groups, bounds=(-1.0, 1.0))
+        out[f"{run}_accuracy"] = side._interval(_difference_of_means, pair, groups, bounds=(-1.0, 1.0))
     trained, untrained = side.arrays(), control.arrays()
     for name in _PAIRED_WITH_UNTRAINED:
         a, b = _jointly_finite(trained[name], untrained[name])
         statistic = _layer_statistic if a.ndim == 2 else _head_statistic
-        out[name] = side._interval(lambda x, y, s=statistic: s(x) - s(y), [a, b], groups, bounds=(-2.0, 2.0))
+        out[name] = side._interval(_difference(statistic), [a, b], groups, bounds=(-2.0, 2.0))
     for definition in DEFINITIONS:
         tag = DEFINITION_TAGS[definition]
         arrays = [trained[f"simam_after_{tag}"], trained[f"simam_before_{tag}"],
@@ -801,25 +852,85 @@ def _trained_minus_untrained(side: "_ModelPass", control: "_ModelPass", groups: 
         missing = np.any([np.isnan(x) for x in arrays], axis=0)
         arrays = [np.where(missing, np.nan, x) for x in arrays]
 
-        def change_gap(ta, tb, ua, ub):
-            return (_head_statistic(ta) - _head_statistic(tb)) - (_head_statistic(ua) - _head_statistic(ub))
-
+        change_gap = batched_statistic(
+            lambda ta, tb, ua, ub: (_head_statistic(ta) - _head_statistic(tb)) - (_head_statistic(ua) - _head_statistic(ub)),
+            lambda ta, tb, ua, ub: (_head_means(ta) - _head_means(tb)) - (_head_means(ua) - _head_means(ub)))
         out[f"simam_after_minus_before_{tag}"] = side._interval(change_gap, arrays, groups, bounds=(-4.0, 4.0))
     return out
 
 
-def _layer_statistic(x: np.ndarray) -> float:
+def _layer_means(x: np.ndarray) -> np.ndarray:
+    """`_layer_statistic` of each resample of a ``[resample, query, layer]`` stack (the same
+    reductions in the same order, so each value equals the per-resample call bit for bit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.nanmean(x, 1), -1)
+
+
+def _head_means(x: np.ndarray) -> np.ndarray:
+    """`_head_statistic` of each resample of a ``[resample, query, layer, head]`` stack."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.nanmean(np.nanmean(x, 1), -1), -1)
+
+
+def _layer_statistic_loop(x: np.ndarray) -> float:
     """Mean over queries (NaN-aware) then over layers of a ``[query, layer]`` array (NaN if all NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(np.nanmean(np.nanmean(x, 0)))
 
 
-def _head_statistic(x: np.ndarray) -> float:
+def _head_statistic_loop(x: np.ndarray) -> float:
     """Mean over queries, heads and layers of a ``[query, layer, head]`` array (NaN-aware)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(np.nanmean(np.nanmean(np.nanmean(x, 0), -1)))
+
+
+#: The statistics of the intervals, each with its stacked form for the vectorised bootstrap
+#: (`icl_kernels.utils.stats.batched_statistic`; ``batched_intervals`` off: one call per resample).
+_layer_statistic = batched_statistic(_layer_statistic_loop, _layer_means)
+_head_statistic = batched_statistic(_head_statistic_loop, _head_means)
+_accuracy_statistic = batched_statistic(np.mean, lambda x: x.mean(axis=1))
+_difference_of_means = batched_statistic(mean_difference, lambda a, b: a.mean(axis=1) - b.mean(axis=1))
+
+
+def _one_at_a_time(statistic) -> Callable[..., float]:
+    """``statistic`` without its stacked form: the bootstrap calls it once per resample."""
+    return lambda *arrays: statistic(*arrays)
+
+
+def _difference(statistic) -> Callable[..., float]:
+    """``statistic(x) - statistic(y)``, with its stacked form."""
+    return batched_statistic(lambda x, y: statistic(x) - statistic(y),
+                             lambda x, y: statistic.batched(x) - statistic.batched(y))
+
+
+def _rec2ftp_statistic(key: str) -> Callable[..., float]:
+    """``rec2ftp(z > 0, f > 0, i > 0)[key]`` of (ZSL, FT, ICL) right-answer arrays, with its stacked form."""
+    return batched_statistic(lambda z, f, i: rec2ftp(z > 0, f > 0, i > 0)[key],
+                             lambda z, f, i: _rec2ftp_batched(z > 0, f > 0, i > 0)[key])
+
+
+def _rec2ftp_batched(zsl: np.ndarray, ft: np.ndarray, icl: np.ndarray) -> dict[str, np.ndarray]:
+    """`rec2ftp` of every row of ``[resample, query]`` boolean stacks (the same integer counts and
+    float64 divisions, so equal to it bit for bit)."""
+    ftp = ft & ~zsl
+    zsl_wrong = ~zsl
+    n_ftp, n_wrong = ftp.sum(1), zsl_wrong.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rec = np.where(n_ftp > 0, (ftp & icl).sum(1) / np.maximum(n_ftp, 1), np.nan)
+        base = np.where(n_wrong > 0, (zsl_wrong & icl).sum(1) / np.maximum(n_wrong, 1), np.nan)
+        defined = ~(np.isnan(rec) | np.isnan(base) | (base >= 1.0))
+        corrected = np.where(defined, (rec - base) / np.where(defined, 1.0 - base, 1.0), np.nan)
+    return dict(rec2ftp=rec, rec2ftp_baseline=base, rec2ftp_chance=corrected)
+
+
+#: Rec2FTP of (ZSL, FT, ICL) minus Rec2FTP of (ZSL, control FT, ICL): arrays ``zsl, ft, control, icl``.
+_REC2FTP_GAP = batched_statistic(
+    lambda z, f, c, i: rec2ftp(z > 0, f > 0, i > 0)["rec2ftp"] - rec2ftp(z > 0, c > 0, i > 0)["rec2ftp"],
+    lambda z, f, c, i: _rec2ftp_batched(z > 0, f > 0, i > 0)["rec2ftp"] - _rec2ftp_batched(z > 0, c > 0, i > 0)["rec2ftp"])
 
 
 def _bounds(name: str) -> tuple[float, float] | None:
@@ -914,7 +1025,9 @@ def compare_icl_with_finetuning(
               disable=not progress) as bar:
         gen = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
-        side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls)
+        side = _ModelPass(model, episodes, label_tokens, cfg, lr, direct=cfg.direct, controls=cfg.controls,
+                          tuned=selections["trained"].models)
+        selections["trained"].models = None  # held by the pass until each is used
         side.run(bar.update, gen)
         timing["trained_s"] = time.perf_counter() - start
         timing["trained_finetune_s"] = side.ft_seconds
@@ -923,7 +1036,9 @@ def compare_icl_with_finetuning(
         control = None
         if untrained is not None:
             start = time.perf_counter()
-            control = _ModelPass(untrained, episodes, label_tokens, cfg, selections["untrained"].lr, direct=False)
+            control = _ModelPass(untrained, episodes, label_tokens, cfg, selections["untrained"].lr, direct=False,
+                                 tuned=selections["untrained"].models)
+            selections["untrained"].models = None
             control.run(bar.update, gen)
             timing["untrained_s"] = time.perf_counter() - start
     metrics = _summary_metrics(side, control, cfg, lr, n_episodes=len(episodes))

@@ -29,9 +29,12 @@ suffix's, so that every kept tensor (score rows over all keys, full ``q``/``k``/
 dW_ICL split) is the one the full prompt gives. Where a hook already sees prefix and suffix
 (HookedTransformer's ``hook_rot_k`` rotates the whole cached key sequence) it is taken as it is.
 Equal to the full forward to 1e-10 in float64 on tiny models of every architecture and backend
-(``tests/unit/test_recording_prefix.py``), except the bridge's GPT-Neo and GPT-J, whose Hugging Face
-attention computes its scores in float32 even in a float64 model (equal there to 1e-5); float32
-differs by rounding (matrix shapes differ).
+(``tests/unit/test_recording_prefix.py``), except where the bridge's Hugging Face attention rounds
+to float32 in a float64 model (equal there to 1e-5): GPT-Neo and GPT-J compute their scores in
+float32, and Llama's and Gemma's eager attention takes its softmax in float32, whose sums over a row
+of the prefix pass (as long as the prefix) and of a full pass (as long as the prompt) round
+differently for the prefix's own positions (a whole llama comparison moved by 8.6e-9; by 0 with a
+float64 softmax); float32 differs by rounding (matrix shapes differ).
 """
 
 from __future__ import annotations

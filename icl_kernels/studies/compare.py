@@ -125,6 +125,12 @@ class CompareConfig(Options):
         "identity": False,  # changes what is kept for display / how fast, not a number: not in the fingerprint
         "help": "run each demonstration set once and record its queries' ICL prompts after it (exact); "
                 "off: every ICL prompt in full"})
+    shared_work: bool = field(default=True, metadata={
+        "identity": False,  # the same numbers bit for bit, only faster: not in the fingerprint
+        "help": "compute once what runs share (each set's first SGD step across candidate lrs, the chosen lr's "
+                "runs kept from the search, the mismatched control taken from the next set's run, the lr-0 "
+                "control's recording from the zero-shot one) and every bootstrap's resamples at once; the same "
+                "numbers bit for bit. Off: every run and resample on its own"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -428,7 +434,8 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
         timing["untrained_build_s"] = time.perf_counter() - built
     settings = ComparisonSettings(position=cfg.position, lrs=tuple(cfg.lrs), lr=cfg.lr, seed=cfg.prompts.seed,
                                   direct=cfg.direct, definition=cfg.definition, controls=cfg.controls,
-                                  collapse_margin=cfg.collapse_margin, prefix_reuse=cfg.prefix_reuse)
+                                  collapse_margin=cfg.collapse_margin, prefix_reuse=cfg.prefix_reuse,
+                                  shared_finetuning=cfg.shared_work, vectorised_intervals=cfg.shared_work)
     result = compare_icl_with_finetuning(model, episodes, label_ids, settings, untrained=untrained,
                                          progress=progress, log=print if progress else None)
     if source.world is None:

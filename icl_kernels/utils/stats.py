@@ -52,6 +52,7 @@ __all__ = [
     "student_t_quantile",
     "t_interval",
     "clustered_interval",
+    "batched_statistic",
 ]
 
 class Estimate(TypedDict):
@@ -266,6 +267,7 @@ def paired_bootstrap(
     seed: int = BOOTSTRAP_SEED,
     level: float = 0.95,
     stream: str = "bootstrap",
+    batched: Callable[..., np.ndarray] | None = None,
 ) -> Estimate:
     """``statistic(*arrays)`` with a percentile bootstrap interval over the independent ``unit``, as
     an `Estimate` ``{value, low, high, n, unit}``.
@@ -274,6 +276,11 @@ def paired_bootstrap(
     ``groups`` (one label per row) the rows of a unit share a label (e.g. the four prompts built on
     one query) and whole groups are resampled (cluster bootstrap); ``n`` is then the number of
     groups, else the number of rows. NaN resamples are dropped.
+
+    ``batched``: the same statistic over a stack of resamples (`batched_statistic`), which computes
+    all resamples in a few array operations instead of one call per resample; the draws are the
+    same and so is every resample's value, bit for bit (``tests/unit/test_stats.py``). Used when
+    every resample has the same number of rows (no groups, or groups of one size).
 
     Ours because ``scipy.stats.bootstrap`` resamples rows only: it has no cluster (group) resampling,
     and it could not draw from the package's named random streams that make shipped intervals reproduce.
@@ -299,17 +306,95 @@ def paired_bootstrap(
     low = high = float("nan")
     if n:
         generator = rng(stream, seed)
-        values = []
-        for _ in range(resamples):
-            pick = generator.integers(0, n, size=n)
-            idx = np.concatenate([members[j] for j in pick])
-            values.append(statistic(*[a[idx] for a in arrays]))
-        values = np.asarray(values, dtype=float)
+        values = _resample_values(statistic, batched, arrays, members, resamples, generator)
         values = values[~np.isnan(values)]
         if len(values):
             alpha = (1 - level) / 2
             low, high = float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
     return Estimate(value=value, low=low, high=high, n=n, unit=unit)
+
+
+#: Most array elements one chunk of stacked resamples may hold (`_resample_values`): 2**24 float64
+#: values are 128 MiB.
+_BATCH_ELEMENTS = 1 << 24
+
+
+def batched_statistic(statistic: Callable[..., float], batched: Callable[..., np.ndarray]) -> Callable[..., float]:
+    """``statistic`` carrying its stacked form: ``batched(*stacks)`` takes every array with a leading
+    resample axis (``[resample, row, ...]``) and returns one value per resample, each equal to
+    ``statistic`` of that resample. `paired_bootstrap` and `clustered_interval` use it when given
+    (their ``batched=`` argument overrides it).
+
+    >>> mean = batched_statistic(np.mean, lambda x: x.mean(axis=1))
+    >>> float(mean(np.r_[1.0, 2.0])), mean.batched(np.array([[1.0, 2.0], [3.0, 5.0]])).tolist()
+    (1.5, [1.5, 4.0])
+    """
+
+    def wrapped(*arrays):
+        return statistic(*arrays)
+
+    wrapped.batched = batched  # type: ignore[attr-defined]
+    wrapped.__doc__ = getattr(statistic, "__doc__", None)
+    return wrapped
+
+
+#: The index draws of recent bootstraps: (generator state, units, resamples) -> [resample, unit]. Every
+#: interval of a study draws from the same seeded stream, so the draws repeat; kept read-only.
+_DRAWS: dict[tuple, tuple[np.ndarray, dict]] = {}
+
+
+def _draws(generator: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """``generator.integers(0, n, size=n)`` per resample, stacked, from a fresh generator (the state it
+    is in decides the draws: a known state gives the stored draws, and the generator is moved on as
+    the draws would have moved it)."""
+    state = generator.bit_generator.state
+    key = (repr(state), n, resamples)
+    if key in _DRAWS:
+        picks, after = _DRAWS[key]
+        generator.bit_generator.state = after
+        return picks
+    picks = np.stack([generator.integers(0, n, size=n) for _ in range(resamples)]) if resamples else np.zeros((0, n), np.int64)
+    picks.setflags(write=False)
+    if len(_DRAWS) >= 8:
+        _DRAWS.pop(next(iter(_DRAWS)))
+    _DRAWS[key] = (picks, generator.bit_generator.state)
+    return picks
+
+
+def _resample_values(
+    statistic: Callable[..., float],
+    batched: Callable[..., np.ndarray] | None,
+    arrays: Sequence[np.ndarray],
+    members: Sequence[np.ndarray],
+    resamples: int,
+    generator: np.random.Generator,
+) -> np.ndarray:
+    """The statistic of every resample (float64, NaN kept), the draws in the order of the loop:
+    per resample ``generator.integers(0, len(members), size=len(members))``, then its rows.
+
+    With ``batched`` (or ``statistic.batched``) and members of one size the rows of a chunk of
+    resamples are gathered into ``[resample, row, ...]`` arrays and the statistic is computed over
+    the chunk at once; otherwise one call per resample."""
+    batched = batched if batched is not None else getattr(statistic, "batched", None)
+    n = len(members)
+    sizes = {len(m) for m in members}
+    if batched is None or len(sizes) != 1:
+        values = []
+        for _ in range(resamples):
+            pick = generator.integers(0, n, size=n)
+            idx = np.concatenate([members[j] for j in pick])
+            values.append(statistic(*[a[idx] for a in arrays]))
+        return np.asarray(values, dtype=float)
+    table = np.stack(members)  # [cluster, size]
+    picks = _draws(generator, n, resamples)
+    rows = n * len(members[0])
+    per_resample = max(1, rows * max(int(np.prod(a.shape[1:], dtype=np.int64)) for a in arrays))
+    chunk = max(1, _BATCH_ELEMENTS // per_resample)
+    out = []
+    for start in range(0, resamples, chunk):
+        idx = table[picks[start : start + chunk]].reshape(-1, rows)  # [chunk, rows]: each resample's rows in order
+        out.append(np.asarray(batched(*[a[idx] for a in arrays]), dtype=float).reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -381,6 +466,7 @@ def clustered_interval(
     min_clusters: int = MIN_BOOTSTRAP_CLUSTERS,
     floor: tuple[float, float] | None = None,
     bounds: tuple[float, float] | None = None,
+    batched: Callable[..., np.ndarray] | None = None,
 ) -> dict:
     """``statistic(*arrays)`` with an interval whose method follows the number G of independent clusters.
 
@@ -390,7 +476,8 @@ def clustered_interval(
     a percentile bootstrap over a handful of clusters is too narrow. Either way it is widened to hold
     ``floor``, the interval of the same statistic with rows as units (by default their percentile
     bootstrap), so that it is never narrower than the row-level one; ``bounds`` (the range the
-    statistic can take, e.g. ``(0, 1)`` for a rate) clips a t interval that overshoots it. Returns
+    statistic can take, e.g. ``(0, 1)`` for a rate) clips a t interval that overshoots it; ``batched``
+    computes the bootstraps' resamples at once (`paired_bootstrap`). Returns
     ``{value, low, high, n, unit, method, resamples, seed, level, n_rows, widened}``; ``n`` is G (for the
     t interval, the clusters whose statistic is defined). The interval always holds ``value``.
 
@@ -409,7 +496,7 @@ def clustered_interval(
     if n >= min_clusters:
         method = "cluster bootstrap"
         out = paired_bootstrap(statistic, arrays, unit, groups=groups, resamples=resamples, seed=seed,
-                               level=level, stream=stream)
+                               level=level, stream=stream, batched=batched)
         value, low, high = out["value"], out["low"], out["high"]
     else:
         method = "t(G-1) on cluster values"
@@ -422,7 +509,7 @@ def clustered_interval(
             low, high = min(low, value), max(high, value)
     if floor is None:
         row_level = paired_bootstrap(statistic, arrays, "rows", resamples=resamples, seed=seed, level=level,
-                                     stream=stream)
+                                     stream=stream, batched=batched)
         floor = (row_level["low"], row_level["high"])
     widened = False
     if not (math.isnan(floor[0]) or math.isnan(floor[1])):

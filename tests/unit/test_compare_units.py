@@ -176,9 +176,11 @@ def test_a_rate_that_answers_one_label_is_rejected_even_when_its_accuracy_is_bes
 # -- 2 and 4: own learning rate of the untrained copy, paired intervals -------------------------------
 
 
-def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(monkeypatch):
+@pytest.mark.parametrize("shared", [False, True])
+def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(monkeypatch, shared):
     """Stubbed dev scores (the real searches run the same code on real scores): the trained model's best
-    rate collapses on fold 1 and is rejected; the untrained copy picks its own rate and is finetuned at it."""
+    rate collapses on fold 1 and is rejected; the untrained copy picks its own rate and is finetuned at it
+    (with ``shared_finetuning`` the search's runs at that rate are the ones the passes use)."""
     model = load_tiny("gpt-neo", dtype=torch.float64)
     untrained = untrained_copy(model, "tiny-gpt-neo", seed=0)
     cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=4, seed=0, n_dev=4, episodes=2))
@@ -196,15 +198,25 @@ def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(m
     calls = []
     real_finetune = dai_metrics.finetune
 
-    def finetune(base, sequences, lr, record_queries=True):
+    def finetune(base, sequences, lr, record_queries=True, first=None):
         calls.append(("trained" if base is model else "untrained", lr, record_queries))
-        return real_finetune(base, sequences, lr, record_queries=record_queries)
+        return real_finetune(base, sequences, lr, record_queries=record_queries, first=first)
 
+    used = []
+    real_tuned = dai_metrics._ModelPass._tuned
+
+    def tuned(self, e):
+        out = real_tuned(self, e)
+        used.append(("trained" if self.model is model else "untrained", out.lr, bool(out.queries)))
+        return out
+
+    monkeypatch.setattr(dai_metrics._ModelPass, "_tuned", tuned)
     monkeypatch.setattr(dai_metrics, "_dev_score", dev_score)
     monkeypatch.setattr(dai_metrics, "_zero_shot_folds", lambda m, eps, tokens: ((1.0, 1.0), (2, 2)))
     monkeypatch.setattr(dai_metrics, "finetune", finetune)
     result = compare_icl_with_finetuning(model, episodes, label_ids,
-                                         ComparisonSettings(lrs=(1e-3, 0.3), direct=False, controls=False),
+                                         ComparisonSettings(lrs=(1e-3, 0.3), direct=False, controls=False,
+                                                            shared_finetuning=shared),
                                          untrained=untrained, progress=False)
     m = result.metrics
     assert m["lr"] == 1e-3 and m["lr_untrained"] == 0.3 == m["untrained"]["lr"]
@@ -214,9 +226,13 @@ def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(m
     assert selection["n_folds"] == 2 and selection["dev_queries_per_fold"] == [2, 2]
     assert [(r["model"], r["lr"], r["rejected"]) for r in result.lr_table] == [
         ("trained", 1e-3, False), ("trained", 0.3, True), ("untrained", 1e-3, False), ("untrained", 0.3, False)]
-    # the measured passes (which record training queries) ran each model at its own rate
-    measured = {(who, lr) for who, lr, recorded in calls if recorded}
-    assert measured == {("trained", 1e-3), ("untrained", 0.3)}
+    # the measured passes ran each model at its own rate, with its training queries
+    assert set(used) == {("trained", 1e-3, True), ("untrained", 0.3, True)} and len(used) == 4
+    if not shared:  # trained for the passes: the runs that record training queries
+        measured = {(who, lr) for who, lr, recorded in calls if recorded}
+        assert measured == {("trained", 1e-3), ("untrained", 0.3)}
+    else:  # kept from the search: every search run records its queries, and no pass trains again
+        assert len(calls) == 2 * 2 * len(episodes)
 
 
 def _paired_run(n_episodes: int, n_test: int):

@@ -11,7 +11,15 @@ from test_relaxation import assert_tiny
 
 from icl_kernels.engine import hooks as H
 from icl_kernels.engine.capture import capture
-from icl_kernels.finetuning.finetune import finetune, has_kv_bias, kv_parameters, kv_weights, select_lr
+from icl_kernels.finetuning import finetune as finetune_module
+from icl_kernels.finetuning.finetune import (
+    finetune,
+    first_step,
+    has_kv_bias,
+    kv_parameters,
+    kv_weights,
+    select_lr,
+)
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.models.loading import load_model
 
@@ -141,3 +149,56 @@ def test_select_lr_takes_the_best_dev_accuracy_then_log_prob():
     picked = select_lr(lambda lr: [lr], lambda models: scores[models[0]], lrs=tuple(scores))
     assert picked.lr == 1e-1
     assert [row["lr"] for row in picked.table] == list(scores)
+
+
+def _equal_results(a, b) -> None:
+    assert a.state.keys() == b.state.keys()
+    for name in a.state:
+        assert torch.equal(a.state[name], b.state[name]), name
+    assert a.losses == b.losses
+    assert len(a.queries) == len(b.queries)
+    for x, y in zip(a.queries, b.queries):
+        assert torch.equal(x, y)
+
+
+def test_shared_first_step_gives_the_same_run_bit_for_bit(arch, backend):
+    """`first_step` computed once stands in for every learning rate's first pass: weights, losses and
+    queries equal a run from scratch exactly; with or without recorded queries the weights are the same."""
+    model = load_tiny(arch, backend)
+    assert_tiny(arch, model)
+    first = first_step(model, SEQUENCES)
+    for lr in (0.01, 0.3):
+        plain = finetune(model, SEQUENCES, lr=lr)
+        shared = finetune(model, SEQUENCES, lr=lr, first=first)
+        _equal_results(plain, shared)
+        silent = finetune(model, SEQUENCES, lr=lr, record_queries=False, first=first)
+        assert not silent.queries and all(torch.equal(silent.state[n], plain.state[n]) for n in plain.state)
+        assert any(not torch.equal(plain.state[n], p.detach()) for n, p in kv_parameters(model).items())
+    # lr 0 (no step, so no backward pass): the original weights, the same losses and queries
+    zero = finetune(model, SEQUENCES, lr=0.0)
+    for name, p in kv_parameters(model).items():
+        assert torch.equal(zero.state[name], p.detach())
+    assert zero.losses[0] == first.loss and torch.equal(zero.queries[0], first.queries)
+    _equal_results(zero, finetune(model, SEQUENCES, lr=0.0, first=first))
+    with pytest.raises(ValueError, match="other training sequences"):
+        finetune(model, SEQUENCES[1:], lr=0.1, first=first)
+
+
+def test_select_lr_keeps_the_chosen_rates_models():
+    """``keep_best``: the models of the chosen rate (ties: the first, as the choice), not of another."""
+    scores = {1e-3: (0.5, -1.0), 1e-2: (0.75, -0.5), 3e-2: (0.75, -0.5), 1e-1: (0.25, -0.1)}
+    picked = select_lr(lambda lr: [f"model at {lr}"], lambda models: scores[float(models[0].split()[-1])],
+                       lrs=tuple(scores), keep_best=True)
+    assert picked.lr == 1e-2 and picked.models == ["model at 0.01"]
+    assert select_lr(lambda lr: [lr], lambda models: scores[models[0]], lrs=tuple(scores)).models is None
+
+
+def test_unembedding_copied_once_gives_the_same_run(arch, backend, monkeypatch):
+    """A run that copies the frozen ``W_U.T`` once (HookedTransformer) trains the same weights and
+    losses bit for bit as TransformerLens' own forward, which copies it on every pass."""
+    model = load_tiny(arch, backend)
+    fast = finetune(model, SEQUENCES, lr=0.2)
+    monkeypatch.setattr(finetune_module, "_COPY_UNEMBED_ONCE", False)
+    _equal_results(finetune(model, SEQUENCES, lr=0.2), fast)
+    if backend == "hooked":  # the copy is made once only where TransformerLens 3's forward is the known line
+        assert finetune_module._known_unembed(type(model.unembed))

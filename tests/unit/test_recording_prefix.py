@@ -107,15 +107,22 @@ def _assert_trees_close(a, b, tol: float) -> int:
     return len(left)
 
 
-@pytest.mark.tl3_only(reason="on TransformerLens 4.3's float64 bridge the llama comparison differed by 8.6e-9 "
-                       "(SimAOU 0.2079484319 vs 0.2079484234) with and without reuse although each record agrees "
-                       "to 1e-10 (test_record_after_prefix_equals_full_record); the cause is not isolated yet")
 @pytest.mark.parametrize("arch", ["llama", "gpt-neo"])
 def test_compare_metrics_equal_with_and_without_prefix_reuse(arch, monkeypatch):
-    """The whole comparison (trained side, controls, dW split) is the same with the shared prefix."""
+    """The whole comparison (trained side, controls, dW split) is the same with the shared prefix.
+
+    On TransformerLens 4's bridge Hugging Face's attention rounds to float32 inside a float64 model
+    (GPT-Neo and GPT-J compute their scores in float32; Llama's and Gemma's eager attention takes the
+    softmax in float32, ``softmax(..., dtype=torch.float32)`` in ``eager_attention_forward``), and the
+    prefix pass's own positions have softmax rows as long as the prefix where a full pass has rows as
+    long as the prompt, which float32 sums in another order: the llama comparison differed by 8.6e-9
+    (6e-7 on a dW norm of 57), and by exactly 0 with that softmax taken in float64. There the bound is
+    float32's (``TOL_FLOAT32_SCORES``)."""
     monkeypatch.setattr(dai_metrics, "_RESAMPLES", 50)  # the intervals' inputs are what is compared
 
-    model = load_tiny(arch, "hooked" if "hooked" in tl_backend.AVAILABLE_BACKENDS else None, torch.float64)
+    backend = "hooked" if "hooked" in tl_backend.AVAILABLE_BACKENDS else None
+    model = load_tiny(arch, backend, torch.float64)
+    tol = TOL if tl_backend.backend_of(model) == "hooked" else TOL_FLOAT32_SCORES
     g = torch.Generator().manual_seed(1)
 
     def words(n: int) -> list[int]:
@@ -145,6 +152,6 @@ def test_compare_metrics_equal_with_and_without_prefix_reuse(arch, monkeypatch):
         runs[reuse] = compare_icl_with_finetuning(model, episodes, [[311], [4000]], cfg, progress=False)
     slow, fast = runs[False], runs[True]
     assert [r["icl_pred"] for r in slow.examples] == [r["icl_pred"] for r in fast.examples]
-    n = _assert_trees_close(slow.metrics, fast.metrics, TOL)
-    n += _assert_trees_close(slow.layers, fast.layers, TOL) + _assert_trees_close(slow.heads, fast.heads, TOL)
+    n = _assert_trees_close(slow.metrics, fast.metrics, tol)
+    n += _assert_trees_close(slow.layers, fast.layers, tol) + _assert_trees_close(slow.heads, fast.heads, tol)
     assert n > 100

@@ -1,43 +1,61 @@
-"""Task vectors (Hendel et al., 2023): is the task a single vector in the residual stream?
+"""Task vectors (Hendel et al., Findings EMNLP 2023): is the task a single vector in the residual stream?
 
-theta_l(S) is the residual stream after block ``l`` (``hook_resid_post``) at the prediction position
-of an ICL prompt ``[S, x']``. Replacing the zero-shot prompt's residual at the same layer and
-position by theta_l(S) (``[x]`` alone, another query ``x``) should make the model answer ``x`` as
-the demonstrations ``S`` teach. Here ``x'`` is simply another test query: the vector of query
-``i``'s zero-shot prompt comes from the ICL prompt of query ``(i + 1) mod n`` (`source_order`), so
-the source prompt's own answer is a different query's and copying it is not rewarded beyond
-chance.
+As the official code (``roeehendel/icl_task_vectors`` @1da0db6) runs it:
 
-`residual_at_prediction` records theta_l for every layer (one forward per batch); `residual_edits`
-adds to or replaces ``hook_resid_post`` of one layer at each prompt's prediction position (an edit
-of `icl_kernels.engine.edits`), and `run_with_residual` scores the label tokens under it with the
-package's scorer (`icl_kernels.engine.label_scoring.label_log_probs`); `task_vector_sweep` gives accuracy per layer;
-`choose_layer` takes the first (lowest) layer with the best dev accuracy, and `task_vector_study`
-reports it on a disjoint test split, next to zero-shot, ICL and a control vector from another
-task's ICL prompts (same layer). Function vectors (`icl_kernels.families.function_vectors`) add a vector with
-the same engine.
+* **Prompts** (``core/data/datasets/few_shot_format.py``): demonstrations ``example:{x}->{y}`` joined
+  by ``\n``, the query ``example:{x}->``; here an open task with ``template="example:{input}->"``
+  and ``demo_separator="\n"`` (`icl_kernels.data.tasks.open_vocab`; the answer follows with its
+  leading space, ``example:x-> y``), or the task's own template (e.g. ``Q: x\nA:``) where it is
+  used as is; the zero-shot prompt is the query alone and names no task.
+* **Vector** (``core/task_vectors.py`` ``get_single_context_task_hiddens``): theta_l(S) is the
+  residual stream after block l (``hook_resid_post``) at the last token of ``[S, x']``, x' a
+  *dummy* query different from the test query, averaged over 2 dummy queries (`task_vectors`,
+  `dummy_queries`: other prompts' queries, never the test query or a demonstration's input). One
+  vector per demonstration set S.
+* **Patching** (``core/models/context_managers/forward_modifiers/hidden_injector.py``): the
+  zero-shot prompt of the test query runs with its residual after block l at the last token
+  *replaced* by theta_l(S) (`residual_edits` with ``mode="replace"``).
+* **Metric**: greedy decoding, exact match (`tv_correct`: Hendel's answers are one token; a
+  multi-token answer must be decoded whole, `icl_kernels.engine.vocab_scoring.answer_scores`);
+  ``scoring="label-words"`` is the classification variant (argmax over the label words).
+* **Layer**: accuracy per layer on dev demonstration sets, the first (lowest) best layer
+  (`choose_layer`), reported on other (test) demonstration sets beside zero-shot and ICL accuracy,
+  with paired bootstrap differences (`task_vector_study`).
 
-Patching the last layer's residual with the ICL prompt's own reproduces its final logits exactly
-(the test of the engine); a last-layer patch therefore copies the source prompt's answer.
+The older variant kept as ``source="other-query"``: the vector of query i is the residual of the ICL
+prompt of query i + 1 (`source_order`), a real query instead of dummies. Hendel et al.'s GPT-J means
+over 18 tasks are in `HENDEL_GPTJ`.
+
+Identities (``tests/unit/test_task_vectors.py``): patching the last layer's residual with that of
+``[S, x']`` reproduces its final logits exactly (the patched prompt answers the dummy query);
+patching a prompt with its own hidden state changes nothing; `choose_layer` takes the lowest of
+tied maxima.
+
+`residual_at_prediction` records the residual after every layer; `residual_edits` adds to or
+replaces ``hook_resid_post`` of one layer at each prompt's prediction position (an edit of
+`icl_kernels.engine.edits`), `run_with_residual` scores label tokens under it. Function vectors
+(`icl_kernels.families.function_vectors`) add a vector with the same edit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.engine.capture import capture
 from icl_kernels.engine.edits import Edit, EditContext, edits_on
 from icl_kernels.engine.label_scoring import label_log_probs
+from icl_kernels.engine.vocab_scoring import answer_scores
 from icl_kernels.models import backend as tl_backend
-from icl_kernels.utils.stats import split_indices, wilson_interval
+from icl_kernels.utils.stats import mean_difference, paired_bootstrap, split_indices, wilson_interval
 
 __all__ = [
     "RESIDUAL_MODES",
@@ -45,13 +63,25 @@ __all__ = [
     "residual_edits",
     "residual_edit_on",
     "run_with_residual",
+    "TV_SOURCES",
+    "HENDEL_GPTJ",
     "source_order",
-    "task_vector_sweep",
+    "with_query",
+    "dummy_queries",
+    "task_vectors",
+    "tv_correct",
     "choose_layer",
     "task_vector_study",
 ]
 
 RESIDUAL_MODES = ("add", "replace")
+#: Where a prompt's task vector comes from: Hendel et al.'s dummy queries, or (the older variant)
+#: another real query's ICL prompt.
+TV_SOURCES = ("dummy", "other-query")
+#: Hendel et al.'s GPT-J 6B means over 18 tasks (peers.md section 2): zero-shot baseline, task
+#: vector and ICL accuracy; best dev layer median 11 of 28.
+HENDEL_GPTJ = {"model": "GPT-J 6B", "zero_shot": 0.12, "task_vector": 0.68, "icl": 0.81, "median_layer": 11,
+               "n_layers": 28}
 
 
 def residual_at_prediction(
@@ -140,26 +170,92 @@ def run_with_residual(
 
 
 def source_order(n: int) -> np.ndarray:
-    """Which ICL prompt gives query ``i``'s vector: ``(i + 1) mod n`` (another query; itself if n=1)."""
+    """The older variant's source of query ``i``'s vector: the ICL prompt of query ``(i + 1) mod n``
+    (another real query; itself if n=1)."""
     return (np.arange(n) + 1) % max(n, 1)
 
 
-def task_vector_sweep(
+def with_query(prompt, other):
+    """``prompt``'s demonstrations followed by ``other``'s query (both built by the same builder):
+    Hendel et al.'s ``[S, x']``. The query span and label come from ``other``."""
+    q0, q1 = prompt.query_span
+    o0, o1 = other.query_span
+    if q1 != len(prompt.tokens) or o1 != len(other.tokens):
+        raise ValueError("with_query needs prompts that end with their query (the prediction position).")
+    tokens = tuple(prompt.tokens[:q0]) + tuple(other.tokens[o0:o1])
+    return dataclasses.replace(prompt, tokens=tokens, query_span=(q0, q0 + o1 - o0), query_label=other.query_label,
+                               query_index=other.query_index)
+
+
+def dummy_queries(prompts: Sequence, n_dummy: int = 2) -> list[list[int]]:
+    """For each prompt, the indices of ``n_dummy`` other prompts whose queries serve as its dummy
+    queries x': the next ones in order (cyclically) whose query tokens differ from its own and from
+    its demonstrations' inputs. Fewer than ``n_dummy`` such prompts raise ``ValueError``."""
+    n = len(prompts)
+    out = []
+    for i, prompt in enumerate(prompts):
+        own = tuple(prompt.tokens[slice(*prompt.query_span)])
+        demos = {tuple(prompt.tokens[a:b]) for a, b in prompt.demo_input_spans}
+        chosen = []
+        for step in range(1, n):
+            j = (i + step) % n
+            query = tuple(prompts[j].tokens[slice(*prompts[j].query_span)])
+            if query != own and query not in demos:
+                chosen.append(j)
+            if len(chosen) == n_dummy:
+                break
+        if len(chosen) < n_dummy:
+            raise ValueError(f"Prompt {i} has {len(chosen)} other queries to use as dummy queries; {n_dummy} are needed "
+                             "(Hendel et al. average 2): use more prompts.")
+        out.append(chosen)
+    return out
+
+
+def task_vectors(
     model: tl_backend.Model,
-    zsl_prompts: Sequence,
-    vectors: Float[Tensor, "batch layer d_model"],
-    label_ids: Sequence[Sequence[int]],
+    icl_prompts: Sequence,
     *,
-    layers: Sequence[int] | None = None,
+    n_dummy: int = 2,
     batch_size: int = 4,
-) -> Float[Tensor, "layer batch n_classes"]:
-    """Label scores of ``zsl_prompts[i]`` with its residual after each layer replaced by
-    ``vectors[i, layer]`` (rows already matched to the prompts)."""
-    layers = range(model.cfg.n_layers) if layers is None else layers
-    return torch.stack([
-        run_with_residual(model, zsl_prompts, label_ids, layer, vectors[:, layer], mode="replace", batch_size=batch_size)
-        for layer in layers
-    ])
+) -> Float[Tensor, "prompt layer d_model"]:
+    """Hendel et al.'s theta_l(S) for every prompt's demonstrations S and every layer: the residual
+    stream after block l at the last token of ``[S, x']``, averaged over ``n_dummy`` dummy queries x'
+    (`dummy_queries`; ``get_single_context_task_hiddens`` in ``roeehendel/icl_task_vectors``
+    ``core/task_vectors.py``, ``num_test_inputs_to_avg=2``). One vector per demonstration set."""
+    if n_dummy < 1:
+        raise ValueError(f"n_dummy must be >= 1, not {n_dummy}.")
+    dummies = dummy_queries(icl_prompts, n_dummy)
+    flat = [with_query(p, icl_prompts[j]) for p, js in zip(icl_prompts, dummies) for j in js]
+    resid = residual_at_prediction(model, flat, batch_size=batch_size)
+    return resid.view(len(icl_prompts), n_dummy, *resid.shape[1:]).mean(1)
+
+
+def tv_correct(
+    model: tl_backend.Model,
+    prompts: Sequence,
+    label_ids: Sequence[Sequence[int]],
+    layer: int | None,
+    vectors: Float[Tensor, "prompt d_model"] | None,
+    *,
+    scoring: str = "vocab",
+    batch_size: int = 4,
+) -> Bool[Tensor, " prompt"]:
+    """Whether each prompt is answered correctly with its residual after ``layer`` at the last token
+    replaced by ``vectors[i]`` (``layer=None``: unedited). ``scoring="vocab"``: greedy decoding of
+    as many tokens as the gold answer has equals it (Hendel et al.'s exact match of a one-token
+    answer; `icl_kernels.engine.vocab_scoring.answer_scores` with ``greedy=True``, the edit at the
+    original last token only); ``"label-words"``: argmax over the label words."""
+    if scoring not in ("vocab", "label-words"):
+        raise ValueError(f"scoring must be 'vocab' or 'label-words', not {scoring!r}.")
+    edits = () if layer is None else residual_edits(layer, vectors, "replace")
+    if scoring == "vocab":
+        answers = [label_ids[p.query_label] for p in prompts]
+        scores = answer_scores(model, list(prompts), answers, edits=edits, batch_size=batch_size, greedy=True,
+                               pad_token_id=pad_id(model))
+        return scores.exact_match.cpu()
+    gold = torch.tensor([p.query_label for p in prompts])
+    return label_log_probs(model, list(prompts), label_ids, edits=edits, whole_label=False, batch_size=batch_size,
+                           pad_token_id=pad_id(model)).argmax(-1) == gold
 
 
 def choose_layer(accuracy: Sequence[float] | np.ndarray) -> int:
@@ -180,40 +276,63 @@ def task_vector_study(
     zsl_prompts: Sequence,
     label_ids: Sequence[Sequence[int]],
     *,
+    scoring: str = "label-words",
+    source: str = "dummy",
+    n_dummy: int = 2,
     control_prompts: Sequence | None = None,
     dev_fraction: float = 0.5,
+    layers: Sequence[int] | None = None,
     seed: int = 0,
     batch_size: int = 4,
+    bootstrap: int = 1000,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Accuracy per layer (dev and test splits) and the test accuracy at the dev-chosen layer.
+    """Accuracy per layer (dev and test demonstration sets) and the test accuracy at the dev-chosen layer.
+
+    Prompt ``i`` is one demonstration set S_i with its test query x_i; ``zsl_prompts[i]`` is x_i
+    alone. ``source="dummy"`` (Hendel et al.): theta(S_i) from dummy queries (`task_vectors`);
+    ``"other-query"`` (the older variant): the residual of ICL prompt ``source_order(n)[i]``, another
+    real query's. The layer is the first best on the dev split; the test split reports it.
 
     Returns ``(layers, summary, info)``: ``layers`` one row per (split, layer) with task-vector
     accuracy; ``summary`` zero-shot, ICL, task vector and (with ``control_prompts``, ICL prompts of
-    another task with the same tokenizer) the control vector, on the test split, Wilson intervals.
+    another task with the same tokenizer) the control vector, on the test split, Wilson intervals;
+    ``info`` the layer, split sizes and paired bootstrap differences (task vector minus zero-shot,
+    minus ICL).
     """
+    if source not in TV_SOURCES:
+        raise ValueError(f"source must be one of {TV_SOURCES}, not {source!r}.")
     n = len(icl_prompts)
     if n != len(zsl_prompts) or n < 2:
         raise ValueError(f"Need >= 2 paired ICL / zero-shot prompts, got {n} and {len(zsl_prompts)}.")
-    gold = np.array([p.query_label for p in icl_prompts])
+    layers = list(range(model.cfg.n_layers)) if layers is None else [int(x) for x in layers]
     dev, test = split_indices(n, dev_fraction, seed)
-    source = residual_at_prediction(model, icl_prompts, batch_size=batch_size)[source_order(n)]
-    scores = task_vector_sweep(model, zsl_prompts, source, label_ids, batch_size=batch_size)
-    correct = (scores.argmax(-1).numpy() == gold[None])  # [layer batch]
-    rows = [dict(split=split, layer=layer, n=len(idx), accuracy=float(correct[layer, idx].mean()))
-            for split, idx in (("dev", dev), ("test", test)) for layer in range(correct.shape[0])]
-    layers = pd.DataFrame(rows)
-    best = choose_layer(correct[:, dev].mean(1))
-    zsl = run_with_residual(model, zsl_prompts, label_ids, 0, torch.zeros(model.cfg.d_model), batch_size=batch_size)
-    icl_scores = run_with_residual(model, icl_prompts, label_ids, 0, torch.zeros(model.cfg.d_model), batch_size=batch_size)
+    if source == "dummy":
+        vectors = task_vectors(model, icl_prompts, n_dummy=n_dummy, batch_size=batch_size)
+    else:
+        vectors = residual_at_prediction(model, icl_prompts, batch_size=batch_size)[source_order(n)]
+    kw = dict(scoring=scoring, batch_size=batch_size)
+    correct = np.stack([tv_correct(model, zsl_prompts, label_ids, layer, vectors[:, layer], **kw).numpy()
+                        for layer in layers])  # [layer prompt]
+    rows = [dict(split=split, layer=layer, n=len(idx), accuracy=float(correct[li, idx].mean()))
+            for split, idx in (("dev", dev), ("test", test)) for li, layer in enumerate(layers)]
+    best_index = choose_layer(correct[:, dev].mean(1))
+    best = layers[best_index]
+    zsl = tv_correct(model, zsl_prompts, label_ids, None, None, **kw).numpy()
+    icl = tv_correct(model, icl_prompts, label_ids, None, None, **kw).numpy()
+    tv = correct[best_index]
     summary = [
-        _accuracy_row("zero-shot", "test", -1, (zsl.argmax(-1).numpy() == gold)[test]),
-        _accuracy_row("icl", "test", -1, (icl_scores.argmax(-1).numpy() == gold)[test]),
-        _accuracy_row("task vector", "test", best, correct[best, test]),
+        _accuracy_row("zero-shot", "test", -1, zsl[test]),
+        _accuracy_row("icl", "test", -1, icl[test]),
+        _accuracy_row("task vector", "test", best, tv[test]),
     ]
     if control_prompts:
         other = residual_at_prediction(model, control_prompts, batch_size=batch_size)[:, best]
         other = other[np.arange(n) % len(other)]
-        control = run_with_residual(model, zsl_prompts, label_ids, best, other, mode="replace", batch_size=batch_size)
-        summary.append(_accuracy_row("other-task vector", "test", best, (control.argmax(-1).numpy() == gold)[test]))
-    info = dict(task_vector_layer=best, n_dev=len(dev), n_test=len(test))
-    return layers, pd.DataFrame(summary), info
+        control = tv_correct(model, zsl_prompts, label_ids, best, other, **kw).numpy()
+        summary.append(_accuracy_row("other-task vector", "test", best, control[test]))
+    args = dict(unit="demonstration sets", resamples=bootstrap, seed=seed)
+    a, z, c = tv[test].astype(float), zsl[test].astype(float), icl[test].astype(float)
+    info = dict(task_vector_layer=best, n_dev=len(dev), n_test=len(test), source=source, scoring=scoring,
+                tv_minus_zero_shot=paired_bootstrap(mean_difference, [a, z], **args),
+                tv_minus_icl=paired_bootstrap(mean_difference, [a, c], **args))
+    return pd.DataFrame(rows), pd.DataFrame(summary), info

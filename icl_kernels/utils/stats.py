@@ -87,6 +87,7 @@ SEED_STREAMS: dict[str, int | None] = {
     "synthetic_prompts": 0xCA05,  # causal / sweep prompts on the synthetic world, keys (seed, shots)
     "momentum_bootstrap": None,  # momentum grid bootstrap, keys (seed,)
     "shuffled_labels": 0x5A1F,  # function vectors: label permutation of prompt i, keys (seed, i)
+    "fv_split_half": 0x5B1F,  # function vectors: halves of the CIE prompts (ranking stability), keys (seed,)
     "repeated_tokens": 0x1D0C,  # induction scores: random repeated sequences, keys (seed,)
     "anchor_control": 0xA9C4,  # anchors: random non-label positions of prompt i, keys (seed, i)
     "probe_layer_split": 0x9B0E,  # heads: halves of the selection prompts to choose probe layers, keys (seed,)

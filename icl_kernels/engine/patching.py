@@ -46,6 +46,13 @@ decaying sum of earlier values. Their context managers (``relaxed_attention``,
 condition): prediction, correctness, agreement with the clean prediction and the change in the
 gold class's log-probability margin. `summarize_effects` adds accuracy with Wilson intervals.
 Labels are scored by their first token (as `icl_kernels.kernel.scores.analyze_heads` does).
+
+**Open-vocabulary tasks** (`icl_kernels.data.tasks.open_vocab.OpenVocabTask`) have no label words to
+compare: `open_run_with_edits` scores each prompt's gold answer over the whole vocabulary with the
+same edits (`icl_kernels.engine.vocab_scoring.answer_scores`: top-1 token at the prediction position,
+correct when it is the answer's first token, as Todd et al. score), and `open_effects_frame` makes
+the same table from those scores (prediction = top-1 token id, gold = the answer's first token id,
+agreement = the same top-1 token as the reference run, ``margin`` = log P(first gold token)).
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ from icl_kernels.engine.hooks import (
     rotated_qk,
 )
 from icl_kernels.engine.label_scoring import label_log_probs
+from icl_kernels.engine.vocab_scoring import AnswerScores, answer_scores
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.stats import rng as seeded
 from icl_kernels.utils.stats import wilson_interval
@@ -92,6 +100,8 @@ __all__ = [
     "zero_attn_out",
     "attention_edits",
     "effects_frame",
+    "open_run_with_edits",
+    "open_effects_frame",
     "summarize_effects",
     "check_heads",
     "check_positions",
@@ -166,6 +176,32 @@ def run_with_edits(
         scores, kept = scored
         return scores, kept["z"]
     return scored
+
+
+def open_run_with_edits(
+    model: tl_backend.Model,
+    prompts: Sequence,
+    answer_ids: Sequence[Sequence[int]],
+    edits: Sequence[Edit] = (),
+    *,
+    batch_size: int = 4,
+    pad_token_id: int | None = None,
+    record: bool = False,
+) -> AnswerScores | tuple[AnswerScores, Float[Tensor, "batch layer head_index d_head"]]:
+    """`run_with_edits` for an open-vocabulary task: each prompt's gold continuation ``answer_ids[i]``
+    scored over the whole vocabulary under ``edits`` (`icl_kernels.engine.vocab_scoring.answer_scores`;
+    the edits see the same row indices and prediction positions as in `run_with_edits`). With
+    ``record=True`` also every head's unedited output ``z`` at the prediction positions
+    (`record_heads`; one more forward pass, edits are not applied there): ``(scores, z)``."""
+    if not prompts:
+        raise ValueError("open_run_with_edits needs at least one prompt.")
+    pad = pad_id(model, pad_token_id)
+    scores = answer_scores(model, list(prompts), answer_ids, edits=edits, batch_size=batch_size, pad_token_id=pad)
+    if record:
+        if edits:
+            raise ValueError("record=True records the unedited head outputs; pass no edits with it.")
+        return scores, record_heads(model, prompts, batch_size=batch_size, pad_token_id=pad)
+    return scores
 
 
 def record_heads(
@@ -428,6 +464,40 @@ def effects_frame(
             condition=name, prompt=ids, gold=gold.numpy(), pred=pred.numpy(),
             correct=(pred == gold).numpy(), agrees_clean=(pred == clean_pred).numpy(),
             margin=margin.numpy(), margin_change=(margin - clean_margin).numpy(),
+        )))
+    return pd.concat(frames, ignore_index=True)
+
+
+def open_effects_frame(
+    clean: AnswerScores,
+    edited: Mapping[str, AnswerScores],
+    gold_first: Int[Tensor, " batch"],
+    prompt_ids: Sequence | None = None,
+    reference: Int[Tensor, " batch"] | None = None,
+) -> pd.DataFrame:
+    """`effects_frame` for open-vocabulary scores (`open_run_with_edits`): one row per (condition,
+    prompt) with ``pred`` the top-1 token id, ``gold`` the gold answer's first token id ``gold_first``,
+    ``correct`` (top-1 is that token: `AnswerScores.first_token_correct`), ``agrees_clean`` (the same
+    top-1 token as ``reference``, default the clean run's), ``margin`` = log P(first gold token) and its
+    change from the clean run. The clean run is condition ``"clean"``."""
+    gold = torch.as_tensor(gold_first, dtype=torch.long)
+    if len(clean) != len(gold):
+        raise ValueError(f"clean has {len(clean)} rows but gold {len(gold)}.")
+    ids = list(range(len(gold))) if prompt_ids is None else list(prompt_ids)
+    clean_pred = clean.top1 if reference is None else torch.as_tensor(reference, dtype=torch.long)
+    if len(clean_pred) != len(gold):
+        raise ValueError(f"reference has {len(clean_pred)} rows but gold {len(gold)}.")
+    frames = []
+    for name, scores in {"clean": clean, **dict(edited)}.items():
+        if len(scores) != len(gold):
+            raise ValueError(f"Condition {name!r} has {len(scores)} rows, clean {len(gold)}.")
+        if not torch.equal(scores.top1 == gold, scores.first_token_correct):
+            raise ValueError(f"Condition {name!r} was scored against other gold answers than gold_first.")
+        margin = scores.first_log_prob.double()
+        frames.append(pd.DataFrame(dict(
+            condition=name, prompt=ids, gold=gold.numpy(), pred=scores.top1.numpy(),
+            correct=scores.first_token_correct.numpy(), agrees_clean=(scores.top1 == clean_pred).numpy(),
+            margin=margin.numpy(), margin_change=(margin - clean.first_log_prob.double()).numpy(),
         )))
     return pd.concat(frames, ignore_index=True)
 

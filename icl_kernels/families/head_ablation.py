@@ -39,6 +39,15 @@ percentiles, min and max of the per-draw accuracies) with the top set's rank amo
 (``top_rank``: 1 + the number of draws whose effect is at least the top set's, out of
 ``n_draws + 1``; ties count against the top set).
 
+**Open-vocabulary tasks** (``answer_ids`` given): accuracy is top-1 first-token accuracy over the
+whole vocabulary (`icl_kernels.engine.patching.open_run_with_edits`, the full-vocabulary scorer
+`icl_kernels.engine.vocab_scoring.answer_scores` under the same edits: mean, zero and resample ablation,
+patch and reverse patch), agreement is the same top-1 token as the clean ICL run. Ranking heads by
+their label-vote agreement (step 1) reads the model's prediction as a class, so it needs single-token
+answers (`icl_kernels.kernel.head_scan.analyze_heads` with ``prediction="vocabulary"``: a top-1 token
+that is none of the answers is no class and agrees with no head); `layer_study` ranks nothing and
+takes any open task.
+
 Recovery is a ratio of two paired differences and is **not clipped**: above 1 the patched
 zero-shot run beat the ICL run, below 0 it fell under the zero-shot run. Its percentile interval
 is taken over the resamples in which the ICL gain (the denominator) is not zero, so where the gain
@@ -66,6 +75,8 @@ from icl_kernels.engine.patching import (
     Head,
     effects_frame,
     mean_ablation,
+    open_effects_frame,
+    open_run_with_edits,
     patch_heads,
     resample_ablation,
     resample_sources,
@@ -308,6 +319,7 @@ def causal_study(
     *,
     pad_token_id: int | None = None,
     progress: bool = True,
+    answer_ids: Sequence[Sequence[int]] | None = None,
 ) -> CausalResult:
     """Rank heads on a selection split, then ablate and patch them on the report split.
 
@@ -317,8 +329,14 @@ def causal_study(
         zsl_prompts: the zero-shot prompts of the same queries, in the same order.
         label_ids: token ids of each class's label word (first token scored).
         config: a `CausalConfig`.
+        answer_ids: an open-vocabulary task's gold answer tokens, one per prompt (``icl_prompts``
+            order): accuracy becomes top-1 first-token accuracy over the whole vocabulary, and heads are
+            ranked with the model's top-1 token read as a class (``label_ids`` must then be one token
+            per class; see the module docstring).
     """
     cfg = config or CausalConfig()
+    if answer_ids is not None and len(answer_ids) != len(icl_prompts):
+        raise ValueError(f"{len(answer_ids)} gold answers for {len(icl_prompts)} prompts; give one per prompt.")
     if len(icl_prompts) != len(zsl_prompts):
         raise ValueError(f"{len(icl_prompts)} ICL prompts but {len(zsl_prompts)} zero-shot prompts; pass one of each per query.")
     for i, (a, b) in enumerate(zip(icl_prompts, zsl_prompts)):
@@ -337,7 +355,7 @@ def causal_study(
     select, report = split_indices(len(icl_prompts), cfg.select_fraction, cfg.seed)
     run = analyze_heads(
         model, [icl_prompts[i] for i in select], label_ids, aggregations=(cfg.aggregation,),
-        attention_map_length=None, progress=progress, **kw,
+        attention_map_length=None, progress=progress, prediction="labels" if answer_ids is None else "vocabulary", **kw,
     )
     ranking = rank_heads(run.scores(), cfg.aggregation, cfg.metric)
     top = [tuple(map(int, r)) for r in ranking[["layer", "head"]].head(cfg.k).to_numpy()]
@@ -349,8 +367,9 @@ def causal_study(
     gold = torch.tensor([p.query_label for p in icl_r])
     # (name, run, group, draw, layer, intervention, edits)
     conditions: list[tuple[str, str, str, int, int, str, list]] = []
-    icl_clean, icl_z = run_with_edits(model, icl_r, label_ids, record=True, **kw)
-    zsl_clean, zsl_z = run_with_edits(model, zsl_r, label_ids, record=True, **kw)
+    score = _scorer(model, label_ids, None if answer_ids is None else [answer_ids[i] for i in report], kw)
+    icl_clean, icl_z = score(icl_r, record=True)
+    zsl_clean, zsl_z = score(zsl_r, record=True)
     sources = resample_sources(len(report), cfg.seed) if "resample" in cfg.ablations else None
 
     for kind in cfg.ablations:
@@ -381,13 +400,17 @@ def causal_study(
         conditions, desc="causal: ablation and patching conditions", unit="condition", disable=not progress
     ):
         prompts = icl_r if which == "icl" else zsl_r
-        edited[which][name] = run_with_edits(model, prompts, label_ids, edits, **kw)
+        edited[which][name] = score(prompts, edits)
         meta[name] = dict(group=group, draw=draw, layer=layer, intervention=intervention)
-    icl_pred = icl_clean.argmax(-1)
+    if answer_ids is None:
+        icl_pred, frame = icl_clean.argmax(-1), effects_frame
+    else:  # open task: predictions are top-1 tokens and gold the answers' first tokens
+        icl_pred, frame = icl_clean.top1, open_effects_frame
+        gold = torch.tensor([int(answer_ids[i][0]) for i in report])
     ids = [int(i) for i in report]
     frames = []
     for which, clean in (("icl", icl_clean), ("zsl", zsl_clean)):
-        f = effects_frame(clean, edited[which], gold, ids, reference=icl_pred)
+        f = frame(clean, edited[which], gold, ids, reference=icl_pred)
         f.insert(0, "run", which)
         frames.append(f)
     effects = pd.concat(frames, ignore_index=True)
@@ -399,13 +422,28 @@ def causal_study(
 
     summary, layers = _summaries(effects, cfg, [c[0] for c in conditions], len(randoms))
     icl_acc = float((icl_pred == gold).float().mean())
-    zsl_acc = float((zsl_clean.argmax(-1) == gold).float().mean())
+    zsl_acc = float((_predictions(zsl_clean) == gold).float().mean())
     info = dict(
         n_select=len(select), n_report=len(report), icl_accuracy=icl_acc, zsl_accuracy=zsl_acc,
         top_heads=[list(h) for h in top], random_heads=[[list(h) for h in s] for s in randoms],
         config=asdict(cfg), n_layers=n_layers, n_heads=n_heads,
     )
+    if answer_ids is not None:
+        info["scoring"] = "top-1 first token over the vocabulary (open task)"
     return CausalResult(ranking, top, randoms, effects, summary, layers if cfg.layer_sweep else None, info)
+
+
+def _scorer(model, label_ids, answer_ids, kw) -> Callable:
+    """``score(prompts, edits=(), record=False)``: label log-probs (`run_with_edits`), or for an open
+    task with the report prompts' gold ``answer_ids`` the vocabulary scores (`open_run_with_edits`)."""
+    if answer_ids is None:
+        return lambda prompts, edits=(), record=False: run_with_edits(model, prompts, label_ids, edits, record=record, **kw)
+    return lambda prompts, edits=(), record=False: open_run_with_edits(model, prompts, answer_ids, edits, record=record, **kw)
+
+
+def _predictions(scores) -> Tensor:
+    """Predicted class (label scores) or top-1 token (`AnswerScores`) of each prompt."""
+    return scores.top1 if hasattr(scores, "top1") else scores.argmax(-1)
 
 
 def _summaries(effects: pd.DataFrame, cfg: CausalConfig, order: list[str], n_draws: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -510,6 +548,7 @@ def layer_study(
     seed: int = 0,
     batch_size: int = 4,
     pad_token_id: int | None = None,
+    answer_ids: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Every head of ``layer`` ablated in the ICL run and patched from it into the zero-shot run.
 
@@ -517,29 +556,37 @@ def layer_study(
     accuracy, the ablated accuracy and its drop (paired bootstrap interval), agreement with the
     clean ICL prediction (Wilson), the patched zero-shot accuracy and recovery (bootstrap, not
     clipped) and the ICL gain it divides by (paired bootstrap). ``ablation`` is one of `ABLATIONS`
-    (resample: each prompt takes another prompt's outputs, `resample_sources` with ``seed``).
+    (resample: each prompt takes another prompt's outputs, `resample_sources` with ``seed``). With
+    ``answer_ids`` (an open task's gold answer tokens, one per prompt) accuracy is top-1 first-token
+    accuracy over the whole vocabulary (`icl_kernels.engine.patching.open_run_with_edits`).
     """
     if ablation not in ABLATIONS:
         raise InvalidOptionError(f"ablation must be one of {ABLATIONS}, not {ablation!r}.")
     if not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"Layer {layer} does not exist; the model has {model.cfg.n_layers} layers.")
     kw = dict(batch_size=batch_size, pad_token_id=pad_token_id)
-    gold = torch.tensor([p.query_label for p in icl_prompts])
-    icl_clean, icl_z = run_with_edits(model, icl_prompts, label_ids, record=True, **kw)
-    zsl_clean = run_with_edits(model, zsl_prompts, label_ids, **kw)
+    if answer_ids is not None and len(answer_ids) != len(icl_prompts):
+        raise ValueError(f"{len(answer_ids)} gold answers for {len(icl_prompts)} prompts; give one per prompt.")
+    if answer_ids is None:
+        gold = torch.tensor([p.query_label for p in icl_prompts])
+    else:
+        gold = torch.tensor([int(ids[0]) for ids in answer_ids])
+    score = _scorer(model, label_ids, answer_ids, kw)
+    icl_clean, icl_z = score(icl_prompts, record=True)
+    zsl_clean = score(zsl_prompts)
     heads = [(layer, h) for h in range(model.cfg.n_heads)]
     sources = resample_sources(len(icl_prompts), seed) if ablation == "resample" else None
     edits = ablation_edits(ablation, heads, icl_z, sources)
-    ablated = run_with_edits(model, icl_prompts, label_ids, edits, **kw)
-    patched = run_with_edits(model, zsl_prompts, label_ids, patch_heads(heads, icl_z), **kw)
-    icl_pred = icl_clean.argmax(-1)
+    ablated = score(icl_prompts, edits)
+    patched = score(zsl_prompts, patch_heads(heads, icl_z))
+    icl_pred = _predictions(icl_clean)
     icl = (icl_pred == gold).numpy().astype(float)
-    zsl = (zsl_clean.argmax(-1) == gold).numpy().astype(float)
-    abl = (ablated.argmax(-1) == gold).numpy().astype(float)
-    pat = (patched.argmax(-1) == gold).numpy().astype(float)
+    zsl = (_predictions(zsl_clean) == gold).numpy().astype(float)
+    abl = (_predictions(ablated) == gold).numpy().astype(float)
+    pat = (_predictions(patched) == gold).numpy().astype(float)
     n = len(gold)
     boot = dict(n=n, resamples=bootstrap, seed=seed)
-    agree = int((ablated.argmax(-1) == icl_pred).sum())
+    agree = int((_predictions(ablated) == icl_pred).sum())
     agree_lo, agree_hi = wilson_interval(agree, n)
     drop_lo, drop_hi = bootstrap_interval(mean_difference, [icl, abl], **boot)
     rec_lo, rec_hi = bootstrap_interval(recovery, [pat, zsl, icl], **boot)

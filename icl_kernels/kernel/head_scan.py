@@ -8,7 +8,11 @@ module runs the model to get those tensors:
   and optionally keys, values, queries and residuals at the demonstrations' label tokens), and keeps
   per-prompt CPU tensors in a `HeadRun`: a_i for every aggregation, the demonstration labels, the
   model's log-probabilities of the label words' first tokens at the prediction position (its ICL
-  prediction is their argmax) and the gold labels. Every score of `icl_kernels.kernel.scores` is then a
+  prediction is their argmax) and the gold labels. For an open-vocabulary task whose answers are
+  single tokens (``prediction="vocabulary"``), the model's prediction is instead its top-1 token over
+  the whole vocabulary, read as the class whose answer is that token, or `HeadRun.n_classes` (no
+  class: an answer outside the task's answers, which no head vote and no baseline can equal, so it
+  counts as a disagreement for all of them). Every score of `icl_kernels.kernel.scores` is then a
   function of the run (`HeadRun.scores`, `head_kernel_regression`, `resid_kernel_regression`,
   `probe_accuracies`).
 * `permute_demonstrations` reorders a prompt's demonstrations token by token (each demonstration
@@ -33,7 +37,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_kernels.data.prompts import batches, pad_id
+from icl_kernels.data.prompts import LabelTokenizationError, batches, label_token_ids, pad_id
 from icl_kernels.engine.capture import capture
 from icl_kernels.engine.label_scoring import label_scores, prediction_logits
 from icl_kernels.kernel.scores import (
@@ -51,6 +55,7 @@ from icl_kernels.kernel.scores import (
     score_heads,
 )
 from icl_kernels.models import backend as tl_backend
+from icl_kernels.utils.errors import InvalidOptionError
 
 __all__ = [
     "HeadRun",
@@ -63,7 +68,62 @@ __all__ = [
     "demo_output_similarity",
     "permute_demonstrations",
     "rotated_demonstrations",
+    "PREDICTIONS",
+    "vocabulary_classes",
+    "MAX_OPEN_CLASSES",
+    "check_open_task",
 ]
+
+#: How `analyze_heads` reads the model's prediction: ``"labels"``, the argmax over the label words'
+#: first tokens (classification tasks; an open task's answers as a named option), or ``"vocabulary"``,
+#: the top-1 token over the whole vocabulary mapped to its class (open tasks with single-token answers).
+PREDICTIONS = ("labels", "vocabulary")
+
+
+#: Most answers an open task may have for label-vote head scores (votes, kernel regression and
+#: baselines keep one entry per class, per prompt and head).
+MAX_OPEN_CLASSES = 256
+
+
+def check_open_task(task, tokenizer=None, *, study: str = "heads", hint: str = "") -> None:
+    """`InvalidOptionError` unless the heads of open task ``task`` can be scored by their label votes
+    (the heads study; ranking heads in the causal and families studies): at most `MAX_OPEN_CLASSES`
+    answers and (with ``tokenizer``) every answer one token, so that a vote names one answer token.
+    ``hint`` ends the message (what else the study can do)."""
+    n = len(task.answer_words)
+    if n > MAX_OPEN_CLASSES:
+        raise InvalidOptionError(
+            f"Task {task.name!r} has {n:,} distinct answers; the {study} study scores heads by their vote over "
+            f"the answers (one entry per answer, per prompt and head) and takes at most {MAX_OPEN_CLASSES}. Use an "
+            "open task with few single-token answers (e.g. capitalize-first-letter, lowercase-last-letter)." + hint)
+    if tokenizer is not None:
+        try:
+            label_token_ids(tokenizer, task.answer_words, require_single_token=True)
+        except LabelTokenizationError as err:
+            raise InvalidOptionError(
+                f"Task {task.name!r} has answers of several tokens for this model's tokenizer ({err}); the {study} "
+                "study scores heads by their vote over the answers, which names one answer token, so it takes open "
+                "tasks whose answers are all single tokens (e.g. capitalize-first-letter, lowercase-last-letter)." + hint
+            ) from err
+
+
+def vocabulary_classes(
+    top1: Int[Tensor, " batch"], class_tokens: Sequence[int], d_vocab: int
+) -> Int[Tensor, " batch"]:
+    """The class whose (single) token is each top-1 token; ``len(class_tokens)`` where it is none.
+
+    >>> vocabulary_classes(torch.tensor([5, 7, 2]), [7, 5], 10).tolist()
+    [1, 0, 2]
+    """
+    tokens = [int(t) for t in class_tokens]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("Two classes share a first token, so a top-1 token cannot name one class; "
+                         "give each class a distinct single-token answer.")
+    top1 = top1.cpu().long()
+    size = max(int(d_vocab), max(tokens, default=-1) + 1, int(top1.max()) + 1 if top1.numel() else 0)
+    lookup = torch.full((size,), len(tokens), dtype=torch.long)
+    lookup[torch.as_tensor(tokens, dtype=torch.long)] = torch.arange(len(tokens))
+    return lookup[top1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,6 +161,8 @@ class HeadRun:
     segments: list[Segment] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
     attention_rows: list[Tensor] = field(default_factory=list)  # first `keep_rows` prompts: [layer head pos]
+    top1: Tensor | None = None  # [prompt] top-1 token over the vocabulary (prediction="vocabulary" only)
+    vocab_predictions: Tensor | None = None  # [prompt] class of `top1`; n_classes: none of the classes
 
     @property
     def n_prompts(self) -> int:
@@ -108,6 +170,11 @@ class HeadRun:
 
     @property
     def model_predictions(self) -> Tensor:
+        """The model's ICL prediction per prompt: the argmax over the label words' first tokens, or with
+        ``prediction="vocabulary"`` the class of its top-1 token over the vocabulary (``n_classes``
+        when that token is no class's answer)."""
+        if self.vocab_predictions is not None:
+            return self.vocab_predictions
         return self.label_scores.argmax(-1)
 
     def scores(self, rows=None) -> HeadScores:
@@ -141,6 +208,7 @@ def analyze_heads(
     keep_rows: int = 0,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    prediction: str = "labels",
 ) -> HeadRun:
     """Run ``model`` over k-shot ``prompts`` (one captured forward per batch) and keep per-prompt tensors.
 
@@ -163,7 +231,16 @@ def analyze_heads(
         keep_rows: keep the whole prediction-row attention of every head (``[layer head
             pos]`` over the prompt's own tokens, padding cut) for the first ``keep_rows`` prompts
             (`HeadRun.attention_rows`), for token-level views of single prompts.
+        prediction: `PREDICTIONS`: ``"labels"`` (argmax over the label words' first tokens) or
+            ``"vocabulary"`` (top-1 over the whole vocabulary, as its class or ``n_classes`` when no
+            class's answer; every label must then be one token: `vocabulary_classes`).
     """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, not {prediction!r}.")
+    if prediction == "vocabulary" and any(len(ids) != 1 for ids in label_ids):
+        multi = [c for c, ids in enumerate(label_ids) if len(ids) != 1]
+        raise ValueError(f"prediction='vocabulary' needs single-token labels; classes {multi[:5]} have "
+                         f"{[len(label_ids[c]) for c in multi[:5]]} tokens.")
     if keep_rows < 0:
         raise ValueError(f"keep_rows must be >= 0, not {keep_rows}.")
     if any(p.query_label is None for p in prompts):
@@ -223,7 +300,12 @@ def analyze_heads(
             parts.setdefault(f"w_{how}", []).append(demo_attention(attn, layout, how))
         parts.setdefault("labels", []).append(layout.demo_labels)
         with torch.no_grad():
-            scores = label_scores(model, cap.final_residual.to(device), first_ids, first_index=index * batch_size)
+            if prediction == "vocabulary":  # the same log-softmax as `label_scores`, and the top-1 token
+                logits = prediction_logits(model, cap.final_residual.to(device), first_index=index * batch_size)
+                scores = logits.log_softmax(-1)[:, torch.as_tensor(first_ids, device=logits.device)].cpu()
+                parts.setdefault("top1", []).append(logits.argmax(-1).cpu())
+            else:
+                scores = label_scores(model, cap.final_residual.to(device), first_ids, first_index=index * batch_size)
         parts.setdefault("scores", []).append(scores)
         parts.setdefault("gold", []).append(torch.tensor([p.query_label for p in bp]))
 
@@ -269,7 +351,10 @@ def analyze_heads(
             return torch.cat(parts[name], dim=0)
         return _pad_demo_dim(parts[name], dim_demo, fill)
 
+    top1 = cat("top1")
     return HeadRun(
+        top1=top1,
+        vocab_predictions=None if top1 is None else vocabulary_classes(top1, first_ids, int(model.cfg.d_vocab)),
         layers=layers,
         n_heads=model.cfg.n_heads,
         n_classes=n_classes,
@@ -379,9 +464,11 @@ def single_example_outputs(
     *,
     pad_token_id: int = 0,
     batch_size: int = 8,
+    prediction: str = "labels",
 ) -> tuple[Float[Tensor, "batch vocab"], Int[Tensor, " batch"]]:
     """Next-token distribution P(o|x) over the whole vocabulary and the argmax label class, for
-    zero-shot prompts (one example each, `PromptBuilder.build([], example)`)."""
+    zero-shot prompts (one example each, `PromptBuilder.build([], example)`); with
+    ``prediction="vocabulary"`` the class of the top-1 token (`vocabulary_classes`)."""
     device = tl_backend.model_device(model)
     first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
     probs, preds = [], []
@@ -390,7 +477,10 @@ def single_example_outputs(
         with torch.no_grad():
             logits = prediction_logits(model, cap.final_residual, first_index=index * batch_size)
         probs.append(logits.softmax(-1).cpu())
-        preds.append(logits[:, first_ids].argmax(-1).cpu())
+        if prediction == "vocabulary":
+            preds.append(vocabulary_classes(logits.argmax(-1), first_ids.tolist(), logits.shape[-1]))
+        else:
+            preds.append(logits[:, first_ids].argmax(-1).cpu())
     return torch.cat(probs), torch.cat(preds)
 
 
@@ -403,9 +493,11 @@ def demo_output_similarity(
     pad_token_id: int = 0,
     batch_size: int = 8,
     progress: bool = False,
+    prediction: str = "labels",
 ) -> tuple[Float[Tensor, "batch demo"], Int[Tensor, "batch demo"], Int[Tensor, " batch"]]:
     """For each ICL prompt: P(o|x_test)^T P(o|x_i) for its demonstrations (NaN for padding), the
-    zero-shot label class of every x_i (-1 for padding) and of x_test.
+    zero-shot label class of every x_i (-1 for padding) and of x_test (``prediction`` as in
+    `single_example_outputs`).
 
     Each x is run alone as a zero-shot prompt of ``builder``; distributions over the full
     vocabulary are kept only for one chunk of prompts at a time.
@@ -426,7 +518,8 @@ def demo_output_similarity(
                 texts.append(ex)
                 owners.append((r, i))
         zero = [builder.build([], ex) for ex in texts]
-        probs, preds = single_example_outputs(model, zero, builder.label_ids, pad_token_id=pad_token_id, batch_size=batch_size)
+        probs, preds = single_example_outputs(model, zero, builder.label_ids, pad_token_id=pad_token_id,
+                                              batch_size=batch_size, prediction=prediction)
         query_at = {r: j for j, (r, i) in enumerate(owners) if i == -1}
         for j, (r, i) in enumerate(owners):
             if i == -1:

@@ -16,6 +16,12 @@ figures of the accuracy drop (top-k vs random heads) and of the per-layer sweep.
 
     icl-kernels causal --model synthetic-gpt-neo --task synthetic-world --shots 16 --n-test 600 \\
         --k 3 --random-draws 10 --batch-size 50 --out results/causal-synthetic
+
+Open-vocabulary tasks (`icl_kernels.data.tasks.open_vocab.OpenVocabTask`): accuracy is top-1
+first-token accuracy over the whole vocabulary under the same edits (``summary.json`` ``scoring``).
+Ranking heads by label-vote agreement needs every answer to be one token and at most
+`icl_kernels.kernel.head_scan.MAX_OPEN_CLASSES` answers (the letter tasks); other open tasks are refused
+with the reason, except with ``layer`` (one layer's heads, nothing ranked), which takes any open task.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ from typing import Any, ClassVar
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from icl_kernels.data.conditions import study_prompts
+from icl_kernels.data.conditions import SYNTHETIC_TASKS, study_prompts
+from icl_kernels.data.prompts import gold_answer_ids
+from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.families.head_ablation import CausalConfig, causal_study, layer_study
+from icl_kernels.kernel.head_scan import check_open_task
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.registry import register
@@ -45,6 +54,8 @@ __all__ = ["CausalStudyConfig", "CausalReport", "run"]
 @dataclass
 class CausalStudyConfig(Options):
     """Model, prompts, the `CausalConfig` options (its seed is ``prompts.seed``) and an optional layer."""
+
+    supports_open_tasks: ClassVar[bool] = True
 
     model: ModelOptions = field(default_factory=ModelOptions)
     prompts: PromptOptions = field(default_factory=lambda: PromptOptions(shots=4, n_test=80))
@@ -85,7 +96,7 @@ class CausalReport(Report):
         headline ablation unprefixed, the other ablations as ``top_<kind>_...``, the reverse patch as
         ``reverse_...``)."""
         if self.config.layer is not None:
-            skip = {"model", "task", "shots", "layer", *self.volatile_keys}
+            skip = {"model", "task", "shots", "layer", "scoring", *self.volatile_keys}
             return {k: v for k, v in self.summary.items() if k not in skip}
         info = self.summary
         c = self.config.causal
@@ -297,18 +308,29 @@ def markdown_table(summary, info: dict) -> str:
 def run(cfg: CausalStudyConfig, model=None, progress: bool = True) -> CausalReport:
     """Rank, ablate and patch heads (or one layer's heads) on one model and task."""
     started = time.time()
+    task = None if cfg.prompts.task in SYNTHETIC_TASKS else get_task(cfg.prompts.task)
+    open_task = task is not None and task.kind == "open"
+    hint = (" Ablating and patching one layer's heads (--layer L) ranks nothing and takes any open task; "
+            "`icl-kernels eval` scores it.")
+    if open_task and cfg.layer is None:  # ranking heads by their vote: before the model loads
+        check_open_task(task, study="causal", hint=hint)
     if model is None:
         model = cfg.model.load()
+    if open_task and cfg.layer is None:
+        check_open_task(task, model.tokenizer, study="causal", hint=hint)
     prompts = study_prompts(model, cfg.prompts, model_name=cfg.model.model)
     icl, zsl, label_ids = prompts.icl, prompts.zsl, prompts.label_ids
+    answers = gold_answer_ids(prompts.builder, icl) if open_task else None
     where = dict(model=cfg.model.model, task=cfg.prompts.task, shots=cfg.prompts.shots)
+    if open_task:
+        where["scoring"] = "top-1 first token over the vocabulary (open task)"
     if cfg.layer is not None:
         c = cfg.causal
         metrics = layer_study(model, icl, zsl, label_ids, cfg.layer, ablation=c.ablation, bootstrap=c.bootstrap,
-                              seed=c.seed, batch_size=c.batch_size)
+                              seed=c.seed, batch_size=c.batch_size, answer_ids=answers)
         summary = dict(metrics, **where, layer=cfg.layer, elapsed_s=round(time.time() - started, 1))
         return CausalReport("causal", cfg, {}, summary)
-    result = causal_study(model, icl, zsl, label_ids, cfg.causal, progress=progress)
+    result = causal_study(model, icl, zsl, label_ids, cfg.causal, progress=progress, answer_ids=answers)
     summary = dict(result.info, **where,
                    mean_demos=float(sum(p.n_demos for p in icl) / len(icl)),
                    mean_prompt_tokens=float(sum(len(p) for p in icl) / len(icl)),

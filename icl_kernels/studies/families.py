@@ -61,7 +61,7 @@ from torch import Tensor
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, StudyPrompts, study_prompts
 from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts
 from icl_kernels.data.tasks.registry import get_task
-from icl_kernels.engine.patching import resample_sources, run_with_edits
+from icl_kernels.engine.patching import open_run_with_edits, resample_sources, run_with_edits
 from icl_kernels.families.anchors import anchor_isolation, flow_saliency, isolation_layers, saliency_summary
 from icl_kernels.families.function_vectors import (
     SCORINGS,
@@ -84,6 +84,7 @@ from icl_kernels.families.task_vectors import (
     TV_SOURCES,
     task_vector_study,
 )
+from icl_kernels.kernel.head_scan import check_open_task
 from icl_kernels.models.options import ModelOptions
 from icl_kernels.studies.catalog import builtin_help
 from icl_kernels.studies.head_scores import HeadScoreInputs, fv_scoring, head_scores
@@ -107,6 +108,8 @@ FAMILIES = ("label_attention", "induction", "previous_token", "duplicate_token",
 @dataclass
 class FamiliesConfig(Options):
     """Model, prompts and the options of each family's measurement."""
+
+    supports_open_tasks: ClassVar[bool] = True
 
     model: ModelOptions = field(default_factory=ModelOptions)
     prompts: PromptOptions = field(default_factory=lambda: PromptOptions(shots=4, n_test=40))
@@ -373,6 +376,7 @@ class RankedHeads:
     frame: pd.DataFrame
     not_ranked: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     first_token_share: Tensor | None = None
+    not_scored: dict[str, str] = field(default_factory=dict)  # family -> why it was not scored on this task
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -433,9 +437,20 @@ def _prompts(cfg: FamiliesConfig, model) -> tuple[Any, np.ndarray, np.ndarray]:
 def _rank_heads(cfg: FamiliesConfig, inputs: HeadScoreInputs) -> RankedHeads:
     """Every registered head score (`icl_kernels.studies.head_scores`) on the selection prompts, and
     each family's top-k among the heads it ranks (the pattern families skip heads with less than
-    ``min_attention_off_first_token`` of their attention off the first token)."""
-    scores, top, not_ranked = {}, {}, {}
+    ``min_attention_off_first_token`` of their attention off the first token). On an open task whose
+    answers are not all single tokens (or too many: `icl_kernels.kernel.head_scan.check_open_task`) the
+    label-attention family, whose vote names one answer token, is not scored (``not_scored``, the reason)."""
+    scores, top, not_ranked, not_scored = {}, {}, {}, {}
+    task = getattr(inputs.prompts.builder, "task", None)
+    if getattr(task, "kind", "classification") == "open":
+        try:
+            check_open_task(task, inputs.model.tokenizer, study="families",
+                            hint=" The families study leaves the label-attention family out on this task.")
+        except InvalidOptionError as err:
+            not_scored["label_attention"] = str(err)
     for score in head_scores():
+        if score.name in not_scored:
+            continue
         s = score.fn(inputs)
         mask = score.ranked(inputs) if score.ranked is not None else torch.ones(s.shape, dtype=torch.bool)
         order = [h for h in top_heads(s, s.numel()) if bool(mask[h])]
@@ -448,7 +463,7 @@ def _rank_heads(cfg: FamiliesConfig, inputs: HeadScoreInputs) -> RankedHeads:
     share = inputs.first_token_share
     frame = _frame(scores)
     frame["first_token_share"] = share.flatten().numpy()
-    return RankedHeads(scores, top, frame, not_ranked, share)
+    return RankedHeads(scores, top, frame, not_ranked, share, not_scored)
 
 
 def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedHeads) -> Ablation:
@@ -460,9 +475,24 @@ def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedH
     rank among them."""
     kw = dict(batch_size=cfg.batch_size)
     gold = np.array([p.query_label for p in icl_r])
-    clean_scores, z = run_with_edits(model, icl_r, label_ids, record=True, **kw)
-    clean = (clean_scores.argmax(-1).numpy() == gold).astype(float)
-    zsl_correct = (run_with_edits(model, zsl_r, label_ids, **kw).argmax(-1).numpy() == gold).astype(float)
+    if _is_open(cfg.prompts.task):
+        # open task: top-1 first token over the vocabulary (`open_run_with_edits`), the same edits
+        answers = [label_ids[p.query_label] for p in icl_r]  # = gold_answer_ids(builder, icl_r)
+
+        def score(prompts, edits=(), record=False):
+            return open_run_with_edits(model, prompts, answers, edits, record=record, **kw)
+
+        def correct_of(scores) -> np.ndarray:
+            return scores.first_token_correct.numpy().astype(float)
+    else:
+        def score(prompts, edits=(), record=False):
+            return run_with_edits(model, prompts, label_ids, edits, record=record, **kw)
+
+        def correct_of(scores) -> np.ndarray:
+            return (scores.argmax(-1).numpy() == gold).astype(float)
+    clean_scores, z = score(icl_r, record=True)
+    clean = correct_of(clean_scores)
+    zsl_correct = correct_of(score(zsl_r))
     randoms = random_head_sets(model.cfg.n_layers, model.cfg.n_heads, cfg.k, cfg.random_draws, seed=cfg.prompts.seed)
     sources = resample_sources(len(icl_r), cfg.prompts.seed) if "resample" in cfg.ablations else None
     boot = dict(n=len(gold), resamples=cfg.bootstrap, seed=cfg.prompts.seed)
@@ -470,7 +500,7 @@ def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedH
 
     def ablated(kind: str, heads_: list) -> np.ndarray:
         edits = ablation_edits(kind, heads_, z, sources)
-        return (run_with_edits(model, icl_r, label_ids, edits, **kw).argmax(-1).numpy() == gold).astype(float)
+        return correct_of(score(icl_r, edits))
 
     records, random_by_kind = [], {}
     for kind in cfg.ablations:
@@ -547,10 +577,18 @@ def _task_vectors(cfg: FamiliesConfig, model) -> tuple[dict[str, pd.DataFrame], 
 def _anchors(cfg: FamiliesConfig, model, icl_r, label_ids, progress: bool) -> dict[str, pd.DataFrame]:
     """Label words as anchors (Wang et al.): saliency flows per layer with bootstrap intervals over
     prompts, and label-word vs random isolation in the first / last k layers with label and word
-    loyalty and the paired McNemar test (`icl_kernels.families.anchors`)."""
+    loyalty and the paired McNemar test (`icl_kernels.families.anchors`). On an open task the
+    prediction is the top-1 token over the vocabulary: label loyalty keeps it, accuracy compares it
+    with the answer's first token, and the saliency loss is that token's cross-entropy over the vocabulary."""
     n_layers = model.cfg.n_layers
     if cfg.anchor_layers is not None and cfg.anchor_layers > n_layers:
         raise InvalidOptionError(f"anchor_layers={cfg.anchor_layers} but the model has {n_layers} layers.")
+    if _is_open(cfg.prompts.task):
+        # open task: every vocabulary token is a "label", the gold one the answer's first token, so
+        # label loyalty is the same top-1 token over the vocabulary, accuracy top-1 first-token
+        # accuracy and the saliency loss the cross-entropy over the vocabulary; word loyalty as is
+        icl_r = [dataclasses.replace(p, query_label=int(label_ids[p.query_label][0])) for p in icl_r]
+        label_ids = [[t] for t in range(int(model.unembed.W_U.shape[-1]))]
     flows = flow_saliency(model, icl_r[: cfg.saliency_prompts], label_ids, progress=progress)
     isolation = anchor_isolation(model, icl_r, label_ids, seed=cfg.prompts.seed, batch_size=cfg.batch_size,
                                  layers=isolation_layers(n_layers, cfg.anchor_layers), resamples=cfg.bootstrap)
@@ -568,6 +606,8 @@ def _comparison(cfg: FamiliesConfig, model, select, report, ranked: RankedHeads,
         random_heads=[[list(h) for h in s] for s in ablation.random_heads], n_layers=model.cfg.n_layers,
         n_heads=model.cfg.n_heads, top_heads={f: [list(h) for h in ranked.top[f]] for f in ranked.families},
     )
+    if ranked.not_scored:
+        summary["families_not_scored"] = dict(ranked.not_scored)
     return tables, summary
 
 

@@ -229,9 +229,14 @@ def head_scores() -> list[HeadScore]:
 
 
 def label_attention(inputs: HeadScoreInputs) -> Float[Tensor, "layer head_index"]:
-    """Agreement of the head's label-token attention vote with the model's ICL prediction."""
+    """Agreement of the head's label-token attention vote with the model's ICL prediction (an open
+    task's: its top-1 token over the vocabulary read as an answer, `analyze_heads` ``prediction="vocabulary"``;
+    single-token answers only)."""
+    task = getattr(inputs.prompts.builder, "task", None)
+    prediction = "vocabulary" if getattr(task, "kind", "classification") == "open" else "labels"
     run = analyze_heads(inputs.model, inputs.selection, inputs.label_ids, aggregations=("label",),
-                        attention_map_length=None, progress=inputs.progress, batch_size=inputs.config.batch_size)
+                        attention_map_length=None, progress=inputs.progress, batch_size=inputs.config.batch_size,
+                        prediction=prediction)
     return run.scores().agreement["label"].float()
 
 

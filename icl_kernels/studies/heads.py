@@ -17,6 +17,20 @@ head, whether its most-attended demonstration moves with its content or stays at
 of a_i with P(o|x_test)^T P(o|x_i) (Figure 4), zero-shot accuracy, and ridge probes of keys
 (target: the zero-shot class of x_i) and values (target: y_i) around the label position (Figure 5).
 
+**Open-vocabulary tasks** (`icl_kernels.data.tasks.open_vocab.OpenVocabTask`) run when every answer
+of the task is one token for the model's tokenizer (the letter tasks: capitalize/lowercase first/last
+letter) and there are at most `icl_kernels.kernel.head_scan.MAX_OPEN_CLASSES` answers: the classes are the task's answers
+(``task.answer_words``, every distinct answer in its data), demonstration labels and gold are answer
+indices, and the model's prediction (``open_prediction``) is by default its top-1 token over the whole
+vocabulary (``vocabulary``, as the papers score open tasks); a top-1 token that is none of the answers
+is "no class", which no head vote or baseline equals, so it counts as a disagreement for every head and
+every baseline (``icl_outside_rate`` reports how often it happens; ``model_majority`` is the most
+frequent class prediction). ``open_prediction=answers`` takes the argmax over the answers' tokens
+instead, exactly as a classification task with those answers as label words. Other open tasks (a
+multi-token answer, e.g. country-capital; or too many answers for the per-class arrays, e.g.
+capitalize's 26,838) are refused with the reason. Probes need a class target for every x and are off
+on open tasks.
+
 Phenomena and controls are options of the same study: ``selector=retrieval`` (nearest MiniLM
 neighbours as demonstrations), ``label_format`` ``swapped`` (label words permuted among classes),
 ``arbitrary`` (unrelated words), ``flipped`` (demonstration labels shifted to the next class; gold
@@ -39,7 +53,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -57,6 +71,7 @@ from icl_kernels.data.prompts import pad_id
 from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.kernel.head_scan import (
     analyze_heads,
+    check_open_task,
     demo_output_similarity,
     head_kernel_regression,
     probe_accuracies,
@@ -103,15 +118,19 @@ from icl_kernels.utils.stats import (
     wilson_interval,
 )
 
-__all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS"]
+__all__ = ["HeadsConfig", "HeadsReport", "run", "PROBE_OFFSETS", "OPEN_PREDICTIONS"]
 
 #: Offsets from each label's first token at which keys and values are probed.
 PROBE_OFFSETS = (-1, 0, 1, 2, 3)
+#: The model's prediction on an open task: top-1 over the whole vocabulary, or argmax over the answers.
+OPEN_PREDICTIONS = ("vocabulary", "answers")
 
 
 @dataclass
 class HeadsConfig(Options):
     """Options of one heads analysis (see the module docstring)."""
+
+    supports_open_tasks: ClassVar[bool] = True
 
     model: ModelOptions = field(default_factory=ModelOptions)
     prompts: PromptOptions = field(default_factory=PromptOptions)
@@ -131,9 +150,16 @@ class HeadsConfig(Options):
     view_prompts: int = field(default=8, metadata={
         "identity": False,  # changes what is kept for display / how fast, not a number: not in the fingerprint
         "help": "prompts whose token-level attention goes to view_data.json for `icl-kernels view` (0: none)"})
+    open_prediction: str = field(default="vocabulary", metadata={
+        "choices": OPEN_PREDICTIONS,
+        "help": "open-vocabulary tasks: the model's prediction is its top-1 token over the whole vocabulary "
+                "(vocabulary; a token that is no answer counts as no class) or the argmax over the answers "
+                "(answers); classification tasks always use the label words"})
 
     def __post_init__(self) -> None:
         problems = self.prompts.split_problems("head scores")
+        if self.open_prediction not in OPEN_PREDICTIONS:
+            problems.append(f"open_prediction must be one of {OPEN_PREDICTIONS}, not {self.open_prediction!r}")
         if self.prompts.task in SYNTHETIC_TASKS:
             if self.similarity or self.kr_minilm:
                 problems.append("the synthetic world has no text for single-example runs or MiniLM: pass "
@@ -155,8 +181,23 @@ class HeadsConfig(Options):
 
     @property
     def with_probes(self) -> bool:
-        """Whether the key/value probes run (``probes``, by default on exactly when ``similarity`` is)."""
-        return bool(self.similarity) if self.probes is None else bool(self.probes)
+        """Whether the key/value probes run (``probes``, by default on exactly when ``similarity`` is,
+        and off on open-vocabulary tasks)."""
+        if self.probes is None:
+            return bool(self.similarity) and not self.open_task
+        return bool(self.probes)
+
+    @property
+    def open_task(self) -> bool:
+        """Whether ``task`` is an open-vocabulary task."""
+        if self.prompts.task in SYNTHETIC_TASKS:
+            return False
+        return get_task(self.prompts.task).kind == "open"
+
+    @property
+    def prediction(self) -> str:
+        """How `analyze_heads` reads the model's prediction (`icl_kernels.kernel.head_scan.PREDICTIONS`)."""
+        return "vocabulary" if self.open_task and self.open_prediction == "vocabulary" else "labels"
 
 
 def head_matrix(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, list[int], tuple[np.ndarray, np.ndarray]]:
@@ -250,6 +291,8 @@ class HeadsReport(Report):
             f"best head L{b['layer']}.H{b['head']} (max): held-out agreement {b['report_agreement']:.3f}, "
             f"accuracy {b['report_accuracy']:.3f}",
         ]
+        if "icl_outside_rate" in summary:
+            parts.append(f"top-1 none of the answers on {summary['icl_outside_rate']:.3f} of prompts (no class)")
         if "minilm_cosine" in kr:
             parts.append(f"KR MiniLM cosine: accuracy {kr['minilm_cosine']['accuracy']:.3f}, "
                          f"agreement {kr['minilm_cosine']['agreement']:.3f}")
@@ -404,6 +447,16 @@ class OrderControl:
 # ------------------------------------------------------------------------------------------------
 
 
+def _class_majority_share(predictions: np.ndarray, n_classes: int) -> float:
+    """Share of the most frequent class among ``predictions`` (the agreement of the best constant
+    class predictor); an open task's "no class" (``n_classes``) is no class a constant can predict.
+    Equals `majority_share` when every prediction is a class."""
+    values = np.asarray(predictions).ravel()
+    if not values.size:
+        return float("nan")
+    return float(np.bincount(values, minlength=n_classes + 1)[:n_classes].max() / values.size)
+
+
 def _rate(pred: torch.Tensor, target: torch.Tensor, rows) -> float:
     rows = torch.as_tensor(rows, dtype=torch.long)
     return float((pred[rows] == target[rows]).float().mean())
@@ -474,8 +527,11 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
     unit = "prompts"
     out: dict[str, Any] = {"unit": unit, "n": len(rows)}
     out["icl_accuracy"] = proportion(model_pred == gold, unit=unit)
-    out["model_majority_share"] = {"value": majority_share(model_pred), "n": len(rows), "unit": unit}
-    out["icl_prediction_rate"] = np.bincount(model_pred, minlength=hrun.n_classes).tolist()
+    n_classes = hrun.n_classes
+    out["model_majority_share"] = {"value": _class_majority_share(model_pred, n_classes), "n": len(rows), "unit": unit}
+    out["icl_prediction_rate"] = np.bincount(model_pred, minlength=n_classes + 1)[:n_classes].tolist()
+    if getattr(hrun, "vocab_predictions", None) is not None:
+        out["icl_outside_rate"] = proportion(model_pred == n_classes, unit=unit)
     out["gold_majority_share"] = {"value": majority_share(gold), "n": len(rows), "unit": unit}
     if zsl_pred is not None:
         out["zsl_accuracy"] = proportion(zsl_pred[rows].numpy() == gold, unit=unit)
@@ -489,7 +545,7 @@ def _held_out(hrun, report, head_preds: dict, kr_preds: dict, zsl_pred) -> dict[
             "agreement": proportion(agree > 0, unit=unit), "accuracy": proportion(p == gold, unit=unit),
             "abstain": proportion(p < 0, unit=unit),
             "agreement_minus_majority_share": paired_bootstrap(
-                lambda a, m: float(a.mean() - majority_share(m)), [agree, model_pred], unit),
+                lambda a, m: float(a.mean() - _class_majority_share(m, n_classes)), [agree, model_pred], unit),
         }
 
     out["best_head"] = {how: rates(pred) for how, pred in head_preds.items()}
@@ -506,7 +562,7 @@ def _trivial(hrun, split: Split) -> Trivial:
     model_pred = hrun.model_predictions
     preds = trivial_baselines(hrun.demo_labels, hrun.n_classes)
     select = torch.as_tensor(split.select, dtype=torch.long)
-    counts = np.bincount(model_pred[select].numpy(), minlength=hrun.n_classes)
+    counts = np.bincount(model_pred[select].numpy(), minlength=hrun.n_classes + 1)[: hrun.n_classes]
     preds["model_majority"] = torch.full_like(model_pred, int(counts.argmax()))
     best = max(TRIVIAL_BASELINES, key=lambda name: (_rate(preds[name], model_pred, select), -TRIVIAL_BASELINES.index(name)))
     return Trivial(preds, best)
@@ -556,7 +612,7 @@ def _order_control(cfg: HeadsConfig, model, sp, hrun, split: Split, votes: dict[
     most-attended demonstration follow the content or stay at the position, and is its vote unchanged."""
     rotated, moved_to = rotated_demonstrations(sp.icl)
     prun = analyze_heads(model, rotated, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad_id(model),
-                         attention_map_length=None, progress=progress)
+                         attention_map_length=None, progress=progress, prediction=cfg.prediction)
     report = torch.as_tensor(split.report, dtype=torch.long)
     width = min(hrun.demo_labels.shape[1], prun.demo_labels.shape[1], moved_to.shape[1])
     pvotes = _head_predictions(prun)
@@ -678,6 +734,7 @@ def _forward(cfg: HeadsConfig, model, sp, progress: bool):
         model, sp.icl, sp.label_ids, batch_size=cfg.batch_size, pad_token_id=pad_id(model),
         head_features=True, resid_layers=tuple(range(n_layers)),
         probe_offsets=PROBE_OFFSETS if cfg.with_probes else (), keep_rows=cfg.view_prompts, progress=progress,
+        prediction=cfg.prediction,
     )
 
 
@@ -723,6 +780,7 @@ def _similarity(cfg: HeadsConfig, model, sp, run, split: Split, progress: bool) 
     sim, zs_demo, zsl_pred = demo_output_similarity(
         model, sp.builder, [sp.queries[p.query_index] for p in sp.icl], demo_rows,
         pad_token_id=pad_id(model), batch_size=max(cfg.batch_size * 4, 8), progress=progress,
+        prediction=cfg.prediction,
     )
     width = min(sim.shape[1], run.demo_labels.shape[1])
     valid = (run.demo_labels >= 0)[:, :width]
@@ -812,9 +870,12 @@ def _report(cfg: HeadsConfig, task, sp, hrun, split: Split, heads: HeadScores, b
         tables["kernel_similarity"] = similarity.frame
         if similarity.probe_frame is not None:
             tables["probes"] = similarity.probe_frame
+    words = summary["label_words"]
+    if words is not None and getattr(hrun, "vocab_predictions", None) is not None:  # the model's "no class" answer, index n_classes
+        words = [*words, "(none of the answers)"]
     data = {"select_scores": heads.by_split["select"], "attention_map": hrun.attention_map,
             "segments": hrun.segments, "corr": corr, "probe_acc": probe_acc, "probe_offsets": hrun.probe_offsets,
-            "view": view_data(sp.icl, hrun, tables["prompts"]["split"].tolist(), tokenizer, summary["label_words"],
+            "view": view_data(sp.icl, hrun, tables["prompts"]["split"].tolist(), tokenizer, words,
                               summary["model"], summary["task"])}
     return HeadsReport("heads", cfg, tables, summary, data=data)
 
@@ -824,8 +885,15 @@ def run(cfg: HeadsConfig, model=None, progress: bool = True) -> HeadsReport:
     started = time.time()
     synthetic = cfg.prompts.task in SYNTHETIC_TASKS
     task = None if synthetic else get_task(cfg.prompts.task)  # a bad task name fails before a model loads
+    if task is not None and task.kind == "open":
+        if cfg.probes:
+            raise InvalidOptionError(f"Task {task.name!r} is an open-vocabulary task: the key probes' target (the "
+                                     "zero-shot class of every x) is often none of the answers; pass --no-probes.")
+        check_open_task(task)
     if model is None:
         model = cfg.model.load()
+    if task is not None and task.kind == "open":
+        check_open_task(task, model.tokenizer)
     search_layers = _search_layers(cfg, model)
     sp = study_prompts(model, cfg.prompts, cfg.condition, model_name=cfg.model.model)
     hrun = _forward(cfg, model, sp, progress)
@@ -849,15 +917,17 @@ def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr,
         "seed": cfg.prompts.seed, "n_select": len(select), "n_report": len(report),
         "label_words": list(sp.builder.label_words) if sp.builder is not None else None, "label_format": cfg.condition.label_format,
         "control": cfg.condition.control, "selector": cfg.condition.selector,
-        "n_layers": len(hrun.layers), "n_heads": hrun.n_heads,
+        "n_layers": len(hrun.layers), "n_heads": hrun.n_heads, "prediction": cfg.prediction,
         "icl_accuracy": float((model_pred == gold).float().mean()),
         "icl_accuracy_report": _rate(model_pred, gold, report),
-        "icl_prediction_rate": np.bincount(model_pred.numpy(), minlength=hrun.n_classes).tolist(),
+        "icl_prediction_rate": np.bincount(model_pred.numpy(), minlength=hrun.n_classes + 1)[: hrun.n_classes].tolist(),
         "mean_demos_used": float(np.mean([m["n_demos"] for m in hrun.meta])),
         "mean_prompt_tokens": float(np.mean([m["prompt_tokens"] for m in hrun.meta])),
         "best_head": {how: dict(b.scores) for how, b in best.items()},
         "kernel_regression": kr,
     }
+    if getattr(hrun, "vocab_predictions", None) is not None:
+        summary["icl_outside_rate"] = float((model_pred == hrun.n_classes).float().mean())
     if cfg.layer is not None:
         summary["layer"] = cfg.layer
     summary["best_head_max"] = best["max"].name
@@ -905,6 +975,7 @@ register_quantities('heads', (
     ('probes(_selected_layer)?\\..*', 'ridge probes of keys (target: zero-shot class of x_i) and values (target: y_i) around the label position (Figure 5; with `similarity`)'),
     ('icl_accuracy(_report)?|zsl_accuracy(_report)?', 'ICL / zero-shot accuracy over all prompts (`_report`: report prompts only)'),
     ('(held_out\\.)?icl_prediction_rate\\[\\d+\\]', 'how often the model predicts label word i'),
+    ('(held_out\\.)?icl_outside_rate', "open tasks with open_prediction=vocabulary: share of prompts whose top-1 token is none of the task's answers (no class; a disagreement for every head and baseline)"),
     ('n_prompts|n_select|n_report|n_layers|n_heads|shots|seed|held_out\\.n|attention_map_prompts', 'sizes: prompts, split sizes, layers, heads, demonstrations'),
     ('mean_demos_used|mean_prompt_tokens', 'mean demonstrations and tokens per prompt'),
 ))

@@ -32,7 +32,7 @@ from icl_kernels.utils.errors import InvalidOptionError
 __all__ = ["OPEN_TASK_STUDIES", "check_installed", "check_task_kind", "task_names"]
 
 #: The studies whose configuration accepts an open-vocabulary task (``supports_open_tasks``).
-OPEN_TASK_STUDIES = ("eval",)
+OPEN_TASK_STUDIES = ("eval", "heads", "causal", "families")
 
 
 def check_task_kind(config: Any, task) -> None:

@@ -205,7 +205,7 @@ def test_the_eval_study_runs_an_open_task_and_says_calibration_does_not_apply(tm
     assert list(report.tables["predictions"]["answer"]) == get_task("country-capital").load()["test"]["answer"][:4]
 
 
-@pytest.mark.parametrize("study_name", ["heads", "causal", "families", "compare", "momentum"])
+@pytest.mark.parametrize("study_name", ["compare", "momentum"])
 def test_studies_without_open_task_support_refuse_them_before_loading_a_model(study_name):
 
     study = get_study(study_name)

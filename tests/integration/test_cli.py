@@ -210,7 +210,7 @@ def test_heads_study_with_a_given_model_layer_restriction_and_no_hooks_left(monk
     report = study({**options, "layer": 1}, model=model, progress=False)
     assert {entry["layer"] for entry in report.summary["best_head"].values()} == {1}
     assert report.summary["layer"] == 1 and report.summary["kernel_regression"]["head_qk_best_head"]["chosen"].startswith("L1.")
-    assert set(report.tables) == {"heads", "prompts"}
+    assert set(report.tables) == {"heads", "prompts", "order_control"}
     with pytest.raises(Exception, match="layers"):
         study({**options, "layer": 4}, model=model, progress=False)
 

@@ -91,6 +91,7 @@ from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.stats import (
     bootstrap_interval,
     mean_difference,
+    percentile_interval,
     recovery,
     split_indices,
     wilson_interval,
@@ -279,12 +280,7 @@ def random_sets_interval(
         idx = prompts.integers(0, n, size=n)
         cols = draws.integers(0, n_draws, size=n_draws) if resample_draws else all_draws
         values.append(statistic(*[a[idx] for a in arrays], drawn[idx][:, cols]))
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return (float("nan"), float("nan"))
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    return percentile_interval(values, level)
 
 
 def draw_spread(per_draw: Sequence[float] | np.ndarray, prefix: str) -> dict[str, float]:

@@ -40,6 +40,7 @@ __all__ = [
     "rng",
     "wilson_interval",
     "bootstrap_interval",
+    "percentile_interval",
     "split_indices",
     "cosine",
     "kendall_tau",
@@ -161,6 +162,12 @@ def bootstrap_interval(
     for _ in range(resamples):
         idx = generator.integers(0, n, size=n)
         values.append(statistic(*[a[idx] for a in arrays]))
+    return percentile_interval(values, level)
+
+
+def percentile_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap ``values``, NaN samples dropped
+    ((nan, nan) when none is left)."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     if not len(values):
@@ -308,10 +315,7 @@ def paired_bootstrap(
     if n:
         generator = rng(stream, seed)
         values = _resample_values(statistic, batched, arrays, members, resamples, generator)
-        values = values[~np.isnan(values)]
-        if len(values):
-            alpha = (1 - level) / 2
-            low, high = float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+        low, high = percentile_interval(values, level)
     return Estimate(value=value, low=low, high=high, n=n, unit=unit)
 
 

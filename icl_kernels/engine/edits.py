@@ -91,6 +91,10 @@ class Edit:
     ``reads`` names activations of the same layer (``"q"``, ``"k"``, ``"v"``, ``"rot_q"``,
     ``"rot_k"``) that ``fn`` needs from the same forward pass; they arrive in
     ``context.activations``.
+
+    ``prediction_only`` promises that ``fn`` changes nothing but each row's prediction position (and
+    reads nothing else), so a run may take the keys and values of every earlier position from an
+    unedited pass (`icl_kernels.engine.condition_runs.score_conditions`).
     """
 
     layer: int
@@ -98,6 +102,7 @@ class Edit:
     site: str = "z"
     label: str = ""
     reads: tuple[str, ...] = ()
+    prediction_only: bool = False
 
     def __post_init__(self) -> None:
         if self.site not in SITES:

@@ -226,6 +226,16 @@ def _token_lists(prompts: Sequence) -> list[tuple[int, ...]]:
     return [tuple(int(t) for t in (p.tokens if isinstance(p, IclPrompt) else p)) for p in prompts]
 
 
+def check_row_ids(row_ids: Sequence[int] | None, n_prompts: int) -> list[int]:
+    """The row index each prompt's edits see: ``row_ids`` (one per prompt, checked) or ``0..n-1``."""
+    if row_ids is None:
+        return list(range(n_prompts))
+    ids = [int(i) for i in row_ids]
+    if len(ids) != n_prompts:
+        raise ValueError(f"row_ids gives {len(ids)} rows for {n_prompts} prompts; give one per prompt.")
+    return ids
+
+
 def _suffix_start(prefix: SharedPrefix | None, token_lists: Sequence[tuple[int, ...]], edits: Sequence[Edit]) -> int:
     """Where the run of each prompt starts: after the shared prefix (checked), else at 0."""
     if prefix is None:
@@ -279,6 +289,7 @@ def label_log_probs(
     pad_token_id: int = 0,
     first_index: int = 0,
     dtype: torch.dtype | None = None,
+    row_ids: Sequence[int] | None = None,
 ) -> Float[Tensor, "batch n_classes"] | tuple[Tensor, dict[str, Tensor]]:
     """log P(label | prompt) for each prompt and class, over the whole vocabulary (CPU).
 
@@ -301,6 +312,9 @@ def label_log_probs(
         first_index: index of ``prompts[0]`` in error messages (a caller scoring a slice can name
             the query).
         dtype: dtype of the log-softmax (`score_dtype`: float64 for a float64 model, else float32).
+        row_ids: the row index the edits see for each prompt (``EditContext.rows``; default the
+            prompt's position in ``prompts``), for a caller scoring some of the prompts its edits
+            were built for.
 
     Raises:
         NonFiniteLogitsError: NaN or infinite logits; the message names the prompts.
@@ -313,6 +327,7 @@ def label_log_probs(
         raise ValueError("label_ids must give at least one token id per class.")
     edits = check_edits(model, edits)
     token_lists = _token_lists(prompts)
+    ids = check_row_ids(row_ids, len(token_lists))
     start = _suffix_start(prefix, token_lists, edits)
     device = tl_backend.model_device(model)
     n_layers, n_classes = model.cfg.n_layers, len(label_ids)
@@ -340,7 +355,7 @@ def label_log_probs(
 
         # registered inside edits_on (an inner hook context), so they see the edited values
         hooks = [(act_name(kind, layer), keep_at_prediction(kind, layer)) for kind in keep for layer in range(n_layers)]
-        owner_rows = torch.tensor([i for i, _ in rows])
+        owner_rows = torch.tensor([ids[i] for i, _ in rows])
         with torch.no_grad(), edits_on(model, edits, rows=owner_rows, prediction_positions=positions, lengths=lengths):
             resid = final_residual(model, tokens, None if whole else positions, hooks=hooks, prefix=prefix)
         with torch.no_grad():

@@ -57,6 +57,7 @@ agreement = the same top-1 token as the reference run, ``margin`` = log P(first 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -271,7 +272,7 @@ def zero_ablation(heads: Iterable[Head], positions: str = "prediction") -> list[
         def fn(z: Tensor, context: EditContext, hs=hs) -> Tensor:
             return _write(z, context, hs, None, positions)
 
-        edits.append(Edit(layer, fn, "z", f"zero L{layer} H{hs}"))
+        edits.append(Edit(layer, fn, "z", f"zero L{layer} H{hs}", prediction_only=positions == "prediction"))
     return edits
 
 
@@ -289,7 +290,7 @@ def mean_ablation(
         def fn(z: Tensor, context: EditContext, hs=hs, value=value) -> Tensor:
             return _write(z, context, hs, value[None].expand(z.shape[0], -1, -1), positions)
 
-        edits.append(Edit(layer, fn, "z", f"mean L{layer} H{hs}"))
+        edits.append(Edit(layer, fn, "z", f"mean L{layer} H{hs}", prediction_only=positions == "prediction"))
     return edits
 
 
@@ -310,7 +311,7 @@ def patch_heads(heads: Iterable[Head], source: Float[Tensor, "prompt layer head_
             values = source[context.rows.cpu(), layer][:, hs]
             return _write(z, context, hs, values, "prediction")
 
-        edits.append(Edit(layer, fn, "z", f"patch L{layer} H{hs}"))
+        edits.append(Edit(layer, fn, "z", f"patch L{layer} H{hs}", prediction_only=True))
     return edits
 
 
@@ -352,7 +353,7 @@ def resample_ablation(
         raise ValueError(f"sources must index the {source.shape[0]} recorded prompts, got values "
                          f"{int(sources.min())}..{int(sources.max())}.")
     edits = patch_heads(heads, source[sources])
-    return [Edit(e.layer, e.fn, e.site, e.label.replace("patch", "resample", 1)) for e in edits]
+    return [dataclasses.replace(e, label=e.label.replace("patch", "resample", 1)) for e in edits]
 
 
 def zero_attn_out(layers: Iterable[int], positions: str = "all") -> list[Edit]:

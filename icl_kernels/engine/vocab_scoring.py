@@ -46,7 +46,7 @@ from torch import Tensor
 
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.edits import Edit, check_edits, edits_on
-from icl_kernels.engine.label_scoring import _suffix_start, _token_lists, final_residual, prediction_logits
+from icl_kernels.engine.label_scoring import _suffix_start, _token_lists, check_row_ids, final_residual, prediction_logits
 from icl_kernels.engine.prefix_cache import SharedPrefix, right_pad
 from icl_kernels.models import backend as tl_backend
 
@@ -93,6 +93,7 @@ def answer_scores(
     pad_token_id: int = 0,
     first_index: int = 0,
     dtype: torch.dtype | None = None,
+    row_ids: Sequence[int] | None = None,
 ) -> AnswerScores:
     """Score each prompt's gold continuation over the whole vocabulary (see the module docstring).
 
@@ -109,6 +110,8 @@ def answer_scores(
         pad_token_id: id used for right padding.
         first_index: index of ``prompts[0]`` in error messages.
         dtype: dtype of the log-softmax (default `icl_kernels.engine.label_scoring.score_dtype`).
+        row_ids: the row index the edits see for each prompt (``EditContext.rows``; default the
+            prompt's position in ``prompts``).
 
     Raises:
         ValueError: no prompts, a count of answers different from the prompts', an empty answer,
@@ -125,6 +128,7 @@ def answer_scores(
         raise ValueError(f"Prompts {empty[:5]} have an empty gold answer; every answer needs at least one token.")
     edits = check_edits(model, edits)
     token_lists = _token_lists(prompts)
+    ids = check_row_ids(row_ids, len(token_lists))
     start = _suffix_start(prefix, token_lists, edits)
     device = tl_backend.model_device(model)
     top1, first_lp, answer_lp, matched = [], [], [], []
@@ -137,7 +141,7 @@ def answer_scores(
         lengths = torch.tensor([len(s) for s in suffixes], device=device)
         predictions = [len(token_lists[i]) - 1 - start for i in owners]
         positions = torch.tensor(predictions, device=device)
-        with torch.no_grad(), edits_on(model, edits, rows=torch.tensor(owners), prediction_positions=positions,
+        with torch.no_grad(), edits_on(model, edits, rows=torch.tensor([ids[i] for i in owners]), prediction_positions=positions,
                                        lengths=lengths):
             resid = final_residual(model, tokens, prefix=prefix)
         with torch.no_grad():

@@ -68,8 +68,8 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from icl_kernels.engine.condition_runs import score_conditions
 from icl_kernels.engine.patching import (
     Edit,
     Head,
@@ -391,13 +391,16 @@ def causal_study(
                                patch_heads(heads, icl_z)))
 
     edited = {"icl": {}, "zsl": {}}
-    meta = {}
-    for name, which, group, draw, layer, intervention, edits in tqdm(
-        conditions, desc="causal: ablation and patching conditions", unit="condition", disable=not progress
-    ):
-        prompts = icl_r if which == "icl" else zsl_r
-        edited[which][name] = score(prompts, edits)
-        meta[name] = dict(group=group, draw=draw, layer=layer, intervention=intervention)
+    meta = {name: dict(group=group, draw=draw, layer=layer, intervention=intervention)
+            for name, _, group, draw, layer, intervention, _ in conditions}
+    # every ablation and patch edits the prediction position only: each report prompt's context
+    # runs once and each condition its last token (`score_conditions`)
+    by = dict(label_ids=label_ids) if answer_ids is None else dict(answer_ids=[answer_ids[i] for i in report])
+    for which, prompts in (("icl", icl_r), ("zsl", zsl_r)):
+        mine = [c for c in conditions if c[1] == which]
+        scored = score_conditions(model, prompts, [c[-1] for c in mine], progress=progress,
+                                  desc=f"causal: {which} conditions", **by, **kw)
+        edited[which].update({c[0]: s for c, s in zip(mine, scored)})
     if answer_ids is None:
         icl_pred, frame = icl_clean.argmax(-1), effects_frame
     else:  # open task: predictions are top-1 tokens and gold the answers' first tokens

@@ -61,6 +61,7 @@ from torch import Tensor
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, StudyPrompts, study_prompts
 from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts
 from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.engine.condition_runs import score_conditions
 from icl_kernels.engine.patching import open_run_with_edits, resample_sources, run_with_edits
 from icl_kernels.families.anchors import anchor_isolation, flow_saliency, isolation_layers, saliency_summary
 from icl_kernels.families.function_vectors import (
@@ -466,7 +467,7 @@ def _rank_heads(cfg: FamiliesConfig, inputs: HeadScoreInputs) -> RankedHeads:
     return RankedHeads(scores, top, frame, not_ranked, share, not_scored)
 
 
-def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedHeads) -> Ablation:
+def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedHeads, progress: bool = False) -> Ablation:
     """Each family's top-k heads ablated at the prediction position of the report prompts, with each
     of ``cfg.ablations`` (`icl_kernels.families.head_ablation.ablation_edits`: mean over those
     prompts, zero, or resample from another report prompt), vs ``random_draws`` random k-head sets
@@ -478,6 +479,7 @@ def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedH
     if _is_open(cfg.prompts.task):
         # open task: top-1 first token over the vocabulary (`open_run_with_edits`), the same edits
         answers = [label_ids[p.query_label] for p in icl_r]  # = gold_answer_ids(builder, icl_r)
+        by = dict(answer_ids=answers)
 
         def score(prompts, edits=(), record=False):
             return open_run_with_edits(model, prompts, answers, edits, record=record, **kw)
@@ -485,6 +487,8 @@ def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedH
         def correct_of(scores) -> np.ndarray:
             return scores.first_token_correct.numpy().astype(float)
     else:
+        by = dict(label_ids=label_ids)
+
         def score(prompts, edits=(), record=False):
             return run_with_edits(model, prompts, label_ids, edits, record=record, **kw)
 
@@ -497,21 +501,25 @@ def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedH
     sources = resample_sources(len(icl_r), cfg.prompts.seed) if "resample" in cfg.ablations else None
     boot = dict(n=len(gold), resamples=cfg.bootstrap, seed=cfg.prompts.seed)
     two_way = dict(resamples=cfg.bootstrap, seed=cfg.prompts.seed)
-
-    def ablated(kind: str, heads_: list) -> np.ndarray:
-        edits = ablation_edits(kind, heads_, z, sources)
-        return correct_of(score(icl_r, edits))
+    # every ablation edits the prediction position only: each report prompt's context runs once
+    # and each (ablation, head set) its last token (`score_conditions`)
+    keys = [(kind, "random", d) for kind in cfg.ablations for d in range(len(randoms))]
+    keys += [(kind, family, -1) for kind in cfg.ablations for family in ranked.families]
+    edits_of = [ablation_edits(kind, randoms[d] if which == "random" else ranked.top[which], z, sources)
+                for kind, which, d in keys]
+    scored = score_conditions(model, icl_r, edits_of, progress=progress, desc="families: ablations", **by, **kw)
+    correct_by = {key: correct_of(s) for key, s in zip(keys, scored)}
 
     records, random_by_kind = [], {}
     for kind in cfg.ablations:
-        random_correct = np.stack([ablated(kind, h) for h in randoms], axis=1)  # [prompt draw]
+        random_correct = np.stack([correct_by[(kind, "random", d)] for d in range(len(randoms))], axis=1)  # [prompt draw]
         random_by_kind[kind] = random_correct
         per_draw = random_correct.mean(0)
         rnd_lo, rnd_hi = random_sets_interval(lambda a, r: a.mean() - r.mean(), [clean], random_correct, **two_way)
         spread = draw_spread(clean.mean() - per_draw, "random_drop")
         for family in ranked.families:
             top = ranked.top[family]
-            correct = ablated(kind, top)
+            correct = correct_by[(kind, family, -1)]
             lo, hi = bootstrap_interval(lambda a, b: a.mean() - b.mean(), [clean, correct], **boot)
             dlo, dhi = random_sets_interval(lambda a, r: r.mean() - a.mean(), [correct], random_correct, **two_way)
             records.append(dict(family=family, ablation=kind, heads=" ".join(f"L{l}H{h}" for l, h in top), n=len(gold),
@@ -631,7 +639,7 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
     icl_r, zsl_r = [prompts.icl[i] for i in report], [prompts.zsl[i] for i in report]
     inputs = HeadScoreInputs(model, cfg, prompts, select, progress)
     ranked = _rank_heads(cfg, inputs)
-    ablation = _ablate(cfg, model, icl_r, zsl_r, prompts.label_ids, ranked)
+    ablation = _ablate(cfg, model, icl_r, zsl_r, prompts.label_ids, ranked, progress)
     parts = [_comparison(cfg, model, select, report, ranked, ablation), _function_vectors(cfg, model, inputs)]
     if cfg.task_vectors:
         parts.append(_task_vectors(cfg, model))

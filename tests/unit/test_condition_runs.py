@@ -77,7 +77,7 @@ def test_open_conditions_equal_full_runs(arch, backend):
     prompts = _prompts()
     answers = [[311, 312], [4000], [17, 18, 19], [90]]
     conditions = _conditions(model, prompts)
-    got = score_conditions(model, prompts, conditions, answer_ids=answers, batch_size=2)
+    got = score_conditions(model, prompts, conditions, answer_ids=answers, batch_size=2, condition_batch=2)
     for edits, scores in zip(conditions, got):
         want = open_run_with_edits(model, prompts, answers, edits, batch_size=2)
         assert torch.equal(scores.top1, want.top1)

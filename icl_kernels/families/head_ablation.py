@@ -136,6 +136,10 @@ class CausalConfig(Options):
     resample_draws: bool = field(default=True, metadata={
         "help": "resample the random head sets inside the bootstrap too (two-way: prompts and draws)"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples of each interval"})
+    prefix_reuse: bool = field(default=True, metadata={
+        "identity": False,  # how fast, not a number: not in the fingerprint
+        "help": "run each report prompt's context once and its ablation / patch conditions on its last "
+                "token (exact); off: every condition in full"})
     batch_size: int = 4
 
     def __post_init__(self) -> None:
@@ -398,7 +402,7 @@ def causal_study(
     by = dict(label_ids=label_ids) if answer_ids is None else dict(answer_ids=[answer_ids[i] for i in report])
     for which, prompts in (("icl", icl_r), ("zsl", zsl_r)):
         mine = [c for c in conditions if c[1] == which]
-        scored = score_conditions(model, prompts, [c[-1] for c in mine], progress=progress,
+        scored = score_conditions(model, prompts, [c[-1] for c in mine], reuse_prefix=cfg.prefix_reuse, progress=progress,
                                   desc=f"causal: {which} conditions", **by, **kw)
         edited[which].update({c[0]: s for c, s in zip(mine, scored)})
     if answer_ids is None:

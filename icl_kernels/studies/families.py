@@ -150,6 +150,10 @@ class FamiliesConfig(Options):
     tv_source: str = field(default="dummy", metadata={
         "help": "task vectors: 'dummy' (Hendel et al.: 2 dummy queries) or 'other-query' (the older variant)"})
     anchors: bool = field(default=True, metadata={"help": "run saliency and label-word isolation"})
+    prefix_reuse: bool = field(default=True, metadata={
+        "identity": False,  # how fast, not a number: not in the fingerprint
+        "help": "run each report prompt's context once and its ablation / patch conditions on its last "
+                "token (and each function-vector prompt's heads) (exact); off: every condition in full"})
     batch_size: int = 4
 
     def __post_init__(self) -> None:
@@ -507,7 +511,8 @@ def _ablate(cfg: FamiliesConfig, model, icl_r, zsl_r, label_ids, ranked: RankedH
     keys += [(kind, family, -1) for kind in cfg.ablations for family in ranked.families]
     edits_of = [ablation_edits(kind, randoms[d] if which == "random" else ranked.top[which], z, sources)
                 for kind, which, d in keys]
-    scored = score_conditions(model, icl_r, edits_of, progress=progress, desc="families: ablations", **by, **kw)
+    scored = score_conditions(model, icl_r, edits_of, reuse_prefix=cfg.prefix_reuse, progress=progress,
+                              desc="families: ablations", **by, **kw)
     correct_by = {key: correct_of(s) for key, s in zip(keys, scored)}
 
     records, random_by_kind = [], {}

@@ -133,12 +133,26 @@ class Options:
         """`to_dict` without the options that cannot change a number (metadata ``identity=False``:
         what the report keeps for display, an exact speed-up's switch), which a run's fingerprint
         leaves out, so adding such an option leaves earlier runs' fingerprints as they were."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.display_only_fields()}
+        out = self.to_dict()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("identity") is False:
+                out.pop(f.name, None)
+            elif isinstance(value, Options):  # nested options drop theirs too
+                out[f.name] = value.identity_dict()
+        return out
 
     @classmethod
     def display_only_fields(cls) -> frozenset[str]:
-        """Top-level fields marked ``identity=False`` (see `identity_dict`)."""
-        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity") is False)
+        """Fields marked ``identity=False`` (see `identity_dict`), nested options' included (by name,
+        as they appear in `flat`)."""
+        names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("identity") is False}
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                if isinstance(default, Options):
+                    names |= default.display_only_fields()
+        return frozenset(names)
 
     def flat(self) -> dict[str, Any]:
         """One level: nested options' fields at top level (what a sweep row's coordinates are)."""

@@ -75,7 +75,21 @@ def test_a_hand_made_report_computes_its_record_with_the_studys_grid_keys():
     assert without_grid["resume_key"] != b["resume_key"]
 
 
-@pytest.mark.parametrize("study_name, option, other", [("heads", "view_prompts", 0), ("compare", "prefix_reuse", False)])
+def _recorded(config: dict, option: str):
+    """An option's value in a run record's (nested) config."""
+    if option in config:
+        return config[option]
+    return next(_recorded(v, option) for v in config.values() if isinstance(v, dict) and _has(v, option))
+
+
+def _has(config: dict, option: str) -> bool:
+    return option in config or any(isinstance(v, dict) and _has(v, option) for v in config.values())
+
+
+@pytest.mark.parametrize("study_name, option, other", [
+    ("heads", "view_prompts", 0), ("compare", "prefix_reuse", False),
+    ("families", "prefix_reuse", False), ("causal", "prefix_reuse", False),  # causal: nested in its CausalConfig
+])
 def test_a_display_or_speed_option_leaves_the_fingerprint_as_it_was(study_name, option, other):
     """Options marked identity=False (what is kept for `icl-kernels view`, an exact speed-up) are not
     in the fingerprint, the resume key or a sweep cell's id, so runs made before they existed keep
@@ -86,7 +100,7 @@ def test_a_display_or_speed_option_leaves_the_fingerprint_as_it_was(study_name, 
     a = identity.run_record(study_name, study.config.from_dict(base))
     b = identity.run_record(study_name, study.config.from_dict({**base, option: other}))
     c = identity.run_record(study_name, study.config.from_dict({**base, "shots": 3}))
-    assert b["config"][option] == other != a["config"][option]  # the option is still recorded
+    assert _recorded(b["config"], option) == other != _recorded(a["config"], option)  # still recorded
     assert (a["fingerprint"], a["resume_key"]) == (b["fingerprint"], b["resume_key"])
     assert a["fingerprint"] != c["fingerprint"]
 

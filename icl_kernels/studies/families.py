@@ -153,7 +153,7 @@ class FamiliesConfig(Options):
     prefix_reuse: bool = field(default=True, metadata={
         "identity": False,  # how fast, not a number: not in the fingerprint
         "help": "run each report prompt's context once and its ablation / patch conditions on its last "
-                "token (and each function-vector prompt's heads) (exact); off: every condition in full"})
+                "token (exact); off: every condition in full (the function vectors' indirect effects always reuse)"})
     batch_size: int = 4
 
     def __post_init__(self) -> None:

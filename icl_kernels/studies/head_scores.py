@@ -172,7 +172,7 @@ class HeadScoreInputs:
         heads = function_vector_heads(
             self.model, [prompts.icl[i] for i in select], prompts.label_ids,
             scoring=fv_scoring(cfg.fv_scoring, cfg.prompts.task), seed=self.seed, batch_size=cfg.batch_size,
-            reuse_prefix=getattr(cfg, "prefix_reuse", True), progress=self.progress)
+            progress=self.progress)
         return FunctionVectorRun(prompts, select, report, heads)
 
 

@@ -14,9 +14,10 @@ tokens/s, and the study's tokens/s relative to a plain batched forward of its ow
 the share of a study's time that is model compute.
 
 Before and after, in the same run: a study with a speed option (`SPEED_OPTIONS`: compare's
-``prefix_reuse`` and ``shared_work``) runs twice, first with every such option off
-(``compare[full]``: every ICL prompt in full, every finetuning run and bootstrap resample on its
-own: the path before issue 26) and then on. Reuse feeds fewer tokens to the model for the same
+``prefix_reuse`` and ``shared_work``; causal's and families' ``prefix_reuse``) runs twice, first
+with every such option off (``compare[full]``: every ICL prompt in full, every finetuning run and
+bootstrap resample on its own; ``causal[full]`` / ``families[full]``: every ablation and patch
+condition in full: the paths before issue 26) and then on. Reuse feeds fewer tokens to the model for the same
 work, so both rows count the tokens of the full-recompute run (work done per second, comparable
 across the two), and the last column is the wall-time speed-up.
 """
@@ -24,7 +25,6 @@ across the two), and the last column is the wall-time speed-up.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import torch
@@ -46,8 +46,9 @@ def _configs(model: str, task: str, scale: int) -> dict[str, dict]:
         "heads": dict(seeded, shots=8, n_test=10 * scale, similarity=False, kr_minilm=False),
         "compare": dict(seeded, shots=4, n_test=4 * scale, episodes=1, n_dev=4, lrs=(0.01,), untrained=False),
         "momentum": dict(base, etas=(0.1,), shots=(4,), seeds=(0,), n_test=4 * scale, ppl_tokens=128, ppl_windows=2),
-        "causal": dict(seeded, shots=4, n_test=10 * scale, k=2, random_draws=1, bootstrap=100, layer_sweep=False),
-        "families": dict(seeded, shots=4, n_test=6 * scale, k=2, random_draws=1, bootstrap=100, induction_sequences=2,
+        # causal and families with their default 20 random head sets: the conditions users run
+        "causal": dict(seeded, shots=4, n_test=10 * scale, k=2, bootstrap=100, layer_sweep=False),
+        "families": dict(seeded, shots=4, n_test=6 * scale, k=2, bootstrap=100, induction_sequences=2,
                          induction_length=8, saliency_prompts=2, task_vectors=False),
     }
 
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
     print(f"{'study':<14} {'wall s':>8} {'passes':>7} {'tokens':>9} {'tokens/s':>9} {'/ plain':>8} {'speed-up':>9}")
     for name in args.studies.split(","):
         study = get_study(name)
-        speed = [f.name for f in dataclasses.fields(study.config) if f.name in SPEED_OPTIONS]
+        speed = sorted(set(study.config.display_only_fields()) & set(SPEED_OPTIONS))  # nested options' too
         variants = ([(f"{name}[full]", dict.fromkeys(speed, False)), (name, dict.fromkeys(speed, True))] if speed
                     else [(name, {})])
         work, before = None, None

@@ -20,6 +20,7 @@ from experiments import train_synthetic
 from experiments.columns_doc import ColumnsDocConfig
 from experiments.compare_table import CompareTableConfig
 from experiments.eval_synthetic import EvalConfig
+from experiments.families_table import FamiliesTableConfig
 from experiments.momentum_from_scratch import ScratchConfig
 from experiments.phenomena_table import PhenomenaConfig
 from experiments.readme_figures import FiguresConfig
@@ -48,6 +49,7 @@ BAD_VALUES = {
     ScratchConfig: (dict(eta=0.0), "eta must be > 0"),
     EvalConfig: (dict(backend="jax"), "backend must be one of ('hf', 'tl'), not 'jax'"),
     PhenomenaConfig: (dict(conditions=","), "conditions must name at least one condition"),
+    FamiliesTableConfig: (dict(ablation="half"), "ablation must be mean, zero or resample"),
     CompareTableConfig: (dict(runs=("no-such-run",)), "holds no metrics.json"),
     ColumnsDocConfig: (dict(out="columns.txt"), "out must be a .md file"),
     FiguresConfig: (dict(out=""), "out must not be empty"),

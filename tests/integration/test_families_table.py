@@ -1,0 +1,42 @@
+"""experiments.families_table copies each run's numbers into the README tables without changing them."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from experiments import families_table
+
+
+def _fake_run(folder, shift: float = 0.0) -> None:
+    folder.mkdir(parents=True)
+    summary = {
+        "model": "m", "task": "t", "shots": 10, "n_report": 40, "icl_accuracy": 0.75 + shift, "zsl_accuracy": 0.125,
+        "fv_relative_depth": 0.5, "fv_selected_layer": 4, "fv_k": 10, "fv_n_correct": 30, "fv_n_clean": 50,
+        "fv_split_half_spearman": 0.61, "fv_label_stay_fraction": 0.09,
+        "fv_selected_accuracy": {"value": 0.45, "low": 0.3, "high": 0.6, "n": 30, "unit": "prompts"},
+        "fv_selected_minus_random": {"value": 0.4, "low": 0.25, "high": 0.55, "n": 30, "unit": "prompts"},
+        "tv_layer": 3, "tv_relative_depth": 0.375, "tv_source": "dummy", "tv_format": "hendel", "n_tv_test": 50,
+        "tv_accuracy": 0.62, "tv_zsl_accuracy": 0.02, "tv_icl_accuracy": 0.7,
+        "fv_todd_gptj": {"model": "GPT-J 6B", "k": 10, "layer": 9, "n_layers": 28, "zero_shot": 0.055, "fv_zero_shot": 0.575},
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    pd.DataFrame([dict(family="induction", ablation=a, heads="L1H2 L3H0 L2H2", n=40, top_minus_random=v,
+                       top_minus_random_low=v - 0.1, top_minus_random_high=v + 0.1, top_rank=2, n_draws=20)
+                  for a, v in (("mean", 0.0125), ("zero", 0.0375), ("resample", 0.2125))]).to_csv(folder / "ablation.csv", index=False)
+
+
+def test_table_carries_each_runs_numbers(tmp_path, capsys):
+    _fake_run(tmp_path / "runs" / "a")
+    _fake_run(tmp_path / "runs" / "b", shift=0.125)
+    assert families_table.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "| a | .750 / .125 |" in text and "| b | .875 / .125 |" in text
+    assert "L1H2 L3H0 L2H2: +.212 [+.112, +.312] (+.013 / +.037)" in text  # resample first, then mean / zero
+    assert "| Todd et al., GPT-J 6B (six tasks, k=10) | 9 (relative depth 0.33) | .055 | .575 |" in text
+    assert ".450 [.300, .600]" in text and "+.400 [+.250, +.550]" in text
+    rows = pd.read_csv(tmp_path / "out" / "families_table.csv")
+    hit = rows[(rows["run"] == "b") & (rows["quantity"] == "induction.zero.top_minus_random")].iloc[0]
+    assert (hit["value"], hit["low"], hit["high"]) == (0.0375, 0.0375 - 0.1, 0.0375 + 0.1)
+    assert "label attention" in text and "not scored" in text  # a family the run did not score says so

@@ -17,6 +17,7 @@ import pytest
 import benchmarks
 import experiments
 from experiments import train_synthetic
+from experiments.causal_table import CausalTableConfig
 from experiments.columns_doc import ColumnsDocConfig
 from experiments.compare_table import CompareTableConfig
 from experiments.eval_synthetic import EvalConfig
@@ -50,6 +51,7 @@ BAD_VALUES = {
     EvalConfig: (dict(backend="jax"), "backend must be one of ('hf', 'tl'), not 'jax'"),
     PhenomenaConfig: (dict(conditions=","), "conditions must name at least one condition"),
     FamiliesTableConfig: (dict(ablation="half"), "ablation must be mean, zero or resample"),
+    CausalTableConfig: (dict(out=""), "runs and out must be folders"),
     CompareTableConfig: (dict(runs=("no-such-run",)), "holds no metrics.json"),
     ColumnsDocConfig: (dict(out="columns.txt"), "out must be a .md file"),
     FiguresConfig: (dict(out=""), "out must not be empty"),

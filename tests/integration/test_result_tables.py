@@ -1,4 +1,4 @@
-"""experiments.families_table copies each run's numbers into the README tables without changing them."""
+"""experiments.families_table and experiments.causal_table copy each run's numbers into the README tables unchanged."""
 
 from __future__ import annotations
 
@@ -40,3 +40,19 @@ def test_table_carries_each_runs_numbers(tmp_path, capsys):
     hit = rows[(rows["run"] == "b") & (rows["quantity"] == "induction.zero.top_minus_random")].iloc[0]
     assert (hit["value"], hit["low"], hit["high"]) == (0.0375, 0.0375 - 0.1, 0.0375 + 0.1)
     assert "label attention" in text and "not scored" in text  # a family the run did not score says so
+
+
+def test_causal_table_carries_the_runs_summary(tmp_path, capsys):
+    from pathlib import Path
+
+    from experiments import causal_table
+
+    run = Path(__file__).resolve().parents[2] / "results" / "causal-synthetic"
+    assert causal_table.main(["--runs", str(tmp_path / "none"), "--extra", str(run), "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    summary = pd.read_csv(run / "summary.csv").set_index("name")
+    r = summary.loc["icl: top minus random (icl) [resample].accuracy_drop"]
+    expected = " [".join([causal_table._num(r["value"], True), causal_table._num(r["low"], True)])
+    assert expected in text
+    rows = pd.read_csv(tmp_path / "causal_table.csv")
+    assert rows.loc[rows["quantity"] == "resample_top_minus_random", "value"].item() == r["value"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 
-from experiments import families_table
+from experiments import causal_table, families_table
 
 
 def _fake_run(folder, shift: float = 0.0) -> None:
@@ -43,10 +44,6 @@ def test_table_carries_each_runs_numbers(tmp_path, capsys):
 
 
 def test_causal_table_carries_the_runs_summary(tmp_path, capsys):
-    from pathlib import Path
-
-    from experiments import causal_table
-
     run = Path(__file__).resolve().parents[2] / "results" / "causal-synthetic"
     assert causal_table.main(["--runs", str(tmp_path / "none"), "--extra", str(run), "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out

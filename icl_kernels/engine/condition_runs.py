@@ -58,12 +58,14 @@ def score_conditions(
     pad_token_id: int | None = None,
     reuse_prefix: bool = True,
     condition_batch: int = 32,
+    greedy: bool = False,
     progress: bool = False,
     desc: str = "conditions",
 ) -> list[Tensor] | list[AnswerScores]:
     """Score ``prompts`` under each condition (a list of edits) as `run_with_edits` would (with
     ``label_ids``: first-token label log-probs ``[prompt n_classes]``) or `open_run_with_edits` (with
-    ``answer_ids``: `AnswerScores` of each prompt's gold continuation). Returns one result per
+    ``answer_ids``: `AnswerScores` of each prompt's gold continuation; ``greedy`` adds exact match).
+    Returns one result per
     condition, in order; the edits see each prompt's index in ``prompts`` as its row.
 
     With ``reuse_prefix`` and every edit prediction-only (`reuse_plan`), each prompt's context runs
@@ -89,7 +91,7 @@ def score_conditions(
             return label_log_probs(model, subset, label_ids, edits=edits, whole_label=False, batch_size=size,
                                    pad_token_id=pad, prefix=prefix, row_ids=rows, first_index=rows[0])
         return answer_scores(model, subset, [answer_ids[i] for i in rows], edits=edits, batch_size=size,
-                             pad_token_id=pad, prefix=prefix, row_ids=rows, first_index=rows[0])
+                             pad_token_id=pad, prefix=prefix, row_ids=rows, first_index=rows[0], greedy=greedy)
 
     everyone = list(range(len(prompts)))
     if not reuse_prefix or reuse_plan(model, prompts, conditions) is not None:

@@ -54,6 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from icl_kernels.data.prompts import pad_id
+from icl_kernels.engine.condition_runs import score_conditions
 from icl_kernels.engine.head_writes import mean_head_writes
 from icl_kernels.engine.label_scoring import label_log_probs, score_dtype
 from icl_kernels.engine.patching import (
@@ -91,6 +92,7 @@ __all__ = [
     "correct_answers",
     "fv_correct",
     "fv_layer_sweep",
+    "conditions_correct",
     "FunctionVectorHeads",
     "function_vector_heads",
     "function_vector_study",
@@ -373,8 +375,8 @@ def correct_answers(
     check_scoring(scoring)
     if not prompts:
         raise ValueError("correct_answers needs at least one prompt.")
-    if scoring == "vocab":
-        answers = [label_ids[p.query_label] for p in prompts]
+    if scoring == "vocab":  # the first token decides; the rest of the answer would not change it
+        answers = [label_ids[p.query_label][:1] for p in prompts]
         return answer_scores(model, list(prompts), answers, edits=edits, batch_size=batch_size,
                              pad_token_id=pad_id(model)).first_token_correct.cpu()
     gold = torch.tensor([p.query_label for p in prompts])
@@ -419,10 +421,33 @@ def fv_layer_sweep(
 
     kw = dict(scoring=scoring, batch_size=batch_size)
     add("none", -1, fv_correct(model, zsl_prompts, label_ids, None, None, **kw))
-    for name, vector in vectors.items():
-        for layer in layers:
-            add(name, int(layer), fv_correct(model, zsl_prompts, label_ids, int(layer), vector, **kw))
+    # every (vector, layer) edits the last token only: each prompt's context runs once for all of them
+    keys = [(name, int(layer)) for name in vectors for layer in layers]
+    conditions = [residual_edits(layer, vectors[name][None].expand(len(zsl_prompts), -1), "add") for name, layer in keys]
+    for (name, layer), correct in zip(keys, conditions_correct(model, zsl_prompts, label_ids, conditions, **kw)):
+        add(name, layer, correct)
     return pd.DataFrame(records)
+
+
+def conditions_correct(
+    model: tl_backend.Model,
+    prompts: Sequence,
+    label_ids: Sequence[Sequence[int]],
+    conditions: Sequence[Sequence[Edit]],
+    *,
+    scoring: str = "vocab",
+    batch_size: int = 4,
+) -> list[Bool[Tensor, " prompt"]]:
+    """`correct_answers` under each condition (a list of prediction-only edits), each prompt's
+    context run once for all of them (`icl_kernels.engine.condition_runs.score_conditions`)."""
+    check_scoring(scoring)
+    if scoring == "vocab":
+        answers = [label_ids[p.query_label][:1] for p in prompts]
+        scored = score_conditions(model, list(prompts), conditions, answer_ids=answers, batch_size=batch_size)
+        return [s.first_token_correct.cpu() for s in scored]
+    gold = torch.tensor([p.query_label for p in prompts])
+    scored = score_conditions(model, list(prompts), conditions, label_ids=label_ids, batch_size=batch_size)
+    return [s.argmax(-1) == gold for s in scored]
 
 
 # ------------------------------------------------------------------------------------------------

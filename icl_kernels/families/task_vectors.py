@@ -51,6 +51,7 @@ from torch import Tensor
 
 from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.engine.capture import capture
+from icl_kernels.engine.condition_runs import score_conditions
 from icl_kernels.engine.edits import Edit, EditContext, edits_on
 from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.engine.vocab_scoring import answer_scores
@@ -70,6 +71,7 @@ __all__ = [
     "dummy_queries",
     "task_vectors",
     "tv_correct",
+    "tv_correct_layers",
     "choose_layer",
     "task_vector_study",
 ]
@@ -125,7 +127,7 @@ def residual_edits(
     def fn(resid: Tensor, context: EditContext) -> Tensor:
         return _write_residual(resid, values[context.rows.cpu()], context.predictions(), mode)
 
-    return [Edit(layer, fn, "resid_post", f"{mode} resid_post L{layer}")]
+    return [Edit(layer, fn, "resid_post", f"{mode} resid_post L{layer}", prediction_only=True)]
 
 
 @contextlib.contextmanager
@@ -258,6 +260,30 @@ def tv_correct(
                            pad_token_id=pad_id(model)).argmax(-1) == gold
 
 
+def tv_correct_layers(
+    model: tl_backend.Model,
+    prompts: Sequence,
+    label_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    vectors: Float[Tensor, "prompt layer d_model"],
+    *,
+    scoring: str = "vocab",
+    batch_size: int = 4,
+) -> list[Bool[Tensor, " prompt"]]:
+    """`tv_correct` at each of ``layers`` (prompt ``i`` replaced by ``vectors[i, layer]``), each
+    prompt's context run once for all layers (`icl_kernels.engine.condition_runs.score_conditions`)."""
+    if scoring not in ("vocab", "label-words"):
+        raise ValueError(f"scoring must be 'vocab' or 'label-words', not {scoring!r}.")
+    conditions = [residual_edits(layer, vectors[:, layer], "replace") for layer in layers]
+    if scoring == "vocab":
+        answers = [label_ids[p.query_label] for p in prompts]
+        scored = score_conditions(model, list(prompts), conditions, answer_ids=answers, batch_size=batch_size, greedy=True)
+        return [s.exact_match.cpu() for s in scored]
+    gold = torch.tensor([p.query_label for p in prompts])
+    scored = score_conditions(model, list(prompts), conditions, label_ids=label_ids, batch_size=batch_size)
+    return [s.argmax(-1) == gold for s in scored]
+
+
 def choose_layer(accuracy: Sequence[float] | np.ndarray) -> int:
     """The first (lowest) layer among those with the best accuracy."""
     values = np.asarray(accuracy, dtype=float)
@@ -311,8 +337,7 @@ def task_vector_study(
     else:
         vectors = residual_at_prediction(model, icl_prompts, batch_size=batch_size)[source_order(n)]
     kw = dict(scoring=scoring, batch_size=batch_size)
-    correct = np.stack([tv_correct(model, zsl_prompts, label_ids, layer, vectors[:, layer], **kw).numpy()
-                        for layer in layers])  # [layer prompt]
+    correct = np.stack([c.numpy() for c in tv_correct_layers(model, zsl_prompts, label_ids, layers, vectors, **kw)])  # [layer prompt]
     rows = [dict(split=split, layer=layer, n=len(idx), accuracy=float(correct[li, idx].mean()))
             for split, idx in (("dev", dev), ("test", test)) for li, layer in enumerate(layers)]
     best_index = choose_layer(correct[:, dev].mean(1))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import load_tiny
@@ -19,6 +21,8 @@ from icl_kernels.engine.patching import (
     run_with_edits,
     zero_ablation,
 )
+from icl_kernels.families.function_vectors import conditions_correct, fv_correct
+from icl_kernels.families.task_vectors import residual_edits, tv_correct, tv_correct_layers
 from icl_kernels.models import backend as tl_backend
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,3 +124,25 @@ def test_bad_calls_are_refused():
         score_conditions(model, prompts, [[]], answer_ids=[[1]])
     with pytest.raises(ValueError, match="at least one part"):
         concat_answer_scores([])
+
+
+def test_vector_sweeps_equal_one_run_per_layer(arch, backend):
+    """The function-vector and task-vector layer sweeps (one condition per layer / vector) equal
+    `fv_correct` / `tv_correct` run layer by layer, under both scorings."""
+    model = load_tiny(arch, backend, torch.float64)
+    prompts = [dataclasses.replace(p, query_label=i % 3) for i, p in enumerate(_prompts(5))]
+    label_ids = [[311, 5], [4000], [17, 18]]
+    g = torch.Generator().manual_seed(0)
+    vector = torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64) * 3
+    per_prompt = torch.randn(len(prompts), model.cfg.n_layers, model.cfg.d_model, generator=g, dtype=torch.float64) * 3
+    layers = list(range(model.cfg.n_layers))
+    for scoring in ("vocab", "label-words"):
+        swept = conditions_correct(model, prompts, label_ids, [residual_edits(L, vector[None].expand(5, -1)) for L in layers],
+                                   scoring=scoring)
+        assert [c.tolist() for c in swept] == [fv_correct(model, prompts, label_ids, L, vector, scoring=scoring).tolist()
+                                               for L in layers]
+        if scoring == "label-words":  # the vectors move answers: the comparison can fail
+            assert 0 < sum(int(c.sum()) for c in swept) < len(layers) * len(prompts)
+        tv = tv_correct_layers(model, prompts, label_ids, layers, per_prompt, scoring=scoring)
+        assert [c.tolist() for c in tv] == [tv_correct(model, prompts, label_ids, L, per_prompt[:, L], scoring=scoring).tolist()
+                                            for L in layers]

@@ -586,9 +586,14 @@ def function_vector_study(
     layer = int(per_layer["layer"].iloc[choose_layer(per_layer["accuracy"].to_numpy())])
 
     zero = fv_correct(model, report, label_ids, None, None, **kw).numpy().astype(float)
-    fv_by_layer = {lay: fv_correct(model, report, label_ids, lay, fv, **kw).numpy().astype(float) for lay in layers}
-    rnd_by_layer = {lay: np.stack([fv_correct(model, report, label_ids, lay, r, **kw).numpy().astype(float)
-                                   for r in randoms]) for lay in layers}  # [draw prompt]
+    # the function vector and every random vector at every layer: each report prompt's context runs once
+    vecs = [fv, *randoms]
+    keys = [(i, lay) for i in range(len(vecs)) for lay in layers]
+    conditions = [residual_edits(lay, vecs[i][None].expand(len(report), -1), "add") for i, lay in keys]
+    by_key = {key: c.numpy().astype(float) for key, c in zip(keys, conditions_correct(model, report, label_ids,
+                                                                                       conditions, **kw))}
+    fv_by_layer = {lay: by_key[(0, lay)] for lay in layers}
+    rnd_by_layer = {lay: np.stack([by_key[(i, lay)] for i in range(1, len(vecs))]) for lay in layers}  # [draw prompt]
     records = [_row("none", -1, zero)]
     for lay in layers:
         records.append(_row("function vector", lay, fv_by_layer[lay]))

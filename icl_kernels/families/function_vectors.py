@@ -550,6 +550,7 @@ def function_vector_study(
     seed: int = 0,
     batch_size: int = 4,
     bootstrap: int = 1000,
+    random_layers: str = "selected",
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Steps 3-4: the function vector of the top-``k`` heads by AIE, added at one layer of cue-free
     zero-shot prompts, against ``random_draws`` random-head vectors of the same norm and zero-shot.
@@ -561,7 +562,11 @@ def function_vector_study(
     ``function_vectors`` (report split per layer: zero-shot and FV with Wilson intervals, the random
     vectors' mean accuracy with their SD and, as low / high, the worst and best draw), ``function_vector_selection`` (selection sweep), ``function_vector_random``
     (each random draw at the chosen layer) and ``function_vector_heads`` (the top heads and AIEs).
+    ``random_layers``: the random vectors at the chosen layer only (``"selected"``, the control the
+    comparison needs) or at every layer of the report table (``"all"``, 10x the conditions).
     """
+    if random_layers not in ("selected", "all"):
+        raise ValueError(f"random_layers must be 'selected' or 'all', not {random_layers!r}.")
     scoring = heads.scoring
     n_layers = heads.write_means.shape[0]
     layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
@@ -588,15 +593,18 @@ def function_vector_study(
     zero = fv_correct(model, report, label_ids, None, None, **kw).numpy().astype(float)
     # the function vector and every random vector at every layer: each report prompt's context runs once
     vecs = [fv, *randoms]
-    keys = [(i, lay) for i in range(len(vecs)) for lay in layers]
+    random_at = layers if random_layers == "all" else [layer]
+    keys = [(0, lay) for lay in layers] + [(i, lay) for i in range(1, len(vecs)) for lay in random_at]
     conditions = [residual_edits(lay, vecs[i][None].expand(len(report), -1), "add") for i, lay in keys]
     by_key = {key: c.numpy().astype(float) for key, c in zip(keys, conditions_correct(model, report, label_ids,
                                                                                        conditions, **kw))}
     fv_by_layer = {lay: by_key[(0, lay)] for lay in layers}
-    rnd_by_layer = {lay: np.stack([by_key[(i, lay)] for i in range(1, len(vecs))]) for lay in layers}  # [draw prompt]
+    rnd_by_layer = {lay: np.stack([by_key[(i, lay)] for i in range(1, len(vecs))]) for lay in random_at}  # [draw prompt]
     records = [_row("none", -1, zero)]
     for lay in layers:
         records.append(_row("function vector", lay, fv_by_layer[lay]))
+        if lay not in rnd_by_layer:
+            continue
         per_draw = rnd_by_layer[lay].mean(1)
         # the random vectors' mean accuracy; low / high: the worst and best draw (not a Wilson interval)
         records.append(dict(vector="random heads", layer=lay, n=len(zero), accuracy=float(per_draw.mean()),

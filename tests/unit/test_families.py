@@ -46,7 +46,9 @@ from icl_kernels.families.induction import (
     repeated_random_tokens,
 )
 from icl_kernels.families.task_vectors import choose_layer, residual_at_prediction, run_with_residual
+from icl_kernels.studies import families as study
 from icl_kernels.studies.families import FamiliesConfig, _task_vectors
+from icl_kernels.utils.errors import InvalidOptionError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -486,6 +488,19 @@ def test_task_vectors_on_an_open_task_score_over_the_vocabulary_in_hendel_format
     model = load_tiny("gpt-neo")
     tables, summary = _task_vectors(cfg, model)
     assert summary["tv_format"] == "hendel" and summary["tv_source"] == "dummy" and summary["tv_scoring"] == "vocab"
-    assert summary["tv_control_task"] == "antonym" and summary["n_tv_dev"] + summary["n_tv_test"] == 8
+    assert summary["tv_control_task"] == "present-past" and summary["n_tv_dev"] + summary["n_tv_test"] == 8
     assert summary["tv_hendel_gptj"]["task_vector"] == 0.68
     assert set(tables["task_vectors"]["condition"]) == {"zero-shot", "icl", "task vector", "other-task vector"}
+
+
+def test_a_task_vector_task_too_small_fails_before_any_head_is_scored(monkeypatch):
+    """The task-vector prompts (and the control task's) are built first: a control task with fewer
+    test examples than tv_prompts stops the study in seconds, not after the heads are scored."""
+    monkeypatch.setattr(study, "_rank_heads", lambda *a, **k: pytest.fail("heads were scored before the check"))
+    cfg = FamiliesConfig.from_dict({"model": "tiny-gpt-neo", "task": "capitalize-first-letter", "shots": 2, "n_test": 4,
+                                    "control_task": "antonym", "tv_prompts": 100})
+    with pytest.raises(InvalidOptionError, match="antonym"):
+        study.run(cfg, progress=False)
+    # the automatic control of an open task has thousands of test examples
+    assert study._control_prompts(FamiliesConfig.from_dict({"model": "tiny-gpt-neo", "task": "capitalize-first-letter",
+                                                             "tv_prompts": 100}), load_tiny("gpt-neo"))[0] == "present-past"

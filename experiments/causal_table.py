@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from experiments.command_line import parse_config
+from experiments.table_cells import cell, number
 from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
@@ -76,20 +76,11 @@ def run_rows(run: Path) -> list[dict]:
 
 
 def _num(x: float, sign: bool = False) -> str:
-    if math.isnan(x):
-        return "-"
-    text = f"{abs(x):.3f}".lstrip("0") or "0"
-    return ("-" if x < 0 and float(text) != 0 else "+" if sign else "") + text
+    return number(x, sign)
 
 
 def _cell(rows: pd.DataFrame, quantity: str, sign: bool = True) -> str:
-    hit = rows[rows["quantity"] == quantity]
-    if hit.empty:
-        return "-"
-    r = hit.iloc[0]
-    if math.isnan(r["low"]):
-        return _num(r["value"], sign)
-    return f"{_num(r['value'], sign)} [{_num(r['low'], sign)}, {_num(r['high'], sign)}]"
+    return cell(rows, quantity, sign)
 
 
 def markdown(table: pd.DataFrame) -> str:

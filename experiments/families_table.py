@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.command_line import parse_config
+from experiments.table_cells import cell, number
 from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
@@ -107,21 +108,8 @@ def run_rows(name: str, run: Path) -> list[dict]:
     return rows
 
 
-def _num(x: float, sign: bool = False, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    text = f"{abs(x):.{digits}f}".lstrip("0") or "0"
-    return ("-" if x < 0 and float(text) != 0 else "+" if sign else "") + text
-
-
-def _cell(rows: pd.DataFrame, quantity: str, sign: bool = False) -> str:
-    hit = rows[rows["quantity"] == quantity]
-    if hit.empty:
-        return "-"
-    r = hit.iloc[0]
-    if math.isnan(r["low"]):
-        return _num(r["value"], sign)
-    return f"{_num(r['value'], sign)} [{_num(r['low'], sign)}, {_num(r['high'], sign)}]"
+_num = number
+_cell = cell
 
 
 def markdown(table: pd.DataFrame, ablation: str, paper_rows: list[str] = ()) -> str:

@@ -22,6 +22,7 @@ from experiments.columns_doc import ColumnsDocConfig
 from experiments.compare_table import CompareTableConfig
 from experiments.eval_synthetic import EvalConfig
 from experiments.families_table import FamiliesTableConfig
+from experiments.heads_table import HeadsTableConfig
 from experiments.momentum_from_scratch import ScratchConfig
 from experiments.phenomena_table import PhenomenaConfig
 from experiments.readme_figures import FiguresConfig
@@ -52,6 +53,7 @@ BAD_VALUES = {
     PhenomenaConfig: (dict(conditions=","), "conditions must name at least one condition"),
     FamiliesTableConfig: (dict(ablation="half"), "ablation must be mean, zero or resample"),
     CausalTableConfig: (dict(out=""), "runs and out must be folders"),
+    HeadsTableConfig: (dict(runs=""), "runs and out must be folders"),
     CompareTableConfig: (dict(runs=("no-such-run",)), "holds no metrics.json"),
     ColumnsDocConfig: (dict(out="columns.txt"), "out must be a .md file"),
     FiguresConfig: (dict(out=""), "out must not be empty"),

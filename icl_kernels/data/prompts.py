@@ -546,3 +546,31 @@ def gold_answer_ids(builder: PromptBuilder, prompts: Sequence[IclPrompt]) -> lis
     if missing:
         raise ValueError(f"Prompts {missing[:5]} have no query label; build them with make_prompts from a labelled split.")
     return [list(builder.label_ids[p.query_label]) for p in prompts]
+
+
+def input_copy_matches(
+    builder: PromptBuilder, queries: Sequence[Mapping[str, Any]], prompts: Sequence[IclPrompt]
+) -> Bool[Tensor, " prompt"]:
+    """Per prompt of an open task: would copying its query's input be scored right by the first
+    answer token? That is, the input written as an answer (with the answers' leading space) begins
+    with the same token as the gold answer.
+
+    Top-1 first-token scoring (Todd et al.'s) credits a model that merely echoes the input whenever
+    the answer starts with the input's own first token: on lemminflect's present-past and
+    singular-plural pairs ``' abandon'`` / ``' abandoned'`` share their first token on many
+    tokenizers, on the letter tasks never. The share of such prompts is the accuracy of the copy
+    baseline; accuracies on the other prompts cannot come from copying.
+
+    Raises:
+        ValueError: a prompt without a query index or label, or a task without an ``input`` field.
+    """
+    if "input" not in builder.task.text_fields:
+        raise ValueError(f"Task {builder.task.name!r} has no 'input' field; the copy control is for open tasks.")
+    space = " " if builder.label_words and builder.label_words[0].startswith(" ") else ""
+    out = []
+    for p in prompts:
+        if p.query_index is None or p.query_label is None:
+            raise ValueError("input_copy_matches needs prompts with their query index and gold label.")
+        copied = encode_piece(builder.tokenizer, space + str(queries[p.query_index]["input"]))
+        out.append(bool(copied) and copied[0] == builder.label_ids[p.query_label][0])
+    return torch.tensor(out, dtype=torch.bool)

@@ -68,6 +68,7 @@ from icl_kernels.engine.patching import (
 )
 from icl_kernels.engine.prefix_cache import encode_prefix, reuse_reason
 from icl_kernels.engine.vocab_scoring import answer_scores
+from icl_kernels.families.copy_control import copy_control
 from icl_kernels.families.head_ablation import random_head_sets
 from icl_kernels.families.task_vectors import choose_layer, residual_edits
 from icl_kernels.models import backend as tl_backend
@@ -551,6 +552,7 @@ def function_vector_study(
     batch_size: int = 4,
     bootstrap: int = 1000,
     random_layers: str = "selected",
+    copy_match: Bool[Tensor, " prompt"] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Steps 3-4: the function vector of the top-``k`` heads by AIE, added at one layer of cue-free
     zero-shot prompts, against ``random_draws`` random-head vectors of the same norm and zero-shot.
@@ -564,6 +566,10 @@ def function_vector_study(
     (each random draw at the chosen layer) and ``function_vector_heads`` (the top heads and AIEs).
     ``random_layers``: the random vectors at the chosen layer only (``"selected"``, the control the
     comparison needs) or at every layer of the report table (``"all"``, 10x the conditions).
+    ``copy_match`` (one per ``zsl_report`` prompt, `icl_kernels.data.prompts.input_copy_matches`):
+    whether echoing the query's input is scored right; with it the summary adds the copy baseline's
+    accuracy (``fv_copy_share``) and zero-shot, function-vector and random-vector accuracy on the
+    prompts copying cannot answer (``*_no_copy``).
     """
     if random_layers not in ("selected", "all"):
         raise ValueError(f"random_layers must be 'selected' or 'all', not {random_layers!r}.")
@@ -580,10 +586,15 @@ def function_vector_study(
     kw = dict(scoring=scoring, batch_size=batch_size)
     select = [p for p, ok in zip(zsl_select, heads.correct.tolist()) if ok]
     report = list(zsl_report)
+    copies = None if copy_match is None else [bool(c) for c in copy_match.tolist()]
+    if copies is not None and len(copies) != len(report):
+        raise ValueError(f"copy_match has {len(copies)} entries for {len(report)} report prompts.")
     if report_correct is not None:
         if len(report_correct) != len(report):
             raise ValueError(f"report_correct has {len(report_correct)} entries for {len(report)} report prompts.")
-        report = [p for p, ok in zip(report, report_correct.tolist()) if ok]
+        kept = report_correct.tolist()
+        report = [p for p, ok in zip(report, kept) if ok]
+        copies = None if copies is None else [c for c, ok in zip(copies, kept) if ok]
     if not report:
         raise ValueError("No report prompt is left (none answered correctly in context); use more prompts.")
     selection = fv_layer_sweep(model, select, label_ids, {"function vector": fv}, layers=layers, **kw)
@@ -636,6 +647,8 @@ def function_vector_study(
         fv_best_layer=int(best["layer"]), fv_best_accuracy=float(best["accuracy"]),
         fv_random_best_accuracy=float(table[table["vector"] == "random heads"]["accuracy"].max()),
     )
+    if copies is not None:
+        summary.update(copy_control("fv", np.array(copies), fv_at, ("random", rnd_at.mean(0)), zero, args))
     return {"function_vectors": table, "function_vector_selection": selection, "function_vector_random": random_table,
             "function_vector_heads": heads_table}, summary
 

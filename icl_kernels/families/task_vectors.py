@@ -55,8 +55,9 @@ from icl_kernels.engine.condition_runs import score_conditions
 from icl_kernels.engine.edits import Edit, EditContext, edits_on
 from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.engine.vocab_scoring import answer_scores
+from icl_kernels.families.copy_control import copy_control
 from icl_kernels.models import backend as tl_backend
-from icl_kernels.utils.stats import mean_difference, paired_bootstrap, split_indices, wilson_interval
+from icl_kernels.utils.stats import mean_difference, paired_bootstrap, proportion, split_indices, wilson_interval
 
 __all__ = [
     "RESIDUAL_MODES",
@@ -311,6 +312,7 @@ def task_vector_study(
     seed: int = 0,
     batch_size: int = 4,
     bootstrap: int = 1000,
+    copy_match: Bool[Tensor, " prompt"] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Accuracy per layer (dev and test demonstration sets) and the test accuracy at the dev-chosen layer.
 
@@ -323,7 +325,9 @@ def task_vector_study(
     accuracy; ``summary`` zero-shot, ICL, task vector and (with ``control_prompts``, ICL prompts of
     another task with the same tokenizer) the control vector, on the test split, Wilson intervals;
     ``info`` the layer, split sizes and paired bootstrap differences (task vector minus zero-shot,
-    minus ICL).
+    minus ICL). With ``copy_match`` (one per prompt, `icl_kernels.data.prompts.input_copy_matches`)
+    ``info`` adds the copy baseline on the test split and the task vector, zero-shot and ICL on the
+    test prompts copying cannot answer (`icl_kernels.families.function_vectors.copy_control`).
     """
     if source not in TV_SOURCES:
         raise ValueError(f"source must be one of {TV_SOURCES}, not {source!r}.")
@@ -360,4 +364,11 @@ def task_vector_study(
     info = dict(task_vector_layer=best, n_dev=len(dev), n_test=len(test), source=source, scoring=scoring,
                 tv_minus_zero_shot=paired_bootstrap(mean_difference, [a, z], **args),
                 tv_minus_icl=paired_bootstrap(mean_difference, [a, c], **args))
+    if copy_match is not None:
+        if len(copy_match) != n:
+            raise ValueError(f"copy_match has {len(copy_match)} entries for {n} prompts.")
+        copies = copy_match.numpy().astype(bool)[test]
+        info.update(copy_control("tv", copies, a, ("zero_shot", z), z, args))
+        if (~copies).sum() >= 2:
+            info["tv_icl_accuracy_no_copy"] = proportion(c[~copies].astype(bool))
     return pd.DataFrame(rows), pd.DataFrame(summary), info

@@ -59,7 +59,7 @@ from scipy.stats import spearmanr
 from torch import Tensor
 
 from icl_kernels.data.conditions import SYNTHETIC_TASKS, StudyPrompts, study_prompts
-from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts
+from icl_kernels.data.prompts import PromptBuilder, RandomSelector, input_copy_matches, make_prompts
 from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.engine.condition_runs import score_conditions
 from icl_kernels.engine.patching import open_run_with_edits, resample_sources, run_with_edits
@@ -557,12 +557,22 @@ def _function_vectors(cfg: FamiliesConfig, model, inputs: HeadScoreInputs) -> tu
     report_correct = correct_answers(model, icl_r, label_ids, scoring=scoring, batch_size=cfg.batch_size)
     tables, summary = function_vector_study(
         model, run.heads, zsl_s, zsl_r, label_ids, k=k, random_draws=cfg.fv_random, report_correct=report_correct,
-        seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap, random_layers=cfg.fv_random_layers)
+        seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap, random_layers=cfg.fv_random_layers,
+        copy_match=_copy_matches(run.prompts, zsl_r))
     summary.update(fv_shots=cfg.fv_shots, fv_n_select=len(run.select), fv_n_report_queries=len(run.report),
                    fv_report_icl_accuracy=float(report_correct.float().mean()),
                    fv_relative_depth=summary["fv_selected_layer"] / max(model.cfg.n_layers - 1, 1),
                    fv_todd_gptj=dict(TODD_GPTJ))
     return tables, summary
+
+
+def _copy_matches(prompts, zsl: list) -> Any:
+    """For an open task, which of the zero-shot prompts ``zsl`` echoing the query's input would answer
+    (`icl_kernels.data.prompts.input_copy_matches`); None for other tasks."""
+    builder = prompts.builder
+    if builder is None or getattr(builder.task, "kind", None) != "open":
+        return None
+    return input_copy_matches(builder, prompts.queries, zsl)
 
 
 def _task_vector_prompts(cfg: FamiliesConfig, model) -> tuple[Any, str | None, Any]:
@@ -580,7 +590,8 @@ def _task_vectors(cfg: FamiliesConfig, model, prepared=None) -> tuple[dict[str, 
     scoring = fv_scoring(cfg.fv_scoring, cfg.prompts.task)
     tv_layers, tv, info = task_vector_study(model, prompts.icl, prompts.zsl, prompts.label_ids, control_prompts=control,
                                             scoring=scoring, source=cfg.tv_source, dev_fraction=cfg.select_fraction,
-                                            seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap)
+                                            seed=cfg.prompts.seed, batch_size=cfg.batch_size, bootstrap=cfg.bootstrap,
+                                            copy_match=_copy_matches(prompts, prompts.zsl))
     acc = tv.set_index("condition")["accuracy"]
     summary = dict(tv_layer=info["task_vector_layer"], tv_accuracy=float(acc["task vector"]),
                    tv_icl_accuracy=float(acc["icl"]), tv_zsl_accuracy=float(acc["zero-shot"]),
@@ -590,6 +601,7 @@ def _task_vectors(cfg: FamiliesConfig, model, prepared=None) -> tuple[dict[str, 
                    else "task", tv_relative_depth=info["task_vector_layer"] / max(model.cfg.n_layers - 1, 1),
                    tv_minus_zero_shot=info["tv_minus_zero_shot"], tv_minus_icl=info["tv_minus_icl"],
                    tv_hendel_gptj=dict(HENDEL_GPTJ))
+    summary.update({key: value for key, value in info.items() if "copy" in key})
     if "other-task vector" in acc:
         summary["tv_control_accuracy"] = float(acc["other-task vector"])
     return {"task_vector_layers": tv_layers, "task_vectors": tv}, summary
@@ -674,6 +686,8 @@ register_quantities('families', (
     ('fv_label_stay_fraction', 'share of demonstration labels that the label permutation left correct'),
     ('fv_split_half_spearman', "Spearman's rho of the heads' AIE between two random halves of the prompts (ranking stability)"),
     ('fv_todd_gptj(\\.\\w+)?', "Todd et al.'s GPT-J numbers (six tasks, layer 9): zero-shot and zero-shot + FV top-1 accuracy"),
+    ('(fv|tv)_(copy_share|n_no_copy)', 'copy control (open tasks): share of the evaluated prompts that echoing the query input would answer (its first token is the answer first token; Wilson), and how many are left without them'),
+    ('(fv|tv)_(accuracy|zero_shot_accuracy|icl_accuracy|minus_random|minus_zero_shot)_no_copy', 'the function / task vector, zero-shot and ICL accuracy on the prompts copying cannot answer, and the vector minus random vectors / minus zero-shot there (paired bootstrap)'),
     ('fv_\\w+', 'function vectors: scoring, shots, k, heads, vector norm, split sizes, relative depth of the layer, best report layer (an upper bound)'),
     ('tv_minus_(zero_shot|icl)', 'task vector minus zero-shot / minus ICL on the test demonstration sets (paired bootstrap)'),
     ('tv_hendel_gptj(\\.\\w+)?', "Hendel et al.'s GPT-J 6B means over 18 tasks: zero-shot, task vector, ICL"),

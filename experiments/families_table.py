@@ -10,8 +10,10 @@ read: no interval is recomputed here.
     .venv/bin/python -m experiments.families_table            # every run under results/families
 
 Writes ``families_table.csv`` (tidy: run, table, quantity, value, low, high, n, detail) and
-``config.json`` into ``out`` and prints three markdown tables: necessity (each family's top-k
-minus random, per ablation), function and task vectors with the papers' GPT-J rows, and anchors.
+``config.json`` into ``out`` and prints the markdown tables: necessity (each family's top-k
+minus random, per ablation), function and task vectors with the papers' GPT-J rows, the copy control
+of open tasks (runs that record it: the share of prompts echoing the input answers, and the vectors
+on the others), and anchors.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_argument
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
 
+#: The copy control of open tasks (`icl_kernels.families.copy_control`), in the copy table's order.
+COPY_QUANTITIES = ("fv_copy_share", "fv_zero_shot_accuracy_no_copy", "fv_accuracy_no_copy", "fv_minus_random_no_copy",
+                   "tv_copy_share", "tv_zero_shot_accuracy_no_copy", "tv_accuracy_no_copy", "tv_icl_accuracy_no_copy",
+                   "tv_minus_zero_shot_no_copy")
 FAMILIES = ("label_attention", "induction", "previous_token", "duplicate_token", "function_vector")
 
 
@@ -95,6 +101,9 @@ def run_rows(name: str, run: Path) -> list[dict]:
         for key in ("tv_zsl_accuracy", "tv_accuracy", "tv_icl_accuracy", "tv_minus_zero_shot", "tv_minus_icl"):
             if key in summary:
                 add("task_vector", key, summary[key], summary.get("n_tv_test"), tv_detail)
+    for key in COPY_QUANTITIES:
+        if key in summary:
+            add("copy", key, summary[key], None if isinstance(summary[key], dict) else summary.get(key))
     isolation_file = run / "isolation.csv"
     if isolation_file.is_file():
         for r in pd.read_csv(isolation_file).itertuples():
@@ -113,7 +122,8 @@ _cell = cell
 
 
 def markdown(table: pd.DataFrame, ablation: str, paper_rows: list[str] = ()) -> str:
-    """The three README tables (``paper_rows``: `papers` of a run, under the vectors table)."""
+    """The README tables: necessity, vectors (``paper_rows``: `papers` of a run, under it), the copy
+    control of the runs that have one, and anchors."""
     runs = list(dict.fromkeys(table["run"]))
     others = [a for a in ("mean", "zero", "resample") if a != ablation]
     out = [f"Necessity: each family's top-3 heads ablated at the prediction position, accuracy drop minus the "
@@ -148,6 +158,16 @@ def markdown(table: pd.DataFrame, ablation: str, paper_rows: list[str] = ()) -> 
             _cell(rows, "tv_zsl_accuracy"), _cell(rows, "tv_accuracy"), _cell(rows, "tv_icl_accuracy"),
             _cell(rows, "tv_minus_zero_shot", True) + " |"]))
     out += list(paper_rows)
+    copy_runs = [run for run in runs if not table[(table["run"] == run) & (table["table"] == "copy")].empty]
+    if copy_runs:
+        out += ["", "Copy control of the vectors on open tasks: the share of evaluated prompts whose answer starts with "
+                "the input's own first token (echoing the input scores them), and the accuracies on the other prompts:", "",
+                "| run | FV prompts: copy share | zero-shot | + FV | FV minus random | TV prompts: copy share | zero-shot "
+                "| TV | ICL | TV minus zero-shot |", "|---|" + "---|" * 9]
+        for run in copy_runs:
+            rows = table[table["run"] == run]
+            out.append(" | ".join([f"| {run}", *(_cell(rows, q, q.endswith("_no_copy") and "minus" in q)
+                                               for q in COPY_QUANTITIES)]) + " |")
     out += ["", "Anchors (Wang et al.): label loyalty when the label words (or as many random non-label tokens) "
             "are isolated in the first / last layers; McNemar test of label words against random on the same prompts:",
             "", "| run | first layers: label words | random | McNemar p | last layers: label words | random | McNemar p |",

@@ -24,6 +24,9 @@ def _fake_run(folder, shift: float = 0.0) -> None:
         "fv_selected_minus_random": {"value": 0.4, "low": 0.25, "high": 0.55, "n": 30, "unit": "prompts"},
         "tv_layer": 3, "tv_relative_depth": 0.375, "tv_source": "dummy", "tv_format": "hendel", "n_tv_test": 50,
         "tv_accuracy": 0.62, "tv_zsl_accuracy": 0.02, "tv_icl_accuracy": 0.7,
+        "fv_copy_share": {"value": 0.25, "low": 0.1, "high": 0.5, "n": 40, "unit": "prompts"}, "fv_n_no_copy": 30,
+        "fv_accuracy_no_copy": {"value": 0.3, "low": 0.15, "high": 0.5, "n": 30, "unit": "prompts"},
+        "fv_minus_random_no_copy": {"value": 0.275, "low": 0.125, "high": 0.425, "n": 30, "unit": "prompts"},
         "fv_todd_gptj": {"model": "GPT-J 6B", "k": 10, "layer": 9, "n_layers": 28, "zero_shot": 0.055, "fv_zero_shot": 0.575},
     }
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -45,6 +48,9 @@ def test_table_carries_each_runs_numbers(tmp_path, capsys):
     hit = rows[(rows["run"] == "b") & (rows["quantity"] == "induction.zero.top_minus_random")].iloc[0]
     assert (hit["value"], hit["low"], hit["high"]) == (0.0375, 0.0375 - 0.1, 0.0375 + 0.1)
     assert "label attention" in text and "not scored" in text  # a family the run did not score says so
+    copy_row = next(line for line in text.splitlines() if line.startswith("| a | .250 [.100, .500]"))
+    assert "| .300 [.150, .500] | +.275 [+.125, +.425] |" in copy_row  # the copy-free FV and its margin
+    assert copy_row.count(" - ") == 6  # the fake run has no copy-free zero-shot and no task-vector copy control
 
 
 def test_causal_table_carries_the_runs_summary(tmp_path, capsys):

@@ -227,6 +227,12 @@ class FamiliesReport(Report):
                 f"| ours | {zero['value']:.3f} | {acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] | "
                 f"{rnd['value']:.3f} +- {rnd['sd']:.3f} (FV above {s['fv_selected_random_below']:.0%} of draws) | "
                 f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {dz['value']:+.3f} [{dz['low']:+.3f}, {dz['high']:+.3f}] |")
+            if "fv_accuracy_no_copy" in s:
+                c, z, a, dc = (s["fv_copy_share"], s["fv_zero_shot_accuracy_no_copy"], s["fv_accuracy_no_copy"],
+                               s["fv_minus_random_no_copy"])
+                lines.append(f"| without the {c['value']:.0%} that echoing the input answers (n={a['n']}) | {z['value']:.3f} | "
+                             f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] | | "
+                             f"{dc['value']:+.3f} [{dc['low']:+.3f}, {dc['high']:+.3f}] | |")
             if t:
                 lines.append(f"| Todd et al., {t['model']} (six tasks, layer {t['layer']} of {t['n_layers']}, k={t['k']}) | "
                              f"{t['zero_shot']:.3f} | {t['fv_zero_shot']:.3f} | | | {t['fv_zero_shot'] - t['zero_shot']:+.3f} |")
@@ -239,6 +245,12 @@ class FamiliesReport(Report):
             diff = f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if isinstance(d, dict) else ""
             lines.append(f"| ours (n={s['n_tv_test']}) | {s['tv_zsl_accuracy']:.3f} | {s['tv_accuracy']:.3f} | "
                          f"{s['tv_icl_accuracy']:.3f} | {s.get('tv_control_accuracy', float('nan')):.3f} | {diff} |")
+            if "tv_accuracy_no_copy" in s:
+                c, z, a, i, dc = (s["tv_copy_share"], s["tv_zero_shot_accuracy_no_copy"], s["tv_accuracy_no_copy"],
+                                  s["tv_icl_accuracy_no_copy"], s["tv_minus_zero_shot_no_copy"])
+                lines.append(f"| without the {c['value']:.0%} that echoing the input answers (n={a['n']}) | {z['value']:.3f} | "
+                             f"{a['value']:.3f} | {i['value']:.3f} | | "
+                             f"{dc['value']:+.3f} [{dc['low']:+.3f}, {dc['high']:+.3f}] |")
             if h:
                 lines.append(f"| Hendel et al., {h['model']} (18 tasks; median layer {h['median_layer']} of {h['n_layers']}) | "
                              f"{h['zero_shot']:.2f} | {h['task_vector']:.2f} | {h['icl']:.2f} | | |")

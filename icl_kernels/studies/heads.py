@@ -955,6 +955,7 @@ def _summary(cfg, task, sp, hrun, select, report, best: dict[str, BestHead], kr,
 
 #: What each quantity of ``summary.csv`` is (`icl_kernels.studies.tidy.register_quantities`; docs/columns.md).
 register_quantities('heads', (
+    ('interval_settings\\.(level|resamples|seed)', 'how the bootstrap intervals were drawn: level, resamples, seed'),
     ('held_out\\.icl_accuracy', 'ICL accuracy of the model on the report (held-out) prompts'),
     ('held_out\\.zsl_accuracy', 'zero-shot accuracy on the report prompts (with `similarity`)'),
     ('held_out\\.(model|gold)_majority_share', 'share of the most frequent model prediction / gold label on the report prompts (the chance level of agreement / accuracy)'),

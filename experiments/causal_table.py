@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.command_line import parse_config
-from experiments.table_cells import cell, number
+from experiments.table_cells import cell
 from icl_kernels.utils.config import Options, OptionsHelpFormatter, add_arguments
 from icl_kernels.utils.errors import InvalidOptionError
 from icl_kernels.utils.io import atomic_write_text, write_csv
@@ -75,14 +75,6 @@ def run_rows(run: Path) -> list[dict]:
     return rows
 
 
-def _num(x: float, sign: bool = False) -> str:
-    return number(x, sign)
-
-
-def _cell(rows: pd.DataFrame, quantity: str, sign: bool = True) -> str:
-    return cell(rows, quantity, sign)
-
-
 def markdown(table: pd.DataFrame) -> str:
     lines = ["| run (top-3 heads) | ICL / zero-shot | top minus random drop: mean ablation | zero | resample "
              "| reverse patch: top minus random | patch ICL into zero-shot: recovery (ICL gain) | recovery minus random |",
@@ -91,14 +83,14 @@ def markdown(table: pd.DataFrame) -> str:
         first = rows.iloc[0]
         gain = rows[rows["quantity"] == "patch_icl_gain"]
         uninformative = not gain.empty and gain.iloc[0]["low"] <= 0
-        recovery = ("uninformative (ICL gain " + _cell(rows, "patch_icl_gain", False) + ")" if uninformative
-                    else f"{_cell(rows, 'patch_recovery', False)} ({_cell(rows, 'patch_icl_gain', False)})")
+        recovery = ("uninformative (ICL gain " + cell(rows, "patch_icl_gain") + ")" if uninformative
+                    else f"{cell(rows, 'patch_recovery')} ({cell(rows, 'patch_icl_gain')})")
         lines.append(" | ".join([
             f"| {first['model']} {first['task']}, {first['shots']} shots ({first['heads']})",
-            f"{_cell(rows, 'icl_accuracy', False)} / {_cell(rows, 'zsl_accuracy', False)}",
-            _cell(rows, "mean_top_minus_random"), _cell(rows, "zero_top_minus_random"),
-            _cell(rows, "resample_top_minus_random"), _cell(rows, "reverse_top_minus_random"), recovery,
-            "-" if uninformative else _cell(rows, "patch_top_minus_random")]) + " |")
+            f"{cell(rows, 'icl_accuracy')} / {cell(rows, 'zsl_accuracy')}",
+            cell(rows, "mean_top_minus_random", True), cell(rows, "zero_top_minus_random", True),
+            cell(rows, "resample_top_minus_random", True), cell(rows, "reverse_top_minus_random", True), recovery,
+            "-" if uninformative else cell(rows, "patch_top_minus_random", True)]) + " |")
     return "\n".join(lines)
 
 

@@ -103,7 +103,7 @@ def run_rows(name: str, run: Path) -> list[dict]:
                 add("task_vector", key, summary[key], summary.get("n_tv_test"), tv_detail)
     for key in COPY_QUANTITIES:
         if key in summary:
-            add("copy", key, summary[key], None if isinstance(summary[key], dict) else summary.get(key))
+            add("copy", key, summary[key])
     isolation_file = run / "isolation.csv"
     if isolation_file.is_file():
         for r in pd.read_csv(isolation_file).itertuples():
@@ -115,10 +115,6 @@ def run_rows(name: str, run: Path) -> list[dict]:
             add("anchors", f"{r.condition}.word_loyalty", dict(value=r.word_loyalty, low=r.word_loyalty_low,
                                                               high=r.word_loyalty_high), r.n)
     return rows
-
-
-_num = number
-_cell = cell
 
 
 def markdown(table: pd.DataFrame, ablation: str, paper_rows: list[str] = ()) -> str:
@@ -139,9 +135,9 @@ def markdown(table: pd.DataFrame, ablation: str, paper_rows: list[str] = ()) -> 
             if main.empty:
                 cells.append("not scored")
                 continue
-            rest = " / ".join(_cell(rows, f"{family}.{a}.top_minus_random", True).split(" [")[0] for a in others)
-            cells.append(f"{main.iloc[0]['detail'].split(';')[0]}: {_cell(rows, f'{family}.{ablation}.top_minus_random', True)} ({rest})")
-        out.append(f"| {run} | {_cell(rows, 'icl_accuracy')} / {_cell(rows, 'zsl_accuracy')} | " + " | ".join(cells) + " |")
+            rest = " / ".join(cell(rows, f"{family}.{a}.top_minus_random", True).split(" [")[0] for a in others)
+            cells.append(f"{main.iloc[0]['detail'].split(';')[0]}: {cell(rows, f'{family}.{ablation}.top_minus_random', True)} ({rest})")
+        out.append(f"| {run} | {cell(rows, 'icl_accuracy')} / {cell(rows, 'zsl_accuracy')} | " + " | ".join(cells) + " |")
     out += ["", "Function vectors (Todd et al.) and task vectors (Hendel et al.): top-1 accuracy on report prompts, "
             "layer chosen on the selection / dev split:", "",
             "| run | FV layer | zero-shot | + FV | + random-head vectors (mean) | FV minus random | TV layer | "
@@ -153,10 +149,10 @@ def markdown(table: pd.DataFrame, ablation: str, paper_rows: list[str] = ()) -> 
         fv_layer = fv["detail"].iloc[0].split(", k=")[0] if not fv.empty else "-"
         tv_layer = tv["detail"].iloc[0].split(",")[0] if not tv.empty else "-"
         out.append(" | ".join([
-            f"| {run}", fv_layer, _cell(rows, "fv_selected_zero_shot_accuracy"), _cell(rows, "fv_selected_accuracy"),
-            _cell(rows, "fv_selected_random_accuracy"), _cell(rows, "fv_selected_minus_random", True), tv_layer,
-            _cell(rows, "tv_zsl_accuracy"), _cell(rows, "tv_accuracy"), _cell(rows, "tv_icl_accuracy"),
-            _cell(rows, "tv_minus_zero_shot", True) + " |"]))
+            f"| {run}", fv_layer, cell(rows, "fv_selected_zero_shot_accuracy"), cell(rows, "fv_selected_accuracy"),
+            cell(rows, "fv_selected_random_accuracy"), cell(rows, "fv_selected_minus_random", True), tv_layer,
+            cell(rows, "tv_zsl_accuracy"), cell(rows, "tv_accuracy"), cell(rows, "tv_icl_accuracy"),
+            cell(rows, "tv_minus_zero_shot", True) + " |"]))
     out += list(paper_rows)
     copy_runs = [run for run in runs if not table[(table["run"] == run) & (table["table"] == "copy")].empty]
     if copy_runs:
@@ -166,7 +162,7 @@ def markdown(table: pd.DataFrame, ablation: str, paper_rows: list[str] = ()) -> 
                 "| TV | ICL | TV minus zero-shot |", "|---|" + "---|" * 9]
         for run in copy_runs:
             rows = table[table["run"] == run]
-            out.append(" | ".join([f"| {run}", *(_cell(rows, q, q.endswith("_no_copy") and "minus" in q)
+            out.append(" | ".join([f"| {run}", *(cell(rows, q, "minus" in q)
                                                for q in COPY_QUANTITIES)]) + " |")
     out += ["", "Anchors (Wang et al.): label loyalty when the label words (or as many random non-label tokens) "
             "are isolated in the first / last layers; McNemar test of label words against random on the same prompts:",
@@ -184,7 +180,7 @@ def markdown(table: pd.DataFrame, ablation: str, paper_rows: list[str] = ()) -> 
             if hit.empty:
                 return "-", ""
             r = hit.iloc[0]
-            return _cell(hit, r["quantity"]), str(r["detail"]).replace("McNemar p vs random ", "")
+            return cell(hit, r["quantity"]), str(r["detail"]).replace("McNemar p vs random ", "")
 
         cells = []
         for where in ("first", "last"):
@@ -202,12 +198,12 @@ def papers(summary: dict) -> list[str]:
     todd, hendel = summary.get("fv_todd_gptj"), summary.get("tv_hendel_gptj")
     if todd:
         out.append(f"| Todd et al., {todd['model']} (six tasks, k={todd['k']}) | {todd['layer']} "
-                   f"(relative depth {todd['layer'] / (todd['n_layers'] - 1):.2f}) | {_num(todd['zero_shot'])} | "
-                   f"{_num(todd['fv_zero_shot'])} | | | | | | | |")
+                   f"(relative depth {todd['layer'] / (todd['n_layers'] - 1):.2f}) | {number(todd['zero_shot'])} | "
+                   f"{number(todd['fv_zero_shot'])} | | | | | | | |")
     if hendel:
         out.append(f"| Hendel et al., {hendel['model']} (18 tasks) | | | | | | median {hendel['median_layer']} of "
-                   f"{hendel['n_layers']} | {_num(hendel['zero_shot'])} | {_num(hendel['task_vector'])} | "
-                   f"{_num(hendel['icl'])} | |")
+                   f"{hendel['n_layers']} | {number(hendel['zero_shot'])} | {number(hendel['task_vector'])} | "
+                   f"{number(hendel['icl'])} | |")
     return out
 
 

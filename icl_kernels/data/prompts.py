@@ -566,11 +566,12 @@ def input_copy_matches(
     """
     if "input" not in builder.task.text_fields:
         raise ValueError(f"Task {builder.task.name!r} has no 'input' field; the copy control is for open tasks.")
+    if any(p.query_index is None for p in prompts):
+        raise ValueError("input_copy_matches needs prompts with their query index (built by make_prompts).")
+    gold = gold_answer_ids(builder, prompts)  # raises for a prompt without a gold label
     space = " " if builder.label_words and builder.label_words[0].startswith(" ") else ""
     out = []
-    for p in prompts:
-        if p.query_index is None or p.query_label is None:
-            raise ValueError("input_copy_matches needs prompts with their query index and gold label.")
+    for p, answer in zip(prompts, gold):
         copied = encode_piece(builder.tokenizer, space + str(queries[p.query_index]["input"]))
-        out.append(bool(copied) and copied[0] == builder.label_ids[p.query_label][0])
+        out.append(bool(copied) and copied[0] == answer[0])
     return torch.tensor(out, dtype=torch.bool)

@@ -327,7 +327,7 @@ def task_vector_study(
     ``info`` the layer, split sizes and paired bootstrap differences (task vector minus zero-shot,
     minus ICL). With ``copy_match`` (one per prompt, `icl_kernels.data.prompts.input_copy_matches`)
     ``info`` adds the copy baseline on the test split and the task vector, zero-shot and ICL on the
-    test prompts copying cannot answer (`icl_kernels.families.function_vectors.copy_control`).
+    test prompts copying cannot answer (`icl_kernels.families.copy_control.copy_control`).
     """
     if source not in TV_SOURCES:
         raise ValueError(f"source must be one of {TV_SOURCES}, not {source!r}.")

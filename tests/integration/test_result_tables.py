@@ -59,7 +59,7 @@ def test_causal_table_carries_the_runs_summary(tmp_path, capsys):
     text = capsys.readouterr().out
     summary = pd.read_csv(run / "summary.csv").set_index("name")
     r = summary.loc["icl: top minus random (icl) [resample].accuracy_drop"]
-    expected = " [".join([causal_table._num(r["value"], True), causal_table._num(r["low"], True)])
+    expected = " [".join([number(r["value"], True), number(r["low"], True)])
     assert expected in text
     rows = pd.read_csv(tmp_path / "causal_table.csv")
     assert rows.loc[rows["quantity"] == "resample_top_minus_random", "value"].item() == r["value"]

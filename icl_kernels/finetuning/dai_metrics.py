@@ -120,6 +120,7 @@ from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.hooks import attention_spec, repeat_kv, visibility_mask
 from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.engine.prefix_cache import common_prefix_length, reuse_reason
+from icl_kernels.finetuning.batched_finetune import batch_reason, finetune_runs, first_steps, row_label_log_probs
 from icl_kernels.finetuning.dai_definitions import (
     DEFINITION_TAGS,
     DEFINITIONS,
@@ -300,6 +301,11 @@ class ComparisonSettings:
     #: the lr-0 control's recording taken from the zero-shot one, its weights being the original);
     #: the same numbers bit for bit. False: every run trained and recorded on its own
     shared_finetuning: bool = True
+    #: with ``shared_finetuning``, train the learning-rate search's runs of every demonstration set in one
+    #: batch per rate and score them on the development queries the same way
+    #: (`icl_kernels.finetuning.batched_finetune`; equal to float64 rounding, float32 rounds differently);
+    #: False, or a model it cannot batch: one run at a time
+    batched_finetuning: bool = True
 
     def __post_init__(self) -> None:
         check_definition(self.definition)
@@ -337,12 +343,17 @@ _DEV_BATCH = 16
 def _dev_accuracy(model, episode: Episode, label_tokens) -> tuple[int, float, int]:
     """(right answers, summed gold log-probability, number of distinct labels answered) of ``model``
     on one episode's development queries."""
-    right, gold_lp, answers = 0, 0.0, set()
     if not episode.dev_prompts:
-        return right, gold_lp, 0
+        return 0, 0.0, 0
     records = label_log_probs(model, list(episode.dev_prompts), [[t] for t in label_tokens], dtype=torch.float64,
                               batch_size=_DEV_BATCH)
-    for rec, gold in zip(records, episode.dev_gold):
+    return _fold_counts(records, episode.dev_gold)
+
+
+def _fold_counts(records: Tensor, gold_labels: Sequence[int]) -> tuple[int, float, int]:
+    """(right answers, summed gold log-probability, distinct labels answered) from development records."""
+    right, gold_lp, answers = 0, 0.0, set()
+    for rec, gold in zip(records, gold_labels):
         answer = int(rec.argmax())
         answers.add(answer)
         right += int(answer == gold)
@@ -350,13 +361,22 @@ def _dev_accuracy(model, episode: Episode, label_tokens) -> tuple[int, float, in
     return right, gold_lp, len(answers)
 
 
-def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], label_tokens) -> DevScore:
+def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], label_tokens,
+               batched: bool = False) -> DevScore:
     """Pooled development accuracy and gold log-probability of the finetuned models, and the accuracy
-    of each fold (episode ``e``'s finetuned model on episode ``e``'s development queries)."""
+    of each fold (episode ``e``'s finetuned model on episode ``e``'s development queries); ``batched``:
+    every model in one pass per batch (`icl_kernels.finetuning.batched_finetune.row_label_log_probs`)."""
+    if batched:
+        records = row_label_log_probs(tuned[0].base, tuned, [list(ep.dev_prompts) for ep in episodes], label_tokens,
+                                      dtype=torch.float64)
+        counts = [_fold_counts(rec, ep.dev_gold) for rec, ep in zip(records, episodes)]
+    else:
+        counts = []
+        for result, episode in zip(tuned, episodes):
+            with result.applied() as model:
+                counts.append(_dev_accuracy(model, episode, label_tokens))
     right, total, gold_lp, fold_right, fold_size, fold_labels = 0, 0, 0.0, [], [], []
-    for result, episode in zip(tuned, episodes):
-        with result.applied() as model:
-            n_right, fold_lp, n_labels = _dev_accuracy(model, episode, label_tokens)
+    for (n_right, fold_lp, n_labels), episode in zip(counts, episodes):
         n = len(episode.dev_gold)
         right, total, gold_lp = right + n_right, total + n, gold_lp + fold_lp
         fold_right.append(n_right)
@@ -397,8 +417,14 @@ def choose_lr(model, episodes: Sequence[Episode], label_tokens, cfg: "Comparison
     zero_shot_accuracy, zero_shot_labels = _zero_shot_folds(model, episodes, label_tokens)
     shared = cfg.shared_finetuning
     starts: dict[int, FirstStep] = {}
+    batched = shared and batches(model, episodes, cfg)
 
     def train(lr: float) -> list[FinetuneResult]:
+        if batched:
+            runs = [ep.train_sequences for ep in episodes]
+            if not starts:
+                starts.update(enumerate(first_steps(model, runs)))
+            return finetune_runs(model, runs, lr, record_queries=True, firsts=[starts[e] for e in range(len(runs))])
         out = []
         for e, ep in enumerate(episodes):
             if shared and e not in starts:
@@ -409,12 +435,21 @@ def choose_lr(model, episodes: Sequence[Episode], label_tokens, cfg: "Comparison
 
     return select_lr(
         train,
-        lambda tuned: _dev_score(tuned, episodes, label_tokens),
+        lambda tuned: _dev_score(tuned, episodes, label_tokens, batched=batched),
         cfg.lrs, progress=log,
         zero_shot_fold_accuracy=zero_shot_accuracy, zero_shot_fold_labels=zero_shot_labels,
         gold_fold_labels=[len(set(ep.dev_gold)) for ep in episodes],
         margin=cfg.collapse_margin, fold_names=[ep.name for ep in episodes], keep_best=shared,
     )
+
+
+def batches(model, episodes: Sequence[Episode], cfg: "ComparisonSettings") -> bool:
+    """Whether the learning-rate search runs batched (`icl_kernels.finetuning.batched_finetune`): asked
+    for, a model it can batch, and episodes with the same numbers of training sequences and of
+    development queries."""
+    return (cfg.batched_finetuning and batch_reason(model) is None
+            and len({len(ep.train_sequences) for ep in episodes}) == 1
+            and len({len(ep.dev_prompts) for ep in episodes}) == 1)
 
 
 class _ModelPass:

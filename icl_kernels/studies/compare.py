@@ -131,6 +131,12 @@ class CompareConfig(Options):
                 "runs kept from the search, the mismatched control taken from the next set's run, the lr-0 "
                 "control's recording from the zero-shot one) and every bootstrap's resamples at once; the same "
                 "numbers bit for bit. Off: every run and resample on its own"})
+    batched_finetuning: bool = field(default=True, metadata={
+        "identity": False,  # equal to float64 rounding, only faster: not in the fingerprint
+        "help": "with shared work, train the learning-rate search's runs of all demonstration sets in one batch "
+                "per rate (one row and one copy of the key/value weights per run) and score them on the development "
+                "queries the same way; equal to float64 rounding, float32 rounds differently (a near tie can "
+                "choose another lr). Off, or a model it cannot batch (a TransformerBridge): one run at a time"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -435,7 +441,8 @@ def run(cfg: CompareConfig, model: tl_backend.Model | None = None, progress: boo
     settings = ComparisonSettings(position=cfg.position, lrs=tuple(cfg.lrs), lr=cfg.lr, seed=cfg.prompts.seed,
                                   direct=cfg.direct, definition=cfg.definition, controls=cfg.controls,
                                   collapse_margin=cfg.collapse_margin, prefix_reuse=cfg.prefix_reuse,
-                                  shared_finetuning=cfg.shared_work, vectorised_intervals=cfg.shared_work)
+                                  shared_finetuning=cfg.shared_work, vectorised_intervals=cfg.shared_work,
+                                  batched_finetuning=cfg.batched_finetuning)
     result = compare_icl_with_finetuning(model, episodes, label_ids, settings, untrained=untrained,
                                          progress=progress, log=print if progress else None)
     if source.world is None:

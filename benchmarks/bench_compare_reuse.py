@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     model = study.config.from_dict(base).model.load()
     runs = {}
     for label, fast in (("before (full recompute)", False), ("after (shared work)", True)):
-        cfg = study.config.from_dict(dict(base, prefix_reuse=fast, shared_work=fast))
+        cfg = study.config.from_dict(dict(base, prefix_reuse=fast, shared_work=fast, batched_finetuning=fast))
         start = time.perf_counter()
         report = study.run(cfg, model=model, progress=False)
         wall = time.perf_counter() - start

@@ -34,7 +34,7 @@ from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.studies import get_study
 
 #: Options that change only how fast a study runs, not its numbers: off in the "before" row.
-SPEED_OPTIONS = ("prefix_reuse", "shared_work")
+SPEED_OPTIONS = ("prefix_reuse", "shared_work", "batched_finetuning")
 
 
 def _configs(model: str, task: str, scale: int) -> dict[str, dict]:

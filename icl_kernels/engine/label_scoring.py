@@ -77,21 +77,27 @@ def unembed(
     model: tl_backend.Model,
     residual: Float[Tensor, "... d_model"],
     token_ids: Int[Tensor, " n_tokens"] | None = None,
+    *,
+    w_u_t: Float[Tensor, "d_vocab d_model"] | None = None,
 ) -> Float[Tensor, "... d_vocab"]:
     """Logits from the unembedding input, only for ``token_ids`` when given (then the last dimension
     is ``n_tokens``), with Gemma-style soft-capping when configured.
 
     Multiplies by ``W_U`` directly: TransformerLens' ``Unembed`` copies the transposed ``W_U`` on
     every call (0.7 s for Gemma's 262k x 640 on one CPU thread), and scoring a few label tokens
-    needs only their columns.
+    needs only their columns. ``w_u_t``: ``W_U`` transposed and made contiguous once by a caller that
+    unembeds many batches (the product of many rows runs faster in that layout, ~1.8x on a CPU).
     """
     w_u, b_u = model.unembed.W_U, getattr(model.unembed, "b_U", None)
     if token_ids is not None:
         w_u = w_u[:, token_ids]
         b_u = b_u[token_ids] if b_u is not None else None
-    logits = residual.to(w_u.dtype) @ w_u
-    if b_u is not None:
-        logits = logits + b_u
+    if w_u_t is not None and token_ids is None:
+        logits = torch.nn.functional.linear(residual.to(w_u_t.dtype), w_u_t, b_u)
+    else:
+        logits = residual.to(w_u.dtype) @ w_u
+        if b_u is not None:
+            logits = logits + b_u
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
@@ -152,11 +158,12 @@ def prediction_logits(
     dtype: torch.dtype | None = None,
     first_index: int = 0,
     indices: Sequence[int] | None = None,
+    w_u_t: Tensor | None = None,
 ) -> Float[Tensor, "*batch d_vocab"]:
     """Logits over the whole vocabulary from final residual rows, in `score_dtype`, after
     `check_finite` (row ``r`` is prompt ``first_index + r``, or ``indices[r]``; a single row may be
-    given without its batch dimension)."""
-    logits = unembed(model, residual).to(score_dtype(model, dtype))
+    given without its batch dimension; ``w_u_t`` as in `unembed`)."""
+    logits = unembed(model, residual, w_u_t=w_u_t).to(score_dtype(model, dtype))
     check_finite(logits if logits.ndim > 1 else logits[None], first_index=first_index, model=model, indices=indices)
     return logits
 
@@ -168,11 +175,12 @@ def label_scores(
     *,
     dtype: torch.dtype | None = None,
     first_index: int = 0,
+    w_u_t: Tensor | None = None,
 ) -> Float[Tensor, "batch n_tokens"]:
     """log-softmax over the whole vocabulary of the logits of each residual row, read at
     ``token_ids`` (CPU). Non-finite logits raise `NonFiniteLogitsError` naming prompt
-    ``first_index + row``."""
-    logits = prediction_logits(model, residual, dtype=dtype, first_index=first_index)
+    ``first_index + row``; ``w_u_t`` as in `unembed`."""
+    logits = prediction_logits(model, residual, dtype=dtype, first_index=first_index, w_u_t=w_u_t)
     ids = torch.as_tensor(list(token_ids), device=logits.device)
     return logits.log_softmax(-1)[:, ids].cpu()
 

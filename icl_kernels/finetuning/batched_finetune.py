@@ -43,12 +43,11 @@ from torch import Tensor
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.batching import memory_budget
 from icl_kernels.engine.hooks import act_name, apply_rotary, attention_spec, hooks_on, rotary_hook_kinds, rotate_by
-from icl_kernels.engine.label_scoring import final_residual, label_scores
+from icl_kernels.engine.label_scoring import final_residual, label_scores, unembed
 from icl_kernels.engine.prefix_cache import right_pad
 from icl_kernels.finetuning.finetune import (
     FinetuneResult,
     FirstStep,
-    _unembed_copied_once,
     kv_parameters,
 )
 from icl_kernels.models import backend as tl_backend
@@ -171,13 +170,15 @@ def _rows_per_run(owners: Tensor | None, batch: int, n_runs: int) -> int:
     return per_run
 
 
-def _row_losses(logits: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
-    """Each row's mean LM loss over its own tokens: ``finetune``'s loss (in float32, as there) on each row."""
-    rows = logits.float().unbind(0)  # one row's gradient is one slice of one stacked tensor, not a full-size copy
-    return torch.stack([
-        torch.nn.functional.cross_entropy(row[:n - 1], tokens[r, 1:n], reduction="mean")
-        for r, (row, n) in enumerate(zip(rows, lengths.tolist()))
-    ])
+def _row_losses(model: tl_backend.Model, w_u_t: Tensor, residual: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+    """Each row's mean LM loss over its own tokens: ``finetune``'s loss (in float32, as there) on each row,
+    from the final residual; only the real (unpadded) positions are unembedded, by ``w_u_t`` (``W_U``
+    transposed and contiguous, made once per batch of runs: the layout the products run fastest in)."""
+    sizes = [n - 1 for n in lengths.tolist()]
+    real = torch.cat([residual[r, :n] for r, n in enumerate(sizes)])
+    logits = unembed(model, real, w_u_t=w_u_t).float().split(sizes)
+    return torch.stack([torch.nn.functional.cross_entropy(row, tokens[r, 1:n + 1], reduction="mean")
+                        for r, (row, n) in enumerate(zip(logits, sizes))])
 
 
 def training_row_bytes(model: tl_backend.Model, width: int) -> int:
@@ -297,11 +298,12 @@ def _train(
                 shape = (n_runs,) + (1,) * (tensor.ndim - 1)
                 tensor.sub_(rate.view(shape) * grads[name])
 
+    w_u_t = model.unembed.W_U.detach().T.contiguous()
     q_hooks = [(act_name(q_kind, layer), keep_q(layer)) for layer in range(model.cfg.n_layers)] if record_queries else []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        with kv_per_row(model, weights), hooks_on(model, q_hooks), _unembed_copied_once(model):
+        with kv_per_row(model, weights), hooks_on(model, q_hooks):
             for index in range(len(runs[0])):
                 if index == 0 and firsts[0] is not None:  # the shared first pass of every run
                     step({name: torch.stack([f.grads[name] for f in firsts]).to(t) for name, t in weights.tensors.items()})
@@ -314,7 +316,7 @@ def _train(
                 tokens = right_pad(seqs, 0).to(device)
                 lengths = torch.tensor([len(s) for s in seqs], device=device)
                 with torch.enable_grad():
-                    row_loss = _row_losses(model(tokens), tokens, lengths)
+                    row_loss = _row_losses(model, w_u_t, final_residual(model, tokens), tokens, lengths)
                     backward = any(x > 0 for x in rates) or (capture is not None and index == 0)
                     if backward:
                         grads = torch.autograd.grad(row_loss.sum(), list(weights.tensors.values()))
@@ -378,6 +380,7 @@ def row_label_log_probs(
     lists = [[tuple(int(t) for t in (p.tokens if isinstance(p, IclPrompt) else p)) for p in row] for row in prompts]
     per_model = max(1, batch_size // n_models)
     weights = RunWeights.stacked(model, [result.state for result in results])
+    w_u_t = model.unembed.W_U.detach().T.contiguous()
     out: list[list[Tensor]] = [[] for _ in results]
     for begin in range(0, n_prompts, per_model):
         end = min(begin + per_model, n_prompts)
@@ -386,7 +389,7 @@ def row_label_log_probs(
         positions = torch.tensor([len(t) - 1 for t in take], device=device)
         with torch.no_grad(), kv_per_row(model, weights, torch.arange(n_models).repeat_interleave(end - begin)):
             resid = final_residual(model, tokens, positions)
-            scores = label_scores(model, resid, token_ids, dtype=dtype, first_index=begin)
+            scores = label_scores(model, resid, token_ids, dtype=dtype, first_index=begin, w_u_t=w_u_t)
         for m in range(n_models):
             out[m].append(scores[m * (end - begin):(m + 1) * (end - begin)])
     return [torch.cat(parts) for parts in out]

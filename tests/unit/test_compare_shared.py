@@ -54,8 +54,9 @@ def _episodes(n_episodes: int = 3, n_queries: int = 2, seed: int = 1) -> list[Ep
 @pytest.mark.parametrize("arch", ["gpt-neo", "gpt-j", "gemma-3", "llama"])
 def test_shared_work_gives_the_same_comparison_bit_for_bit(arch, monkeypatch):
     """Every number of the whole comparison (lr search, trained side, controls, untrained copy,
-    intervals) is identical with the shared work on and off (both prefix reuse settings off, so that
-    only the shared finetuning and the vectorised intervals differ)."""
+    intervals) is identical with the shared work on and off (prefix reuse and batched finetuning off, so
+    that only the shared finetuning and the vectorised intervals differ; the batched runs are compared
+    with these in test_batched_finetune.py)."""
     monkeypatch.setattr(dai_metrics, "_RESAMPLES", 200)
     model = load_tiny(arch)
     assert_tiny(arch, model)
@@ -64,7 +65,7 @@ def test_shared_work_gives_the_same_comparison_bit_for_bit(arch, monkeypatch):
     runs = {}
     for shared in (False, True):
         cfg = ComparisonSettings(lrs=(0.02, 0.3), collapse_margin=1.0, prefix_reuse=False,
-                                 shared_finetuning=shared, vectorised_intervals=shared)
+                                 shared_finetuning=shared, vectorised_intervals=shared, batched_finetuning=False)
         result = compare_icl_with_finetuning(model, episodes, [[311], [4000]], cfg, untrained=untrained,
                                              progress=False)
         runs[shared] = json.dumps([result.metrics, result.layers, result.heads, result.examples, result.lr_table],

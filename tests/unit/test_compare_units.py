@@ -180,7 +180,8 @@ def test_a_rate_that_answers_one_label_is_rejected_even_when_its_accuracy_is_bes
 def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(monkeypatch, shared):
     """Stubbed dev scores (the real searches run the same code on real scores): the trained model's best
     rate collapses on fold 1 and is rejected; the untrained copy picks its own rate and is finetuned at it
-    (with ``shared_finetuning`` the search's runs at that rate are the ones the passes use)."""
+    (with ``shared_finetuning`` the search's runs at that rate are the ones the passes use). One run at a
+    time (``batched_finetuning=False``), so that the stubbed finetune sees every run."""
     model = load_tiny("gpt-neo", dtype=torch.float64)
     untrained = untrained_copy(model, "tiny-gpt-neo", seed=0)
     cfg = CompareConfig.from_dict(dict(model="tiny-gpt-neo", shots=3, n_test=4, seed=0, n_dev=4, episodes=2))
@@ -216,7 +217,7 @@ def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(m
     monkeypatch.setattr(dai_metrics, "finetune", finetune)
     result = compare_icl_with_finetuning(model, episodes, label_ids,
                                          ComparisonSettings(lrs=(1e-3, 0.3), direct=False, controls=False,
-                                                            shared_finetuning=shared),
+                                                            shared_finetuning=shared, batched_finetuning=False),
                                          untrained=untrained, progress=False)
     m = result.metrics
     assert m["lr"] == 1e-3 and m["lr_untrained"] == 0.3 == m["untrained"]["lr"]

@@ -188,7 +188,8 @@ def test_untrained_copy_searches_its_own_rate_and_collapsed_rates_are_rejected(m
     episodes, label_ids = synthetic_episodes(make_world(), model.cfg.n_ctx, cfg)
     assert [len(ep.dev_gold) for ep in episodes] == [2, 2]
 
-    def dev_score(tuned, episodes, label_tokens):
+    def dev_score(tuned, episodes, label_tokens, batched=False):
+        assert not batched
         lr, trained = tuned[0].lr, tuned[0].base is model
         if trained:  # 0.3 best pooled (3 of 4) but 0 of 2 on fold 1 against zero-shot 1.0: collapsed
             right = (2, 0) if lr == 0.3 else (1, 1)

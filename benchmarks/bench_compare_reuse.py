@@ -54,22 +54,23 @@ def numbers(report) -> str:
     return json.dumps(dict(summary=summary, tables=tables), sort_keys=True, default=str)
 
 
-def _leaves(tree, path: str = ""):
+def leaves(tree, path: str = ""):
+    """(path, value) of every number in a tree of dicts and lists (booleans left out)."""
     if isinstance(tree, dict):
         for key, value in tree.items():
-            yield from _leaves(value, f"{path}/{key}")
+            yield from leaves(value, f"{path}/{key}")
     elif isinstance(tree, list):
         for i, value in enumerate(tree):
-            yield from _leaves(value, f"{path}/{i}")
+            yield from leaves(value, f"{path}/{i}")
     elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
         yield path, float(tree)
 
 
 def _differences(a: dict, b: dict) -> list[tuple[str, float]]:
     """(path, absolute difference) of every number that differs between two summaries."""
-    right = dict(_leaves(b))
+    right = dict(leaves(b))
     out = []
-    for key, x in _leaves(a):
+    for key, x in leaves(a):
         y = right.get(key, float("nan"))
         if not (x == y or (x != x and y != y)):
             out.append((key, abs(x - y)))

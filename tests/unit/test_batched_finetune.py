@@ -12,6 +12,7 @@ from conftest import load_tiny
 from test_compare_shared import _episodes
 from test_relaxation import assert_tiny
 
+from benchmarks.bench_compare_reuse import leaves
 from icl_kernels.engine.hooks import active_hook_count
 from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.finetuning import dai_metrics
@@ -146,16 +147,6 @@ def test_comparison_batched_equals_unbatched(arch, monkeypatch):
         runs[batched] = json.loads(json.dumps([result.metrics, result.lr_table, result.layers], default=str))
     assert runs[True][0]["lr"] == runs[False][0]["lr"]
     assert [row["lr"] for row in runs[True][1]] == [row["lr"] for row in runs[False][1]]
-
-    def leaves(tree, path=""):
-        if isinstance(tree, dict):
-            for k, v in tree.items():
-                yield from leaves(v, f"{path}/{k}")
-        elif isinstance(tree, list):
-            for i, v in enumerate(tree):
-                yield from leaves(v, f"{path}/{i}")
-        elif isinstance(tree, float):
-            yield path, tree
 
     right = dict(leaves(runs[False]))
     compared = 0

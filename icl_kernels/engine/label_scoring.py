@@ -42,6 +42,7 @@ from torch import Tensor
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.edits import Edit, check_edits, edits_on
 from icl_kernels.engine.hooks import STOP_HOOK, act_name, run_until
+from icl_kernels.engine.layer_start import LayerStart, started_forward_kwargs
 from icl_kernels.engine.prefix_cache import (
     SharedPrefix,
     common_prefix_length,
@@ -197,14 +198,16 @@ def final_residual(
     *,
     hooks: Sequence[tuple[str, Callable]] = (),
     prefix: SharedPrefix | None = None,
+    start: tuple[int, Tensor] | None = None,
 ) -> Float[Tensor, "batch pos d_model"] | Float[Tensor, "batch d_model"]:
     """The input of the unembedding, without computing any logits: at every position, or at one
     position per row (``positions``).
 
     ``hooks`` run in the same forward pass (they fire before the stop). With ``prefix`` the
     ``tokens`` are suffixes run after it (`icl_kernels.engine.prefix_cache.prefix_forward`) and
-    positions count within the suffix. Not detached: under ``torch.enable_grad`` the rows carry
-    gradients.
+    positions count within the suffix. With ``start = (layer, residual)`` only layers ``layer..`` run,
+    from the residual stream entering ``layer`` of these tokens (`icl_kernels.engine.layer_start`).
+    Not detached: under ``torch.enable_grad`` the rows carry gradients.
     """
     kept: dict[str, Tensor] = {}
 
@@ -216,8 +219,16 @@ def final_residual(
             kept["x"] = tensor[rows, positions.to(tensor.device)]
 
     fwd_hooks = [*hooks, (STOP_HOOK, keep)]
+    if prefix is not None and start is not None:
+        raise ValueError("final_residual: give a shared prefix or a layer start, not both.")
     if prefix is not None:
         prefix_forward(model, prefix, tokens, fwd_hooks)
+    elif start is not None:
+        layer, residual = start
+        if residual.shape[:2] != tokens.shape:
+            raise ValueError(f"A residual of shape {tuple(residual.shape)} does not belong to tokens of shape "
+                             f"{tuple(tokens.shape)}.")
+        run_until(model, residual, fwd_hooks, **started_forward_kwargs(model, layer, tokens))
     else:
         run_until(model, tokens, fwd_hooks)
     if "x" not in kept:
@@ -298,6 +309,7 @@ def label_log_probs(
     first_index: int = 0,
     dtype: torch.dtype | None = None,
     row_ids: Sequence[int] | None = None,
+    start: LayerStart | None = None,
 ) -> Float[Tensor, "batch n_classes"] | tuple[Tensor, dict[str, Tensor]]:
     """log P(label | prompt) for each prompt and class, over the whole vocabulary (CPU).
 
@@ -323,6 +335,9 @@ def label_log_probs(
         row_ids: the row index the edits see for each prompt (``EditContext.rows``; default the
             prompt's position in ``prompts``), for a caller scoring some of the prompts its edits
             were built for.
+        start: the residual entering a layer of every batch (`icl_kernels.engine.layer_start.layer_start`
+            of the same prompts, batch size and padding): only the layers from there run, for edits
+            that leave the layers below it alone; single-token scoring only (no continuations).
 
     Raises:
         NonFiniteLogitsError: NaN or infinite logits; the message names the prompts.
@@ -336,22 +351,25 @@ def label_log_probs(
     edits = check_edits(model, edits)
     token_lists = _token_lists(prompts)
     ids = check_row_ids(row_ids, len(token_lists))
-    start = _suffix_start(prefix, token_lists, edits)
+    offset = _suffix_start(prefix, token_lists, edits)
     device = tl_backend.model_device(model)
     n_layers, n_classes = model.cfg.n_layers, len(label_ids)
     first = [int(ids[0]) for ids in label_ids]
     whole = whole_label and any(len(ids) > 1 for ids in label_ids)
     appended = [tuple(int(t) for t in ids) for ids in label_ids] if whole else [()]
     per_batch = max(1, batch_size // n_classes) if whole else batch_size
+    if start is not None and (whole or prefix is not None):
+        raise ValueError("label_log_probs(start=...) scores single-token labels without a shared prefix; give "
+                         "whole_label=False (or one-token labels) and no prefix, or no start.")
     scores: list[Tensor] = []
     kept_parts: dict[str, list[Tensor]] = {kind: [] for kind in keep}
     for begin in range(0, len(token_lists), per_batch):
         owners = range(begin, min(begin + per_batch, len(token_lists)))
         rows = [(i, label) for i in owners for label in appended]
-        suffixes = [token_lists[i][start:] + label for i, label in rows]
+        suffixes = [token_lists[i][offset:] + label for i, label in rows]
         tokens = right_pad(suffixes, pad_token_id).to(device)
         lengths = torch.tensor([len(s) for s in suffixes], device=device)
-        predictions = [len(token_lists[i]) - 1 - start for i, _ in rows]
+        predictions = [len(token_lists[i]) - 1 - offset for i, _ in rows]
         positions = torch.tensor(predictions, device=device)
         kept: dict[tuple[str, int], Tensor] = {}
 
@@ -365,7 +383,8 @@ def label_log_probs(
         hooks = [(act_name(kind, layer), keep_at_prediction(kind, layer)) for kind in keep for layer in range(n_layers)]
         owner_rows = torch.tensor([ids[i] for i, _ in rows])
         with torch.no_grad(), edits_on(model, edits, rows=owner_rows, prediction_positions=positions, lengths=lengths):
-            resid = final_residual(model, tokens, None if whole else positions, hooks=hooks, prefix=prefix)
+            begun = None if start is None else (start.layer, start.batch(begin // per_batch, begin, len(owners), per_batch))
+            resid = final_residual(model, tokens, None if whole else positions, hooks=hooks, prefix=prefix, start=begun)
         with torch.no_grad():
             if whole:
                 scores.append(_continuation_scores(model, resid, rows, predictions, dtype, first_index).view(len(owners), n_classes))

@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from icl_kernels.engine.label_scoring import check_finite, final_residual, unembed
+from icl_kernels.engine.layer_start import LayerStart
 from icl_kernels.models import backend as tl_backend
 from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError
 
@@ -79,7 +80,8 @@ def heldout_windows(tokenizer, n_tokens: int, n_windows: int) -> Int[Tensor, "ba
 
 
 def sequence_nll(
-    model, tokens: Int[Tensor, "batch pos"], *, chunk: int = 128, first_index: int = 0
+    model, tokens: Int[Tensor, "batch pos"], *, chunk: int = 128, first_index: int = 0,
+    start: LayerStart | None = None,
 ) -> Float[Tensor, " batch"]:
     """Mean next-token negative log-likelihood of each row (tokens 1..pos-1; no padding).
 
@@ -87,11 +89,13 @@ def sequence_nll(
     (row + ``first_index``).
 
     Logits are formed ``chunk`` positions at a time, so a 262k vocabulary never needs a full
-    ``pos x vocab`` matrix.
+    ``pos x vocab`` matrix. ``start``: `icl_kernels.engine.layer_start.layer_start` of these rows in one
+    batch; only the layers from its layer run.
     """
     tokens = tokens.to(tl_backend.model_device(model))
+    begun = None if start is None else (start.layer, start.batch(0, 0, tokens.shape[0], start.batch_size))
     with torch.no_grad():
-        resid = final_residual(model, tokens)
+        resid = final_residual(model, tokens, start=begun)
         total = torch.zeros(tokens.shape[0], dtype=torch.float64)
         n_pos = tokens.shape[1]
         for start in range(0, n_pos - 1, chunk):

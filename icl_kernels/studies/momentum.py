@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts, pad_id
 from icl_kernels.data.tasks.registry import get_task
 from icl_kernels.engine.label_scoring import label_log_probs
+from icl_kernels.engine.layer_start import layer_start, start_reason
 from icl_kernels.engine.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
 from icl_kernels.finetuning.momentum_attention import (
     check_eta,
@@ -86,6 +87,11 @@ class MomentumConfig(Options):
     ppl_windows: int = field(default=8, metadata={"help": "held-out windows (0: skip perplexity)"})
     batch_size: int = 4
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples for intervals"})
+    layer_reuse: bool = field(default=True, metadata={
+        "identity": False,  # the same numbers bit for bit, only faster: not in the fingerprint
+        "help": "run the layers below a cell's first momentum layer once per prompt set and perplexity window and "
+                "start every such cell there (icl_kernels.engine.layer_start; the same numbers bit for bit). Off, "
+                "or a model it cannot start mid-way (a TransformerBridge): every cell runs every layer"})
 
     def __post_init__(self) -> None:
         self.etas = tuple(check_eta(e) for e in self.etas)
@@ -248,6 +254,23 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
     done = prompt_rows.finished(unit_sizes) | ppl_rows.finished(unit_sizes)
     bar = tqdm(total=sum(sizes.values()), desc="momentum grid: prompts and perplexity windows", unit="item",
                disable=not progress, dynamic_ncols=True)
+    starts: dict[tuple, Any] = {}
+
+    def start_at(layers, kind: str, key):
+        """The residual entering the cell's first momentum layer, made once per prompt set or window."""
+        first = min(layers) if layers else 0
+        single = all(len(ids) == 1 for ids in builder.label_ids)
+        if not cfg.layer_reuse or start_reason(model, first) is not None or (kind == "icl" and not single):
+            return None
+        if (kind, key, first) not in starts:
+            if kind == "icl":
+                starts[(kind, key, first)] = layer_start(model, sets[key][0], first, batch_size=cfg.batch_size,
+                                                         pad_token_id=pad)
+            else:
+                starts[(kind, key, first)] = [layer_start(model, windows[i : i + 1].tolist(), first, batch_size=1)
+                                              for i in range(len(windows))]
+        return starts[(kind, key, first)]
+
     try:
         for cell, kind, key in units:
             unit_id = _unit_id(cell, kind, key)
@@ -257,10 +280,12 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
                 continue
             bar.set_postfix_str(unit_id)
             layers = layer_sets.get(cell.layers)
+            start = start_at(layers, kind, key) if cell.eta else None
             with momentum_attention(model, cell.eta, layers if cell.eta else None), _naming(unit_id, bar):
                 if kind == "icl":
                     prompts, gold = sets[key]
-                    scores = label_log_probs(model, prompts, builder.label_ids, batch_size=cfg.batch_size, pad_token_id=pad)
+                    scores = label_log_probs(model, prompts, builder.label_ids, batch_size=cfg.batch_size, pad_token_id=pad,
+                                             start=start)
                     pred = scores.argmax(-1).tolist()
                     prompt_rows.add([
                         dict(row_id=f"{unit_id}|{i}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
@@ -270,7 +295,9 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
                         for i in range(len(prompts))
                     ])
                 else:
-                    nll = torch.cat([sequence_nll(model, windows[i : i + 1], first_index=i) for i in range(len(windows))])
+                    nll = torch.cat([sequence_nll(model, windows[i : i + 1], first_index=i,
+                                                  start=None if start is None else start[i])
+                                     for i in range(len(windows))])
                     ppl_rows.add([
                         dict(row_id=f"{unit_id}|{w}", unit_id=unit_id, cell_id=cell.cell_id, eta=cell.eta,
                              layers=cell.layers, window=w, n_tokens=cfg.ppl_tokens, nll=float(nll[w]))

@@ -52,7 +52,8 @@ from icl_kernels.finetuning.finetune import (
 )
 from icl_kernels.models import backend as tl_backend
 
-__all__ = ["batch_reason", "RunWeights", "kv_per_row", "finetune_runs", "first_steps", "row_label_log_probs"]
+__all__ = ["batch_reason", "RunWeights", "kv_per_row", "length_buckets", "finetune_runs", "first_steps",
+           "row_label_log_probs"]
 
 
 def batch_reason(model: tl_backend.Model) -> str | None:
@@ -102,8 +103,8 @@ def kv_per_row(model: tl_backend.Model, weights: RunWeights, owners: Tensor | No
     weights (default: row ``b`` with run ``b``). Rows must be grouped by run, in run order, each run
     with the same number of rows (``owners = arange(R).repeat_interleave(m)``) or one row each.
 
-    Yields a dict whose ``"owners"`` entry may be replaced between forward passes. The hooks are gone
-    afterwards, also on error.
+    Yields a dict whose ``"owners"`` and ``"weights"`` entries may be replaced between forward passes
+    (the same parameters, other runs). The hooks are gone afterwards, also on error.
 
     Raises:
         ValueError: `batch_reason` gives a reason, or the owners are not grouped as above.
@@ -111,13 +112,12 @@ def kv_per_row(model: tl_backend.Model, weights: RunWeights, owners: Tensor | No
     reason = batch_reason(model)
     if reason is not None:
         raise ValueError(f"Cannot give each batch row its own key/value weights: {reason}.")
-    state = {"owners": owners}
-    by_site: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for name, tensor in weights.tensors.items():
+    state = {"owners": owners, "weights": weights}
+    names_at: dict[tuple[int, str], dict[str, str]] = {}  # (layer, "k"/"v") -> {"W"/"b": parameter name}
+    for name in weights.tensors:
         layer, kind, part = _site(name)
-        by_site.setdefault((layer, kind), {})[part] = tensor
+        names_at.setdefault((layer, kind), {})[part] = name
     inputs: dict[int, dict[str, Tensor]] = {}
-    n_runs = weights.n_runs
 
     def keep_inputs(layer: int):
         def pre_hook(module, args, kwargs):
@@ -128,9 +128,11 @@ def kv_per_row(model: tl_backend.Model, weights: RunWeights, owners: Tensor | No
 
     def project(layer: int, kind: str):
         attn = model.blocks[layer].attn
-        own = by_site[(layer, kind)]
 
         def hook(out: Tensor, hook) -> Tensor:
+            current: RunWeights = state["weights"]
+            own = {part: current.tensors[name] for part, name in names_at[(layer, kind)].items()}
+            n_runs = current.n_runs
             x = inputs[layer][kind]  # [batch pos d_model]
             batch, pos, d_model = x.shape
             per_run = _rows_per_run(state["owners"], batch, n_runs)
@@ -149,7 +151,7 @@ def kv_per_row(model: tl_backend.Model, weights: RunWeights, owners: Tensor | No
 
     handles = [model.blocks[layer].attn.register_forward_pre_hook(keep_inputs(layer), with_kwargs=True)
                for layer in range(model.cfg.n_layers)]
-    hooks = [(act_name(kind, layer), project(layer, kind)) for (layer, kind) in by_site]
+    hooks = [(act_name(kind, layer), project(layer, kind)) for (layer, kind) in sorted(names_at)]
     try:
         with hooks_on(model, hooks):
             yield state
@@ -179,6 +181,40 @@ def _row_losses(model: tl_backend.Model, w_u_t: Tensor, residual: Tensor, tokens
     logits = unembed(model, real, w_u_t=w_u_t).float().split(sizes)
     return torch.stack([torch.nn.functional.cross_entropy(row, tokens[r, 1:n + 1], reduction="mean")
                         for r, (row, n) in enumerate(zip(logits, sizes))])
+
+
+def length_buckets(lengths: Sequence[int], waste: float = 1.25) -> list[list[int]]:
+    """Indices of ``lengths`` in groups of similar length, shortest first: a group grows while its
+    padded size (longest x count) stays within ``waste`` times its real tokens, so right padding
+    costs at most a quarter more work.
+
+    >>> length_buckets([30, 10, 12, 29, 11])
+    [[1, 4, 2], [3, 0]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets:
+            group = buckets[-1] + [i]
+            if lengths[i] * len(group) <= waste * sum(lengths[j] for j in group):
+                buckets[-1] = group
+                continue
+        buckets.append([i])
+    return buckets
+
+
+def _training_queries(model: tl_backend.Model, q_kind: str, seen: dict[int, Tensor], row: int, length: int) -> Tensor:
+    """``[layer n_tokens head_index d_head]``: the queries of tokens 1.. of batch row ``row`` (``length``
+    real tokens) at every layer, in the position-free frame, as `finetune` records them."""
+    positions = torch.arange(1, length, device=seen[0].device)
+    per_layer = []
+    for layer in range(model.cfg.n_layers):
+        spec = attention_spec(model, layer)
+        q = seen[layer][row:row + 1, :length]
+        if q_kind == "q":
+            q = apply_rotary(q, spec)
+        per_layer.append(rotate_by(q[0, 1:], spec, -positions))
+    return torch.stack(per_layer).cpu()
 
 
 def training_row_bytes(model: tl_backend.Model, width: int) -> int:
@@ -303,7 +339,7 @@ def _train(
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        with kv_per_row(model, weights), hooks_on(model, q_hooks):
+        with kv_per_row(model, weights) as state, hooks_on(model, q_hooks):
             for index in range(len(runs[0])):
                 if index == 0 and firsts[0] is not None:  # the shared first pass of every run
                     step({name: torch.stack([f.grads[name] for f in firsts]).to(t) for name, t in weights.tensors.items()})
@@ -313,35 +349,35 @@ def _train(
                             queries[r].append(first.queries)
                     continue
                 seqs = [list(run[index]) for run in runs]
-                tokens = right_pad(seqs, 0).to(device)
-                lengths = torch.tensor([len(s) for s in seqs], device=device)
-                with torch.enable_grad():
-                    row_loss = _row_losses(model, w_u_t, final_residual(model, tokens), tokens, lengths)
-                    backward = any(x > 0 for x in rates) or (capture is not None and index == 0)
-                    if backward:
-                        grads = torch.autograd.grad(row_loss.sum(), list(weights.tensors.values()))
-                        grads = dict(zip(weights.tensors, grads))
+                backward = any(x > 0 for x in rates) or (capture is not None and index == 0)
+                grads = {name: torch.zeros_like(t) for name, t in weights.tensors.items()} if backward else {}
+                row_loss = torch.zeros(n_runs)
+                for bucket in length_buckets([len(seq) for seq in seqs]):
+                    rows = torch.tensor(bucket, device=device)
+                    tokens = right_pad([seqs[r] for r in bucket], 0).to(device)
+                    lengths = torch.tensor([len(seqs[r]) for r in bucket], device=device)
+                    with torch.enable_grad():
+                        part = RunWeights({name: t[rows] for name, t in weights.tensors.items()})
+                        state["weights"] = part
+                        loss = _row_losses(model, w_u_t, final_residual(model, tokens), tokens, lengths)
+                        if backward:
+                            for name, g in zip(part.tensors, torch.autograd.grad(loss.sum(), list(part.tensors.values()))):
+                                grads[name][rows] += g
+                    row_loss[rows.cpu()] = loss.detach().float().cpu()
+                    if record_queries:
+                        for j, r in enumerate(bucket):
+                            queries[r].append(_training_queries(model, q_kind, seen, j, len(seqs[r])))
+                    seen.clear()
+                state["weights"] = weights
                 if capture is not None and index == 0:
                     for r in range(n_runs):
                         capture[r].update(grads={name: g[r].detach().clone() for name, g in grads.items()},
-                                          loss=float(row_loss[r].detach()))
+                                          loss=float(row_loss[r]),
+                                          queries=queries[r][-1] if record_queries else None)
                 if any(x > 0 for x in rates):
                     step(grads)
                 for r in range(n_runs):
-                    losses[r].append(float(row_loss[r].detach()))
-                if record_queries:
-                    for r, seq in enumerate(seqs):
-                        positions = torch.arange(1, len(seq), device=device)
-                        per_layer = []
-                        for layer in range(model.cfg.n_layers):
-                            spec = attention_spec(model, layer)
-                            q = seen[layer][r:r + 1, :len(seq)]
-                            if q_kind == "q":
-                                q = apply_rotary(q, spec)
-                            per_layer.append(rotate_by(q[0, 1:], spec, -positions))
-                        queries[r].append(torch.stack(per_layer).cpu())
-                        if capture is not None and index == 0:
-                            capture[r]["queries"] = queries[r][-1]
+                    losses[r].append(float(row_loss[r]))
                 seen.clear()
     finally:
         seen.clear()
@@ -381,10 +417,12 @@ def row_label_log_probs(
     per_model = max(1, batch_size // n_models)
     weights = RunWeights.stacked(model, [result.state for result in results])
     w_u_t = model.unembed.W_U.detach().T.contiguous()
+    # prompts in order of length (the longest of each index over the models), so a batch pads little
+    order = sorted(range(n_prompts), key=lambda i: max(len(row[i]) for row in lists))
     out: list[list[Tensor]] = [[] for _ in results]
     for begin in range(0, n_prompts, per_model):
         end = min(begin + per_model, n_prompts)
-        take = [lists[m][i] for m in range(n_models) for i in range(begin, end)]
+        take = [lists[m][i] for m in range(n_models) for i in order[begin:end]]
         tokens = right_pad(take, 0).to(device)
         positions = torch.tensor([len(t) - 1 for t in take], device=device)
         with torch.no_grad(), kv_per_row(model, weights, torch.arange(n_models).repeat_interleave(end - begin)):
@@ -392,4 +430,5 @@ def row_label_log_probs(
             scores = label_scores(model, resid, token_ids, dtype=dtype, first_index=begin, w_u_t=w_u_t)
         for m in range(n_models):
             out[m].append(scores[m * (end - begin):(m + 1) * (end - begin)])
-    return [torch.cat(parts) for parts in out]
+    back = torch.argsort(torch.tensor(order))
+    return [torch.cat(parts)[back] for parts in out]

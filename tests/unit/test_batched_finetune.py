@@ -22,6 +22,7 @@ from icl_kernels.finetuning.batched_finetune import (
     finetune_runs,
     first_steps,
     kv_per_row,
+    length_buckets,
     row_label_log_probs,
 )
 from icl_kernels.finetuning.dai_metrics import ComparisonSettings, compare_icl_with_finetuning
@@ -55,6 +56,7 @@ def test_batched_runs_equal_one_at_a_time(arch):
     at its own learning rate, with and without the shared first step; the model is left unchanged."""
     model = _model(arch)
     runs, rates = _runs(), [0.05, 0.0, 0.3]
+    assert len(length_buckets([len(run[2]) for run in runs])) > 1  # a step runs in groups of similar length
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     alone = [finetune(model, run, lr, record_queries=True) for run, lr in zip(runs, rates)]
     for firsts in (None, first_steps(model, runs)):

@@ -14,10 +14,11 @@ tokens/s, and the study's tokens/s relative to a plain batched forward of its ow
 the share of a study's time that is model compute.
 
 Before and after, in the same run: a study with a speed option (`SPEED_OPTIONS`: compare's
-``prefix_reuse`` and ``shared_work``; causal's and families' ``prefix_reuse``) runs twice, first
-with every such option off (``compare[full]``: every ICL prompt in full, every finetuning run and
-bootstrap resample on its own; ``causal[full]`` / ``families[full]``: every ablation and patch
-condition in full: the paths before issue 26) and then on. Reuse feeds fewer tokens to the model for the same
+``prefix_reuse``, ``shared_work`` and ``batched_finetuning``; causal's and families' ``prefix_reuse``;
+momentum's ``layer_reuse``) runs twice, first with every such option off (``compare[full]``: every ICL
+prompt in full, every finetuning run and bootstrap resample on its own; ``causal[full]`` /
+``families[full]``: every ablation and patch condition in full; ``momentum[full]``: every cell through
+every layer: the paths before issue 26) and then on. Reuse feeds fewer tokens to the model for the same
 work, so both rows count the tokens of the full-recompute run (work done per second, comparable
 across the two), and the last column is the wall-time speed-up.
 """
@@ -34,18 +35,20 @@ from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.studies import get_study
 
 #: Options that change only how fast a study runs, not its numbers: off in the "before" row.
-SPEED_OPTIONS = ("prefix_reuse", "shared_work", "batched_finetuning")
+SPEED_OPTIONS = ("prefix_reuse", "shared_work", "batched_finetuning", "layer_reuse")
 
 
-def _configs(model: str, task: str, scale: int) -> dict[str, dict]:
-    """Small configurations of every text-task study (the theorem study needs the synthetic world)."""
+def _configs(model: str, task: str, scale: int, n_layers: int) -> dict[str, dict]:
+    """Small configurations of every text-task study (the theorem study needs the synthetic world);
+    momentum on every layer and on the second half (which starts mid-way with ``layer_reuse``)."""
     base = dict(model=model, task=task)
     seeded = dict(base, seed=0)
     return {
         "eval": dict(seeded, shots=8, n_test=10 * scale),
         "heads": dict(seeded, shots=8, n_test=10 * scale, similarity=False, kr_minilm=False),
         "compare": dict(seeded, shots=4, n_test=4 * scale, episodes=1, n_dev=4, lrs=(0.01,), untrained=False),
-        "momentum": dict(base, etas=(0.1,), shots=(4,), seeds=(0,), n_test=4 * scale, ppl_tokens=128, ppl_windows=2),
+        "momentum": dict(base, etas=(0.1,), layer_sets=("all", f"{n_layers // 2}-{n_layers - 1}"), shots=(4,), seeds=(0,),
+                         n_test=4 * scale, ppl_tokens=128, ppl_windows=2),
         # causal and families with their default 20 random head sets: the conditions users run
         "causal": dict(seeded, shots=4, n_test=10 * scale, k=2, bootstrap=100, layer_sweep=False),
         "families": dict(seeded, shots=4, n_test=6 * scale, k=2, bootstrap=100, induction_sequences=2,
@@ -85,7 +88,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
-    configs = _configs(args.model, args.task, args.scale)
+    configs = _configs(args.model, args.task, args.scale, model.cfg.n_layers)
 
     # the plain forward: the eval study's 8-shot prompts, batches of 4, no hooks, no logits
     prompts = study_prompts(model, PromptOptions(task=args.task, shots=8, n_test=8, seed=0)).icl

@@ -32,7 +32,7 @@ import io
 import math
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,12 +42,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from icl_kernels.data.prompts import PromptBuilder, RandomSelector, make_prompts, pad_id
 from icl_kernels.data.tasks.registry import get_task
+from icl_kernels.engine.hooks import act_name, hooks_on
 from icl_kernels.engine.label_scoring import label_log_probs
-from icl_kernels.engine.layer_start import layer_start, start_reason
+from icl_kernels.engine.layer_start import LayerStart, layer_start, start_reason
 from icl_kernels.engine.perplexity import PPL_CORPUS, heldout_windows, sequence_nll
 from icl_kernels.finetuning.momentum_attention import (
     check_eta,
@@ -255,12 +257,15 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
     bar = tqdm(total=sum(sizes.values()), desc="momentum grid: prompts and perplexity windows", unit="item",
                disable=not progress, dynamic_ncols=True)
     starts: dict[tuple, Any] = {}
+    single = all(len(ids) == 1 for ids in builder.label_ids)
+    firsts = sorted({min(layer_sets[c.layers]) for c in cells if c.eta} if cfg.layer_reuse else set())
+    firsts = [layer for layer in firsts if start_reason(model, layer) is None]
 
     def start_at(layers, kind: str, key):
-        """The residual entering the cell's first momentum layer, made once per prompt set or window."""
-        first = min(layers) if layers else 0
-        single = all(len(ids) == 1 for ids in builder.label_ids)
-        if not cfg.layer_reuse or start_reason(model, first) is not None or (kind == "icl" and not single):
+        """The residual entering the cell's first momentum layer: kept from the baseline's pass, else
+        made once per prompt set or window (a resumed run whose baseline was done before)."""
+        first = min(layers)
+        if first not in firsts or (kind == "icl" and not single):
             return None
         if (kind, key, first) not in starts:
             if kind == "icl":
@@ -270,6 +275,24 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
                 starts[(kind, key, first)] = [layer_start(model, windows[i : i + 1].tolist(), first, batch_size=1)
                                               for i in range(len(windows))]
         return starts[(kind, key, first)]
+
+    @contextmanager
+    def keeping_starts(kind: str, key):
+        """Around the baseline's unit: keep each batch's residual entering every first momentum layer (the
+        baseline runs every layer unedited, in the batches the cells use)."""
+        if kind == "icl" and not single:
+            yield
+            return
+        kept: dict[int, list[Tensor]] = {layer: [] for layer in firsts}
+        hooks = [(act_name("resid_pre", layer), lambda t, hook, layer=layer: kept[layer].append(t.detach()))
+                 for layer in firsts]
+        with hooks_on(model, hooks):
+            yield
+        for layer, batches in kept.items():
+            if kind == "icl":
+                starts[(kind, key, layer)] = LayerStart(layer, cfg.batch_size, len(sets[key][0]), tuple(batches))
+            else:
+                starts[(kind, key, layer)] = [LayerStart(layer, 1, 1, (b,)) for b in batches]
 
     try:
         for cell, kind, key in units:
@@ -281,7 +304,8 @@ def _measure_cells(cfg: MomentumConfig, model, builder, sets: dict, windows, lay
             bar.set_postfix_str(unit_id)
             layers = layer_sets.get(cell.layers)
             start = start_at(layers, kind, key) if cell.eta else None
-            with momentum_attention(model, cell.eta, layers if cell.eta else None), _naming(unit_id, bar):
+            keep = keeping_starts(kind, key) if not cell.eta else nullcontext()
+            with momentum_attention(model, cell.eta, layers if cell.eta else None), _naming(unit_id, bar), keep:
                 if kind == "icl":
                     prompts, gold = sets[key]
                     scores = label_log_probs(model, prompts, builder.label_ids, batch_size=cfg.batch_size, pad_token_id=pad,

@@ -15,7 +15,7 @@ from icl_kernels.engine.label_scoring import label_log_probs
 from icl_kernels.engine.layer_start import layer_start, start_reason
 from icl_kernels.engine.perplexity import sequence_nll
 from icl_kernels.finetuning.momentum_attention import momentum_attention
-from icl_kernels.studies import get_study
+from icl_kernels.studies import get_study, momentum
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 hooked_only = pytest.mark.tl3_only(reason="a run from a residual uses HookedTransformer's start_at_layer; a "
@@ -83,12 +83,16 @@ def test_a_bridge_runs_every_layer():
 
 
 @hooked_only
-def test_momentum_study_numbers_are_the_same_with_and_without_layer_reuse():
-    """Every table and summary number of a momentum grid whose layer subsets start above layer 0."""
+def test_momentum_study_numbers_are_the_same_with_and_without_layer_reuse(monkeypatch):
+    """Every table and summary number of a momentum grid whose layer subsets start above layer 0; the
+    starts are kept from the baseline's own pass (no extra partial pass)."""
+    made = []
+    monkeypatch.setattr(momentum, "layer_start", lambda *a, **k: made.append(a) or layer_start(*a, **k))
     study = get_study("momentum")
     options = dict(model="tiny-gpt-neo", device="cpu", etas=(0.3, 0.6), layer_sets=("1", "2-3", "all"), shots=(2,),
                    n_test=5, ppl_tokens=16, ppl_windows=2, n_boot=20, batch_size=2)
     runs = [study(dict(options, layer_reuse=reuse), progress=False) for reuse in (False, True)]
+    assert made == []
     assert runs[0].summary == runs[1].summary
     for name in ("grid", "prompts", "perplexity"):
         assert runs[0].tables[name].to_csv(index=False) == runs[1].tables[name].to_csv(index=False)

@@ -149,10 +149,11 @@ def kv_per_row(model: tl_backend.Model, weights: RunWeights, owners: Tensor | No
 
         return hook
 
-    handles = [model.blocks[layer].attn.register_forward_pre_hook(keep_inputs(layer), with_kwargs=True)
-               for layer in range(model.cfg.n_layers)]
     hooks = [(act_name(kind, layer), project(layer, kind)) for (layer, kind) in sorted(names_at)]
+    handles = []
     try:
+        handles += [model.blocks[layer].attn.register_forward_pre_hook(keep_inputs(layer), with_kwargs=True)
+                    for layer in range(model.cfg.n_layers)]
         with hooks_on(model, hooks):
             yield state
     finally:
@@ -162,6 +163,8 @@ def kv_per_row(model: tl_backend.Model, weights: RunWeights, owners: Tensor | No
 
 
 def _rows_per_run(owners: Tensor | None, batch: int, n_runs: int) -> int:
+    if owners is None and batch != n_runs:
+        raise ValueError(f"A batch of {batch} rows for {n_runs} runs: give owners (each run's rows) or one row per run.")
     if batch % n_runs:
         raise ValueError(f"A batch of {batch} rows cannot be split evenly over {n_runs} runs.")
     per_run = batch // n_runs
@@ -175,7 +178,7 @@ def _rows_per_run(owners: Tensor | None, batch: int, n_runs: int) -> int:
 def _row_losses(model: tl_backend.Model, w_u_t: Tensor, residual: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
     """Each row's mean LM loss over its own tokens: ``finetune``'s loss (in float32, as there) on each row,
     from the final residual; only the real (unpadded) positions are unembedded, by ``w_u_t`` (``W_U``
-    transposed and contiguous, made once per batch of runs: the layout the products run fastest in)."""
+    transposed and contiguous, made once per call of `finetune_runs`: the layout the products run fastest in)."""
     sizes = [n - 1 for n in lengths.tolist()]
     real = torch.cat([residual[r, :n] for r, n in enumerate(sizes)])
     logits = unembed(model, real, w_u_t=w_u_t).float().split(sizes)
@@ -258,9 +261,11 @@ def finetune_runs(
     width = max(len(seq) for run in runs for seq in run)
     size = max(1, (memory_budget(model) if budget is None else int(budget)) // training_row_bytes(model, width))
     out: list[FinetuneResult] = []
+    w_u_t = model.unembed.W_U.detach().T.contiguous()  # once for every batch (a copy of the whole unembedding)
     for begin in range(0, len(runs), size):
         chunk = slice(begin, begin + size)
-        out += _train(model, runs[chunk], rates[chunk], record_queries=record_queries, firsts=firsts[chunk])
+        out += _train(model, runs[chunk], rates[chunk], record_queries=record_queries, firsts=firsts[chunk],
+                      w_u_t=w_u_t)
     return out
 
 
@@ -272,11 +277,12 @@ def first_steps(model: tl_backend.Model, runs: Sequence[Sequence[Sequence[int]]]
     width = max(len(run[0]) for run in runs)
     size = max(1, (memory_budget(model) if budget is None else int(budget)) // training_row_bytes(model, width))
     out: list[FirstStep] = []
+    w_u_t = model.unembed.W_U.detach().T.contiguous()
     for begin in range(0, len(runs), size):
         chunk = runs[begin:begin + size]
         captured: list[dict] = [{} for _ in chunk]
         _train(model, [run[:1] for run in chunk], [0.0] * len(chunk), record_queries=True,
-               firsts=[None] * len(chunk), capture=captured)
+               firsts=[None] * len(chunk), capture=captured, w_u_t=w_u_t)
         out += [FirstStep(tuple(tuple(int(t) for t in seq) for seq in run), c["grads"], c["loss"], c["queries"])
                 for run, c in zip(chunk, captured)]
     return out
@@ -299,10 +305,12 @@ def _train(
     *,
     record_queries: bool,
     firsts: Sequence[FirstStep | None],
+    w_u_t: Tensor,
     capture: list[dict] | None = None,
 ) -> list[FinetuneResult]:
-    """One batch of runs trained together; with ``capture`` each run's gradients, loss and queries
-    of its first pass are stored there (at rate 0 the backward pass runs for them only)."""
+    """One batch of runs trained together (``w_u_t``: ``W_U`` transposed and contiguous); with ``capture``
+    each run's gradients, loss and queries of its first pass are stored there (at rate 0 the backward
+    pass runs for them only)."""
     reason = batch_reason(model)
     if reason is not None:
         raise ValueError(f"These finetuning runs cannot be batched: {reason}; use finetune on each.")
@@ -334,7 +342,6 @@ def _train(
                 shape = (n_runs,) + (1,) * (tensor.ndim - 1)
                 tensor.sub_(rate.view(shape) * grads[name])
 
-    w_u_t = model.unembed.W_U.detach().T.contiguous()
     q_hooks = [(act_name(q_kind, layer), keep_q(layer)) for layer in range(model.cfg.n_layers)] if record_queries else []
     try:
         for p in model.parameters():

@@ -113,6 +113,9 @@ def test_kv_per_row_refuses_rows_out_of_run_order_and_cleans_up():
     with pytest.raises(ValueError, match="grouped by run"):
         with kv_per_row(model, weights, torch.tensor([0, 1, 0, 1])):
             model(tokens)
+    with pytest.raises(ValueError, match="give owners"):
+        with kv_per_row(model, weights):  # 4 rows for 2 runs and no owners
+            model(tokens)
     assert active_hook_count(model) == 0
     assert all(not m._forward_pre_hooks for m in model.modules())
     with kv_per_row(model, weights, torch.tensor([0, 0, 1, 1])):

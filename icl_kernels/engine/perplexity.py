@@ -98,11 +98,11 @@ def sequence_nll(
         resid = final_residual(model, tokens, start=begun)
         total = torch.zeros(tokens.shape[0], dtype=torch.float64)
         n_pos = tokens.shape[1]
-        for start in range(0, n_pos - 1, chunk):
-            stop = min(n_pos - 1, start + chunk)
-            logits = unembed(model, resid[:, start:stop]).float()
+        for begin in range(0, n_pos - 1, chunk):
+            stop = min(n_pos - 1, begin + chunk)
+            logits = unembed(model, resid[:, begin:stop]).float()
             check_finite(logits, first_index=first_index, what="perplexity window", model=model)
             logp = logits.log_softmax(-1)
-            target = tokens[:, start + 1 : stop + 1]
+            target = tokens[:, begin + 1 : stop + 1]
             total -= logp.gather(-1, target[..., None])[..., 0].sum(-1).double().cpu()
     return (total / (n_pos - 1)).float()

@@ -15,12 +15,13 @@ the share of a study's time that is model compute.
 
 Before and after, in the same run: a study with a speed option (`SPEED_OPTIONS`: compare's
 ``prefix_reuse``, ``shared_work`` and ``batched_finetuning``; causal's and families' ``prefix_reuse``;
-momentum's ``layer_reuse``) runs twice, first with every such option off (``compare[full]``: every ICL
-prompt in full, every finetuning run and bootstrap resample on its own; ``causal[full]`` /
-``families[full]``: every ablation and patch condition in full; ``momentum[full]``: every cell through
-every layer: the paths before issue 26) and then on. Reuse feeds fewer tokens to the model for the same
-work, so both rows count the tokens of the full-recompute run (work done per second, comparable
-across the two), and the last column is the wall-time speed-up.
+families' ``joining_rows``; momentum's ``layer_reuse``) runs twice, first with every such option off
+(``compare[full]``: every ICL prompt in full, every finetuning run and bootstrap resample on its own;
+``causal[full]`` / ``families[full]``: every ablation and patch condition in full, every
+indirect-effect row through every layer; ``momentum[full]``: every cell through every layer: the paths
+before issue 26) and then on. Reuse feeds fewer tokens to the model for the same work, so both rows
+count the tokens of the full-recompute run (work done per second, comparable across the two), and the
+last column is the wall-time speed-up.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.studies import get_study
 
 #: Options that change only how fast a study runs, not its numbers: off in the "before" row.
-SPEED_OPTIONS = ("prefix_reuse", "shared_work", "batched_finetuning", "layer_reuse")
+SPEED_OPTIONS = ("prefix_reuse", "shared_work", "batched_finetuning", "layer_reuse", "joining_rows")
 
 
 def _configs(model: str, task: str, scale: int, n_layers: int) -> dict[str, dict]:

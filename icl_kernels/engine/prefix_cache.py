@@ -70,6 +70,7 @@ __all__ = [
     "reuse_reason",
     "encode_prefix",
     "prefix_forward",
+    "batch_state",
     "shared_capture",
     "right_pad",
 ]
@@ -153,8 +154,9 @@ def encode_prefix(model: tl_backend.Model, prefix_tokens: Sequence[int], fwd_hoo
     return SharedPrefix(tuple(int(t) for t in prefix_tokens), tl_backend.backend_of(model), state)
 
 
-def _batch_state(prefix: SharedPrefix, batch: int):
-    """A per-call copy of the prefix state for ``batch`` rows (the stored one is never changed)."""
+def batch_state(prefix: SharedPrefix, batch: int):
+    """A per-call copy of the prefix state for ``batch`` rows (the stored one is never changed): views
+    expanded to the batch on a HookedTransformer, a repeated deep copy on a bridge."""
     if prefix.backend == "bridge":
         state = copy.deepcopy(prefix.state)
         if batch > 1:
@@ -189,7 +191,7 @@ def prefix_forward(
     device = tl_backend.model_device(model)
     suffix_tokens = suffix_tokens.to(device)
     batch, width = suffix_tokens.shape
-    state = _batch_state(prefix, batch)
+    state = batch_state(prefix, batch)
     with torch.no_grad():
         if prefix.backend == "bridge":
             run_until(model, suffix_tokens, fwd_hooks, stop, past_key_values=state, use_cache=True)

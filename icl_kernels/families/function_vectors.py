@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from icl_kernels.data.prompts import pad_id
 from icl_kernels.engine.condition_runs import score_conditions
 from icl_kernels.engine.head_writes import mean_head_writes
+from icl_kernels.engine.joining_rows import head_patch_log_probs, joining_reason
 from icl_kernels.engine.label_scoring import label_log_probs, score_dtype
 from icl_kernels.engine.patching import (
     Edit,
@@ -168,6 +169,7 @@ def prompt_indirect_effects(
     batch_size: int = 4,
     reuse_prefix: bool = True,
     head_batch: int = 32,
+    join_rows: bool = True,
     progress: bool = False,
 ) -> Float[Tensor, "prompt layer head_index"]:
     """Causal indirect effect of each head on each of the ``corrupted`` prompts:
@@ -183,6 +185,11 @@ def prompt_indirect_effects(
     per-head full forward to ~1e-14 relative in float64 (``tests/unit/test_families.py``; ~5e-5 on a
     bridge's GPT-Neo / GPT-J, whose Hugging Face attention takes q.k in float32); where prefix reuse
     cannot be exact (`icl_kernels.engine.prefix_cache.reuse_reason`) every head runs in full.
+
+    With ``join_rows`` (the default, on a HookedTransformer: `icl_kernels.engine.joining_rows`) the
+    unpatched last token runs once and a head's patched row joins the batch at the head's layer,
+    from the unpatched residual there: a head at layer ``L`` costs ``n_layers - L`` layers, not all
+    of them (equal to the batch of whole rows to ~1e-15 in float64, ``tests/unit/test_joining_rows.py``).
     Effects are in the scores' dtype (`icl_kernels.engine.label_scoring.score_dtype`).
     """
     if not corrupted:
@@ -193,7 +200,10 @@ def prompt_indirect_effects(
         if head_batch < 1:
             raise ValueError(f"head_batch must be >= 1, not {head_batch}.")
         first = [ids[0] for ids in label_ids]
-        rows = [_prompt_indirect_effects(model, prompt, index, first[prompt.query_label], means, heads, head_batch)
+        # W_U transposed once for every prompt's unembedding (label_scoring.unembed)
+        w_u_t = model.unembed.W_U.detach().T.contiguous() if join_rows and joining_reason(model) is None else None
+        rows = [_prompt_indirect_effects(model, prompt, index, first[prompt.query_label], means, heads, head_batch,
+                                         w_u_t)
                 for index, prompt in enumerate(tqdm(corrupted, desc="indirect effects: corrupted prompts",
                                                     unit="prompt", disable=not progress))]
         return torch.stack(rows).view(len(corrupted), n_layers, n_heads)
@@ -217,12 +227,14 @@ def indirect_effects(
     batch_size: int = 4,
     reuse_prefix: bool = True,
     head_batch: int = 32,
+    join_rows: bool = True,
     progress: bool = False,
 ) -> Float[Tensor, "layer head_index"]:
     """Average causal indirect effect (AIE) of each head: the mean over ``corrupted`` prompts of
     `prompt_indirect_effects`."""
     return prompt_indirect_effects(model, corrupted, label_ids, means, batch_size=batch_size,
-                                   reuse_prefix=reuse_prefix, head_batch=head_batch, progress=progress).mean(0)
+                                   reuse_prefix=reuse_prefix, head_batch=head_batch, join_rows=join_rows,
+                                   progress=progress).mean(0)
 
 
 def _row_mean_patches(row_heads: Sequence[Head | None], means: Tensor) -> list[Edit]:
@@ -248,10 +260,21 @@ def _row_mean_patches(row_heads: Sequence[Head | None], means: Tensor) -> list[E
 
 
 def _prompt_indirect_effects(model, prompt, index: int, gold_token: int, means: Tensor, heads: list[Head],
-                             head_batch: int) -> Float[Tensor, " n_heads_total"]:
+                             head_batch: int, w_u_t: Tensor | None) -> Float[Tensor, " n_heads_total"]:
     """P(gold | one head patched) - P(gold) for every head on one prompt (``corrupted[index]``),
-    prefix run once."""
+    prefix run once; with ``w_u_t`` (`icl_kernels.engine.joining_rows`) each patched row joins the
+    batch at its head's layer, else every row runs every layer."""
     prefix = encode_prefix(model, prompt.tokens[:-1])
+    if w_u_t is not None:
+        try:
+            base, patched = head_patch_log_probs(model, prefix, prompt.tokens[-1:], heads, means, [gold_token],
+                                                 max_rows=head_batch, w_u_t=w_u_t)
+        except NonFiniteLogitsError as error:
+            raise NonFiniteLogitsError(
+                f"indirect effects of corrupted prompt {index} (the 'prompts' below are its rows: row 0 unpatched, "
+                f"row 1 + layer * {model.cfg.n_heads} + head with that head patched): {error}"
+            ) from None
+        return patched[:, 0].exp() - base[0].exp()
     effects = []
     for start in range(0, len(heads), head_batch):
         row_heads: list[Head | None] = [None, *heads[start:start + head_batch]]
@@ -496,6 +519,7 @@ def function_vector_heads(
     batch_size: int = 4,
     reuse_prefix: bool = True,
     head_batch: int = 32,
+    join_rows: bool = True,
     progress: bool = False,
 ) -> FunctionVectorHeads:
     """Todd et al.'s extraction on clean ICL prompts: keep the prompts the model answers correctly
@@ -514,7 +538,8 @@ def function_vector_heads(
     writes = mean_head_writes(model, kept, batch_size=batch_size)
     corrupted = shuffled_label_prompts(kept, seed)
     effects = prompt_indirect_effects(model, corrupted, label_ids, z_means, batch_size=batch_size,
-                                      reuse_prefix=reuse_prefix, head_batch=head_batch, progress=progress)
+                                      reuse_prefix=reuse_prefix, head_batch=head_batch, join_rows=join_rows,
+                                      progress=progress)
     return FunctionVectorHeads(correct, z_means, writes, effects, label_stay_fraction(kept, corrupted), scoring)
 
 

@@ -157,6 +157,10 @@ class FamiliesConfig(Options):
         "identity": False,  # how fast, not a number: not in the fingerprint
         "help": "run each report prompt's context once and its ablation / patch conditions on its last "
                 "token (exact); off: every condition in full (the function vectors' indirect effects always reuse)"})
+    joining_rows: bool = field(default=True, metadata={
+        "identity": False,  # how fast, not a number: not in the fingerprint
+        "help": "function vectors' indirect effects: a head's patched row joins the batch at its layer, from the "
+                "unpatched run below it (icl_kernels.engine.joining_rows; exact); off: every patched row runs every layer"})
     batch_size: int = 4
 
     def __post_init__(self) -> None:

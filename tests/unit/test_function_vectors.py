@@ -76,15 +76,18 @@ def _toy_prompts(tok, shots: int, n: int, only_label: int | None = None):
 @pytest.mark.parametrize("arch", ["gpt-neo", "gemma-3"])
 def test_planted_head_is_recovered_alone_and_its_vector_is_its_mean_write(arch, backend):
     """peers.md 5(b): with W_O zero for every other head, only the planted head has a nonzero CIE on
-    any prompt, so it ranks first by |AIE|; its function vector is its mean actual write."""
-    model = _planted_model(arch, backend)
+    any prompt, so it ranks first by |AIE|; its function vector is its mean actual write. In float64:
+    the unpatched row and the patched rows run in batches of other sizes (rows join at their head's
+    layer), so "no effect" is rounding, 1e-6 of the planted head's largest effect at most."""
+    model = _planted_model(arch, backend, torch.float64)
     builder, icl, _ = _toy_prompts(model.tokenizer, shots=4, n=12)
     heads = function_vector_heads(model, icl, builder.label_ids, scoring="label-words", seed=0)
     kept = [p for p, ok in zip(icl, heads.correct.tolist()) if ok]
     assert 2 <= len(kept) < len(icl)  # the filter kept the correctly answered prompts only
     others = heads.effects.clone()
     others[:, PLANTED[0], PLANTED[1]] = 0
-    assert others.abs().max() == 0 and heads.effects[:, PLANTED[0], PLANTED[1]].abs().max() > 0
+    planted = heads.effects[:, PLANTED[0], PLANTED[1]].abs().max()
+    assert planted > 0 and others.abs().max() <= 1e-6 * planted
     assert top_heads(heads.aie.abs(), 1) == [PLANTED]
     fv = function_vector(heads.write_means, [PLANTED])
     writes = [head_writes(model, torch.tensor([p.tokens]), torch.tensor([len(p) - 1])).heads[0, PLANTED[0], PLANTED[1]]

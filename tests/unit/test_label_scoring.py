@@ -172,6 +172,8 @@ def test_nan_logits_stop_the_family_paths(nan_model):
     calls = {
         "task vectors": lambda: run_with_residual(nan_model, zsl, labels, 1, torch.zeros(nan_model.cfg.d_model)),
         "function vectors, prefix reused": lambda: indirect_effects(nan_model, icl, labels, means),
+        "function vectors, prefix reused, whole rows": lambda: indirect_effects(nan_model, icl, labels, means,
+                                                                                join_rows=False),
         "function vectors, full forward": lambda: indirect_effects(nan_model, icl, labels, means, reuse_prefix=False),
         "anchors, saliency": lambda: flow_saliency(nan_model, icl, labels),
         "anchors, isolation": lambda: anchor_isolation(nan_model, icl, labels),

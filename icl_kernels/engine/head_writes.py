@@ -24,7 +24,8 @@ raises if the module is not such an RMSNorm. Hugging Face computes Gemma's RMSNo
 a bridge the identity holds to float32 precision even for a float64 model.
 
 `mean_head_writes` averages each head's write at the prediction position over prompts: the mean
-head output that Todd et al.'s function vector sums (`icl_kernels.families.function_vectors`).
+head output that Todd et al.'s function vector sums (`icl_kernels.families.function_vectors`);
+`mean_head_outputs` gives it with the mean ``z`` (the patch of the indirect effects) from the same pass.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.engine.hooks import act_name, run_until
 from icl_kernels.models import backend as tl_backend
 
-__all__ = ["HeadWrites", "post_attention_gain", "head_writes", "mean_head_writes"]
+__all__ = ["HeadWrites", "post_attention_gain", "head_writes", "mean_head_writes", "mean_head_outputs"]
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,13 @@ class HeadWrites:
         bias: ``[batch layer d_model]`` the layer's bias term (``b_O``, normalised like the heads;
             zero where the projection has no bias).
         attn_out: ``[batch layer d_model]`` ``hook_attn_out`` itself (the identity's right-hand side).
+        z: ``[batch layer head_index d_head]`` each head's output ``hook_z`` (what the writes are made of).
     """
 
     heads: Float[Tensor, "batch layer head_index d_model"]
     bias: Float[Tensor, "batch layer d_model"]
     attn_out: Float[Tensor, "batch layer d_model"]
+    z: Float[Tensor, "batch layer head_index d_head"]
 
 
 def _post_norm(model: tl_backend.Model, layer: int):
@@ -126,7 +129,7 @@ def head_writes(
             hooks.append((f"blocks.{layer}.ln1_post.hook_scale", keep("scale", layer)))
     with torch.no_grad():  # the forward pass ends at the last layer's hook_attn_out (no unembedding)
         run_until(model, tokens.to(tl_backend.model_device(model)), hooks, stop=act_name("attn_out", max(layers)))
-    heads, biases, outs = [], [], []
+    heads, biases, outs, zs = [], [], [], []
     for layer in layers:
         attn = model.blocks[layer].attn
         z = kept["z", layer]  # [batch head_index d_head]
@@ -142,7 +145,8 @@ def head_writes(
         heads.append(per_head.cpu())
         biases.append(bias.cpu())
         outs.append(kept["attn_out", layer].cpu())
-    return HeadWrites(torch.stack(heads, 1), torch.stack(biases, 1), torch.stack(outs, 1))
+        zs.append(z.cpu())
+    return HeadWrites(torch.stack(heads, 1), torch.stack(biases, 1), torch.stack(outs, 1), torch.stack(zs, 1))
 
 
 def mean_head_writes(
@@ -154,13 +158,27 @@ def mean_head_writes(
 ) -> Float[Tensor, "layer head_index d_model"]:
     """Mean over ``prompts`` of each head's write (`head_writes`) at the prompt's prediction
     position (CPU, float32 or the model's float64)."""
+    return mean_head_outputs(model, prompts, batch_size=batch_size, pad_token_id=pad_token_id)[1]
+
+
+def mean_head_outputs(
+    model: tl_backend.Model,
+    prompts: Sequence,
+    *,
+    batch_size: int = 4,
+    pad_token_id: int | None = None,
+) -> tuple[Float[Tensor, "layer head_index d_head"], Float[Tensor, "layer head_index d_model"]]:
+    """In one pass over ``prompts``: each head's mean output ``z`` at the prediction position (what
+    `icl_kernels.engine.patching.head_means` returns, bit for bit: the same batches) and its mean
+    write (`mean_head_writes`)."""
     if not prompts:
         raise ValueError("mean_head_writes needs at least one prompt.")
     device = tl_backend.model_device(model)
-    total = None
+    total, zs = None, []
     for batch in batches(list(prompts), batch_size, pad_id(model, pad_token_id), device):
-        writes = head_writes(model, batch.tokens, batch.prediction_positions).heads
-        writes = writes.double().sum(0)
+        out = head_writes(model, batch.tokens, batch.prediction_positions)
+        writes = out.heads.double().sum(0)
         total = writes if total is None else total + writes
+        zs.append(out.z)
     dtype = torch.float64 if tl_backend.model_dtype(model) == torch.float64 else torch.float32
-    return (total / len(prompts)).to(dtype)
+    return torch.cat(zs).mean(0), (total / len(prompts)).to(dtype)

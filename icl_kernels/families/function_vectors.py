@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from icl_kernels.data.prompts import pad_id
 from icl_kernels.engine.condition_runs import score_conditions
-from icl_kernels.engine.head_writes import mean_head_writes
+from icl_kernels.engine.head_writes import mean_head_outputs
 from icl_kernels.engine.joining_rows import head_patch_log_probs, joining_reason
 from icl_kernels.engine.label_scoring import label_log_probs, score_dtype
 from icl_kernels.engine.patching import (
@@ -63,7 +63,6 @@ from icl_kernels.engine.patching import (
     EditContext,
     Head,
     check_heads,
-    head_means,
     mean_ablation,
     run_with_edits,
 )
@@ -534,8 +533,7 @@ def function_vector_heads(
             f"The model answers {len(kept)} of {len(icl_prompts)} clean ICL prompts correctly ({scoring} scoring); "
             "function vectors need at least 2 (Todd et al. average over 100): use more prompts or shots, or "
             "a task the model can do in context.")
-    z_means = head_means(model, kept, batch_size=batch_size)
-    writes = mean_head_writes(model, kept, batch_size=batch_size)
+    z_means, writes = mean_head_outputs(model, kept, batch_size=batch_size)  # one pass: head_means, mean_head_writes
     corrupted = shuffled_label_prompts(kept, seed)
     effects = prompt_indirect_effects(model, corrupted, label_ids, z_means, batch_size=batch_size,
                                       reuse_prefix=reuse_prefix, head_batch=head_batch, join_rows=join_rows,

@@ -9,7 +9,8 @@ import torch
 from conftest import TINY_PARAMS, load_tiny
 from test_patching import _prompts
 
-from icl_kernels.engine.head_writes import head_writes, mean_head_writes, post_attention_gain
+from icl_kernels.engine.head_writes import head_writes, mean_head_outputs, mean_head_writes, post_attention_gain
+from icl_kernels.engine.patching import head_means
 from icl_kernels.models import backend as tl_backend
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,3 +84,16 @@ def test_a_post_norm_of_unknown_kind_is_refused():
     target.forward = lambda x: original(x) + 1.0  # no longer g * x / rms(x)
     with pytest.raises(NotImplementedError, match="does not compute g"):
         post_attention_gain(model, 1)
+
+
+def test_mean_head_outputs_give_head_means_bit_for_bit_and_the_mean_writes(backend):
+    """One pass for both: the mean z equals `head_means` (same batches) exactly; the mean write is
+    the mean of each prompt's own `head_writes`."""
+    model = load_tiny("gemma-3", backend)
+    prompts = [*_prompts(model.tokenizer, shots=2, n=3)[1], *_prompts(model.tokenizer, shots=3, n=2)[1]]
+    assert len({len(p.tokens) for p in prompts[2:4]}) > 1  # the second batch is padded
+    z_means, writes = mean_head_outputs(model, prompts, batch_size=2)
+    assert z_means.shape == (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
+    assert torch.equal(z_means, head_means(model, prompts, batch_size=2))
+    alone = [head_writes(model, torch.tensor([p.tokens]), torch.tensor([len(p.tokens) - 1])).heads[0] for p in prompts]
+    torch.testing.assert_close(writes, torch.stack(alone).mean(0), atol=1e-5, rtol=1e-4)

@@ -188,7 +188,7 @@ def prompt_indirect_effects(
     With ``join_rows`` (the default, on a HookedTransformer: `icl_kernels.engine.joining_rows`) the
     unpatched last token runs once and a head's patched row joins the batch at the head's layer,
     from the unpatched residual there: a head at layer ``L`` costs ``n_layers - L`` layers, not all
-    of them (equal to the batch of whole rows to ~1e-15 in float64, ``tests/unit/test_joining_rows.py``).
+    of them (equal to the batch of whole rows to 1e-10 in float64, ``tests/unit/test_joining_rows.py``).
     Effects are in the scores' dtype (`icl_kernels.engine.label_scoring.score_dtype`).
     """
     if not corrupted:
@@ -199,10 +199,11 @@ def prompt_indirect_effects(
         if head_batch < 1:
             raise ValueError(f"head_batch must be >= 1, not {head_batch}.")
         first = [ids[0] for ids in label_ids]
+        join = join_rows and joining_reason(model) is None
         # W_U transposed once for every prompt's unembedding (label_scoring.unembed)
-        w_u_t = model.unembed.W_U.detach().T.contiguous() if join_rows and joining_reason(model) is None else None
+        w_u_t = model.unembed.W_U.detach().T.contiguous() if join else None
         rows = [_prompt_indirect_effects(model, prompt, index, first[prompt.query_label], means, heads, head_batch,
-                                         w_u_t)
+                                         join, w_u_t)
                 for index, prompt in enumerate(tqdm(corrupted, desc="indirect effects: corrupted prompts",
                                                     unit="prompt", disable=not progress))]
         return torch.stack(rows).view(len(corrupted), n_layers, n_heads)
@@ -259,12 +260,12 @@ def _row_mean_patches(row_heads: Sequence[Head | None], means: Tensor) -> list[E
 
 
 def _prompt_indirect_effects(model, prompt, index: int, gold_token: int, means: Tensor, heads: list[Head],
-                             head_batch: int, w_u_t: Tensor | None) -> Float[Tensor, " n_heads_total"]:
+                             head_batch: int, join: bool, w_u_t: Tensor | None) -> Float[Tensor, " n_heads_total"]:
     """P(gold | one head patched) - P(gold) for every head on one prompt (``corrupted[index]``),
-    prefix run once; with ``w_u_t`` (`icl_kernels.engine.joining_rows`) each patched row joins the
+    prefix run once; with ``join`` (`icl_kernels.engine.joining_rows`) each patched row joins the
     batch at its head's layer, else every row runs every layer."""
     prefix = encode_prefix(model, prompt.tokens[:-1])
-    if w_u_t is not None:
+    if join:
         try:
             base, patched = head_patch_log_probs(model, prefix, prompt.tokens[-1:], heads, means, [gold_token],
                                                  max_rows=head_batch, w_u_t=w_u_t)

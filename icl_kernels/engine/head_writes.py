@@ -172,7 +172,7 @@ def mean_head_outputs(
     `icl_kernels.engine.patching.head_means` returns, bit for bit: the same batches) and its mean
     write (`mean_head_writes`)."""
     if not prompts:
-        raise ValueError("mean_head_writes needs at least one prompt.")
+        raise ValueError("mean_head_outputs (and mean_head_writes) need at least one prompt.")
     device = tl_backend.model_device(model)
     total, zs = None, []
     for batch in batches(list(prompts), batch_size, pad_id(model, pad_token_id), device):

@@ -37,22 +37,17 @@ from torch import Tensor
 
 from icl_kernels.engine.hooks import act_name, hooks_on
 from icl_kernels.engine.label_scoring import label_scores
-from icl_kernels.engine.layer_start import start_reason
+from icl_kernels.engine.layer_start import residual_input_reason
+from icl_kernels.engine.patching import Head, check_heads
 from icl_kernels.engine.prefix_cache import SharedPrefix, batch_state
 from icl_kernels.models import backend as tl_backend
 
 __all__ = ["joining_reason", "head_patch_log_probs"]
 
-Head = tuple[int, int]
-
 
 def joining_reason(model: tl_backend.Model) -> str | None:
     """Why patched rows cannot join a run at their layer for this model (``None`` when they can)."""
-    if tl_backend.is_bridge(model):
-        return "a TransformerBridge forward takes tokens, not a residual stream"
-    if model.cfg.n_layers < 2:
-        return None
-    return start_reason(model, 1)
+    return residual_input_reason(model)
 
 
 def _block(model, layer: int, residual: Tensor, prefix: SharedPrefix, width: int, hooks=()) -> Tensor:
@@ -93,10 +88,8 @@ def head_patch_log_probs(
         raise ValueError("head_patch_log_probs needs at least one suffix token (the prediction position).")
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, not {max_rows}.")
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    outside = [h for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
-    if outside:
-        raise ValueError(f"Heads {outside[:5]} are not in this model ({n_layers} layers x {n_heads} heads).")
+    check_heads(model, heads)  # only checked: the rows keep the order of ``heads``
+    n_layers = model.cfg.n_layers
     device = tl_backend.model_device(model)
     ids = torch.tensor([list(suffix)], dtype=torch.long, device=device)
     width = len(prefix) + ids.shape[1]

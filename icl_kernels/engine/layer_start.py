@@ -29,7 +29,7 @@ from icl_kernels.engine.hooks import act_name, run_until
 from icl_kernels.engine.prefix_cache import right_pad
 from icl_kernels.models import backend as tl_backend
 
-__all__ = ["LayerStart", "start_reason", "started_forward_kwargs", "layer_start"]
+__all__ = ["LayerStart", "residual_input_reason", "start_reason", "started_forward_kwargs", "layer_start"]
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,22 @@ class LayerStart:
         return self.batches[index]
 
 
-def start_reason(model: tl_backend.Model, layer: int) -> str | None:
-    """Why a run cannot start at ``layer`` exactly (``None`` when it can)."""
+def residual_input_reason(model: tl_backend.Model) -> str | None:
+    """Why this model cannot run its blocks from a given residual stream exactly (``None`` when it
+    can), whatever the layer."""
     if tl_backend.is_bridge(model):
         return "a TransformerBridge forward takes tokens, not a residual stream"
-    if not 0 < layer < model.cfg.n_layers:
-        return f"layer {layer} is not inside the model (1..{model.cfg.n_layers - 1}; layer 0 saves nothing)"
     if getattr(model.cfg, "positional_embedding_type", "") == "shortformer":
         return "a shortformer positional embedding is added at every layer from the tokens"
     return None
+
+
+def start_reason(model: tl_backend.Model, layer: int) -> str | None:
+    """Why a run cannot start at ``layer`` exactly (``None`` when it can)."""
+    reason = residual_input_reason(model)
+    if reason is None and not 0 < layer < model.cfg.n_layers:
+        reason = f"layer {layer} is not inside the model (1..{model.cfg.n_layers - 1}; layer 0 saves nothing)"
+    return reason
 
 
 def started_forward_kwargs(model: tl_backend.Model, layer: int, tokens: Tensor) -> dict:

@@ -77,7 +77,7 @@ def test_misuse_is_refused():
         head_patch_log_probs(model, prefix, [], [(0, 0)], values, TOKENS)
     with pytest.raises(ValueError, match="max_rows must be >= 1"):
         head_patch_log_probs(model, prefix, prompt[-1:], [(0, 0)], values, TOKENS, max_rows=0)
-    with pytest.raises(ValueError, match=r"Heads \[\(9, 0\)\] are not in this model"):
+    with pytest.raises(ValueError, match=r"Head \(9, 0\) does not exist"):
         head_patch_log_probs(model, prefix, prompt[-1:], [(9, 0)], values, TOKENS)
     base, patched = head_patch_log_probs(model, prefix, prompt[-1:], [], values, TOKENS)
     assert base.shape == (len(TOKENS),) and patched.shape == (0, len(TOKENS))

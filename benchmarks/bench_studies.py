@@ -15,11 +15,14 @@ the share of a study's time that is model compute.
 
 Before and after, in the same run: a study with a speed option (`SPEED_OPTIONS`: compare's
 ``prefix_reuse``, ``shared_work`` and ``batched_finetuning``; causal's and families' ``prefix_reuse``;
-families' ``joining_rows``; momentum's ``layer_reuse``) runs twice, first with every such option off
-(``compare[full]``: every ICL prompt in full, every finetuning run and bootstrap resample on its own;
-``causal[full]`` / ``families[full]``: every ablation and patch condition in full, every
-indirect-effect row through every layer; ``momentum[full]``: every cell through every layer: the paths
-before issue 26) and then on. Reuse feeds fewer tokens to the model for the same work, so both rows
+families' ``joining_rows`` and ``fv_one_pass``; momentum's ``layer_reuse``) runs twice, first with every
+such option off and the weights as TransformerLens loads them (`icl_kernels.models.weight_layout`:
+copied into the layout of each product on every call) (``compare[full]``: every ICL prompt in full,
+every finetuning run and bootstrap resample on its own; ``causal[full]`` / ``families[full]``: every
+ablation and patch condition in full, every indirect-effect row through every layer, the function
+vectors' answers and mean head outputs in two passes; ``momentum[full]``: every cell through every
+layer: the paths before issue 26) and then on, with the weights in the forward layout `load_model` gives
+(as every row without ``[full]``). Reuse feeds fewer tokens to the model for the same work, so both rows
 count the tokens of the full-recompute run (work done per second, comparable across the two), and the
 last column is the wall-time speed-up.
 """
@@ -33,10 +36,11 @@ import torch
 
 from icl_kernels import PromptOptions, load_model, study_prompts
 from icl_kernels.data.prompts import batches, pad_id
+from icl_kernels.models.weight_layout import use_default_layout, use_forward_layout
 from icl_kernels.studies import get_study
 
 #: Options that change only how fast a study runs, not its numbers: off in the "before" row.
-SPEED_OPTIONS = ("prefix_reuse", "shared_work", "batched_finetuning", "layer_reuse", "joining_rows")
+SPEED_OPTIONS = ("prefix_reuse", "shared_work", "batched_finetuning", "layer_reuse", "joining_rows", "fv_one_pass")
 
 
 def _configs(model: str, task: str, scale: int, n_layers: int) -> dict[str, dict]:
@@ -109,6 +113,8 @@ def main(argv=None) -> None:
                     else [(name, {})])
         work, before = None, None
         for label, extra in variants:
+            # before: the weights as TransformerLens loads them (copied into another layout on every call)
+            (use_default_layout if label.endswith("[full]") else use_forward_layout)(model)
             with TokenCounter(model) as counter:
                 start = time.perf_counter()
                 study.run(study.config.from_dict({**configs[name], **extra}), model=model, progress=False)

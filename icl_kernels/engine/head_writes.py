@@ -39,7 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from icl_kernels.data.prompts import batches, pad_id
-from icl_kernels.engine.hooks import act_name, run_until
+from icl_kernels.engine.hooks import STOP_HOOK, act_name, run_until
 from icl_kernels.models import backend as tl_backend
 
 __all__ = ["HeadWrites", "post_attention_gain", "head_writes", "mean_head_writes", "mean_head_outputs"]
@@ -55,12 +55,15 @@ class HeadWrites:
             zero where the projection has no bias).
         attn_out: ``[batch layer d_model]`` ``hook_attn_out`` itself (the identity's right-hand side).
         z: ``[batch layer head_index d_head]`` each head's output ``hook_z`` (what the writes are made of).
+        final: ``[batch d_model]`` the unembedding input at the position, when asked for
+            (``head_writes(..., final=True)``), else None.
     """
 
     heads: Float[Tensor, "batch layer head_index d_model"]
     bias: Float[Tensor, "batch layer d_model"]
     attn_out: Float[Tensor, "batch layer d_model"]
     z: Float[Tensor, "batch layer head_index d_head"]
+    final: Float[Tensor, "batch d_model"] | None = None
 
 
 def _post_norm(model: tl_backend.Model, layer: int):
@@ -105,9 +108,12 @@ def head_writes(
     positions: Int[Tensor, " batch"],
     *,
     layers: Sequence[int] | None = None,
+    final: bool = False,
 ) -> HeadWrites:
     """Every head's write into the residual stream at ``positions[b]`` of row ``b`` (one forward pass;
-    CPU tensors in the model's dtype). See the module docstring for the formula."""
+    CPU tensors in the model's dtype). See the module docstring for the formula. ``final``: the pass
+    runs on to the unembedding input and `HeadWrites.final` keeps it at the positions (on the model's
+    device), so a prediction can be read from the same pass."""
     layers = list(range(model.cfg.n_layers)) if layers is None else [int(x) for x in layers]
     if tokens.ndim != 2 or positions.shape != (tokens.shape[0],):
         raise ValueError(f"tokens must be [batch pos] and positions [batch]; got {tuple(tokens.shape)} and "
@@ -127,13 +133,16 @@ def head_writes(
         hooks += [(act_name("z", layer), keep("z", layer)), (act_name("attn_out", layer), keep("attn_out", layer))]
         if gains[layer] is not None:
             hooks.append((f"blocks.{layer}.ln1_post.hook_scale", keep("scale", layer)))
-    with torch.no_grad():  # the forward pass ends at the last layer's hook_attn_out (no unembedding)
-        run_until(model, tokens.to(tl_backend.model_device(model)), hooks, stop=act_name("attn_out", max(layers)))
+    if final:
+        hooks.append((STOP_HOOK, keep("final", -1)))
+    with torch.no_grad():  # the pass ends at the last layer's hook_attn_out, or at the unembedding input
+        run_until(model, tokens.to(tl_backend.model_device(model)), hooks,
+                  stop=STOP_HOOK if final else act_name("attn_out", max(layers)))
     heads, biases, outs, zs = [], [], [], []
     for layer in layers:
         attn = model.blocks[layer].attn
         z = kept["z", layer]  # [batch head_index d_head]
-        w_o = attn.W_O.detach().to(z.device)
+        w_o = attn.W_O.detach().to(z.device).contiguous()  # its rounding independent of the weight layout
         per_head = torch.einsum("bhd,hdm->bhm", z.to(w_o.dtype), w_o)
         b_o = getattr(attn, "b_O", None)
         bias = torch.zeros(z.shape[0], w_o.shape[-1], dtype=per_head.dtype, device=z.device)
@@ -146,7 +155,8 @@ def head_writes(
         biases.append(bias.cpu())
         outs.append(kept["attn_out", layer].cpu())
         zs.append(z.cpu())
-    return HeadWrites(torch.stack(heads, 1), torch.stack(biases, 1), torch.stack(outs, 1), torch.stack(zs, 1))
+    return HeadWrites(torch.stack(heads, 1), torch.stack(biases, 1), torch.stack(outs, 1), torch.stack(zs, 1),
+                      kept.get(("final", -1)))
 
 
 def mean_head_writes(

@@ -70,13 +70,15 @@ def act_name(kind: str, layer: int) -> str:
 
 
 def active_hook_count(model: tl_backend.Model) -> int:
-    """Number of hooks on the model's hook points (0 when no intervention is active).
+    """Number of hooks on the model's hook points (``model.hook_dict``; 0 when no intervention is
+    active).
 
     A TransformerBridge registers its own permanent hooks on wrapped normalisation modules during
     its first forward; those are not hook points and are not counted.
     """
     count = 0
-    for module in model.modules():
+    points = {id(point): point for point in model.hook_dict.values()}  # a bridge lists a point under aliases too
+    for module in points.values():
         if isinstance(module, HookPoint):
             count += len(module._forward_hooks) + len(module._forward_pre_hooks)
             count += len(module._backward_hooks)

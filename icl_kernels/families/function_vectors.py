@@ -53,11 +53,11 @@ from scipy.stats import spearmanr
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_kernels.data.prompts import pad_id
+from icl_kernels.data.prompts import batches, pad_id
 from icl_kernels.engine.condition_runs import score_conditions
-from icl_kernels.engine.head_writes import mean_head_outputs
+from icl_kernels.engine.head_writes import head_writes, mean_head_outputs
 from icl_kernels.engine.joining_rows import head_patch_log_probs, joining_reason
-from icl_kernels.engine.label_scoring import label_log_probs, score_dtype
+from icl_kernels.engine.label_scoring import label_log_probs, label_scores, prediction_logits, score_dtype
 from icl_kernels.engine.patching import (
     Edit,
     EditContext,
@@ -77,6 +77,7 @@ from icl_kernels.utils.stats import mean_difference, paired_bootstrap, proportio
 
 __all__ = [
     "SCORINGS",
+    "answered_head_outputs",
     "TODD_GPTJ",
     "shuffle_demo_labels",
     "shuffled_label_prompts",
@@ -326,7 +327,7 @@ def projected_function_vector(
     vector = torch.zeros(model.cfg.d_model)
     with torch.no_grad():
         for layer, head in heads:
-            w_o = model.blocks[layer].attn.W_O[head].detach().float().cpu()  # [d_head d_model]
+            w_o = model.blocks[layer].attn.W_O[head].detach().float().cpu().contiguous()  # [d_head d_model]
             vector += means[layer, head].float() @ w_o
     return vector
 
@@ -405,6 +406,47 @@ def correct_answers(
                              pad_token_id=pad_id(model)).first_token_correct.cpu()
     gold = torch.tensor([p.query_label for p in prompts])
     return run_with_edits(model, prompts, label_ids, edits, batch_size=batch_size).argmax(-1) == gold
+
+
+def answered_head_outputs(
+    model: tl_backend.Model,
+    prompts: Sequence,
+    label_ids: Sequence[Sequence[int]],
+    *,
+    scoring: str = "vocab",
+    batch_size: int = 4,
+) -> tuple[Bool[Tensor, " prompt"], Float[Tensor, "layer head_index d_head"], Float[Tensor, "layer head_index d_model"]]:
+    """Steps 1 and 2 from one pass over ``prompts``: whether each is answered correctly (as
+    `correct_answers` scores it), and each head's mean ``z`` and mean write over the correctly answered
+    ones (as `icl_kernels.engine.head_writes.mean_head_outputs` over them; NaN when none is).
+
+    `correct_answers` then `mean_head_outputs` run the kept prompts a second time; here the answer is
+    read from the same pass that records the heads (`icl_kernels.engine.head_writes.head_writes` with
+    ``final=True``). The prompts are batched as they come rather than only the kept ones, so in float32
+    the means round differently (to ~1e-7, which can move a near-tied answer); in float64 they agree to
+    1e-10 (``tests/unit/test_function_vectors.py``)."""
+    check_scoring(scoring)
+    if not prompts:
+        raise ValueError("answered_head_outputs needs at least one prompt.")
+    firsts = [int(ids[0]) for ids in label_ids]
+    device = tl_backend.model_device(model)
+    correct, zs, total, begin = [], [], None, 0
+    for batch in batches(list(prompts), batch_size, pad_id(model), device):
+        out = head_writes(model, batch.tokens, batch.prediction_positions, final=True)
+        gold = torch.tensor([p.query_label for p in batch.prompts])
+        if scoring == "vocab":  # top-1 over the vocabulary is the gold answer's first token
+            top1 = prediction_logits(model, out.final, first_index=begin).argmax(-1).cpu()
+            hit = top1 == torch.tensor([firsts[g] for g in gold.tolist()])
+        else:  # the gold class has the highest first-label-token score among the label words
+            hit = label_scores(model, out.final, firsts, first_index=begin).argmax(-1) == gold
+        correct.append(hit)
+        zs.append(out.z[hit])
+        writes = out.heads[hit].double().sum(0)
+        total = writes if total is None else total + writes
+        begin += len(batch.prompts)
+    correct = torch.cat(correct)
+    dtype = torch.float64 if tl_backend.model_dtype(model) == torch.float64 else torch.float32
+    return correct, torch.cat(zs).mean(0), (total / int(correct.sum())).to(dtype)
 
 
 def fv_correct(
@@ -520,21 +562,29 @@ def function_vector_heads(
     reuse_prefix: bool = True,
     head_batch: int = 32,
     join_rows: bool = True,
+    one_pass: bool = True,
     progress: bool = False,
 ) -> FunctionVectorHeads:
     """Todd et al.'s extraction on clean ICL prompts: keep the prompts the model answers correctly
     (`correct_answers`), average each head's output and write there, corrupt the kept prompts by
     permuting their labels among the demonstrations (`shuffled_label_prompts`) and measure every
-    head's CIE on them (`prompt_indirect_effects`)."""
+    head's CIE on them (`prompt_indirect_effects`). ``one_pass``: the answers and the means come from
+    one pass over the prompts (`answered_head_outputs`); off: `correct_answers`, then
+    `icl_kernels.engine.head_writes.mean_head_outputs` over the kept prompts."""
     check_scoring(scoring)
-    correct = correct_answers(model, icl_prompts, label_ids, scoring=scoring, batch_size=batch_size)
+    if one_pass:
+        correct, z_means, writes = answered_head_outputs(model, icl_prompts, label_ids, scoring=scoring,
+                                                         batch_size=batch_size)
+    else:
+        correct = correct_answers(model, icl_prompts, label_ids, scoring=scoring, batch_size=batch_size)
     kept = [p for p, ok in zip(icl_prompts, correct.tolist(), strict=True) if ok]
     if len(kept) < 2:
         raise ValueError(
             f"The model answers {len(kept)} of {len(icl_prompts)} clean ICL prompts correctly ({scoring} scoring); "
             "function vectors need at least 2 (Todd et al. average over 100): use more prompts or shots, or "
             "a task the model can do in context.")
-    z_means, writes = mean_head_outputs(model, kept, batch_size=batch_size)  # one pass: head_means, mean_head_writes
+    if not one_pass:
+        z_means, writes = mean_head_outputs(model, kept, batch_size=batch_size)  # one pass: head_means, mean_head_writes
     corrupted = shuffled_label_prompts(kept, seed)
     effects = prompt_indirect_effects(model, corrupted, label_ids, z_means, batch_size=batch_size,
                                       reuse_prefix=reuse_prefix, head_batch=head_batch, join_rows=join_rows,

@@ -139,7 +139,7 @@ def kv_weights(model: tl_backend.Model, layer: int) -> tuple[
             w = param.detach().view(spec.n_kv_heads, spec.d_head, -1).transpose(1, 2)
         else:
             w = param.detach()
-        found[kind] = w.clone()  # a snapshot, not a view of the live parameter
+        found[kind] = w.clone(memory_format=torch.contiguous_format)  # a contiguous snapshot, not a view of the live parameter
     return found["k"], found["v"]
 
 

@@ -69,6 +69,7 @@ from icl_kernels.models.registry import (  # noqa: F401 - the registry lives in 
     list_models,
     register_model,
 )
+from icl_kernels.models.weight_layout import use_forward_layout
 from icl_kernels.utils.errors import InvalidOptionError, MissingAssetError, UnknownModelError
 from icl_kernels.utils.paths import is_explicit_path
 from icl_kernels.utils.quiet import library_quiet
@@ -330,7 +331,9 @@ def hf_to_transformer_lens(
     n_ctx: int | None = None,
     name: str | None = None,
 ) -> tl_backend.Model:
-    """Wrap a Hugging Face causal LM as a HookedTransformer or TransformerBridge (no weight processing)."""
+    """Wrap a Hugging Face causal LM as a HookedTransformer or TransformerBridge (no weight processing;
+    a HookedTransformer's weights in the layout its forward pass multiplies with,
+    `icl_kernels.models.weight_layout`)."""
     chosen = tl_backend.resolve_backend(backend)
     device = device or default_device()
     hf_config = hf_model.config
@@ -346,7 +349,7 @@ def hf_to_transformer_lens(
                 state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
                 fold_value_biases=False, refactor_factored_attn_matrices=False,
             )
-        model = model.to(device).to(dtype)
+        model = use_forward_layout(model.to(device).to(dtype))  # no per-call weight copies; bit-identical results
         model._icl_hf_config = hf_config
     else:
         boot_name = name if name and model_folder(name) is not None else (hf_config._name_or_path or name or "model")
@@ -411,6 +414,10 @@ def load_model(
         backend: ``"hooked"`` (HookedTransformer, TransformerLens < 4), ``"bridge"``
             (TransformerBridge) or ``None`` for the installed default.
         n_ctx: context length for HookedTransformer (default: the model's, at most 2048).
+
+    A HookedTransformer's weights come in the layout its forward pass multiplies with
+    (`icl_kernels.models.weight_layout`: the same values and results, without TransformerLens's
+    per-call weight copies; `use_default_layout` makes them contiguous again).
 
     Example:
         >>> model = load_model("tiny-gpt-neo", device="cpu")

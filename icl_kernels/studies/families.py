@@ -161,6 +161,11 @@ class FamiliesConfig(Options):
         "identity": False,  # how fast, not a number: not in the fingerprint
         "help": "function vectors' indirect effects: a head's patched row joins the batch at its layer, from the "
                 "unpatched run below it (icl_kernels.engine.joining_rows; exact); off: every patched row runs every layer"})
+    fv_one_pass: bool = field(default=True, metadata={
+        "identity": False,  # how fast, not a number: not in the fingerprint
+        "help": "function vectors: which prompts are answered and the heads' mean outputs over them from one pass "
+                "(icl_kernels.families.function_vectors.answered_head_outputs; float32 rounds differently); off: "
+                "the answers, then a second pass over the kept prompts"})
     batch_size: int = 4
 
     def __post_init__(self) -> None:

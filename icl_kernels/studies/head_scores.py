@@ -109,7 +109,7 @@ class HeadScoreInputs:
     Attributes:
         model: the model (TransformerLens, hooked or bridge).
         config: the study's options (``prompts``, ``batch_size``, ``induction_sequences``, ``joining_rows``,
-            ``induction_length``; `icl_kernels.studies.families.FamiliesConfig`).
+            ``fv_one_pass``, ``induction_length``; `icl_kernels.studies.families.FamiliesConfig`).
         prompts: the study's `icl_kernels.data.conditions.StudyPrompts` (ICL and zero-shot).
         select: indices of the selection prompts.
         progress: whether long loops show progress bars.
@@ -172,7 +172,7 @@ class HeadScoreInputs:
         heads = function_vector_heads(
             self.model, [prompts.icl[i] for i in select], prompts.label_ids,
             scoring=fv_scoring(cfg.fv_scoring, cfg.prompts.task), seed=self.seed, batch_size=cfg.batch_size,
-            join_rows=cfg.joining_rows, progress=self.progress)
+            join_rows=cfg.joining_rows, one_pass=cfg.fv_one_pass, progress=self.progress)
         return FunctionVectorRun(prompts, select, report, heads)
 
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PARAMS
+from conftest import TINY_ARCHS, TINY_PARAMS, load_tiny
 from scipy.stats import rankdata
 from test_kernel import _toy_task, label_head_model
 
 from icl_kernels.data.prompts import PromptBuilder, make_prompts
-from icl_kernels.engine.head_writes import head_writes, mean_head_writes
+from icl_kernels.engine.head_writes import head_writes, mean_head_outputs, mean_head_writes
+from icl_kernels.engine.label_scoring import final_residual, prediction_logits
 from icl_kernels.engine.patching import head_means
 from icl_kernels.families.function_vectors import (
+    answered_head_outputs,
     correct_answers,
     function_vector,
     function_vector_heads,
@@ -211,3 +213,39 @@ def test_top_k_scales_with_the_model():
     assert fv_top_k(18, 4) == 10 and fv_top_k(30, 9) == 10  # gemma-3-270m, smollm2-135m
     assert fv_top_k(80, 64) == 100 and fv_top_k(32, 32) == 23
     assert fv_top_k(4, 4) == 4  # a quarter of a tiny model's heads
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_answers_and_mean_outputs_from_one_pass_equal_the_two_passes(arch, backend):
+    """`answered_head_outputs` (issue 26): the same prompts answered correctly as `correct_answers`,
+    and the same mean z and writes as `mean_head_outputs` over them, in float64 (the prompts are
+    batched differently, so to 1e-10, not bit for bit); `function_vector_heads` agrees either way."""
+    model = load_tiny(arch, backend, dtype=torch.float64)
+    builder, icl, _ = _toy_prompts(model.tokenizer, shots=4, n=12)
+    correct, z_means, writes = answered_head_outputs(model, icl, builder.label_ids, scoring="label-words", batch_size=5)
+    assert torch.equal(correct, correct_answers(model, icl, builder.label_ids, scoring="label-words", batch_size=4))
+    kept = [p for p, ok in zip(icl, correct.tolist()) if ok]
+    assert 2 <= len(kept) < len(icl)
+    z_two, writes_two = mean_head_outputs(model, kept)
+    torch.testing.assert_close(z_means, z_two, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(writes, writes_two, rtol=1e-10, atol=1e-12)
+    # top-1 scoring: each class's answer is the model's top-1 token on the first prompt of that class
+    first_of = {p.query_label: p for p in reversed(icl)}
+    top1 = {c: int(prediction_logits(model, final_residual(model, torch.tensor([p.tokens]), torch.tensor([len(p) - 1])))
+                   .argmax()) for c, p in first_of.items()}
+    vocab_answers = [[top1.get(c, 0)] for c in range(len(builder.label_ids))]
+    vocab_correct = answered_head_outputs(model, icl, vocab_answers, scoring="vocab")[0]
+    assert vocab_correct.sum() >= len(first_of)
+    assert torch.equal(vocab_correct, correct_answers(model, icl, vocab_answers, scoring="vocab"))
+    one, two = (function_vector_heads(model, icl, builder.label_ids, scoring="label-words", one_pass=flag)
+                for flag in (True, False))
+    assert torch.equal(one.correct, two.correct)
+    torch.testing.assert_close(one.effects, two.effects, rtol=1e-8, atol=1e-12)
+
+
+def test_one_pass_names_what_is_wrong():
+    model = load_tiny("gpt-neo")
+    with pytest.raises(ValueError, match="at least one prompt"):
+        answered_head_outputs(model, [], [[1], [2]])
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        answered_head_outputs(model, [], [[1], [2]], scoring="top-5")

@@ -9,12 +9,13 @@ configuration (by default the study's own: 20 demonstration sets x 5 queries, 4 
 development queries, the 7 candidate learning rates):
 
 * before: ``prefix_reuse``, ``shared_work`` and ``batched_finetuning`` off: every ICL prompt in full, every finetuning run
-  trained from scratch, one statistic call per bootstrap resample (the full recompute);
+  trained from scratch, one statistic call per bootstrap resample (the full recompute), the weights as
+  TransformerLens loads them (`icl_kernels.models.weight_layout`: copied into each product's layout on every call);
 * after: all on (the defaults): each demonstration set's prefix run once, each set's first SGD
   step shared by the candidate rates, each rate's runs of every set trained in one batch and scored on
   the development queries the same way (``batched_finetuning``), the chosen rate's runs kept from the search, the mismatched
   control taken from the next set's run, the lr-0 control from the zero-shot recording, every
-  bootstrap's resamples at once.
+  bootstrap's resamples at once, the weights in the forward layout `load_model` gives.
 
 Prints each run's stages (``timing`` of the summary), the speed-up of the whole study and of each
 stage, and whether the two runs' numbers (every metric, table and interval; timings left out) are
@@ -41,6 +42,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import torch  # noqa: E402
 
+from icl_kernels.models.weight_layout import use_default_layout, use_forward_layout  # noqa: E402
 from icl_kernels.studies import get_study  # noqa: E402
 
 #: Stages of the summary's ``timing`` printed side by side.
@@ -98,6 +100,7 @@ def main(argv=None) -> int:
     model = study.config.from_dict(base).model.load()
     runs = {}
     for label, fast in (("before (full recompute)", False), ("after (shared work)", True)):
+        (use_forward_layout if fast else use_default_layout)(model)  # before: the weights as TransformerLens loads them
         cfg = study.config.from_dict(dict(base, prefix_reuse=fast, shared_work=fast, batched_finetuning=fast))
         start = time.perf_counter()
         report = study.run(cfg, model=model, progress=False)

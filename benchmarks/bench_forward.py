@@ -21,8 +21,9 @@ Printed: the times, ours/transformers (target <= 1.05, batched and batch 1), (c)
 kept per prompt by (c) (attention patterns) vs our head capture (`icl_kernels.engine.capture.capture`:
 prediction rows of every layer and head + the final residual) and the peak RSS rise during one
 batch of each. Then where our time goes, batched: the transformers forward with SDPA attention instead
-of eager, a plain TransformerLens forward with no hooks (``return_type=None``: weight layout and
-attention implementation, HookPoints idle), our hooked ``final_residual`` (hook dispatch and the
+of eager, a plain TransformerLens forward with no hooks (``return_type=None``) with the weights as
+TransformerLens loads them and in the forward layout `load_model` gives (`icl_kernels.models.weight_layout`;
+then attention implementation, HookPoints idle), our hooked ``final_residual`` (hook dispatch and the
 stop), and ``label_log_probs`` (batching and the one-row unembedding), all in the same interleaved
 loop; and the operators where ours spends the most extra self CPU time under ``torch.profiler``. A check that (a) and (b) agree (label log-odds) guards
 against timing two different computations.
@@ -31,6 +32,7 @@ against timing two different computations.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import threading
 import time
@@ -46,6 +48,7 @@ from icl_kernels.engine.capture import capture, nbytes
 from icl_kernels.engine.label_scoring import final_residual, label_log_probs
 from icl_kernels.models.loading import load_hf_model
 from icl_kernels.models.options import ModelOptions
+from icl_kernels.models.weight_layout import use_default_layout
 from icl_kernels.utils.config import PromptOptions
 
 
@@ -60,6 +63,7 @@ class ForwardBench:
     lens_cache: float = float("nan")
     hf_sdpa: float = float("nan")
     lens_plain: float = float("nan")
+    lens_default_layout: float = float("nan")
     ours_residual: float = float("nan")
     cache_bytes: float = float("nan")  # per prompt
     capture_bytes: float = float("nan")  # per prompt
@@ -176,10 +180,12 @@ def main(argv=None) -> ForwardBench:
             for batch in batches(prompts, args.batch_size, 0):
                 final_residual(model, batch.tokens)
 
-    def lens_plain() -> None:
+    def lens_plain(lens=model) -> None:
         with torch.no_grad():
             for batch in batches(prompts, args.batch_size, 0):
-                model(batch.tokens, return_type=None)
+                lens(batch.tokens, return_type=None)
+
+    as_loaded = use_default_layout(copy.deepcopy(model))  # the weights as TransformerLens loads them
 
     def is_pattern(name: str) -> bool:
         return name.endswith("hook_pattern")
@@ -211,6 +217,7 @@ def main(argv=None) -> ForwardBench:
         "ours_single": lambda: ours(1),
         "hf_single": lambda: hf_label_logits(1),
         "lens_plain": lens_plain,
+        "lens_default_layout": lambda: lens_plain(as_loaded),
         "ours_residual": ours_residual,
     }
     can_switch = hasattr(hf, "set_attn_implementation") and attn_impl != "sdpa"
@@ -259,8 +266,10 @@ def main(argv=None) -> ForwardBench:
     print(f"breakdown, batched (ratio to transformers {attn_impl} {base:.2f} s):")
     if can_switch:
         print(f"  transformers with sdpa attention          {result.hf_sdpa:7.2f} s  {result.hf_sdpa / base:.3f}")
+    print(f"  TL forward, no hooks, weights as loaded  {result.lens_default_layout:7.2f} s  "
+          f"{result.lens_default_layout / base:.3f}  (as TransformerLens loads them: each copied into another layout per call)")
     print(f"  TransformerLens forward, no hooks         {result.lens_plain:7.2f} s  {result.lens_plain / base:.3f}"
-          f"  (weight layout, attention implementation, {hook_points} idle HookPoints)")
+          f"  (weights in the forward layout: attention implementation, {hook_points} idle HookPoints)")
     print(f"  + our hooks, stop at unembed.hook_in      {result.ours_residual:7.2f} s  "
           f"{result.ours_residual / base:.3f}  (hook dispatch; skips ln_final)")
     print(f"  + label_log_probs (one-row unembedding)   {result.ours_batched:7.2f} s  {result.ours_batched / base:.3f}")

@@ -3,9 +3,9 @@ pyproject.toml): beartype on every function and method of ``icl_kernels``, excep
 inside another function.
 
 jaxtyping's hook decorates every ``def`` in the package, and a nested ``def`` (a TransformerLens hook,
-a local helper) is decorated again each time its enclosing function runs. beartype compiles a new
-checker for every decoration (about 0.7 ms for a two-argument hook), so checking the hooks that a
-forward pass defines took a quarter to a third of the in-process tests' time. Those hooks take
+a local helper) is decorated again each time its enclosing function runs, and beartype compiles a new
+checker for every decoration: with every function checked, single test files of the engine ran a
+quarter to a third slower than without the hook. Those hooks take
 TransformerLens's ``(activation, hook)``, which the enclosing function's own checked signature and the
 exactness tests already pin down; they keep jaxtyping's shape context but get no beartype checker.
 """

@@ -31,14 +31,14 @@ head output that Todd et al.'s function vector sums (`icl_kernels.families.funct
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from icl_kernels.data.prompts import batches, pad_id
+from icl_kernels.data.prompts import PromptBatch, batches, pad_id
 from icl_kernels.engine.hooks import STOP_HOOK, act_name, run_until
 from icl_kernels.models import backend as tl_backend
 
@@ -177,18 +177,26 @@ def mean_head_outputs(
     *,
     batch_size: int = 4,
     pad_token_id: int | None = None,
+    keep: Callable[[PromptBatch, HeadWrites], Bool[Tensor, " batch"]] | None = None,
 ) -> tuple[Float[Tensor, "layer head_index d_head"], Float[Tensor, "layer head_index d_model"]]:
     """In one pass over ``prompts``: each head's mean output ``z`` at the prediction position (what
     `icl_kernels.engine.patching.head_means` returns, bit for bit: the same batches) and its mean
-    write (`mean_head_writes`)."""
+    write (`mean_head_writes`).
+
+    ``keep(batch, writes)``: average only over the rows of each batch it marks; the pass then runs on
+    to the unembedding input (`HeadWrites.final`), so ``keep`` can read each row's prediction from the
+    same pass (`icl_kernels.families.function_vectors.answered_head_outputs`). NaN where it keeps none.
+    """
     if not prompts:
         raise ValueError("mean_head_outputs (and mean_head_writes) need at least one prompt.")
     device = tl_backend.model_device(model)
     total, zs = None, []
     for batch in batches(list(prompts), batch_size, pad_id(model, pad_token_id), device):
-        out = head_writes(model, batch.tokens, batch.prediction_positions)
-        writes = out.heads.double().sum(0)
+        out = head_writes(model, batch.tokens, batch.prediction_positions, final=keep is not None)
+        rows = slice(None) if keep is None else keep(batch, out)
+        writes = out.heads[rows].double().sum(0)
         total = writes if total is None else total + writes
-        zs.append(out.z)
+        zs.append(out.z[rows])
+    z = torch.cat(zs)
     dtype = torch.float64 if tl_backend.model_dtype(model) == torch.float64 else torch.float32
-    return torch.cat(zs).mean(0), (total / len(prompts)).to(dtype)
+    return z.mean(0), (total / len(z)).to(dtype)

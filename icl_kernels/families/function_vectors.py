@@ -53,9 +53,9 @@ from scipy.stats import spearmanr
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_kernels.data.prompts import batches, pad_id
+from icl_kernels.data.prompts import pad_id
 from icl_kernels.engine.condition_runs import score_conditions
-from icl_kernels.engine.head_writes import head_writes, mean_head_outputs
+from icl_kernels.engine.head_writes import mean_head_outputs
 from icl_kernels.engine.joining_rows import head_patch_log_probs, joining_reason
 from icl_kernels.engine.label_scoring import label_log_probs, label_scores, prediction_logits, score_dtype
 from icl_kernels.engine.patching import (
@@ -421,18 +421,18 @@ def answered_head_outputs(
     ones (as `icl_kernels.engine.head_writes.mean_head_outputs` over them; NaN when none is).
 
     `correct_answers` then `mean_head_outputs` run the kept prompts a second time; here the answer is
-    read from the same pass that records the heads (`icl_kernels.engine.head_writes.head_writes` with
-    ``final=True``). The prompts are batched as they come rather than only the kept ones, so in float32
+    read from the same pass that records the heads (`icl_kernels.engine.head_writes.mean_head_outputs`
+    with ``keep``). The prompts are batched as they come rather than only the kept ones, so in float32
     the means round differently (to ~1e-7, which can move a near-tied answer); in float64 they agree to
     1e-10 (``tests/unit/test_function_vectors.py``)."""
     check_scoring(scoring)
     if not prompts:
         raise ValueError("answered_head_outputs needs at least one prompt.")
     firsts = [int(ids[0]) for ids in label_ids]
-    device = tl_backend.model_device(model)
-    correct, zs, total, begin = [], [], None, 0
-    for batch in batches(list(prompts), batch_size, pad_id(model), device):
-        out = head_writes(model, batch.tokens, batch.prediction_positions, final=True)
+    correct: list[Tensor] = []
+
+    def answered(batch, out) -> Tensor:
+        begin = sum(len(c) for c in correct)  # index of the batch's first prompt, for error messages
         gold = torch.tensor([p.query_label for p in batch.prompts])
         if scoring == "vocab":  # top-1 over the vocabulary is the gold answer's first token
             top1 = prediction_logits(model, out.final, first_index=begin).argmax(-1).cpu()
@@ -440,13 +440,10 @@ def answered_head_outputs(
         else:  # the gold class has the highest first-label-token score among the label words
             hit = label_scores(model, out.final, firsts, first_index=begin).argmax(-1) == gold
         correct.append(hit)
-        zs.append(out.z[hit])
-        writes = out.heads[hit].double().sum(0)
-        total = writes if total is None else total + writes
-        begin += len(batch.prompts)
-    correct = torch.cat(correct)
-    dtype = torch.float64 if tl_backend.model_dtype(model) == torch.float64 else torch.float32
-    return correct, torch.cat(zs).mean(0), (total / int(correct.sum())).to(dtype)
+        return hit
+
+    z_means, write_means = mean_head_outputs(model, prompts, batch_size=batch_size, keep=answered)
+    return torch.cat(correct), z_means, write_means
 
 
 def fv_correct(

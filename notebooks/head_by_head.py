@@ -53,8 +53,8 @@ from IPython.display import display
 
 from icl_kernels import PromptOptions, study_prompts
 from icl_kernels.engine.capture import capture
-from icl_kernels.engine.patching import patch_heads, run_with_edits
-from icl_kernels.families.function_vectors import indirect_effects, shuffled_label_prompts
+from icl_kernels.engine.patching import run_with_edits
+from icl_kernels.families.function_vectors import indirect_effects, prompt_indirect_effects, shuffled_label_prompts
 from icl_kernels.families.head_ablation import CausalConfig, causal_study
 from icl_kernels.kernel.head_scan import analyze_heads
 from icl_kernels.kernel.scores import heads_frame
@@ -206,7 +206,8 @@ study.summary[[c for c in columns if c in study.summary]]
 # token, softmax over the whole vocabulary) at the prediction position, on the report split:
 #
 # * **ICL -> zero-shot**: the head's output z at the prediction position of the k-shot prompt is
-#   written into the zero-shot run of the same query (`patch_heads`). A head that carries what the
+#   written into the zero-shot run of the same query (`patch_heads`, one head at a time:
+#   `prompt_indirect_effects` with each prompt's own values). A head that carries what the
 #   demonstrations taught moves the zero-shot answer toward gold.
 # * **mean -> shuffled labels** (Todd et al.'s average indirect effect, `indirect_effects`): the
 #   head's mean output over the selection prompts is written into k-shot prompts whose demonstration
@@ -221,12 +222,10 @@ rows, gold = torch.arange(len(report)), torch.tensor([p.query_label for p in rep
 icl_scores, icl_z = run_with_edits(model, report_icl, label_ids, record=True, batch_size=8)
 icl_p = icl_scores.exp()[rows, gold]
 zsl_p = run_with_edits(model, report_zsl, label_ids, batch_size=8).exp()[rows, gold]
-icl_to_zsl = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-for patched_layer in range(model.cfg.n_layers):
-    for patched_head in range(model.cfg.n_heads):
-        patched = run_with_edits(model, report_zsl, label_ids, patch_heads([(patched_layer, patched_head)], icl_z),
-                                 batch_size=8).exp()[rows, gold]
-        icl_to_zsl[patched_layer, patched_head] = (patched - zsl_p).mean()
+# every head patched in turn: prompt_indirect_effects with each prompt's own ICL outputs runs the
+# zero-shot prompt's context once and each patched row from its head's layer on (the same numbers as a
+# loop over heads of run_with_edits(model, report_zsl, label_ids, patch_heads([head], icl_z)))
+icl_to_zsl = prompt_indirect_effects(model, report_zsl, label_ids, icl_z).mean(0).float()
 
 selection = [icl[i] for i in select]
 inputs = HeadScoreInputs(

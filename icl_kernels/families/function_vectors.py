@@ -64,6 +64,7 @@ from icl_kernels.engine.patching import (
     Head,
     check_heads,
     mean_ablation,
+    patch_heads,
     run_with_edits,
 )
 from icl_kernels.engine.prefix_cache import encode_prefix, reuse_reason
@@ -164,7 +165,7 @@ def prompt_indirect_effects(
     model: tl_backend.Model,
     corrupted: Sequence,
     label_ids: Sequence[Sequence[int]],
-    means: Float[Tensor, "layer head_index d_head"],
+    means: Float[Tensor, "layer head_index d_head"] | Float[Tensor, "prompt layer head_index d_head"],
     *,
     batch_size: int = 4,
     reuse_prefix: bool = True,
@@ -176,6 +177,11 @@ def prompt_indirect_effects(
     P(gold | head's z := ``means``) - P(gold | corrupted), at the prediction position, P the softmax
     probability of the gold answer's first token over the whole vocabulary
     (``ericwtodd/function_vectors`` ``src/compute_indirect_effect.py``).
+
+    ``means`` may also hold one value per prompt (``[prompt layer head_index d_head]``, e.g. each
+    prompt's head outputs recorded in another run by `icl_kernels.engine.patching.run_with_edits`):
+    prompt ``i``'s heads are then set to ``means[i]``, the one-head-at-a-time loop of
+    `icl_kernels.engine.patching.patch_heads` (activation patching from a clean run) on the same fast paths.
 
     The patch touches only the prediction position, the last token, so everything before it is the
     same in every patched run. With ``reuse_prefix`` (the default) each prompt's first ``T - 1``
@@ -195,6 +201,10 @@ def prompt_indirect_effects(
     if not corrupted:
         raise ValueError("indirect effects need at least one corrupted prompt.")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    per_prompt = means.ndim == 4
+    if per_prompt and means.shape[0] != len(corrupted):
+        raise ValueError(f"means holds values for {means.shape[0]} prompts but {len(corrupted)} prompts were given: "
+                         "record them on the same prompts, in the same order.")
     heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
     if reuse_prefix and reuse_reason(model, min(len(p.tokens) for p in corrupted) - 1) is None:
         if head_batch < 1:
@@ -203,8 +213,8 @@ def prompt_indirect_effects(
         join = join_rows and joining_reason(model) is None
         # W_U transposed once for every prompt's unembedding (label_scoring.unembed)
         w_u_t = model.unembed.W_U.detach().T.contiguous() if join else None
-        rows = [_prompt_indirect_effects(model, prompt, index, first[prompt.query_label], means, heads, head_batch,
-                                         join, w_u_t)
+        rows = [_prompt_indirect_effects(model, prompt, index, first[prompt.query_label],
+                                         means[index] if per_prompt else means, heads, head_batch, join, w_u_t)
                 for index, prompt in enumerate(tqdm(corrupted, desc="indirect effects: corrupted prompts",
                                                     unit="prompt", disable=not progress))]
         return torch.stack(rows).view(len(corrupted), n_layers, n_heads)
@@ -213,8 +223,8 @@ def prompt_indirect_effects(
     base = run_with_edits(model, corrupted, label_ids, batch_size=batch_size).exp()[rows_, gold]
     out = torch.zeros(len(corrupted), n_layers, n_heads, dtype=score_dtype(model))
     for layer, head in tqdm(heads, desc="indirect effects: heads", unit="head", disable=not progress):
-        patched = run_with_edits(model, corrupted, label_ids, mean_ablation([(layer, head)], means),
-                                 batch_size=batch_size).exp()[rows_, gold]
+        edits = patch_heads([(layer, head)], means) if per_prompt else mean_ablation([(layer, head)], means)
+        patched = run_with_edits(model, corrupted, label_ids, edits, batch_size=batch_size).exp()[rows_, gold]
         out[:, layer, head] = patched - base
     return out
 
@@ -223,7 +233,7 @@ def indirect_effects(
     model: tl_backend.Model,
     corrupted: Sequence,
     label_ids: Sequence[Sequence[int]],
-    means: Float[Tensor, "layer head_index d_head"],
+    means: Float[Tensor, "layer head_index d_head"] | Float[Tensor, "prompt layer head_index d_head"],
     *,
     batch_size: int = 4,
     reuse_prefix: bool = True,

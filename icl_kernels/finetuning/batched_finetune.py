@@ -43,7 +43,7 @@ from torch import Tensor
 from icl_kernels.data.prompts import IclPrompt
 from icl_kernels.engine.batching import memory_budget
 from icl_kernels.engine.hooks import act_name, apply_rotary, attention_spec, hooks_on, rotary_hook_kinds, rotate_by
-from icl_kernels.engine.label_scoring import final_residual, label_scores, unembed
+from icl_kernels.engine.label_scoring import check_finite, final_residual, label_scores, score_dtype, unembed
 from icl_kernels.engine.prefix_cache import right_pad
 from icl_kernels.finetuning.finetune import (
     FinetuneResult,
@@ -403,11 +403,18 @@ def row_label_log_probs(
     *,
     dtype: torch.dtype | None = None,
     batch_size: int = 64,
+    normalise: bool = True,
 ) -> list[Float[Tensor, "prompt n_tokens"]]:
     """For each finetuned model ``results[r]``, the log-softmax at the last token of each of its
     ``prompts[r]``, read at ``token_ids``: `icl_kernels.engine.label_scoring.label_log_probs` with
     single-token labels under ``results[r].applied()``, for every model in one pass per batch (each
     model's prompts in the rows of its weights; every model is given the same number of prompts).
+
+    ``normalise=False``: the logits of ``token_ids`` only (in the same dtype, checked finite), without
+    the log-softmax over the whole vocabulary. They differ from the log-probabilities by one constant
+    per prompt, so whatever compares the labels of a prompt with each other (the answer, the
+    log-softmax over the labels) is the same up to rounding, and the vocabulary-wide product and
+    normalisation (most of the work for a small model with a large vocabulary) are skipped.
 
     Raises:
         ValueError: models and prompt lists of different numbers, or prompt lists of different lengths.
@@ -423,7 +430,8 @@ def row_label_log_probs(
     lists = [[tuple(int(t) for t in (p.tokens if isinstance(p, IclPrompt) else p)) for p in row] for row in prompts]
     per_model = max(1, batch_size // n_models)
     weights = RunWeights.stacked(model, [result.state for result in results])
-    w_u_t = model.unembed.W_U.detach().T.contiguous()
+    w_u_t = model.unembed.W_U.detach().T.contiguous() if normalise else None
+    ids = torch.as_tensor(list(token_ids), device=device)
     # prompts in order of length (the longest of each index over the models), so a batch pads little
     order = sorted(range(n_prompts), key=lambda i: max(len(row[i]) for row in lists))
     out: list[list[Tensor]] = [[] for _ in results]
@@ -434,7 +442,12 @@ def row_label_log_probs(
         positions = torch.tensor([len(t) - 1 for t in take], device=device)
         with torch.no_grad(), kv_per_row(model, weights, torch.arange(n_models).repeat_interleave(end - begin)):
             resid = final_residual(model, tokens, positions)
-            scores = label_scores(model, resid, token_ids, dtype=dtype, first_index=begin, w_u_t=w_u_t)
+            if normalise:
+                scores = label_scores(model, resid, token_ids, dtype=dtype, first_index=begin, w_u_t=w_u_t)
+            else:
+                scores = unembed(model, resid, ids).to(score_dtype(model, dtype))
+                check_finite(scores, first_index=begin, model=model)
+                scores = scores.cpu()
         for m in range(n_models):
             out[m].append(scores[m * (end - begin):(m + 1) * (end - begin)])
     back = torch.argsort(torch.tensor(order))

@@ -351,7 +351,9 @@ def _dev_accuracy(model, episode: Episode, label_tokens) -> tuple[int, float, in
 
 
 def _fold_counts(records: Tensor, gold_labels: Sequence[int]) -> tuple[int, float, int]:
-    """(right answers, summed gold log-probability, distinct labels answered) from development records."""
+    """(right answers, summed gold log-probability, distinct labels answered) from development records:
+    each prompt's label log-probabilities or label logits (one constant apart, the same counts; the
+    gold log-probability is over the labels)."""
     right, gold_lp, answers = 0, 0.0, set()
     for rec, gold in zip(records, gold_labels):
         answer = int(rec.argmax())
@@ -365,10 +367,12 @@ def _dev_score(tuned: Sequence[FinetuneResult], episodes: Sequence[Episode], lab
                batched: bool = False) -> DevScore:
     """Pooled development accuracy and gold log-probability of the finetuned models, and the accuracy
     of each fold (episode ``e``'s finetuned model on episode ``e``'s development queries); ``batched``:
-    every model in one pass per batch (`icl_kernels.finetuning.batched_finetune.row_label_log_probs`)."""
+    every model in one pass per batch (`icl_kernels.finetuning.batched_finetune.row_label_log_probs`,
+    reading only the label logits: `_fold_counts` compares the labels of a prompt with each other, so the
+    vocabulary-wide normalisation would change nothing but rounding)."""
     if batched:
         records = row_label_log_probs(tuned[0].base, tuned, [list(ep.dev_prompts) for ep in episodes], label_tokens,
-                                      dtype=torch.float64)
+                                      dtype=torch.float64, normalise=False)
         counts = [_fold_counts(rec, ep.dev_gold) for rec, ep in zip(records, episodes)]
     else:
         counts = []

@@ -91,17 +91,23 @@ def test_batched_first_steps_equal_first_step(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_row_scores_equal_each_model_applied(arch):
     """Each finetuned model's development log-probabilities, scored for all models in one batch, equal
-    label_log_probs under that model's own weights."""
+    label_log_probs under that model's own weights; with ``normalise=False`` the label logits are
+    those log-probabilities plus one constant per prompt (the same answers and label log-softmax)."""
     model = _model(arch)
     tuned = finetune_runs(model, _runs(), [0.1, 0.2, 0.4], record_queries=False)
     g = torch.Generator().manual_seed(3)
     prompts = [[[1, *torch.randint(10, 900, (n,), generator=g).tolist()] for n in (3, 7, 5, 2)] for _ in tuned]
     labels = [311, 4000, 17]
     together = row_label_log_probs(model, tuned, prompts, labels, dtype=torch.float64, batch_size=6)
-    for result, rows, got in zip(tuned, prompts, together):
+    logits = row_label_log_probs(model, tuned, prompts, labels, dtype=torch.float64, batch_size=6, normalise=False)
+    for result, rows, got, raw in zip(tuned, prompts, together, logits):
         with result.applied() as applied:
             expected = label_log_probs(applied, rows, [[t] for t in labels], dtype=torch.float64)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+        shift = raw - expected  # the vocabulary-wide log-normaliser of each prompt
+        assert shift.shape == (len(rows), len(labels)) and bool((shift.std(-1) < 1e-10).all())
+        assert bool((shift.mean(-1) > 1e-3).all())  # really unnormalised: log Z exceeds every label logit
+        torch.testing.assert_close(raw.log_softmax(-1), expected.log_softmax(-1), rtol=0, atol=1e-10)
     assert active_hook_count(model) == 0
 
 

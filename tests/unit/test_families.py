@@ -16,7 +16,14 @@ from transformer_lens.head_detector import detect_head
 from icl_kernels.cli import main
 from icl_kernels.engine import hooks as H
 from icl_kernels.engine.edits import Edit
-from icl_kernels.engine.patching import attention_edits, edits_on, head_means, record_heads, run_with_edits
+from icl_kernels.engine.patching import (
+    attention_edits,
+    edits_on,
+    head_means,
+    patch_heads,
+    record_heads,
+    run_with_edits,
+)
 from icl_kernels.families.anchors import (
     anchor_isolation,
     flow_masks,
@@ -32,6 +39,7 @@ from icl_kernels.families.anchors import (
 )
 from icl_kernels.families.function_vectors import (
     indirect_effects,
+    prompt_indirect_effects,
     projected_function_vector,
     shuffle_demo_labels,
     shuffled_label_prompts,
@@ -234,6 +242,32 @@ def test_prefix_reused_indirect_effects_equal_one_full_forward_per_head(arch, ba
         torch.testing.assert_close(fast, slow, atol=1e-4 * float(slow.abs().max()), rtol=1e-4)
     else:
         torch.testing.assert_close(fast, slow, atol=1e-18, rtol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["gpt-neo", "gpt-j", "gemma-3", "llama"])
+def test_per_prompt_values_equal_patching_each_head_from_the_clean_run(arch, backend):
+    """Per-prompt values (each ICL prompt's own head outputs patched into its zero-shot prompt, one head
+    at a time: the notebook's patching map) on the fast paths equal the loop over heads of
+    ``run_with_edits(patch_heads(...))``, float64."""
+    model = load_tiny(arch, backend, torch.float64)
+    builder, icl, zsl = _prompts(model.tokenizer, shots=3, n=3)
+    _, icl_z = run_with_edits(model, icl, builder.label_ids, record=True)
+    gold, rows = torch.tensor([p.query_label for p in zsl]), torch.arange(len(zsl))
+    base = run_with_edits(model, zsl, builder.label_ids).exp()[rows, gold]
+    loop = torch.stack([
+        torch.stack([run_with_edits(model, zsl, builder.label_ids, patch_heads([(layer, head)], icl_z)).exp()[rows, gold]
+                     - base for head in range(model.cfg.n_heads)], -1)
+        for layer in range(model.cfg.n_layers)], 1)  # [prompt layer head]
+    # not two tables of zeros (tiny Gemma-3's sliding-window layer 0 sees the same last tokens in both
+    # prompts, so its patches there change nothing beyond rounding)
+    assert bool((loop[:, 1:].abs() > 1e-12).all())
+    float32_attention = backend == "bridge" and arch in ("gpt-neo", "gpt-j")  # as in the test above
+    tolerance = dict(atol=1e-4 * float(loop.abs().max()), rtol=1e-4) if float32_attention else dict(atol=1e-18, rtol=1e-10)
+    for options in (dict(join_rows=True, head_batch=5), dict(join_rows=False, head_batch=5), dict(reuse_prefix=False)):
+        got = prompt_indirect_effects(model, zsl, builder.label_ids, icl_z, **options)
+        torch.testing.assert_close(got, loop, **tolerance, msg=lambda m, o=options: f"{o}: {m}")
+    with pytest.raises(ValueError, match="values for 3 prompts but 2"):
+        prompt_indirect_effects(model, zsl[:2], builder.label_ids, icl_z)
 
 
 def _set_last(z, n, head, value):

@@ -39,8 +39,8 @@ from icl_kernels.families.anchors import (
 )
 from icl_kernels.families.function_vectors import (
     indirect_effects,
-    prompt_indirect_effects,
     projected_function_vector,
+    prompt_indirect_effects,
     shuffle_demo_labels,
     shuffled_label_prompts,
     top_heads,

@@ -50,6 +50,7 @@ from icl_kernels.finetuning.finetune import (
     FirstStep,
     kv_parameters,
 )
+from icl_kernels.finetuning.lm_loss import chunk_tokens, row_lm_losses
 from icl_kernels.models import backend as tl_backend
 
 __all__ = ["batch_reason", "RunWeights", "kv_per_row", "length_buckets", "finetune_runs", "first_steps",
@@ -178,12 +179,15 @@ def _rows_per_run(owners: Tensor | None, batch: int, n_runs: int) -> int:
 def _row_losses(model: tl_backend.Model, w_u_t: Tensor, residual: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
     """Each row's mean LM loss over its own tokens: ``finetune``'s loss (in float32, as there) on each row,
     from the final residual; only the real (unpadded) positions are unembedded, by ``w_u_t`` (``W_U``
-    transposed and contiguous, made once per call of `finetune_runs`: the layout the products run fastest in)."""
+    transposed and contiguous, made once per call of `finetune_runs`: the layout the products run fastest
+    in), a chunk of tokens at a time with the gradient made on the way (`icl_kernels.finetuning.lm_loss`)."""
     sizes = [n - 1 for n in lengths.tolist()]
     real = torch.cat([residual[r, :n] for r, n in enumerate(sizes)])
-    logits = unembed(model, real, w_u_t=w_u_t).float().split(sizes)
-    return torch.stack([torch.nn.functional.cross_entropy(row, tokens[r, 1:n + 1], reduction="mean")
-                        for r, (row, n) in enumerate(zip(logits, sizes))])
+    targets = torch.cat([tokens[r, 1:n + 1] for r, n in enumerate(sizes)])
+    owners = torch.repeat_interleave(torch.arange(len(sizes), device=real.device),
+                                     torch.tensor(sizes, device=real.device))
+    return row_lm_losses(real, lambda x: unembed(model, x, w_u_t=w_u_t), targets, owners, len(sizes),
+                         chunk=chunk_tokens(model.cfg.d_vocab))
 
 
 def length_buckets(lengths: Sequence[int], waste: float = 1.25) -> list[list[int]]:

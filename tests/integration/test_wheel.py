@@ -96,7 +96,7 @@ def test_the_built_wheel_installs_in_a_fresh_virtualenv_and_runs_the_eval_comman
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", venv], base, timings, "create venv")
     python, cli = venv / "bin" / "python", venv / "bin" / "icl-kernels"
-    pip = [python, "-m", "pip", "install", "-q", "--no-compile"]  # bytecode is compiled on first import anyway
+    pip = [python, "-m", "pip", "install", "-q"]
     _run([*pip, _torch_spec()], base, timings, "install torch")
     _run([*pip, f"{wheel}[offline]"], base, timings, "install wheel[offline]")
 

@@ -29,7 +29,7 @@ def _whole(model, residual, targets, sizes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_losses_and_gradients_equal_the_whole_array_loss(arch, dtype):
-    model = load_tiny(arch, "hooked", dtype)
+    model = load_tiny(arch, dtype=dtype)
     sizes = [5, 1, 12, 7]
     residual, targets, owners = _rows(model, sizes)
     weights = torch.tensor([1.0, 0.5, -2.0, 3.0])  # any incoming gradient per row, not only the sum's ones
@@ -61,7 +61,7 @@ def test_losses_and_gradients_equal_the_whole_array_loss(arch, dtype):
 
 
 def test_rows_in_any_order_and_a_chunk_spanning_rows():
-    model = load_tiny("llama", "hooked", torch.float64)
+    model = load_tiny("llama", dtype=torch.float64)
     sizes = [4, 6, 3]
     residual, targets, owners = _rows(model, sizes, seed=1)
     order = torch.randperm(len(owners), generator=torch.Generator().manual_seed(2))
@@ -76,7 +76,7 @@ def test_rows_in_any_order_and_a_chunk_spanning_rows():
 
 
 def test_bad_input_is_refused():
-    model = load_tiny("llama", "hooked")
+    model = load_tiny("llama")
     residual, targets, owners = _rows(model, [3, 2])
 
     def logits(r):

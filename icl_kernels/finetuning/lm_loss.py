@@ -11,7 +11,7 @@ unembedding, each a pass over that array in memory.
 the per-token loss (scaled by ``1 / n`` of its row, as a mean) and, at once, its gradient with respect
 to the chunk's final residual (`torch.autograd.grad`), which is all the backward pass needs from
 the unembedding: ``d loss_r / d residual_t`` is nonzero only for the tokens ``t`` of row ``r``. The
-chunk's logits are freed before the next chunk, so they stay small enough to stay in cache. The
+chunk's logits are freed before the next chunk, so memory holds one chunk's logits, not every token's. The
 backward pass then multiplies the kept gradient (``n_tokens x d_model``) by the incoming gradient
 of each token's row.
 
@@ -21,8 +21,8 @@ by the same reduction as ``cross_entropy(..., reduction="mean")`` on each row. T
 is the shape of the unembedding product, which can round a logit differently; the loss is taken in
 float32 (as `icl_kernels.finetuning.finetune` takes it), so losses and gradients agree to float32
 rounding, and bit for bit where a chunk holds every token (``tests/unit/test_lm_loss.py``; the
-batched finetuning runs stay equal to the one-at-a-time runs, ``tests/unit/test_batched_finetune.py``). The benchmark
-``benchmarks/bench_compare_reuse.py`` times the learning-rate searches that use it.
+batched finetuning runs stay equal to the one-at-a-time runs, ``tests/unit/test_batched_finetune.py``).
+``benchmarks/bench_compare_reuse.py`` prints the time the compare study spends in it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from torch import Tensor
 
 __all__ = ["row_lm_losses", "chunk_tokens"]
 
-#: Logit floats per chunk (16 MB in float32): large enough for the products to run at speed, small
-#: enough for the softmax passes to stay in cache.
+#: Logit floats per chunk (16 MB in float32): enough tokens for the products to run at speed, one
+#: chunk's logits instead of every token's.
 CHUNK_FLOATS = 1 << 22
 
 
@@ -61,7 +61,7 @@ class _RowLmLosses(torch.autograd.Function):
                 (grad[start:end],) = torch.autograd.grad((per_token * scale[owners[start:end]]).sum(), x)
             token_losses[start:end] = per_token.detach()
         # each row's mean by the reduction cross_entropy(..., reduction="mean") itself applies (nll_loss
-        # over the gathered -log p), so a row's loss is the whole-array loss bit for bit
+        # over the gathered -log p), from the same per-token losses
         zero = torch.zeros(1, dtype=torch.long, device=residual.device)
         losses = torch.stack([
             torch.nn.functional.nll_loss(-token_losses[owners == r][:, None], zero.expand(int(counts[r])))

@@ -2,7 +2,8 @@
 # Set up (idempotent) and run the whole test suite, offline:
 #   1. TransformerLens 3.9: every test (HookedTransformer and TransformerBridge, real offline models).
 #   2. TransformerLens 4.x: every test not marked `tl3_only`, on TransformerBridge, except the `slow`
-#      ones (real offline models, minutes each).
+#      ones (real offline models, minutes each) and the `no_model` ones (no model, no TransformerLens
+#      code: the same test twice).
 # The two runs go at the same time, so that both cores work: run 1 on pytest-xdist workers (`-n`,
 # ICL_KERNELS_TEST_WORKERS, default 2; whole files per worker, `--dist loadfile`), its output live; run 2
 # in one process, its output printed when run 1 ends (ICL_KERNELS_TEST_SERIAL=1: one after the other, no
@@ -42,24 +43,24 @@ tl_version() { "$@" -c 'import importlib.metadata as m; print(m.version("transfo
 tl3="TransformerLens $(tl_version .venv/bin/python)"
 tl4="TransformerLens $(PYTHONPATH=.tl4-site tl_version .venv/bin/python)"
 tl3_run=(.venv/bin/python -m pytest -q --durations=15)
-tl4_run=(env PYTHONPATH=.tl4-site .venv/bin/python -m pytest -q --durations=15 -m "not slow and not tl3_only" -p no:cacheprovider)
+tl4_run=(env PYTHONPATH=.tl4-site .venv/bin/python -m pytest -q --durations=15 -m "not slow and not tl3_only and not no_model" -p no:cacheprovider)
 
 if [[ "${ICL_KERNELS_TEST_SERIAL:-0}" == 1 ]]; then
     echo "== $tl3: full suite"
     run_pytest "$tl3" "${tl3_run[@]}" "$@" || failed+=("$tl3 (exit $?)")
-    echo "== $tl4: every test not marked tl3_only or slow, on TransformerBridge"
+    echo "== $tl4: every test not marked tl3_only, slow or no_model, on TransformerBridge"
     run_pytest "$tl4" "${tl4_run[@]}" || failed+=("$tl4 (exit $?)")
 else
     tl4_log=$(mktemp "${TMPDIR:-/tmp}/icl-kernels-tl4.XXXXXX")
     trap 'rm -f "$tl4_log"' EXIT
-    echo "== $tl4 (every test not marked tl3_only or slow, on TransformerBridge) runs alongside; its output follows run 1's"
+    echo "== $tl4 (every test not marked tl3_only, slow or no_model, on TransformerBridge) runs alongside; its output follows run 1's"
     run_pytest "$tl4" "${tl4_run[@]}" >"$tl4_log" 2>&1 &
     tl4_pid=$!
     echo "== $tl3: full suite, on ${ICL_KERNELS_TEST_WORKERS:-2} pytest-xdist workers"
     run_pytest "$tl3" "${tl3_run[@]}" -n "${ICL_KERNELS_TEST_WORKERS:-2}" --dist loadfile "$@" || failed+=("$tl3 (exit $?)")
     tl4_code=0
     wait "$tl4_pid" || tl4_code=$?
-    echo "== $tl4: every test not marked tl3_only or slow, on TransformerBridge"
+    echo "== $tl4: every test not marked tl3_only, slow or no_model, on TransformerBridge"
     cat "$tl4_log"
     (( tl4_code == 0 )) || failed+=("$tl4 (exit $tl4_code)")
 fi

@@ -23,6 +23,8 @@ from icl_kernels.utils.stats import (
     wilson_interval,
 )
 
+pytestmark = pytest.mark.no_model  # statistics on plain tensors: the TransformerLens version changes nothing
+
 
 def test_kendall_tau_b_by_hand_with_ties():
     # pairs of x=[1,2,2,3], y=[1,3,2,2]: (0,1) (0,2) (0,3) concordant, (1,3) discordant,

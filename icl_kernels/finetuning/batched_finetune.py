@@ -435,7 +435,7 @@ def row_label_log_probs(
     per_model = max(1, batch_size // n_models)
     weights = RunWeights.stacked(model, [result.state for result in results])
     w_u_t = model.unembed.W_U.detach().T.contiguous() if normalise else None
-    ids = torch.as_tensor(list(token_ids), device=device)
+    ids = None if normalise else torch.as_tensor(list(token_ids), device=device)  # the label columns
     # prompts in order of length (the longest of each index over the models), so a batch pads little
     order = sorted(range(n_prompts), key=lambda i: max(len(row[i]) for row in lists))
     out: list[list[Tensor]] = [[] for _ in results]

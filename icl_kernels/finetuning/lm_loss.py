@@ -48,8 +48,7 @@ def chunk_tokens(d_vocab: int, floats: int = CHUNK_FLOATS) -> int:
 class _RowLmLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual: Tensor, logits_of: Callable[[Tensor], Tensor], targets: Tensor, owners: Tensor,
-                n_rows: int, chunk: int) -> Tensor:
-        counts = torch.bincount(owners, minlength=n_rows)
+                counts: Tensor, chunk: int) -> Tensor:
         scale = 1.0 / counts.to(torch.float32)  # the mean's 1 / n, in the loss dtype
         token_losses = torch.empty(residual.shape[0], dtype=torch.float32, device=residual.device)
         grad = torch.empty_like(residual)
@@ -65,7 +64,7 @@ class _RowLmLosses(torch.autograd.Function):
         zero = torch.zeros(1, dtype=torch.long, device=residual.device)
         losses = torch.stack([
             torch.nn.functional.nll_loss(-token_losses[owners == r][:, None], zero.expand(int(counts[r])))
-            for r in range(n_rows)])
+            for r in range(len(counts))])
         ctx.save_for_backward(grad, owners)
         return losses
 
@@ -103,7 +102,8 @@ def row_lm_losses(
         raise ValueError(f"chunk must be >= 1, not {chunk}.")
     if owners.numel() and (int(owners.min()) < 0 or int(owners.max()) >= n_rows):
         raise ValueError(f"owners must lie in 0..{n_rows - 1}.")
-    empty = (torch.bincount(owners, minlength=n_rows) == 0).nonzero()[:, 0].tolist()
+    counts = torch.bincount(owners, minlength=n_rows)  # tokens per row: the mean's n
+    empty = (counts == 0).nonzero()[:, 0].tolist()
     if empty:
         raise ValueError(f"rows {empty} have no token to predict: every row needs at least one.")
-    return _RowLmLosses.apply(residual, logits_of, targets, owners, n_rows, chunk)
+    return _RowLmLosses.apply(residual, logits_of, targets, owners, counts, chunk)
